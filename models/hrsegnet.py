@@ -1,0 +1,134 @@
+"""HrSegNet (Li et al., Automation in Construction 2023) in PyTorch.
+
+One class; the published variants B16/B32/B48 differ only in ``base``, the
+channel width of the high-resolution path.
+
+The network keeps a high-resolution path at 1/4 of the input size and, in each
+of three SegBlocks, a semantic-guidance path at 1/8, 1/16 or 1/32 whose
+features are fused back into the high-resolution path three times.  The fusion
+is ``conv1x1(upsample(low)) + high``.  A 1x1 convolution commutes exactly with
+bilinear upsampling (the interpolation weights sum to one, so the bias passes
+through unchanged), so this implementation applies the 1x1 convolution at low
+resolution first: the same function with about 18 % fewer multiply-adds.
+``HrSegNet(conv_before_upsample=False)`` computes the literal published order;
+a test checks that both agree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+
+
+def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+class SegBlock(nn.Module):
+    """A high-resolution path (base channels, constant size) guided by a low-resolution one."""
+
+    def __init__(self, base: int, stage: int, conv_before_upsample: bool = True) -> None:
+        super().__init__()
+        low = base * 2**stage
+        self.conv_before_upsample = conv_before_upsample
+        self.h_conv = nn.ModuleList(nn.Sequential(*conv_bn_relu(base, base)) for _ in range(3))
+        if stage == 1:
+            first = conv_bn_relu(base, low, stride=2)
+        elif stage == 2:
+            first = [nn.AvgPool2d(3, 2, 1), *conv_bn_relu(base, low, stride=2)]
+        else:
+            first = [nn.AvgPool2d(3, 2, 1), *conv_bn_relu(base, low, stride=2),
+                     *conv_bn_relu(low, low, stride=2)]
+        self.l_conv = nn.ModuleList([nn.Sequential(*first), nn.Sequential(*conv_bn_relu(low, low)),
+                                     nn.Sequential(*conv_bn_relu(low, low))])
+        self.l2h_conv = nn.ModuleList(nn.Conv2d(low, base, 1) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        high, low = x, x
+        for h_conv, l_conv, l2h in zip(self.h_conv, self.l_conv, self.l2h_conv):
+            high = h_conv(high)
+            low = l_conv(low)
+            if self.conv_before_upsample:
+                high = high + upsample(l2h(low), size)
+            else:
+                high = high + l2h(upsample(low, size))
+        return high
+
+
+class SegHead(nn.Module):
+    """BN-ReLU, then a 2x transposed conv (main head) or a 3x3 conv (auxiliary heads), then 1x1 to classes."""
+
+    def __init__(self, base: int, num_classes: int, aux: bool = False) -> None:
+        super().__init__()
+        middle = (nn.Conv2d(base, base, 3, 1, 1) if aux
+                  else nn.ConvTranspose2d(base, base, 3, stride=2, padding=1, output_padding=1))
+        self.layers = nn.Sequential(nn.BatchNorm2d(base), nn.ReLU(inplace=True), middle,
+                                    nn.BatchNorm2d(base), nn.ReLU(inplace=True),
+                                    nn.Conv2d(base, num_classes, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class HrSegNet(nn.Module):
+    """HrSegNet for RGB input in [0, 1]; returns class logits at input size.
+
+    In training mode ``forward`` returns ``[main, aux1, aux2]`` logits, all at
+    input size; in eval mode only the main logits.
+    """
+
+    def __init__(self, base: int = 16, num_classes: int = 2, in_channels: int = 3,
+                 conv_before_upsample: bool = True) -> None:
+        super().__init__()
+        self.base = base
+        self.stem = nn.Sequential(*conv_bn_relu(in_channels, base // 2, stride=2),
+                                  *conv_bn_relu(base // 2, base, stride=2))
+        self.blocks = nn.ModuleList(SegBlock(base, stage, conv_before_upsample) for stage in (1, 2, 3))
+        self.head = SegHead(base, num_classes)
+        self.aux_heads = nn.ModuleList(SegHead(base, num_classes, aux=True) for _ in range(2))
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        size = x.shape[-2:]
+        x = self.stem((x - self.mean) / self.std)
+        features = []
+        for block in self.blocks:
+            x = block(x)
+            features.append(x)
+        logits = upsample(self.head(x), size)
+        if not self.training:
+            return logits
+        aux = [upsample(head(f), size) for head, f in zip(self.aux_heads, features)]
+        return [logits, *aux]
+
+
+class CrackProbability(nn.Module):
+    """Inference wrapper: uint8-range RGB chips (N, 3, H, W) float32 -> crack probability (N, H, W)."""
+
+    def __init__(self, net: HrSegNet) -> None:
+        super().__init__()
+        self.net = net.eval()
+
+    def forward(self, chips: torch.Tensor) -> torch.Tensor:
+        logits = self.net(chips * (1.0 / 255.0))
+        return torch.softmax(logits, dim=1)[:, 1]
+
+
+VARIANTS = {"b16": 16, "b32": 32, "b48": 48}
+
+
+def create(variant: str, **kwargs) -> HrSegNet:
+    """Build an HrSegNet variant by name: ``b16``, ``b32`` or ``b48``."""
+    if variant not in VARIANTS:
+        raise KeyError(f"Unknown HrSegNet variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    return HrSegNet(base=VARIANTS[variant], **kwargs)

@@ -1,0 +1,198 @@
+"""The registry of versioned model artifacts.  Needs no torch.
+
+A model version is a folder ``<root>/<name>/<version>/`` holding its files
+(``weights.pt``, ``model.onnx``) and its model card: ``card.json`` for
+programs, ``MODEL_CARD.md`` for people.  The card records the sha256 of every
+file; a file that does not match is refused, never loaded.  Versions are
+semantic (``1.0.0``); a version, once added, is never changed, so results
+made with it can always be reproduced.
+
+Roots searched: the folders in ``CRACKMAP_MODELS`` (``os.pathsep``-separated),
+then the models shipped in this package (``models/zoo``).  ``<root>/DEFAULT``
+names the default model of a root as ``name:version``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cache
+from pathlib import Path
+
+ZOO = Path(__file__).parent / "zoo"
+CARD = "card.json"
+
+
+class ModelError(LookupError):
+    """A model is unknown, or one of its files does not match its card."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@cache
+def _verified(path: Path, size: int, mtime_ns: int, expected: str) -> bool:
+    return sha256_file(path) == expected
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """Sort key of a semantic version.
+
+    >>> sorted(["1.10.0", "1.2.0", "2.0.0"], key=version_key)
+    ['1.2.0', '1.10.0', '2.0.0']
+    """
+    try:
+        return tuple(int(part) for part in version.split("."))
+    except ValueError:
+        raise ModelError(f"model version {version!r} is not semantic (like 1.0.0)") from None
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One version of one model, with its card."""
+
+    name: str
+    version: str
+    folder: Path
+    card: dict = field(repr=False, compare=False)
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    @property
+    def variant(self) -> str:
+        return self.card["variant"]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.card["threshold"])
+
+    @property
+    def size_px(self) -> int:
+        return int(self.card["input"]["size_px"])
+
+    @property
+    def sha256(self) -> str:
+        """The identity of this version: sha256 of its weights file."""
+        return self.card["files"]["weights"]["sha256"]
+
+    def file(self, role: str) -> Path:
+        """Path of a file (``weights`` or ``onnx``), after checking its sha256 against the card."""
+        files = self.card["files"]
+        if role not in files:
+            raise ModelError(f"{self.spec} has no {role} file; it has {sorted(files)}")
+        path = self.folder / files[role]["path"]
+        if not path.is_file():
+            raise ModelError(f"{self.spec}: {path} is missing")
+        stat = path.stat()
+        if not _verified(path, stat.st_size, stat.st_mtime_ns, files[role]["sha256"]):
+            raise ModelError(f"{self.spec}: {path} does not match the sha256 in its model card; "
+                             "refusing to load it (the file was changed or damaged)")
+        return path
+
+
+def roots() -> list[Path]:
+    extra = [Path(p) for p in os.environ.get("CRACKMAP_MODELS", "").split(os.pathsep) if p]
+    return [*extra, ZOO]
+
+
+def list_models() -> list[ModelEntry]:
+    """Every model version in every root, sorted by name and version."""
+    entries = {}
+    for root in reversed(roots()):  # earlier roots win
+        for card_path in sorted(root.glob(f"*/*/{CARD}")):
+            card = json.loads(card_path.read_text())
+            entry = ModelEntry(card["name"], card["version"], card_path.parent, card)
+            entries[entry.spec] = entry
+    return sorted(entries.values(), key=lambda e: (e.name, version_key(e.version)))
+
+
+def default_spec() -> str:
+    for root in roots():
+        marker = root / "DEFAULT"
+        if marker.is_file():
+            return marker.read_text().strip()
+    raise ModelError(f"no default model: none of {[str(r) for r in roots()]} has a DEFAULT file")
+
+
+def resolve(spec: str | None = None) -> ModelEntry:
+    """The model named ``name:version``, ``name`` (its newest version), or the default.
+
+    Raises:
+        ModelError: no such model or version; the message lists what exists.
+    """
+    spec = spec or default_spec()
+    name, _, version = spec.partition(":")
+    entries = [e for e in list_models() if e.name == name]
+    if not entries:
+        known = sorted({e.name for e in list_models()})
+        raise ModelError(f"unknown model {name!r}; known models: {known}")
+    if not version:
+        return entries[-1]
+    for entry in entries:
+        if entry.version == version:
+            return entry
+    raise ModelError(f"{name} has no version {version!r}; versions: {[e.version for e in entries]}")
+
+
+def add(root: Path, card: dict, files: dict[str, Path], default: bool = False) -> ModelEntry:
+    """Add a new model version to ``root``: copy its files, hash them, write its card.
+
+    ``card`` holds everything but ``files`` and ``created``; it must name
+    ``name``, ``version`` and ``variant``.  An existing version is never
+    overwritten.
+    """
+    version_key(card["version"])
+    folder = Path(root) / card["name"] / card["version"]
+    if folder.exists():
+        raise ModelError(f"{card['name']}:{card['version']} already exists in {root}; "
+                         "versions are immutable, add a new version instead")
+    folder.mkdir(parents=True)
+    card = dict(card, created=card.get("created") or datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    card["files"] = {}
+    for role, source in files.items():
+        target = folder / {"weights": "weights.pt", "onnx": "model.onnx"}.get(role, Path(source).name)
+        shutil.copyfile(source, target)
+        card["files"][role] = {"path": target.name, "sha256": sha256_file(target),
+                               "bytes": target.stat().st_size}
+    (folder / CARD).write_text(json.dumps(card, indent=2) + "\n")
+    (folder / "MODEL_CARD.md").write_text(render_card(card))
+    if default:
+        (Path(root) / "DEFAULT").write_text(f"{card['name']}:{card['version']}\n")
+    return ModelEntry(card["name"], card["version"], folder, card)
+
+
+def render_card(card: dict) -> str:
+    """The human-readable model card."""
+    lines = [f"# {card['name']} {card['version']}", "", card.get("summary", ""), "",
+             "| | |", "|---|---|",
+             f"| variant | HrSegNet-{card['variant'].upper()} |",
+             f"| created | {card['created']} |",
+             f"| input | {card['input']['size_px']}x{card['input']['size_px']} RGB chips, "
+             f"0-255, scaled to [0,1], normalized with mean {card['input']['mean']}, "
+             f"std {card['input']['std']} |",
+             f"| threshold | {card['threshold']:.3f} (crack probability; F1-optimal on validation) |",
+             "", "## Files", "", "| file | sha256 | bytes |", "|---|---|---|"]
+    lines += [f"| {f['path']} | `{f['sha256']}` | {f['bytes']} |" for f in card["files"].values()]
+    metrics = card.get("metrics") or {}
+    if metrics:
+        lines += ["", "## Validation metrics", "",
+                  "| dataset | mIoU (2-class) | crack IoU | F1 | precision | recall |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {m['miou']:.3f} | {m['crack_iou']:.3f} | {m['f1']:.3f} | "
+                  f"{m['precision']:.3f} | {m['recall']:.3f} |" for name, m in metrics.items()]
+    for title, key in (("Training data", "data"), ("Training recipe", "recipe")):
+        if card.get(key):
+            lines += ["", f"## {title}", "", "```json", json.dumps(card[key], indent=2), "```"]
+    lines += ["", "## License", "", card.get("license", {}).get("text", "not stated"), ""]
+    return "\n".join(lines)
