@@ -1,0 +1,142 @@
+"""The ``crackmap`` command line: the commands that need no orchestrator.
+
+``flows.cli`` adds the commands that run Prefect flows (``run``) to this
+group; the console script starts there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from models import registry
+from pipeline.errors import PipelineError
+from pipeline.images import image_files, image_probability, read_rgb
+from pipeline.inference import BACKENDS, load_backend
+
+model_option = click.option("--model", "model_spec", default=None, metavar="NAME[:VERSION]",
+                            help="Model from the registry (default: the registry's default).")
+backend_option = click.option("--backend", type=click.Choice(BACKENDS), default="auto",
+                              show_default=True, help="Where the network runs.")
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log what happens, step by step.")
+def cli(verbose: bool) -> None:
+    """crackmap: road-crack maps from survey imagery."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def fail(message: str) -> None:
+    click.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(2)
+
+
+def threshold_u8(threshold: float) -> float:
+    return threshold * 255.0
+
+
+@cli.command()
+@click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@model_option
+@backend_option
+def segment(images_dir: Path, out_dir: Path, model_spec: str | None, backend: str) -> None:
+    """Write a crack mask (PNG, 0/255, same size and stem) for every image in IMAGES_DIR."""
+    try:
+        entry = registry.resolve(model_spec)
+        net = load_backend(entry, backend)
+    except PipelineError as exc:
+        fail(str(exc))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for path in tqdm(image_files(images_dir), desc="segment", unit="image"):
+        try:
+            probability = image_probability(read_rgb(path), net, entry.size_px)
+        except PipelineError as exc:
+            tqdm.write(f"error: {exc}")
+            failed += 1
+            continue
+        mask = (probability >= threshold_u8(entry.threshold)).astype(np.uint8) * 255
+        Image.fromarray(mask).save(out_dir / f"{path.stem}.png")
+    click.echo(f"masks written to {out_dir} with {entry.spec}")
+    sys.exit(1 if failed else 0)
+
+
+@cli.command("eval")
+@click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("masks_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@model_option
+@backend_option
+def evaluate(images_dir: Path, masks_dir: Path, model_spec: str | None, backend: str) -> None:
+    """Score a model on images with 0/255 truth masks; prints JSON.
+
+    Counts are accumulated over all pixels: two-class mIoU (as the HrSegNet
+    paper reports), crack IoU, F1, precision and recall.
+    """
+    from models.metrics import PixelCounts
+
+    try:
+        entry = registry.resolve(model_spec)
+        net = load_backend(entry, backend)
+    except PipelineError as exc:
+        fail(str(exc))
+    masks = {p.stem: p for p in image_files(masks_dir)}
+    images = image_files(images_dir)
+    if missing := sorted(p.name for p in images if p.stem not in masks):
+        fail(f"{masks_dir} has no mask for {', '.join(missing[:5])}"
+             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    counts = PixelCounts()
+    for path in tqdm(images, desc="eval", unit="image"):
+        truth = np.asarray(Image.open(masks[path.stem]).convert("L")) > 127
+        probability = image_probability(read_rgb(path), net, entry.size_px)
+        if truth.shape != probability.shape:
+            fail(f"{masks[path.stem]} is {truth.shape[::-1]}, its image {path.name} "
+                 f"is {probability.shape[::-1]}")
+        counts.add(probability >= threshold_u8(entry.threshold), truth)
+    scores = {"model": entry.spec, "images": len(images), "threshold": entry.threshold,
+              **counts.scores()}
+    click.echo(json.dumps(scores, indent=2))
+
+
+@cli.group()
+def models() -> None:
+    """The model registry."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """Every model version, the default marked with *."""
+    try:
+        default = registry.default_spec()
+    except registry.ModelError:
+        default = None
+    for entry in registry.list_models():
+        metrics = entry.card.get("metrics") or {}
+        f1 = np.mean([m["f1"] for m in metrics.values()]) if metrics else float("nan")
+        click.echo(f"{'*' if entry.spec == default else ' '} {entry.spec:<24} "
+                   f"{entry.variant:<4} threshold {entry.threshold:.3f}  mean val F1 {f1:.3f}  "
+                   f"{entry.folder}")
+
+
+@models.command("show")
+@click.argument("spec", required=False)
+def models_show(spec: str | None) -> None:
+    """The model card of NAME[:VERSION] (default: the default model)."""
+    try:
+        entry = registry.resolve(spec)
+    except registry.ModelError as exc:
+        fail(str(exc))
+    click.echo((entry.folder / "MODEL_CARD.md").read_text())
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,39 @@
+"""Exceptions raised by crackmap.
+
+Every error names the input it is about and what is wrong with it, so that a
+one-line message is enough to act on.  The classes inherit from the matching
+builtin too (``OSError``, ``ValueError``), as rasterio's errors do.
+"""
+
+from __future__ import annotations
+
+from models.registry import ModelError  # noqa: F401  (re-exported: raised by the registry)
+
+
+class PipelineError(Exception):
+    """Base class of every error crackmap raises on purpose."""
+
+
+class SceneError(PipelineError):
+    """A scene cannot be processed; the message names the file and the problem."""
+
+    def __init__(self, uri: str, problem: str) -> None:
+        super().__init__(f"{uri}: {problem}")
+        self.uri = uri
+        self.problem = problem
+
+
+class SceneReadError(SceneError, OSError):
+    """The file is missing, is not a raster, or is truncated."""
+
+
+class SceneContentError(SceneError, ValueError):
+    """The raster opened but cannot be mapped: no CRS, all nodata, unsupported bands."""
+
+
+class BackendUnavailableError(PipelineError, RuntimeError):
+    """An inference backend was asked for but cannot run here; the message says how to install it."""
+
+
+class StoreError(PipelineError):
+    """The GIS store cannot be opened or written."""

@@ -1,0 +1,124 @@
+"""Crack measurements: georeferencing, length, width, orientation, severity.
+
+Lengths are geodesic (on the WGS 84 ellipsoid), so they are in metres whatever
+the scene's CRS, projected or geographic.  Widths come from the distance
+transform of the crack mask along the centreline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import shapely
+from affine import Affine
+from pyproj import CRS as ProjCRS
+from pyproj import Geod, Transformer
+from rasterio.crs import CRS
+from shapely.geometry import LineString
+
+from pipeline.records import CrackLine
+from pipeline.vectorize import Piece, VectorizeParams
+
+GEOD = Geod(ellps="WGS84")
+LONLAT = ProjCRS.from_epsg(4326)
+
+
+@dataclass(frozen=True, slots=True)
+class Severity:
+    """Severity classes by mean crack width, in millimetres (defaults as in common distress manuals)."""
+
+    medium_mm: float = 6.0
+    high_mm: float = 19.0
+
+    def classify(self, width_mm: float) -> str:
+        """Class of a crack of this mean width.
+
+        >>> [Severity().classify(w) for w in (2.0, 6.0, 25.0)]
+        ['low', 'medium', 'high']
+        """
+        if width_mm >= self.high_mm:
+            return "high"
+        return "medium" if width_mm >= self.medium_mm else "low"
+
+
+def pixel_to_map(transform: Affine, rc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Map coordinates of (row, col) pixel positions; integer positions are pixel centres.
+
+    >>> pixel_to_map(Affine(0.5, 0, 100, 0, -0.5, 200), np.array([[0.0, 0.0], [2.0, 4.0]]))
+    (array([100.25, 102.25]), array([199.75, 198.75]))
+    """
+    return transform @ (rc[:, 1] + 0.5, rc[:, 0] + 0.5)
+
+
+def azimuth_deg(lon: np.ndarray, lat: np.ndarray) -> float:
+    """Direction of a line's main axis, degrees clockwise from north in [0, 180).
+
+    The principal axis of the length-weighted segment directions, in a local
+    east/north frame, so a curved crack gets its overall direction.
+
+    >>> azimuth_deg(np.array([0.0, 0.001]), np.array([0.0, 0.001]))
+    45.0
+    """
+    east = np.diff(lon) * np.cos(np.radians(lat.mean()))
+    north = np.diff(lat)
+    length = np.hypot(east, north)
+    keep = length > 0
+    if not keep.any():
+        return 0.0
+    ue, un, w = east[keep] / length[keep], north[keep] / length[keep], length[keep]
+    tensor = np.array([[np.sum(w * ue * ue), np.sum(w * ue * un)],
+                       [np.sum(w * ue * un), np.sum(w * un * un)]])
+    _, vectors = np.linalg.eigh(tensor)
+    e, n = vectors[:, -1]
+    return round(float(np.degrees(np.arctan2(e, n)) % 180.0), 6) % 180.0
+
+
+class Georeferencer:
+    """Turns pieces in scene pixels into measured crack lines in the store CRS."""
+
+    def __init__(self, crs: CRS, transform: Affine, width: int, height: int,
+                 store_crs: CRS, params: VectorizeParams, severity: Severity) -> None:
+        self.transform = transform
+        self.params, self.severity = params, severity
+        self.to_store = Transformer.from_crs(crs, store_crs, always_xy=True)
+        self.to_lonlat = Transformer.from_crs(crs, LONLAT, always_xy=True)
+        self.pixel_size_m = self._pixel_size_m(width, height)
+
+    def _pixel_size_m(self, width: int, height: int) -> float:
+        """Ground size of one pixel at the scene centre (geometric mean of its sides)."""
+        rc = np.array([[height / 2, width / 2], [height / 2, width / 2 + 1], [height / 2 + 1, width / 2]])
+        lon, lat = self.to_lonlat.transform(*pixel_to_map(self.transform, rc))
+        _, _, dx = GEOD.inv(lon[0], lat[0], lon[1], lat[1])
+        _, _, dy = GEOD.inv(lon[0], lat[0], lon[2], lat[2])
+        return float(np.sqrt(dx * dy))
+
+    def crack_line(self, piece: Piece) -> CrackLine | None:
+        """The measured crack line of a piece, or None if it is shorter than ``min_length_px``."""
+        if piece.length_px() < self.params.min_length_px or piece.n_px == 0:
+            return None
+        simple = shapely.simplify(LineString(piece.rc), self.params.simplify_px)
+        rc = shapely.get_coordinates(simple)
+        x, y = pixel_to_map(self.transform, rc)
+        lon, lat = self.to_lonlat.transform(x, y)
+        sx, sy = self.to_store.transform(x, y)
+        mm = self.pixel_size_m * 1000.0
+        # The distance transform at a centre pixel reaches the nearest background
+        # pixel centre, half a pixel beyond the crack's edge: width = 2 d - 1 pixels.
+        width_mean = max(2.0 * piece.half_width_sum / piece.n_px - 1.0, 1.0) * mm
+        return CrackLine(
+            geometry=LineString(np.column_stack([sx, sy])),
+            length_m=float(GEOD.line_length(lon, lat)),
+            width_mean_mm=width_mean,
+            width_max_mm=max(2.0 * piece.half_width_max - 1.0, 1.0) * mm,
+            orientation_deg=azimuth_deg(np.asarray(lon), np.asarray(lat)),
+            confidence=piece.probability_sum / piece.n_px / 255.0,
+            severity=self.severity.classify(width_mean),
+        )
+
+    def footprint(self, width: int, height: int) -> shapely.Polygon:
+        """The scene's outline in the store CRS, densified so it bends with the projection."""
+        outline = shapely.segmentize(shapely.box(0, 0, width, height), max(width, height) / 16)
+        col, row = shapely.get_coordinates(outline).T
+        x, y = self.transform @ (col, row)
+        return shapely.Polygon(np.column_stack(self.to_store.transform(x, y)))

@@ -1,0 +1,65 @@
+"""The records that pass between pipeline steps: frozen, typed, small."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.windows import Window
+from shapely.geometry import LineString, Polygon
+
+
+@dataclass(frozen=True, slots=True)
+class Scene:
+    """One georeferenced image of a survey, as opened (no pixels)."""
+
+    uri: str
+    scene_id: str
+    width: int
+    height: int
+    band_count: int
+    dtype: str
+    crs: CRS
+    transform: Affine
+
+
+@dataclass(frozen=True, slots=True)
+class ChipBatch:
+    """Chips cut from a scene, ready for a network: only ``pixels`` goes into a tensor."""
+
+    windows: tuple[Window, ...]  # scene pixel windows, each size_px x size_px
+    pixels: np.ndarray  # (n, 3, size_px, size_px) uint8, zero where invalid
+    valid: np.ndarray  # (n, size_px, size_px) bool: inside the scene and not nodata
+
+
+@dataclass(frozen=True, slots=True)
+class CrackLine:
+    """One crack as a georeferenced polyline with its measurements."""
+
+    geometry: LineString  # in the store CRS
+    length_m: float
+    width_mean_mm: float
+    width_max_mm: float
+    orientation_deg: float  # azimuth of the main axis, clockwise from north, in [0, 180)
+    confidence: float  # mean crack probability along the line, 0..1
+    severity: str  # low | medium | high
+
+
+@dataclass(frozen=True, slots=True)
+class SceneResult:
+    """What processing one scene produced; paths, never arrays."""
+
+    scene: Scene
+    cracks: tuple[CrackLine, ...]
+    footprint: Polygon  # scene outline in the store CRS
+    chip_count: int
+    probability_path: str
+    seconds: float
+    sha256: str
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def total_length_m(self) -> float:
+        return float(sum(c.length_m for c in self.cracks))

@@ -1,0 +1,174 @@
+"""Processing one scene: chips -> network -> stitched probability -> measured crack lines.
+
+Reading, inference and stitching/vectorizing run in three threads joined by
+small bounded queues, so the network never waits for the disk and memory
+stays a few strips of the scene.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from rasterio.crs import CRS
+
+from models.registry import ModelEntry
+from pipeline.errors import SceneContentError
+from pipeline.inference import Backend
+from pipeline.measure import Georeferencer, Severity
+from pipeline.probability import ProbabilityWriter
+from pipeline.raster import SceneReader
+from pipeline.records import SceneResult
+from pipeline.stitching import StripStitcher
+from pipeline.tiling import chip_windows
+from pipeline.vectorize import BandVectorizer, VectorizeParams
+
+# progress(scene_id, chips_done, chips_total)
+Progress = Callable[[str, int, int], None]
+QUEUE_BATCHES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class SceneOptions:
+    """How scenes are cut, blended and vectorized.  ``threshold=None`` uses the model's."""
+
+    size_px: int = 400
+    overlap_px: int = 64
+    border_px: int = 16
+    threshold: float | None = None
+    vectorize: VectorizeParams = field(default_factory=VectorizeParams)
+    severity: Severity = field(default_factory=Severity)
+
+    def vectorize_params(self, model: ModelEntry) -> VectorizeParams:
+        return replace(self.vectorize, threshold=self.threshold or model.threshold)
+
+
+def sha256_of(uri: str) -> str:
+    digest = hashlib.sha256()
+    with open(uri, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Worker(threading.Thread):
+    """A thread that keeps its exception for the thread that joins it."""
+
+    def __init__(self, target: Callable[[], None], name: str, stop: threading.Event) -> None:
+        super().__init__(name=name, daemon=True)
+        self._work, self._halt, self.error = target, stop, None
+
+    def run(self) -> None:
+        try:
+            self._work()
+        except BaseException as exc:  # re-raised by run_network
+            self.error = exc
+            self._halt.set()
+
+
+def run_network(uri: str, scene_id: str, backend: Backend, stitcher: StripStitcher,
+                options: SceneOptions, progress: Progress | None = None) -> int:
+    """Stream a scene's chips through ``backend`` into ``stitcher``; returns the chips run.
+
+    Three threads: reading (``crackmap-read``), the network (the caller's),
+    stitching with everything downstream of it (``crackmap-stitch``).  The
+    first error in any of them stops all three and is raised here.
+    """
+    batches: queue.Queue = queue.Queue(QUEUE_BATCHES)
+    results: queue.Queue = queue.Queue(QUEUE_BATCHES)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            with SceneReader(uri, scene_id) as reader:
+                for batch in reader.chip_batches(options.size_px, options.overlap_px,
+                                                 backend.batch_size):
+                    if stop.is_set():
+                        return
+                    batches.put(batch)
+        finally:
+            batches.put(None)
+
+    def stitch() -> None:
+        while (item := results.get()) is not None:
+            if not stop.is_set():
+                batch, probability = item
+                for window, p, valid in zip(batch.windows, probability, batch.valid):
+                    stitcher.add(window, p, valid)
+        if not stop.is_set():
+            stitcher.finish()
+
+    workers = [_Worker(read, "crackmap-read", stop), _Worker(stitch, "crackmap-stitch", stop)]
+    for worker in workers:
+        worker.start()
+    total = len(chip_windows(stitcher.width, stitcher.height, options.size_px, options.overlap_px))
+    chips = 0
+    try:
+        while (batch := batches.get()) is not None:  # after an error: drain so the reader ends
+            if not stop.is_set():
+                results.put((batch, backend.predict(batch.pixels)))
+                chips += len(batch.windows)
+                if progress:
+                    progress(scene_id, chips, total)
+    except BaseException:
+        stop.set()
+        while batches.get() is not None:
+            pass
+        raise
+    finally:
+        results.put(None)
+        for worker in workers:
+            worker.join()
+    for worker in workers:
+        if worker.error is not None:
+            raise worker.error
+    if progress:
+        progress(scene_id, total, total)
+    return chips
+
+
+def process_scene(uri: str, backend: Backend, model: ModelEntry, probability_path: Path,
+                  store_crs: CRS, options: SceneOptions = SceneOptions(),
+                  scene_id: str | None = None, progress: Progress | None = None) -> SceneResult:
+    """Map the cracks of one scene.
+
+    Writes the scene's crack probability COG to ``probability_path`` and
+    returns its measured crack lines in ``store_crs``.
+
+    Raises:
+        SceneReadError: the file is missing, not a raster, or truncated.
+        SceneContentError: no CRS, or nothing but nodata.
+    """
+    started = time.perf_counter()
+    with SceneReader(uri, scene_id) as reader:
+        scene = reader.scene
+    params = options.vectorize_params(model)
+    probability = ProbabilityWriter(probability_path, scene)
+    vectorizer = BandVectorizer(scene.width, scene.height, params)
+
+    def sink(row_off, p, valid):
+        probability(row_off, p, valid)
+        vectorizer(row_off, p, valid)
+
+    stitcher = StripStitcher(scene.width, scene.height, sink, options.size_px, options.border_px)
+    try:
+        chips = run_network(uri, scene.scene_id, backend, stitcher, options, progress)
+        if chips == 0:
+            raise SceneContentError(uri, "is all nodata")
+        pieces = vectorizer.finish()
+        probability.finish()
+    except BaseException:
+        probability.abort()
+        raise
+    geo = Georeferencer(scene.crs, scene.transform, scene.width, scene.height, store_crs,
+                        params, options.severity)
+    cracks = tuple(line for piece in pieces if (line := geo.crack_line(piece)) is not None)
+    return SceneResult(scene=scene, cracks=cracks, footprint=geo.footprint(scene.width, scene.height),
+                       chip_count=chips, probability_path=str(probability_path),
+                       seconds=time.perf_counter() - started, sha256=sha256_of(uri),
+                       stats={"pixel_size_m": geo.pixel_size_m})

@@ -1,0 +1,82 @@
+"""Chip geometry: where the 400 x 400 chips of a scene lie.
+
+Pure functions of sizes; no I/O.  Chips are ordered row-major, which the
+streaming stitcher relies on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from rasterio.windows import Window
+
+
+def chip_offsets(length_px: int, size_px: int = 400, overlap_px: int = 64) -> list[int]:
+    """Start offsets of chips along one axis, covering ``[0, length_px)``.
+
+    Chips step by ``size_px - overlap_px``; the last chip is shifted inward so
+    that it ends at the edge, never dropped and never sticking out.  An axis
+    shorter than a chip gets one chip at 0 (the reader pads it).
+
+    >>> chip_offsets(900, 400, 64)
+    [0, 336, 500]
+    >>> chip_offsets(250)
+    [0]
+    """
+    if size_px <= 0 or not 0 <= overlap_px < size_px:
+        raise ValueError(f"need size_px > 0 and 0 <= overlap_px < size_px, got {size_px}, {overlap_px}")
+    if length_px <= size_px:
+        return [0]
+    step = size_px - overlap_px
+    starts = list(range(0, length_px - size_px, step))
+    starts.append(length_px - size_px)
+    return starts
+
+
+def chip_windows(width: int, height: int, size_px: int = 400, overlap_px: int = 64) -> list[Window]:
+    """All chip windows of a ``width`` x ``height`` scene, row-major.
+
+    Every window is ``size_px`` square; in a scene smaller than a chip it
+    reaches past the edge and the reader pads it.
+
+    >>> [(w.col_off, w.row_off) for w in chip_windows(900, 400)]
+    [(0, 0), (336, 0), (500, 0)]
+    """
+    return [Window(col, row, size_px, size_px)
+            for row in chip_offsets(height, size_px, overlap_px)
+            for col in chip_offsets(width, size_px, overlap_px)]
+
+
+def blend_profile(size_px: int, border_px: int, drop_start: bool, drop_end: bool) -> np.ndarray:
+    """1-D blending weights of a chip along one axis.
+
+    A chip's outermost ``border_px`` pixels see the least context, so they are
+    dropped (weight 0) on every side where another chip covers them; at the
+    scene edge they are kept.  Inside, weights rise linearly from a small
+    positive value to 1 over the next ``border_px`` pixels, so overlapping
+    chips cross-fade and no kept pixel has weight zero.
+
+    >>> p = blend_profile(8, 2, True, False)
+    >>> [round(float(v), 2) for v in p]
+    [0.0, 0.0, 0.33, 0.67, 1.0, 1.0, 1.0, 1.0]
+    """
+    ramp = np.arange(1, border_px + 1, dtype=np.float32) / (border_px + 1)
+    weights = np.ones(size_px, dtype=np.float32)
+    for dropped, view in ((drop_start, weights), (drop_end, weights[::-1])):
+        if dropped:
+            view[:border_px] = 0.0
+            view[border_px:2 * border_px] = np.minimum(view[border_px:2 * border_px], ramp)
+    return weights
+
+
+def chip_weights(window: Window, width: int, height: int, border_px: int) -> np.ndarray:
+    """2-D blending weights (size_px, size_px) of one chip in a scene.
+
+    >>> w = chip_weights(Window(0, 0, 400, 400), 900, 400, 16)
+    >>> float(w[200, 0]), float(w[200, 399]), float(w[0, 200])
+    (1.0, 0.0, 1.0)
+    """
+    size_px = int(window.width)
+    col, row = int(window.col_off), int(window.row_off)
+    along_x = blend_profile(size_px, border_px, col > 0, col + size_px < width)
+    along_y = blend_profile(size_px, border_px, row > 0, row + size_px < height)
+    return np.outer(along_y, along_x)

@@ -1,0 +1,286 @@
+"""From crack probability to crack centrelines, band by band, merged across seams.
+
+The probability raster arrives in row runs (from the stitcher, or read back
+from a probability COG).  Rows are processed in bands of ``band_rows`` with a
+``halo_rows`` margin above and below, so memory is a few bands of the scene's
+width whatever its length.  Each band: hysteresis threshold, speck removal,
+skeleton, skeleton graph (skan), spur pruning.  Every skeleton path is cut to
+the band's own rows; where it leaves them, it ends exactly halfway between the
+last row inside and the first row outside.  The neighbouring band computes the
+same point from its side, so the pieces of one crack meet end to end and are
+joined again (``SeamJoiner``): a crack crossing chip or band seams is one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from skan import Skeleton
+from skimage.filters import apply_hysteresis_threshold
+from skimage.morphology import remove_small_objects, skeletonize
+
+
+@dataclass(frozen=True, slots=True)
+class VectorizeParams:
+    """How probabilities become lines.
+
+    Args:
+        threshold: Crack probability (0..1) that seeds a crack (the model's calibrated threshold).
+        low_ratio: Hysteresis: pixels down to ``threshold * low_ratio`` join a seeded crack.
+        min_area_px: Connected crack regions smaller than this are specks, dropped.
+        spur_px: Side branches shorter than this, hanging off a junction, are pruned.
+        min_length_px: Lines shorter than this (after joining across seams) are dropped.
+        simplify_px: Douglas-Peucker tolerance applied to lines, in pixels.
+        band_rows: Rows per vectorized band.
+        halo_rows: Context rows above and below a band (must exceed the widest crack).
+    """
+
+    threshold: float = 0.5
+    low_ratio: float = 0.5
+    min_area_px: int = 30
+    spur_px: float = 10.0
+    min_length_px: float = 12.0
+    simplify_px: float = 0.75
+    band_rows: int = 1024
+    halo_rows: int = 64
+
+
+@dataclass(slots=True)
+class Piece:
+    """Part of a crack centreline in scene pixel coordinates, with sums for its measurements.
+
+    ``rc`` holds (row, col) vertices; pixel centres are at integer values.
+    ``seams`` gives, for the start and the end, the seam row ``s`` the piece
+    was cut at (the end lies on ``row = s - 0.5``), or None for a true end.
+    """
+
+    rc: np.ndarray
+    seams: tuple[int | None, int | None]
+    n_px: int
+    half_width_sum: float  # sum of the distance transform at centreline pixels
+    half_width_max: float
+    probability_sum: float  # sum of uint8 probability at centreline pixels
+
+    def reversed(self) -> Piece:
+        return Piece(self.rc[::-1], self.seams[::-1], self.n_px, self.half_width_sum,
+                     self.half_width_max, self.probability_sum)
+
+    def length_px(self) -> float:
+        return float(np.hypot(*np.diff(self.rc, axis=0).T).sum())
+
+
+def crack_mask(probability: np.ndarray, valid: np.ndarray, params: VectorizeParams) -> np.ndarray:
+    """Crack pixels of a uint8 probability array: hysteresis threshold, then speck removal.
+
+    >>> p = np.zeros((5, 40), np.uint8); p[2, 5:35] = 200; p[2, 35:38] = 80
+    >>> int(crack_mask(p, p >= 0, VectorizeParams(min_area_px=5)).sum())
+    33
+    """
+    high = params.threshold * 255.0
+    mask = apply_hysteresis_threshold(probability, high * params.low_ratio, high - 1e-6) & valid
+    return remove_small_objects(mask, max_size=params.min_area_px - 1) if mask.any() else mask
+
+
+def skeleton_paths(mask: np.ndarray, spur_px: float) -> list[np.ndarray]:
+    """Centreline paths of a mask as (row, col) int arrays, with short spurs pruned."""
+    skeleton = skeletonize(mask)
+    if np.count_nonzero(skeleton) < 2:
+        return []
+    graph = Skeleton(skeleton)
+    for _ in range(2):  # pruning can expose a new spur once
+        degrees, lengths = graph.degrees, graph.path_lengths()
+        ends = [(degrees[graph.path(i)[0]], degrees[graph.path(i)[-1]]) for i in range(graph.n_paths)]
+        spurs = [i for i, (a, b) in enumerate(ends)
+                 if lengths[i] < spur_px and min(a, b) == 1 and max(a, b) >= 3]
+        if not spurs:
+            break
+        graph = graph.prune_paths(spurs)
+        if graph.n_paths == 0:
+            return []
+    return [graph.path_coordinates(i) for i in range(graph.n_paths)]
+
+
+def cut_to_rows(rc: np.ndarray, first: int, stop: int) -> list[tuple[np.ndarray, slice, tuple]]:
+    """Split a path into its runs inside rows ``[first, stop)``.
+
+    Returns (vertices, slice of ``rc`` inside, seams) per run.  A run that
+    leaves the rows gets an extra end vertex halfway to the first vertex
+    outside, and the seam row it crossed.
+
+    >>> rc = np.array([[8, 0], [9, 1], [10, 2], [11, 2]])
+    >>> [(v.tolist(), s) for v, _, s in cut_to_rows(rc, 0, 10)]
+    [([[8.0, 0.0], [9.0, 1.0], [9.5, 1.5]], (None, 10))]
+    """
+    inside = (rc[:, 0] >= first) & (rc[:, 0] < stop)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], inside.view(np.int8), [0]])))
+    runs = []
+    for a, b in zip(edges[::2], edges[1::2]):
+        vertices = [rc[a:b].astype(np.float64)]
+        seams: list[int | None] = [None, None]
+        if a > 0:
+            vertices.insert(0, (rc[a - 1:a] + rc[a:a + 1]) / 2.0)
+            seams[0] = first if rc[a - 1, 0] < first else stop
+        if b < len(rc):
+            vertices.append((rc[b - 1:b] + rc[b:b + 1]) / 2.0)
+            seams[1] = first if rc[b, 0] < first else stop
+        runs.append((np.concatenate(vertices), slice(a, b), tuple(seams)))
+    return runs
+
+
+def band_pieces(probability: np.ndarray, valid: np.ndarray, row_off: int, first: int, stop: int,
+                params: VectorizeParams) -> list[Piece]:
+    """Crack pieces whose pixels lie in scene rows ``[first, stop)``.
+
+    ``probability`` and ``valid`` hold scene rows from ``row_off`` on,
+    including the halo around ``[first, stop)``.
+    """
+    mask = crack_mask(probability, valid, params)
+    if not mask.any():
+        return []
+    half_width = None
+    pieces = []
+    for path in skeleton_paths(mask, params.spur_px):
+        if half_width is None:
+            half_width = ndimage.distance_transform_edt(mask)
+        absolute = path + np.array([row_off, 0])
+        for vertices, inside, seams in cut_to_rows(absolute, first, stop):
+            rows, cols = path[inside, 0], path[inside, 1]
+            hw = half_width[rows, cols]
+            pieces.append(Piece(vertices, seams, len(rows), float(hw.sum()), float(hw.max()),
+                                float(probability[rows, cols].sum(dtype=np.int64))))
+    return pieces
+
+
+class SeamJoiner:
+    """Join pieces that meet end to end on a band seam into whole crack lines."""
+
+    def __init__(self, tolerance_px: float = 1.5) -> None:
+        self.tolerance_px = tolerance_px
+        self.pending: list[Piece] = []
+
+    def add(self, piece: Piece) -> Piece | None:
+        """Keep a piece that ends on a seam; return a piece that is already whole."""
+        if piece.seams == (None, None):
+            return piece
+        self.pending.append(piece)
+        return None
+
+    def finish(self) -> list[Piece]:
+        """Join all pending pieces and return the joined lines."""
+        links = self._links()
+        done: set[int] = set()
+        lines = []
+        for start in range(len(self.pending)):
+            if start in done:
+                continue
+            node, entry = self._extremity(start, links)
+            chain = []
+            while node not in done:
+                done.add(node)
+                piece = self.pending[node]
+                chain.append(piece if entry == 0 else piece.reversed())
+                nxt = links.get((node, 1 - entry))
+                if nxt is None:
+                    break
+                node, entry = nxt
+            lines.append(join(chain))
+        self.pending = []
+        return lines
+
+    def _links(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """Pair piece ends across each seam: one from above, one from below, closest first."""
+        ends: dict[int, list[tuple[float, int, int, bool]]] = {}
+        for i, piece in enumerate(self.pending):
+            for end, seam in enumerate(piece.seams):
+                if seam is not None:
+                    above = piece.rc[-2 if end else 1, 0] < seam  # the pixel next to the cut
+                    col = float(piece.rc[-1 if end else 0, 1])
+                    ends.setdefault(seam, []).append((col, i, end, bool(above)))
+        links = {}
+        for candidates in ends.values():
+            uppers = [c for c in candidates if c[3]]
+            lowers = [c for c in candidates if not c[3]]
+            pairs = sorted((abs(u[0] - v[0]), u, v) for u in uppers for v in lowers
+                           if abs(u[0] - v[0]) <= self.tolerance_px)
+            for _, u, v in pairs:
+                if (u[1], u[2]) not in links and (v[1], v[2]) not in links:
+                    links[(u[1], u[2])] = (v[1], v[2])
+                    links[(v[1], v[2])] = (u[1], u[2])
+        return links
+
+    @staticmethod
+    def _extremity(start: int, links: dict) -> tuple[int, int]:
+        """Walk backwards from ``start`` to the first piece of its chain; return (piece, entry end)."""
+        node, entry, seen = start, 0, {start}
+        while (node, entry) in links:
+            prev, prev_end = links[(node, entry)]
+            if prev in seen:  # a closed loop: start anywhere
+                return start, 0
+            seen.add(prev)
+            node, entry = prev, 1 - prev_end
+        return node, entry
+
+
+def join(chain: list[Piece]) -> Piece:
+    """Concatenate pieces that meet end to end (each oriented along the chain)."""
+    if len(chain) == 1:
+        return chain[0]
+    parts = [chain[0].rc]
+    for piece in chain[1:]:
+        joint = (parts[-1][-1] + piece.rc[0]) / 2.0
+        parts[-1] = np.vstack([parts[-1][:-1], joint])
+        parts.append(piece.rc[1:])
+    return Piece(np.vstack(parts), (chain[0].seams[0], chain[-1].seams[1]),
+                 sum(p.n_px for p in chain), sum(p.half_width_sum for p in chain),
+                 max(p.half_width_max for p in chain), sum(p.probability_sum for p in chain))
+
+
+class BandVectorizer:
+    """Consume finished probability rows (a ``stitching.RowSink``) and collect whole crack pieces.
+
+    Feed rows top to bottom with ``__call__``; call ``finish`` once at the end.
+    """
+
+    def __init__(self, width: int, height: int, params: VectorizeParams) -> None:
+        self.width, self.height, self.params = width, height, params
+        self._probability = np.zeros((0, width), dtype=np.uint8)
+        self._valid = np.zeros((0, width), dtype=bool)
+        self._buf_top = 0  # scene row of buffer row 0
+        self._next = 0  # first row of the next band to vectorize
+        self.joiner = SeamJoiner()
+        self.pieces: list[Piece] = []
+
+    def __call__(self, row_off: int, probability: np.ndarray, valid: np.ndarray) -> None:
+        if row_off != self._buf_top + len(self._probability):
+            raise ValueError(f"rows must arrive in order: expected row "
+                             f"{self._buf_top + len(self._probability)}, got {row_off}")
+        self._probability = np.concatenate([self._probability, probability])
+        self._valid = np.concatenate([self._valid, valid])
+        self._drain(final=False)
+
+    def finish(self) -> list[Piece]:
+        """Vectorize the remaining rows and join across seams; returns all pieces."""
+        self._drain(final=True)
+        self.pieces.extend(self.joiner.finish())
+        return self.pieces
+
+    def _drain(self, final: bool) -> None:
+        band, halo = self.params.band_rows, self.params.halo_rows
+        loaded = self._buf_top + len(self._probability)
+        while self._next < loaded:
+            stop = min(self._next + band, self.height)
+            if loaded < min(stop + halo, self.height) and not final:
+                return
+            lo = max(self._next - halo, self._buf_top) - self._buf_top
+            hi = min(stop + halo, loaded) - self._buf_top
+            for piece in band_pieces(self._probability[lo:hi], self._valid[lo:hi],
+                                     self._buf_top + lo, self._next, stop, self.params):
+                whole = self.joiner.add(piece)
+                if whole is not None:
+                    self.pieces.append(whole)
+            self._next = stop
+            keep = max(self._next - halo, self._buf_top) - self._buf_top
+            self._probability, self._valid = self._probability[keep:], self._valid[keep:]
+            self._buf_top += keep

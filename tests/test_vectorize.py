@@ -1,0 +1,142 @@
+import numpy as np
+import pytest
+from affine import Affine
+from pyproj import Geod
+from rasterio.crs import CRS
+from rasterio.transform import from_origin
+from shapely.geometry import LineString
+
+from conftest import paint_crack, write_scene
+from pipeline.measure import pixel_to_map
+from pipeline.scene import SceneOptions, process_scene
+from pipeline.store import DEFAULT_CRS
+from pipeline.vectorize import BandVectorizer, Piece, SeamJoiner, VectorizeParams, cut_to_rows
+
+PIXEL_M = 0.002
+UTM = CRS.from_epsg(32633)
+
+
+class Model:
+    spec, threshold = "test:1", 0.5
+
+
+def run_scene(tmp_path, darkness, pixels, crs="EPSG:32633", transform=None, store_crs=DEFAULT_CRS,
+              **option_args):
+    path = write_scene(tmp_path / "scene.tif", pixels, crs, transform)
+    return process_scene(str(path), darkness, Model(), tmp_path / "p.tif", store_crs,
+                         SceneOptions(**option_args))
+
+
+def blank(height, width):
+    return np.full((3, height, width), 220, np.uint8)
+
+
+def test_crack_across_chip_and_band_seams_is_one_line_with_right_length_and_width(tmp_path, darkness):
+    pixels = blank(1500, 1300)
+    paint_crack(pixels, (100, 60), (1400, 1240), width_px=7)
+    # chips seam every 336 px; bands of 300 rows add seams at 300, 600, 900, 1200
+    result = run_scene(tmp_path, darkness, pixels, store_crs=UTM,
+                       vectorize=VectorizeParams(band_rows=300, halo_rows=48))
+    assert len(result.cracks) == 1
+    crack = result.cracks[0]
+    true_length = np.hypot(1300, 1180) * PIXEL_M
+    assert crack.length_m == pytest.approx(true_length, abs=8 * PIXEL_M)  # ends shrink by ~half a width
+    assert crack.width_mean_mm == pytest.approx(7 * PIXEL_M * 1000, rel=0.2)
+    assert crack.orientation_deg == pytest.approx(np.degrees(np.arctan2(1180, -1300)) % 180, abs=0.5)
+    assert crack.severity == "medium"
+    assert crack.confidence == pytest.approx((255 - 20) / 255, abs=0.02)
+
+
+def test_horizontal_crack_width_is_exact(tmp_path, darkness):
+    pixels = blank(500, 900)
+    pixels[:, 248:253, 50:850] = 20  # 5 px wide
+    result = run_scene(tmp_path, darkness, pixels)
+    assert len(result.cracks) == 1
+    assert result.cracks[0].width_mean_mm == pytest.approx(5 * PIXEL_M * 1000, rel=0.02)
+    assert result.cracks[0].width_max_mm == pytest.approx(5 * PIXEL_M * 1000, rel=0.02)
+    assert result.cracks[0].orientation_deg == pytest.approx(90.0, abs=0.5)
+
+
+def test_short_spurs_are_pruned_and_specks_dropped(tmp_path, darkness):
+    pixels = blank(400, 600)
+    pixels[:, 200:203, 50:550] = 20
+    pixels[:, 203:208, 300:301] = 20  # a 5 px spur
+    pixels[:, 50:53, 50:53] = 20  # a speck
+    result = run_scene(tmp_path, darkness, pixels)
+    assert len(result.cracks) == 1
+
+
+def test_lines_are_georeferenced_exactly_in_a_projected_crs(tmp_path, darkness):
+    transform = from_origin(431250.0, 5652300.0, PIXEL_M, PIXEL_M)
+    pixels = blank(400, 800)
+    pixels[:, 199:202, 100:700] = 20  # centre row 200, cols 100..699
+    result = run_scene(tmp_path, darkness, pixels, transform=transform, store_crs=UTM)
+    (crack,) = result.cracks
+    x, y = np.asarray(crack.geometry.coords).T
+    assert np.allclose(y, 5652300.0 - 200.5 * PIXEL_M)  # pixel centres, exactly
+    assert x.min() >= 431250.0 + 100 * PIXEL_M and x.max() <= 431250.0 + 700 * PIXEL_M
+    assert crack.length_m == pytest.approx(600 * PIXEL_M * 0.9996, abs=4 * PIXEL_M)  # UTM scale ~0.9996
+
+
+def test_lines_are_georeferenced_exactly_in_epsg_4326(tmp_path, darkness):
+    deg = 2e-8  # ~2 mm in latitude
+    transform = Affine(deg, 0, 13.4, 0, -deg, 52.5)
+    pixels = blank(400, 800)
+    pixels[:, 199:202, 100:700] = 20
+    result = run_scene(tmp_path, darkness, pixels, crs="EPSG:4326", transform=transform)
+    (crack,) = result.cracks
+    lon, lat = np.asarray(crack.geometry.coords).T
+    assert np.allclose(lat, 52.5 - 200.5 * deg, atol=1e-12)
+    expected = Geod(ellps="WGS84").line_length(lon, lat)
+    assert crack.length_m == pytest.approx(expected, rel=1e-9)  # metres, not degrees
+    assert crack.length_m == pytest.approx(600 * deg * 111320 * np.cos(np.radians(52.5)), rel=0.02)
+
+
+def test_pixel_to_map_uses_pixel_centres():
+    x, y = pixel_to_map(from_origin(10, 20, 1, 1), np.array([[0.0, 0.0]]))
+    assert (x[0], y[0]) == (10.5, 19.5)
+
+
+def test_cut_to_rows_ends_meet_on_the_seam():
+    path = np.array([[r, 10 + r // 2] for r in range(0, 30)])
+    above = cut_to_rows(path, 0, 15)
+    below = cut_to_rows(path, 15, 30)
+    assert above[0][0][-1].tolist() == below[0][0][0].tolist() == [14.5, 17.0]
+    assert above[0][2] == (None, 15) and below[0][2] == (15, None)
+
+
+def test_seam_joiner_joins_chains_and_leaves_branches():
+    def piece(rows, cols, seams):
+        return Piece(np.column_stack([rows, cols]).astype(float), seams, len(rows), len(rows), 1, 0)
+
+    joiner = SeamJoiner()
+    for p in (piece([0, 9.5], [5, 5], (None, 10)), piece([9.5, 19.5], [5, 6], (10, 20)),
+              piece([29, 19.5], [6, 6], (None, 20))):  # the last one runs upwards
+        assert joiner.add(p) is None
+    (line,) = joiner.finish()
+    assert line.seams == (None, None)
+    assert {tuple(line.rc[0]), tuple(line.rc[-1])} == {(0.0, 5.0), (29.0, 6.0)}
+    assert line.n_px == 6
+
+
+def test_band_vectorizer_refuses_rows_out_of_order():
+    vectorizer = BandVectorizer(10, 100, VectorizeParams())
+    with pytest.raises(ValueError, match="expected row 0"):
+        vectorizer(5, np.zeros((5, 10), np.uint8), np.ones((5, 10), bool))
+
+
+def test_vectors_re_extracted_from_the_probability_raster_are_the_same(tmp_path, darkness):
+    from pipeline.measure import Georeferencer, Severity
+    from pipeline.probability import read_rows
+
+    pixels = blank(900, 700)
+    paint_crack(pixels, (50, 50), (850, 650), width_px=5)
+    result = run_scene(tmp_path, darkness, pixels)
+    vectorizer = BandVectorizer(700, 900, VectorizeParams())
+    for row, p, valid in read_rows(result.probability_path, strip_rows=128):
+        vectorizer(row, p, valid)
+    scene = result.scene
+    geo = Georeferencer(scene.crs, scene.transform, 700, 900, DEFAULT_CRS, VectorizeParams(), Severity())
+    again = [geo.crack_line(p) for p in vectorizer.finish()]
+    assert [c.geometry.wkb for c in again] == [c.geometry.wkb for c in result.cracks]
+    assert isinstance(again[0].geometry, LineString)
