@@ -39,6 +39,7 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
     exits non-zero if any scene failed.
     """
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here
     from flows.survey import process_survey
 
     started = time.perf_counter()

@@ -51,7 +51,8 @@ def export_onnx(net: HrSegNet, out: Path, size_px: int = 400) -> Path:
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (example,), str(out), input_names=["chips"],
                           output_names=["probability"], opset_version=OPSET, dynamo=True,
-                          dynamic_shapes={"chips": {0: batch}}, verbose=False)
+                          dynamic_shapes={"chips": {0: batch}}, verbose=False,
+                          external_data=False)
     return Path(out)
 
 

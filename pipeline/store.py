@@ -75,8 +75,7 @@ class GeoPackageStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._con = gpkg.connect(str(self.path))
-            self._con.execute("BEGIN IMMEDIATE")
-            gpkg.init(self._con)
+            gpkg.init(self._con)  # idempotent; executescript commits as it goes
             self.srs_id = self._layer_srs() or gpkg.add_srs(self._con, crs)
             gpkg.add_layer(self._con, "cracks", "LINESTRING", self.srs_id, CRACK_COLUMNS)
             gpkg.add_layer(self._con, "scenes", "POLYGON", self.srs_id, SCENE_COLUMNS)
@@ -85,7 +84,6 @@ class GeoPackageStore:
             CREATE INDEX IF NOT EXISTS cracks_model ON cracks (model_name, model_version);
             CREATE INDEX IF NOT EXISTS cracks_severity ON cracks (severity);
             """)
-            self._con.execute("COMMIT")
         except Exception as exc:  # sqlite3.Error, or a file that is not a GeoPackage
             raise StoreError(f"{self.path}: cannot open as a crackmap GeoPackage ({exc})") from exc
         self.crs = CRS.from_epsg(self.srs_id)

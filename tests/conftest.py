@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 FIXTURES = Path(__file__).parent / "data"
 
 

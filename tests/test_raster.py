@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+import rasterio
+
+from conftest import write_scene
+from pipeline.errors import SceneContentError, SceneReadError
+from pipeline.raster import SceneReader
+
+
+def chips_of(path, size=400, overlap=64):
+    with SceneReader(str(path)) as reader:
+        return list(reader.chip_batches(size, overlap, batch_size=100))
+
+
+def test_16_bit_single_band_is_stretched_to_8_bit_rgb(tmp_path):
+    pixels = np.linspace(1000, 5000, 500 * 600, dtype=np.float64).reshape(1, 500, 600).astype(np.uint16)
+    (batch,) = chips_of(write_scene(tmp_path / "a.tif", pixels))
+    assert batch.pixels.dtype == np.uint8 and batch.pixels.shape[1] == 3
+    assert batch.pixels.min() <= 2 and batch.pixels.max() >= 253
+    assert (batch.pixels[:, 0] == batch.pixels[:, 1]).all()
+
+
+def test_nodata_values_are_invalid_and_all_nodata_chips_are_skipped(tmp_path):
+    pixels = np.full((3, 400, 1200), 100, np.uint8)
+    pixels[:, :, 700:] = 0  # right part: nodata
+    (batch,) = chips_of(write_scene(tmp_path / "a.tif", pixels, nodata=0))
+    assert [int(w.col_off) for w in batch.windows] == [0, 336, 672]  # the chip at 800 is all nodata
+    assert not batch.valid[1][:, 700 - 336:].any() and batch.valid[1][:, :364].all()
+
+
+def test_internal_mask_is_respected(tmp_path):
+    path = write_scene(tmp_path / "a.tif", np.full((3, 400, 400), 100, np.uint8))
+    with rasterio.open(path, "r+") as ds:
+        mask = np.full((400, 400), 255, np.uint8)
+        mask[:, :100] = 0
+        ds.write_mask(mask)
+    (batch,) = chips_of(path)
+    assert not batch.valid[0][:, :100].any() and batch.valid[0][:, 100:].all()
+
+
+def test_scene_smaller_than_a_chip_is_padded(tmp_path):
+    (batch,) = chips_of(write_scene(tmp_path / "a.tif", np.full((3, 120, 250), 90, np.uint8)))
+    assert batch.pixels.shape == (1, 3, 400, 400)
+    assert batch.valid[0].sum() == 120 * 250 and (batch.pixels[0, :, 120:] == 0).all()
+
+
+def test_not_a_raster(tmp_path):
+    path = tmp_path / "notes.tif"
+    path.write_text("not an image")
+    with pytest.raises(SceneReadError, match="notes.tif: not a readable raster"):
+        SceneReader(str(path))
+
+
+def test_truncated_geotiff(tmp_path):
+    path = write_scene(tmp_path / "t.tif", np.random.default_rng(0).integers(0, 255, (3, 800, 800), np.uint8))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SceneReadError, match="t.tif: (truncated or corrupt|not a readable raster)"):
+        chips_of(path)
+
+
+def test_scene_without_crs(tmp_path):
+    path = tmp_path / "plain.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=50, height=50, count=3, dtype="uint8") as ds:
+        ds.write(np.zeros((3, 50, 50), np.uint8))
+    with pytest.raises(SceneContentError, match="plain.tif: has no CRS"):
+        SceneReader(str(path))
+
+
+def test_all_nodata_scene(tmp_path):
+    path = write_scene(tmp_path / "empty.tif", np.zeros((3, 300, 300), np.uint8), nodata=0)
+    with pytest.raises(SceneContentError, match="empty.tif: is all nodata"):
+        SceneReader(str(path))
