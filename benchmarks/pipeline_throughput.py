@@ -1,0 +1,131 @@
+"""Throughput and memory of the CPU pipeline (a benchmark, not a test).
+
+Measures in one run:
+  1. model-only chips/s per backend (onnxruntime, torch), batch 8;
+  2. end-to-end chips/s of `pipeline.scene.process_scene` (read, network,
+     stitch, probability COG, vectorize) on a synthetic scene of a few
+     thousand chips, with the CPU default backend;
+  3. peak memory (max RSS of a fresh process) for a scene and one 4x longer.
+
+Usage: python benchmarks/pipeline_throughput.py [--model NAME[:VERSION]] [--width 4096]
+       [--rows 12000] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.registry import resolve  # noqa: E402
+from pipeline.inference import load_backend  # noqa: E402
+from pipeline.tiling import chip_windows  # noqa: E402
+
+
+def synthetic_scene(path: Path, width: int, height: int, seed: int = 0) -> Path:
+    """A pavement-like scene with dark cracks, written strip by strip (JPEG-compressed GeoTIFF)."""
+    rng = np.random.default_rng(seed)
+    profile = dict(driver="GTiff", width=width, height=height, count=3, dtype="uint8",
+                   crs="EPSG:32633", transform=from_origin(431250, 5652300, 0.0015, 0.0015),
+                   tiled=True, blockxsize=512, blockysize=512, compress="jpeg", photometric="ycbcr")
+    with rasterio.open(path, "w", **profile) as ds:
+        for row in range(0, height, 1024):
+            rows = min(1024, height - row)
+            grey = rng.normal(120, 18, (rows, width)).clip(0, 255)
+            for _ in range(3):  # a few meandering cracks per strip
+                col = rng.integers(100, width - 100)
+                offsets = np.cumsum(rng.integers(-1, 2, rows)) + col
+                for r, c in enumerate(np.clip(offsets, 2, width - 3)):
+                    grey[r, c - 2:c + 2] = 35
+            ds.write(np.repeat(grey.astype(np.uint8)[None], 3, axis=0), window=Window(0, row, width, rows))
+    return path
+
+
+def model_only(spec: str, backend_name: str, batch: int = 8, batches: int = 20) -> float:
+    backend = load_backend(resolve(spec), backend_name, batch_size=batch)
+    chips = np.random.default_rng(1).integers(0, 256, (batch, 3, 400, 400), dtype=np.uint8)
+    backend.predict(chips)  # warm-up
+    started = time.perf_counter()
+    for _ in range(batches):
+        backend.predict(chips)
+    return batch * batches / (time.perf_counter() - started)
+
+
+def end_to_end_child(scene: str, spec: str, out: str) -> None:
+    """Run in a fresh process: map one scene, print JSON with chips/s and peak RSS."""
+    from pipeline.scene import SceneOptions, process_scene
+    from pipeline.store import DEFAULT_CRS
+
+    entry = resolve(spec)
+    backend = load_backend(entry, "auto")
+    started = time.perf_counter()
+    result = process_scene(scene, backend, entry, Path(out), DEFAULT_CRS, SceneOptions())
+    seconds = time.perf_counter() - started
+    print(json.dumps({"chips": result.chip_count, "seconds": seconds,
+                      "chips_per_s": result.chip_count / seconds, "cracks": len(result.cracks),
+                      "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def end_to_end(scene: Path, spec: str, workdir: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(scene), "--model", spec,
+           "--out", str(workdir / f"{scene.stem}-probability.tif")]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--rows", type=int, default=12000, help="rows of the smaller scene")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    spec = resolve(args.model).spec
+    if args.child:
+        end_to_end_child(args.child, spec, args.out)
+        return
+    report = {"machine": machine(), "model": spec}
+    report["model_only_chips_per_s"] = {name: round(model_only(spec, name), 1)
+                                        for name in ("onnxruntime", "torch")}
+    print(f"model only (batch 8): {report['model_only_chips_per_s']}")
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for label, rows in (("small", args.rows), ("large", 4 * args.rows)):
+            scene = synthetic_scene(workdir / f"{label}.tif", args.width, rows)
+            windows = len(chip_windows(args.width, rows))
+            report[label] = {"width": args.width, "height": rows, "chip_windows": windows,
+                             **end_to_end(scene, spec, workdir)}
+            print(f"{label}: {report[label]}")
+    default = max(report["model_only_chips_per_s"], key=report["model_only_chips_per_s"].get)
+    report["end_to_end_over_model_only"] = round(
+        report["large"]["chips_per_s"] / report["model_only_chips_per_s"]["onnxruntime"], 3)
+    report["memory_large_over_small"] = round(report["large"]["max_rss_mb"] / report["small"]["max_rss_mb"], 3)
+    report["fastest_cpu_backend"] = default
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
