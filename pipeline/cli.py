@@ -138,5 +138,52 @@ def models_show(spec: str | None) -> None:
     click.echo((entry.folder / "MODEL_CARD.md").read_text())
 
 
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []})
+@click.pass_context
+def train(ctx: click.Context) -> None:
+    """Train HrSegNet on crack datasets (options: crackmap train --help)."""
+    from models.train import main as train_main
+
+    sys.exit(train_main(ctx.args))
+
+
+@models.command("add")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Model name, e.g. hrsegnet-b16.")
+@click.option("--version", "version", required=True, help="Semantic version, e.g. 1.1.0.")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=registry.ZOO,
+              show_default=True, help="Registry folder to add the version to.")
+@click.option("--default", "make_default", is_flag=True, help="Make it the root's default model.")
+def models_add(checkpoint: Path, name: str, version: str, root: Path, make_default: bool) -> None:
+    """Add a trained CHECKPOINT (crackmap train's best.pt) as a new model version."""
+    from models.package import package
+
+    try:
+        entry = package(checkpoint, name, version, root, default=make_default)
+    except registry.ModelError as exc:
+        fail(str(exc))
+    click.echo(f"added {entry.spec} in {entry.folder} "
+               f"(ONNX verified, max abs diff {entry.card['onnx']['max_abs_diff_vs_torch']:.1e})")
+
+
+@models.command("export")
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@model_option
+def models_export(fmt: str, out: Path, model_spec: str | None) -> None:
+    """Export a registry model to ONNX (dynamic batch of uint8 400x400 chips), verified against torch."""
+    from models.export import export_onnx, load_net, verify_onnx
+
+    try:
+        entry = registry.resolve(model_spec)
+        net = load_net(entry.variant, entry.file("weights"))
+    except registry.ModelError as exc:
+        fail(str(exc))
+    export_onnx(net, out, entry.size_px)
+    diff = verify_onnx(net, out, size_px=entry.size_px)
+    click.echo(f"{out}: {entry.spec}, max abs difference to torch {diff:.2e} (batch 1 and 5)")
+
+
 def main() -> None:
     cli()

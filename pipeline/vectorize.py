@@ -83,9 +83,26 @@ def crack_mask(probability: np.ndarray, valid: np.ndarray, params: VectorizePara
     return remove_small_objects(mask, max_size=params.min_area_px - 1) if mask.any() else mask
 
 
+def skeletonize_sparse(mask: np.ndarray) -> np.ndarray:
+    """``skeletonize(mask)``, computed only inside each crack region's bounding box.
+
+    Cracks cover a small part of a scene; thinning the whole band would cost
+    time for every background pixel at every thinning pass.
+
+    >>> m = np.zeros((9, 30), bool); m[3:6, 2:28] = True
+    >>> bool((skeletonize_sparse(m) == skeletonize(m)).all())
+    True
+    """
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+    skeleton = np.zeros_like(mask)
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        skeleton[box] |= skeletonize(labels[box] == index)
+    return skeleton
+
+
 def skeleton_paths(mask: np.ndarray, spur_px: float) -> list[np.ndarray]:
     """Centreline paths of a mask as (row, col) int arrays, with short spurs pruned."""
-    skeleton = skeletonize(mask)
+    skeleton = skeletonize_sparse(mask)
     if np.count_nonzero(skeleton) < 2:
         return []
     graph = Skeleton(skeleton)

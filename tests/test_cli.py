@@ -52,3 +52,10 @@ def test_models_list_and_show(test_models):
     assert "# test-b16 1.0.0" in card.output and "sha256" in card.output
     missing = CliRunner().invoke(cli, ["models", "show", "nope:1.0.0"])
     assert missing.exit_code == 2 and "unknown model 'nope'" in missing.output
+
+
+def test_models_export_reports_the_difference_to_torch(tmp_path, test_models):
+    result = CliRunner().invoke(cli, ["models", "export", "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    diff = float(result.output.split("max abs difference to torch ")[1].split()[0])
+    assert diff < 1e-4 and (tmp_path / "m.onnx").stat().st_size > 1e6
