@@ -64,6 +64,13 @@ class CrackStore(Protocol):
     def mark_failed(self, uri: str, scene_id: str, run: RunInfo, error: str) -> None:
         """Record that a scene failed; its published cracks, if any, stay as they were."""
 
+    def published_sha256(self, survey_id: str, scene_id: str, model_name: str,
+                         model_version: str) -> str | None:
+        """The source sha256 (or ETag) a scene was last published from with this model version.
+
+        None if it never was, or if its last attempt failed.
+        """
+
     def close(self) -> None: ...
 
 
@@ -134,6 +141,14 @@ class GeoPackageStore:
             row = dict(zip(keys, old or (None,) * len(keys)))
             row.update(source_uri=uri, status="failed", error=error)
             self._put_scene(scene_id, run, row)
+
+    def published_sha256(self, survey_id: str, scene_id: str, model_name: str,
+                         model_version: str) -> str | None:
+        row = self._con.execute(
+            "SELECT sha256 FROM scenes WHERE survey_id = ? AND scene_id = ? AND model_name = ? "
+            "AND model_version = ? AND status = 'done'",
+            (survey_id, scene_id, model_name, model_version)).fetchone()
+        return row[0] if row else None
 
     def _put_scene(self, scene_id: str, run: RunInfo, row: dict) -> None:
         row = dict(row, survey_id=run.survey_id, scene_id=scene_id, model_name=run.model_name,

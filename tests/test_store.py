@@ -97,3 +97,15 @@ def test_store_urls_are_checked(tmp_path):
     (tmp_path / "junk.gpkg").write_text("junk")
     with pytest.raises(StoreError, match="junk.gpkg: cannot open"):
         open_store(tmp_path / "junk.gpkg")
+
+
+def test_published_sha256_tells_what_a_scene_was_made_from(tmp_path, result):
+    store = open_store(tmp_path / "map.gpkg")
+    key = ("survey-a", result.scene.scene_id, "test-b16")
+    assert store.published_sha256(*key, "1.0.0") is None
+    store.publish(result, RUN)
+    assert store.published_sha256(*key, "1.0.0") == result.sha256
+    assert store.published_sha256(*key, "2.0.0") is None
+    store.mark_failed(result.scene.uri, result.scene.scene_id, RUN, "broken")
+    assert store.published_sha256(*key, "1.0.0") is None
+    store.close()
