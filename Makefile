@@ -2,27 +2,34 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+CORE   := $(VENV)/.installed-core
+FULL   := $(VENV)/.installed-full
 
 .PHONY: demo test install bench clean
 
-$(STAMP): pyproject.toml
+# The demo needs only the core (ONNX Runtime runs the model); tests also need
+# torch (export, training, the torch backend) and the test tools.
+$(CORE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $(CORE)
+
+$(FULL): $(CORE)
 	$(PY) -m pip install --quiet -e '.[torch,dev]'
-	touch $(STAMP)
+	touch $(FULL)
 
-install: $(STAMP)
+install: $(FULL)
 
-demo: $(STAMP)
+demo: $(CORE)
 	rm -f out/demo/cracks.gpkg
 	$(VENV)/bin/crackmap run examples/sample-survey --store out/demo/cracks.gpkg --survey sample-survey
 	@echo "Crack map: out/demo/cracks.gpkg (layers cracks, scenes); probability rasters: out/demo/cracks-probability/"
 
-test: $(STAMP)
+test: $(FULL)
 	$(PY) -m pytest
 
-bench: $(STAMP)
+bench: $(FULL)
 	$(PY) benchmarks/pipeline_throughput.py
 
 clean:
