@@ -35,11 +35,19 @@ def encode(geometry: shapely.Geometry, srs_id: int) -> bytes:
     return header + shapely.to_wkb(geometry, byte_order=1)
 
 
+def wkb(blob: bytes) -> bytes:
+    """The WKB inside a GeoPackage binary (any envelope type).
+
+    >>> wkb(encode(shapely.Point(1, 2), 4326)) == shapely.Point(1, 2).wkb
+    True
+    """
+    envelope_doubles = (0, 4, 6, 6, 8)[(blob[3] >> 1) & 0b111]
+    return blob[8 + 8 * envelope_doubles:]
+
+
 def decode(blob: bytes) -> shapely.Geometry:
     """The geometry of a GeoPackage binary (any envelope type)."""
-    flags = blob[3]
-    envelope_doubles = (0, 4, 6, 6, 8)[(flags >> 1) & 0b111]
-    return shapely.from_wkb(blob[8 + 8 * envelope_doubles:])
+    return shapely.from_wkb(wkb(blob))
 
 
 def _envelope(blob: bytes | None, index: int) -> float | None:
@@ -135,6 +143,23 @@ def add_layer(con: sqlite3.Connection, table: str, geometry_type: str, srs_id: i
                 (table, geometry_type, srs_id))
     con.execute("INSERT INTO gpkg_extensions VALUES (?, 'geom', 'gpkg_rtree_index', "
                 "'http://www.geopackage.org/spec120/#extension_rtree', 'write-only')", (table,))
+
+
+def add_view(con: sqlite3.Connection, view: str, select: str, geometry_type: str, srs_id: int) -> None:
+    """Create a view of a feature table (its ``fid`` and ``geom`` included) as a layer, if absent."""
+    if con.execute("SELECT 1 FROM gpkg_contents WHERE table_name = ?", (view,)).fetchone():
+        return
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        con.execute(f'CREATE VIEW IF NOT EXISTS "{view}" AS {select}')
+        con.execute("INSERT INTO gpkg_contents (table_name, data_type, identifier, srs_id) "
+                    "VALUES (?, 'features', ?, ?)", (view, view, srs_id))
+        con.execute("INSERT INTO gpkg_geometry_columns VALUES (?, 'geom', ?, ?, 0, 0)",
+                    (view, geometry_type, srs_id))
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
 
 
 def update_extent(con: sqlite3.Connection, table: str) -> None:

@@ -4,15 +4,26 @@ Every store publishes a scene atomically: the scene's previous rows for the
 same survey, model name and model version are replaced by the new ones in one
 transaction, so a rerun never duplicates and a failure never leaves half a
 scene.  Rows of other model versions are never touched.
+
+Each scene has at most one *current* model version (``scenes.is_current``):
+publishing makes the version current unless ``promote=False``; ``promote()``
+makes an already published version current later.  The view
+``current_cracks`` shows, per scene, the cracks of its current version, and
+``query()`` reads it unless a model version is asked for.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+import shapely
+from pyproj import Transformer
+from pyproj.exceptions import CRSError, ProjError
 from rasterio.crs import CRS
 
 from pipeline import gpkg
@@ -20,6 +31,10 @@ from pipeline.errors import StoreError
 from pipeline.records import SceneResult
 
 DEFAULT_CRS = CRS.from_epsg(4326)
+CURRENT_CRACKS_SQL = """SELECT c.* FROM cracks c JOIN scenes s
+    ON s.survey_id = c.survey_id AND s.scene_id = c.scene_id
+    AND s.model_name = c.model_name AND s.model_version = c.model_version
+    WHERE s.is_current"""
 CRACK_NAMESPACE = uuid.UUID("6f1c8f4e-2b8a-4c1e-9a55-0c7a2c3d9e10")
 
 CRACK_COLUMNS = """crack_id TEXT NOT NULL UNIQUE, survey_id TEXT NOT NULL, scene_id TEXT NOT NULL,
@@ -33,6 +48,7 @@ SCENE_COLUMNS = """survey_id TEXT NOT NULL, scene_id TEXT NOT NULL, source_uri T
     crack_count INTEGER, total_length_m REAL, status TEXT NOT NULL, error TEXT,
     model_name TEXT NOT NULL, model_version TEXT NOT NULL, model_sha256 TEXT NOT NULL,
     run_id TEXT NOT NULL, probability_uri TEXT, processed_at DATETIME NOT NULL,
+    is_current INTEGER NOT NULL DEFAULT 0,
     UNIQUE (survey_id, scene_id, model_name, model_version)"""
 
 
@@ -47,10 +63,71 @@ class RunInfo:
     model_sha256: str
 
 
-def crack_id(run: RunInfo, scene_id: str, index: int) -> str:
+# What query() yields for each crack, besides its geometry, in both stores.
+QUERY_FIELDS = ("crack_id", "survey_id", "scene_id", "model_name", "model_version", "model_sha256",
+                "run_id", "length_m", "width_mean_mm", "width_max_mm", "orientation_deg",
+                "confidence", "severity", "created_at")
+SEVERITIES = ("low", "medium", "high")
+
+
+@dataclass(frozen=True, slots=True)
+class CrackQuery:
+    """Which cracks ``query()`` returns; every field left None matches everything.
+
+    ``bbox`` (minx, miny, maxx, maxy, in the store CRS) keeps cracks that intersect it.
+    Without ``model_version`` the scenes' current versions are read (restricted to
+    ``model_name`` if given); with it, that version of every scene that has it.
+    """
+
+    bbox: tuple[float, float, float, float] | None = None
+    survey_id: str | None = None
+    scene_id: str | None = None
+    severity: str | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.severity is not None and self.severity not in SEVERITIES:
+            raise ValueError(f"severity {self.severity!r} is not one of {', '.join(SEVERITIES)}")
+        if self.model_version is not None and self.model_name is None:
+            raise ValueError("a model version needs a model name (NAME:VERSION)")
+        if self.bbox is not None:
+            minx, miny, maxx, maxy = self.bbox
+            if not (minx <= maxx and miny <= maxy):
+                raise ValueError(f"bbox {self.bbox} is not MINX MINY MAXX MAXY")
+
+
+def crack_uuid(run: RunInfo, scene_id: str, index: int) -> uuid.UUID:
     """A crack's id: the same for the same survey, scene, model version and position."""
     key = f"{run.survey_id}/{scene_id}/{run.model_name}:{run.model_version}/{index}"
-    return str(uuid.uuid5(CRACK_NAMESPACE, key))
+    return uuid.uuid5(CRACK_NAMESPACE, key)
+
+
+def crack_id(run: RunInfo, scene_id: str, index: int) -> str:
+    """``crack_uuid`` as text."""
+    return str(crack_uuid(run, scene_id, index))
+
+
+def check_crs(result: SceneResult, store_crs: CRS, store: str) -> None:
+    """Refuse a scene whose CRS cannot be transformed to the store's, or with non-finite coordinates.
+
+    Raises:
+        StoreError: naming the scene, both CRSs and what to do.
+    """
+    scene = result.scene
+    problem = None
+    try:
+        Transformer.from_crs(scene.crs, store_crs, always_xy=True)
+    except (CRSError, ProjError) as exc:
+        problem = f"there is no transformation ({exc})"
+    else:
+        geometries = [result.footprint, *(c.geometry for c in result.cracks)]
+        if not np.isfinite(shapely.get_coordinates(geometries)).all():
+            problem = "its coordinates do not transform to finite values"
+    if problem:
+        raise StoreError(f"{scene.uri} is in {scene.crs.to_string()}, which cannot be transformed to "
+                         f"{store}'s {store_crs.to_string()}: {problem}. Reproject the scene or "
+                         "publish to a store in a CRS it can reach; nothing was written.")
 
 
 class CrackStore(Protocol):
@@ -58,8 +135,11 @@ class CrackStore(Protocol):
 
     crs: CRS
 
-    def publish(self, result: SceneResult, run: RunInfo) -> None:
-        """Replace the scene's rows for this survey and model version, atomically."""
+    def publish(self, result: SceneResult, run: RunInfo, promote: bool = True) -> None:
+        """Replace the scene's rows for this survey and model version, atomically.
+
+        The version becomes the scene's current one unless ``promote`` is False.
+        """
 
     def mark_failed(self, uri: str, scene_id: str, run: RunInfo, error: str) -> None:
         """Record that a scene failed; its published cracks, if any, stay as they were."""
@@ -71,7 +151,26 @@ class CrackStore(Protocol):
         None if it never was, or if its last attempt failed.
         """
 
+    def promote(self, survey_id: str, scene_ids: Sequence[str] | None, model_name: str,
+                model_version: str) -> int:
+        """Make a published model version current for these scenes (None: every scene that has it).
+
+        Returns how many scenes were promoted.  Raises StoreError, changing nothing,
+        if a named scene has no successful publication of that version.
+        """
+
+    def query(self, query: CrackQuery = CrackQuery(), batch_size: int = 10_000) -> Iterator[list[dict]]:
+        """The matching cracks in batches of dicts: ``geometry`` (shapely) and QUERY_FIELDS."""
+
     def close(self) -> None: ...
+
+
+def missing_scenes(wanted: Sequence[str] | None, found: Sequence[str], survey_id: str,
+                   model: str) -> None:
+    """Raise StoreError if a scene asked to be promoted has no successful publication."""
+    if wanted is not None and (missing := sorted(set(wanted) - set(found))):
+        raise StoreError(f"cannot promote {model} in survey {survey_id!r}: "
+                         f"{', '.join(missing)} has no successful publication of it; nothing was changed")
 
 
 class GeoPackageStore:
@@ -91,6 +190,8 @@ class GeoPackageStore:
             CREATE INDEX IF NOT EXISTS cracks_model ON cracks (model_name, model_version);
             CREATE INDEX IF NOT EXISTS cracks_severity ON cracks (severity);
             """)
+            self._add_current_flag()
+            gpkg.add_view(self._con, "current_cracks", CURRENT_CRACKS_SQL, "LINESTRING", self.srs_id)
         except Exception as exc:  # sqlite3.Error, or a file that is not a GeoPackage
             raise StoreError(f"{self.path}: cannot open as a crackmap GeoPackage ({exc})") from exc
         self.crs = CRS.from_epsg(self.srs_id)
@@ -98,12 +199,30 @@ class GeoPackageStore:
             raise StoreError(f"{self.path} stores EPSG:{self.srs_id}, not {crs.to_string()}; "
                              "publish to a new file or use the store's CRS")
 
+    def _add_current_flag(self) -> None:
+        """Files written before ``is_current`` existed: the latest successful version is current."""
+        columns = {r[1] for r in self._con.execute("PRAGMA table_info(scenes)")}
+        if "is_current" not in columns:
+            self._con.executescript("""
+            BEGIN IMMEDIATE;
+            ALTER TABLE scenes ADD COLUMN is_current INTEGER NOT NULL DEFAULT 0;
+            UPDATE scenes SET is_current = 1 WHERE fid IN (
+                SELECT (SELECT fid FROM scenes s2 WHERE s2.survey_id = s.survey_id
+                        AND s2.scene_id = s.scene_id AND s2.status = 'done'
+                        ORDER BY processed_at DESC LIMIT 1)
+                FROM scenes s GROUP BY survey_id, scene_id);
+            COMMIT;
+            """)
+        self._con.execute("CREATE UNIQUE INDEX IF NOT EXISTS scenes_one_current "
+                          "ON scenes (survey_id, scene_id) WHERE is_current")
+
     def _layer_srs(self) -> int | None:
         row = self._con.execute(
             "SELECT srs_id FROM gpkg_geometry_columns WHERE table_name = 'cracks'").fetchone()
         return row[0] if row else None
 
-    def publish(self, result: SceneResult, run: RunInfo) -> None:
+    def publish(self, result: SceneResult, run: RunInfo, promote: bool = True) -> None:
+        check_crs(result, self.crs, str(self.path))
         scene = result.scene
         created = gpkg.now()
         rows = [(gpkg.encode(c.geometry, self.srs_id), crack_id(run, scene.scene_id, i),
@@ -125,7 +244,9 @@ class GeoPackageStore:
                 "model_sha256, run_id, length_m, width_mean_mm, width_max_mm, orientation_deg, "
                 "confidence, severity, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows)
-            self._put_scene(scene.scene_id, run, scene_row)
+            if promote:
+                self._uncurrent_others(run.survey_id, [scene.scene_id], run.model_name, run.model_version)
+            self._put_scene(scene.scene_id, run, scene_row, current=True if promote else None)
             gpkg.update_extent(self._con, "cracks")
             gpkg.update_extent(self._con, "scenes")
 
@@ -150,13 +271,68 @@ class GeoPackageStore:
             (survey_id, scene_id, model_name, model_version)).fetchone()
         return row[0] if row else None
 
-    def _put_scene(self, scene_id: str, run: RunInfo, row: dict) -> None:
+    def promote(self, survey_id: str, scene_ids: Sequence[str] | None, model_name: str,
+                model_version: str) -> int:
+        model = f"{model_name}:{model_version}"
+        with _Transaction(self._con, f"{self.path}: promoting {model} in survey {survey_id!r} failed"):
+            found = [r[0] for r in self._con.execute(
+                "SELECT scene_id FROM scenes WHERE survey_id = ? AND model_name = ? "
+                "AND model_version = ? AND status = 'done'", (survey_id, model_name, model_version))
+                if scene_ids is None or r[0] in set(scene_ids)]
+            missing_scenes(scene_ids, found, survey_id, model)
+            self._uncurrent_others(survey_id, found, model_name, model_version)
+            self._con.executemany(
+                "UPDATE scenes SET is_current = 1 WHERE survey_id = ? AND scene_id = ? "
+                "AND model_name = ? AND model_version = ?",
+                [(survey_id, scene_id, model_name, model_version) for scene_id in found])
+        return len(found)
+
+    def query(self, query: CrackQuery = CrackQuery(), batch_size: int = 10_000) -> Iterator[list[dict]]:
+        where, params = [], []
+        for column in ("survey_id", "scene_id", "severity", "model_name", "model_version"):
+            if (value := getattr(query, column)) is not None:
+                where.append(f"c.{column} = ?")
+                params.append(value)
+        if query.bbox is not None:  # the R-tree finds candidates, shapely keeps those that intersect
+            minx, miny, maxx, maxy = query.bbox
+            where.append(f'c.fid IN (SELECT id FROM "rtree_cracks_geom" WHERE maxx >= ? AND minx <= ? '
+                         "AND maxy >= ? AND miny <= ?)")
+            params += [minx, maxx, miny, maxy]
+            box = shapely.box(*query.bbox)
+        table = "cracks" if query.model_version is not None else "current_cracks"
+        sql = (f"SELECT c.geom, {', '.join('c.' + f for f in QUERY_FIELDS)} FROM {table} c"
+               + (f" WHERE {' AND '.join(where)}" if where else ""))
+        cursor = gpkg.connect(str(self.path)).execute(sql, params)  # its own snapshot while streaming
+        try:
+            while rows := cursor.fetchmany(batch_size):
+                geometries = shapely.from_wkb([gpkg.wkb(r[0]) for r in rows])
+                keep = shapely.intersects(geometries, box) if query.bbox is not None else None
+                batch = [dict(zip(QUERY_FIELDS, r[1:]), geometry=g)
+                         for i, (r, g) in enumerate(zip(rows, geometries)) if keep is None or keep[i]]
+                if batch:
+                    yield batch
+        finally:
+            cursor.connection.close()
+
+    def _uncurrent_others(self, survey_id: str, scene_ids: Sequence[str], model_name: str,
+                          model_version: str) -> None:
+        self._con.executemany(
+            "UPDATE scenes SET is_current = 0 WHERE survey_id = ? AND scene_id = ? AND is_current "
+            "AND NOT (model_name = ? AND model_version = ?)",
+            [(survey_id, scene_id, model_name, model_version) for scene_id in scene_ids])
+
+    def _put_scene(self, scene_id: str, run: RunInfo, row: dict, current: bool | None = None) -> None:
+        """Write the scene row; ``current`` None keeps the row's flag (new rows are not current)."""
+        key = (run.survey_id, scene_id, run.model_name, run.model_version)
+        if current is None:
+            old = self._con.execute("SELECT is_current FROM scenes WHERE survey_id = ? AND scene_id = ? "
+                                    "AND model_name = ? AND model_version = ?", key).fetchone()
+            current = bool(old and old[0])
         row = dict(row, survey_id=run.survey_id, scene_id=scene_id, model_name=run.model_name,
                    model_version=run.model_version, model_sha256=run.model_sha256,
-                   run_id=run.run_id, processed_at=gpkg.now())
+                   run_id=run.run_id, processed_at=gpkg.now(), is_current=int(current))
         self._con.execute("DELETE FROM scenes WHERE survey_id = ? AND scene_id = ? "
-                          "AND model_name = ? AND model_version = ?",
-                          (run.survey_id, scene_id, run.model_name, run.model_version))
+                          "AND model_name = ? AND model_version = ?", key)
         names = ", ".join(row)
         self._con.execute(f"INSERT INTO scenes ({names}) VALUES ({', '.join('?' * len(row))})",
                           tuple(row.values()))
@@ -186,16 +362,21 @@ class _Transaction:
 
 
 def open_store(url: str | Path, crs: CRS = DEFAULT_CRS) -> CrackStore:
-    """Open the store a URL names: a ``.gpkg`` path (created if absent).
+    """Open the store a URL names: a ``.gpkg`` path (created if absent) or a PostGIS URL.
 
-    >>> open_store("postgresql://mapper@db/cracks")
+    A PostGIS URL is ``postgresql://user[:password]@host:port/dbname``; libpq's
+    ``PG*`` variables and ``~/.pgpass`` fill in what it leaves out.
+
+    >>> open_store("cracks.shp")
     Traceback (most recent call last):
     ...
-    pipeline.errors.StoreError: postgresql://mapper@db/cracks: PostGIS stores are not supported yet; use a .gpkg path
+    pipeline.errors.StoreError: cracks.shp: a store is a GeoPackage path ending in .gpkg or a postgresql:// URL
     """
     text = str(url)
     if text.startswith(("postgresql://", "postgres://")):
-        raise StoreError(f"{text}: PostGIS stores are not supported yet; use a .gpkg path")
+        from pipeline.postgis import PostGISStore  # psycopg only when PostGIS is used
+
+        return PostGISStore(text, crs)
     if not text.endswith(".gpkg"):
-        raise StoreError(f"{text}: a store is a GeoPackage path ending in .gpkg")
+        raise StoreError(f"{text}: a store is a GeoPackage path ending in .gpkg or a postgresql:// URL")
     return GeoPackageStore(text, crs)

@@ -1,0 +1,337 @@
+"""PostGIS as a crack store: the production store that road-asset managers open in QGIS.
+
+The schema comes from the plain-SQL migrations in ``infra/migrations`` (applied
+in order, recorded in ``schema_migrations``; ``python -m pipeline.postgis
+migrate URL``).  A scene is published in one transaction: its rows for the same
+survey and model version are deleted and the new ones bulk-loaded with a
+binary COPY of EWKB geometries.  If the connection dies on the way, the server
+rolls the transaction back and the next publish reconnects.
+
+Roles (created by the first migration, granted to login users by the database
+owner): ``crackmap_writer`` publishes, ``crackmap_reader`` only reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import shapely
+from psycopg.conninfo import conninfo_to_dict
+from rasterio.crs import CRS
+
+from pipeline.errors import StoreError
+from pipeline.records import SceneResult
+from pipeline.store import (DEFAULT_CRS, QUERY_FIELDS, CrackQuery, RunInfo, check_crs, crack_uuid,
+                            missing_scenes)
+
+MIGRATIONS = Path(__file__).resolve().parents[1] / "infra" / "migrations"
+MIGRATION_LOCK = 0x6372_6B6D  # "crkm": pg_advisory_xact_lock key, one migrator at a time
+CRACK_COPY_COLUMNS = ("crack_id", "survey_id", "scene_id", "model_name", "model_version",
+                      "model_sha256", "run_id", "length_m", "width_mean_mm", "width_max_mm",
+                      "orientation_deg", "confidence", "severity", "created_at", "geom")
+# Binary COPY: geometry travels as EWKB, which is the geometry type's binary input.
+CRACK_COPY_TYPES = ("uuid", "text", "text", "text", "text", "text", "text", "float8", "float8",
+                    "float8", "float8", "float8", "text", "timestamptz", "bytea")
+
+
+def display_url(url: str) -> str:
+    """A connection URL as it may be shown: user, host, port and database, never the password.
+
+    >>> display_url("postgresql://mapper:s3cret@db:5433/cracks")
+    'postgresql://mapper@db:5433/cracks'
+    """
+    try:
+        parts = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "postgresql://(unparsable URL)"
+    user = f"{parts['user']}@" if parts.get("user") else ""
+    port = f":{parts['port']}" if parts.get("port") else ""
+    return f"postgresql://{user}{parts.get('host', '')}{port}/{parts.get('dbname', '')}"
+
+
+def connect(url: str) -> psycopg.Connection:
+    """An autocommit connection (transactions are explicit), or a StoreError without the password."""
+    try:
+        return psycopg.connect(url, autocommit=True, application_name="crackmap")
+    except psycopg.Error as exc:
+        problem = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        password = conninfo_to_dict(url).get("password") if "://" in url else None
+        if password:
+            problem = problem.replace(password, "***")
+        raise StoreError(f"{display_url(url)}: cannot connect ({problem}); check the host, port, "
+                         "user and password (the URL, PG* variables or ~/.pgpass)") from None
+
+
+def migrations(folder: Path = MIGRATIONS) -> list[tuple[str, Path]]:
+    """The migrations in order: (version, file) for every ``NNNN_name.sql``."""
+    found = sorted((p.name.split("_", 1)[0], p) for p in folder.glob("[0-9][0-9][0-9][0-9]_*.sql"))
+    return found
+
+
+def migration_sql(path: Path, srid: int) -> str:
+    """A migration's SQL with psql-style ``:srid`` replaced (``::`` casts are left alone).
+
+    >>> import tempfile; f = Path(tempfile.mkdtemp()) / "0001_x.sql"
+    >>> _ = f.write_text("geometry(Point, :srid), x::text")
+    >>> migration_sql(f, 3857)
+    'geometry(Point, 3857), x::text'
+    """
+    return re.sub(r"(?<!:):srid\b", str(int(srid)), path.read_text())
+
+
+def migrate(con: psycopg.Connection, srid: int = 4326, folder: Path = MIGRATIONS) -> list[str]:
+    """Apply the migrations not yet recorded in ``schema_migrations``; returns their versions.
+
+    Each migration runs in its own transaction, under an advisory lock, so
+    concurrent callers apply each one once.  ``srid`` only matters for the
+    migration that creates the geometry columns.
+    """
+    applied = []
+    for version, path in migrations(folder):
+        with con.transaction():
+            con.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            con.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version text PRIMARY KEY, "
+                        "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+            if con.execute("SELECT 1 FROM schema_migrations WHERE version = %s", (version,)).fetchone():
+                continue
+            con.execute(migration_sql(path, srid).encode())
+            con.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                        (version, path.name))
+        applied.append(version)
+    return applied
+
+
+def schema_version(con: psycopg.Connection) -> str | None:
+    """The newest applied migration, or None on a database without the schema."""
+    if not con.execute("SELECT to_regclass('schema_migrations')").fetchone()[0]:
+        return None
+    return con.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
+
+
+class PostGISStore:
+    """Tables ``cracks`` (LineString) and ``scenes`` (footprint Polygon) in a PostGIS database.
+
+    Opening a database without the schema (or with an older one) applies the
+    migrations, which needs a role that may create tables; the writer role
+    ``crackmap_writer`` publishes into an up-to-date schema.
+    """
+
+    def __init__(self, url: str, crs: CRS = DEFAULT_CRS) -> None:
+        self.url = url
+        self.name = display_url(url)
+        self._con = connect(url)
+        try:
+            self._ensure_schema(crs)
+            srid = self._con.execute("SELECT Find_SRID('public', 'cracks', 'geom')").fetchone()[0]
+        except psycopg.Error as exc:
+            self._con.close()
+            raise StoreError(f"{self.name}: cannot open as a crackmap store ({exc}). Apply the "
+                             "migrations as the database owner: python -m pipeline.postgis migrate URL"
+                             ) from exc
+        self.srid = int(srid)
+        self.crs = CRS.from_epsg(self.srid)
+        if self.crs != crs:
+            self._con.close()
+            raise StoreError(f"{self.name} stores EPSG:{self.srid}, not {crs.to_string()}; "
+                             "publish to a new database or use the store's CRS")
+
+    def _ensure_schema(self, crs: CRS) -> None:
+        latest = migrations()[-1][0]
+        if schema_version(self._con) != latest:
+            epsg = crs.to_epsg()
+            if epsg is None:
+                raise StoreError(f"{self.name}: the store CRS must have an EPSG code, "
+                                 f"got {crs.to_string()!r}")
+            migrate(self._con, epsg)
+
+    def _connection(self) -> psycopg.Connection:
+        """The connection, opened again if the last one was lost (the server rolled it back)."""
+        if self._con.closed or self._con.broken:
+            self._con = connect(self.url)
+        return self._con
+
+    def publish(self, result: SceneResult, run: RunInfo, promote: bool = True) -> None:
+        check_crs(result, self.crs, self.name)
+        scene = result.scene
+        geometries = shapely.set_srid(np.array([c.geometry for c in result.cracks], dtype=object),
+                                      self.srid)
+        ewkb = shapely.to_wkb(geometries, include_srid=True, byte_order=1)
+        footprint = shapely.to_wkb(shapely.set_srid(result.footprint, self.srid), include_srid=True)
+        created = datetime.now(timezone.utc)
+        key = (run.survey_id, scene.scene_id, run.model_name, run.model_version)
+        con = self._connection()
+        try:
+            with con.transaction():
+                self._put_run(con, run)
+                if promote:
+                    self._uncurrent_others(con, run.survey_id, [scene.scene_id], run.model_name,
+                                           run.model_version)
+                con.execute(
+                    "INSERT INTO scenes (survey_id, scene_id, model_name, model_version, model_sha256, "
+                    "run_id, source_uri, sha256, crs, width, height, chip_count, crack_count, "
+                    "total_length_m, status, error, probability_uri, processed_at, is_current, footprint) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'done', NULL, %s, "
+                    "%s, %s, ST_GeomFromEWKB(%s)) "
+                    "ON CONFLICT (survey_id, scene_id, model_name, model_version) DO UPDATE SET "
+                    "model_sha256 = excluded.model_sha256, run_id = excluded.run_id, "
+                    "source_uri = excluded.source_uri, sha256 = excluded.sha256, crs = excluded.crs, "
+                    "width = excluded.width, height = excluded.height, chip_count = excluded.chip_count, "
+                    "crack_count = excluded.crack_count, total_length_m = excluded.total_length_m, "
+                    "status = 'done', error = NULL, probability_uri = excluded.probability_uri, "
+                    "processed_at = excluded.processed_at, footprint = excluded.footprint, "
+                    "is_current = excluded.is_current OR scenes.is_current",
+                    (*key, run.model_sha256, run.run_id, scene.uri, result.sha256,
+                     scene.crs.to_string(), scene.width, scene.height, result.chip_count,
+                     len(result.cracks), result.total_length_m, result.probability_path, created,
+                     promote, footprint))
+                con.execute("DELETE FROM cracks WHERE survey_id = %s AND scene_id = %s "
+                            "AND model_name = %s AND model_version = %s", key)
+                self._copy_cracks(con, result, run, ewkb, created)
+        except psycopg.OperationalError as exc:
+            raise StoreError(f"{self.name}: lost the connection while publishing {scene.uri} ({exc}); "
+                             "the server rolled the scene back, nothing was written; publish it "
+                             "again") from exc
+        except psycopg.Error as exc:
+            raise StoreError(f"{self.name}: publishing {scene.uri} failed; nothing was written "
+                             f"({exc})") from exc
+
+    def _copy_cracks(self, con: psycopg.Connection, result: SceneResult, run: RunInfo,
+                     ewkb: np.ndarray, created: datetime) -> None:
+        scene_id = result.scene.scene_id
+        tag = (run.survey_id, scene_id, run.model_name, run.model_version, run.model_sha256, run.run_id)
+        with con.cursor() as cur, cur.copy(
+                f"COPY cracks ({', '.join(CRACK_COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(CRACK_COPY_TYPES)
+            for i, (c, geometry) in enumerate(zip(result.cracks, ewkb)):
+                copy.write_row((crack_uuid(run, scene_id, i), *tag, c.length_m, c.width_mean_mm,
+                                c.width_max_mm, c.orientation_deg, c.confidence, c.severity, created,
+                                geometry))
+
+    @staticmethod
+    def _put_run(con: psycopg.Connection, run: RunInfo) -> None:
+        con.execute("INSERT INTO surveys (survey_id) VALUES (%s) ON CONFLICT DO NOTHING", (run.survey_id,))
+        sha256 = con.execute(
+            "INSERT INTO models (model_name, model_version, model_sha256) VALUES (%s, %s, %s) "
+            "ON CONFLICT (model_name, model_version) DO UPDATE SET model_sha256 = models.model_sha256 "
+            "RETURNING model_sha256", (run.model_name, run.model_version, run.model_sha256)).fetchone()[0]
+        if sha256 != run.model_sha256:
+            raise StoreError(f"model {run.model_name}:{run.model_version} was published with sha256 "
+                             f"{sha256}, now {run.model_sha256}; versions are immutable: publish the "
+                             "changed model as a new version")
+        con.execute("INSERT INTO runs (run_id, survey_id, model_name, model_version) "
+                    "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                    (run.run_id, run.survey_id, run.model_name, run.model_version))
+
+    @staticmethod
+    def _uncurrent_others(con: psycopg.Connection, survey_id: str, scene_ids: Sequence[str],
+                          model_name: str, model_version: str) -> None:
+        con.execute("UPDATE scenes SET is_current = false WHERE survey_id = %s AND scene_id = ANY(%s) "
+                    "AND is_current AND (model_name, model_version) <> (%s, %s)",
+                    (survey_id, list(scene_ids), model_name, model_version))
+
+    def mark_failed(self, uri: str, scene_id: str, run: RunInfo, error: str) -> None:
+        con = self._connection()
+        try:
+            with con.transaction():
+                self._put_run(con, run)
+                con.execute(
+                    "INSERT INTO scenes (survey_id, scene_id, model_name, model_version, model_sha256, "
+                    "run_id, source_uri, status, error, processed_at) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, 'failed', %s, now()) "
+                    "ON CONFLICT (survey_id, scene_id, model_name, model_version) DO UPDATE SET "
+                    "model_sha256 = excluded.model_sha256, run_id = excluded.run_id, "
+                    "source_uri = excluded.source_uri, status = 'failed', error = excluded.error, "
+                    "processed_at = excluded.processed_at",
+                    (run.survey_id, scene_id, run.model_name, run.model_version, run.model_sha256,
+                     run.run_id, uri, error))
+        except psycopg.Error as exc:
+            raise StoreError(f"{self.name}: recording {uri} as failed did not work ({exc})") from exc
+
+    def published_sha256(self, survey_id: str, scene_id: str, model_name: str,
+                         model_version: str) -> str | None:
+        row = self._connection().execute(
+            "SELECT sha256 FROM scenes WHERE survey_id = %s AND scene_id = %s AND model_name = %s "
+            "AND model_version = %s AND status = 'done'",
+            (survey_id, scene_id, model_name, model_version)).fetchone()
+        return row[0] if row else None
+
+    def promote(self, survey_id: str, scene_ids: Sequence[str] | None, model_name: str,
+                model_version: str) -> int:
+        model = f"{model_name}:{model_version}"
+        con = self._connection()
+        try:
+            with con.transaction():
+                found = [r[0] for r in con.execute(
+                    "SELECT scene_id FROM scenes WHERE survey_id = %s AND model_name = %s "
+                    "AND model_version = %s AND status = 'done' AND (%s::text[] IS NULL "
+                    "OR scene_id = ANY(%s::text[])) FOR UPDATE",
+                    (survey_id, model_name, model_version, scene_ids and list(scene_ids),
+                     scene_ids and list(scene_ids)))]
+                missing_scenes(scene_ids, found, survey_id, model)
+                self._uncurrent_others(con, survey_id, found, model_name, model_version)
+                con.execute("UPDATE scenes SET is_current = true WHERE survey_id = %s "
+                            "AND scene_id = ANY(%s) AND model_name = %s AND model_version = %s",
+                            (survey_id, found, model_name, model_version))
+        except psycopg.Error as exc:
+            raise StoreError(f"{self.name}: promoting {model} in survey {survey_id!r} failed; nothing "
+                             f"was changed ({exc})") from exc
+        return len(found)
+
+    def query(self, query: CrackQuery = CrackQuery(), batch_size: int = 10_000) -> Iterator[list[dict]]:
+        where, params = [], []
+        for column in ("survey_id", "scene_id", "severity", "model_name", "model_version"):
+            if (value := getattr(query, column)) is not None:
+                where.append(f"{column} = %s")
+                params.append(value)
+        if query.bbox is not None:
+            where.append("ST_Intersects(geom, ST_MakeEnvelope(%s, %s, %s, %s, %s))")
+            params += [*query.bbox, self.srid]
+        table = "cracks" if query.model_version is not None else "current_cracks"
+        fields = [f for f in QUERY_FIELDS if f not in ("crack_id", "created_at")]
+        sql = (f"SELECT ST_AsBinary(geom), crack_id::text, {', '.join(fields)}, "
+               """to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') """
+               f"FROM {table}" + (f" WHERE {' AND '.join(where)}" if where else ""))
+        names = ("crack_id", *fields, "created_at")
+        # its own connection: a server-side cursor streams while the store goes on publishing
+        with connect(self.url) as con, con.transaction(), \
+                con.cursor(name="crackmap_query") as cur:
+            cur.itersize = batch_size
+            try:
+                cur.execute(sql, params)
+                while rows := cur.fetchmany(batch_size):
+                    geometries = shapely.from_wkb([r[0] for r in rows])
+                    yield [dict(zip(names, r[1:]), geometry=g) for r, g in zip(rows, geometries)]
+            except psycopg.Error as exc:
+                raise StoreError(f"{self.name}: the query failed ({exc})") from exc
+
+    def close(self) -> None:
+        self._con.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.postgis migrate URL [--srid N]``: bring a database's schema up to date."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.postgis")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("migrate", help="apply the migrations in infra/migrations not yet applied")
+    up.add_argument("url", help="postgresql://user@host:port/dbname (a role that may create tables)")
+    up.add_argument("--srid", type=int, default=4326, help="EPSG code of a new schema's geometries")
+    args = parser.parse_args(argv)
+    try:
+        with connect(args.url) as con:
+            applied = migrate(con, args.srid)
+    except (StoreError, psycopg.Error) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{display_url(args.url)}: applied {', '.join(applied) or 'nothing (up to date)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
