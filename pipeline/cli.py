@@ -6,6 +6,7 @@ group; the console script starts there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -183,6 +184,59 @@ def models_export(fmt: str, out: Path, model_spec: str | None) -> None:
     export_onnx(net, out, entry.size_px)
     diff = verify_onnx(net, out, size_px=entry.size_px)
     click.echo(f"{out}: {entry.spec}, max abs difference to torch {diff:.2e} (batch 1 and 5)")
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--bbox", type=float, nargs=4, default=None, metavar="MINX MINY MAXX MAXY",
+              help="Cracks intersecting this box, in the store CRS (EPSG:4326: lon/lat).")
+@click.option("--survey", "survey_id", default=None, help="Only this survey.")
+@click.option("--scene", "scene_id", default=None, help="Only this scene.")
+@click.option("--severity", type=click.Choice(["low", "medium", "high"]), default=None)
+@click.option("--model", "model_spec", default=None, metavar="NAME[:VERSION]",
+              help="NAME:VERSION: that version, current or not; NAME: the current results of that "
+                   "model.  Default: every scene's current version.")
+@click.option("--format", "fmt", type=click.Choice(["geojson", "gpkg", "csv"]), default=None,
+              help="Output format (default: from --out's suffix, else geojson).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output file (default: standard output; gpkg needs a file).")
+def query(store: str, bbox: tuple[float, float, float, float] | None, survey_id: str | None,
+          scene_id: str | None, severity: str | None, model_spec: str | None, fmt: str | None,
+          out: Path | None) -> None:
+    """Write the cracks of STORE (a .gpkg path or a postgresql:// URL) that match, streaming."""
+    from pipeline import export
+    from pipeline.store import CrackQuery, open_store
+
+    fmt = fmt or (out.suffix.lstrip(".").lower() if out and out.suffix.lstrip(".").lower()
+                  in export.FORMATS else "geojson")
+    if fmt == "gpkg" and out is None:
+        fail("--format gpkg needs --out FILE.gpkg")
+    name, _, version = (model_spec or "").partition(":")
+    try:
+        selection = CrackQuery(bbox=bbox, survey_id=survey_id, scene_id=scene_id, severity=severity,
+                               model_name=name or None, model_version=version or None)
+    except ValueError as exc:
+        fail(str(exc))
+    if not str(store).startswith(("postgresql://", "postgres://")) and not Path(store).is_file():
+        fail(f"{store}: no such GeoPackage")
+    try:
+        target = open_store(store)
+    except PipelineError as exc:
+        fail(str(exc))
+    try:
+        batches = target.query(selection)
+        if fmt == "gpkg":
+            count = export.write_gpkg(batches, out, target.crs)
+        else:
+            with (open(out, "w", newline="", encoding="utf-8") if out else
+                  contextlib.nullcontext(sys.stdout)) as stream:
+                count = (export.write_csv(batches, stream) if fmt == "csv"
+                         else export.write_geojson(batches, stream, target.crs))
+    except PipelineError as exc:
+        fail(str(exc))
+    finally:
+        target.close()
+    click.echo(f"{count} cracks -> {out or 'stdout'}", err=True)
 
 
 def main() -> None:

@@ -78,3 +78,6 @@ def test_models(model_root, monkeypatch) -> Path:
     """Use the test registry (and its default model) for the duration of a test."""
     monkeypatch.setenv("CRACKMAP_MODELS", str(model_root))
     return model_root
+
+
+from postgis_fixtures import pg_database, postgis, store_url  # noqa: E402,F401  (PostGIS, see there)

@@ -1,16 +1,25 @@
+"""The store tests: the shared ones (``store_url``) run on a GeoPackage and on PostGIS."""
+
 import dataclasses
+import json
 import sqlite3
 
 import numpy as np
+import psycopg
 import pyogrio
 import pytest
+import shapely
+from click.testing import CliRunner
+from rasterio.crs import CRS
 
 from conftest import paint_crack, write_scene
+from pipeline.cli import cli
 from pipeline.errors import StoreError
 from pipeline.scene import SceneOptions, process_scene
-from pipeline.store import DEFAULT_CRS, RunInfo, open_store
+from pipeline.store import DEFAULT_CRS, CrackQuery, RunInfo, open_store
 
 RUN = RunInfo("survey-a", "run-1", "test-b16", "1.0.0", "abc")
+V2 = dataclasses.replace(RUN, model_version="2.0.0", run_id="run-2")
 
 
 class Model:
@@ -26,9 +35,32 @@ def result(tmp_path, darkness):
     return process_scene(str(path), darkness, Model(), tmp_path / "p.tif", DEFAULT_CRS, SceneOptions())
 
 
-def crack_rows(path):
-    with sqlite3.connect(path) as con:
-        return con.execute("SELECT crack_id, model_version, length_m FROM cracks ORDER BY crack_id").fetchall()
+def rows(url, sql):
+    """Rows of a query on either store (plain SQL both understand)."""
+    if str(url).startswith("postgresql://"):
+        with psycopg.connect(url) as con:
+            return con.execute(sql).fetchall()
+    with sqlite3.connect(url) as con:
+        return con.execute(sql).fetchall()
+
+
+def crack_rows(url):
+    return rows(url, "SELECT CAST(crack_id AS TEXT), model_version, length_m FROM cracks ORDER BY 1")
+
+
+def scene_with(result, scene_id, cracks):
+    """``result`` as scene ``scene_id`` with cracks given as (lon/lat coordinates, severity)."""
+    base = result.cracks[0]
+    lines = tuple(dataclasses.replace(base, geometry=shapely.LineString(coords), severity=severity)
+                  for coords, severity in cracks)
+    return dataclasses.replace(result, scene=dataclasses.replace(result.scene, scene_id=scene_id),
+                               cracks=lines)
+
+
+def found(store, **selection):
+    """(survey, scene, model version, severity) of every crack a query returns, sorted."""
+    return sorted((r["survey_id"], r["scene_id"], r["model_version"], r["severity"])
+                  for batch in store.query(CrackQuery(**selection), batch_size=2) for r in batch)
 
 
 def test_gdal_reads_the_layers_with_crs_and_fields(tmp_path, result):
@@ -50,45 +82,63 @@ def test_gdal_reads_the_layers_with_crs_and_fields(tmp_path, result):
     minx, miny, maxx, maxy = result.footprint.bounds
     _, _, hits, _ = pyogrio.raw.read(tmp_path / "map.gpkg", layer="cracks", bbox=(minx, miny, maxx, maxy))
     assert len(hits) == 2
+    # the current_cracks view is a layer too
+    _, _, current, _ = pyogrio.raw.read(tmp_path / "map.gpkg", layer="current_cracks")
+    assert len(current) == 2
 
 
-def test_the_same_scene_twice_leaves_the_same_rows(tmp_path, result):
+def test_a_geopackage_without_the_current_flag_gets_it(tmp_path, result):
+    store = open_store(tmp_path / "map.gpkg")
+    store.publish(result, RUN)
+    store.publish(result, V2, promote=False)
+    store.close()
+    with sqlite3.connect(tmp_path / "map.gpkg") as con:  # as written before is_current existed
+        con.executescript("DROP VIEW current_cracks; DELETE FROM gpkg_contents WHERE table_name = "
+                          "'current_cracks'; DELETE FROM gpkg_geometry_columns WHERE table_name = "
+                          "'current_cracks'; DROP INDEX scenes_one_current; "
+                          "ALTER TABLE scenes DROP COLUMN is_current")
+    store = open_store(tmp_path / "map.gpkg")
+    assert {v for *_, v, _ in found(store)} == {"2.0.0"}  # the latest successful version
+    store.close()
+
+
+def test_the_same_scene_twice_leaves_the_same_rows(store_url, result):
     for _ in range(2):
-        store = open_store(tmp_path / "map.gpkg")
+        store = open_store(store_url)
         store.publish(result, dataclasses.replace(RUN, run_id=f"run-{_}"))
         store.close()
-    rows = crack_rows(tmp_path / "map.gpkg")
-    assert len(rows) == 2 and len({r[0] for r in rows}) == 2
+    cracks = crack_rows(store_url)
+    assert len(cracks) == 2 and len({r[0] for r in cracks}) == 2
+    assert rows(store_url, "SELECT count(*) FROM scenes") == [(1,)]
 
 
-def test_other_model_versions_are_untouched(tmp_path, result):
-    store = open_store(tmp_path / "map.gpkg")
+def test_other_model_versions_are_untouched(store_url, result):
+    store = open_store(store_url)
     store.publish(result, RUN)
-    store.publish(result, dataclasses.replace(RUN, model_version="2.0.0"))
-    store.publish(result, dataclasses.replace(RUN, model_version="2.0.0"))
+    store.publish(result, V2)
+    store.publish(result, V2)
     store.close()
-    assert sorted(r[1] for r in crack_rows(tmp_path / "map.gpkg")) == ["1.0.0"] * 2 + ["2.0.0"] * 2
+    assert sorted(r[1] for r in crack_rows(store_url)) == ["1.0.0"] * 2 + ["2.0.0"] * 2
 
 
-def test_a_failed_publish_leaves_the_previous_rows(tmp_path, result):
-    store = open_store(tmp_path / "map.gpkg")
+def test_a_failed_publish_leaves_the_previous_rows(store_url, result):
+    store = open_store(store_url)
     store.publish(result, RUN)
-    before = crack_rows(tmp_path / "map.gpkg")
+    before = crack_rows(store_url)
     bad = dataclasses.replace(result, cracks=(result.cracks[0], dataclasses.replace(result.cracks[1], severity="bogus")))
     with pytest.raises(StoreError, match="nothing was written"):
         store.publish(bad, RUN)  # fails on the second row, after the delete
     store.close()
-    assert crack_rows(tmp_path / "map.gpkg") == before
+    assert crack_rows(store_url) == before
 
 
-def test_failed_scene_is_recorded_and_keeps_its_cracks(tmp_path, result):
-    store = open_store(tmp_path / "map.gpkg")
+def test_failed_scene_is_recorded_and_keeps_its_cracks(store_url, result):
+    store = open_store(store_url)
     store.publish(result, RUN)
     store.mark_failed(result.scene.uri, result.scene.scene_id, RUN, "scene.tif: truncated")
     store.close()
-    with sqlite3.connect(tmp_path / "map.gpkg") as con:
-        assert con.execute("SELECT status, error FROM scenes").fetchall() == [("failed", "scene.tif: truncated")]
-    assert len(crack_rows(tmp_path / "map.gpkg")) == 2
+    assert rows(store_url, "SELECT status, error FROM scenes") == [("failed", "scene.tif: truncated")]
+    assert len(crack_rows(store_url)) == 2
 
 
 def test_store_urls_are_checked(tmp_path):
@@ -99,8 +149,8 @@ def test_store_urls_are_checked(tmp_path):
         open_store(tmp_path / "junk.gpkg")
 
 
-def test_published_sha256_tells_what_a_scene_was_made_from(tmp_path, result):
-    store = open_store(tmp_path / "map.gpkg")
+def test_published_sha256_tells_what_a_scene_was_made_from(store_url, result):
+    store = open_store(store_url)
     key = ("survey-a", result.scene.scene_id, "test-b16")
     assert store.published_sha256(*key, "1.0.0") is None
     store.publish(result, RUN)
@@ -109,3 +159,80 @@ def test_published_sha256_tells_what_a_scene_was_made_from(tmp_path, result):
     store.mark_failed(result.scene.uri, result.scene.scene_id, RUN, "broken")
     assert store.published_sha256(*key, "1.0.0") is None
     store.close()
+
+
+def test_publishing_makes_a_version_current_unless_told_not_to(store_url, result):
+    store = open_store(store_url)
+    store.publish(result, RUN)
+    store.publish(result, V2, promote=False)  # reprocessed, not yet promoted
+    assert {v for *_, v, _ in found(store)} == {"1.0.0"}
+    assert store.promote("survey-a", None, "test-b16", "2.0.0") == 1
+    assert {v for *_, v, _ in found(store)} == {"2.0.0"}
+    store.publish(result, RUN, promote=False)  # republishing 1.0.0 does not take it back
+    assert {v for *_, v, _ in found(store)} == {"2.0.0"}
+    with pytest.raises(StoreError, match="elsewhere has no successful publication"):
+        store.promote("survey-a", [result.scene.scene_id, "elsewhere"], "test-b16", "1.0.0")
+    assert {v for *_, v, _ in found(store)} == {"2.0.0"}  # nothing was changed
+    assert store.promote("survey-a", [result.scene.scene_id], "test-b16", "1.0.0") == 1
+    store.close()
+    assert rows(store_url, "SELECT model_version FROM scenes WHERE is_current") == [("1.0.0",)]
+    assert len(rows(store_url, "SELECT * FROM current_cracks")) == 2
+
+
+def test_query_by_bbox_severity_survey_and_model_version(store_url, result):
+    west = [((15.00, 50.0), (15.01, 50.0)), ((15.00, 50.1), (15.01, 50.1))]
+    east = [((16.00, 50.0), (16.01, 50.0))]
+    store = open_store(store_url)
+    store.publish(scene_with(result, "w", [(west[0], "low"), (west[1], "high")]), RUN)
+    store.publish(scene_with(result, "e", [(east[0], "medium")]), RUN)
+    store.publish(scene_with(result, "w", [(west[0], "high")]), V2, promote=False)
+    store.publish(scene_with(result, "w", [(west[0], "low")]), dataclasses.replace(RUN, survey_id="survey-b"))
+    a1 = [("survey-a", "e", "1.0.0", "medium"), ("survey-a", "w", "1.0.0", "high"),
+          ("survey-a", "w", "1.0.0", "low")]
+    assert found(store) == sorted(a1 + [("survey-b", "w", "1.0.0", "low")])
+    assert found(store, survey_id="survey-a") == a1
+    assert found(store, survey_id="survey-a", scene_id="e") == a1[:1]
+    assert found(store, survey_id="survey-a", severity="high") == [a1[1]]
+    assert found(store, bbox=(15.5, 49.9, 16.5, 50.05)) == a1[:1]
+    assert found(store, bbox=(14.9, 50.05, 15.005, 50.2)) == [a1[1]]  # reaches only the 50.1 line
+    assert found(store, model_name="test-b16", model_version="2.0.0") == [("survey-a", "w", "2.0.0", "high")]
+    assert found(store, model_name="other") == []
+    batch = next(store.query(CrackQuery(scene_id="e")))
+    assert batch[0]["geometry"].equals(shapely.LineString(east[0])) and batch[0]["length_m"] > 0
+    store.close()
+
+
+def test_the_query_command_streams_geojson_csv_and_gpkg(store_url, result, tmp_path):
+    store = open_store(store_url)
+    store.publish(result, RUN)
+    store.publish(dataclasses.replace(result, cracks=result.cracks[:1]), V2, promote=False)
+    store.close()
+    runner = CliRunner()
+    out = runner.invoke(cli, ["query", store_url, "--survey", "survey-a"])
+    assert out.exit_code == 0, out.output
+    collection = json.loads(out.stdout)
+    assert len(collection["features"]) == 2
+    assert collection["features"][0]["geometry"]["type"] == "LineString"
+    assert collection["features"][0]["properties"]["model_version"] == "1.0.0"
+    out = runner.invoke(cli, ["query", store_url, "--model", "test-b16:2.0.0", "--out", str(tmp_path / "q.csv")])
+    assert out.exit_code == 0, out.output
+    lines = (tmp_path / "q.csv").read_text().splitlines()
+    assert len(lines) == 2 and lines[0].endswith("wkt") and "LINESTRING" in lines[1]
+    out = runner.invoke(cli, ["query", store_url, "--severity", "medium", "--format", "gpkg", "--out",
+                              str(tmp_path / "q.gpkg")])
+    assert out.exit_code == 0, out.output
+    info = pyogrio.read_info(tmp_path / "q.gpkg", layer="cracks")
+    assert info["crs"] == "EPSG:4326"
+    assert info["features"] == sum(c.severity == "medium" for c in result.cracks)
+    out = runner.invoke(cli, ["query", store_url, "--model", ":1.0"])
+    assert out.exit_code == 2 and "needs a model name" in out.output
+
+
+def test_a_scene_in_a_crs_the_store_cannot_reach_is_refused(store_url, result):
+    mars = CRS.from_string("IAU_2015:49900")
+    alien = dataclasses.replace(result, scene=dataclasses.replace(result.scene, crs=mars))
+    store = open_store(store_url)
+    with pytest.raises(StoreError, match=r"IAU_2015:49900, which cannot be transformed to .*EPSG:4326"):
+        store.publish(alien, RUN)
+    store.close()
+    assert crack_rows(store_url) == []
