@@ -56,6 +56,15 @@ def display_url(url: str) -> str:
     return f"postgresql://{user}{parts.get('host', '')}{port}/{parts.get('dbname', '')}"
 
 
+def why(exc: BaseException) -> str:
+    """A database error on one line (libpq's messages span several).
+
+    >>> why(OSError("server closed the connection\\n\\tunexpectedly"))
+    'server closed the connection unexpectedly'
+    """
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def connect(url: str) -> psycopg.Connection:
     """An autocommit connection (transactions are explicit), or a StoreError without the password."""
     try:
@@ -132,7 +141,7 @@ class PostGISStore:
             srid = self._con.execute("SELECT Find_SRID('public', 'cracks', 'geom')").fetchone()[0]
         except psycopg.Error as exc:
             self._con.close()
-            raise StoreError(f"{self.name}: cannot open as a crackmap store ({exc}). Apply the "
+            raise StoreError(f"{self.name}: cannot open as a crackmap store ({why(exc)}). Apply the "
                              "migrations as the database owner: python -m pipeline.postgis migrate URL"
                              ) from exc
         self.srid = int(srid)
@@ -195,12 +204,12 @@ class PostGISStore:
                             "AND model_name = %s AND model_version = %s", key)
                 self._copy_cracks(con, result, run, ewkb, created)
         except psycopg.OperationalError as exc:
-            raise StoreError(f"{self.name}: lost the connection while publishing {scene.uri} ({exc}); "
+            raise StoreError(f"{self.name}: lost the connection while publishing {scene.uri} ({why(exc)}); "
                              "the server rolled the scene back, nothing was written; publish it "
                              "again") from exc
         except psycopg.Error as exc:
             raise StoreError(f"{self.name}: publishing {scene.uri} failed; nothing was written "
-                             f"({exc})") from exc
+                             f"({why(exc)})") from exc
 
     def _copy_cracks(self, con: psycopg.Connection, result: SceneResult, run: RunInfo,
                      ewkb: np.ndarray, created: datetime) -> None:
@@ -252,7 +261,7 @@ class PostGISStore:
                     (run.survey_id, scene_id, run.model_name, run.model_version, run.model_sha256,
                      run.run_id, uri, error))
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name}: recording {uri} as failed did not work ({exc})") from exc
+            raise StoreError(f"{self.name}: recording {uri} as failed did not work ({why(exc)})") from exc
 
     def published_sha256(self, survey_id: str, scene_id: str, model_name: str,
                          model_version: str) -> str | None:
@@ -281,7 +290,7 @@ class PostGISStore:
                             (survey_id, found, model_name, model_version))
         except psycopg.Error as exc:
             raise StoreError(f"{self.name}: promoting {model} in survey {survey_id!r} failed; nothing "
-                             f"was changed ({exc})") from exc
+                             f"was changed ({why(exc)})") from exc
         return len(found)
 
     def query(self, query: CrackQuery = CrackQuery(), batch_size: int = 10_000) -> Iterator[list[dict]]:
@@ -309,7 +318,7 @@ class PostGISStore:
                     geometries = shapely.from_wkb([r[0] for r in rows])
                     yield [dict(zip(names, r[1:]), geometry=g) for r, g in zip(rows, geometries)]
             except psycopg.Error as exc:
-                raise StoreError(f"{self.name}: the query failed ({exc})") from exc
+                raise StoreError(f"{self.name}: the query failed ({why(exc)})") from exc
 
     def close(self) -> None:
         self._con.close()
