@@ -37,3 +37,20 @@ class BackendUnavailableError(PipelineError, RuntimeError):
 
 class StoreError(PipelineError):
     """The GIS store cannot be opened or written."""
+
+
+class StorageError(PipelineError, OSError):
+    """Object storage refused or failed a request; the message names the URL and the problem.
+
+    ``transient`` is True for errors that may go away (5xx, throttling,
+    timeouts); see ``pipeline.storage.ERROR_POLICY``.
+    """
+
+    def __init__(self, uri: str, problem: str, transient: bool = False) -> None:
+        super().__init__(f"{uri}: {problem}")
+        self.uri = uri
+        self.problem = problem
+        self.transient = transient
+
+    def __reduce__(self):  # picklable with its arguments (Prefect keeps task results)
+        return type(self), (self.uri, self.problem, self.transient)

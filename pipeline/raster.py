@@ -6,16 +6,20 @@ on the scene's width and the chip size, never on its length.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import PurePath
+from urllib.parse import urlsplit
 
 import numpy as np
 import rasterio
 from rasterio.enums import ColorInterp
 from rasterio.errors import RasterioError
+from rasterio.session import DummySession
 from rasterio.windows import Window
 
+from pipeline import storage
 from pipeline.errors import SceneContentError, SceneReadError
 from pipeline.records import ChipBatch, Scene
 from pipeline.tiling import chip_offsets
@@ -24,7 +28,20 @@ GDAL_OPTIONS = {
     "GDAL_CACHEMAX": 256,  # MB; strips are read once, a large cache buys nothing
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
     "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF,.vrt,.jp2,.img",
+    # Object storage (/vsis3/, /vsigs/, /vsiaz/, /vsicurl/): transient errors (429, 5xx) are
+    # retried with exponential backoff; what GDAL learnt about an object (size, blocks) is
+    # forgotten when its handle closes, so a re-uploaded scene is read afresh.
+    "GDAL_HTTP_MAX_RETRY": 6,
+    "GDAL_HTTP_RETRY_DELAY": 0.5,  # seconds, doubled on each retry
+    "GDAL_HTTP_TIMEOUT": 60,
+    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+    "CPL_VSIL_CURL_NON_CACHED": "/vsis3/:/vsigs/:/vsiaz/:/vsicurl/",
+    "VSI_CACHE": "TRUE",
 }
+# Schemes GDAL reads itself (rasterio maps s3:// to /vsis3/ ...); other fsspec URLs go
+# through fsspec file objects.  Measured in benchmarks/s3_read.py: see docs/benchmarks.md.
+GDAL_SCHEMES = ("s3", "gs", "az", "http", "https")
+READ_METHOD = "gdal"  # or "fsspec"
 STRETCH_PERCENTILES = (0.5, 99.5)
 PREVIEW_PX = 1024
 
@@ -38,10 +55,55 @@ def scene_id_for(uri: str) -> str:
     return PurePath(uri.rstrip("/")).stem
 
 
-@contextmanager
-def gdal_env() -> Iterator[None]:
-    with rasterio.Env(**GDAL_OPTIONS):
-        yield
+def endpoint_options(environ: dict | None = None) -> dict:
+    """GDAL's S3 endpoint options, derived from ``AWS_ENDPOINT_URL`` (botocore's variable).
+
+    GDAL reads credentials and profiles (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``,
+    ``~/.aws/*``) itself; only the endpoint needs translating.
+
+    >>> endpoint_options({"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"})
+    {'AWS_S3_ENDPOINT': '127.0.0.1:9000', 'AWS_HTTPS': 'NO', 'AWS_VIRTUAL_HOSTING': 'FALSE'}
+    """
+    environ = os.environ if environ is None else environ
+    url = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
+    if not url:
+        return {}
+    parts = urlsplit(url)
+    return {"AWS_S3_ENDPOINT": parts.netloc + parts.path.rstrip("/"),
+            "AWS_HTTPS": "NO" if parts.scheme == "http" else "YES",
+            "AWS_VIRTUAL_HOSTING": "FALSE"}
+
+
+def gdal_env() -> rasterio.Env:
+    """The GDAL environment every raster is opened in.
+
+    A ``DummySession`` leaves AWS credentials to GDAL, which reads the same
+    variables and profiles as botocore; they are never copied into options.
+    """
+    return rasterio.Env(DummySession(), **GDAL_OPTIONS, **endpoint_options())
+
+
+def open_raster(uri: str, method: str | None = None) -> rasterio.DatasetReader:
+    """Open a local path or a storage URL for reading, without downloading it.
+
+    ``method`` is ``gdal`` (GDAL's /vsis3/ and friends; the default for the
+    schemes GDAL knows) or ``fsspec`` (GDAL reads through fsspec file objects;
+    used for every other scheme).  Call inside ``gdal_env()``.
+    """
+    if not storage.is_url(uri):
+        return rasterio.open(uri)
+    scheme = urlsplit(uri).scheme
+    if (method or READ_METHOD) == "gdal" and scheme in GDAL_SCHEMES:
+        return rasterio.open(uri)
+    return rasterio.open(uri.split("://", 1)[1], opener=storage.filesystem(uri))
+
+
+def read_error(uri: str, exc: BaseException, otherwise: str = "not a readable raster") -> SceneReadError:
+    """A one-line ``SceneReadError``: a storage problem per ``storage.ERROR_POLICY``, or ``otherwise``."""
+    rule = storage.policy(exc) if storage.is_url(uri) else None
+    error = SceneReadError(uri, f"{rule.problem if rule else otherwise} ({storage.first_line(exc)})")
+    error.transient = bool(rule and rule.transient)
+    return error
 
 
 class SceneReader:
@@ -53,15 +115,15 @@ class SceneReader:
     stretched linearly between the 0.5 and 99.5 percentiles of a preview.
     """
 
-    def __init__(self, uri: str, scene_id: str | None = None) -> None:
+    def __init__(self, uri: str, scene_id: str | None = None, method: str | None = None) -> None:
         self.uri = uri
-        self._env = rasterio.Env(**GDAL_OPTIONS)
+        self._env = gdal_env()
         self._env.__enter__()
         try:
-            self._ds = rasterio.open(uri)
-        except RasterioError as exc:
+            self._ds = open_raster(uri, method)
+        except (RasterioError, OSError) as exc:
             self._env.__exit__(None, None, None)
-            raise SceneReadError(uri, f"not a readable raster ({exc})") from exc
+            raise read_error(uri, exc) from exc
         try:
             self.scene = self._describe(scene_id or scene_id_for(uri))
             self._bands = self._rgb_bands()
@@ -102,8 +164,8 @@ class SceneReader:
             valid = ds.dataset_mask(out_shape=shape) > 0
             preview = None if ds.dtypes[0] == "uint8" else ds.read(
                 sorted(set(self._bands)), out_shape=(len(set(self._bands)), *shape))
-        except RasterioError as exc:
-            raise SceneReadError(self.uri, f"truncated or corrupt ({exc})") from exc
+        except (RasterioError, OSError) as exc:
+            raise read_error(self.uri, exc, "truncated or corrupt") from exc
         if not valid.any():
             raise SceneContentError(self.uri, "is all nodata")
         if preview is None:
@@ -137,8 +199,8 @@ class SceneReader:
         try:
             data = ds.read(self._bands, window=window)
             mask = ds.dataset_mask(window=window) > 0
-        except RasterioError as exc:
-            raise SceneReadError(self.uri, f"truncated or corrupt ({exc})") from exc
+        except (RasterioError, OSError) as exc:
+            raise read_error(self.uri, exc, "truncated or corrupt") from exc
         if self._scale is not None:
             offset, scale = self._scale
             data = np.clip((data.astype(np.float32) - offset) * scale + 0.5, 0, 255)

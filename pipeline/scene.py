@@ -7,7 +7,6 @@ stays a few strips of the scene.
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 from rasterio.crs import CRS
 
 from models.registry import ModelEntry
+from pipeline import storage
 from pipeline.errors import SceneContentError
 from pipeline.inference import Backend
 from pipeline.measure import Georeferencer, Severity
@@ -49,11 +49,8 @@ class SceneOptions:
 
 
 def sha256_of(uri: str) -> str:
-    digest = hashlib.sha256()
-    with open(uri, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """A scene's source identity: a local file's sha256, or an object's ETag."""
+    return storage.identity(uri)
 
 
 class _Worker(threading.Thread):
@@ -132,13 +129,16 @@ def run_network(uri: str, scene_id: str, backend: Backend, stitcher: StripStitch
     return chips
 
 
-def process_scene(uri: str, backend: Backend, model: ModelEntry, probability_path: Path,
+def process_scene(uri: str, backend: Backend, model: ModelEntry, probability_path: str | Path,
                   store_crs: CRS, options: SceneOptions = SceneOptions(),
-                  scene_id: str | None = None, progress: Progress | None = None) -> SceneResult:
+                  scene_id: str | None = None, progress: Progress | None = None,
+                  source_sha256: str | None = None) -> SceneResult:
     """Map the cracks of one scene.
 
-    Writes the scene's crack probability COG to ``probability_path`` and
-    returns its measured crack lines in ``store_crs``.
+    Writes the scene's crack probability COG to ``probability_path`` (a local
+    path or a storage URL) and returns its measured crack lines in ``store_crs``.
+    ``source_sha256`` is the source identity if the caller already has it
+    (an ETag from a listing); otherwise it is computed (``sha256_of``).
 
     Raises:
         SceneReadError: the file is missing, not a raster, or truncated.
@@ -170,5 +170,5 @@ def process_scene(uri: str, backend: Backend, model: ModelEntry, probability_pat
     cracks = tuple(line for piece in pieces if (line := geo.crack_line(piece)) is not None)
     return SceneResult(scene=scene, cracks=cracks, footprint=geo.footprint(scene.width, scene.height),
                        chip_count=chips, probability_path=str(probability_path),
-                       seconds=time.perf_counter() - started, sha256=sha256_of(uri),
+                       seconds=time.perf_counter() - started, sha256=source_sha256 or sha256_of(uri),
                        stats={"pixel_size_m": geo.pixel_size_m})
