@@ -28,13 +28,22 @@ def summary_table(rows: list[dict]) -> str:
 @click.option("--store", required=True, help="GIS store for the crack map: a .gpkg path.")
 @click.option("--survey", "survey_id", default=None, help="Survey id (default: the source folder name).")
 @click.option("--output", "output_dir", default=None,
-              help="Folder for probability rasters (default: beside the store).")
+              help="Folder or storage URL prefix (s3://...) for probability rasters "
+                   "(default: beside the store).")
+@click.option("--glob", "pattern", default=None,
+              help="Only scenes whose path under a folder or prefix matches, e.g. '**/*_rgb.tif'.")
+@click.option("--force", is_flag=True, help="Map scenes again even if unchanged since mapped "
+                                            "with this model version.")
 @model_option
 @backend_option
 def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir: str | None,
-        model_spec: str | None, backend: str) -> None:
-    """Map the cracks of SOURCES (raster files, folders or globs) into STORE.
+        pattern: str | None, force: bool, model_spec: str | None, backend: str) -> None:
+    """Map the cracks of SOURCES into STORE.
 
+    SOURCES are raster files, folders, globs or storage URL prefixes such as
+    s3://bucket/survey/ (credentials and endpoint from the AWS environment
+    variables or profile, AWS_ENDPOINT_URL for S3-compatible stores).  Scenes
+    unchanged since they were mapped with the same model version are skipped.
     Runs the Prefect flow process-survey (ephemeral: no server needed) and
     exits non-zero if any scene failed.
     """
@@ -56,7 +65,7 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
     try:
         with progress.listening(show):
             state = process_survey(list(sources), store, survey_id, model_spec, backend,
-                                   output_dir, return_state=True)
+                                   output_dir, force, pattern, return_state=True)
     except PipelineError as exc:
         fail(str(exc))
     finally:
@@ -66,14 +75,16 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
     if not isinstance(rows, list):
         fail(str(rows))
     done = [r for r in rows if r["status"] == "done"]
+    skipped = sum(r["status"] == "skipped" for r in rows)
     click.echo(summary_table(rows))
     for r in rows:
-        if r["status"] != "done":
+        if r["status"] == "failed":
             click.secho(f"failed: {r['error']}", fg="red", err=True)
     click.echo(f"\n{len(done)}/{len(rows)} scenes, {sum(r['cracks'] for r in done)} cracks, "
-               f"{sum(r['length_m'] for r in done):.2f} m of cracks in "
-               f"{time.perf_counter() - started:.1f} s -> {store}")
-    sys.exit(0 if len(done) == len(rows) else 1)
+               f"{sum(r['length_m'] for r in done):.2f} m of cracks"
+               + (f", {skipped} unchanged and skipped" if skipped else "")
+               + f" in {time.perf_counter() - started:.1f} s -> {store}")
+    sys.exit(0 if len(done) + skipped == len(rows) else 1)
 
 
 def main() -> None:

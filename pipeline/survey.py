@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
 from models.registry import ModelEntry, resolve
-from pipeline import progress
+from pipeline import progress, storage
 from pipeline.errors import PipelineError, SceneContentError
 from pipeline.inference import Backend, load_backend
 from pipeline.raster import scene_id_for
@@ -21,31 +21,44 @@ from pipeline.scene import SceneOptions, process_scene
 from pipeline.store import RunInfo, open_store
 
 log = logging.getLogger(__name__)
-RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
+RASTER_SUFFIXES = storage.RASTER_SUFFIXES
 
 
 @dataclass(frozen=True, slots=True)
 class SceneSource:
-    """A scene to process: where it is and what it is called in the store."""
+    """A scene to process: where it is, what it is called in the store, and its content identity.
+
+    ``identity`` is the object's ETag when a listing gave it; None means "compute
+    it when needed" (a local file's sha256).
+    """
 
     uri: str
     scene_id: str
+    identity: str | None = None
 
 
-def discover(sources: list[str]) -> list[SceneSource]:
-    """The scenes named by ``sources``: raster files, folders (searched recursively) or globs.
+def discover(sources: list[str], pattern: str | None = None) -> list[SceneSource]:
+    """The scenes named by ``sources``: raster files, folders (searched recursively), globs or URLs.
 
-    A file is taken as given; in a folder, files with a raster extension are
-    scenes, and their ids are their paths relative to the folder.
+    A file is taken as given; in a folder or under a URL prefix (``s3://bucket/survey/``
+    or any fsspec URL), files with a raster extension are scenes, and their ids are
+    their paths relative to the folder or prefix, without extension.  ``pattern``
+    (a glob on that relative path, e.g. ``*.tif`` or ``**/*_rgb.tif``) narrows folders
+    and prefixes.
 
     Raises:
         SceneContentError: a source matches nothing, or two scenes get the same id.
+        StorageError: a bucket is missing or refuses the credentials.
     """
     found: list[SceneSource] = []
     for source in sources:
         path = Path(source)
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in RASTER_SUFFIXES)
+        if storage.is_url(source):
+            found += [SceneSource(o.uri, str(PurePosixPath(o.relative).with_suffix("")), o.etag)
+                      for o in storage.list_scenes(source, pattern)]
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in RASTER_SUFFIXES
+                           and (pattern is None or storage.matches_glob(p.relative_to(path).as_posix(), pattern)))
             found += [SceneSource(str(p), str(PurePosixPath(p.relative_to(path).with_suffix(""))))
                       for p in files]
         elif path.exists():
@@ -71,8 +84,14 @@ def default_survey_id(sources: list[str]) -> str:
     return (first if first.is_dir() or not first.suffix else first.parent).name or "survey"
 
 
-def probability_path(output_dir: str | Path, run: RunInfo, scene_id: str) -> Path:
-    return Path(output_dir) / run.survey_id / f"{scene_id}.{run.model_name}-{run.model_version}.tif"
+def probability_path(output_dir: str | Path, run: RunInfo, scene_id: str) -> str:
+    """Where a scene's probability COG goes: under a local folder or a storage URL prefix.
+
+    >>> run = RunInfo("road-12", "r1", "hrsegnet_b16", "1.0.0", "0" * 64)
+    >>> probability_path("s3://maps/probability/", run, "0007")
+    's3://maps/probability/road-12/0007.hrsegnet_b16-1.0.0.tif'
+    """
+    return storage.join(output_dir, f"{run.survey_id}/{scene_id}.{run.model_name}-{run.model_version}.tif")
 
 
 def default_output_dir(store: str) -> Path:
@@ -89,18 +108,36 @@ def cached_backend(spec: str, backend: str) -> tuple[ModelEntry, Backend]:
 
 
 def map_scene(source: SceneSource, store: str, run: RunInfo, backend: str = "auto",
-              output_dir: str | None = None, options: SceneOptions = SceneOptions()) -> dict:
+              output_dir: str | None = None, options: SceneOptions = SceneOptions(),
+              force: bool = False) -> dict:
     """Process one scene and publish it; on a bad scene, record it as failed and raise.
 
-    Returns a summary: scene_id, chips, cracks, length_m, seconds, probability.
+    A scene already published from the same content (ETag or sha256) with the
+    same model version is skipped unless ``force``.
+
+    Returns a summary: scene_id, status (``done`` or ``skipped``), chips, cracks,
+    length_m, seconds, probability.
     """
-    entry, net = cached_backend(f"{run.model_name}:{run.model_version}", backend)
     target = open_store(store)
     try:
+        try:
+            identity = source.identity or storage.identity(source.uri)
+        except OSError as exc:  # StorageError, or a local file that vanished
+            log.error("%s", exc)
+            target.mark_failed(source.uri, source.scene_id, run, str(exc))
+            raise
+        published = target.published_sha256(run.survey_id, source.scene_id, run.model_name,
+                                             run.model_version)
+        if published == identity and not force:
+            log.info("%s: unchanged since it was mapped with %s:%s; skipped (use --force to redo)",
+                     source.uri, run.model_name, run.model_version)
+            return {"scene_id": source.scene_id, "status": "skipped", "chips": 0, "cracks": 0,
+                    "length_m": 0.0, "seconds": 0.0, "probability": ""}
+        entry, net = cached_backend(f"{run.model_name}:{run.model_version}", backend)
         out = probability_path(output_dir or default_output_dir(store), run, source.scene_id)
         try:
             result = process_scene(source.uri, net, entry, out, target.crs, options,
-                                   source.scene_id, progress.report)
+                                   source.scene_id, progress.report, identity)
         except (PipelineError, OSError) as exc:
             log.error("%s", exc)
             target.mark_failed(source.uri, source.scene_id, run, str(exc))
@@ -108,6 +145,6 @@ def map_scene(source: SceneSource, store: str, run: RunInfo, backend: str = "aut
         target.publish(result, run)
     finally:
         target.close()
-    return {"scene_id": source.scene_id, "chips": result.chip_count, "cracks": len(result.cracks),
-            "length_m": round(result.total_length_m, 3), "seconds": round(result.seconds, 2),
-            "probability": str(out)}
+    return {"scene_id": source.scene_id, "status": "done", "chips": result.chip_count,
+            "cracks": len(result.cracks), "length_m": round(result.total_length_m, 3),
+            "seconds": round(result.seconds, 2), "probability": str(out)}
