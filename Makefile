@@ -26,8 +26,13 @@ demo: $(CORE)
 	$(VENV)/bin/crackmap run examples/sample-survey --store out/demo/cracks.gpkg --survey sample-survey
 	@echo "Crack map: out/demo/cracks.gpkg (layers cracks, scenes); probability rasters: out/demo/cracks-probability/"
 
+# A throwaway PostGIS (infra/postgis.sh) for the store tests, stopped again whatever happens.
+# If it cannot start, the PostGIS tests skip locally and fail under CI=true.
 test: $(FULL)
-	$(PY) -m pytest
+	@pgdir=$$(mktemp -d); trap 'infra/postgis.sh stop "$$pgdir" >/dev/null 2>&1 || rm -rf "$$pgdir"' EXIT; \
+	if pgenv=$$(PYTHON=$(abspath $(PY)) infra/postgis.sh start "$$pgdir"); then eval "$$pgenv"; \
+	else export CRACKMAP_PG_UNAVAILABLE="infra/postgis.sh start failed (see above)"; fi; \
+	PYTHONPATH=tests $(PY) -m pytest
 
 bench: $(FULL)
 	$(PY) benchmarks/pipeline_throughput.py
