@@ -14,6 +14,7 @@ makes an already published version current later.  The view
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -101,6 +102,25 @@ def crack_uuid(run: RunInfo, scene_id: str, index: int) -> uuid.UUID:
     """A crack's id: the same for the same survey, scene, model version and position."""
     key = f"{run.survey_id}/{scene_id}/{run.model_name}:{run.model_version}/{index}"
     return uuid.uuid5(CRACK_NAMESPACE, key)
+
+
+def crack_uuid_bytes(run: RunInfo, scene_id: str, count: int) -> list[bytes]:
+    """``crack_uuid(run, scene_id, i).bytes`` for i in range(count), without a UUID object each.
+
+    >>> run = RunInfo("s", "r", "m", "1", "x")
+    >>> crack_uuid_bytes(run, "a", 3)[2] == crack_uuid(run, "a", 2).bytes
+    True
+    """
+    prefix = hashlib.sha1(CRACK_NAMESPACE.bytes
+                          + f"{run.survey_id}/{scene_id}/{run.model_name}:{run.model_version}/".encode())
+    out = []
+    for i in range(count):
+        digest = prefix.copy()
+        digest.update(str(i).encode())
+        b = bytearray(digest.digest()[:16])
+        b[6], b[8] = (b[6] & 0x0F) | 0x50, (b[8] & 0x3F) | 0x80  # version 5, RFC 4122 variant
+        out.append(bytes(b))
+    return out
 
 
 def crack_id(run: RunInfo, scene_id: str, index: int) -> str:
