@@ -39,7 +39,8 @@ GDAL_OPTIONS = {
     "VSI_CACHE": "TRUE",
 }
 # Schemes GDAL reads itself (rasterio maps s3:// to /vsis3/ ...); other fsspec URLs go
-# through fsspec file objects.  Measured in benchmarks/s3_read.py: see docs/benchmarks.md.
+# through fsspec file objects.  GDAL was faster than fsspec file objects with a bounded
+# read-ahead (benchmarks/s3_read.py, docs/benchmarks.md).
 GDAL_SCHEMES = ("s3", "gs", "az", "http", "https")
 READ_METHOD = "gdal"  # or "fsspec"
 STRETCH_PERCENTILES = (0.5, 99.5)

@@ -26,6 +26,7 @@ from pipeline.errors import StorageError
 log = logging.getLogger(__name__)
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 S3_MAX_ATTEMPTS = 8  # botocore "standard" retries: 5xx, throttling, timeouts, with backoff
+S3_BLOCK_BYTES = 8 << 20  # s3fs reads ahead this much (its default, 50 MB, is a whole scene)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +139,7 @@ def filesystem(uri: str):
     if protocol in ("s3", "s3a"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         options["config_kwargs"] = {"retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}}
+        options["default_block_size"] = S3_BLOCK_BYTES
         if endpoint:
             options["endpoint_url"] = endpoint
     try:
