@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -127,6 +128,18 @@ def scenes_table(store):
             "SELECT scene_id, status, error, source_uri, sha256 FROM scenes ORDER BY scene_id")}
 
 
+@pytest.fixture
+def storage_log():
+    """Messages of the pipeline.storage logger (however Prefect has configured logging)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("pipeline.storage")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
 def crackmap(*args):
     from flows.cli import cli
 
@@ -134,7 +147,7 @@ def crackmap(*args):
 
 
 def test_survey_prefix_maps_its_scenes_and_reports_other_objects(bucket, tmp_path, test_models,
-                                                                  caplog, s3_server):
+                                                                  storage_log, s3_server):
     for name, seed in (("a", 1), ("b", 2)):
         upload(bucket, f"road-7/{name}.tif", cog_scene(tmp_path / f"{name}.tif", seed))
     boto3.client("s3").put_object(Bucket=bucket, Key="road-7/notes.txt", Body=b"driver's notes")
@@ -143,7 +156,8 @@ def test_survey_prefix_maps_its_scenes_and_reports_other_objects(bucket, tmp_pat
                       "--output", f"s3://{bucket}/maps/")
     assert result.exit_code == 0, result.output
     assert "2/2 scenes" in result.output
-    assert f"skipping s3://{bucket}/road-7/notes.txt: not imagery" in result.output
+    logged = "\n".join(r.getMessage() for r in storage_log)
+    assert f"skipping s3://{bucket}/road-7/notes.txt: not imagery" in logged
     table = scenes_table(store)
     assert sorted(table) == ["a", "b"] and {t[0] for t in table.values()} == {"done"}
     assert table["a"][2] == f"s3://{bucket}/road-7/a.tif"
@@ -152,7 +166,7 @@ def test_survey_prefix_maps_its_scenes_and_reports_other_objects(bucket, tmp_pat
     with rasterio.Env(), rasterio.open(tmp_path / "a.tif") as scene:
         rows = list(read_rows(f"s3://{bucket}/maps/road-7/a.test-b16-1.0.0.tif"))
         assert sum(r[1].shape[0] for r in rows) == scene.height
-    assert s3_server["secret"] not in store.read_bytes().decode("latin-1") + caplog.text + result.output
+    assert s3_server["secret"] not in store.read_bytes().decode("latin-1") + logged + result.output
 
 
 def test_s3_results_equal_results_from_disk(bucket, tmp_path, darkness, test_models):
