@@ -36,11 +36,14 @@ def test_flow_maps_a_survey_and_a_rerun_leaves_the_same_rows(survey, tmp_path, t
     from flows.survey import process_survey
 
     store = str(tmp_path / "map.gpkg")
+    runs = []
     for _ in range(2):
         state = process_survey([str(survey)], store, return_state=True)
         assert state.is_completed()
-    rows = state.result()
+        runs.append(state.result())
+    rows, rerun = runs
     assert [r["scene_id"] for r in rows] == ["a", "b"] and all(r["chips"] == 4 for r in rows)
+    assert [r["status"] for r in rerun] == ["skipped", "skipped"]  # unchanged sources
     assert [s[:2] for s in scenes_table(store)] == [("a", "done"), ("b", "done")]
     with sqlite3.connect(store) as con:
         survey_ids = con.execute("SELECT DISTINCT survey_id, model_name FROM scenes").fetchall()
