@@ -32,7 +32,7 @@ test: $(FULL)
 	@pgdir=$$(mktemp -d); trap 'infra/postgis.sh stop "$$pgdir" >/dev/null 2>&1 || rm -rf "$$pgdir"' EXIT; \
 	if pgenv=$$(PYTHON=$(abspath $(PY)) infra/postgis.sh start "$$pgdir"); then eval "$$pgenv"; \
 	else export CRACKMAP_PG_UNAVAILABLE="infra/postgis.sh start failed (see above)"; fi; \
-	PYTHONPATH=tests $(PY) -m pytest
+	$(PY) -m pytest
 
 bench: $(FULL)
 	$(PY) benchmarks/pipeline_throughput.py

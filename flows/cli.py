@@ -25,11 +25,11 @@ def summary_table(rows: list[dict]) -> str:
 
 @cli.command()
 @click.argument("sources", nargs=-1, required=True)
-@click.option("--store", required=True, help="GIS store for the crack map: a .gpkg path.")
+@click.option("--store", required=True, help="GIS store for the crack map: a .gpkg path or a postgresql:// URL.")
 @click.option("--survey", "survey_id", default=None, help="Survey id (default: the source folder name).")
 @click.option("--output", "output_dir", default=None,
               help="Folder or storage URL prefix (s3://...) for probability rasters "
-                   "(default: beside the store).")
+                   "(default: beside a .gpkg store; required with PostGIS).")
 @click.option("--glob", "pattern", default=None,
               help="Only scenes whose path under a folder or prefix matches, e.g. '**/*_rgb.tif'.")
 @click.option("--force", is_flag=True, help="Map scenes again even if unchanged since mapped "

@@ -19,7 +19,7 @@ from prefect.states import Completed, Failed
 
 from models.registry import resolve
 from pipeline import progress, storage
-from pipeline.survey import SceneSource, default_survey_id, discover, map_scene
+from pipeline.survey import SceneSource, default_output_dir, default_survey_id, discover, map_scene
 from pipeline.store import RunInfo
 
 
@@ -96,6 +96,7 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
     run = RunInfo(survey_id=survey_id or default_survey_id(sources),
                   run_id=str(flow_run.id or uuid.uuid4()), model_name=entry.name,
                   model_version=entry.version, model_sha256=entry.sha256)
+    output_dir = output_dir or str(default_output_dir(store))  # before any scene: a bad store fails once
     scenes = discover(sources, glob)
     bar = ArtifactProgress(len(scenes))
     rows = []

@@ -14,10 +14,12 @@ import shapely
 from affine import Affine
 from pyproj import CRS as ProjCRS
 from pyproj import Geod, Transformer
+from pyproj.exceptions import ProjError
 from rasterio.crs import CRS
 from shapely.geometry import LineString
 
-from pipeline.records import CrackLine
+from pipeline.errors import SceneContentError
+from pipeline.records import CrackLine, Scene
 from pipeline.vectorize import Piece, VectorizeParams
 
 GEOD = Geod(ellps="WGS84")
@@ -84,6 +86,20 @@ class Georeferencer:
         self.to_store = Transformer.from_crs(crs, store_crs, always_xy=True)
         self.to_lonlat = Transformer.from_crs(crs, LONLAT, always_xy=True)
         self.pixel_size_m = self._pixel_size_m(width, height)
+
+    @classmethod
+    def for_scene(cls, scene: Scene, store_crs: CRS, params: VectorizeParams,
+                  severity: Severity) -> Georeferencer:
+        """The georeferencer of a scene; a CRS that cannot reach ``store_crs`` is a scene error."""
+        try:
+            geo = cls(scene.crs, scene.transform, scene.width, scene.height, store_crs, params, severity)
+        except ProjError as exc:
+            raise SceneContentError(scene.uri, f"its CRS {scene.crs.to_string()} cannot be transformed "
+                                               f"to the store's {store_crs.to_string()} ({exc})") from exc
+        if not np.isfinite(geo.pixel_size_m) or geo.pixel_size_m <= 0:
+            raise SceneContentError(scene.uri, f"its CRS {scene.crs.to_string()} cannot be transformed "
+                                               f"to the store's {store_crs.to_string()}")
+        return geo
 
     def _pixel_size_m(self, width: int, height: int) -> float:
         """Ground size of one pixel at the scene centre (geometric mean of its sides)."""

@@ -142,12 +142,14 @@ def process_scene(uri: str, backend: Backend, model: ModelEntry, probability_pat
 
     Raises:
         SceneReadError: the file is missing, not a raster, or truncated.
-        SceneContentError: no CRS, or nothing but nodata.
+        SceneContentError: no CRS, nothing but nodata, or a CRS that cannot be
+            transformed to ``store_crs``.
     """
     started = time.perf_counter()
     with SceneReader(uri, scene_id) as reader:
         scene = reader.scene
     params = options.vectorize_params(model)
+    geo = Georeferencer.for_scene(scene, store_crs, params, options.severity)  # fails fast on CRS
     probability = ProbabilityWriter(probability_path, scene)
     vectorizer = BandVectorizer(scene.width, scene.height, params)
 
@@ -165,8 +167,6 @@ def process_scene(uri: str, backend: Backend, model: ModelEntry, probability_pat
     except BaseException:
         probability.abort()
         raise
-    geo = Georeferencer(scene.crs, scene.transform, scene.width, scene.height, store_crs,
-                        params, options.severity)
     cracks = tuple(line for piece in pieces if (line := geo.crack_line(piece)) is not None)
     return SceneResult(scene=scene, cracks=cracks, footprint=geo.footprint(scene.width, scene.height),
                        chip_count=chips, probability_path=str(probability_path),

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 
 from models.registry import ModelEntry, resolve
 from pipeline import progress, storage
-from pipeline.errors import PipelineError, SceneContentError
+from pipeline.errors import PipelineError, SceneContentError, StoreError
 from pipeline.inference import Backend, load_backend
 from pipeline.raster import scene_id_for
 from pipeline.scene import SceneOptions, process_scene
@@ -95,7 +95,16 @@ def probability_path(output_dir: str | Path, run: RunInfo, scene_id: str) -> str
 
 
 def default_output_dir(store: str) -> Path:
-    """Probability rasters go beside a GeoPackage store: ``<stem>-probability/``."""
+    """Probability rasters go beside a GeoPackage store: ``<stem>-probability/``.
+
+    A database store has no "beside": its runs must name an output folder or prefix.
+
+    >>> default_output_dir("out/map.gpkg").as_posix()
+    'out/map-probability'
+    """
+    if "://" in str(store):
+        raise StoreError(f"{store}: probability rasters need a place: pass --output "
+                         "(a folder or an s3:// prefix) with a database store")
     path = Path(store)
     return path.with_name(path.stem + "-probability")
 

@@ -140,3 +140,23 @@ def test_vectors_re_extracted_from_the_probability_raster_are_the_same(tmp_path,
     again = [geo.crack_line(p) for p in vectorizer.finish()]
     assert [c.geometry.wkb for c in again] == [c.geometry.wkb for c in result.cracks]
     assert isinstance(again[0].geometry, LineString)
+
+
+def test_a_crs_the_store_cannot_reach_fails_before_the_network_runs(tmp_path):
+    from pipeline.errors import SceneContentError
+
+    class Exploding:
+        name, batch_size = "exploding", 4
+
+        def predict(self, chips):
+            raise AssertionError("the network must not run")
+
+    # EPSG:2056 (Swiss LV95) has no transformation to a Martian CRS
+    path = write_scene(tmp_path / "swiss.tif", blank(50, 50), "EPSG:2056",
+                       from_origin(2600000, 1200000, 0.002, 0.002))
+    with pytest.raises(SceneContentError, match="swiss.tif: its CRS EPSG:2056 cannot be transformed"):
+        process_scene(str(path), Exploding(), Model(), tmp_path / "p.tif", CRS.from_wkt(
+            'GEOGCRS["Mars 2000",DATUM["D_Mars_2000",ELLIPSOID["Mars_2000_IAU_IAG",3396190,169.894447223612]],'
+            'CS[ellipsoidal,2],AXIS["lat",north,ANGLEUNIT["degree",0.0174532925199433]],'
+            'AXIS["lon",east,ANGLEUNIT["degree",0.0174532925199433]]]'), SceneOptions())
+    assert not (tmp_path / "p.tif").exists()
