@@ -29,8 +29,8 @@ from rasterio.crs import CRS
 
 from pipeline.errors import StoreError
 from pipeline.records import SceneResult
-from pipeline.store import (DEFAULT_CRS, QUERY_FIELDS, CrackQuery, RunInfo, check_crs, crack_uuid_bytes,
-                            missing_scenes)
+from pipeline.store import (DEFAULT_CRS, QUERY_FIELDS, SCENE_FIELDS, CrackQuery, RunInfo, SceneSelection,
+                            check_crs, crack_uuid_bytes, empty_summary, missing_scenes)
 
 MIGRATIONS = Path(__file__).resolve().parents[1] / "infra" / "migrations"
 MIGRATION_LOCK = 0x6372_6B6D  # "crkm": pg_advisory_xact_lock key, one migrator at a time
@@ -350,6 +350,58 @@ class PostGISStore:
                     yield [dict(zip(names, r[1:]), geometry=g) for r, g in zip(rows, geometries)]
             except psycopg.Error as exc:
                 raise StoreError(f"{self.name}: the query failed ({why(exc)})") from exc
+
+    def scenes(self, selection: SceneSelection = SceneSelection()) -> list[dict]:
+        where, params = [], []
+        for column in ("survey_id", "model_name", "model_version"):
+            if (value := getattr(selection, column)) is not None:
+                where.append(f"{column} = %s")
+                params.append(value)
+        since, until = selection.bounds()
+        if since is not None:
+            where.append("processed_at >= %s::timestamptz")
+            params.append(since)
+        if until is not None:
+            where.append("processed_at <= %s::timestamptz")
+            params.append(until)
+        if selection.current_only:
+            where.append("is_current")
+        if selection.bbox is not None:
+            where.append("ST_Intersects(footprint, ST_MakeEnvelope(%s, %s, %s, %s, %s))")
+            params += [*selection.bbox, self.srid]
+        fields = [f for f in SCENE_FIELDS if f != "processed_at"]
+        sql = (f"SELECT {', '.join(fields)}, "
+               """to_char(processed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') """
+               "FROM scenes" + (f" WHERE {' AND '.join(where)}" if where else "")
+               + " ORDER BY survey_id, scene_id, model_name, model_version")
+        try:
+            rows = self._connection().execute(sql, params).fetchall()
+        except psycopg.Error as exc:
+            raise StoreError(f"{self.name}: reading scenes failed ({why(exc)})") from exc
+        return [dict(zip((*fields, "processed_at"), r)) for r in rows]
+
+    def scene_summaries(self, survey_id: str, model_name: str, model_version: str,
+                        scene_ids: Sequence[str] | None = None) -> dict[str, dict]:
+        key = (survey_id, model_name, model_version)
+        con = self._connection()
+        summaries: dict[str, dict] = {}
+        try:
+            for scene_id, status, chips in con.execute(
+                    "SELECT scene_id, status, chip_count FROM scenes WHERE survey_id = %s "
+                    "AND model_name = %s AND model_version = %s", key):
+                if scene_ids is None or scene_id in scene_ids:
+                    summaries[scene_id] = dict(empty_summary(), status=status, chip_count=chips or 0)
+            rows = con.execute(
+                "SELECT scene_id, severity, count(*), sum(length_m) FROM cracks WHERE survey_id = %s "
+                "AND model_name = %s AND model_version = %s GROUP BY scene_id, severity", key).fetchall()
+        except psycopg.Error as exc:
+            raise StoreError(f"{self.name}: reading scene summaries failed ({why(exc)})") from exc
+        for scene_id, severity, count, length in rows:
+            if (summary := summaries.get(scene_id)) is not None:
+                summary["crack_count"] += count
+                summary["total_length_m"] += length
+                summary["length_m_by_severity"][severity] = length
+        return summaries
 
     def close(self) -> None:
         self._con.close()

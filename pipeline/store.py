@@ -18,6 +18,7 @@ import hashlib
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
@@ -96,6 +97,57 @@ class CrackQuery:
             minx, miny, maxx, maxy = self.bbox
             if not (minx <= maxx and miny <= maxy):
                 raise ValueError(f"bbox {self.bbox} is not MINX MINY MAXX MAXY")
+
+
+# What scenes() returns for each scene row (one per scene and model version), in both stores.
+SCENE_FIELDS = ("survey_id", "scene_id", "model_name", "model_version", "source_uri", "sha256", "status",
+                "error", "is_current", "processed_at", "chip_count", "crack_count", "total_length_m")
+
+
+@dataclass(frozen=True, slots=True)
+class SceneSelection:
+    """Which scene rows ``scenes()`` returns; every field left None matches everything.
+
+    ``since``/``until`` bound ``processed_at`` (inclusive; ISO 8601 text or datetime,
+    UTC unless it says otherwise); ``bbox`` (store CRS) keeps scenes whose footprint
+    intersects it.  With ``current_only`` (the default) only each scene's current
+    version is read, so ``model_version`` selects the scenes currently shown from it.
+    """
+
+    survey_id: str | None = None
+    since: datetime | str | None = None
+    until: datetime | str | None = None
+    bbox: tuple[float, float, float, float] | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    current_only: bool = True
+
+    def __post_init__(self) -> None:
+        CrackQuery(bbox=self.bbox, model_name=self.model_name, model_version=self.model_version)
+
+    def bounds(self) -> tuple[str | None, str | None]:
+        """``since`` and ``until`` as UTC text in the stores' ``processed_at`` format.
+
+        >>> SceneSelection(since="2026-03-01", until="2026-03-01T12:00:00+02:00").bounds()
+        ('2026-03-01T00:00:00.000Z', '2026-03-01T10:00:00.000Z')
+        """
+        return utc_text(self.since), utc_text(self.until)
+
+
+def utc_text(value: datetime | str | None) -> str | None:
+    """A time as ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (naive times are UTC); text is parsed as ISO 8601."""
+    if value is None:
+        return None
+    when = datetime.fromisoformat(value.replace("Z", "+00:00")) if isinstance(value, str) else value
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def empty_summary() -> dict:
+    """A scene version's crack totals before any crack is counted (see ``scene_summaries``)."""
+    return {"status": None, "chip_count": 0, "crack_count": 0, "total_length_m": 0.0,
+            "length_m_by_severity": dict.fromkeys(SEVERITIES, 0.0)}
 
 
 def crack_uuid(run: RunInfo, scene_id: str, index: int) -> uuid.UUID:
@@ -181,6 +233,14 @@ class CrackStore(Protocol):
 
     def query(self, query: CrackQuery = CrackQuery(), batch_size: int = 10_000) -> Iterator[list[dict]]:
         """The matching cracks in batches of dicts: ``geometry`` (shapely) and QUERY_FIELDS."""
+
+    def scenes(self, selection: SceneSelection = SceneSelection()) -> list[dict]:
+        """The matching scene rows as dicts of SCENE_FIELDS, ordered by survey, scene and version."""
+
+    def scene_summaries(self, survey_id: str, model_name: str, model_version: str,
+                        scene_ids: Sequence[str] | None = None) -> dict[str, dict]:
+        """Per scene published with this version: status, chip_count, crack_count, total_length_m
+        and length_m_by_severity (low/medium/high), counted from its cracks."""
 
     def close(self) -> None: ...
 
@@ -333,6 +393,57 @@ class GeoPackageStore:
                     yield batch
         finally:
             cursor.connection.close()
+
+    def scenes(self, selection: SceneSelection = SceneSelection()) -> list[dict]:
+        where, params = [], []
+        for column in ("survey_id", "model_name", "model_version"):
+            if (value := getattr(selection, column)) is not None:
+                where.append(f"s.{column} = ?")
+                params.append(value)
+        since, until = selection.bounds()
+        if since is not None:
+            where.append("s.processed_at >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("s.processed_at <= ?")
+            params.append(until)
+        if selection.current_only:
+            where.append("s.is_current")
+        if selection.bbox is not None:
+            minx, miny, maxx, maxy = selection.bbox
+            where.append('s.fid IN (SELECT id FROM "rtree_scenes_geom" WHERE maxx >= ? AND minx <= ? '
+                         "AND maxy >= ? AND miny <= ?)")
+            params += [minx, maxx, miny, maxy]
+        sql = (f"SELECT s.geom, {', '.join('s.' + f for f in SCENE_FIELDS)} FROM scenes s"
+               + (f" WHERE {' AND '.join(where)}" if where else "")
+               + " ORDER BY s.survey_id, s.scene_id, s.model_name, s.model_version")
+        found = []
+        box = shapely.box(*selection.bbox) if selection.bbox is not None else None
+        for geom, *values in self._con.execute(sql, params):
+            if box is not None and not shapely.intersects(gpkg.decode(geom), box):
+                continue
+            row = dict(zip(SCENE_FIELDS, values))
+            row["is_current"] = bool(row["is_current"])
+            found.append(row)
+        return found
+
+    def scene_summaries(self, survey_id: str, model_name: str, model_version: str,
+                        scene_ids: Sequence[str] | None = None) -> dict[str, dict]:
+        key = (survey_id, model_name, model_version)
+        summaries: dict[str, dict] = {}
+        for scene_id, status, chips in self._con.execute(
+                "SELECT scene_id, status, chip_count FROM scenes WHERE survey_id = ? AND model_name = ? "
+                "AND model_version = ?", key):
+            if scene_ids is None or scene_id in scene_ids:
+                summaries[scene_id] = dict(empty_summary(), status=status, chip_count=chips or 0)
+        for scene_id, severity, count, length in self._con.execute(
+                "SELECT scene_id, severity, count(*), sum(length_m) FROM cracks WHERE survey_id = ? "
+                "AND model_name = ? AND model_version = ? GROUP BY scene_id, severity", key):
+            if (summary := summaries.get(scene_id)) is not None:
+                summary["crack_count"] += count
+                summary["total_length_m"] += length
+                summary["length_m_by_severity"][severity] = length
+        return summaries
 
     def _uncurrent_others(self, survey_id: str, scene_ids: Sequence[str], model_name: str,
                           model_version: str) -> None:

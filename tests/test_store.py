@@ -236,3 +236,53 @@ def test_a_scene_in_a_crs_the_store_cannot_reach_is_refused(store_url, result):
         store.publish(alien, RUN)
     store.close()
     assert crack_rows(store_url) == []
+
+
+def test_scenes_select_by_survey_time_bbox_and_model_version(store_url, result):
+    from pipeline.store import SceneSelection
+
+    west = [((15.00, 50.0), (15.01, 50.0))]
+    store = open_store(store_url)
+    store.publish(scene_with(dataclasses.replace(result, footprint=shapely.box(14.9, 49.9, 15.1, 50.1)),
+                             "w", [(west[0], "low")]), RUN)
+    store.publish(scene_with(dataclasses.replace(result, footprint=shapely.box(15.9, 49.9, 16.1, 50.1)),
+                             "e", [(west[0], "low")]), RUN)
+    store.publish(scene_with(result, "w", [(west[0], "high")]), V2, promote=False)
+    store.publish(scene_with(result, "x", []), dataclasses.replace(RUN, survey_id="survey-b"))
+
+    def ids(**selection):
+        return [(r["survey_id"], r["scene_id"], r["model_version"])
+                for r in store.scenes(SceneSelection(**selection))]
+
+    assert ids() == [("survey-a", "e", "1.0.0"), ("survey-a", "w", "1.0.0"), ("survey-b", "x", "1.0.0")]
+    assert ids(survey_id="survey-a", bbox=(14.95, 49.95, 15.05, 50.05)) == [("survey-a", "w", "1.0.0")]
+    assert ids(model_name="test-b16", model_version="2.0.0") == []  # 2.0.0 is not current anywhere
+    assert ids(model_name="test-b16", model_version="2.0.0", current_only=False) == [("survey-a", "w", "2.0.0")]
+    assert ids(since="2000-01-01", until="2000-12-31") == []
+    assert len(ids(since="2000-01-01T00:00:00Z")) == 3
+    row = store.scenes(SceneSelection(survey_id="survey-b"))[0]
+    assert row["source_uri"] == result.scene.uri and row["status"] == "done" and row["is_current"] is True
+    assert row["processed_at"].endswith("Z") and row["crack_count"] == 0
+    store.close()
+
+
+def test_scene_summaries_count_cracks_and_length_by_severity(store_url, result):
+    lines = [(((15.00, 50.0), (15.01, 50.0)), "low"), (((15.00, 50.1), (15.01, 50.1)), "high"),
+             (((15.00, 50.2), (15.02, 50.2)), "high")]
+    store = open_store(store_url)
+    store.publish(scene_with(result, "w", lines), RUN)
+    store.publish(scene_with(result, "e", []), RUN)
+    store.publish(scene_with(result, "w", lines[:1]), V2, promote=False)
+    run1 = store.scene_summaries("survey-a", "test-b16", "1.0.0")
+    assert sorted(run1) == ["e", "w"]
+    assert run1["e"]["crack_count"] == 0 and run1["e"]["total_length_m"] == 0.0
+    w = run1["w"]
+    assert w["status"] == "done" and w["crack_count"] == 3 and w["chip_count"] == result.chip_count
+    by = w["length_m_by_severity"]
+    assert by["medium"] == 0.0 and 0 < by["low"] < by["high"]
+    assert w["total_length_m"] == pytest.approx(sum(by.values()))
+    run2 = store.scene_summaries("survey-a", "test-b16", "2.0.0", ["w", "e"])
+    assert list(run2) == ["w"] and run2["w"]["crack_count"] == 1
+    assert run2["w"]["length_m_by_severity"]["low"] == pytest.approx(by["low"])
+    assert store.scene_summaries("survey-a", "test-b16", "9.9.9") == {}
+    store.close()
