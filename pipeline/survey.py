@@ -118,11 +118,12 @@ def cached_backend(spec: str, backend: str) -> tuple[ModelEntry, Backend]:
 
 def map_scene(source: SceneSource, store: str, run: RunInfo, backend: str = "auto",
               output_dir: str | None = None, options: SceneOptions = SceneOptions(),
-              force: bool = False) -> dict:
+              force: bool = False, promote: bool = True) -> dict:
     """Process one scene and publish it; on a bad scene, record it as failed and raise.
 
     A scene already published from the same content (ETag or sha256) with the
-    same model version is skipped unless ``force``.
+    same model version is skipped unless ``force``.  The published version becomes
+    the scene's current one unless ``promote`` is False (reprocessing promotes later).
 
     Returns a summary: scene_id, status (``done`` or ``skipped``), chips, cracks,
     length_m, seconds, probability.
@@ -151,7 +152,7 @@ def map_scene(source: SceneSource, store: str, run: RunInfo, backend: str = "aut
             log.error("%s", exc)
             target.mark_failed(source.uri, source.scene_id, run, str(exc))
             raise
-        target.publish(result, run)
+        target.publish(result, run, promote=promote)
     finally:
         target.close()
     return {"scene_id": source.scene_id, "status": "done", "chips": result.chip_count,
