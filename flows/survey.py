@@ -3,7 +3,9 @@
 Thin on purpose: every step is a ``pipeline`` function.  One task per scene
 (never per chip); tasks pass paths and small summaries, never arrays.  A scene
 that fails is recorded as failed in the store and the others go on; the flow
-run then ends Failed, naming the failed scenes.
+run then ends Failed, naming the failed scenes.  Scenes run in-process, or as
+``process-scene`` runs on a work pool when a deployment is named (``flows.scene``).
+The deployment ``scheduled-survey-run`` runs this flow on a cron schedule.
 """
 
 from __future__ import annotations
@@ -11,41 +13,25 @@ from __future__ import annotations
 import time
 import uuid
 
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
 from prefect.artifacts import update_progress_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
+from flows.scene import map_scene_task, run_scenes  # noqa: F401  (map_scene_task: re-exported)
 from models.registry import resolve
-from pipeline import progress, storage
-from pipeline.survey import SceneSource, default_output_dir, default_survey_id, discover, map_scene
+from pipeline import progress
 from pipeline.store import RunInfo
-
-
-def retry_transient(task, task_run, state) -> bool:
-    """Retry a scene only when storage failed transiently (``storage.ERROR_POLICY``)."""
-    try:
-        state.result()
-    except Exception as exc:  # the task's own exception, re-raised by Prefect
-        return bool(getattr(exc, "transient", False)) or storage.is_transient(exc)
-    return False
-
-
-@task(name="map-scene", task_run_name="map-scene-{source.scene_id}", retries=2,
-      retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
-def map_scene_task(source: SceneSource, store: str, run: RunInfo, backend: str,
-                   output_dir: str | None, force: bool = False) -> dict:
-    return map_scene(source, store, run, backend, output_dir, force=force)
+from pipeline.survey import default_output_dir, default_survey_id, discover
 
 
 class ArtifactProgress:
     """A progress artifact for the flow run, updated at most every few seconds."""
 
-    def __init__(self, scenes: int, every_s: float = 2.0) -> None:
+    def __init__(self, scenes: int, every_s: float = 2.0, key: str = "survey-progress") -> None:
         self.scenes, self.finished, self.every_s, self._last = scenes, 0, every_s, 0.0
-        self.artifact_id = create_progress_artifact(0.0, key="survey-progress",
-                                                    description="Scenes mapped (%)")
+        self.artifact_id = create_progress_artifact(0.0, key=key, description="Scenes mapped (%)")
 
     def __call__(self, scene_id: str, done: int, total: int) -> None:
         now = time.monotonic()
@@ -75,15 +61,29 @@ def summary_markdown(run: RunInfo, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def report(run: RunInfo, rows: list[dict], what: str = "survey"):
+    """The table and markdown artifacts of a parent run, and its final state (Failed names the failed scenes)."""
+    create_table_artifact(rows, key=f"{what}-scenes", description=f"Scenes of survey {run.survey_id}")
+    create_markdown_artifact(summary_markdown(run, rows), key=f"{what}-summary")
+    failed = [r["scene_id"] for r in rows if r["status"] == "failed"]
+    if failed:
+        return Failed(message=f"{len(failed)} of {len(rows)} scenes failed: {', '.join(failed)}",
+                      data=rows)
+    skipped = sum(r["status"] == "skipped" for r in rows)
+    return Completed(message=f"{len(rows) - skipped} scenes mapped, {skipped} unchanged and skipped",
+                     data=rows)
+
+
 @flow(name="process-survey", log_prints=True)
 def process_survey(sources: list[str], store: str, survey_id: str | None = None,
                    model: str | None = None, backend: str = "auto",
-                   output_dir: str | None = None, force: bool = False, glob: str | None = None):
+                   output_dir: str | None = None, force: bool = False, glob: str | None = None,
+                   scene_deployment: str | None = None, max_concurrent: int = 4):
     """Map every scene of a survey into ``store``.
 
     Args:
         sources: Raster files, folders, globs, or storage URL prefixes (``s3://bucket/survey/``).
-        store: Where crack lines go (a ``.gpkg`` path).
+        store: Where crack lines go (a ``.gpkg`` path or a ``postgresql://`` URL).
         survey_id: Survey the results belong to; default: the first source's folder name.
         model: ``name[:version]`` in the model registry; default: the registry's default.
         backend: ``auto``, ``onnxruntime`` or ``torch``.
@@ -91,6 +91,9 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
             default: beside the store.
         force: Map scenes again even if unchanged since mapped with this model version.
         glob: Only scenes whose path relative to their folder or prefix matches this glob.
+        scene_deployment: Run each scene as a run of this deployment
+            (``process-scene/process-scene``) on its work pool; default: in this process.
+        max_concurrent: With a deployment, at most this many scene runs at once.
     """
     entry = resolve(model)
     run = RunInfo(survey_id=survey_id or default_survey_id(sources),
@@ -99,26 +102,8 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
     output_dir = output_dir or str(default_output_dir(store))  # before any scene: a bad store fails once
     scenes = discover(sources, glob)
     bar = ArtifactProgress(len(scenes))
-    rows = []
     with progress.listening(bar):
-        for source in scenes:
-            started = time.perf_counter()
-            state = map_scene_task(source, store, run, backend, output_dir, force,
-                                   return_state=True)
-            if state.is_completed():
-                rows.append({**state.result(), "error": ""})
-            else:
-                error = str(state.result(raise_on_failure=False))
-                rows.append({"scene_id": source.scene_id, "chips": 0, "cracks": 0, "length_m": 0.0,
-                             "seconds": round(time.perf_counter() - started, 2),
-                             "probability": "", "status": "failed", "error": error})
-            bar.scene_finished()
-    create_table_artifact(rows, key="survey-scenes", description=f"Scenes of survey {run.survey_id}")
-    create_markdown_artifact(summary_markdown(run, rows), key="survey-summary")
-    failed = [r["scene_id"] for r in rows if r["status"] == "failed"]
-    if failed:
-        return Failed(message=f"{len(failed)} of {len(rows)} scenes failed: {', '.join(failed)}",
-                      data=rows)
-    skipped = sum(r["status"] == "skipped" for r in rows)
-    return Completed(message=f"{len(rows) - skipped} scenes mapped, {skipped} unchanged and skipped",
-                     data=rows)
+        rows = run_scenes(scenes, store, run, backend, output_dir, force,
+                          scene_deployment=scene_deployment, max_concurrent=max_concurrent,
+                          on_finished=lambda row: bar.scene_finished())
+    return report(run, rows)

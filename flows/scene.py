@@ -1,0 +1,162 @@
+"""Prefect flow ``process-scene`` (the unit of work, one scene) and the fan-out that runs many.
+
+A parent flow (``process-survey``, ``reprocess``) hands its scenes to
+``run_scenes``.  Without a deployment it maps them in-process, one task per
+scene.  With one (``scene_deployment="process-scene/process-scene"``) every
+scene becomes a ``process-scene`` run on that deployment's work pool, at most
+``max_concurrent`` at a time per parent, so N workers on N machines share a
+survey.  Either way a failing scene never stops the others, and a scene
+already published from the same content with the same model version is
+skipped (``map_scene``), which is what makes a rerun after a crash resume.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+from prefect import flow, task
+from prefect.deployments import run_deployment
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
+from prefect.states import Completed
+
+from flows.policy import RETRIES, RETRY_DELAYS_S, RETRY_JITTER, retry_transient
+from models.registry import resolve
+from pipeline.store import RunInfo, open_store
+from pipeline.survey import SceneSource, default_output_dir, map_scene, probability_path
+
+POLL_S = 2.0  # how often a parent looks at its process-scene runs
+
+
+@task(name="map-scene", task_run_name="map-scene-{source.scene_id}", retries=RETRIES,
+      retry_delay_seconds=RETRY_DELAYS_S, retry_jitter_factor=RETRY_JITTER,
+      retry_condition_fn=retry_transient)
+def map_scene_task(source: SceneSource, store: str, run: RunInfo, backend: str,
+                   output_dir: str | None, force: bool = False, promote: bool = True) -> dict:
+    return map_scene(source, store, run, backend, output_dir, force=force, promote=promote)
+
+
+@flow(name="process-scene", log_prints=True)
+def process_scene(uri: str, scene_id: str, store: str, survey_id: str, model: str | None = None,
+                  run_id: str | None = None, backend: str = "auto", output_dir: str | None = None,
+                  force: bool = False, promote: bool = True, identity: str | None = None):
+    """Map one scene into ``store``: the unit of work, on whatever work pool runs it.
+
+    Args:
+        uri: The scene (a path or a storage URL).
+        scene_id: Its id in the store.
+        store: A ``.gpkg`` path or a ``postgresql://`` URL.
+        survey_id: The survey it belongs to.
+        model: ``name[:version]`` in the registry; default: the registry's default.
+        run_id: The parent run the rows are tagged with (default: this flow run).
+        output_dir: Folder or storage prefix for the probability raster.
+        force: Map it again even if unchanged since mapped with this model version.
+        promote: Make this version the scene's current one (reprocessing promotes later).
+        identity: The scene's ETag or sha256 if known (computed otherwise).
+    """
+    from flows.survey import ArtifactProgress
+    from pipeline import progress
+
+    entry = resolve(model)
+    run = RunInfo(survey_id, run_id or str(flow_run.id or uuid.uuid4()), entry.name, entry.version,
+                  entry.sha256)
+    source = SceneSource(uri, scene_id, identity)
+    bar = ArtifactProgress(1, key="scene-progress")
+    with progress.listening(bar):
+        row = map_scene_task(source, store, run, backend, output_dir, force, promote)
+    bar.scene_finished()
+    return Completed(message=f"{row['status']}: {scene_id}, {row['cracks']} cracks, "
+                             f"{row['length_m']:.2f} m", data=row)
+
+
+def failed_row(scene_id: str, error: str, seconds: float) -> dict:
+    return {"scene_id": scene_id, "chips": 0, "cracks": 0, "length_m": 0.0, "seconds": round(seconds, 2),
+            "probability": "", "status": "failed", "error": error}
+
+
+@task(name="run-process-scene", task_run_name="process-scene-{source.scene_id}")
+def run_scene_deployment(deployment: str, source: SceneSource, store: str, run: RunInfo, backend: str,
+                         output_dir: str, force: bool, promote: bool) -> dict:
+    """One scene as a ``process-scene`` run on the deployment's work pool; its row when it ends.
+
+    The row's numbers are read back from the store (the one place every worker
+    writes to), so no result storage has to be shared between machines.
+    """
+    started = time.perf_counter()
+    child = run_deployment(
+        deployment, timeout=None, poll_interval=POLL_S, flow_run_name=f"{run.survey_id}/{source.scene_id}",
+        parameters={"uri": source.uri, "scene_id": source.scene_id, "store": store,
+                    "survey_id": run.survey_id, "model": f"{run.model_name}:{run.model_version}",
+                    "run_id": run.run_id, "backend": backend, "output_dir": output_dir, "force": force,
+                    "promote": promote, "identity": source.identity})
+    state = child.state
+    seconds = (child.total_run_time.total_seconds() if child.total_run_time
+               else time.perf_counter() - started)
+    if state is None or not state.is_completed():
+        message = (state.message if state else None) or f"process-scene run {child.id} did not complete"
+        return failed_row(source.scene_id, f"{source.uri}: {message}", seconds)
+    target = open_store(store)
+    try:
+        summary = target.scene_summaries(run.survey_id, run.model_name, run.model_version,
+                                         [source.scene_id]).get(source.scene_id)
+    finally:
+        target.close()
+    if summary is None:
+        return failed_row(source.scene_id, f"{source.uri}: process-scene run {child.id} completed "
+                                           f"but {store} has no row for it", seconds)
+    skipped = (state.message or "").startswith("skipped")
+    return {"scene_id": source.scene_id, "status": "skipped" if skipped else "done",
+            "chips": 0 if skipped else summary["chip_count"],
+            "cracks": 0 if skipped else summary["crack_count"],
+            "length_m": 0.0 if skipped else round(summary["total_length_m"], 3),
+            "seconds": round(seconds, 2), "error": "",
+            "probability": "" if skipped else probability_path(output_dir, run, source.scene_id)}
+
+
+def run_scenes(scenes: list[SceneSource], store: str, run: RunInfo, backend: str,
+               output_dir: str | None, force: bool = False, promote: bool = True,
+               scene_deployment: str | None = None, max_concurrent: int = 4,
+               on_finished: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """Map ``scenes`` in-process or as ``process-scene`` runs; one row per scene, in their order.
+
+    Called inside a parent flow.  A failed scene is a row with status ``failed``
+    and its error; the others go on.
+    """
+    output_dir = output_dir or str(default_output_dir(store))
+    rows: dict[str, dict] = {}
+    if scene_deployment is None:
+        for source in scenes:
+            started = time.perf_counter()
+            state = map_scene_task(source, store, run, backend, output_dir, force, promote,
+                                   return_state=True)
+            if state.is_completed():
+                rows[source.scene_id] = {**state.result(), "error": ""}
+            else:
+                rows[source.scene_id] = failed_row(source.scene_id, str(state.result(raise_on_failure=False)),
+                                                   time.perf_counter() - started)
+            on_finished(rows[source.scene_id])
+        return [rows[s.scene_id] for s in scenes]
+    if max_concurrent < 1:
+        raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
+    pending: dict = {}  # task run id -> (future, source)
+
+    def collect(task_run_id) -> None:
+        future, source = pending.pop(task_run_id)
+        state = future.state
+        if state.is_completed():
+            rows[source.scene_id] = state.result()
+        else:
+            rows[source.scene_id] = failed_row(source.scene_id, str(state.result(raise_on_failure=False)), 0.0)
+        on_finished(rows[source.scene_id])
+
+    for source in scenes:
+        if len(pending) >= max_concurrent:
+            collect(next(as_completed([f for f, _ in pending.values()])).task_run_id)
+        future = run_scene_deployment.submit(scene_deployment, source, store, run, backend,
+                                             str(output_dir), force, promote)
+        pending[future.task_run_id] = (future, source)
+    for finished in as_completed([f for f, _ in pending.values()]):
+        collect(finished.task_run_id)
+    return [rows[s.scene_id] for s in scenes]

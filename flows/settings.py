@@ -1,0 +1,50 @@
+"""Orchestration settings, read once from the environment (``CRACKMAP_*``) at the edge.
+
+Deployments are registered with these values (``crackmap deploy``); flows take
+explicit parameters.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Settings(BaseSettings):
+    """Where deployments run and what the scheduled survey run looks at.
+
+    Attributes:
+        survey_sources: Folders or storage prefixes (``s3://surveys/incoming/``) the
+            scheduled run discovers scenes under (JSON list in the environment).
+        store: The GIS store (a ``.gpkg`` path or a ``postgresql://`` URL, password from PGPASSWORD).
+        output: Folder or storage prefix for probability rasters (required with PostGIS).
+        survey_id: Survey the scheduled run publishes into (default: the first source's folder name).
+        schedule_cron: When the scheduled run starts (cron, in ``schedule_timezone``).
+        cpu_pool / gpu_pool: Work pools of the parent flows and of ``process-scene``.
+        scene_concurrency: At most this many ``process-scene`` runs at once per parent run.
+        code_root: Where the workers find this repository (the images install it at /opt/crackmap).
+        gpu_image: Image of ``process-scene`` jobs on container work pools (Kubernetes, Docker).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CRACKMAP_", extra="forbid")
+
+    survey_sources: list[str] = []
+    store: str | None = None
+    output: str | None = None
+    survey_id: str | None = None
+    schedule_cron: str = "0 2 * * *"
+    schedule_timezone: str = "UTC"
+    cpu_pool: str = "crackmap-cpu"
+    gpu_pool: str = "crackmap-gpu"
+    scene_concurrency: int = 4
+    code_root: str = str(ROOT)
+    gpu_image: str | None = None
+
+
+@lru_cache(maxsize=1)
+def settings() -> Settings:
+    return Settings()
