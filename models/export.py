@@ -10,6 +10,7 @@ dynamic.  The 1x1 convolutions of the fusion paths run before the upsample
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from pathlib import Path
@@ -24,13 +25,21 @@ log = logging.getLogger(__name__)
 
 
 class ChipsToProbability(torch.nn.Module):
-    """uint8 chips in, crack probability out: the graph that is exported."""
+    """uint8 chips in, float32 crack probability out: the graph that is exported.
 
-    def __init__(self, net: HrSegNet) -> None:
+    ``half=True`` computes in FP16 (the network's weights are converted): the
+    graph for strongly typed TensorRT engines.  Input and output types stay
+    the same, so every backend keeps the same contract.
+    """
+
+    def __init__(self, net: HrSegNet, half: bool = False) -> None:
         super().__init__()
-        self.probability = CrackProbability(net)
+        self.half = half
+        self.probability = CrackProbability(net.half() if half else net)
 
     def forward(self, chips: torch.Tensor) -> torch.Tensor:
+        if self.half:
+            return self.probability(chips.half()).float()
         return self.probability(chips.float())
 
 
@@ -42,9 +51,15 @@ def load_net(variant: str, weights: Path) -> HrSegNet:
     return net.eval()
 
 
-def export_onnx(net: HrSegNet, out: Path, size_px: int = 400) -> Path:
-    """Write the ONNX graph of ``net`` for (N, 3, size_px, size_px) uint8 chips."""
-    module = ChipsToProbability(net).eval()
+def export_onnx(net: HrSegNet, out: Path, size_px: int = 400, half: bool = False) -> Path:
+    """Write the ONNX graph of ``net`` for (N, 3, size_px, size_px) uint8 chips.
+
+    ``half=True`` writes the FP16 graph (see ``ChipsToProbability``) for
+    TensorRT >= 11; it converts a copy of ``net``, never ``net`` itself.
+    """
+    if half:
+        net = copy.deepcopy(net)
+    module = ChipsToProbability(net, half=half).eval()
     example = torch.zeros((2, 3, size_px, size_px), dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings():
