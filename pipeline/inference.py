@@ -3,8 +3,10 @@
 Every backend implements the contract of the exported graph (see
 ``models.export``): ``predict`` takes uint8 chips (N, 3, H, W) and returns
 float32 crack probabilities (N, H, W).  ONNX Runtime is the CPU default (it
-measured faster than torch on CPUs; see docs/benchmarks.md).  torch is
-imported only by the torch backend.
+measured faster than torch on CPUs; see docs/benchmarks.md).  On NVIDIA GPUs
+TensorRT (``pipeline.engines``) is preferred, torch on CUDA is the fallback
+and the reference.  torch, tensorrt and pycuda are imported only by their
+backends.
 """
 
 from __future__ import annotations
@@ -21,8 +23,32 @@ from models.registry import ModelEntry
 from pipeline.errors import BackendUnavailableError
 
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "onnxruntime", "torch")
+BACKENDS = ("auto", "tensorrt", "torch", "onnxruntime")
 CPU_DEFAULT = "onnxruntime"
+
+
+def split_batches(n: int, batch: int) -> list[slice]:
+    """Slices of at most ``batch`` chips that cover ``n`` chips in order.
+
+    >>> split_batches(70, 32)
+    [slice(0, 32, None), slice(32, 64, None), slice(64, 70, None)]
+    """
+    return [slice(start, min(start + batch, n)) for start in range(0, n, batch)]
+
+
+def pad_batch(chips: np.ndarray, batch: int) -> np.ndarray:
+    """``chips`` with zero chips appended up to ``batch`` (for fixed-shape graphs); unchanged if full.
+
+    >>> pad_batch(np.ones((3, 3, 2, 2), np.uint8), 4).shape
+    (4, 3, 2, 2)
+    """
+    if len(chips) > batch:
+        raise ValueError(f"{len(chips)} chips do not fit a batch of {batch}")
+    if len(chips) == batch:
+        return chips
+    padded = np.zeros((batch, *chips.shape[1:]), dtype=chips.dtype)
+    padded[:len(chips)] = chips
+    return padded
 
 
 class Backend(Protocol):
@@ -55,11 +81,18 @@ class OnnxRuntimeBackend:
 
 
 class TorchBackend:
-    """The model's weights in PyTorch, on CUDA when present, else on the CPU."""
+    """The model's weights in PyTorch, on CUDA when present, else on the CPU.
+
+    On CUDA it runs in FP16 autocast with channels-last activations, and
+    replays one CUDA graph per batch shape (captured on first use): a batch
+    shorter than ``batch_size`` is padded to it, so one graph serves a whole
+    scene.  On the CPU it runs the plain FP32 module, batch as given.
+    """
 
     name = "torch"
 
-    def __init__(self, entry: ModelEntry, batch_size: int = 8, device: str | None = None) -> None:
+    def __init__(self, entry: ModelEntry, batch_size: int | None = None, device: str | None = None,
+                 cuda_graphs: bool = True) -> None:
         import torch
 
         from models.export import ChipsToProbability, load_net
@@ -68,13 +101,65 @@ class TorchBackend:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._module = ChipsToProbability(load_net(entry.variant, entry.file("weights")))
         self._module.to(self.device).eval()
-        self.batch_size = batch_size
+        self.batch_size = batch_size or (32 if self.device.type == "cuda" else 8)
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[tuple[int, ...], tuple] = {}  # input shape -> (graph, input, output, pinned)
+        if self.device.type == "cuda":
+            self._module.to(memory_format=torch.channels_last)
 
     def predict(self, chips: np.ndarray) -> np.ndarray:
         torch = self._torch
+        if self.device.type == "cuda":
+            return self._predict_cuda(np.ascontiguousarray(chips, dtype=np.uint8))
         with torch.inference_mode():
             out = self._module(torch.from_numpy(np.ascontiguousarray(chips)).to(self.device))
         return out.float().cpu().numpy()
+
+    def _forward(self, chips):
+        torch = self._torch
+        with torch.autocast("cuda", dtype=torch.float16, cache_enabled=False):
+            return self._module(chips).float()
+
+    def _predict_cuda(self, chips: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        out = np.empty((len(chips), *chips.shape[2:]), np.float32)
+        with torch.inference_mode():
+            for part in split_batches(len(chips), self.batch_size):
+                start, n = part.start, part.stop - part.start
+                part = chips[part]
+                if not self.cuda_graphs:
+                    x = torch.from_numpy(part).to(self.device, non_blocking=True)
+                    out[start:start + n] = self._forward(
+                        x.contiguous(memory_format=torch.channels_last)).cpu().numpy()
+                    continue
+                graph, static_in, static_out, pinned = self._graph((self.batch_size, *part.shape[1:]))
+                # a short last batch is padded: the graph has a fixed shape
+                pinned.copy_(torch.from_numpy(pad_batch(part, self.batch_size)))
+                static_in.copy_(pinned, non_blocking=True)
+                graph.replay()
+                out[start:start + n] = static_out[:n].cpu().numpy()
+        return out
+
+    def _graph(self, shape: tuple[int, ...]) -> tuple:
+        """The CUDA graph for input ``shape``: captured once, after warm-up on a side stream."""
+        if shape in self._graphs:
+            return self._graphs[shape]
+        torch = self._torch
+        static_in = torch.zeros(shape, dtype=torch.uint8, device=self.device).contiguous(
+            memory_format=torch.channels_last)
+        pinned = torch.zeros(shape, dtype=torch.uint8).pin_memory()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):  # cuDNN picks its kernels before capture
+                self._forward(static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._forward(static_in)
+        log.info("captured a CUDA graph for torch batches of shape %s", shape)
+        self._graphs[shape] = (graph, static_in, static_out, pinned)
+        return self._graphs[shape]
 
 
 def gpu_present() -> bool:
@@ -82,34 +167,79 @@ def gpu_present() -> bool:
     return Path("/dev/nvidiactl").exists()
 
 
-def choose_backend(requested: str = "auto") -> str:
-    """The backend to use: ``requested`` itself, or for ``auto`` the best available here.
+def auto_backend(gpu: bool, tensorrt: bool, torch_cuda: bool) -> tuple[str, str]:
+    """The backend ``auto`` picks, and why, given what this machine has.
 
-    auto picks torch on a machine with a CUDA GPU and torch installed, the CPU
-    default (ONNX Runtime) otherwise.
-
-    >>> choose_backend("torch")
+    >>> auto_backend(gpu=True, tensorrt=True, torch_cuda=True)[0]
+    'tensorrt'
+    >>> auto_backend(gpu=True, tensorrt=False, torch_cuda=True)[0]
     'torch'
+    >>> auto_backend(gpu=False, tensorrt=True, torch_cuda=False)
+    ('onnxruntime', 'no NVIDIA GPU: the CPU default')
+    """
+    if gpu and tensorrt:
+        return "tensorrt", "an NVIDIA GPU with tensorrt and pycuda installed"
+    if gpu and torch_cuda:
+        return "torch", ("an NVIDIA GPU with CUDA torch, but tensorrt/pycuda are not installed "
+                         "(pip install 'crackmap[gpu]' for TensorRT)")
+    if gpu:
+        return CPU_DEFAULT, "an NVIDIA GPU, but neither tensorrt+pycuda nor CUDA torch: the CPU default"
+    return CPU_DEFAULT, "no NVIDIA GPU: the CPU default"
+
+
+def select_backend(requested: str = "auto") -> tuple[str, str]:
+    """(backend, reason): ``requested`` itself, or for ``auto`` the best available here.
+
+    >>> select_backend("torch")
+    ('torch', 'asked for')
     """
     if requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r}; choose one of {list(BACKENDS)}")
     if requested != "auto":
-        return requested
-    if gpu_present() and importlib.util.find_spec("torch") is not None:
+        return requested, "asked for"
+    gpu = gpu_present()
+    tensorrt = gpu and all(importlib.util.find_spec(m) is not None for m in ("tensorrt", "pycuda"))
+    torch_cuda = False
+    if gpu and not tensorrt and importlib.util.find_spec("torch") is not None:
         import torch
 
-        if torch.cuda.is_available():
-            return "torch"
-    return CPU_DEFAULT
+        torch_cuda = torch.cuda.is_available()
+    return auto_backend(gpu, tensorrt, torch_cuda)
 
 
-def load_backend(entry: ModelEntry, requested: str = "auto", batch_size: int = 8) -> Backend:
-    """Load ``entry`` on a backend (see ``choose_backend``); logs which one was picked."""
-    name = choose_backend(requested)
-    if name == "torch" and importlib.util.find_spec("torch") is None:
-        raise BackendUnavailableError("the torch backend needs PyTorch: pip install 'crackmap[torch]'")
-    backend = (TorchBackend(entry, batch_size) if name == "torch"
-               else OnnxRuntimeBackend(entry.file("onnx"), batch_size))
-    log.info("model %s on backend %s%s", entry.spec, name,
-             " (chosen automatically)" if requested == "auto" else "")
+def choose_backend(requested: str = "auto") -> str:
+    """The backend to use: ``requested`` itself, or for ``auto`` the best available here.
+
+    auto picks TensorRT on an NVIDIA GPU with tensorrt and pycuda installed,
+    torch on a CUDA GPU without them, the CPU default (ONNX Runtime) otherwise.
+
+    >>> choose_backend("torch")
+    'torch'
+    """
+    return select_backend(requested)[0]
+
+
+def load_backend(entry: ModelEntry, requested: str = "auto", batch_size: int | None = None) -> Backend:
+    """Load ``entry`` on a backend (see ``choose_backend``); logs which one was picked and why.
+
+    ``batch_size`` (chips per ``predict``) defaults per backend: 8 on CPUs,
+    32 for torch on CUDA, 128 for TensorRT (four double-buffered micro-batches of 32).
+
+    Raises:
+        BackendUnavailableError: the backend asked for is not installed or has no GPU;
+            the message says how to install it.
+    """
+    name, reason = select_backend(requested)
+    if name == "tensorrt":
+        from pipeline.engines import TensorRTBackend, require_tensorrt
+
+        require_tensorrt()
+        backend = TensorRTBackend(entry, batch_size or 128)
+    elif name == "torch":
+        if importlib.util.find_spec("torch") is None:
+            raise BackendUnavailableError("the torch backend needs PyTorch: pip install 'crackmap[torch]'")
+        backend = TorchBackend(entry, batch_size)
+    else:
+        backend = OnnxRuntimeBackend(entry.file("onnx"), batch_size or 8)
+    log.info("model %s on backend %s (%s)", entry.spec, name, reason)
     return backend
