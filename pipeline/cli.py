@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from models import registry
+from models.engine import PRECISIONS
 from pipeline.errors import PipelineError
 from pipeline.images import image_files, image_probability, read_rgb
 from pipeline.inference import BACKENDS, load_backend
@@ -184,6 +185,27 @@ def models_export(fmt: str, out: Path, model_spec: str | None) -> None:
     export_onnx(net, out, entry.size_px)
     diff = verify_onnx(net, out, size_px=entry.size_px)
     click.echo(f"{out}: {entry.spec}, max abs difference to torch {diff:.2e} (batch 1 and 5)")
+
+
+@models.command("build-engine")
+@model_option
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True)
+@click.option("--max-batch", type=click.IntRange(1, 1024), default=64, show_default=True,
+              help="Largest batch of chips the engine takes (it is tuned for 32, or less if smaller).")
+@click.option("--cache", default=None, metavar="DIR|URL",
+              help="Engine cache, a folder or an fsspec URL (default: $CRACKMAP_ENGINE_CACHE, "
+                   "else ~/.cache/crackmap/engines).")
+def models_build_engine(model_spec: str | None, precision: str, max_batch: int, cache: str | None) -> None:
+    """Build (or find in the cache) the TensorRT engine of a model for this GPU."""
+    from pipeline.engines import EngineCache, Profile, engine_for
+
+    try:
+        entry = registry.resolve(model_spec)
+        _, key, path = engine_for(entry, precision, Profile.for_max_batch(max_batch, entry.size_px),
+                                  EngineCache(cache) if cache else None)
+    except (PipelineError, registry.ModelError, RuntimeError) as exc:
+        fail(str(exc))
+    click.echo(f"{path}: {entry.spec}, {key.describe()}")
 
 
 @cli.command()
