@@ -144,11 +144,10 @@ def run_scenes(scenes: list[SceneSource], store: str, run: RunInfo, backend: str
 
     def collect(task_run_id) -> None:
         future, source = pending.pop(task_run_id)
-        state = future.state
-        if state.is_completed():
-            rows[source.scene_id] = state.result()
-        else:
-            rows[source.scene_id] = failed_row(source.scene_id, str(state.result(raise_on_failure=False)), 0.0)
+        try:
+            rows[source.scene_id] = future.result()
+        except Exception as exc:  # the task's own error (the store unreachable): this scene fails alone
+            rows[source.scene_id] = failed_row(source.scene_id, f"{source.uri}: {exc}", 0.0)
         on_finished(rows[source.scene_id])
 
     for source in scenes:
