@@ -87,5 +87,101 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
     sys.exit(0 if len(done) + skipped == len(rows) else 1)
 
 
+def changes_table(rows: list[dict]) -> str:
+    header = (f"{'scene':<28} {'status':<7} {'cracks old':>10} {'new':>6} {'length m old':>12} {'new':>9} "
+              f"{'low m':>13} {'medium m':>13} {'high m':>13}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        by = "".join(f" {r[f'{s}_m_old']:>6.2f}>{r[f'{s}_m_new']:<6.2f}" for s in ("low", "medium", "high"))
+        lines.append(f"{(r['survey_id'] + '/' + r['scene_id'])[:28]:<28} {r['status']:<7} "
+                     f"{r['cracks_old']:>10} {r['cracks_new']:>6} {r['length_m_old']:>12.2f} "
+                     f"{r['length_m_new']:>9.2f}{by}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--model", "model_spec", required=True, help="NAME[:VERSION] to map the scenes with.")
+@click.option("--survey", "survey_id", default=None, help="Only this survey's scenes.")
+@click.option("--since", default=None, help="Only scenes processed at or after this time (ISO 8601, UTC).")
+@click.option("--until", default=None, help="Only scenes processed at or before this time (ISO 8601, UTC).")
+@click.option("--bbox", nargs=4, type=float, default=None, metavar="MINX MINY MAXX MAXY",
+              help="Only scenes whose footprint intersects this box (store CRS).")
+@click.option("--from-model", default=None, metavar="NAME:VERSION",
+              help="Only scenes that currently show this model version.")
+@click.option("--output", "output_dir", default=None,
+              help="Folder or storage URL prefix for probability rasters (required with PostGIS).")
+@click.option("--deployment", "scene_deployment", default=None,
+              help="Run each scene as a run of this deployment (process-scene/process-scene) on its "
+                   "work pool (needs PREFECT_API_URL); default: in this process.")
+@click.option("--max-concurrent", default=4, show_default=True, help="Scene runs at once with --deployment.")
+@click.option("--force", is_flag=True, help="Map scenes again even if already published with --model.")
+@backend_option
+def reprocess(store: str, model_spec: str, survey_id: str | None, since: str | None, until: str | None,
+              bbox: tuple[float, ...] | None, from_model: str | None, output_dir: str | None,
+              scene_deployment: str | None, max_concurrent: int, force: bool, backend: str) -> None:
+    """Map scenes already in STORE again with another model version and make it current.
+
+    The old results stay in the store (crackmap query --model NAME:VERSION reads them);
+    a table shows per scene what changed.  Runs the Prefect flow reprocess; exits
+    non-zero if any scene failed (those keep showing their old version).
+    """
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.reprocess import reprocess as reprocess_flow
+
+    bar = tqdm(unit="chip", desc="reprocess")
+
+    def show(scene_id: str, done: int, total: int) -> None:
+        if bar.desc != scene_id[-24:]:
+            bar.reset(total)
+            bar.set_description(scene_id[-24:])
+        bar.update(done - bar.n)
+
+    try:
+        with progress.listening(show):
+            state = reprocess_flow(store, model_spec, survey_id, since, until, list(bbox) if bbox else None,
+                                   from_model, backend, output_dir, scene_deployment, max_concurrent, force,
+                                   return_state=True)
+    except (PipelineError, ValueError) as exc:
+        fail(str(exc))
+    finally:
+        bar.close()
+    rows = state.result(raise_on_failure=False)
+    if not isinstance(rows, list):
+        fail(str(rows))
+    click.echo(changes_table(rows))
+    for r in rows:
+        if r["status"] == "failed":
+            click.secho(f"failed: {r['error']}", fg="red", err=True)
+    ok = [r for r in rows if r["status"] != "failed"]
+    click.echo(f"\n{len(ok)}/{len(rows)} scenes now show {rows[0]['new_model'] if rows else model_spec}; "
+               f"cracks {sum(r['cracks_old'] for r in ok)} -> {sum(r['cracks_new'] for r in ok)}, "
+               f"{sum(r['length_m_old'] for r in ok):.2f} m -> {sum(r['length_m_new'] for r in ok):.2f} m")
+    sys.exit(0 if len(ok) == len(rows) else 1)
+
+
+@cli.command()
+@click.option("--schedule/--no-schedule", default=None,
+              help="Register scheduled-survey-run (default: when CRACKMAP_SURVEY_SOURCES and CRACKMAP_STORE "
+                   "are set).")
+def deploy(schedule: bool | None) -> None:
+    """Register the deployments with the Prefect server PREFECT_API_URL names.
+
+    process-scene (pool CRACKMAP_GPU_POOL), reprocess and scheduled-survey-run (pool
+    CRACKMAP_CPU_POOL; cron CRACKMAP_SCHEDULE_CRON over CRACKMAP_SURVEY_SOURCES into
+    CRACKMAP_STORE).  Start workers with: prefect worker start --pool POOL.
+    """
+    from flows.deployments import register
+    from flows.settings import Settings
+
+    try:
+        ids = register(Settings(), schedule)
+    except ValueError as exc:
+        fail(str(exc))
+    for name, deployment_id in ids.items():
+        click.echo(f"{name}  {deployment_id}")
+
+
 def main() -> None:
     cli()
