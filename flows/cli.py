@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from pipeline import progress
 from pipeline.cli import backend_option, cli, fail, model_option
-from pipeline.errors import PipelineError
+from pipeline.errors import USER_ERRORS
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -66,7 +66,7 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
         with progress.listening(show):
             state = process_survey(list(sources), store, survey_id, model_spec, backend,
                                    output_dir, force, pattern, return_state=True)
-    except PipelineError as exc:
+    except USER_ERRORS as exc:
         fail(str(exc))
     finally:
         for bar in bars.values():
@@ -143,7 +143,7 @@ def reprocess(store: str, model_spec: str, survey_id: str | None, since: str | N
             state = reprocess_flow(store, model_spec, survey_id, since, until, list(bbox) if bbox else None,
                                    from_model, backend, output_dir, scene_deployment, max_concurrent, force,
                                    return_state=True)
-    except (PipelineError, ValueError) as exc:
+    except (*USER_ERRORS, ValueError) as exc:
         fail(str(exc))
     finally:
         bar.close()

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from models import registry
 from models.engine import PRECISIONS
-from pipeline.errors import PipelineError
+from pipeline.errors import USER_ERRORS
 from pipeline.images import image_files, image_probability, read_rgb
 from pipeline.inference import BACKENDS, load_backend
 
@@ -56,14 +56,14 @@ def segment(images_dir: Path, out_dir: Path, model_spec: str | None, backend: st
     try:
         entry = registry.resolve(model_spec)
         net = load_backend(entry, backend)
-    except PipelineError as exc:
+    except USER_ERRORS as exc:
         fail(str(exc))
     out_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
     for path in tqdm(image_files(images_dir), desc="segment", unit="image"):
         try:
             probability = image_probability(read_rgb(path), net, entry.size_px)
-        except PipelineError as exc:
+        except USER_ERRORS as exc:
             tqdm.write(f"error: {exc}")
             failed += 1
             continue
@@ -89,7 +89,7 @@ def evaluate(images_dir: Path, masks_dir: Path, model_spec: str | None, backend:
     try:
         entry = registry.resolve(model_spec)
         net = load_backend(entry, backend)
-    except PipelineError as exc:
+    except USER_ERRORS as exc:
         fail(str(exc))
     masks = {p.stem: p for p in image_files(masks_dir)}
     images = image_files(images_dir)
@@ -203,7 +203,7 @@ def models_build_engine(model_spec: str | None, precision: str, max_batch: int, 
         entry = registry.resolve(model_spec)
         _, key, path = engine_for(entry, precision, Profile.for_max_batch(max_batch, entry.size_px),
                                   EngineCache(cache) if cache else None)
-    except (PipelineError, registry.ModelError, RuntimeError) as exc:
+    except (*USER_ERRORS, RuntimeError) as exc:
         fail(str(exc))
     click.echo(f"{path}: {entry.spec}, {key.describe()}")
 
@@ -243,7 +243,7 @@ def query(store: str, bbox: tuple[float, float, float, float] | None, survey_id:
         fail(f"{store}: no such GeoPackage")
     try:
         target = open_store(store)
-    except PipelineError as exc:
+    except USER_ERRORS as exc:
         fail(str(exc))
     try:
         batches = target.query(selection)
@@ -254,7 +254,7 @@ def query(store: str, bbox: tuple[float, float, float, float] | None, survey_id:
                   contextlib.nullcontext(sys.stdout)) as stream:
                 count = (export.write_csv(batches, stream) if fmt == "csv"
                          else export.write_geojson(batches, stream, target.crs))
-    except PipelineError as exc:
+    except USER_ERRORS as exc:
         fail(str(exc))
     finally:
         target.close()

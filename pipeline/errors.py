@@ -54,3 +54,7 @@ class StorageError(PipelineError, OSError):
 
     def __reduce__(self):  # picklable with its arguments (Prefect keeps task results)
         return type(self), (self.uri, self.problem, self.transient)
+
+
+# Errors whose message is meant for the user: a command prints it on one line and exits.
+USER_ERRORS = (PipelineError, ModelError)

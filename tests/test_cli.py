@@ -59,3 +59,10 @@ def test_models_export_reports_the_difference_to_torch(tmp_path, test_models):
     assert result.exit_code == 0, result.output
     diff = float(result.output.split("max abs difference to torch ")[1].split()[0])
     assert diff < 1e-4 and (tmp_path / "m.onnx").stat().st_size > 1e6
+
+
+def test_an_unknown_model_is_one_line_not_a_traceback(tmp_path, test_models):
+    (tmp_path / "images").mkdir()
+    result = CliRunner().invoke(cli, ["segment", str(tmp_path / "images"), str(tmp_path / "out"),
+                                      "--model", "nope:1.0.0"])
+    assert result.exit_code == 2 and "error: unknown model 'nope'" in result.output
