@@ -12,6 +12,7 @@ backends.
 from __future__ import annotations
 
 import importlib.util
+from concurrent.futures import ThreadPoolExecutor
 import logging
 import os
 from pathlib import Path
@@ -62,7 +63,14 @@ class Backend(Protocol):
 
 
 class OnnxRuntimeBackend:
-    """The model's ONNX graph on ONNX Runtime's CPU provider."""
+    """The model's ONNX graph on ONNX Runtime's CPU provider.
+
+    Each batch is split across ``threads`` single-threaded runs of one session
+    in parallel (ONNX Runtime sessions are safe to call concurrently), rather
+    than one run with ``threads`` intra-op threads: independent runs never wait
+    at each other's barriers, which measured 83 against 60 chips/s for B16 on 2
+    cores, and more when the reader and stitcher threads share the cores.
+    """
 
     name = "onnxruntime"
 
@@ -70,14 +78,26 @@ class OnnxRuntimeBackend:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.intra_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle ORT threads must sleep, not spin: the reader and stitcher threads
+        # need those cores between batches (spinning halved end-to-end throughput).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(str(onnx_path), options,
                                              providers=["CPUExecutionProvider"])
         self.batch_size = batch_size
+        self.threads = threads or os.cpu_count() or 1
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="crackmap-onnx")
+
+    def _run(self, chips: np.ndarray) -> np.ndarray:
+        return self._session.run(None, {"chips": chips})[0]
 
     def predict(self, chips: np.ndarray) -> np.ndarray:
-        return self._session.run(None, {"chips": np.ascontiguousarray(chips, dtype=np.uint8)})[0]
+        chips = np.ascontiguousarray(chips, dtype=np.uint8)
+        parts = [p for p in np.array_split(chips, min(self.threads, len(chips))) if len(p)]
+        if len(parts) == 1:
+            return self._run(chips)
+        return np.concatenate(list(self._pool.map(self._run, parts)))
 
 
 class TorchBackend:

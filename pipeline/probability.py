@@ -32,6 +32,11 @@ class ProbabilityWriter:
     COG and renames it into place, so ``path`` is either absent or complete.
     A storage URL (``s3://...``) is staged in a local temporary folder and
     uploaded by ``finish``: the object appears whole or not at all.
+
+    Rows are buffered into whole rows of 512-pixel tiles, so each tile is
+    written once and never read back; the file is opened by the thread that
+    writes it.  (Partial tiles written from a worker thread made GDAL fail
+    now and then with "TIFFReadEncodedTile() failed".)
     """
 
     def __init__(self, path: str | Path, scene: Scene) -> None:
@@ -40,27 +45,49 @@ class ProbabilityWriter:
         self.path = self._staging / Path(self.uri).name if self.uri else Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._partial = self.path.with_name(self.path.name + ".partial.tif")
-        self._env = gdal_env()
-        self._env.__enter__()
-        self._ds = rasterio.open(self._partial, "w", driver="GTiff", width=scene.width,
-                                 height=scene.height, count=1, dtype="uint8", crs=scene.crs,
-                                 transform=scene.transform, tiled=True, blockxsize=512,
-                                 blockysize=512, compress="deflate")
+        self._scene = scene
+        self._ds = None
+        self._rows: list[tuple[np.ndarray, np.ndarray]] = []
+        self._buffered = 0
+        self._written = 0  # rows on disk; always a multiple of STRIP_ROWS until the end
 
     def __call__(self, row_off: int, probability: np.ndarray, valid: np.ndarray) -> None:
-        window = Window(0, row_off, probability.shape[1], probability.shape[0])
-        self._ds.write(probability, 1, window=window)
-        self._ds.write_mask(valid, window=window)
+        if row_off != self._written + self._buffered:
+            raise ValueError(f"rows must arrive in order: expected row {self._written + self._buffered}, "
+                             f"got {row_off}")
+        self._rows.append((probability, valid))
+        self._buffered += len(probability)
+        if self._buffered >= STRIP_ROWS:
+            self._write(self._buffered - self._buffered % STRIP_ROWS)
+
+    def _write(self, rows: int) -> None:
+        probability = np.concatenate([p for p, _ in self._rows])
+        valid = np.concatenate([v for _, v in self._rows])
+        with gdal_env():
+            if self._ds is None:
+                scene = self._scene
+                self._ds = rasterio.open(self._partial, "w", driver="GTiff", width=scene.width,
+                                         height=scene.height, count=1, dtype="uint8", crs=scene.crs,
+                                         transform=scene.transform, tiled=True, blockxsize=STRIP_ROWS,
+                                         blockysize=STRIP_ROWS, compress="deflate")
+            window = Window(0, self._written, probability.shape[1], rows)
+            self._ds.write(probability[:rows], 1, window=window)
+            self._ds.write_mask(valid[:rows], window=window)
+        self._rows = [(probability[rows:], valid[rows:])] if rows < len(probability) else []
+        self._written += rows
+        self._buffered -= rows
 
     def finish(self) -> str | Path:
         """Close, convert to COG, move (or upload) into place; returns the path or URL."""
-        self._ds.close()
+        if self._buffered or self._ds is None:
+            self._write(self._buffered)
         staged = self.path.with_name(self.path.name + ".cog.tif")
-        rasterio.shutil.copy(self._partial, staged, driver="COG", compress="deflate",
-                             blocksize=512, overview_resampling="average")
+        with gdal_env():
+            self._ds.close()
+            rasterio.shutil.copy(self._partial, staged, driver="COG", compress="deflate",
+                                 blocksize=512, overview_resampling="average")
         os.replace(staged, self.path)
         self._partial.unlink()
-        self._env.__exit__(None, None, None)
         if self.uri is None:
             return self.path
         try:
@@ -71,13 +98,12 @@ class ProbabilityWriter:
 
     def abort(self) -> None:
         """Close and delete whatever was written."""
-        if not self._ds.closed:
+        if self._ds is not None and not self._ds.closed:
             self._ds.close()
         for leftover in (self._partial, self.path.with_name(self.path.name + ".cog.tif")):
             leftover.unlink(missing_ok=True)
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
-        self._env.__exit__(None, None, None)
 
 
 def read_rows(path: str | Path, strip_rows: int = STRIP_ROWS) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
