@@ -14,6 +14,7 @@ owner): ``crackmap_writer`` publishes, ``crackmap_reader`` only reads.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import struct
 import sys
@@ -32,7 +33,9 @@ from pipeline.records import SceneResult
 from pipeline.store import (DEFAULT_CRS, QUERY_FIELDS, SCENE_FIELDS, CrackQuery, RunInfo, SceneSelection,
                             check_crs, crack_uuid_bytes, empty_summary, missing_scenes)
 
-MIGRATIONS = Path(__file__).resolve().parents[1] / "infra" / "migrations"
+# The source tree's infra/migrations; an installed (non-editable) package is told where they are.
+MIGRATIONS = Path(os.environ.get("CRACKMAP_MIGRATIONS",
+                                 Path(__file__).resolve().parents[1] / "infra" / "migrations"))
 MIGRATION_LOCK = 0x6372_6B6D  # "crkm": pg_advisory_xact_lock key, one migrator at a time
 # The binary COPY of a crack row: the fixed-size fields, the scene's constant ones, then the
 # variable ones.  Geometry travels as EWKB, which is the geometry type's binary input.
