@@ -48,11 +48,6 @@ class SceneOptions:
         return replace(self.vectorize, threshold=self.threshold or model.threshold)
 
 
-def sha256_of(uri: str) -> str:
-    """A scene's source identity: a local file's sha256, or an object's ETag."""
-    return storage.identity(uri)
-
-
 class _Worker(threading.Thread):
     """A thread that keeps its exception for the thread that joins it."""
 
@@ -138,7 +133,7 @@ def process_scene(uri: str, backend: Backend, model: ModelEntry, probability_pat
     Writes the scene's crack probability COG to ``probability_path`` (a local
     path or a storage URL) and returns its measured crack lines in ``store_crs``.
     ``source_sha256`` is the source identity if the caller already has it
-    (an ETag from a listing); otherwise it is computed (``sha256_of``).
+    (an ETag from a listing); otherwise it is computed (``storage.identity``).
 
     Raises:
         SceneReadError: the file is missing, not a raster, or truncated.
@@ -170,5 +165,5 @@ def process_scene(uri: str, backend: Backend, model: ModelEntry, probability_pat
     cracks = tuple(line for piece in pieces if (line := geo.crack_line(piece)) is not None)
     return SceneResult(scene=scene, cracks=cracks, footprint=geo.footprint(scene.width, scene.height),
                        chip_count=chips, probability_path=str(probability_path),
-                       seconds=time.perf_counter() - started, sha256=source_sha256 or sha256_of(uri),
+                       seconds=time.perf_counter() - started, sha256=source_sha256 or storage.identity(uri),
                        stats={"pixel_size_m": geo.pixel_size_m})

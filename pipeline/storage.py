@@ -214,14 +214,11 @@ def identity(uri: str) -> str:
         StorageError: the object is missing or cannot be read.
     """
     if not is_url(uri):
-        digest = hashlib.sha256()
         try:
             with open(uri, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+                return _sha256(f)
         except OSError as exc:
             raise StorageError(uri, f"cannot read ({exc.strerror or exc})") from exc
-        return digest.hexdigest()
     try:
         info = filesystem(uri).info(_strip_protocol(uri))
     except Exception as exc:  # classified by ERROR_POLICY
@@ -229,11 +226,16 @@ def identity(uri: str) -> str:
     etag = _etag(info)
     if etag is None:  # a store without ETags: hash the object (streamed)
         with filesystem(uri).open(_strip_protocol(uri), "rb") as f:
-            digest = hashlib.sha256()
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+            return _sha256(f)
     return etag
+
+
+def _sha256(f) -> str:
+    """sha256 of a binary file object, read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+    return digest.hexdigest()
 
 
 def upload(local: Path, uri: str) -> None:
