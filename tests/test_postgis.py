@@ -88,19 +88,46 @@ def test_migrations_apply_to_an_empty_database_and_twice_are_a_no_op(postgis):
     name = postgis.new_database(empty=True)
     try:
         with psycopg.connect(postgis.url_of(name), autocommit=True) as con:
-            assert migrate(con) == ["0001"]
+            assert migrate(con) == ["0001", "0002"]
             assert migrate(con) == []
             tables = {r[0] for r in con.execute(
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")}
             assert {"surveys", "scenes", "runs", "models", "cracks", "current_cracks",
                     "schema_migrations"} <= tables
-            assert con.execute("SELECT version FROM schema_migrations").fetchall() == [("0001",)]
+            assert con.execute("SELECT version FROM schema_migrations ORDER BY 1").fetchall() == [
+                ("0001",), ("0002",)]
             assert con.execute("SELECT type, srid FROM geometry_columns WHERE f_table_name = 'cracks'"
                                ).fetchone() == ("LINESTRING", 4326)
             indexes = {r[0] for r in con.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'cracks'")}
             assert {"cracks_geom", "cracks_scene", "cracks_model", "cracks_severity"} <= indexes
     finally:
         postgis.drop(name)
+
+
+def test_cracks_need_their_scene_row_and_go_with_it(pg_database):
+    """The cracks -> scenes key, checked per statement (migration 0002) as a foreign key would."""
+    store = open_store(pg_database)
+    store.publish(synthetic(6), RUN)
+    store.publish(synthetic(4, "s2"), RUN)
+    store.close()
+    with psycopg.connect(pg_database) as con:
+        copy_one = ("INSERT INTO cracks SELECT gen_random_uuid(), survey_id, %s, model_name, model_version, "
+                    "model_sha256, run_id, length_m, width_mean_mm, width_max_mm, orientation_deg, "
+                    "confidence, severity, created_at, geom FROM cracks LIMIT 1")
+        with pytest.raises(psycopg.errors.ForeignKeyViolation, match="scene survey-a/nowhere"):
+            with con.transaction():
+                con.execute(copy_one, ("nowhere",))
+        with pytest.raises(psycopg.errors.ForeignKeyViolation, match="no row in scenes"):
+            with con.transaction():
+                con.execute("UPDATE cracks SET model_version = '9.9.9' WHERE scene_id = 's1'")
+        with pytest.raises(psycopg.errors.ForeignKeyViolation, match="key cannot change"):
+            with con.transaction():
+                con.execute("UPDATE scenes SET scene_id = 's3' WHERE scene_id = 's1'")
+        with con.transaction():
+            con.execute(copy_one, ("s2",))  # a crack of an existing scene is fine
+            con.execute("UPDATE scenes SET is_current = false")  # keys unchanged: fine
+            con.execute("DELETE FROM scenes WHERE scene_id = 's1'")
+        assert con.execute("SELECT scene_id, count(*) FROM cracks GROUP BY 1").fetchall() == [("s2", 5)]
 
 
 def test_a_store_opened_on_an_empty_database_migrates_it_in_its_crs(postgis):
