@@ -38,11 +38,14 @@ GDAL_OPTIONS = {
     "CPL_VSIL_CURL_NON_CACHED": "/vsis3/:/vsigs/:/vsiaz/:/vsicurl/",
     "VSI_CACHE": "TRUE",
 }
-# Schemes GDAL reads itself (rasterio maps s3:// to /vsis3/ ...); other fsspec URLs go
-# through fsspec file objects.  GDAL was faster than fsspec file objects with a bounded
-# read-ahead (benchmarks/s3_read.py, docs/benchmarks.md).
+# How object storage is read (benchmarks/s3_read.py, docs/benchmarks.md).  "fsspec": GDAL
+# decodes from an fsspec file object whose next block is fetched in a background thread
+# while the current one is decoded; "gdal": GDAL's own /vsis3/ (rasterio maps s3:// and
+# friends to it), which fetches and decodes in turn.  The first was measured faster on
+# s3:// COGs; GDAL_SCHEMES are the schemes "gdal" can read, every other scheme uses fsspec.
 GDAL_SCHEMES = ("s3", "gs", "az", "http", "https")
-READ_METHOD = "gdal"  # or "fsspec"
+READ_METHOD = "fsspec"
+READ_AHEAD_BLOCKS = 4  # blocks of storage.S3_BLOCK_BYTES held per open scene, the next one prefetched
 STRETCH_PERCENTILES = (0.5, 99.5)
 PREVIEW_PX = 1024
 
@@ -96,7 +99,29 @@ def open_raster(uri: str, method: str | None = None) -> rasterio.DatasetReader:
     scheme = urlsplit(uri).scheme
     if (method or READ_METHOD) == "gdal" and scheme in GDAL_SCHEMES:
         return rasterio.open(uri)
-    return rasterio.open(uri.split("://", 1)[1], opener=storage.filesystem(uri))
+    fs, path = storage.filesystem(uri), uri.split("://", 1)[1]
+    try:
+        return rasterio.open(path, opener=_ReadAhead(fs))
+    except RasterioError:
+        fs.cat_file(path, 0, 1)  # rasterio hides why it could not read the object: ask storage
+        raise
+
+
+class _ReadAhead:
+    """An fsspec filesystem as a rasterio opener whose files fetch the next block in the background.
+
+    Memory per open file: ``READ_AHEAD_BLOCKS`` blocks (fsspec's "background" block cache).
+    """
+
+    def __init__(self, fs) -> None:
+        self._fs = fs
+
+    def open(self, path: str, mode: str = "rb", **kwargs):
+        return self._fs.open(path, "rb", cache_type="background",
+                             cache_options={"maxblocks": READ_AHEAD_BLOCKS})
+
+    def __getattr__(self, name: str):  # isfile, isdir, ls, size, mtime: the filesystem's own
+        return getattr(self._fs, name)
 
 
 def read_error(uri: str, exc: BaseException, otherwise: str = "not a readable raster") -> SceneReadError:
