@@ -70,8 +70,12 @@ def end_to_end_child(scene: str, spec: str, out: str) -> None:
     from pipeline.scene import SceneOptions, process_scene
     from pipeline.store import DEFAULT_CRS
 
+    from pipeline.vectorize import warm_up
+
     entry = resolve(spec)
     backend = load_backend(entry, "auto")
+    backend.predict(np.zeros((backend.batch_size, 3, 400, 400), np.uint8))  # warm-ups, as for model-only
+    warm_up()
     started = time.perf_counter()
     result = process_scene(scene, backend, entry, Path(out), DEFAULT_CRS, SceneOptions())
     seconds = time.perf_counter() - started

@@ -28,8 +28,10 @@ STRIP_ROWS = 512
 class ProbabilityWriter:
     """A ``stitching.RowSink`` that writes rows to ``path`` as a COG, atomically.
 
-    Rows go to a tiled GeoTIFF beside the target; ``finish`` converts it to a
-    COG and renames it into place, so ``path`` is either absent or complete.
+    Rows go to an uncompressed tiled GeoTIFF beside the target (compressing it
+    would be done twice); ``finish`` converts it to a COG (deflate level 1, on
+    all cores: it runs after the network is done) and renames it into place,
+    so ``path`` is either absent or complete.
     A storage URL (``s3://...``) is staged in a local temporary folder and
     uploaded by ``finish``: the object appears whole or not at all.
 
@@ -69,7 +71,7 @@ class ProbabilityWriter:
                 self._ds = rasterio.open(self._partial, "w", driver="GTiff", width=scene.width,
                                          height=scene.height, count=1, dtype="uint8", crs=scene.crs,
                                          transform=scene.transform, tiled=True, blockxsize=STRIP_ROWS,
-                                         blockysize=STRIP_ROWS, compress="deflate")
+                                         blockysize=STRIP_ROWS)
             window = Window(0, self._written, probability.shape[1], rows)
             self._ds.write(probability[:rows], 1, window=window)
             self._ds.write_mask(valid[:rows], window=window)
@@ -84,8 +86,8 @@ class ProbabilityWriter:
         staged = self.path.with_name(self.path.name + ".cog.tif")
         with gdal_env():
             self._ds.close()
-            rasterio.shutil.copy(self._partial, staged, driver="COG", compress="deflate",
-                                 blocksize=512, overview_resampling="average")
+            rasterio.shutil.copy(self._partial, staged, driver="COG", compress="deflate", level=1,
+                                 num_threads="ALL_CPUS", blocksize=512, overview_resampling="average")
         os.replace(staged, self.path)
         self._partial.unlink()
         if self.uri is None:

@@ -154,6 +154,9 @@ class SceneReader:
             self.scene = self._describe(scene_id or scene_id_for(uri))
             self._bands = self._rgb_bands()
             self._scale = self._stretch()
+            block_rows = self._ds.block_shapes[0][0]  # decode in runs of whole blocks (>= 256 rows)
+            self._run_rows = block_rows * max(1, 256 // block_rows) if block_rows <= 1024 else 512
+            self._held = (0, np.zeros((3, 0, self._ds.width), np.uint8), np.zeros((0, self._ds.width), bool))
         except Exception:
             self.close()
             raise
@@ -214,13 +217,46 @@ class SceneReader:
     def read_strip(self, row_off: int, height: int) -> tuple[np.ndarray, np.ndarray]:
         """RGB uint8 (3, height, width) and valid mask (height, width) of a row strip.
 
-        Rows past the scene's bottom edge come back zero and invalid.
+        Rows past the scene's bottom edge come back zero and invalid.  Rows are
+        decoded in runs aligned to the file's blocks and kept until a later strip
+        starts below them, so overlapping strips read top to bottom decode each
+        block once (400-row strips over 512-row blocks decoded them 2.4 times).
         """
         ds = self._ds
         width = max(ds.width, height)  # a scene narrower than a chip is padded on the right too
         rgb = np.zeros((3, height, width), dtype=np.uint8)
         valid = np.zeros((height, width), dtype=bool)
         rows = min(height, ds.height - row_off)
+        start, data, mask = self._decoded_rows(row_off, row_off + rows)
+        rgb[:, :rows, :ds.width] = data[:, row_off - start:row_off - start + rows]
+        valid[:rows, :ds.width] = mask[row_off - start:row_off - start + rows]
+        return rgb, valid
+
+    def _decoded_rows(self, first: int, stop: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """(start, rgb, valid) of decoded rows start..: covering first..stop, start <= first."""
+        start, data, mask = self._held
+        if not start <= first <= start + len(mask):  # not the next strip down: start afresh
+            start = first - first % self._run_rows
+            data, mask = data[:, :0], mask[:0]
+        if first - start >= self._run_rows:  # drop whole runs above the strip
+            drop = (first - start) // self._run_rows * self._run_rows
+            start, data, mask = start + drop, data[:, drop:], mask[drop:]
+        runs_data, runs_mask = [data], [mask]
+        end = start + len(mask)
+        while end < stop:
+            run_stop = min(end + self._run_rows - end % self._run_rows, self._ds.height)
+            run_data, run_mask = self._decode(end, run_stop - end)
+            runs_data.append(run_data)
+            runs_mask.append(run_mask)
+            end = run_stop
+        if len(runs_mask) > 1:
+            data, mask = np.concatenate(runs_data, axis=1), np.concatenate(runs_mask)
+        self._held = (start, data, mask)
+        return self._held
+
+    def _decode(self, row_off: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """RGB uint8 (invalid pixels zero) and valid mask of scene rows row_off..row_off + rows."""
+        ds = self._ds
         window = Window(0, row_off, ds.width, rows)
         try:
             data = ds.read(self._bands, window=window)
@@ -229,11 +265,10 @@ class SceneReader:
             raise read_error(self.uri, exc, "truncated or corrupt") from exc
         if self._scale is not None:
             offset, scale = self._scale
-            data = np.clip((data.astype(np.float32) - offset) * scale + 0.5, 0, 255)
-        rgb[:, :rows, :ds.width] = data
-        rgb[:, :rows, :ds.width] *= mask
-        valid[:rows, :ds.width] = mask
-        return rgb, valid
+            data = np.clip((data.astype(np.float32) - offset) * scale + 0.5, 0, 255).astype(np.uint8)
+        if not mask.all():
+            data *= mask
+        return data, mask
 
     def chip_batches(self, size_px: int, overlap_px: int, batch_size: int) -> Iterator[ChipBatch]:
         """Yield the scene's chips in row-major order, skipping chips with no valid pixel."""

@@ -73,31 +73,54 @@ class Piece:
 EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
 
 
-def crack_mask(probability: np.ndarray, valid: np.ndarray, params: VectorizeParams) -> np.ndarray:
-    """Crack pixels of a uint8 probability array: hysteresis threshold, then speck removal.
+def crack_regions(probability: np.ndarray, valid: np.ndarray,
+                  params: VectorizeParams) -> tuple[np.ndarray, int]:
+    """Crack regions of a uint8 probability array: hysteresis threshold, then speck removal.
 
     Regions above the low threshold (8-connected, so thin diagonal cracks
     hold together) are kept if they reach the high threshold somewhere and
-    have at least ``min_area_px`` pixels.  Most bands have no crack at all and
-    cost one comparison.
+    have at least ``min_area_px`` pixels.  Returns ``(labels, count)``: the
+    kept regions numbered 1..count, 0 elsewhere.  Cracks cover a tiny part of
+    a band, so after labelling only the pixels above the low threshold are
+    touched; most bands have no crack at all and cost one pass.
+
+    >>> p = np.zeros((5, 40), np.uint8); p[2, 5:35] = 200; p[2, 35:38] = 80; p[4, :3] = 200
+    >>> labels, count = crack_regions(p, p >= 0, VectorizeParams(min_area_px=5))
+    >>> count, int((labels > 0).sum())
+    (1, 33)
+    """
+    high = np.uint8(min(np.ceil(params.threshold * 255.0), 255))
+    empty = np.zeros(probability.shape, dtype=np.int32), 0
+    if probability.max(initial=0) < high:
+        return empty
+    low = probability >= params.threshold * params.low_ratio * 255.0
+    if not valid.all():
+        low &= valid
+    labels, count = ndimage.label(low, structure=EIGHT_NEIGHBOURS)
+    where = np.flatnonzero(low)
+    region = labels.ravel()[where]
+    seeded = np.zeros(count + 1, dtype=bool)
+    seeded[region[probability.ravel()[where] >= high]] = True
+    keep = seeded & (np.bincount(region, minlength=count + 1) >= params.min_area_px)
+    keep[0] = False
+    if not keep.any():
+        return empty
+    renumber = np.cumsum(keep, dtype=np.int32) * keep
+    labels.ravel()[where] = renumber[region]
+    return labels, int(keep.sum())
+
+
+def crack_mask(probability: np.ndarray, valid: np.ndarray, params: VectorizeParams) -> np.ndarray:
+    """``crack_regions`` as a boolean mask.
 
     >>> p = np.zeros((5, 40), np.uint8); p[2, 5:35] = 200; p[2, 35:38] = 80
     >>> int(crack_mask(p, p >= 0, VectorizeParams(min_area_px=5)).sum())
     33
     """
-    high = probability >= params.threshold * 255.0
-    if not high.any():
-        return np.zeros(probability.shape, dtype=bool)
-    low = (probability >= params.threshold * params.low_ratio * 255.0) & valid
-    labels, count = ndimage.label(low, structure=EIGHT_NEIGHBOURS)
-    keep = np.zeros(count + 1, dtype=bool)
-    keep[labels[high & valid]] = True
-    keep &= np.bincount(labels.ravel(), minlength=count + 1) >= params.min_area_px
-    keep[0] = False
-    return keep[labels]
+    return crack_regions(probability, valid, params)[0] > 0
 
 
-def centrelines(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def centrelines(mask: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Skeleton of a mask and its distance transform, computed region by region.
 
     Returns ``(skeleton, half_width)``: ``skeletonize(mask)`` and
@@ -105,21 +128,38 @@ def centrelines(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     are computed only inside each crack region's bounding box, grown by one
     pixel so that its border is background: cracks cover a small part of a
     band, and whole-band transforms cost time for every background pixel.
+    ``labels`` (the mask's 8-connected regions, from ``crack_regions``) saves
+    labelling the mask again.
 
     >>> m = np.zeros((9, 30), bool); m[3:6, 2:28] = True
     >>> skeleton, half_width = centrelines(m)
     >>> bool((skeleton == skeletonize(m)).all()), float(half_width[4, 10])
     (True, 2.0)
     """
-    labels, _ = ndimage.label(mask, structure=EIGHT_NEIGHBOURS)
+    if labels is None:
+        labels, _ = ndimage.label(mask, structure=EIGHT_NEIGHBOURS)
     skeleton = np.zeros_like(mask)
     half_width = np.zeros(mask.shape, dtype=np.float32)
     for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
         grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
         region = labels[grown] == index
         skeleton[grown] |= skeletonize(region)
         half_width[grown] += ndimage.distance_transform_edt(region).astype(np.float32)
     return skeleton, half_width
+
+
+def warm_up() -> None:
+    """Compile skan's numba code now (~2.5 s, once per process) rather than on the first crack.
+
+    Long-running workers pay it once either way; benchmarks call this before timing,
+    as they warm the network up.
+    """
+    y = np.zeros((9, 9), bool)
+    y[4, :5] = y[:4, 5] = y[5:, 5] = True  # a junction and a spur: every code path
+    y[4, 4:6] = True
+    skeleton_paths(y, spur_px=3.0)
 
 
 def skeleton_paths(skeleton: np.ndarray, spur_px: float) -> list[np.ndarray]:
@@ -174,10 +214,10 @@ def band_pieces(probability: np.ndarray, valid: np.ndarray, row_off: int, first:
     ``probability`` and ``valid`` hold scene rows from ``row_off`` on,
     including the halo around ``[first, stop)``.
     """
-    mask = crack_mask(probability, valid, params)
-    if not mask.any():
+    labels, count = crack_regions(probability, valid, params)
+    if count == 0:
         return []
-    skeleton, half_width = centrelines(mask)
+    skeleton, half_width = centrelines(labels > 0, labels)
     pieces = []
     for path in skeleton_paths(skeleton, params.spur_px):
         absolute = path + np.array([row_off, 0])
