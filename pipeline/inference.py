@@ -12,11 +12,13 @@ backends.
 from __future__ import annotations
 
 import importlib.util
-from concurrent.futures import ThreadPoolExecutor
 import logging
 import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -52,6 +54,9 @@ def pad_batch(chips: np.ndarray, batch: int) -> np.ndarray:
     return padded
 
 
+T = TypeVar("T")
+
+
 class Backend(Protocol):
     """Runs a model on batches of chips."""
 
@@ -62,14 +67,40 @@ class Backend(Protocol):
         """uint8 (N, 3, H, W) RGB chips -> float32 (N, H, W) crack probability."""
 
 
+def predictions(backend: Backend, items: Iterable[T], chips: Callable[[T], np.ndarray]
+                ) -> Iterator[tuple[T, np.ndarray]]:
+    """``(item, backend.predict(chips(item)))`` for each item, in order.
+
+    A backend with ``submit(chips) -> Future`` keeps up to ``backend.threads``
+    batches in flight, so the next batch starts while one is still running.
+    """
+    submit = getattr(backend, "submit", None)
+    if submit is None:
+        for item in items:
+            yield item, backend.predict(chips(item))
+        return
+    pending: deque = deque()
+    for item in items:
+        pending.append((item, submit(chips(item))))
+        if len(pending) >= backend.threads:
+            item, future = pending.popleft()
+            yield item, future.result()
+    while pending:
+        item, future = pending.popleft()
+        yield item, future.result()
+
+
 class OnnxRuntimeBackend:
     """The model's ONNX graph on ONNX Runtime's CPU provider.
 
-    Each batch is split across ``threads`` single-threaded runs of one session
-    in parallel (ONNX Runtime sessions are safe to call concurrently), rather
-    than one run with ``threads`` intra-op threads: independent runs never wait
-    at each other's barriers, which measured 83 against 60 chips/s for B16 on 2
-    cores, and more when the reader and stitcher threads share the cores.
+    ``threads`` single-threaded runs of one session go in parallel (ONNX
+    Runtime sessions are safe to call concurrently), rather than one run with
+    ``threads`` intra-op threads: independent runs never wait at each other's
+    barriers, which measured 83 against 60 chips/s for B16 on 2 cores, and more
+    when the reader and stitcher threads share the cores.  ``predict`` splits a
+    batch across them; ``submit`` runs a whole batch on one of them, so a scene
+    (``predictions``) keeps ``threads`` batches going without waiting for the
+    slowest part of each.
     """
 
     name = "onnxruntime"
@@ -91,6 +122,9 @@ class OnnxRuntimeBackend:
 
     def _run(self, chips: np.ndarray) -> np.ndarray:
         return self._session.run(None, {"chips": chips})[0]
+
+    def submit(self, chips: np.ndarray) -> Future:
+        return self._pool.submit(self._run, np.ascontiguousarray(chips, dtype=np.uint8))
 
     def predict(self, chips: np.ndarray) -> np.ndarray:
         chips = np.ascontiguousarray(chips, dtype=np.uint8)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,11 +19,11 @@ from rasterio.crs import CRS
 from models.registry import ModelEntry
 from pipeline import storage
 from pipeline.errors import SceneContentError
-from pipeline.inference import Backend
+from pipeline.inference import Backend, predictions
 from pipeline.measure import Georeferencer, Severity
 from pipeline.probability import ProbabilityWriter
 from pipeline.raster import SceneReader
-from pipeline.records import SceneResult
+from pipeline.records import ChipBatch, SceneResult
 from pipeline.stitching import StripStitcher
 from pipeline.tiling import chip_windows
 from pipeline.vectorize import BandVectorizer, VectorizeParams
@@ -87,11 +87,18 @@ def run_network(uri: str, scene_id: str, backend: Backend, stitcher: StripStitch
             batches.put(None)
 
     def stitch() -> None:
-        while (item := results.get()) is not None:
-            if not stop.is_set():
+        failed = None
+        while (item := results.get()) is not None:  # taken to the end: the network never blocks
+            if failed is None and not stop.is_set():
                 batch, probability = item
-                for window, p, valid in zip(batch.windows, probability, batch.valid):
-                    stitcher.add(window, p, valid)
+                try:
+                    for window, p, valid in zip(batch.windows, probability, batch.valid):
+                        stitcher.add(window, p, valid)
+                except BaseException as exc:
+                    failed = exc
+                    stop.set()
+        if failed is not None:
+            raise failed
         if not stop.is_set():
             stitcher.finish()
 
@@ -100,17 +107,32 @@ def run_network(uri: str, scene_id: str, backend: Backend, stitcher: StripStitch
         worker.start()
     total = len(chip_windows(stitcher.width, stitcher.height, options.size_px, options.overlap_px))
     chips = 0
+    reader_done = threading.Event()  # its closing None was taken off the queue
+
+    def read_batches() -> Iterator[ChipBatch]:
+        while (batch := batches.get()) is not None:
+            if stop.is_set():
+                break
+            yield batch
+        else:
+            reader_done.set()
+
+    def drain() -> None:  # so that a reader blocked on the full queue can end
+        if not reader_done.is_set():
+            while batches.get() is not None:
+                pass
+
     try:
-        while (batch := batches.get()) is not None:  # after an error: drain so the reader ends
-            if not stop.is_set():
-                results.put((batch, backend.predict(batch.pixels)))
-                chips += len(batch.windows)
-                if progress:
-                    progress(scene_id, chips, total)
+        for batch, probability in predictions(backend, read_batches(), lambda b: b.pixels):
+            results.put((batch, probability))
+            chips += len(batch.windows)
+            if progress:
+                progress(scene_id, chips, total)
+        if stop.is_set():
+            drain()
     except BaseException:
         stop.set()
-        while batches.get() is not None:
-            pass
+        drain()
         raise
     finally:
         results.put(None)

@@ -1,0 +1,109 @@
+"""One scene through the three threads: batches in order, and every failure raised, never a hang."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from conftest import DarknessBackend, paint_crack, write_scene
+from pipeline import vectorize
+from pipeline.inference import predictions
+from pipeline.scene import process_scene
+from pipeline.store import DEFAULT_CRS
+
+
+class PooledDarkness(DarknessBackend):
+    """Darkness through ``submit``, with the later of two batches often finishing first."""
+
+    threads = 2
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self._pool = ThreadPoolExecutor(self.threads)
+        self._count = 0
+        self.fail_at = fail_at
+
+    def submit(self, chips):
+        self._count += 1
+        count = self._count
+
+        def run():
+            time.sleep(0.02 if count % 2 else 0.0)
+            if count == self.fail_at:
+                raise RuntimeError(f"network failed on batch {count}")
+            return self.predict(chips)
+        return self._pool.submit(run)
+
+
+class FailingDarkness(DarknessBackend):
+    def __init__(self, fail_at: int) -> None:
+        self.calls, self.fail_at = 0, fail_at
+
+    def predict(self, chips):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError(f"network failed on batch {self.calls}")
+        return super().predict(chips)
+
+
+@pytest.fixture
+def scene(tmp_path):
+    pixels = np.full((3, 1500, 1500), 200, np.uint8)
+    paint_crack(pixels, (20, 40), (1480, 1300), width_px=5)
+    return write_scene(tmp_path / "scene.tif", pixels)
+
+
+def test_batches_in_flight_come_back_in_order():
+    backend = PooledDarkness()
+    items = [np.full((1, 3, 4, 4), i, np.uint8) for i in range(9)]
+    got = list(predictions(backend, items, lambda chips: chips))
+    assert [item[0, 0, 0, 0] for item, _ in got] == list(range(9))
+    assert all(np.allclose(p, (255 - item[0, 0, 0, 0]) / 255) for item, p in got)
+
+
+def test_a_pooled_backend_maps_the_same_cracks(scene, tmp_path, test_models):
+    from models.registry import resolve
+
+    model = resolve(None)
+    plain = process_scene(str(scene), DarknessBackend(), model, tmp_path / "a.tif", DEFAULT_CRS)
+    pooled = process_scene(str(scene), PooledDarkness(), model, tmp_path / "b.tif", DEFAULT_CRS)
+    assert len(plain.cracks) == 1
+    assert [c.geometry.wkb for c in pooled.cracks] == [c.geometry.wkb for c in plain.cracks]
+
+
+@pytest.mark.parametrize("backend", [FailingDarkness(fail_at=3), PooledDarkness(fail_at=3)],
+                         ids=["predict", "submit"])
+def test_a_network_failure_is_raised_and_nothing_is_left(scene, tmp_path, test_models, backend):
+    from models.registry import resolve
+
+    threads = threading.active_count()
+    with pytest.raises(RuntimeError, match="network failed on batch 3"):
+        process_scene(str(scene), backend, resolve(None), tmp_path / "p.tif", DEFAULT_CRS)
+    assert list(tmp_path.glob("p.tif*")) == []
+    assert threading.active_count() <= threads + 2  # the pooled backend's own threads at most
+
+
+def test_a_failure_after_the_network_is_raised_without_blocking_it(scene, tmp_path, test_models,
+                                                                     monkeypatch):
+    from models.registry import resolve
+
+    def broken(*args, **kwargs):
+        raise ValueError("vectorizing failed")
+
+    monkeypatch.setattr(vectorize, "band_pieces", broken)
+    # one chip per batch: many more batches than the queues hold, all after the failure
+    backend = DarknessBackend()
+    backend.batch_size = 1
+    done = []
+
+    def run():
+        with pytest.raises(ValueError, match="vectorizing failed"):
+            process_scene(str(scene), backend, resolve(None), tmp_path / "p.tif", DEFAULT_CRS)
+        done.append(True)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert done == [True], "process_scene hung after the stitching thread failed"
+    assert list(tmp_path.glob("p.tif*")) == []
