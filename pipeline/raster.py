@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import rasterio
-from rasterio.enums import ColorInterp
+from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import RasterioError
 from rasterio.session import DummySession
 from rasterio.windows import Window
@@ -189,8 +189,10 @@ class SceneReader:
         ds = self._ds
         factor = max(1, max(ds.width, ds.height) // PREVIEW_PX)
         shape = (max(1, ds.height // factor), max(1, ds.width // factor))
+        # no nodata, mask or alpha: every pixel is valid, and GDAL need not decode a preview
+        all_valid = all(MaskFlags.all_valid in flags for flags in ds.mask_flag_enums)
         try:
-            valid = ds.dataset_mask(out_shape=shape) > 0
+            valid = np.ones(shape, bool) if all_valid else ds.dataset_mask(out_shape=shape) > 0
             preview = None if ds.dtypes[0] == "uint8" else ds.read(
                 sorted(set(self._bands)), out_shape=(len(set(self._bands)), *shape))
         except (RasterioError, OSError) as exc:
