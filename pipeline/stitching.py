@@ -27,7 +27,8 @@ def to_uint8(probability: np.ndarray) -> np.ndarray:
     >>> to_uint8(np.array([0.0, 0.5, 1.0])).tolist()
     [0, 128, 255]
     """
-    return np.rint(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)
+    scaled = np.clip(probability, 0.0, 1.0) * np.float32(255.0)
+    return np.rint(scaled, out=scaled).astype(np.uint8)
 
 
 class StripStitcher:
@@ -50,6 +51,8 @@ class StripStitcher:
         self._sum = np.zeros((size_px, buf_width), dtype=np.float32)
         self._weight = np.zeros((size_px, buf_width), dtype=np.float32)
         self._top = 0  # scene row of buffer row 0; rows above it have been emitted
+        self._weights: dict[tuple[bool, ...], np.ndarray] = {}  # by the sides a chip shares
+        self._product = np.empty((size_px, size_px), dtype=np.float32)
 
     def add(self, window: Window, probability: np.ndarray, valid: np.ndarray) -> None:
         """Add one chip's crack probability (size_px, size_px) float and its valid mask."""
@@ -58,10 +61,17 @@ class StripStitcher:
             raise ValueError(f"chip at row {row} arrived after rows up to {self._top} were emitted; "
                              "chips must come in row-major order")
         self._emit_until(row)
-        weights = chip_weights(window, self.width, self.height, self.border_px) * valid
+        size = self.size_px
+        sides = (row > 0, row + size < self.height, col > 0, col + size < self.width)
+        if (weights := self._weights.get(sides)) is None:
+            weights = self._weights[sides] = chip_weights(window, self.width, self.height,
+                                                          self.border_px)
+        if not valid.all():
+            weights = weights * valid
         r = row - self._top
-        self._sum[r:r + self.size_px, col:col + self.size_px] += probability * weights
-        self._weight[r:r + self.size_px, col:col + self.size_px] += weights
+        np.multiply(probability, weights, out=self._product)
+        self._sum[r:r + size, col:col + size] += self._product
+        self._weight[r:r + size, col:col + size] += weights
 
     def finish(self) -> None:
         """Emit every row not yet emitted."""
@@ -72,8 +82,9 @@ class StripStitcher:
             n = min(row, self.height, self._top + self.size_px) - self._top
             weight = self._weight[:n, :self.width]
             valid = weight > 0
-            probability = np.divide(self._sum[:n, :self.width], weight, where=valid,
-                                    out=np.zeros_like(weight))
+            # where the weight is zero so is the sum: dividing by a tiny number gives 0 there
+            probability = np.maximum(weight, np.float32(1e-30))
+            np.divide(self._sum[:n, :self.width], probability, out=probability)
             self._sink(self._top, to_uint8(probability), valid)
             self._sum[:-n] = self._sum[n:]
             self._weight[:-n] = self._weight[n:]
