@@ -71,43 +71,72 @@ class Piece:
 
 
 EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
+SPARSE_GAP_PX = 32  # label_sparse: column runs closer than this are labelled as one
+SPARSE_MAX_RUNS = 64  # ... and with more runs than this, the whole band at once
+
+
+def label_sparse(mask: np.ndarray) -> tuple[np.ndarray, list[tuple[slice, slice]]]:
+    """8-connected regions of a mask: ``(labels, boxes)``, as ``ndimage.label`` and ``find_objects``.
+
+    An empty column separates regions, so when a mask's pixels lie in a few
+    column runs (cracks in a band mostly do) only those runs are labelled.
+
+    >>> m = np.zeros((4, 200), bool); m[1, 2:5] = m[2, 5] = m[0, 150:152] = True
+    >>> labels, boxes = label_sparse(m)
+    >>> int(labels.max()), [(b[0].start, b[1].start, b[1].stop) for b in boxes]
+    (2, [(1, 2, 6), (0, 150, 152)])
+    """
+    columns = np.concatenate([[0], mask.any(axis=0).view(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(columns))
+    starts, stops = edges[::2], edges[1::2]
+    apart = starts[1:] - stops[:-1] >= SPARSE_GAP_PX  # runs closer than this are labelled together
+    starts, stops = starts[np.concatenate([[True], apart])], stops[np.concatenate([apart, [True]])]
+    if len(starts) > SPARSE_MAX_RUNS or (stops - starts).sum() > mask.shape[1] // 2:
+        labels, _ = ndimage.label(mask, structure=EIGHT_NEIGHBOURS)
+        return labels, ndimage.find_objects(labels)
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    boxes: list[tuple[slice, slice]] = []
+    for a, b in zip(starts.tolist(), stops.tolist()):
+        run, _ = ndimage.label(mask[:, a:b], structure=EIGHT_NEIGHBOURS)
+        run[run > 0] += len(boxes)
+        labels[:, a:b] = run
+        boxes += [(rows, slice(cols.start + a, cols.stop + a))
+                  for rows, cols in ndimage.find_objects(run)[len(boxes):]]
+    return labels, boxes
 
 
 def crack_regions(probability: np.ndarray, valid: np.ndarray,
-                  params: VectorizeParams) -> tuple[np.ndarray, int]:
+                  params: VectorizeParams) -> tuple[np.ndarray, list[tuple[slice, slice]]]:
     """Crack regions of a uint8 probability array: hysteresis threshold, then speck removal.
 
     Regions above the low threshold (8-connected, so thin diagonal cracks
     hold together) are kept if they reach the high threshold somewhere and
-    have at least ``min_area_px`` pixels.  Returns ``(labels, count)``: the
-    kept regions numbered 1..count, 0 elsewhere.  Cracks cover a tiny part of
-    a band, so after labelling only the pixels above the low threshold are
-    touched; most bands have no crack at all and cost one pass.
+    have at least ``min_area_px`` pixels.  Returns ``(labels, boxes)``: the
+    kept regions numbered 1..n, 0 elsewhere, and their bounding boxes.  Cracks
+    cover a tiny part of a band, so after labelling only the pixels above the
+    low threshold are touched; most bands have no crack at all and cost one pass.
 
     >>> p = np.zeros((5, 40), np.uint8); p[2, 5:35] = 200; p[2, 35:38] = 80; p[4, :3] = 200
-    >>> labels, count = crack_regions(p, p >= 0, VectorizeParams(min_area_px=5))
-    >>> count, int((labels > 0).sum())
-    (1, 33)
+    >>> labels, boxes = crack_regions(p, p >= 0, VectorizeParams(min_area_px=5))
+    >>> len(boxes), int((labels > 0).sum()), boxes[0][1]
+    (1, 33, slice(5, 38, None))
     """
     high = np.uint8(min(np.ceil(params.threshold * 255.0), 255))
-    empty = np.zeros(probability.shape, dtype=np.int32), 0
     if probability.max(initial=0) < high:
-        return empty
+        return np.zeros(probability.shape, dtype=np.int32), []
     low = probability >= params.threshold * params.low_ratio * 255.0
     if not valid.all():
         low &= valid
-    labels, count = ndimage.label(low, structure=EIGHT_NEIGHBOURS)
+    labels, boxes = label_sparse(low)
     where = np.flatnonzero(low)
     region = labels.ravel()[where]
-    seeded = np.zeros(count + 1, dtype=bool)
+    seeded = np.zeros(len(boxes) + 1, dtype=bool)
     seeded[region[probability.ravel()[where] >= high]] = True
-    keep = seeded & (np.bincount(region, minlength=count + 1) >= params.min_area_px)
+    keep = seeded & (np.bincount(region, minlength=len(boxes) + 1) >= params.min_area_px)
     keep[0] = False
-    if not keep.any():
-        return empty
     renumber = np.cumsum(keep, dtype=np.int32) * keep
     labels.ravel()[where] = renumber[region]
-    return labels, int(keep.sum())
+    return labels, [box for box, kept in zip(boxes, keep[1:]) if kept]
 
 
 def crack_mask(probability: np.ndarray, valid: np.ndarray, params: VectorizeParams) -> np.ndarray:
@@ -120,7 +149,8 @@ def crack_mask(probability: np.ndarray, valid: np.ndarray, params: VectorizePara
     return crack_regions(probability, valid, params)[0] > 0
 
 
-def centrelines(mask: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def centrelines(mask: np.ndarray, labels: np.ndarray | None = None,
+                boxes: list[tuple[slice, slice]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Skeleton of a mask and its distance transform, computed region by region.
 
     Returns ``(skeleton, half_width)``: ``skeletonize(mask)`` and
@@ -128,21 +158,19 @@ def centrelines(mask: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.
     are computed only inside each crack region's bounding box, grown by one
     pixel so that its border is background: cracks cover a small part of a
     band, and whole-band transforms cost time for every background pixel.
-    ``labels`` (the mask's 8-connected regions, from ``crack_regions``) saves
-    labelling the mask again.
+    ``labels`` and ``boxes`` (the mask's 8-connected regions and their boxes,
+    from ``crack_regions``) save labelling the mask again.
 
     >>> m = np.zeros((9, 30), bool); m[3:6, 2:28] = True
     >>> skeleton, half_width = centrelines(m)
     >>> bool((skeleton == skeletonize(m)).all()), float(half_width[4, 10])
     (True, 2.0)
     """
-    if labels is None:
-        labels, _ = ndimage.label(mask, structure=EIGHT_NEIGHBOURS)
+    if labels is None or boxes is None:
+        labels, boxes = label_sparse(mask)
     skeleton = np.zeros_like(mask)
     half_width = np.zeros(mask.shape, dtype=np.float32)
-    for index, box in enumerate(ndimage.find_objects(labels), start=1):
-        if box is None:
-            continue
+    for index, box in enumerate(boxes, start=1):
         grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
         region = labels[grown] == index
         skeleton[grown] |= skeletonize(region)
@@ -214,10 +242,10 @@ def band_pieces(probability: np.ndarray, valid: np.ndarray, row_off: int, first:
     ``probability`` and ``valid`` hold scene rows from ``row_off`` on,
     including the halo around ``[first, stop)``.
     """
-    labels, count = crack_regions(probability, valid, params)
-    if count == 0:
+    labels, boxes = crack_regions(probability, valid, params)
+    if not boxes:
         return []
-    skeleton, half_width = centrelines(labels > 0, labels)
+    skeleton, half_width = centrelines(labels > 0, labels, boxes)
     pieces = []
     for path in skeleton_paths(skeleton, params.spur_px):
         absolute = path + np.array([row_off, 0])

@@ -1,7 +1,10 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from affine import Affine
 from pyproj import Geod
+from scipy import ndimage
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 from shapely.geometry import LineString
@@ -10,7 +13,8 @@ from conftest import paint_crack, write_scene
 from pipeline.measure import pixel_to_map
 from pipeline.scene import SceneOptions, process_scene
 from pipeline.store import DEFAULT_CRS
-from pipeline.vectorize import BandVectorizer, Piece, SeamJoiner, VectorizeParams, cut_to_rows
+from pipeline.vectorize import (BandVectorizer, Piece, SeamJoiner, VectorizeParams, cut_to_rows,
+                                label_sparse)
 
 PIXEL_M = 0.002
 UTM = CRS.from_epsg(32633)
@@ -160,3 +164,21 @@ def test_a_crs_the_store_cannot_reach_fails_before_the_network_runs(tmp_path):
             'CS[ellipsoidal,2],AXIS["lat",north,ANGLEUNIT["degree",0.0174532925199433]],'
             'AXIS["lon",east,ANGLEUNIT["degree",0.0174532925199433]]]'), SceneOptions())
     assert not (tmp_path / "p.tif").exists()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 12), st.sampled_from([0.001, 0.01, 0.3]))
+def test_label_sparse_finds_the_regions_ndimage_finds(seed, blobs, noise):
+    """Same regions (up to numbering) and boxes as ndimage, on sparse and dense masks."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random((60, 700)) < noise
+    for _ in range(blobs):  # a few short strokes, some crossing each other's columns
+        r, c = rng.integers(0, 55), rng.integers(0, 690)
+        mask[r:r + rng.integers(1, 6), c:c + rng.integers(1, 10)] = True
+    labels, boxes = label_sparse(mask)
+    expected, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    assert len(boxes) == count == labels.max()
+    pairs = set(zip(labels[mask].tolist(), expected[mask].tolist()))
+    assert len(pairs) == count  # a one-to-one match of regions
+    expected_boxes = ndimage.find_objects(expected)
+    assert all(boxes[mine - 1] == expected_boxes[theirs - 1] for mine, theirs in pairs)
