@@ -1,7 +1,8 @@
 """Crack probability rasters: written as uint8 Cloud-Optimized GeoTIFFs, read back in strips.
 
 Probability p is stored as round(255 p); pixels without data are masked
-(internal mask), not given a magic value.  Keeping the probability lets
+(internal mask), not given a magic value.  A scene without such pixels has
+no mask band.  Keeping the probability lets
 vectors be extracted again, with other thresholds, without the network.
 """
 
@@ -52,6 +53,7 @@ class ProbabilityWriter:
         self._rows: list[tuple[np.ndarray, np.ndarray]] = []
         self._buffered = 0
         self._written = 0  # rows on disk; always a multiple of STRIP_ROWS until the end
+        self._masked = False  # a mask band exists: some pixel was invalid
 
     def __call__(self, row_off: int, probability: np.ndarray, valid: np.ndarray) -> None:
         if row_off != self._written + self._buffered:
@@ -74,10 +76,25 @@ class ProbabilityWriter:
                                          blockysize=STRIP_ROWS)
             window = Window(0, self._written, probability.shape[1], rows)
             self._ds.write(probability[:rows], 1, window=window)
-            self._ds.write_mask(valid[:rows], window=window)
+            if self._masked or not valid[:rows].all():
+                self._write_mask(valid[:rows], window)
         self._rows = [(probability[rows:], valid[rows:])] if rows < len(probability) else []
         self._written += rows
         self._buffered -= rows
+
+    def _write_mask(self, valid: np.ndarray, window: Window) -> None:
+        """Write mask rows; the first time, also mark every row written so far valid.
+
+        A scene whose pixels are all valid gets no mask band at all: it would only
+        say "valid" everywhere, and it tripled the COG conversion's time.
+        """
+        if not self._masked:
+            self._masked = True
+            width = self._scene.width
+            for row in range(0, self._written, STRIP_ROWS):
+                rows = min(STRIP_ROWS, self._written - row)
+                self._ds.write_mask(np.ones((rows, width), bool), window=Window(0, row, width, rows))
+        self._ds.write_mask(valid, window=window)
 
     def finish(self) -> str | Path:
         """Close, convert to COG, move (or upload) into place; returns the path or URL."""

@@ -6,10 +6,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import rasterio
+from rasterio.enums import MaskFlags
 
 from conftest import DarknessBackend, paint_crack, write_scene
 from pipeline import vectorize
 from pipeline.inference import predictions
+from pipeline.probability import read_rows
 from pipeline.scene import process_scene
 from pipeline.store import DEFAULT_CRS
 
@@ -107,3 +110,22 @@ def test_a_failure_after_the_network_is_raised_without_blocking_it(scene, tmp_pa
     worker.join(60)
     assert done == [True], "process_scene hung after the stitching thread failed"
     assert list(tmp_path.glob("p.tif*")) == []
+
+
+def test_the_probability_cog_masks_exactly_the_pixels_without_data(tmp_path, test_models):
+    from models.registry import resolve
+
+    model = resolve(None)
+    pixels = np.full((3, 1700, 900), 200, np.uint8)
+    pixels[:, 1200:1300, 100:400] = 0  # nodata first met below two full tile rows
+    with_gap = write_scene(tmp_path / "gap.tif", pixels, nodata=0)
+    full = write_scene(tmp_path / "full.tif", np.full((3, 1700, 900), 200, np.uint8))
+    for scene, name in ((with_gap, "gap"), (full, "full")):
+        process_scene(str(scene), DarknessBackend(), model, tmp_path / f"{name}-p.tif", DEFAULT_CRS)
+    valid = np.concatenate([v for _, _, v in read_rows(tmp_path / "gap-p.tif")])
+    expected = np.ones((1700, 900), bool)
+    expected[1200:1300, 100:400] = False
+    assert (valid == expected).all()
+    with rasterio.open(tmp_path / "full-p.tif") as ds:  # all valid: no mask band at all
+        assert ds.mask_flag_enums == ([MaskFlags.all_valid],)
+    assert np.concatenate([v for _, _, v in read_rows(tmp_path / "full-p.tif")]).all()
