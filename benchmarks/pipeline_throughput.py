@@ -12,7 +12,7 @@ skan's numba compilation), as model-only runs after a warm-up; all of it is
 repeated ``--rounds`` times, interleaved, and medians are reported.
 
 Usage: python benchmarks/pipeline_throughput.py [--model NAME[:VERSION]] [--width 4096]
-       [--rows 12000] [--rounds 3] [--json out.json]
+       [--rows 12000] [--rounds 3] [--compress jpeg|deflate|none] [--json out.json]
 """
 
 from __future__ import annotations
@@ -41,12 +41,18 @@ from pipeline.inference import load_backend  # noqa: E402
 from pipeline.tiling import chip_windows  # noqa: E402
 
 
-def synthetic_scene(path: Path, width: int, height: int, seed: int = 0) -> Path:
-    """A pavement-like scene with dark cracks, written strip by strip (JPEG-compressed GeoTIFF)."""
+def synthetic_scene(path: Path, width: int, height: int, seed: int = 0, compress: str = "jpeg") -> Path:
+    """A pavement-like scene with dark cracks, written strip by strip (a tiled GeoTIFF).
+
+    JPEG (YCbCr) by default, as survey imagery usually is; ``compress`` "deflate" or "none"
+    shows how much of the end-to-end time is decoding.
+    """
     rng = np.random.default_rng(seed)
+    codec = {"jpeg": dict(compress="jpeg", photometric="ycbcr"), "deflate": dict(compress="deflate"),
+             "none": {}}[compress]
     profile = dict(driver="GTiff", width=width, height=height, count=3, dtype="uint8",
                    crs="EPSG:32633", transform=from_origin(431250, 5652300, 0.0015, 0.0015),
-                   tiled=True, blockxsize=512, blockysize=512, compress="jpeg", photometric="ycbcr")
+                   tiled=True, blockxsize=512, blockysize=512, **codec)
     with rasterio.open(path, "w", **profile) as ds:
         for row in range(0, height, 1024):
             rows = min(1024, height - row)
@@ -107,6 +113,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=4096)
     parser.add_argument("--rows", type=int, default=12000, help="rows of the smaller scene")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of all measurements (medians)")
+    parser.add_argument("--compress", choices=("jpeg", "deflate", "none"), default="jpeg",
+                        help="compression of the synthetic scenes")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -115,11 +123,11 @@ def main() -> None:
     if args.child:
         end_to_end_child(args.child, spec, args.out)
         return
-    report = {"machine": machine(), "model": spec, "rounds": args.rounds}
+    report = {"machine": machine(), "model": spec, "rounds": args.rounds, "scene_compression": args.compress}
     rounds: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        scenes = {label: synthetic_scene(workdir / f"{label}.tif", args.width, rows)
+        scenes = {label: synthetic_scene(workdir / f"{label}.tif", args.width, rows, compress=args.compress)
                   for label, rows in (("small", args.rows), ("large", 4 * args.rows))}
         # Rounds alternate model-only and end-to-end runs, so that a slow spell of a shared
         # machine lands on both; figures are medians over the rounds.
