@@ -126,7 +126,7 @@ def map_scene(source: SceneSource, store: str, run: RunInfo, backend: str = "aut
     the scene's current one unless ``promote`` is False (reprocessing promotes later).
 
     Returns a summary: scene_id, status (``done`` or ``skipped``), chips, cracks,
-    length_m, seconds, probability.
+    length_m, seconds, probability (a skipped scene: its published counts, no probability).
     """
     target = open_store(store)
     try:
@@ -141,8 +141,11 @@ def map_scene(source: SceneSource, store: str, run: RunInfo, backend: str = "aut
         if published == identity and not force:
             log.info("%s: unchanged since it was mapped with %s:%s; skipped (use --force to redo)",
                      source.uri, run.model_name, run.model_version)
-            return {"scene_id": source.scene_id, "status": "skipped", "chips": 0, "cracks": 0,
-                    "length_m": 0.0, "seconds": 0.0, "probability": ""}
+            done = target.scene_summaries(run.survey_id, run.model_name, run.model_version,
+                                          [source.scene_id])[source.scene_id]
+            return {"scene_id": source.scene_id, "status": "skipped", "chips": done["chip_count"],
+                    "cracks": done["crack_count"], "length_m": round(done["total_length_m"], 3),
+                    "seconds": 0.0, "probability": ""}
         entry, net = cached_backend(f"{run.model_name}:{run.model_version}", backend)
         out = probability_path(output_dir or default_output_dir(store), run, source.scene_id)
         try:

@@ -44,6 +44,8 @@ def test_flow_maps_a_survey_and_a_rerun_leaves_the_same_rows(survey, tmp_path, t
     rows, rerun = runs
     assert [r["scene_id"] for r in rows] == ["a", "b"] and all(r["chips"] == 4 for r in rows)
     assert [r["status"] for r in rerun] == ["skipped", "skipped"]  # unchanged sources
+    published = [(r["chips"], r["cracks"], r["length_m"]) for r in rows]
+    assert [(r["chips"], r["cracks"], r["length_m"]) for r in rerun] == published  # what they hold
     assert [s[:2] for s in scenes_table(store)] == [("a", "done"), ("b", "done")]
     with sqlite3.connect(store) as con:
         survey_ids = con.execute("SELECT DISTINCT survey_id, model_name FROM scenes").fetchall()
