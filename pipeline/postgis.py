@@ -355,18 +355,10 @@ class PostGISStore:
                 raise StoreError(f"{self.name}: the query failed ({why(exc)})") from exc
 
     def scenes(self, selection: SceneSelection = SceneSelection()) -> list[dict]:
-        where, params = [], []
-        for column in ("survey_id", "model_name", "model_version"):
-            if (value := getattr(selection, column)) is not None:
-                where.append(f"{column} = %s")
-                params.append(value)
-        since, until = selection.bounds()
-        if since is not None:
-            where.append("processed_at >= %s::timestamptz")
-            params.append(since)
-        if until is not None:
-            where.append("processed_at <= %s::timestamptz")
-            params.append(until)
+        conditions = selection.comparisons()
+        where = [f"{column} {op} %s" + ("::timestamptz" if column == "processed_at" else "")
+                 for column, op, _ in conditions]
+        params: list = [value for _, _, value in conditions]
         if selection.current_only:
             where.append("is_current")
         if selection.bbox is not None:

@@ -125,6 +125,21 @@ class SceneSelection:
     def __post_init__(self) -> None:
         CrackQuery(bbox=self.bbox, model_name=self.model_name, model_version=self.model_version)
 
+    def comparisons(self) -> list[tuple[str, str, str]]:
+        """(column, operator, value) of the plain conditions, in every store's terms.
+
+        ``current_only`` and ``bbox`` are left to each store (a flag, a spatial index).
+
+        >>> SceneSelection(survey_id="road-7", since="2026-03-01").comparisons()
+        [('survey_id', '=', 'road-7'), ('processed_at', '>=', '2026-03-01T00:00:00.000Z')]
+        """
+        found = [(column, "=", value) for column in ("survey_id", "model_name", "model_version")
+                 if (value := getattr(self, column)) is not None]
+        since, until = self.bounds()
+        found += [("processed_at", op, value) for op, value in ((">=", since), ("<=", until))
+                  if value is not None]
+        return found
+
     def bounds(self) -> tuple[str | None, str | None]:
         """``since`` and ``until`` as UTC text in the stores' ``processed_at`` format.
 
@@ -402,18 +417,9 @@ class GeoPackageStore:
             cursor.connection.close()
 
     def scenes(self, selection: SceneSelection = SceneSelection()) -> list[dict]:
-        where, params = [], []
-        for column in ("survey_id", "model_name", "model_version"):
-            if (value := getattr(selection, column)) is not None:
-                where.append(f"s.{column} = ?")
-                params.append(value)
-        since, until = selection.bounds()
-        if since is not None:
-            where.append("s.processed_at >= ?")
-            params.append(since)
-        if until is not None:
-            where.append("s.processed_at <= ?")
-            params.append(until)
+        conditions = selection.comparisons()
+        where = [f"s.{column} {op} ?" for column, op, _ in conditions]
+        params: list = [value for _, _, value in conditions]
         if selection.current_only:
             where.append("s.is_current")
         if selection.bbox is not None:
