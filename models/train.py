@@ -59,8 +59,12 @@ RECIPE_FIELDS = ("variant", "datasets", "iters", "batch_size", "crop_px", "scale
 
 
 def default_data_root() -> Path:
-    """``$CRACKMAP_DATA``, else ``../shared/data/cracks`` relative to the current directory."""
-    return Path(os.environ.get("CRACKMAP_DATA", "../shared/data/cracks")).resolve()
+    """``$CRACKMAP_DATA``, else ``../shared/data/cracks`` relative to the current directory.
+
+    Kept as given (not made absolute): it is recorded in the model card, which must not
+    carry one machine's file system layout.
+    """
+    return Path(os.environ.get("CRACKMAP_DATA", "../shared/data/cracks"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -630,7 +634,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                          log_every=args.log_every, threads=args.threads, max_minutes=args.max_minutes,
                          resume=resume, stop_at=args.stop_at, device=args.device)
     if args.data_root is not None:
-        config = replace(config, data_root=args.data_root.resolve())
+        config = replace(config, data_root=args.data_root)
     return config
 
 
