@@ -14,6 +14,8 @@ network, so the graph's types are the engine's types.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,9 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp16", "fp32")
 INPUT, OUTPUT = "chips", "probability"  # the tensor names of models.export
 WORKSPACE_BYTES = 4 << 30
+# Bump when build_engine's settings change (workspace, flags, ...): cached engines carry it
+# in their key (pipeline.engines.EngineKey) and are rebuilt.
+BUILD_VERSION = "1"
 TENSORRT_INSTALL = ("pip install 'crackmap[gpu]' --extra-index-url https://pypi.nvidia.com "
                     "(tensorrt comes from NVIDIA's package index; pycuda is built from source "
                     "and needs the CUDA toolkit's nvcc on PATH)")
@@ -107,7 +112,13 @@ def build_engine(onnx_path: Path, precision: str, profile: Profile,
     shapes.set_shape(INPUT, *profile.shapes())
     config.add_optimization_profile(shapes)
     old = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
-    config.set_timing_cache(config.create_timing_cache(old), ignore_mismatch=False)
+    try:
+        timings = config.create_timing_cache(old) if old else None
+    except (RuntimeError, TypeError, ValueError):
+        timings = None
+    if timings is None:  # none yet, or unreadable: start afresh
+        timings = config.create_timing_cache(b"")
+    config.set_timing_cache(timings, ignore_mismatch=False)
     log.info("building a %s TensorRT %s engine from %s (batch %d/%d/%d)%s", precision,
              trt.__version__, onnx_path, profile.min_batch, profile.opt_batch, profile.max_batch,
              ", strongly typed" if typed else "")
@@ -115,7 +126,9 @@ def build_engine(onnx_path: Path, precision: str, profile: Profile,
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}; "
                            "rerun with -v for its log")
-    if timing_cache:
+    if timing_cache:  # replaced whole, so that a worker sharing the folder never reads half of it
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+        with tempfile.NamedTemporaryFile(dir=timing_cache.parent, delete=False) as f:
+            f.write(bytes(config.get_timing_cache().serialize()))
+        os.replace(f.name, timing_cache)
     return bytes(serialized)

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.engine import INPUT, OUTPUT, PRECISIONS, TENSORRT_INSTALL, Profile, strongly_typed
+from models.engine import (BUILD_VERSION, INPUT, OUTPUT, PRECISIONS, TENSORRT_INSTALL, Profile,
+                           strongly_typed)
 from models.registry import ModelEntry
 from pipeline import storage
 from pipeline.errors import BackendUnavailableError
@@ -56,6 +57,7 @@ class EngineKey:
     compute_capability: str  # "9.0"
     precision: str
     profile: Profile
+    build: str = BUILD_VERSION  # models.engine.build_engine's settings (workspace, flags)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -173,9 +175,13 @@ class EngineCache:
         if meta is None:
             log.info("no cached engine %s in %s: building it", name, self.root)
             return None
-        stored = json.loads(meta)
-        if stored.get("key") != key.to_dict():
-            old = EngineKey.from_dict(stored["key"]).describe() if "key" in stored else "unknown"
+        try:
+            stored = json.loads(meta)
+            matches = stored.get("key") == key.to_dict()
+            old = "" if matches else EngineKey.from_dict(stored["key"]).describe()
+        except (ValueError, TypeError, KeyError, AttributeError):  # corrupt, or an older key's fields
+            stored, matches, old = {}, False, "an unreadable or older key"
+        if not matches:
             log.warning("cached engine %s was built for %s; this is %s: rebuilding it",
                         name, old, key.describe())
             return None
@@ -280,7 +286,11 @@ class _Slot:
         self.host_out = cuda.pagelocked_empty(plan.output_shape, np.float32)
         self.device_in = cuda.mem_alloc(plan.input_bytes)
         self.device_out = cuda.mem_alloc(plan.output_bytes)
-        self.copied_in, self.computed, self.copied_out = cuda.Event(), cuda.Event(), cuda.Event()
+        untimed = cuda.event_flags.DISABLE_TIMING
+        self.copied_in, self.computed = cuda.Event(untimed), cuda.Event(untimed)
+        # the host waits on this one: block in the driver rather than spin a core
+        self.copied_out = cuda.Event(untimed | cuda.event_flags.BLOCKING_SYNC)
+        self.shape: tuple | None = None  # the input shape set on this slot's context
 
 
 class TensorRTBackend:
@@ -324,9 +334,14 @@ class TensorRTBackend:
             dtypes = {n: self._engine.get_tensor_dtype(n).name for n in io}
             check_engine_io({n: dtypes[n] for n in io if modes[n] == trt.TensorIOMode.INPUT},
                             {n: dtypes[n] for n in io if modes[n] == trt.TensorIOMode.OUTPUT})
-            self._execution = self._engine.create_execution_context()
             plan = buffer_plan(self.profile)
             self._slots = [_Slot(cuda, plan), _Slot(cuda, plan)]
+            # One execution context per buffer set, its tensor addresses bound once: a
+            # context's shape is only changed after its previous batch was collected.
+            for slot in self._slots:
+                slot.execution = self._engine.create_execution_context()
+                slot.execution.set_tensor_address(INPUT, int(slot.device_in))
+                slot.execution.set_tensor_address(OUTPUT, int(slot.device_out))
             self._copy_in, self._compute, self._copy_out = cuda.Stream(), cuda.Stream(), cuda.Stream()
         finally:
             self._context.pop()
@@ -336,12 +351,41 @@ class TensorRTBackend:
         chips = check_chips(chips, self.profile.size_px)
         out = np.empty((len(chips), *chips.shape[2:]), np.float32)
         with self._lock:
+            if not self._slots:
+                raise RuntimeError("this TensorRT backend is closed")
             self._context.push()
             try:
                 self._run(chips, out)
-            finally:
+            finally:  # after an error too: no copy may still use the buffers the next call fills
+                for stream in (self._copy_in, self._compute, self._copy_out):
+                    stream.synchronize()
                 self._context.pop()
         return out
+
+    def close(self) -> None:
+        """Free the GPU buffers, streams and contexts now, from whichever thread.
+
+        (pycuda frees them on garbage collection only in the thread that made
+        them, and silently leaks them in any other.)
+        """
+        with self._lock:
+            if not self._slots:
+                return
+            self._context.push()
+            try:
+                for stream in (self._copy_in, self._compute, self._copy_out):
+                    stream.synchronize()
+                for slot in self._slots:
+                    slot.execution = None
+                    slot.device_in.free()
+                    slot.device_out.free()
+                    slot.host_in.base.free()
+                    slot.host_out.base.free()
+                self._slots = []
+                self._engine = self._copy_in = self._compute = self._copy_out = None
+            finally:
+                self._context.pop()
+            self._context.detach()
 
     def _run(self, chips: np.ndarray, out: np.ndarray) -> None:
         cuda, pending = self._cuda, []
@@ -353,10 +397,13 @@ class TensorRTBackend:
             cuda.memcpy_htod_async(slot.device_in, slot.host_in[:n], self._copy_in)
             slot.copied_in.record(self._copy_in)
             self._compute.wait_for_event(slot.copied_in)
-            self._execution.set_input_shape(INPUT, (n, *chips.shape[1:]))
-            self._execution.set_tensor_address(INPUT, int(slot.device_in))
-            self._execution.set_tensor_address(OUTPUT, int(slot.device_out))
-            if not self._execution.execute_async_v3(self._compute.handle):
+            shape = (n, *chips.shape[1:])
+            if slot.shape != shape:
+                if not slot.execution.set_input_shape(INPUT, shape):
+                    raise RuntimeError(f"TensorRT refused the input shape {shape} "
+                                       f"(profile {self.profile})")
+                slot.shape = shape
+            if not slot.execution.execute_async_v3(self._compute.handle):
                 raise RuntimeError(f"TensorRT failed to run a batch of {n} chips")
             slot.computed.record(self._compute)
             self._copy_out.wait_for_event(slot.computed)

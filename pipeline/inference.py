@@ -209,7 +209,8 @@ class TorchBackend:
                 self._forward(static_in)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the reader and stitcher threads keep working during the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_out = self._forward(static_in)
         log.info("captured a CUDA graph for torch batches of shape %s", shape)
         self._graphs[shape] = (graph, static_in, static_out, pinned)

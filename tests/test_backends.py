@@ -94,7 +94,7 @@ def test_pad_batch_appends_zero_chips_and_keeps_the_real_ones():
 
 def test_engine_cache_key_changes_with_each_of_its_parts():
     changes = {"onnx_sha256": "cd" * 32, "tensorrt_version": "10.14.1", "gpu_name": "NVIDIA A100",
-               "compute_capability": "8.0", "precision": "fp32"}
+               "compute_capability": "8.0", "precision": "fp32", "build": "0"}
     digests = {KEY.digest()}
     for field, value in changes.items():
         digests.add(dataclasses.replace(KEY, **{field: value}).digest())
@@ -167,6 +167,22 @@ def test_engine_cache_returns_an_engine_only_for_its_key(root, tmp_path, caplog)
         with fsspec.open(engine_path, "wb") as f:
             f.write(b"damaged")
     assert cache.get(name, KEY) is None  # the stored sha256 no longer matches
+
+
+def test_an_unreadable_or_older_cache_entry_is_rebuilt_not_a_crash(tmp_path, caplog):
+    cache = EngineCache(tmp_path)
+    name = "test-b16-1.0.0-fp16"
+    cache.put(name, KEY, b"serialized engine")
+    meta = tmp_path / f"{name}.json"
+    stored = json.loads(meta.read_text())
+    older = {k: v for k, v in stored["key"].items() if k != "build"}  # written before "build" existed
+    for text in ("{not json", json.dumps({**stored, "key": {**older, "retired_field": 1}}),
+                 json.dumps({**stored, "key": "x"}), json.dumps([1])):
+        meta.write_text(text)
+        with caplog.at_level(logging.WARNING, logger="pipeline.engines"):
+            assert cache.get(name, KEY) is None
+        assert "unreadable or older key" in caplog.text and "rebuilding it" in caplog.text
+        caplog.clear()
 
 
 # --- backend selection ---------------------------------------------------------------------------

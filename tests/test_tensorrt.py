@@ -112,3 +112,24 @@ def test_torch_cuda_graphs_pad_a_short_batch_and_match_the_cpu(entry, reference)
     assert len(backend._graphs) == 1
     assert np.abs(got - reference.predict(chips)).max() < 2e-2  # FP16 autocast vs FP32
     assert np.abs(backend.predict(chips[3:4]) - got[3:4]).max() < 1e-3
+
+
+@needs_tensorrt
+def test_tensorrt_from_other_threads_after_a_failed_call_and_closed_from_another(entry, reference,
+                                                                                 tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.engines import EngineCache, TensorRTBackend
+
+    backend = TensorRTBackend(entry, precision="fp32", micro_batch=32, cache=EngineCache(tmp_path))
+    chips = random_chips(130, seed=3)  # micro-batches 32/32/32/32/2 over two buffer sets
+    with ThreadPoolExecutor(2) as pool:
+        with pytest.raises(ValueError):  # a bad call in between changes nothing
+            pool.submit(backend.predict, chips[:, :, :200]).result()
+        got = pool.submit(backend.predict, chips).result()
+        singles = np.concatenate([reference.predict(chips[i:i + 1]) for i in range(0, 130, 13)])
+        assert np.abs(got[::13] - singles).max() < 1e-3
+        pool.submit(backend.close).result()  # freed from a thread that did not create it
+    with pytest.raises(RuntimeError, match="closed"):
+        backend.predict(chips[:1])
+    backend.close()  # twice is fine
