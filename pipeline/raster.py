@@ -6,6 +6,8 @@ on the scene's width and the chip size, never on its length.
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +16,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import rasterio
+from PIL import Image, features
 from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import RasterioError
 from rasterio.session import DummySession
@@ -23,6 +26,8 @@ from pipeline import storage
 from pipeline.errors import SceneContentError, SceneReadError
 from pipeline.records import ChipBatch, Scene
 from pipeline.tiling import chip_offsets
+
+log = logging.getLogger(__name__)
 
 GDAL_OPTIONS = {
     "GDAL_CACHEMAX": 256,  # MB; strips are read once, a large cache buys nothing
@@ -46,6 +51,9 @@ GDAL_OPTIONS = {
 GDAL_SCHEMES = ("s3", "gs", "az", "http", "https")
 READ_METHOD = "fsspec"
 READ_AHEAD_BLOCKS = 4  # blocks of storage.S3_BLOCK_BYTES held per open scene, the next one prefetched
+# JPEG GeoTIFFs: decode blocks with Pillow's libjpeg-turbo (SIMD) rather than the IJG libjpeg
+# in rasterio's wheels, 2.6x faster (_JpegBlocks); False leaves all decoding to GDAL.
+TURBO_JPEG = features.check_feature("libjpeg_turbo")
 STRETCH_PERCENTILES = (0.5, 99.5)
 PREVIEW_PX = 1024
 
@@ -154,6 +162,7 @@ class SceneReader:
             self.scene = self._describe(scene_id or scene_id_for(uri))
             self._bands = self._rgb_bands()
             self._scale = self._stretch()
+            self._jpeg = _JpegBlocks.attach(self._ds, uri, self._bands, method) if TURBO_JPEG else None
             block_rows = self._ds.block_shapes[0][0]  # decode in runs of whole blocks (>= 256 rows)
             self._run_rows = block_rows * max(1, 256 // block_rows) if block_rows <= 1024 else 512
             self._held = (0, np.zeros((3, 0, self._ds.width), np.uint8), np.zeros((0, self._ds.width), bool))
@@ -205,6 +214,9 @@ class SceneReader:
         return float(lo), 255.0 / max(float(hi - lo), 1e-6)
 
     def close(self) -> None:
+        if getattr(self, "_jpeg", None) is not None:
+            self._jpeg.close()
+            self._jpeg = None
         if self._ds is not None:
             self._ds.close()
             self._ds = None
@@ -261,7 +273,7 @@ class SceneReader:
         ds = self._ds
         window = Window(0, row_off, ds.width, rows)
         try:
-            data = ds.read(self._bands, window=window)
+            data = self._jpeg.read(row_off, rows) if self._jpeg else ds.read(self._bands, window=window)
             mask = ds.dataset_mask(window=window) > 0
         except (RasterioError, OSError) as exc:
             raise read_error(self.uri, exc, "truncated or corrupt") from exc
@@ -291,3 +303,105 @@ class SceneReader:
                     windows, pixels, valids = [], [], []
         if windows:
             yield ChipBatch(tuple(windows), np.stack(pixels), np.stack(valids))
+
+
+class _JpegBlocks:
+    """Decodes the blocks of a JPEG-compressed GeoTIFF with Pillow's libjpeg-turbo.
+
+    rasterio's wheels decode JPEG with the IJG libjpeg, which has no SIMD code;
+    libjpeg-turbo decodes the same blocks 2.6x faster, and survey imagery is
+    mostly JPEG.  GDAL still opens the file and says where each block is
+    (``BLOCK_OFFSET_x_y`` in the TIFF metadata domain) and which tables the
+    blocks share (``JPEGTABLES``); this class reads those bytes and decodes them.
+
+    Only 8-bit, three-band, pixel-interleaved JPEG GeoTIFFs (YCbCr or RGB) with
+    blocks of at most 1024 rows, and no nodata value (an internal mask is fine), are taken; ``attach`` also decodes the first
+    block both ways and gives up (GDAL decodes) unless they agree.  Where colours
+    change from pixel to pixel, the two can differ by a few levels: libjpeg 9
+    upsamples chroma in the DCT domain, libjpeg-turbo by interpolation, and both
+    are valid JPEG decoders.
+    """
+
+    MAX_MEAN_DIFFERENCE = 2.0  # levels, first block against GDAL's decoding of it
+    MAX_BLOCK_PIXELS = 1 << 24  # larger blocks (whole-width strips of huge scenes): GDAL
+
+    def __init__(self, ds: rasterio.DatasetReader, uri: str, file) -> None:
+        self.uri, self._ds, self._file = uri, ds, file
+        self.block_rows, self.block_cols = ds.block_shapes[0]
+        self._blocks_across = -(-ds.width // self.block_cols)
+        tables = ds.get_tag_item("JPEGTABLES", "TIFF", bidx=1)
+        self._tables = bytes.fromhex(tables)[:-2] if tables else None  # without its end marker
+
+    @classmethod
+    def attach(cls, ds: rasterio.DatasetReader, uri: str, bands: list[int], method: str | None
+               ) -> _JpegBlocks | None:
+        """A decoder for ``ds``'s blocks, or None where GDAL should decode them."""
+        structure = ds.tags(ns="IMAGE_STRUCTURE")
+        if (ds.driver != "GTiff" or structure.get("COMPRESSION") not in ("JPEG", "YCbCr JPEG")
+                or structure.get("INTERLEAVE") != "PIXEL" or ds.count != 3 or bands != [1, 2, 3]
+                or ds.dtypes[0] != "uint8" or ds.block_shapes[0][0] > 1024
+                or ds.block_shapes[0][0] * ds.block_shapes[0][1] > cls.MAX_BLOCK_PIXELS
+                or not all(flags & {MaskFlags.all_valid, MaskFlags.per_dataset}
+                           for flags in map(set, ds.mask_flag_enums))):  # a nodata mask needs GDAL's pixels
+            return None
+        if not storage.is_url(uri):
+            file = open(uri, "rb")
+        elif (method or READ_METHOD) == "fsspec" or urlsplit(uri).scheme not in GDAL_SCHEMES:
+            file = _ReadAhead(storage.filesystem(uri)).open(uri.split("://", 1)[1])
+        else:
+            return None
+        blocks = cls(ds, uri, file)
+        try:
+            rows, cols = min(blocks.block_rows, ds.height), min(blocks.block_cols, ds.width)
+            ours = blocks.read(0, rows)[:, :, :cols].astype(np.int16)
+            gdal = ds.read(window=Window(0, 0, cols, rows)).astype(np.int16)
+            difference = float(np.abs(ours - gdal).mean())
+        except (RasterioError, OSError, ValueError) as exc:
+            log.debug("%s: JPEG blocks left to GDAL (%s)", uri, exc)
+            difference = None
+        if difference is None or difference > cls.MAX_MEAN_DIFFERENCE:
+            log.debug("%s: JPEG blocks left to GDAL (mean difference %s)", uri, difference)
+            blocks.close()
+            return None
+        return blocks
+
+    def read(self, row_off: int, rows: int) -> np.ndarray:
+        """RGB uint8 (3, rows, width) of scene rows ``row_off..row_off + rows``; ``row_off``
+        must be a multiple of the block height."""
+        ds = self._ds
+        if row_off % self.block_rows:
+            raise ValueError(f"row {row_off} is not at the top of a block")
+        out = np.zeros((3, rows, ds.width), dtype=np.uint8)
+        for top in range(row_off, row_off + rows, self.block_rows):
+            block_y = top // self.block_rows
+            height = min(self.block_rows, row_off + rows - top, ds.height - top)
+            for block_x in range(self._blocks_across):
+                left = block_x * self.block_cols
+                width = min(self.block_cols, ds.width - left)
+                pixels = self._block(block_x, block_y)
+                if pixels is not None:
+                    out[:, top - row_off:top - row_off + height, left:left + width] = (
+                        pixels[:height, :width].transpose(2, 0, 1))
+        return out
+
+    def _block(self, x: int, y: int) -> np.ndarray | None:
+        """One block as (rows, cols, 3) RGB; None for a block absent from the file (sparse: zeros)."""
+        offset = int(self._ds.get_tag_item(f"BLOCK_OFFSET_{x}_{y}", "TIFF", bidx=1) or 0)
+        size = int(self._ds.get_tag_item(f"BLOCK_SIZE_{x}_{y}", "TIFF", bidx=1) or 0)
+        if not offset or not size:
+            return None
+        self._file.seek(offset)
+        data = self._file.read(size)
+        if len(data) != size:
+            raise OSError(f"JPEG block {x},{y} is cut short ({len(data)} of {size} bytes)")
+        stream = self._tables + data[2:] if self._tables else data  # shared tables + the block's own
+        with Image.open(io.BytesIO(stream), formats=["JPEG"]) as image:
+            if image.mode != "RGB":
+                raise OSError(f"JPEG block {x},{y} decodes as {image.mode}, not RGB")
+            pixels = np.asarray(image)
+        if pixels.shape[0] < min(self.block_rows, self._ds.height - y * self.block_rows):
+            raise OSError(f"JPEG block {x},{y} has {pixels.shape[0]} rows, fewer than its block")
+        return pixels
+
+    def close(self) -> None:
+        self._file.close()

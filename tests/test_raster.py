@@ -93,3 +93,56 @@ def test_strips_equal_direct_window_reads_in_any_order(tmp_path, profile):
             assert (valid[:rows, :300] == expected_valid[row:row + rows]).all(), row
             assert (rgb[:, :rows, :300] == pixels[:, row:row + rows] * expected_valid[row:row + rows]).all(), row
             assert not valid[rows:].any() and not valid[:, 300:].any() and not rgb[:, rows:].any()
+
+
+def pavement(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Smooth colour with grain and a dark crack, as road imagery looks (RGB uint8)."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:height, :width]
+    base = np.stack([110 + 30 * np.sin(cols / 97), 105 + 20 * np.cos(rows / 61), 100 + 0 * rows])
+    pixels = (base + rng.normal(0, 12, (3, height, width))).clip(0, 255).astype(np.uint8)
+    pixels[:, :, width // 3:width // 3 + 4] = 30
+    return pixels
+
+
+@pytest.mark.parametrize("photometric", ["ycbcr", "rgb"])
+@pytest.mark.parametrize("profile", [dict(tiled=True, blockxsize=256, blockysize=256), dict(blockysize=16)],
+                         ids=["tiled", "striped"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_jpeg_blocks_decoded_by_libjpeg_turbo_match_gdal(tmp_path, monkeypatch, photometric, profile, masked):
+    path = write_scene(tmp_path / "j.tif", pavement(1000, 700), compress="jpeg", photometric=photometric,
+                       **profile)
+    if masked:
+        with rasterio.open(path, "r+") as ds:
+            ds.write_mask(np.arange(700)[None].repeat(1000, 0) >= 100)
+    strips = {}
+    for turbo in (True, False):
+        monkeypatch.setattr("pipeline.raster.TURBO_JPEG", turbo)
+        with SceneReader(str(path)) as reader:
+            assert (reader._jpeg is not None) is turbo
+            strips[turbo] = [reader.read_strip(row, 400) for row in (0, 336, 672, 100)]
+    for (ours, our_valid), (gdal, gdal_valid) in zip(strips[True], strips[False]):
+        assert (our_valid == gdal_valid).all()
+        difference = np.abs(ours.astype(int) - gdal)
+        if photometric == "rgb":
+            assert difference.max() == 0
+        else:  # libjpeg 9 and libjpeg-turbo upsample chroma differently
+            assert difference.mean() < 0.5 and difference.max() <= 16
+        assert not ours[:, ~our_valid].any()
+
+
+def test_jpeg_with_a_nodata_value_is_decoded_by_gdal(tmp_path):
+    pixels = pavement(300, 300)
+    pixels[:, :, :50] = 0
+    path = write_scene(tmp_path / "j.tif", pixels, compress="jpeg", nodata=0, tiled=True)
+    with SceneReader(str(path)) as reader:
+        assert reader._jpeg is None  # the nodata mask comes from decoded pixels: GDAL's
+
+
+def test_truncated_jpeg_geotiff_is_a_clear_error(tmp_path):
+    path = write_scene(tmp_path / "t.tif", pavement(1200, 800), compress="jpeg", photometric="ycbcr",
+                       tiled=True, blockxsize=256, blockysize=256)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(SceneReadError, match="t.tif: truncated or corrupt"):
+        chips_of(path)

@@ -190,6 +190,23 @@ def test_s3_results_equal_results_from_disk(bucket, tmp_path, darkness, test_mod
     assert remote.sha256 == boto3.client("s3").head_object(Bucket=bucket, Key="road-7/a.tif")["ETag"].strip('"')
 
 
+def test_jpeg_scene_in_s3_decodes_as_on_disk(bucket, tmp_path):
+    """JPEG blocks are read through fsspec and decoded by libjpeg-turbo, as from disk."""
+    from pipeline.raster import SceneReader
+
+    pixels = np.random.default_rng(4).integers(150, 200, (3, 700, 900), dtype=np.uint8)
+    paint_crack(pixels, (40, 30), (660, 850), width_px=5)
+    plain = write_scene(tmp_path / "plain.tif", pixels)
+    local = tmp_path / "j.tif"
+    rasterio.shutil.copy(plain, local, driver="COG", compress="jpeg", blocksize=256)
+    uri = upload(bucket, "road-7/j.tif", local)
+    with SceneReader(str(local)) as on_disk, SceneReader(uri) as remote:
+        assert on_disk._jpeg is not None and remote._jpeg is not None
+        for row in (0, 336, 300):
+            for a, b in zip(on_disk.read_strip(row, 400), remote.read_strip(row, 400)):
+                assert (a == b).all()
+
+
 def test_rerun_skips_unchanged_scenes_and_maps_reuploaded_ones(bucket, tmp_path, test_models):
     for name, seed in (("a", 1), ("b", 2)):
         upload(bucket, f"road-7/{name}.tif", cog_scene(tmp_path / f"{name}.tif", seed))
