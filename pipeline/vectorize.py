@@ -71,38 +71,58 @@ class Piece:
 
 
 EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
-SPARSE_GAP_PX = 32  # label_sparse: column runs closer than this are labelled as one
-SPARSE_MAX_RUNS = 64  # ... and with more runs than this, the whole band at once
+SPARSE_GAP_PX = 32  # crack_columns: empty gaps narrower than this do not split column runs
+SPARSE_MAX_RUNS = 64  # ... and with more runs than this, the whole width is one run
 
 
-def label_sparse(mask: np.ndarray) -> tuple[np.ndarray, list[tuple[slice, slice]]]:
-    """8-connected regions of a mask: ``(labels, boxes)``, as ``ndimage.label`` and ``find_objects``.
+def crack_columns(mask: np.ndarray) -> list[slice]:
+    """Column runs that hold a mask's pixels, each with the empty column on either side.
 
-    An empty column separates regions, so when a mask's pixels lie in a few
-    column runs (cracks in a band mostly do) only those runs are labelled.
+    Runs are split at gaps of ``SPARSE_GAP_PX`` empty columns or more; if there
+    are more than ``SPARSE_MAX_RUNS`` runs or they cover over half the width,
+    the whole width is one run.  8-connected regions never span two runs, so a
+    band can be processed as its runs laid side by side (``pack_columns``).
 
     >>> m = np.zeros((4, 200), bool); m[1, 2:5] = m[2, 5] = m[0, 150:152] = True
-    >>> labels, boxes = label_sparse(m)
-    >>> int(labels.max()), [(b[0].start, b[1].start, b[1].stop) for b in boxes]
-    (2, [(1, 2, 6), (0, 150, 152)])
+    >>> crack_columns(m)
+    [slice(1, 7, None), slice(149, 153, None)]
     """
     columns = np.concatenate([[0], mask.any(axis=0).view(np.int8), [0]])
     edges = np.flatnonzero(np.diff(columns))
     starts, stops = edges[::2], edges[1::2]
-    apart = starts[1:] - stops[:-1] >= SPARSE_GAP_PX  # runs closer than this are labelled together
+    apart = starts[1:] - stops[:-1] >= SPARSE_GAP_PX
     starts, stops = starts[np.concatenate([[True], apart])], stops[np.concatenate([apart, [True]])]
-    if len(starts) > SPARSE_MAX_RUNS or (stops - starts).sum() > mask.shape[1] // 2:
-        labels, _ = ndimage.label(mask, structure=EIGHT_NEIGHBOURS)
-        return labels, ndimage.find_objects(labels)
-    labels = np.zeros(mask.shape, dtype=np.int32)
-    boxes: list[tuple[slice, slice]] = []
-    for a, b in zip(starts.tolist(), stops.tolist()):
-        run, _ = ndimage.label(mask[:, a:b], structure=EIGHT_NEIGHBOURS)
-        run[run > 0] += len(boxes)
-        labels[:, a:b] = run
-        boxes += [(rows, slice(cols.start + a, cols.stop + a))
-                  for rows, cols in ndimage.find_objects(run)[len(boxes):]]
-    return labels, boxes
+    width = mask.shape[1]
+    if len(starts) > SPARSE_MAX_RUNS or (stops - starts).sum() > width // 2:
+        return [slice(0, width)]
+    return [slice(max(a - 1, 0), min(b + 1, width)) for a, b in zip(starts.tolist(), stops.tolist())]
+
+
+def pack_columns(runs: list[slice], *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``arrays`` cut to the column ``runs`` and laid side by side, then the scene column of each
+    packed column.
+
+    >>> a = np.arange(10)[None]
+    >>> pack_columns([slice(1, 3), slice(7, 9)], a)
+    (array([[1, 2, 7, 8]]), array([1, 2, 7, 8]))
+    """
+    if len(runs) == 1:
+        return (*(a[:, runs[0]] for a in arrays), np.arange(runs[0].start, runs[0].stop))
+    packed = tuple(np.concatenate([a[:, run] for run in runs], axis=1) for a in arrays)
+    return (*packed, np.concatenate([np.arange(run.start, run.stop) for run in runs]))
+
+
+def seed_level(params: VectorizeParams) -> np.uint8:
+    """The uint8 probability at which a crack is seeded (hysteresis high threshold)."""
+    return np.uint8(min(np.ceil(params.threshold * 255.0), 255))
+
+
+def above_low(probability: np.ndarray, valid: np.ndarray, params: VectorizeParams) -> np.ndarray:
+    """Valid pixels at or above the hysteresis low threshold."""
+    low = probability >= params.threshold * params.low_ratio * 255.0
+    if not valid.all():
+        low &= valid
+    return low
 
 
 def crack_regions(probability: np.ndarray, valid: np.ndarray,
@@ -121,13 +141,12 @@ def crack_regions(probability: np.ndarray, valid: np.ndarray,
     >>> len(boxes), int((labels > 0).sum()), boxes[0][1]
     (1, 33, slice(5, 38, None))
     """
-    high = np.uint8(min(np.ceil(params.threshold * 255.0), 255))
+    high = seed_level(params)
     if probability.max(initial=0) < high:
         return np.zeros(probability.shape, dtype=np.int32), []
-    low = probability >= params.threshold * params.low_ratio * 255.0
-    if not valid.all():
-        low &= valid
-    labels, boxes = label_sparse(low)
+    low = above_low(probability, valid, params)
+    labels, count = ndimage.label(low, structure=EIGHT_NEIGHBOURS)
+    boxes = ndimage.find_objects(labels, count)
     where = np.flatnonzero(low)
     region = labels.ravel()[where]
     seeded = np.zeros(len(boxes) + 1, dtype=bool)
@@ -167,7 +186,8 @@ def centrelines(mask: np.ndarray, labels: np.ndarray | None = None,
     (True, 2.0)
     """
     if labels is None or boxes is None:
-        labels, boxes = label_sparse(mask)
+        labels, _ = ndimage.label(mask, structure=EIGHT_NEIGHBOURS)
+        boxes = ndimage.find_objects(labels)
     skeleton = np.zeros_like(mask)
     half_width = np.zeros(mask.shape, dtype=np.float32)
     for index, box in enumerate(boxes, start=1):
@@ -240,15 +260,21 @@ def band_pieces(probability: np.ndarray, valid: np.ndarray, row_off: int, first:
     """Crack pieces whose pixels lie in scene rows ``[first, stop)``.
 
     ``probability`` and ``valid`` hold scene rows from ``row_off`` on,
-    including the halo around ``[first, stop)``.
+    including the halo around ``[first, stop)``.  Cracks cover a small part of
+    a band, and most bands have none: the columns that can hold cracks are
+    packed side by side (``crack_columns``), and every later step sees only those.
     """
+    if probability.max(initial=0) < seed_level(params):
+        return []
+    columns = crack_columns(above_low(probability, valid, params))
+    probability, valid, columns = pack_columns(columns, probability, valid)
     labels, boxes = crack_regions(probability, valid, params)
     if not boxes:
         return []
     skeleton, half_width = centrelines(labels > 0, labels, boxes)
     pieces = []
     for path in skeleton_paths(skeleton, params.spur_px):
-        absolute = path + np.array([row_off, 0])
+        absolute = np.column_stack([path[:, 0] + row_off, columns[path[:, 1]]])
         for vertices, inside, seams in cut_to_rows(absolute, first, stop):
             rows, cols = path[inside, 0], path[inside, 1]
             hw = half_width[rows, cols]
@@ -345,23 +371,23 @@ class BandVectorizer:
     """Consume finished probability rows (a ``stitching.RowSink``) and collect whole crack pieces.
 
     Feed rows top to bottom with ``__call__``; call ``finish`` once at the end.
+    Rows are held as they come and joined into one array once per band.
     """
 
     def __init__(self, width: int, height: int, params: VectorizeParams) -> None:
         self.width, self.height, self.params = width, height, params
-        self._probability = np.zeros((0, width), dtype=np.uint8)
-        self._valid = np.zeros((0, width), dtype=bool)
-        self._buf_top = 0  # scene row of buffer row 0
+        self._held: list[tuple[np.ndarray, np.ndarray]] = []  # (probability, valid) runs of rows
+        self._buf_top = 0  # scene row of the first held row
+        self._loaded = 0  # scene rows received
         self._next = 0  # first row of the next band to vectorize
         self.joiner = SeamJoiner()
         self.pieces: list[Piece] = []
 
     def __call__(self, row_off: int, probability: np.ndarray, valid: np.ndarray) -> None:
-        if row_off != self._buf_top + len(self._probability):
-            raise ValueError(f"rows must arrive in order: expected row "
-                             f"{self._buf_top + len(self._probability)}, got {row_off}")
-        self._probability = np.concatenate([self._probability, probability])
-        self._valid = np.concatenate([self._valid, valid])
+        if row_off != self._loaded:
+            raise ValueError(f"rows must arrive in order: expected row {self._loaded}, got {row_off}")
+        self._held.append((probability, valid))
+        self._loaded += len(probability)
         self._drain(final=False)
 
     def finish(self) -> list[Piece]:
@@ -372,19 +398,21 @@ class BandVectorizer:
 
     def _drain(self, final: bool) -> None:
         band, halo = self.params.band_rows, self.params.halo_rows
-        loaded = self._buf_top + len(self._probability)
-        while self._next < loaded:
+        while self._next < self._loaded:
             stop = min(self._next + band, self.height)
-            if loaded < min(stop + halo, self.height) and not final:
+            if self._loaded < min(stop + halo, self.height) and not final:
                 return
+            if len(self._held) > 1:
+                self._held = [tuple(np.concatenate(parts) for parts in zip(*self._held))]
+            probability, valid = self._held[0]
             lo = max(self._next - halo, self._buf_top) - self._buf_top
-            hi = min(stop + halo, loaded) - self._buf_top
-            for piece in band_pieces(self._probability[lo:hi], self._valid[lo:hi],
-                                     self._buf_top + lo, self._next, stop, self.params):
+            hi = min(stop + halo, self._loaded) - self._buf_top
+            for piece in band_pieces(probability[lo:hi], valid[lo:hi], self._buf_top + lo, self._next, stop,
+                                     self.params):
                 whole = self.joiner.add(piece)
                 if whole is not None:
                     self.pieces.append(whole)
             self._next = stop
             keep = max(self._next - halo, self._buf_top) - self._buf_top
-            self._probability, self._valid = self._probability[keep:], self._valid[keep:]
+            self._held = [(probability[keep:], valid[keep:])]
             self._buf_top += keep

@@ -13,8 +13,8 @@ from conftest import paint_crack, write_scene
 from pipeline.measure import pixel_to_map
 from pipeline.scene import SceneOptions, process_scene
 from pipeline.store import DEFAULT_CRS
-from pipeline.vectorize import (BandVectorizer, Piece, SeamJoiner, VectorizeParams, cut_to_rows,
-                                label_sparse)
+from pipeline import vectorize
+from pipeline.vectorize import BandVectorizer, Piece, SeamJoiner, VectorizeParams, band_pieces, cut_to_rows
 
 PIXEL_M = 0.002
 UTM = CRS.from_epsg(32633)
@@ -166,19 +166,30 @@ def test_a_crs_the_store_cannot_reach_fails_before_the_network_runs(tmp_path):
     assert not (tmp_path / "p.tif").exists()
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.integers(0, 2**32 - 1), st.integers(1, 12), st.sampled_from([0.001, 0.01, 0.3]))
-def test_label_sparse_finds_the_regions_ndimage_finds(seed, blobs, noise):
-    """Same regions (up to numbering) and boxes as ndimage, on sparse and dense masks."""
+def pieces_key(pieces):
+    return sorted((p.rc.round(6).tolist(), p.seams, p.n_px, round(p.half_width_sum, 4), p.half_width_max,
+                   p.probability_sum) for p in pieces)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 12), st.sampled_from([0.0, 0.002, 0.05]))
+def test_packed_crack_columns_give_the_pieces_the_whole_band_gives(seed, strokes, noise):
+    """Vectorizing only the columns that hold cracks, packed side by side, changes nothing."""
     rng = np.random.default_rng(seed)
-    mask = rng.random((60, 700)) < noise
-    for _ in range(blobs):  # a few short strokes, some crossing each other's columns
-        r, c = rng.integers(0, 55), rng.integers(0, 690)
-        mask[r:r + rng.integers(1, 6), c:c + rng.integers(1, 10)] = True
-    labels, boxes = label_sparse(mask)
-    expected, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
-    assert len(boxes) == count == labels.max()
-    pairs = set(zip(labels[mask].tolist(), expected[mask].tolist()))
-    assert len(pairs) == count  # a one-to-one match of regions
-    expected_boxes = ndimage.find_objects(expected)
-    assert all(boxes[mine - 1] == expected_boxes[theirs - 1] for mine, theirs in pairs)
+    probability = (rng.random((160, 900)) < noise).astype(np.uint8) * 200
+    for _ in range(strokes):  # cracks of any direction and width, some close to each other or the edges
+        start, end = rng.integers(0, (160, 900), 2), rng.integers(0, (160, 900), 2)
+        p = probability[None].copy()
+        paint_crack(p, tuple(start), tuple(end), width_px=float(rng.uniform(1, 6)), value=int(rng.integers(100, 256)))
+        probability = p[0]
+    valid = np.ones(probability.shape, bool)
+    valid[:, :int(rng.integers(0, 40))] = False
+    params = VectorizeParams(band_rows=100, halo_rows=30, min_area_px=10, spur_px=6)
+    packed = band_pieces(probability, valid, 500, 530, 630, params)
+    whole_band = vectorize.SPARSE_MAX_RUNS
+    try:
+        vectorize.SPARSE_MAX_RUNS = -1  # every band is one run of the whole width
+        unpacked = band_pieces(probability, valid, 500, 530, 630, params)
+    finally:
+        vectorize.SPARSE_MAX_RUNS = whole_band
+    assert pieces_key(packed) == pieces_key(unpacked)
