@@ -41,7 +41,7 @@ def image_probability(rgb: np.ndarray, backend: Backend, size_px: int = 400,
     def sink(row_off: int, probability: np.ndarray, valid: np.ndarray) -> None:
         out[row_off:row_off + len(probability)] = probability
 
-    stitcher = StripStitcher(width, height, sink, size_px, border_px)
+    stitcher = StripStitcher(width, height, sink, size_px, border_px, overlap_px)
     windows = chip_windows(width, height, size_px, overlap_px)
     for start in range(0, len(windows), backend.batch_size):
         batch = windows[start:start + backend.batch_size]

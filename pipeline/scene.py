@@ -174,7 +174,8 @@ def process_scene(uri: str, backend: Backend, model: ModelEntry, probability_pat
         probability(row_off, p, valid)
         vectorizer(row_off, p, valid)
 
-    stitcher = StripStitcher(scene.width, scene.height, sink, options.size_px, options.border_px)
+    stitcher = StripStitcher(scene.width, scene.height, sink, options.size_px, options.border_px,
+                             options.overlap_px)
     try:
         chips = run_network(uri, scene.scene_id, backend, stitcher, options, progress)
         if chips == 0:

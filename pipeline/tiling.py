@@ -68,15 +68,26 @@ def blend_profile(size_px: int, border_px: int, drop_start: bool, drop_end: bool
     return weights
 
 
-def chip_weights(window: Window, width: int, height: int, border_px: int) -> np.ndarray:
-    """2-D blending weights (size_px, size_px) of one chip in a scene.
+def blend_weights(length_px: int, size_px: int = 400, overlap_px: int = 64,
+                  border_px: int = 16) -> dict[int, np.ndarray]:
+    """Each chip offset's 1-D blending weights along one axis, normalized to sum to 1.
 
-    >>> w = chip_weights(Window(0, 0, 400, 400), 900, 400, 16)
-    >>> float(w[200, 0]), float(w[200, 399]), float(w[0, 200])
-    (1.0, 0.0, 1.0)
+    ``blend_profile`` weights, divided by the sum of the weights of all chips
+    at each position.  A chip's 2-D weights are the outer product of its row
+    and column weights; the chips cover a product grid, so these sum to 1 at
+    every pixel too, and blending is a weighted sum with no division.
+
+    >>> w = blend_weights(900, 400, 64, 16)
+    >>> sorted(w), [round(float(w[0][i] + w[336][i - 336]), 6) for i in (340, 360, 390)]
+    ([0, 336, 500], [1.0, 1.0, 1.0])
     """
-    size_px = int(window.width)
-    col, row = int(window.col_off), int(window.row_off)
-    along_x = blend_profile(size_px, border_px, col > 0, col + size_px < width)
-    along_y = blend_profile(size_px, border_px, row > 0, row + size_px < height)
-    return np.outer(along_y, along_x)
+    if border_px > overlap_px // 2:
+        raise ValueError(f"a border of {border_px} px needs chips overlapping by at least "
+                         f"{2 * border_px} px, not {overlap_px}")
+    offsets = chip_offsets(length_px, size_px, overlap_px)
+    profiles = {offset: blend_profile(size_px, border_px, offset > 0, offset + size_px < length_px)
+                for offset in offsets}
+    total = np.zeros(max(length_px, size_px), dtype=np.float32)
+    for offset, profile in profiles.items():
+        total[offset:offset + size_px] += profile
+    return {offset: profile / total[offset:offset + size_px] for offset, profile in profiles.items()}

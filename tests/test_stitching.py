@@ -1,4 +1,6 @@
 import numpy as np
+import pytest
+from rasterio.windows import Window
 
 from pipeline.stitching import StripStitcher
 from pipeline.tiling import chip_windows
@@ -40,3 +42,33 @@ def test_no_seam_where_neighbouring_chips_disagree():
     stitched = stitch(1200, 800, chip)
     jumps = max(np.abs(np.diff(stitched, axis=0)).max(), np.abs(np.diff(stitched, axis=1)).max())
     assert jumps < 0.02
+
+
+def test_nodata_pixels_are_invalid_and_zero_and_chips_without_data_can_be_left_out():
+    height, width = 1000, 1200
+    valid = np.ones((height, width), bool)
+    valid[:, 800:] = False  # a collar: the chip column at 800 has no data and is never run
+    valid[300:420, 100:180] = False  # a hole inside chips
+    rows, cols = np.mgrid[0:height, 0:width]
+    field = ((np.sin(rows / 50) * np.cos(cols / 70) + 1) / 2).astype(np.float32)
+    out = np.zeros((height, width), np.uint8)
+    out_valid = np.zeros((height, width), bool)
+
+    def sink(row_off, p, v):
+        out[row_off:row_off + len(p)], out_valid[row_off:row_off + len(p)] = p, v
+
+    stitcher = StripStitcher(width, height, sink)
+    for w in chip_windows(width, height):
+        r, c = slice(int(w.row_off), int(w.row_off) + 400), slice(int(w.col_off), int(w.col_off) + 400)
+        if valid[r, c].any():
+            garbage = np.where(valid[r, c], field[r, c], np.float32(0.9))  # what a network says about nodata
+            stitcher.add(w, garbage, valid[r, c])
+    stitcher.finish()
+    assert (out_valid == valid).all() and not out[~valid].any()
+    assert np.abs(out[valid] / 255 - field[valid]).max() <= 0.5 / 255 + 1e-5
+
+
+def test_chips_off_the_grid_are_refused():
+    stitcher = StripStitcher(1200, 1000, lambda *a: None, overlap_px=64)
+    with pytest.raises(ValueError, match="row 0, column 300 is not on the chip grid"):
+        stitcher.add(Window(300, 0, 400, 400), np.zeros((400, 400), np.float32), np.ones((400, 400), bool))

@@ -2,7 +2,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.tiling import chip_offsets, chip_weights, chip_windows
+import pytest
+
+from pipeline.tiling import blend_weights, chip_offsets, chip_windows
 
 sizes = st.integers(min_value=1, max_value=3000)
 
@@ -22,11 +24,26 @@ def test_chip_offsets_cover_every_pixel_without_sticking_out(length, size, overl
     assert all(b - a <= size - overlap for a, b in zip(starts, starts[1:]))
 
 
-@settings(max_examples=40, deadline=None)
-@given(width=st.integers(1, 1500), height=st.integers(1, 1500))
-def test_blend_weights_are_positive_on_every_pixel(width, height):
-    total = np.zeros((max(height, 400), max(width, 400)))
-    for w in chip_windows(width, height, 400, 64):
-        r, c = int(w.row_off), int(w.col_off)
-        total[r:r + 400, c:c + 400] += chip_weights(w, width, height, 16)
-    assert (total[:height, :width] > 0).all()
+@settings(max_examples=100, deadline=None)
+@given(length=st.integers(1, 3000), size=st.integers(32, 512), overlap_frac=st.floats(0, 0.9),
+       border_frac=st.floats(0, 0.5))
+def test_blend_weights_sum_to_one_on_every_pixel_and_drop_covered_borders(length, size, overlap_frac,
+                                                                          border_frac):
+    overlap = int(size * overlap_frac)
+    border = int(overlap * border_frac)
+    weights = blend_weights(length, size, overlap, border)
+    assert list(weights) == chip_offsets(length, size, overlap)
+    total = np.zeros(max(length, size))
+    for offset, w in weights.items():
+        assert w.shape == (size,) and (w >= 0).all()
+        total[offset:offset + size] += w
+        if border and offset > 0:
+            assert (w[:border] == 0).all()  # the border band another chip covers
+        if border and offset + size < length:
+            assert (w[-border:] == 0).all()
+    assert np.allclose(total[:length], 1.0, atol=1e-6)
+
+
+def test_a_border_wider_than_half_the_overlap_is_refused():
+    with pytest.raises(ValueError, match="overlapping by at least 40 px, not 32"):
+        blend_weights(1000, 400, 32, 20)
