@@ -165,7 +165,7 @@ class SceneReader:
             self._jpeg = _JpegBlocks.attach(self._ds, uri, self._bands, method) if TURBO_JPEG else None
             block_rows = self._ds.block_shapes[0][0]  # decode in runs of whole blocks (>= 256 rows)
             self._run_rows = block_rows * max(1, 256 // block_rows) if block_rows <= 1024 else 512
-            self._held = (0, np.zeros((3, 0, self._ds.width), np.uint8), np.zeros((0, self._ds.width), bool))
+            self._runs: list[tuple[int, np.ndarray, np.ndarray]] = []  # decoded (row_off, rgb, valid), in order
         except Exception:
             self.close()
             raise
@@ -240,33 +240,28 @@ class SceneReader:
         width = max(ds.width, height)  # a scene narrower than a chip is padded on the right too
         rgb = np.zeros((3, height, width), dtype=np.uint8)
         valid = np.zeros((height, width), dtype=bool)
-        rows = min(height, ds.height - row_off)
-        start, data, mask = self._decoded_rows(row_off, row_off + rows)
-        rgb[:, :rows, :ds.width] = data[:, row_off - start:row_off - start + rows]
-        valid[:rows, :ds.width] = mask[row_off - start:row_off - start + rows]
+        stop = row_off + min(height, ds.height - row_off)
+        for start, data, mask in self._decoded_runs(row_off, stop):
+            a, b = max(row_off, start), min(stop, start + len(mask))
+            rgb[:, a - row_off:b - row_off, :ds.width] = data[:, a - start:b - start]
+            valid[a - row_off:b - row_off, :ds.width] = mask[a - start:b - start]
         return rgb, valid
 
-    def _decoded_rows(self, first: int, stop: int) -> tuple[int, np.ndarray, np.ndarray]:
-        """(start, rgb, valid) of decoded rows start..: covering first..stop, start <= first."""
-        start, data, mask = self._held
-        if not start <= first <= start + len(mask):  # not the next strip down: start afresh
-            start = first - first % self._run_rows
-            data, mask = data[:, :0], mask[:0]
-        if first - start >= self._run_rows:  # drop whole runs above the strip
-            drop = (first - start) // self._run_rows * self._run_rows
-            start, data, mask = start + drop, data[:, drop:], mask[drop:]
-        runs_data, runs_mask = [data], [mask]
-        end = start + len(mask)
+    def _decoded_runs(self, first: int, stop: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """Decoded runs (row_off, rgb, valid) that cover scene rows first..stop, top to bottom."""
+        runs = self._runs
+        if not runs or not runs[0][0] <= first <= runs[-1][0] + len(runs[-1][2]):
+            runs = []  # not the next strip down: start afresh at the run holding ``first``
+            end = first - first % self._run_rows
+        else:
+            runs = [run for run in runs if run[0] + len(run[2]) > first]  # drop runs above the strip
+            end = runs[-1][0] + len(runs[-1][2]) if runs else first
         while end < stop:
             run_stop = min(end + self._run_rows - end % self._run_rows, self._ds.height)
-            run_data, run_mask = self._decode(end, run_stop - end)
-            runs_data.append(run_data)
-            runs_mask.append(run_mask)
+            runs.append((end, *self._decode(end, run_stop - end)))
             end = run_stop
-        if len(runs_mask) > 1:
-            data, mask = np.concatenate(runs_data, axis=1), np.concatenate(runs_mask)
-        self._held = (start, data, mask)
-        return self._held
+        self._runs = runs
+        return [run for run in runs if run[0] < stop]
 
     def _decode(self, row_off: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """RGB uint8 (invalid pixels zero) and valid mask of scene rows row_off..row_off + rows."""
