@@ -66,7 +66,9 @@ def synthetic_scene(path: Path, width: int, height: int, seed: int = 0, compress
     return path
 
 
-def model_only(spec: str, backend_name: str, batch: int = 8, batches: int = 40) -> float:
+def model_only(spec: str, backend_name: str, batch: int = 8, batches: int = 100) -> float:
+    """Chips/s of `Backend.predict` on random chips, after one warm-up batch (~10 s per backend:
+    long enough that a slow spell of a shared machine does not decide the figure alone)."""
     backend = load_backend(resolve(spec), backend_name, batch_size=batch)
     chips = np.random.default_rng(1).integers(0, 256, (batch, 3, 400, 400), dtype=np.uint8)
     backend.predict(chips)  # warm-up
