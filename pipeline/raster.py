@@ -10,7 +10,7 @@ import io
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from functools import cached_property
 from pathlib import PurePath
 from urllib.parse import urlsplit
 
@@ -162,10 +162,10 @@ class SceneReader:
             self.scene = self._describe(scene_id or scene_id_for(uri))
             self._bands = self._rgb_bands()
             self._scale = self._stretch()
-            self._jpeg = _JpegBlocks.attach(self._ds, uri, self._bands, method) if TURBO_JPEG else None
+            self._method = method
             block_rows = self._ds.block_shapes[0][0]  # decode in runs of whole blocks (>= 256 rows)
             self._run_rows = block_rows * max(1, 256 // block_rows) if block_rows <= 1024 else 512
-            self._runs: list[tuple[int, np.ndarray, np.ndarray]] = []  # decoded (row_off, rgb, valid), in order
+            self._runs: list[tuple[int, np.ndarray, np.ndarray]] = []  # decoded (row_off, rgb, valid)
         except Exception:
             self.close()
             raise
@@ -214,9 +214,8 @@ class SceneReader:
         return float(lo), 255.0 / max(float(hi - lo), 1e-6)
 
     def close(self) -> None:
-        if getattr(self, "_jpeg", None) is not None:
-            self._jpeg.close()
-            self._jpeg = None
+        if (blocks := self.__dict__.pop("_blocks", None)) is not None:
+            blocks.close()
         if self._ds is not None:
             self._ds.close()
             self._ds = None
@@ -227,6 +226,16 @@ class SceneReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def decoder(self) -> str:
+        """What decodes the pixels: "libjpeg-turbo" (JPEG GeoTIFFs, see ``_JpegBlocks``) or "gdal"."""
+        return "gdal" if self._blocks is None else "libjpeg-turbo"
+
+    @cached_property
+    def _blocks(self) -> _JpegBlocks | None:
+        """Attached on the first decode: a reader opened for its metadata reads no block."""
+        return _JpegBlocks.attach(self._ds, self.uri, self._bands, self._method) if TURBO_JPEG else None
 
     def read_strip(self, row_off: int, height: int) -> tuple[np.ndarray, np.ndarray]:
         """RGB uint8 (3, height, width) and valid mask (height, width) of a row strip.
@@ -268,7 +277,8 @@ class SceneReader:
         ds = self._ds
         window = Window(0, row_off, ds.width, rows)
         try:
-            data = self._jpeg.read(row_off, rows) if self._jpeg else ds.read(self._bands, window=window)
+            blocks = self._blocks
+            data = blocks.read(row_off, rows) if blocks else ds.read(self._bands, window=window)
             mask = ds.dataset_mask(window=window) > 0
         except (RasterioError, OSError) as exc:
             raise read_error(self.uri, exc, "truncated or corrupt") from exc
@@ -310,11 +320,11 @@ class _JpegBlocks:
     blocks share (``JPEGTABLES``); this class reads those bytes and decodes them.
 
     Only 8-bit, three-band, pixel-interleaved JPEG GeoTIFFs (YCbCr or RGB) with
-    blocks of at most 1024 rows, and no nodata value (an internal mask is fine), are taken; ``attach`` also decodes the first
-    block both ways and gives up (GDAL decodes) unless they agree.  Where colours
-    change from pixel to pixel, the two can differ by a few levels: libjpeg 9
-    upsamples chroma in the DCT domain, libjpeg-turbo by interpolation, and both
-    are valid JPEG decoders.
+    blocks of at most 1024 rows, and no nodata value (an internal mask is fine),
+    are taken; ``attach`` also decodes the first block both ways and gives up
+    (GDAL decodes) unless they agree.  Where colours change from pixel to pixel,
+    the two can differ by a few levels: libjpeg 9 upsamples chroma in the DCT
+    domain, libjpeg-turbo by interpolation; both are valid JPEG decoders.
     """
 
     MAX_MEAN_DIFFERENCE = 2.0  # levels, first block against GDAL's decoding of it

@@ -397,7 +397,7 @@ class GeoPackageStore:
                 params.append(value)
         if query.bbox is not None:  # the R-tree finds candidates, shapely keeps those that intersect
             minx, miny, maxx, maxy = query.bbox
-            where.append(f'c.fid IN (SELECT id FROM "rtree_cracks_geom" WHERE maxx >= ? AND minx <= ? '
+            where.append('c.fid IN (SELECT id FROM "rtree_cracks_geom" WHERE maxx >= ? AND minx <= ? '
                          "AND maxy >= ? AND miny <= ?)")
             params += [minx, maxx, miny, maxy]
             box = shapely.box(*query.bbox)

@@ -119,7 +119,7 @@ def test_jpeg_blocks_decoded_by_libjpeg_turbo_match_gdal(tmp_path, monkeypatch, 
     for turbo in (True, False):
         monkeypatch.setattr("pipeline.raster.TURBO_JPEG", turbo)
         with SceneReader(str(path)) as reader:
-            assert (reader._jpeg is not None) is turbo
+            assert reader.decoder == ("libjpeg-turbo" if turbo else "gdal")
             strips[turbo] = [reader.read_strip(row, 400) for row in (0, 336, 672, 100)]
     for (ours, our_valid), (gdal, gdal_valid) in zip(strips[True], strips[False]):
         assert (our_valid == gdal_valid).all()
@@ -136,7 +136,7 @@ def test_jpeg_with_a_nodata_value_is_decoded_by_gdal(tmp_path):
     pixels[:, :, :50] = 0
     path = write_scene(tmp_path / "j.tif", pixels, compress="jpeg", nodata=0, tiled=True)
     with SceneReader(str(path)) as reader:
-        assert reader._jpeg is None  # the nodata mask comes from decoded pixels: GDAL's
+        assert reader.decoder == "gdal"  # the nodata mask comes from decoded pixels: GDAL's
 
 
 def test_truncated_jpeg_geotiff_is_a_clear_error(tmp_path):

@@ -4,7 +4,7 @@ from hypothesis import strategies as st
 
 import pytest
 
-from pipeline.tiling import blend_weights, chip_offsets, chip_windows
+from pipeline.tiling import blend_weights, chip_offsets
 
 sizes = st.integers(min_value=1, max_value=3000)
 

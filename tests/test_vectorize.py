@@ -4,7 +4,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from affine import Affine
 from pyproj import Geod
-from scipy import ndimage
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 from shapely.geometry import LineString
@@ -180,7 +179,8 @@ def test_packed_crack_columns_give_the_pieces_the_whole_band_gives(seed, strokes
     for _ in range(strokes):  # cracks of any direction and width, some close to each other or the edges
         start, end = rng.integers(0, (160, 900), 2), rng.integers(0, (160, 900), 2)
         p = probability[None].copy()
-        paint_crack(p, tuple(start), tuple(end), width_px=float(rng.uniform(1, 6)), value=int(rng.integers(100, 256)))
+        paint_crack(p, tuple(start), tuple(end), width_px=float(rng.uniform(1, 6)),
+                    value=int(rng.integers(100, 256)))
         probability = p[0]
     valid = np.ones(probability.shape, bool)
     valid[:, :int(rng.integers(0, 40))] = False
