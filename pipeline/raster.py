@@ -10,7 +10,6 @@ import io
 import logging
 import os
 from collections.abc import Iterator
-from functools import cached_property
 from pathlib import PurePath
 from urllib.parse import urlsplit
 
@@ -55,6 +54,7 @@ READ_AHEAD_BLOCKS = 4  # blocks of storage.S3_BLOCK_BYTES held per open scene, t
 # in rasterio's wheels, 2.6x faster (_JpegBlocks); False leaves all decoding to GDAL.
 TURBO_JPEG = features.check_feature("libjpeg_turbo")
 STRETCH_PERCENTILES = (0.5, 99.5)
+_UNSET = object()
 PREVIEW_PX = 1024
 
 
@@ -163,6 +163,7 @@ class SceneReader:
             self._bands = self._rgb_bands()
             self._scale = self._stretch()
             self._method = method
+            self._jpeg: _JpegBlocks | None | object = _UNSET
             block_rows = self._ds.block_shapes[0][0]  # decode in runs of whole blocks (>= 256 rows)
             self._run_rows = block_rows * max(1, 256 // block_rows) if block_rows <= 1024 else 512
             self._runs: list[tuple[int, np.ndarray, np.ndarray]] = []  # decoded (row_off, rgb, valid)
@@ -214,12 +215,15 @@ class SceneReader:
         return float(lo), 255.0 / max(float(hi - lo), 1e-6)
 
     def close(self) -> None:
-        if (blocks := self.__dict__.pop("_blocks", None)) is not None:
-            blocks.close()
-        if self._ds is not None:
-            self._ds.close()
-            self._ds = None
-            self._env.__exit__(None, None, None)
+        try:
+            if isinstance(blocks := getattr(self, "_jpeg", None), _JpegBlocks):
+                blocks.close()
+        finally:
+            self._jpeg = None
+            if self._ds is not None:
+                self._ds.close()
+                self._ds = None
+                self._env.__exit__(None, None, None)
 
     def __enter__(self) -> SceneReader:
         return self
@@ -230,12 +234,16 @@ class SceneReader:
     @property
     def decoder(self) -> str:
         """What decodes the pixels: "libjpeg-turbo" (JPEG GeoTIFFs, see ``_JpegBlocks``) or "gdal"."""
-        return "gdal" if self._blocks is None else "libjpeg-turbo"
+        return "gdal" if self._blocks() is None else "libjpeg-turbo"
 
-    @cached_property
     def _blocks(self) -> _JpegBlocks | None:
-        """Attached on the first decode: a reader opened for its metadata reads no block."""
-        return _JpegBlocks.attach(self._ds, self.uri, self._bands, self._method) if TURBO_JPEG else None
+        """The JPEG block decoder, attached on the first decode: a reader opened for its
+        metadata reads no block."""
+        if self._jpeg is _UNSET:
+            self._jpeg = None
+            if TURBO_JPEG:
+                self._jpeg = _JpegBlocks.attach(self._ds, self.uri, self._bands, self._method)
+        return self._jpeg
 
     def read_strip(self, row_off: int, height: int) -> tuple[np.ndarray, np.ndarray]:
         """RGB uint8 (3, height, width) and valid mask (height, width) of a row strip.
@@ -277,7 +285,7 @@ class SceneReader:
         ds = self._ds
         window = Window(0, row_off, ds.width, rows)
         try:
-            blocks = self._blocks
+            blocks = self._blocks()
             data = blocks.read(row_off, rows) if blocks else ds.read(self._bands, window=window)
             mask = ds.dataset_mask(window=window) > 0
         except (RasterioError, OSError) as exc:
@@ -319,19 +327,21 @@ class _JpegBlocks:
     (``BLOCK_OFFSET_x_y`` in the TIFF metadata domain) and which tables the
     blocks share (``JPEGTABLES``); this class reads those bytes and decodes them.
 
-    Only 8-bit, three-band, pixel-interleaved JPEG GeoTIFFs (YCbCr or RGB) with
-    blocks of at most 1024 rows, and no nodata value (an internal mask is fine),
-    are taken; ``attach`` also decodes the first block both ways and gives up
-    (GDAL decodes) unless they agree.  Where colours change from pixel to pixel,
-    the two can differ by a few levels: libjpeg 9 upsamples chroma in the DCT
-    domain, libjpeg-turbo by interpolation; both are valid JPEG decoders.
+    Taken: 8-bit RGB or YCbCr (not three grey bands), pixel-interleaved JPEG
+    GeoTIFFs with blocks of at most 1024 rows and no nodata value, as local
+    files, or in object storage read through fsspec when they have no mask
+    either (GDAL would fetch the blocks again for the mask).  ``attach``
+    decodes the first block present both ways and gives up (GDAL decodes)
+    unless they agree.  Where colours change from pixel to pixel, the two can
+    differ by a few levels: libjpeg 9 upsamples chroma in the DCT domain,
+    libjpeg-turbo by interpolation; both are valid JPEG decoders.
     """
 
     MAX_MEAN_DIFFERENCE = 2.0  # levels, first block against GDAL's decoding of it
     MAX_BLOCK_PIXELS = 1 << 24  # larger blocks (whole-width strips of huge scenes): GDAL
 
-    def __init__(self, ds: rasterio.DatasetReader, uri: str, file) -> None:
-        self.uri, self._ds, self._file = uri, ds, file
+    def __init__(self, ds: rasterio.DatasetReader, file) -> None:
+        self._ds, self._file = ds, file
         self.block_rows, self.block_cols = ds.block_shapes[0]
         self._blocks_across = -(-ds.width // self.block_cols)
         tables = ds.get_tag_item("JPEGTABLES", "TIFF", bidx=1)
@@ -342,33 +352,53 @@ class _JpegBlocks:
                ) -> _JpegBlocks | None:
         """A decoder for ``ds``'s blocks, or None where GDAL should decode them."""
         structure = ds.tags(ns="IMAGE_STRUCTURE")
+        masks = [set(flags) for flags in ds.mask_flag_enums]
+        all_valid = all(MaskFlags.all_valid in flags for flags in masks)
         if (ds.driver != "GTiff" or structure.get("COMPRESSION") not in ("JPEG", "YCbCr JPEG")
-                or structure.get("INTERLEAVE") != "PIXEL" or ds.count != 3 or bands != [1, 2, 3]
+                or structure.get("INTERLEAVE") != "PIXEL" or bands != [1, 2, 3] or ds.count != 3
+                or tuple(ds.colorinterp) != (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
                 or ds.dtypes[0] != "uint8" or ds.block_shapes[0][0] > 1024
                 or ds.block_shapes[0][0] * ds.block_shapes[0][1] > cls.MAX_BLOCK_PIXELS
-                or not all(flags & {MaskFlags.all_valid, MaskFlags.per_dataset}
-                           for flags in map(set, ds.mask_flag_enums))):  # a nodata mask needs GDAL's pixels
-            return None
-        if not storage.is_url(uri):
-            file = open(uri, "rb")
-        elif (method or READ_METHOD) == "fsspec" or urlsplit(uri).scheme not in GDAL_SCHEMES:
-            file = _ReadAhead(storage.filesystem(uri)).open(uri.split("://", 1)[1])
-        else:
-            return None
-        blocks = cls(ds, uri, file)
+                or not all(flags & {MaskFlags.all_valid, MaskFlags.per_dataset} for flags in masks)):
+            return None  # a mask from a nodata value needs GDAL's pixels anyway
+        scheme = urlsplit(uri).scheme
         try:
-            rows, cols = min(blocks.block_rows, ds.height), min(blocks.block_cols, ds.width)
-            ours = blocks.read(0, rows)[:, :, :cols].astype(np.int16)
-            gdal = ds.read(window=Window(0, 0, cols, rows)).astype(np.int16)
-            difference = float(np.abs(ours - gdal).mean())
-        except (RasterioError, OSError, ValueError) as exc:
+            if scheme == "file" or not storage.is_url(uri):
+                if uri.startswith("/vsi"):  # GDAL's virtual file systems: only GDAL reads those
+                    return None
+                file = open(urlsplit(uri).path if scheme == "file" else uri, "rb")
+            elif all_valid and ((method or READ_METHOD) == "fsspec" or scheme not in GDAL_SCHEMES):
+                file = _ReadAhead(storage.filesystem(uri)).open(uri.split("://", 1)[1])
+            else:
+                return None
+        except OSError as exc:
+            log.debug("%s: JPEG blocks left to GDAL (%s)", uri, exc)
+            return None
+        blocks = None
+        try:
+            blocks = cls(ds, file)
+            difference = blocks._difference_from_gdal()
+        except Exception as exc:  # whatever goes wrong here, GDAL decodes (and reports) instead
             log.debug("%s: JPEG blocks left to GDAL (%s)", uri, exc)
             difference = None
         if difference is None or difference > cls.MAX_MEAN_DIFFERENCE:
             log.debug("%s: JPEG blocks left to GDAL (mean difference %s)", uri, difference)
-            blocks.close()
+            file.close()
             return None
         return blocks
+
+    def _difference_from_gdal(self) -> float | None:
+        """Mean absolute difference from GDAL's decoding of the first block in the file; None if none is."""
+        ds = self._ds
+        for y in range(-(-ds.height // self.block_rows)):
+            for x in range(self._blocks_across):
+                ours = self._block(x, y)
+                if ours is not None:
+                    top, left = y * self.block_rows, x * self.block_cols
+                    rows, cols = min(self.block_rows, ds.height - top), min(self.block_cols, ds.width - left)
+                    gdal = ds.read(window=Window(left, top, cols, rows)).transpose(1, 2, 0)
+                    return float(np.abs(ours[:rows, :cols].astype(np.int16) - gdal).mean())
+        return None
 
     def read(self, row_off: int, rows: int) -> np.ndarray:
         """RGB uint8 (3, rows, width) of scene rows ``row_off..row_off + rows``; ``row_off``
@@ -390,7 +420,11 @@ class _JpegBlocks:
         return out
 
     def _block(self, x: int, y: int) -> np.ndarray | None:
-        """One block as (rows, cols, 3) RGB; None for a block absent from the file (sparse: zeros)."""
+        """One block as (rows, cols, 3) RGB; None for a block absent from the file (sparse: zeros).
+
+        Raises:
+            OSError: the block is cut short, or is not a JPEG of the block's size.
+        """
         offset = int(self._ds.get_tag_item(f"BLOCK_OFFSET_{x}_{y}", "TIFF", bidx=1) or 0)
         size = int(self._ds.get_tag_item(f"BLOCK_SIZE_{x}_{y}", "TIFF", bidx=1) or 0)
         if not offset or not size:
@@ -400,13 +434,17 @@ class _JpegBlocks:
         if len(data) != size:
             raise OSError(f"JPEG block {x},{y} is cut short ({len(data)} of {size} bytes)")
         stream = self._tables + data[2:] if self._tables else data  # shared tables + the block's own
-        with Image.open(io.BytesIO(stream), formats=["JPEG"]) as image:
-            if image.mode != "RGB":
-                raise OSError(f"JPEG block {x},{y} decodes as {image.mode}, not RGB")
-            pixels = np.asarray(image)
-        if pixels.shape[0] < min(self.block_rows, self._ds.height - y * self.block_rows):
-            raise OSError(f"JPEG block {x},{y} has {pixels.shape[0]} rows, fewer than its block")
-        return pixels
+        # a tile is a whole block; a strip is as wide as the scene and may end early at the bottom
+        rows = (min(self.block_rows, self._ds.height - y * self.block_rows), self.block_rows)
+        try:
+            with Image.open(io.BytesIO(stream), formats=["JPEG"]) as image:
+                width, height = image.size
+                if image.mode != "RGB" or width != self.block_cols or not rows[0] <= height <= rows[1]:
+                    raise OSError(f"is a {width} x {height} {image.mode} JPEG in a "
+                                  f"{self.block_cols} x {self.block_rows} RGB block")
+                return np.asarray(image)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise OSError(f"JPEG block {x},{y} {exc}") from exc
 
     def close(self) -> None:
         self._file.close()

@@ -146,3 +146,44 @@ def test_truncated_jpeg_geotiff_is_a_clear_error(tmp_path):
     path.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(SceneReadError, match="t.tif: truncated or corrupt"):
         chips_of(path)
+
+
+def test_jpeg_as_a_file_uri_is_decoded_by_libjpeg_turbo(tmp_path):
+    path = write_scene(tmp_path / "j.tif", pavement(500, 500), compress="jpeg", photometric="ycbcr",
+                       tiled=True, blockxsize=256, blockysize=256)
+    with SceneReader(str(path)) as by_path, SceneReader(path.as_uri()) as by_uri:
+        assert by_uri.decoder == by_path.decoder == "libjpeg-turbo"
+        assert all((a == b).all() for a, b in zip(by_uri.read_strip(0, 400), by_path.read_strip(0, 400)))
+
+
+def test_three_grey_jpeg_bands_are_decoded_by_gdal(tmp_path):
+    """Three MINISBLACK bands carry no colour-space marker: libjpeg would take them for YCbCr."""
+    path = write_scene(tmp_path / "g.tif", pavement(300, 300), compress="jpeg", photometric="minisblack",
+                       tiled=True, blockxsize=256, blockysize=256)
+    with SceneReader(str(path)) as reader:
+        assert reader.decoder == "gdal"
+
+
+def test_the_decoder_check_uses_a_block_that_is_in_the_file(tmp_path):
+    from pipeline.raster import _JpegBlocks
+
+    pixels = np.random.default_rng(2).integers(0, 255, (3, 512, 512), dtype=np.uint8)  # colourful
+    pixels[:, :256, :256] = 0  # a sparse file leaves this block out
+    path = write_scene(tmp_path / "s.tif", pixels, compress="jpeg", photometric="ycbcr", tiled=True,
+                       blockxsize=256, blockysize=256, sparse_ok=True)
+    with rasterio.open(path) as ds, open(path, "rb") as file:
+        assert ds.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1) is None
+        assert _JpegBlocks(ds, file)._difference_from_gdal() > 0  # decoded and compared, not zeros
+
+
+def test_a_jpeg_block_of_the_wrong_size_is_a_clear_error(tmp_path):
+    path = write_scene(tmp_path / "c.tif", pavement(600, 600), compress="jpeg", photometric="ycbcr",
+                       tiled=True, blockxsize=256, blockysize=256)
+    with rasterio.open(path) as ds:
+        offset = int(ds.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=1))
+    data = bytearray(path.read_bytes())
+    sof = data.index(b"\xff\xc0", offset)  # start of frame: marker, length, precision, height, width
+    data[sof + 7:sof + 9] = (128).to_bytes(2, "big")
+    path.write_bytes(bytes(data))
+    with pytest.raises(SceneReadError, match=r"c.tif: truncated or corrupt \(JPEG block 1,1 is a 128 x 256"):
+        chips_of(path)
