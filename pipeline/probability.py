@@ -28,13 +28,16 @@ STRIP_ROWS = 512
 
 
 def overview_factors(width: int, height: int, block: int = STRIP_ROWS) -> list[int]:
-    """Overview levels, as GDAL's COG driver picks them: halving until the image fits a block.
+    """Overview levels as GDAL's COG driver picks them: halving until the image fits a block.
 
-    >>> overview_factors(4096, 12000), overview_factors(900, 700), overview_factors(300, 300)
+    (The overviews themselves are made by ``build_overviews``, which rounds their
+    sizes up, as ``gdaladdo`` does; the COG driver rounded down.)
+
+    >>> overview_factors(4096, 12000), overview_factors(900, 1025), overview_factors(300, 300)
     ([2, 4, 8, 16, 32], [2], [])
     """
     factors, factor = [], 1
-    while -(-max(width, height) // factor) > block:
+    while max(width, height) // factor > block:
         factor *= 2
         factors.append(factor)
     return factors

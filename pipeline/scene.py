@@ -25,7 +25,7 @@ from pipeline.probability import ProbabilityWriter
 from pipeline.raster import SceneReader
 from pipeline.records import ChipBatch, SceneResult
 from pipeline.stitching import StripStitcher
-from pipeline.tiling import chip_windows
+from pipeline.tiling import check_grid, chip_windows
 from pipeline.vectorize import BandVectorizer, VectorizeParams
 
 # progress(scene_id, chips_done, chips_total)
@@ -43,6 +43,9 @@ class SceneOptions:
     threshold: float | None = None
     vectorize: VectorizeParams = field(default_factory=VectorizeParams)
     severity: Severity = field(default_factory=Severity)
+
+    def __post_init__(self) -> None:
+        check_grid(self.size_px, self.overlap_px, self.border_px)
 
     def vectorize_params(self, model: ModelEntry) -> VectorizeParams:
         return replace(self.vectorize, threshold=self.threshold or model.threshold)
@@ -167,7 +170,6 @@ def process_scene(uri: str, backend: Backend, model: ModelEntry, probability_pat
         scene = reader.scene
     params = options.vectorize_params(model)
     geo = Georeferencer.for_scene(scene, store_crs, params, options.severity)  # fails fast on CRS
-    probability = ProbabilityWriter(probability_path, scene)
     vectorizer = BandVectorizer(scene.width, scene.height, params)
 
     def sink(row_off, p, valid):
@@ -176,6 +178,7 @@ def process_scene(uri: str, backend: Backend, model: ModelEntry, probability_pat
 
     stitcher = StripStitcher(scene.width, scene.height, sink, options.size_px, options.border_px,
                              options.overlap_px)
+    probability = ProbabilityWriter(probability_path, scene)  # last: it stages files, abort() removes them
     try:
         chips = run_network(uri, scene.scene_id, backend, stitcher, options, progress)
         if chips == 0:

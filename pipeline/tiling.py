@@ -10,6 +10,21 @@ import numpy as np
 from rasterio.windows import Window
 
 
+def check_grid(size_px: int, overlap_px: int, border_px: int = 0) -> None:
+    """Raise ValueError unless chips of ``size_px`` overlapping by ``overlap_px`` can drop a
+    ``border_px`` band on each side and still cover every pixel.
+
+    >>> check_grid(400, 20, 16)
+    Traceback (most recent call last):
+    ValueError: a border of 16 px needs chips overlapping by at least 32 px, not 20
+    """
+    if size_px <= 0 or not 0 <= overlap_px < size_px:
+        raise ValueError(f"need size_px > 0 and 0 <= overlap_px < size_px, got {size_px}, {overlap_px}")
+    if not 0 <= border_px <= overlap_px // 2:
+        raise ValueError(f"a border of {border_px} px needs chips overlapping by at least "
+                         f"{2 * border_px} px, not {overlap_px}")
+
+
 def chip_offsets(length_px: int, size_px: int = 400, overlap_px: int = 64) -> list[int]:
     """Start offsets of chips along one axis, covering ``[0, length_px)``.
 
@@ -22,8 +37,7 @@ def chip_offsets(length_px: int, size_px: int = 400, overlap_px: int = 64) -> li
     >>> chip_offsets(250)
     [0]
     """
-    if size_px <= 0 or not 0 <= overlap_px < size_px:
-        raise ValueError(f"need size_px > 0 and 0 <= overlap_px < size_px, got {size_px}, {overlap_px}")
+    check_grid(size_px, overlap_px)
     if length_px <= size_px:
         return [0]
     step = size_px - overlap_px
@@ -81,9 +95,7 @@ def blend_weights(length_px: int, size_px: int = 400, overlap_px: int = 64,
     >>> sorted(w), [round(float(w[0][i] + w[336][i - 336]), 6) for i in (340, 360, 390)]
     ([0, 336, 500], [1.0, 1.0, 1.0])
     """
-    if border_px > overlap_px // 2:
-        raise ValueError(f"a border of {border_px} px needs chips overlapping by at least "
-                         f"{2 * border_px} px, not {overlap_px}")
+    check_grid(size_px, overlap_px, border_px)
     offsets = chip_offsets(length_px, size_px, overlap_px)
     profiles = {offset: blend_profile(size_px, border_px, offset > 0, offset + size_px < length_px)
                 for offset in offsets}

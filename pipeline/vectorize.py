@@ -84,11 +84,13 @@ def crack_columns(mask: np.ndarray) -> list[slice]:
     band can be processed as its runs laid side by side (``pack_columns``).
 
     >>> m = np.zeros((4, 200), bool); m[1, 2:5] = m[2, 5] = m[0, 150:152] = True
-    >>> crack_columns(m)
-    [slice(1, 7, None), slice(149, 153, None)]
+    >>> crack_columns(m), crack_columns(m[:, :0])
+    ([slice(1, 7, None), slice(149, 153, None)], [])
     """
     columns = np.concatenate([[0], mask.any(axis=0).view(np.int8), [0]])
     edges = np.flatnonzero(np.diff(columns))
+    if not len(edges):
+        return []
     starts, stops = edges[::2], edges[1::2]
     apart = starts[1:] - stops[:-1] >= SPARSE_GAP_PX
     starts, stops = starts[np.concatenate([[True], apart])], stops[np.concatenate([apart, [True]])]
@@ -267,6 +269,8 @@ def band_pieces(probability: np.ndarray, valid: np.ndarray, row_off: int, first:
     if probability.max(initial=0) < seed_level(params):
         return []
     columns = crack_columns(above_low(probability, valid, params))
+    if not columns:  # the seeds were all nodata
+        return []
     probability, valid, columns = pack_columns(columns, probability, valid)
     labels, boxes = crack_regions(probability, valid, params)
     if not boxes:

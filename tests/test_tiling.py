@@ -47,3 +47,10 @@ def test_blend_weights_sum_to_one_on_every_pixel_and_drop_covered_borders(length
 def test_a_border_wider_than_half_the_overlap_is_refused():
     with pytest.raises(ValueError, match="overlapping by at least 40 px, not 32"):
         blend_weights(1000, 400, 32, 20)
+
+
+def test_scene_options_refuse_a_grid_that_leaves_holes():
+    from pipeline.scene import SceneOptions
+
+    with pytest.raises(ValueError, match="overlapping by at least 32 px, not 24"):
+        SceneOptions(overlap_px=24, border_px=16)
