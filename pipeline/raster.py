@@ -54,7 +54,6 @@ READ_AHEAD_BLOCKS = 4  # blocks of storage.S3_BLOCK_BYTES held per open scene, t
 # in rasterio's wheels, 2.6x faster (_JpegBlocks); False leaves all decoding to GDAL.
 TURBO_JPEG = features.check_feature("libjpeg_turbo")
 STRETCH_PERCENTILES = (0.5, 99.5)
-_UNSET = object()
 PREVIEW_PX = 1024
 
 
@@ -163,7 +162,8 @@ class SceneReader:
             self._bands = self._rgb_bands()
             self._scale = self._stretch()
             self._method = method
-            self._jpeg: _JpegBlocks | None | object = _UNSET
+            self._jpeg: _JpegBlocks | None = None
+            self._jpeg_tried = False  # _blocks() attaches it on the first decode
             block_rows = self._ds.block_shapes[0][0]  # decode in runs of whole blocks (>= 256 rows)
             self._run_rows = block_rows * max(1, 256 // block_rows) if block_rows <= 1024 else 512
             self._runs: list[tuple[int, np.ndarray, np.ndarray]] = []  # decoded (row_off, rgb, valid)
@@ -216,8 +216,8 @@ class SceneReader:
 
     def close(self) -> None:
         try:
-            if isinstance(blocks := getattr(self, "_jpeg", None), _JpegBlocks):
-                blocks.close()
+            if getattr(self, "_jpeg", None) is not None:
+                self._jpeg.close()
         finally:
             self._jpeg = None
             if self._ds is not None:
@@ -239,8 +239,8 @@ class SceneReader:
     def _blocks(self) -> _JpegBlocks | None:
         """The JPEG block decoder, attached on the first decode: a reader opened for its
         metadata reads no block."""
-        if self._jpeg is _UNSET:
-            self._jpeg = None
+        if not self._jpeg_tried:
+            self._jpeg_tried = True
             if TURBO_JPEG:
                 self._jpeg = _JpegBlocks.attach(self._ds, self.uri, self._bands, self._method)
         return self._jpeg
