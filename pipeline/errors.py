@@ -31,6 +31,18 @@ class SceneContentError(SceneError, ValueError):
     """The raster opened but cannot be mapped: no CRS, all nodata, unsupported bands."""
 
 
+class FrameError(SceneError, ValueError):
+    """A survey frame cannot be placed: no time or GPS in it, a time outside the trajectory."""
+
+
+class CameraError(SceneError, ValueError):
+    """A camera file is missing, unreadable, or holds missing or absurd values."""
+
+
+class TrajectoryError(SceneError, ValueError):
+    """A trajectory file is unreadable, not in time order, or has gaps or impossible speeds."""
+
+
 class BackendUnavailableError(PipelineError, RuntimeError):
     """An inference backend was asked for but cannot run here; the message says how to install it."""
 

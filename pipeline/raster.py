@@ -148,8 +148,10 @@ class SceneReader:
     stretched linearly between the 0.5 and 99.5 percentiles of a preview.
     """
 
-    def __init__(self, uri: str, scene_id: str | None = None, method: str | None = None) -> None:
+    def __init__(self, uri: str, scene_id: str | None = None, method: str | None = None,
+                 georeferenced: bool = True) -> None:
         self.uri = uri
+        self._georeferenced = georeferenced  # False: a survey frame (JPEG/PNG), no CRS needed
         self._env = gdal_env()
         self._env.__enter__()
         try:
@@ -173,6 +175,9 @@ class SceneReader:
 
     def _describe(self, scene_id: str) -> Scene:
         ds = self._ds
+        if not self._georeferenced:
+            return Scene(uri=self.uri, scene_id=scene_id, width=ds.width, height=ds.height,
+                         band_count=ds.count, dtype=ds.dtypes[0], crs=None, transform=ds.transform)
         if ds.crs is None:
             raise SceneContentError(self.uri, "has no CRS; crackmap needs a georeferenced scene "
                                               "(assign one, e.g. gdal_edit.py -a_srs EPSG:xxxx)")

@@ -21,7 +21,7 @@ class Scene:
     height: int
     band_count: int
     dtype: str
-    crs: CRS
+    crs: CRS | None  # None: a survey frame, placed by its camera and pose instead
     transform: Affine
 
 
@@ -45,6 +45,10 @@ class CrackLine:
     orientation_deg: float  # azimuth of the main axis, clockwise from north, in [0, 180)
     confidence: float  # mean crack probability along the line, 0..1
     severity: str  # low | medium | high
+    gsd_mm: float | None = None  # ground size of a pixel along the line (mean), millimetres
+    range_m: float | None = None  # frame surveys: mean distance from the camera
+    pos_accuracy_m: float | None = None  # frame surveys: the poses' position accuracy, if given
+    source_frames: tuple[str, ...] = ()  # frame surveys: the frames the crack was seen in
 
 
 @dataclass(frozen=True, slots=True)

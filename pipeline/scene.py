@@ -67,7 +67,8 @@ class _Worker(threading.Thread):
 
 
 def run_network(uri: str, scene_id: str, backend: Backend, stitcher: StripStitcher,
-                options: SceneOptions, progress: Progress | None = None) -> int:
+                options: SceneOptions, progress: Progress | None = None,
+                georeferenced: bool = True) -> int:
     """Stream a scene's chips through ``backend`` into ``stitcher``; returns the chips run.
 
     Three threads: reading (``crackmap-read``), the network (the caller's),
@@ -80,7 +81,7 @@ def run_network(uri: str, scene_id: str, backend: Backend, stitcher: StripStitch
 
     def read() -> None:
         try:
-            with SceneReader(uri, scene_id) as reader:
+            with SceneReader(uri, scene_id, georeferenced=georeferenced) as reader:
                 for batch in reader.chip_batches(options.size_px, options.overlap_px,
                                                  backend.batch_size):
                     if stop.is_set():

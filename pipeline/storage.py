@@ -167,7 +167,8 @@ def _strip_protocol(uri: str) -> str:
     return uri.split("://", 1)[1] if "://" in uri else uri
 
 
-def list_scenes(prefix: str, pattern: str | None = None) -> list[StoredObject]:
+def list_scenes(prefix: str, pattern: str | None = None,
+                suffixes: tuple[str, ...] = RASTER_SUFFIXES) -> list[StoredObject]:
     """The raster objects under a URL prefix (recursive), sorted; other objects are logged and skipped.
 
     Args:
@@ -175,6 +176,7 @@ def list_scenes(prefix: str, pattern: str | None = None) -> list[StoredObject]:
             object lists just that object.
         pattern: Optional glob on the path relative to the prefix (``*`` does
             not cross ``/``; use ``**/*.tif`` for all levels).
+        suffixes: The extensions that count (frame surveys: ``.jpg``, ``.png``).
 
     Raises:
         StorageError: no such bucket, credentials refused, or nothing found.
@@ -194,13 +196,12 @@ def list_scenes(prefix: str, pattern: str | None = None) -> list[StoredObject]:
         if pattern and not matches_glob(relative, pattern):
             continue
         uri = f"{protocol}://{path}"
-        if PurePosixPath(path).suffix.lower() not in RASTER_SUFFIXES:
-            log.warning("skipping %s: not imagery (extension not one of %s)", uri,
-                        ", ".join(RASTER_SUFFIXES))
+        if PurePosixPath(path).suffix.lower() not in suffixes:
+            log.warning("skipping %s: not imagery (extension not one of %s)", uri, ", ".join(suffixes))
             continue
         objects.append(StoredObject(uri, relative, _etag(info)))
     if not objects:
-        raise StorageError(prefix, f"no raster objects ({', '.join(RASTER_SUFFIXES)}) found"
+        raise StorageError(prefix, f"no raster objects ({', '.join(suffixes)}) found"
                                    + (f" matching {pattern!r}" if pattern else ""))
     return objects
 

@@ -7,7 +7,10 @@ flows, a worker on another machine): it takes and returns plain values.
 from __future__ import annotations
 
 import glob
+import json
 import logging
+import tempfile
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
@@ -37,14 +40,16 @@ class SceneSource:
     identity: str | None = None
 
 
-def discover(sources: list[str], pattern: str | None = None) -> list[SceneSource]:
+def discover(sources: list[str], pattern: str | None = None,
+             suffixes: tuple[str, ...] = RASTER_SUFFIXES) -> list[SceneSource]:
     """The scenes named by ``sources``: raster files, folders (searched recursively), globs or URLs.
 
     A file is taken as given; in a folder or under a URL prefix (``s3://bucket/survey/``
     or any fsspec URL), files with a raster extension are scenes, and their ids are
     their paths relative to the folder or prefix, without extension.  ``pattern``
     (a glob on that relative path, e.g. ``*.tif`` or ``**/*_rgb.tif``) narrows folders
-    and prefixes.
+    and prefixes.  ``suffixes``: the extensions that make a file a scene (frame surveys:
+    ``pipeline.frames.FRAME_SUFFIXES``).
 
     Raises:
         SceneContentError: a source matches nothing, or two scenes get the same id.
@@ -55,9 +60,9 @@ def discover(sources: list[str], pattern: str | None = None) -> list[SceneSource
         path = Path(source)
         if storage.is_url(source):
             found += [SceneSource(o.uri, str(PurePosixPath(o.relative).with_suffix("")), o.etag)
-                      for o in storage.list_scenes(source, pattern)]
+                      for o in storage.list_scenes(source, pattern, suffixes)]
         elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in RASTER_SUFFIXES
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes
                            and (pattern is None or storage.matches_glob(p.relative_to(path).as_posix(), pattern)))
             found += [SceneSource(str(p), str(PurePosixPath(p.relative_to(path).with_suffix(""))))
                       for p in files]
@@ -161,3 +166,163 @@ def map_scene(source: SceneSource, store: str, run: RunInfo, backend: str = "aut
     return {"scene_id": source.scene_id, "status": "done", "chips": result.chip_count,
             "cracks": len(result.cracks), "length_m": round(result.total_length_m, 3),
             "seconds": round(result.seconds, 2), "probability": str(out)}
+
+
+def observation_path(output_dir: str | Path, run: RunInfo, frame_id: str) -> str:
+    """Where a frame's ground lines are kept between runs: beside its probability raster.
+
+    >>> run = RunInfo("road-12", "r1", "hrsegnet_b16", "1.0.0", "0" * 64)
+    >>> observation_path("out/p", run, "f0007")
+    'out/p/road-12/f0007.hrsegnet_b16-1.0.0.frame.json'
+    """
+    return probability_path(output_dir, run, frame_id)[:-len(".tif")] + ".frame.json"
+
+
+def _load_observation(uri: str, origin: tuple[float, float, float], identity: str):
+    from pipeline.frames import observation_from_json
+
+    try:
+        with storage.filesystem(uri).open(uri, "r") as f:
+            data = f.read()
+        obs = observation_from_json(data)
+        kept = json.loads(data).get("origin")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return obs if kept == list(origin) and obs.sha256 == identity else None
+
+
+def _save_observation(uri: str, obs, origin: tuple[float, float, float]) -> None:
+    from pipeline.frames import observation_to_json
+
+    text = json.dumps(dict(json.loads(observation_to_json(obs)), origin=list(origin)))
+    if storage.is_url(uri):
+        with tempfile.TemporaryDirectory(prefix="crackmap-") as tmp:
+            local = Path(tmp) / "frame.json"
+            local.write_text(text)
+            storage.upload(local, uri)
+    else:
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        Path(uri).write_text(text)
+
+
+def _frame_row(frame_id: str, status: str, seconds: float = 0.0, error: str = "", chips: int = 0,
+               probability: str = "") -> dict:
+    return {"scene_id": frame_id, "status": status, "chips": chips, "cracks": 0, "length_m": 0.0,
+            "seconds": round(seconds, 2), "probability": probability, "error": error}
+
+
+def map_frame_survey(frames: list[SceneSource], survey, store: str, run: RunInfo, backend: str = "auto",
+                     output_dir: str | None = None, options: SceneOptions = SceneOptions(),
+                     force: bool = False) -> list[dict]:
+    """Map a frame survey (``pipeline.frames``) into ``store``: one scene row per frame.
+
+    Poses for every frame first (from the trajectory, or EXIF GPS along the track);
+    then each frame is segmented and put on the ground, unless it is unchanged since
+    published with this model version (frame, camera file and trajectory alike) and
+    its ground lines are still beside its probability raster; then the views of each
+    crack are merged across frames and every frame is published with the cracks it
+    holds.  If no frame needed mapping, nothing is published again.  A bad frame is
+    marked failed with a one-line error and the others go on.
+
+    Raises:
+        CameraError, TrajectoryError: the camera file or trajectory cannot be used at all.
+
+    Returns:
+        One row per frame, in order, as ``map_scene`` returns them (status done,
+        skipped (not segmented again) or failed, with ``error``).
+    """
+    from pipeline.camera import read_camera
+    from pipeline.frames import (FrameClock, frame_identity, frame_pose, frame_results, observe_frame,
+                                 survey_origin)
+    from pipeline.trajectory import TrajectoryLimits, read_trajectory, track_poses
+
+    camera = read_camera(survey.camera_path)
+    limits = TrajectoryLimits(survey.max_gap_s, survey.max_speed_m_s)
+    trajectory = read_trajectory(survey.trajectory_path, limits) if survey.trajectory_path else None
+    clock = FrameClock.parse(survey.frame_time)
+    output_dir = output_dir or str(default_output_dir(store))
+    target = open_store(store)
+    rows: dict[str, dict] = {}
+
+    def failed(source: SceneSource, exc: BaseException) -> None:
+        log.error("%s", exc)
+        target.mark_failed(source.uri, source.scene_id, run, str(exc))
+        rows[source.scene_id] = _frame_row(source.scene_id, "failed", error=str(exc))
+
+    try:
+        poses, fixes = {}, []
+        for source in frames:
+            try:
+                pose, fix, t = frame_pose(source.uri, clock, trajectory)
+            except (PipelineError, OSError) as exc:
+                failed(source, exc)
+                continue
+            if pose is not None:
+                poses[source.scene_id] = pose
+            else:
+                fixes.append((source, fix, t))
+        if fixes:  # EXIF GPS: in time order where every frame has a time, else in name order
+            if all(t is not None for _, _, t in fixes):
+                fixes.sort(key=lambda item: item[2])
+            try:
+                poses.update(zip([s.scene_id for s, _, _ in fixes],
+                                 track_poses([s.uri for s, _, _ in fixes], [f for _, f, _ in fixes],
+                                             [t for _, _, t in fixes])))
+            except PipelineError as exc:
+                for source, _, _ in fixes:
+                    failed(source, exc)
+            else:
+                log.warning("%s frames placed by EXIF GPS: heading from the track, roll and pitch taken "
+                            "as zero (lower accuracy than a GNSS/IMU trajectory)", len(fixes))
+        placed = [s for s in frames if s.scene_id in poses]
+        if not placed:
+            return [rows[s.scene_id] for s in frames]
+        if trajectory is not None:
+            from pipeline.trajectory import pose_at
+            first = pose_at(trajectory, float(trajectory.time_s[0]), survey.trajectory_path)
+            origin = survey_origin([first])
+        else:
+            origin = survey_origin([poses[placed[0].scene_id]])
+        observations = {}
+        for source in placed:
+            started = time.perf_counter()
+            try:
+                identity = frame_identity(source.identity or storage.identity(source.uri),
+                                          survey.camera_path, survey.trajectory_path)
+                cached = observation_path(output_dir, run, source.scene_id)
+                published = target.published_sha256(run.survey_id, source.scene_id, run.model_name,
+                                                     run.model_version)
+                if not force and published == identity and (
+                        obs := _load_observation(cached, origin, identity)) is not None:
+                    observations[source.scene_id] = obs
+                    rows[source.scene_id] = _frame_row(source.scene_id, "skipped")
+                    continue
+                entry, net = cached_backend(f"{run.model_name}:{run.model_version}", backend)
+                out = probability_path(output_dir, run, source.scene_id)
+                obs = observe_frame(source.uri, source.scene_id, camera, poses[source.scene_id], origin,
+                                    net, entry, out, options, identity, progress.report)
+                _save_observation(cached, obs, origin)
+            except (PipelineError, OSError) as exc:
+                failed(source, exc)
+                continue
+            observations[source.scene_id] = obs
+            rows[source.scene_id] = _frame_row(source.scene_id, "done", time.perf_counter() - started,
+                                               chips=obs.chip_count, probability=out)
+        if any(r["status"] == "done" for r in rows.values()):
+            ordered = [observations[s.scene_id] for s in placed if s.scene_id in observations]
+            for result in frame_results(ordered, origin, target.crs, options.severity,
+                                        survey.join_tolerance_m):
+                target.publish(result, run)
+                row = rows[result.scene.scene_id]
+                row.update(cracks=len(result.cracks), length_m=round(result.total_length_m, 3))
+        else:
+            done = target.scene_summaries(run.survey_id, run.model_name, run.model_version,
+                                          list(observations))
+            for frame_id in observations:
+                summary = done.get(frame_id, {})
+                rows[frame_id].update(cracks=summary.get("crack_count", 0),
+                                      length_m=round(summary.get("total_length_m", 0.0), 3),
+                                      chips=summary.get("chip_count", 0))
+    finally:
+        target.close()
+    return [rows[s.scene_id] for s in frames]

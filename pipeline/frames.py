@@ -1,0 +1,591 @@
+"""Frame surveys: camera frames (JPEG/PNG) with a camera file and poses, mapped to the ground.
+
+A frame is segmented with the same chips, stitching and vectorizing as a scene,
+in its own pixels.  Then the crack lines' vertices (never the image) go to the
+ground: pixel -> undistorted ray -> road plane (``pipeline.camera``, flat-road
+model) -> vehicle frame -> local east/north/up of the survey (pymap3d,
+``pipeline.trajectory``) -> the store CRS (pyproj).
+
+Consecutive frames overlap, so one crack is seen several times.  Every point of
+the road is *owned* by the frame that sees it at the shortest range (the
+best-resolved view; with one camera height that is the nearest camera, so the
+owned areas are cells of the cameras' nadirs cut to each footprint).  Each
+frame keeps only the parts of its lines in its own area, and parts that meet
+across the boundary between two frames' areas are joined into one line
+(``merge_observations``).  A crack seen in five frames counts once, and each
+crack records the frames it came from.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import shapely
+from affine import Affine
+from PIL import ExifTags, Image, UnidentifiedImageError
+from pyproj import Transformer
+from rasterio.crs import CRS
+from shapely.geometry import LineString, Polygon
+
+from pipeline import storage
+from pipeline.camera import Camera, footprint, ground_points, ground_sampling_m, road_pixels
+from pipeline.errors import FrameError, SceneContentError
+from pipeline.measure import GEOD, LONLAT, Severity, azimuth_deg
+from pipeline.records import CrackLine, Scene, SceneResult
+from pipeline.trajectory import Pose, Trajectory, enu_to_geodetic, pose_at, vehicle_to_enu
+from pipeline.vectorize import Piece, VectorizeParams
+
+log = logging.getLogger(__name__)
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
+CAMERA_NAMES = ("camera.yaml", "camera.yml", "camera.json")
+TRAJECTORY_NAME = "trajectory.csv"
+HALF_PLANE_M = 10_000.0  # "infinite" for a road frame
+
+
+# ---------------------------------------------------------------- frame times and EXIF
+
+
+def exif_time_s(exif: Image.Exif) -> float | None:
+    """UNIX seconds of EXIF ``DateTimeOriginal`` + ``SubSecTimeOriginal`` (+ ``OffsetTimeOriginal``).
+
+    Without an offset the time is taken as UTC (survey cameras are set to UTC or GPS time).
+    """
+    ifd = exif.get_ifd(ExifTags.IFD.Exif)
+    text = ifd.get(ExifTags.Base.DateTimeOriginal) or exif.get(ExifTags.Base.DateTime)
+    if not text:
+        return None
+    try:
+        when = datetime.strptime(str(text).strip("\x00 "), "%Y:%m:%d %H:%M:%S")
+    except ValueError:
+        return None
+    offset = str(ifd.get(ExifTags.Base.OffsetTimeOriginal) or "").strip("\x00 ")
+    zone = timezone.utc
+    if m := re.fullmatch(r"([+-])(\d\d):(\d\d)", offset):
+        sign = 1 if m[1] == "+" else -1
+        zone = timezone(sign * timedelta(hours=int(m[2]), minutes=int(m[3])))
+    sub = str(ifd.get(ExifTags.Base.SubSecTimeOriginal) or "").strip("\x00 ")
+    fraction = float(f"0.{sub}") if sub.isdigit() else 0.0
+    return when.replace(tzinfo=zone).timestamp() + fraction
+
+
+def _degrees(value) -> float:
+    d, m, s = (float(v) for v in value)
+    return d + m / 60.0 + s / 3600.0
+
+
+def exif_gps(exif: Image.Exif) -> tuple[float, float, float, float | None] | None:
+    """(lat, lon, height, horizontal accuracy or None) of an EXIF GPS block, or None without one."""
+    gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+    tags = ExifTags.GPS
+    if tags.GPSLatitude not in gps or tags.GPSLongitude not in gps:
+        return None
+    lat = _degrees(gps[tags.GPSLatitude]) * (-1 if gps.get(tags.GPSLatitudeRef, "N") == "S" else 1)
+    lon = _degrees(gps[tags.GPSLongitude]) * (-1 if gps.get(tags.GPSLongitudeRef, "E") == "W" else 1)
+    height = float(gps.get(tags.GPSAltitude, 0.0))
+    if gps.get(tags.GPSAltitudeRef) in (1, b"\x01"):
+        height = -height
+    accuracy = gps.get(tags.GPSHPositioningError)
+    return lat, lon, height, None if accuracy is None else float(accuracy)
+
+
+def read_exif(uri: str) -> Image.Exif:
+    """The EXIF block of a frame (empty if it has none).
+
+    Raises:
+        FrameError: the file is missing or not an image.
+    """
+    try:
+        with storage.filesystem(uri).open(uri if storage.is_url(uri) else str(uri), "rb") as f, \
+                Image.open(f) as image:
+            return image.getexif()
+    except (OSError, UnidentifiedImageError) as exc:
+        raise FrameError(uri, f"cannot read it as an image ({exc})") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class FrameClock:
+    """Where a frame's time comes from: ``exif`` (default), ``name:REGEX`` or ``index:CSV``.
+
+    ``name:REGEX``: a regular expression on the file name whose group ``t`` (or first
+    group) is the time (UNIX seconds or ISO 8601), e.g. ``name:_(?P<t>\\d+\\.\\d+)\\.jpg$``.
+    ``index:CSV``: a CSV with columns ``frame`` (file name) and ``time``.
+    """
+
+    spec: str = "exif"
+    index: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: str | None) -> FrameClock:
+        from pipeline.trajectory import parse_time
+
+        spec = spec or "exif"
+        if spec == "exif":
+            return cls(spec)
+        if spec.startswith("name:"):
+            try:
+                re.compile(spec[5:])
+            except re.error as exc:
+                raise FrameError(spec, f"--frame-time: not a regular expression ({exc})") from exc
+            return cls(spec)
+        if spec.startswith("index:"):
+            path = spec[6:]
+            try:
+                with open(path, newline="") as f:
+                    index = {Path(r["frame"]).name: parse_time(r["time"]) for r in csv.DictReader(f)}
+            except (OSError, KeyError, ValueError) as exc:
+                raise FrameError(path, f"cannot read the frame index (columns frame,time) ({exc})") from exc
+            return cls(spec, index)
+        raise FrameError(spec, "--frame-time is exif, name:REGEX or index:CSV")
+
+    def time_s(self, uri: str, exif: Image.Exif | None) -> float:
+        """The frame's time in UNIX seconds.
+
+        Raises:
+            FrameError: naming the frame: it has no time where this clock looks.
+        """
+        from pipeline.trajectory import parse_time
+
+        name = PurePosixPath(uri).name
+        if self.spec == "exif":
+            found = exif_time_s(exif) if exif is not None else None
+            if found is None:
+                raise FrameError(uri, "has no EXIF DateTimeOriginal; give --frame-time name:REGEX "
+                                      "or index:CSV")
+            return found
+        if self.spec.startswith("name:"):
+            m = re.search(self.spec[5:], name)
+            if not m:
+                raise FrameError(uri, f"its name does not match the time pattern {self.spec[5:]!r}")
+            return parse_time(m.groupdict().get("t") or m.group(1))
+        if name not in self.index:
+            raise FrameError(uri, f"is not in the frame index {self.spec[6:]}")
+        return self.index[name]
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class GroundLine:
+    """A crack line seen in one frame, on the ground (survey ENU), with per-vertex range and GSD."""
+
+    frame_id: str
+    enu_m: np.ndarray  # (n, 3) east, north, up around the survey origin
+    range_m: np.ndarray  # (n,) distance from the camera centre
+    gsd_m: np.ndarray  # (n,) ground size of a pixel at each vertex
+    width_mean_px: float
+    width_max_px: float
+    confidence: float
+
+
+@dataclass(frozen=True, slots=True)
+class FrameObservation:
+    """What one frame showed: its footprint and crack lines in survey ENU, and where its camera was."""
+
+    frame_id: str
+    uri: str
+    sha256: str
+    camera_enu_m: tuple[float, float, float]
+    footprint_enu: Polygon
+    pos_accuracy_m: float | None
+    lines: tuple[GroundLine, ...]
+    chip_count: int
+    width_px: int
+    height_px: int
+    probability_path: str
+    seconds: float
+
+
+def observation_to_json(obs: FrameObservation) -> str:
+    lines = [dict(frame_id=g.frame_id, enu_m=g.enu_m.tolist(), range_m=g.range_m.tolist(),
+                  gsd_m=g.gsd_m.tolist(), width_mean_px=g.width_mean_px, width_max_px=g.width_max_px,
+                  confidence=g.confidence) for g in obs.lines]
+    return json.dumps(dict(frame_id=obs.frame_id, uri=obs.uri, sha256=obs.sha256,
+                           camera_enu_m=list(obs.camera_enu_m), footprint_wkt=obs.footprint_enu.wkt,
+                           pos_accuracy_m=obs.pos_accuracy_m, lines=lines, chip_count=obs.chip_count,
+                           width_px=obs.width_px, height_px=obs.height_px,
+                           probability_path=obs.probability_path, seconds=obs.seconds))
+
+
+def observation_from_json(text: str) -> FrameObservation:
+    d = json.loads(text)
+    lines = tuple(GroundLine(g["frame_id"], np.array(g["enu_m"]).reshape(-1, 3), np.array(g["range_m"]),
+                             np.array(g["gsd_m"]), g["width_mean_px"], g["width_max_px"], g["confidence"])
+                  for g in d["lines"])
+    return FrameObservation(d["frame_id"], d["uri"], d["sha256"], tuple(d["camera_enu_m"]),
+                            shapely.from_wkt(d["footprint_wkt"]), d["pos_accuracy_m"], lines,
+                            d["chip_count"], d["width_px"], d["height_px"], d["probability_path"],
+                            d["seconds"])
+
+
+# ---------------------------------------------------------------- one frame: pixels -> ground
+
+
+def ground_line(camera: Camera, pose: Pose, origin: tuple[float, float, float], frame_id: str,
+                piece: Piece, params: VectorizeParams) -> GroundLine | None:
+    """A vectorized piece (frame pixels) as a ground line, or None if too short or off the road."""
+    if piece.length_px() < params.min_length_px or piece.n_px == 0:
+        return None
+    rc = shapely.get_coordinates(shapely.simplify(LineString(piece.rc), params.simplify_px))
+    uv = rc[:, ::-1]
+    points, distance = ground_points(camera, uv)
+    keep = np.isfinite(distance)
+    if keep.sum() < 2:
+        return None
+    gsd = ground_sampling_m(camera, uv[keep])
+    return GroundLine(frame_id, vehicle_to_enu(pose, points[keep], origin), distance[keep], gsd,
+                      max(2.0 * piece.half_width_sum / piece.n_px - 1.0, 1.0),
+                      max(2.0 * piece.half_width_max - 1.0, 1.0),
+                      piece.probability_sum / piece.n_px / 255.0)
+
+
+def frame_footprint_enu(camera: Camera, pose: Pose, origin: tuple[float, float, float],
+                        road: np.ndarray, frame: str) -> Polygon:
+    """A frame's ground trapezoid in survey ENU (x, y)."""
+    outline = np.asarray(footprint(camera, road, frame).exterior.coords)
+    points = np.column_stack([outline, np.full(len(outline), camera.road_z_m)])
+    return Polygon(vehicle_to_enu(pose, points, origin)[:, :2])
+
+
+def camera_enu(camera: Camera, pose: Pose, origin: tuple[float, float, float]) -> tuple[float, float, float]:
+    e, n, u = vehicle_to_enu(pose, np.array([camera.lever_arm_m], float), origin)[0]
+    return float(e), float(n), float(u)
+
+
+# ---------------------------------------------------------------- many frames: one line per crack
+
+
+def ownership(observations: list[FrameObservation]) -> list[Polygon]:
+    """Per frame, the part of its footprint it sees at a shorter range than every other frame.
+
+    With one camera height, range order is horizontal distance order from the camera,
+    so the boundary between two frames is the bisector of their cameras.  Ties go
+    to the earlier frame.
+    """
+    regions = []
+    for i, a in enumerate(observations):
+        region = a.footprint_enu
+        ca = np.array(a.camera_enu_m[:2])
+        for j, b in enumerate(observations):
+            if i == j or not region.intersects(b.footprint_enu):
+                continue
+            cb = np.array(b.camera_enu_m[:2])
+            d = cb - ca
+            if np.hypot(*d) < 1e-9:
+                if j < i:
+                    region = region.difference(b.footprint_enu)
+                continue
+            u = d / np.hypot(*d)
+            n = np.array([-u[1], u[0]])
+            mid = (ca + cb) / 2
+            closer_to_b = Polygon([mid + n * HALF_PLANE_M, mid + n * HALF_PLANE_M + u * HALF_PLANE_M,
+                                   mid - n * HALF_PLANE_M + u * HALF_PLANE_M, mid - n * HALF_PLANE_M])
+            region = region.difference(closer_to_b.intersection(b.footprint_enu))
+        regions.append(region)
+    return regions
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    line: GroundLine  # clipped to its frame's region, vertices with interpolated attributes
+    cut: tuple[bool, bool]  # start / end lies on the region boundary (a clip, not a crack end)
+
+
+def clip_line(line: GroundLine, region: Polygon) -> list[_Part]:
+    """The parts of ``line`` inside ``region``, range and GSD interpolated at the new vertices."""
+    xy = LineString(line.enu_m[:, :2])
+    inside = xy.intersection(region)
+    boundary = region.boundary
+    original = np.concatenate([[0.0], np.cumsum(np.hypot(*np.diff(line.enu_m[:, :2], axis=0).T))])
+    parts = []
+    for geom in getattr(inside, "geoms", [inside]):
+        if not isinstance(geom, LineString) or geom.is_empty or geom.length < 1e-6:
+            continue
+        coords = np.asarray(geom.coords)
+        at = shapely.line_locate_point(xy, shapely.points(coords))
+        enu = np.column_stack([coords, np.interp(at, original, line.enu_m[:, 2])])
+        clipped = GroundLine(line.frame_id, enu, np.interp(at, original, line.range_m),
+                             np.interp(at, original, line.gsd_m), line.width_mean_px, line.width_max_px,
+                             line.confidence)
+        ends = (shapely.points(coords[0]), shapely.points(coords[-1]))
+        parts.append(_Part(clipped, tuple(bool(boundary.distance(p) < 1e-6 and
+                                               xy.boundary.distance(p) > 1e-6) for p in ends)))
+    return parts
+
+
+def _chains(parts: list[_Part], tolerance_m: float) -> list[list[tuple[int, bool]]]:
+    """Parts linked at cut ends that meet (mutual nearest, another frame, within ``tolerance_m``).
+
+    Each chain is a list of (part index, reversed) in order along the crack.
+    """
+    ends = [(k, side, parts[k].line.enu_m[0 if side == 0 else -1, :2])
+            for k, p in enumerate(parts) for side in (0, 1) if p.cut[side]]
+
+    def nearest(e):
+        best, best_d = None, tolerance_m
+        for f in ends:
+            if parts[f[0]].line.frame_id != parts[e[0]].line.frame_id:
+                d = float(np.hypot(*(f[2] - e[2])))
+                if d <= best_d:
+                    best, best_d = f, d
+        return best
+
+    links = {}
+    for e in ends:
+        f = nearest(e)
+        if f is not None and nearest(f) is e:
+            links[(e[0], e[1])] = (f[0], f[1])
+    seen, chains = set(), []
+    for k in range(len(parts)):
+        if k in seen:
+            continue
+        start, side = k, 0  # walk back to the chain's first part
+        while (k2 := links.get((start, side))) is not None and k2[0] not in seen and k2[0] != k:
+            seen.add(start)
+            start, side = k2[0], 1 - k2[1]
+        seen.discard(start)
+        chain, part, enter = [], start, side  # enter: the side we come in from
+        while part is not None and part not in {c for c, _ in chain}:
+            chain.append((part, enter == 1))
+            seen.add(part)
+            nxt = links.get((part, 1 - enter))
+            part, enter = (nxt[0], nxt[1]) if nxt else (None, 0)
+        chains.append(chain)
+    return chains
+
+
+@dataclass(frozen=True, slots=True)
+class MergedCrack:
+    """One crack after merging its views: pieces in order, the frames they came from."""
+
+    pieces: tuple[GroundLine, ...]
+    frames: tuple[str, ...]  # in survey order
+    owner: str  # the frame that holds it in the store: the one with the longest part
+
+    @property
+    def enu_m(self) -> np.ndarray:
+        return np.concatenate([p.enu_m for p in self.pieces])
+
+
+def merge_observations(observations: list[FrameObservation], tolerance_m: float = 0.1) -> list[MergedCrack]:
+    """One line per crack across overlapping frames: best-resolved parts, joined across frame boundaries."""
+    order = {o.frame_id: i for i, o in enumerate(observations)}
+    parts = [part for obs, region in zip(observations, ownership(observations))
+             for line in obs.lines for part in clip_line(line, region)]
+    merged = []
+    for chain in _chains(parts, tolerance_m):
+        pieces = tuple(_reversed(parts[k].line) if rev else parts[k].line for k, rev in chain)
+        lengths: dict[str, float] = {}
+        for p in pieces:
+            lengths[p.frame_id] = lengths.get(p.frame_id, 0.0) + LineString(p.enu_m[:, :2]).length
+        frames = tuple(sorted(lengths, key=order.__getitem__))
+        merged.append(MergedCrack(pieces, frames, max(frames, key=lambda f: (lengths[f], -order[f]))))
+    return merged
+
+
+def _reversed(line: GroundLine) -> GroundLine:
+    return GroundLine(line.frame_id, line.enu_m[::-1], line.range_m[::-1], line.gsd_m[::-1],
+                      line.width_mean_px, line.width_max_px, line.confidence)
+
+
+def _weights(line: GroundLine) -> np.ndarray:
+    """Length each vertex stands for (half of each neighbouring segment)."""
+    seg = np.hypot(*np.diff(line.enu_m[:, :2], axis=0).T)
+    w = np.zeros(len(line.enu_m))
+    w[:-1] += seg / 2
+    w[1:] += seg / 2
+    return w if w.sum() > 0 else np.ones(len(w))
+
+
+def crack_from_merged(crack: MergedCrack, origin: tuple[float, float, float], to_store: Transformer,
+                      accuracy: dict[str, float | None], severity: Severity) -> CrackLine:
+    """The measured crack line of a merged crack: widths from each vertex's GSD, in the store CRS."""
+    lon, lat = enu_to_geodetic(crack.enu_m, origin)
+    keep = np.concatenate([[True], (np.diff(lon) != 0) | (np.diff(lat) != 0)])
+    lon, lat = lon[keep], lat[keep]
+    w = np.concatenate([_weights(p) for p in crack.pieces])
+    gsd = np.concatenate([p.gsd_m for p in crack.pieces])
+    rng = np.concatenate([p.range_m for p in crack.pieces])
+    px_mean = np.concatenate([np.full(len(p.gsd_m), p.width_mean_px) for p in crack.pieces])
+    width_mean = float(np.sum(w * px_mean * gsd) / w.sum()) * 1000.0
+    width_max = max(p.width_max_px * float(np.average(p.gsd_m, weights=_weights(p))) for p in crack.pieces)
+    confidence = float(np.sum(w * np.concatenate([np.full(len(p.gsd_m), p.confidence)
+                                                  for p in crack.pieces])) / w.sum())
+    known = [a for f in crack.frames if (a := accuracy.get(f)) is not None]
+    sx, sy = to_store.transform(lon, lat)
+    return CrackLine(geometry=LineString(np.column_stack([sx, sy])),
+                     length_m=float(GEOD.line_length(lon, lat)), width_mean_mm=width_mean,
+                     width_max_mm=width_max * 1000.0, orientation_deg=azimuth_deg(lon, lat),
+                     confidence=confidence, severity=severity.classify(width_mean),
+                     gsd_mm=float(np.sum(w * gsd) / w.sum()) * 1000.0,
+                     range_m=float(np.sum(w * rng) / w.sum()),
+                     pos_accuracy_m=max(known) if known else None, source_frames=crack.frames)
+
+
+def frame_results(observations: list[FrameObservation], origin: tuple[float, float, float],
+                  store_crs: CRS, severity: Severity, tolerance_m: float = 0.1,
+                  min_length_m: float = 0.0) -> list[SceneResult]:
+    """One SceneResult per frame (its ground trapezoid and the merged cracks it owns), in order."""
+    to_store = Transformer.from_crs(LONLAT, store_crs, always_xy=True)
+    accuracy = {o.frame_id: o.pos_accuracy_m for o in observations}
+    owned: dict[str, list[CrackLine]] = {o.frame_id: [] for o in observations}
+    for crack in merge_observations(observations, tolerance_m):
+        line = crack_from_merged(crack, origin, to_store, accuracy, severity)
+        if line.length_m >= min_length_m:
+            owned[crack.owner].append(line)
+    results = []
+    for o in observations:
+        lon, lat = enu_to_geodetic(np.column_stack([np.asarray(o.footprint_enu.exterior.coords),
+                                                    np.zeros(len(o.footprint_enu.exterior.coords))]), origin)
+        scene = Scene(o.uri, o.frame_id, o.width_px, o.height_px, 3, "uint8", store_crs, Affine.identity())
+        results.append(SceneResult(scene=scene, cracks=tuple(owned[o.frame_id]),
+                                   footprint=Polygon(np.column_stack(to_store.transform(lon, lat))),
+                                   chip_count=o.chip_count, probability_path=o.probability_path,
+                                   seconds=o.seconds, sha256=o.sha256))
+    return results
+
+
+# ---------------------------------------------------------------- survey level
+
+
+@dataclass(frozen=True, slots=True)
+class FrameSurvey:
+    """A frame survey's inputs: the camera, where poses come from, how frames get their time."""
+
+    camera_path: str
+    trajectory_path: str | None = None
+    frame_time: str = "exif"
+    max_gap_s: float = 1.0
+    max_speed_m_s: float = 70.0
+    join_tolerance_m: float = 0.1
+
+
+def find_frame_survey(sources: list[str], camera: str | None, trajectory: str | None) -> tuple[str, str | None] | None:
+    """(camera file, trajectory file or None) if ``sources`` are a frame survey, else None.
+
+    ``--camera`` chooses frame mode; so does a single source folder holding ``camera.yaml``
+    (or ``.yml``/``.json``), with ``trajectory.csv`` beside it used unless ``--trajectory`` is given.
+    """
+    folder = Path(sources[0]) if len(sources) == 1 and Path(sources[0]).is_dir() else None
+    if camera is None and folder is not None:
+        camera = next((str(folder / n) for n in CAMERA_NAMES if (folder / n).is_file()), None)
+    if camera is None:
+        if trajectory is not None:
+            raise SceneContentError(trajectory, "a trajectory needs a camera file (--camera)")
+        return None
+    if trajectory is None and folder is not None and (folder / TRAJECTORY_NAME).is_file():
+        trajectory = str(folder / TRAJECTORY_NAME)
+    return camera, trajectory
+
+
+def frame_identity(frame_sha256: str, *inputs: str | None) -> str:
+    """A frame's identity in the store: its content with the camera and trajectory files' contents.
+
+    A new camera calibration or trajectory maps the frame again.
+    """
+    digest = hashlib.sha256(frame_sha256.encode())
+    for path in inputs:
+        digest.update(b"\0" + (hashlib.sha256(Path(path).read_bytes()).hexdigest().encode() if path else b"-"))
+    return digest.hexdigest()
+
+
+def survey_origin(poses: list[Pose]) -> tuple[float, float, float]:
+    """The local ENU origin of a survey: its first pose."""
+    return poses[0].lat_deg, poses[0].lon_deg, poses[0].height_m
+
+
+def frame_road(camera: Camera, cache: dict = {}) -> np.ndarray:  # noqa: B006  (a per-process cache)
+    key = id(camera)
+    if key not in cache:
+        cache.clear()
+        cache[key] = (camera, road_pixels(camera))
+    return cache[key][1]
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def frame_pose(uri: str, clock: FrameClock, trajectory: Trajectory | None) -> tuple[Pose | None, tuple | None, float | None]:
+    """(pose from the trajectory, EXIF GPS fix, time) of a frame; one of the first two is set.
+
+    Raises:
+        FrameError: no time where needed, a time outside the trajectory, or no EXIF GPS
+            when there is no trajectory.
+    """
+    exif = read_exif(uri) if clock.spec == "exif" or trajectory is None else None
+    if trajectory is not None:
+        t = clock.time_s(uri, exif)
+        return pose_at(trajectory, t, uri), None, t
+    fix = exif_gps(exif)
+    if fix is None:
+        raise FrameError(uri, "has no EXIF GPS position, and there is no trajectory (--trajectory)")
+    try:
+        t = clock.time_s(uri, exif)
+    except FrameError:
+        t = None
+    return None, fix, t
+
+
+def seconds_since(started: float) -> float:
+    return time.perf_counter() - started
+
+
+def observe_frame(uri: str, frame_id: str, camera: Camera, pose: Pose, origin: tuple[float, float, float],
+                  backend, model, probability_path: str, options, sha256: str,
+                  progress: Progress | None = None) -> FrameObservation:
+    """Segment one frame with the scene chips and stitching, and put its crack lines on the ground.
+
+    Pixels outside the camera's road (above the horizon, beyond ``max_range_m``, under
+    the mask) are invalid: no crack is drawn there.
+
+    Raises:
+        SceneReadError: the frame is missing or not an image.
+        FrameError: its size is not the camera's, or its footprint is degenerate.
+    """
+    from pipeline.probability import ProbabilityWriter
+    from pipeline.raster import SceneReader
+    from pipeline.scene import run_network
+    from pipeline.stitching import StripStitcher
+    from pipeline.vectorize import BandVectorizer
+
+    started = time.perf_counter()
+    with SceneReader(uri, frame_id, georeferenced=False) as reader:
+        scene = reader.scene
+    if (scene.width, scene.height) != (camera.width_px, camera.height_px):
+        raise FrameError(uri, f"is {scene.width}x{scene.height} px, but the camera file is for "
+                              f"{camera.width_px}x{camera.height_px}")
+    road = frame_road(camera)
+    outline = frame_footprint_enu(camera, pose, origin, road, uri)
+    params = options.vectorize_params(model)
+    vectorizer = BandVectorizer(scene.width, scene.height, params)
+    probability = ProbabilityWriter(probability_path, scene)
+
+    def sink(row_off, p, valid):
+        valid = valid & road[row_off:row_off + len(p)]
+        probability(row_off, p, valid)
+        vectorizer(row_off, p, valid)
+
+    stitcher = StripStitcher(scene.width, scene.height, sink, options.size_px, options.border_px,
+                             options.overlap_px)
+    try:
+        chips = run_network(uri, frame_id, backend, stitcher, options, progress, georeferenced=False)
+        pieces = vectorizer.finish()
+        probability.finish()
+    except BaseException:
+        probability.abort()
+        raise
+    lines = tuple(g for piece in pieces
+                  if (g := ground_line(camera, pose, origin, frame_id, piece, params)) is not None)
+    return FrameObservation(frame_id, uri, sha256, camera_enu(camera, pose, origin), outline,
+                            pose.pos_accuracy_m, lines, chips, scene.width, scene.height,
+                            str(probability_path), time.perf_counter() - started)
