@@ -34,10 +34,21 @@ def summary_table(rows: list[dict]) -> str:
               help="Only scenes whose path under a folder or prefix matches, e.g. '**/*_rgb.tif'.")
 @click.option("--force", is_flag=True, help="Map scenes again even if unchanged since mapped "
                                             "with this model version.")
+@click.option("--camera", default=None,
+              help="Camera file (YAML/JSON): SOURCES are survey frames (JPEG/PNG), not orthophotos. "
+                   "A source folder holding camera.yaml is a frame survey too.")
+@click.option("--trajectory", default=None,
+              help="Frame surveys: GNSS/IMU trajectory CSV (default: trajectory.csv in the source "
+                   "folder, else EXIF GPS in the frames).")
+@click.option("--frame-time", default="exif", show_default=True,
+              help="Frame surveys: where frame times come from: exif, name:REGEX (group t) or index:CSV.")
+@click.option("--max-gap-s", default=1.0, show_default=True,
+              help="Frame surveys: the longest trajectory gap a frame may fall in, seconds.")
 @model_option
 @backend_option
 def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir: str | None,
-        pattern: str | None, force: bool, model_spec: str | None, backend: str) -> None:
+        pattern: str | None, force: bool, camera: str | None, trajectory: str | None, frame_time: str,
+        max_gap_s: float, model_spec: str | None, backend: str) -> None:
     """Map the cracks of SOURCES into STORE.
 
     SOURCES are raster files, folders, globs or storage URL prefixes such as
@@ -65,7 +76,8 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
     try:
         with progress.listening(show):
             state = process_survey(list(sources), store, survey_id, model_spec, backend,
-                                   output_dir, force, pattern, return_state=True)
+                                   output_dir, force, pattern, camera=camera, trajectory=trajectory,
+                                   frame_time=frame_time, max_gap_s=max_gap_s, return_state=True)
     except USER_ERRORS as exc:
         fail(str(exc))
     finally:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from prefect import flow
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
 from prefect.artifacts import update_progress_artifact
 from prefect.runtime import flow_run
@@ -23,7 +23,8 @@ from flows.scene import map_scene_task, run_scenes  # noqa: F401  (map_scene_tas
 from models.registry import resolve
 from pipeline import progress
 from pipeline.store import RunInfo
-from pipeline.survey import default_output_dir, default_survey_id, discover
+from pipeline.frames import FRAME_SUFFIXES, FrameSurvey, find_frame_survey
+from pipeline.survey import default_output_dir, default_survey_id, discover, map_frame_survey
 
 
 class ArtifactProgress:
@@ -78,7 +79,9 @@ def report(run: RunInfo, rows: list[dict], what: str = "survey"):
 def process_survey(sources: list[str], store: str, survey_id: str | None = None,
                    model: str | None = None, backend: str = "auto",
                    output_dir: str | None = None, force: bool = False, glob: str | None = None,
-                   scene_deployment: str | None = None, max_concurrent: int = 4):
+                   scene_deployment: str | None = None, max_concurrent: int = 4,
+                   camera: str | None = None, trajectory: str | None = None, frame_time: str = "exif",
+                   max_gap_s: float = 1.0):
     """Map every scene of a survey into ``store``.
 
     Args:
@@ -94,12 +97,30 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
         scene_deployment: Run each scene as a run of this deployment
             (``process-scene/process-scene``) on its work pool; default: in this process.
         max_concurrent: With a deployment, at most this many scene runs at once.
+        camera: A camera file: SOURCES are frames (JPEG/PNG) of a frame survey
+            (``pipeline.frames``); a single source folder holding ``camera.yaml`` is one too.
+        trajectory: The frame survey's GNSS/IMU trajectory CSV (default: ``trajectory.csv``
+            in the source folder, else EXIF GPS in the frames).
+        frame_time: Where frames' times come from: ``exif``, ``name:REGEX`` or ``index:CSV``.
+        max_gap_s: The longest trajectory gap a frame may fall in.
     """
     entry = resolve(model)
     run = RunInfo(survey_id=survey_id or default_survey_id(sources),
                   run_id=str(flow_run.id or uuid.uuid4()), model_name=entry.name,
                   model_version=entry.version, model_sha256=entry.sha256)
     output_dir = output_dir or str(default_output_dir(store))  # before any scene: a bad store fails once
+    frame_inputs = find_frame_survey(sources, camera, trajectory)
+    if frame_inputs is not None:
+        if scene_deployment is not None:
+            raise ValueError("frame surveys are mapped in this process: their frames are merged "
+                             "across each other; leave out the scene deployment")
+        frames = discover(sources, glob, FRAME_SUFFIXES)
+        survey = FrameSurvey(*frame_inputs, frame_time=frame_time, max_gap_s=max_gap_s)
+        bar = ArtifactProgress(len(frames))
+        with progress.listening(bar):
+            rows = task(map_frame_survey, name="map-frames")(frames, survey, store, run, backend, output_dir,
+                                                             force=force)
+        return report(run, rows)
     scenes = discover(sources, glob)
     bar = ArtifactProgress(len(scenes))
     with progress.listening(bar):

@@ -50,6 +50,7 @@ FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 CAMERA_NAMES = ("camera.yaml", "camera.yml", "camera.json")
 TRAJECTORY_NAME = "trajectory.csv"
 HALF_PLANE_M = 10_000.0  # "infinite" for a road frame
+SMOOTH_PX = 7  # skeleton vertices averaged before a frame's lines are simplified (smooth_path)
 
 
 # ---------------------------------------------------------------- frame times and EXIF
@@ -73,7 +74,7 @@ def exif_time_s(exif: Image.Exif) -> float | None:
     if m := re.fullmatch(r"([+-])(\d\d):(\d\d)", offset):
         sign = 1 if m[1] == "+" else -1
         zone = timezone(sign * timedelta(hours=int(m[2]), minutes=int(m[3])))
-    sub = str(ifd.get(ExifTags.Base.SubSecTimeOriginal) or "").strip("\x00 ")
+    sub = str(ifd.get(ExifTags.Base.SubsecTimeOriginal) or "").strip("\x00 ")
     fraction = float(f"0.{sub}") if sub.isdigit() else 0.0
     return when.replace(tzinfo=zone).timestamp() + fraction
 
@@ -231,12 +232,36 @@ def observation_from_json(text: str) -> FrameObservation:
 # ---------------------------------------------------------------- one frame: pixels -> ground
 
 
+def smooth_path(rc: np.ndarray, window: int = SMOOTH_PX) -> np.ndarray:
+    """A skeleton path with its pixel stair steps smoothed out.
+
+    A moving average inside; each end is moved across the path (never along it) onto
+    the straight line fitted through the smoothed vertices next to it.  In a
+    forward-looking frame one row step can be several times longer on the road than
+    one column step, so a skeleton's stair steps would add to a crack's ground length.
+
+    >>> smooth_path(np.array([[0, 0], [0, 1], [1, 2], [1, 3], [1, 4], [2, 5], [2, 6]], float), 3).round(2).tolist()
+    [[0.0, 0.0], [0.33, 1.0], [0.67, 2.0], [1.0, 3.0], [1.33, 4.0], [1.67, 5.0], [2.0, 6.0]]
+    """
+    if len(rc) <= window:
+        return rc
+    half = window // 2
+    padded = np.concatenate([np.repeat(rc[:1], half, axis=0), rc, np.repeat(rc[-1:], half, axis=0)])
+    kernel = np.ones(window) / window
+    smooth = np.column_stack([np.convolve(padded[:, k], kernel, mode="valid") for k in range(2)])
+    for end, near in ((0, smooth[half:window]), (-1, smooth[-window:-half])):
+        centre = near.mean(axis=0)
+        direction = np.linalg.svd(near - centre)[2][0]
+        smooth[end] = centre + direction * np.dot(rc[end] - centre, direction)
+    return smooth
+
+
 def ground_line(camera: Camera, pose: Pose, origin: tuple[float, float, float], frame_id: str,
                 piece: Piece, params: VectorizeParams) -> GroundLine | None:
     """A vectorized piece (frame pixels) as a ground line, or None if too short or off the road."""
     if piece.length_px() < params.min_length_px or piece.n_px == 0:
         return None
-    rc = shapely.get_coordinates(shapely.simplify(LineString(piece.rc), params.simplify_px))
+    rc = shapely.get_coordinates(shapely.simplify(LineString(smooth_path(piece.rc)), params.simplify_px))
     uv = rc[:, ::-1]
     points, distance = ground_points(camera, uv)
     keep = np.isfinite(distance)
@@ -434,14 +459,18 @@ def crack_from_merged(crack: MergedCrack, origin: tuple[float, float, float], to
 
 def frame_results(observations: list[FrameObservation], origin: tuple[float, float, float],
                   store_crs: CRS, severity: Severity, tolerance_m: float = 0.1,
-                  min_length_m: float = 0.0) -> list[SceneResult]:
-    """One SceneResult per frame (its ground trapezoid and the merged cracks it owns), in order."""
+                  min_length_px: float = 12.0) -> list[SceneResult]:
+    """One SceneResult per frame (its ground trapezoid and the merged cracks it owns), in order.
+
+    A merged crack shorter than ``min_length_px`` pixels at its GSD is dropped, as a
+    scene's short lines are (the sliver of a crack that another frame sees closer).
+    """
     to_store = Transformer.from_crs(LONLAT, store_crs, always_xy=True)
     accuracy = {o.frame_id: o.pos_accuracy_m for o in observations}
     owned: dict[str, list[CrackLine]] = {o.frame_id: [] for o in observations}
     for crack in merge_observations(observations, tolerance_m):
         line = crack_from_merged(crack, origin, to_store, accuracy, severity)
-        if line.length_m >= min_length_m:
+        if line.length_m >= min_length_px * line.gsd_mm / 1000.0:
             owned[crack.owner].append(line)
     results = []
     for o in observations:

@@ -130,6 +130,7 @@ class Georeferencer:
             orientation_deg=azimuth_deg(np.asarray(lon), np.asarray(lat)),
             confidence=piece.probability_sum / piece.n_px / 255.0,
             severity=self.severity.classify(width_mean),
+            gsd_mm=mm,
         )
 
     def footprint(self, width: int, height: int) -> shapely.Polygon:

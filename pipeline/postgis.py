@@ -31,7 +31,7 @@ from rasterio.crs import CRS
 from pipeline.errors import StoreError
 from pipeline.records import SceneResult
 from pipeline.store import (DEFAULT_CRS, QUERY_FIELDS, SCENE_FIELDS, CrackQuery, RunInfo, SceneSelection,
-                            check_crs, crack_uuid_bytes, empty_summary, missing_scenes)
+                            check_crs, crack_uuid_bytes, empty_summary, frames_text, missing_scenes)
 
 # The source tree's infra/migrations; an installed (non-editable) package is told where they are.
 MIGRATIONS = Path(os.environ.get("CRACKMAP_MIGRATIONS",
@@ -41,7 +41,8 @@ MIGRATION_LOCK = 0x6372_6B6D  # "crkm": pg_advisory_xact_lock key, one migrator 
 # variable ones.  Geometry travels as EWKB, which is the geometry type's binary input.
 CRACK_COPY_COLUMNS = ("crack_id", "length_m", "width_mean_mm", "width_max_mm", "orientation_deg",
                       "confidence", "survey_id", "scene_id", "model_name", "model_version",
-                      "model_sha256", "run_id", "created_at", "severity", "geom")
+                      "model_sha256", "run_id", "created_at", "severity", "geom", "gsd_mm", "range_m",
+                      "pos_accuracy_m", "source_frames")
 _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _COPY_TRAILER = struct.pack(">h", -1)
 _COPY_FIXED = struct.Struct(">hi16s" + "id" * 5)  # field count, uuid, five float8
@@ -50,6 +51,14 @@ _PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
 def _field(data: bytes) -> bytes:
     return struct.pack(">i", len(data)) + data
+
+
+_NULL = struct.pack(">i", -1)
+
+
+def _optional(value: float | None) -> bytes:
+    """A nullable float8 field of a binary COPY row."""
+    return _NULL if value is None else struct.pack(">id", 8, value)
 
 
 def copy_payload(result: SceneResult, run: RunInfo, ewkb: np.ndarray, created: datetime,
@@ -76,6 +85,8 @@ def copy_payload(result: SceneResult, run: RunInfo, ewkb: np.ndarray, created: d
                  c.orientation_deg, 8, c.confidence) + constant
             + (severity.get(c.severity) or _field(c.severity.encode()))  # the CHECK refuses others
             + struct.pack(">i", len(g)) + g
+            + _optional(c.gsd_mm) + _optional(c.range_m) + _optional(c.pos_accuracy_m)
+            + (_field(t.encode()) if (t := frames_text(c.source_frames)) else _NULL)
             for uid, c, g in zip(ids[start:stop], result.cracks[start:stop], ewkb[start:stop])])
     yield _COPY_TRAILER
 

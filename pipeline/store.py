@@ -15,6 +15,7 @@ makes an already published version current later.  The view
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -44,7 +45,11 @@ CRACK_COLUMNS = """crack_id TEXT NOT NULL UNIQUE, survey_id TEXT NOT NULL, scene
     run_id TEXT NOT NULL, length_m REAL NOT NULL, width_mean_mm REAL NOT NULL,
     width_max_mm REAL NOT NULL, orientation_deg REAL NOT NULL, confidence REAL NOT NULL,
     severity TEXT NOT NULL CHECK (severity IN ('low', 'medium', 'high')),
-    created_at DATETIME NOT NULL"""
+    created_at DATETIME NOT NULL, gsd_mm REAL, range_m REAL, pos_accuracy_m REAL,
+    source_frames TEXT"""
+# Crack columns added after the first release: (name, SQLite type); files without them get them.
+ADDED_CRACK_COLUMNS = (("gsd_mm", "REAL"), ("range_m", "REAL"), ("pos_accuracy_m", "REAL"),
+                       ("source_frames", "TEXT"))
 SCENE_COLUMNS = """survey_id TEXT NOT NULL, scene_id TEXT NOT NULL, source_uri TEXT NOT NULL,
     sha256 TEXT, crs TEXT, width INTEGER, height INTEGER, chip_count INTEGER,
     crack_count INTEGER, total_length_m REAL, status TEXT NOT NULL, error TEXT,
@@ -68,7 +73,8 @@ class RunInfo:
 # What query() yields for each crack, besides its geometry, in both stores.
 QUERY_FIELDS = ("crack_id", "survey_id", "scene_id", "model_name", "model_version", "model_sha256",
                 "run_id", "length_m", "width_mean_mm", "width_max_mm", "orientation_deg",
-                "confidence", "severity", "created_at")
+                "confidence", "severity", "created_at", "gsd_mm", "range_m", "pos_accuracy_m",
+                "source_frames")
 SEVERITIES = ("low", "medium", "high")
 
 
@@ -201,6 +207,15 @@ def _crack_id_tails(start: int, stop: int) -> bytes:
     return (np.arange(start, stop, dtype=np.uint64) | np.uint64(0b10 << 62)).astype(">u8").tobytes()
 
 
+def frames_text(frames: tuple[str, ...]) -> str | None:
+    """A crack's source frames as stored: a JSON array, or None for a scene's crack.
+
+    >>> frames_text(("f1", "f2")), frames_text(())
+    ('["f1", "f2"]', None)
+    """
+    return json.dumps(list(frames)) if frames else None
+
+
 def check_crs(result: SceneResult, store_crs: CRS, store: str) -> None:
     """Refuse a scene whose CRS cannot be transformed to the store's, or with non-finite coordinates.
 
@@ -292,6 +307,7 @@ class GeoPackageStore:
             CREATE INDEX IF NOT EXISTS cracks_severity ON cracks (severity);
             """)
             self._add_current_flag()
+            self._add_crack_columns()
             gpkg.add_view(self._con, "current_cracks", CURRENT_CRACKS_SQL, "LINESTRING", self.srs_id)
         except Exception as exc:  # sqlite3.Error, or a file that is not a GeoPackage
             raise StoreError(f"{self.path}: cannot open as a crackmap GeoPackage ({exc})") from exc
@@ -317,6 +333,13 @@ class GeoPackageStore:
         self._con.execute("CREATE UNIQUE INDEX IF NOT EXISTS scenes_one_current "
                           "ON scenes (survey_id, scene_id) WHERE is_current")
 
+    def _add_crack_columns(self) -> None:
+        """Files written before a crack column existed get it (NULL in their rows)."""
+        columns = {r[1] for r in self._con.execute("PRAGMA table_info(cracks)")}
+        for name, kind in ADDED_CRACK_COLUMNS:
+            if name not in columns:
+                self._con.execute(f"ALTER TABLE cracks ADD COLUMN {name} {kind}")
+
     def _layer_srs(self) -> int | None:
         row = self._con.execute(
             "SELECT srs_id FROM gpkg_geometry_columns WHERE table_name = 'cracks'").fetchone()
@@ -330,7 +353,8 @@ class GeoPackageStore:
         rows = [(gpkg.encode(c.geometry, self.srs_id), crack_id,
                  run.survey_id, scene.scene_id, run.model_name, run.model_version, run.model_sha256,
                  run.run_id, c.length_m, c.width_mean_mm, c.width_max_mm, c.orientation_deg,
-                 c.confidence, c.severity, created)
+                 c.confidence, c.severity, created, c.gsd_mm, c.range_m, c.pos_accuracy_m,
+                 frames_text(c.source_frames))
                 for crack_id, c in zip(ids, result.cracks)]
         scene_row = dict(geom=gpkg.encode(result.footprint, self.srs_id), source_uri=scene.uri,
                          sha256=result.sha256, crs=scene.crs.to_string(), width=scene.width,
@@ -344,7 +368,8 @@ class GeoPackageStore:
             self._con.executemany(
                 "INSERT INTO cracks (geom, crack_id, survey_id, scene_id, model_name, model_version, "
                 "model_sha256, run_id, length_m, width_mean_mm, width_max_mm, orientation_deg, "
-                "confidence, severity, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "confidence, severity, created_at, gsd_mm, range_m, pos_accuracy_m, source_frames) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows)
             if promote:
                 self._uncurrent_others(run.survey_id, [scene.scene_id], run.model_name, run.model_version)

@@ -264,14 +264,14 @@ def map_frame_survey(frames: list[SceneSource], survey, store: str, run: RunInfo
         if fixes:  # EXIF GPS: in time order where every frame has a time, else in name order
             if all(t is not None for _, _, t in fixes):
                 fixes.sort(key=lambda item: item[2])
-            try:
-                poses.update(zip([s.scene_id for s, _, _ in fixes],
-                                 track_poses([s.uri for s, _, _ in fixes], [f for _, f, _ in fixes],
-                                             [t for _, _, t in fixes])))
-            except PipelineError as exc:
-                for source, _, _ in fixes:
-                    failed(source, exc)
-            else:
+            found = track_poses([s.uri for s, _, _ in fixes], [f for _, f, _ in fixes],
+                                [t for _, _, t in fixes])
+            for (source, _, _), pose in zip(fixes, found):
+                if isinstance(pose, PipelineError):
+                    failed(source, pose)
+                else:
+                    poses[source.scene_id] = pose
+            if len(fixes) > 1:
                 log.warning("%s frames placed by EXIF GPS: heading from the track, roll and pitch taken "
                             "as zero (lower accuracy than a GNSS/IMU trajectory)", len(fixes))
         placed = [s for s in frames if s.scene_id in poses]

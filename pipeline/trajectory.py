@@ -172,26 +172,31 @@ def pose_at(trajectory: Trajectory, time_s: float, frame: str) -> Pose:
 
 
 def track_poses(frames: list[str], fixes: list[tuple[float, float, float, float | None]],
-                times_s: list[float | None]) -> list[Pose]:
+                times_s: list[float | None]) -> list[Pose | FrameError]:
     """Poses of frames from their GPS fixes (lat, lon, height, accuracy), heading along the track.
 
-    Each frame's heading is the azimuth from the previous frame's fix to the next one's
-    (at the ends: to or from its single neighbour); roll and pitch are taken as zero, and
-    the poses are flagged ``heading_from_track``.  Frames must be in driving order.
-
-    Raises:
-        FrameError: fewer than two frames, or a frame at the same place as both neighbours.
+    Each frame's heading is the azimuth from the nearest earlier fix at another place to
+    the nearest later one (at the ends: to or from the frame's own fix); roll and pitch
+    are taken as zero, and the poses are flagged ``heading_from_track``.  Frames must be
+    in driving order.  A frame with no other place before or after it gets a FrameError
+    instead of a pose (the others go on).
     """
-    if len(fixes) < 2:
-        raise FrameError(frames[0] if frames else "survey", "EXIF GPS gives a heading only along a "
-                                                            "track of at least two frames")
-    poses = []
+    def elsewhere(k: int, step: int) -> int:
+        j = k + step
+        while 0 <= j < len(fixes):
+            if GEOD.inv(fixes[k][1], fixes[k][0], fixes[j][1], fixes[j][0])[2] >= 0.01:
+                return j
+            j += step
+        return k
+
+    poses: list[Pose | FrameError] = []
     for k, (lat, lon, height, accuracy) in enumerate(fixes):
-        a, b = fixes[max(k - 1, 0)], fixes[min(k + 1, len(fixes) - 1)]
-        azimuth, _, distance = GEOD.inv(a[1], a[0], b[1], b[0])
-        if distance < 0.01:
-            raise FrameError(frames[k], "has the same GPS position as its neighbours; the heading along "
-                                        "the track is undefined (give a trajectory file)")
+        a, b = fixes[elsewhere(k, -1)], fixes[elsewhere(k, 1)]
+        if a is b:
+            poses.append(FrameError(frames[k], "has no neighbouring frame at another GPS position; its "
+                                               "heading along the track is undefined (give a trajectory file)"))
+            continue
+        azimuth = GEOD.inv(a[1], a[0], b[1], b[0])[0]
         poses.append(Pose(times_s[k] if times_s[k] is not None else float(k), lat, lon, height, 0.0, 0.0,
                           float(azimuth % 360.0),
                           accuracy if accuracy is not None else EXIF_POS_ACCURACY_M, True))
