@@ -23,7 +23,7 @@ from flows.scene import map_scene_task, run_scenes  # noqa: F401  (map_scene_tas
 from models.registry import resolve
 from pipeline import progress
 from pipeline.store import RunInfo
-from pipeline.frames import FRAME_SUFFIXES, FrameSurvey, find_frame_survey
+from pipeline.frames import FRAME_SUFFIXES, FrameSurvey, find_frame_survey, survey_frames
 from pipeline.survey import default_output_dir, default_survey_id, discover, map_frame_survey
 
 
@@ -114,7 +114,7 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
         if scene_deployment is not None:
             raise ValueError("frame surveys are mapped in this process: their frames are merged "
                              "across each other; leave out the scene deployment")
-        frames = discover(sources, glob, FRAME_SUFFIXES)
+        frames = survey_frames(discover(sources, glob, FRAME_SUFFIXES), frame_inputs[0])
         survey = FrameSurvey(*frame_inputs, frame_time=frame_time, max_gap_s=max_gap_s)
         bar = ArtifactProgress(len(frames))
         with progress.listening(bar):

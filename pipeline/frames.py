@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import shapely
+import yaml
 from affine import Affine
 from PIL import ExifTags, Image, UnidentifiedImageError
 from pyproj import Transformer
@@ -515,6 +516,25 @@ def find_frame_survey(sources: list[str], camera: str | None, trajectory: str | 
     if trajectory is None and folder is not None and (folder / TRAJECTORY_NAME).is_file():
         trajectory = str(folder / TRAJECTORY_NAME)
     return camera, trajectory
+
+
+def survey_frames(found: list, camera_path: str) -> list:
+    """The frames among discovered images: all but the camera's road mask.
+
+    >>> from pipeline.survey import SceneSource
+    >>> import tempfile; d = Path(tempfile.mkdtemp()); _ = (d / "cam.yaml").write_text("mask: m.png")
+    >>> [s.scene_id for s in survey_frames([SceneSource(str(d / "m.png"), "m"), SceneSource("f.jpg", "f")],
+    ...                                    str(d / "cam.yaml"))]
+    ['f']
+    """
+    try:
+        mask = (yaml.safe_load(Path(camera_path).read_text()) or {}).get("mask")
+    except (OSError, yaml.YAMLError, AttributeError):
+        mask = None  # read_camera reports it
+    if not mask:
+        return found
+    mask_path = (Path(camera_path).parent / str(mask)).resolve()
+    return [s for s in found if storage.is_url(s.uri) or Path(s.uri).resolve() != mask_path]
 
 
 def frame_identity(frame_sha256: str, *inputs: str | None) -> str:

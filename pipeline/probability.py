@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
 from pipeline import storage
@@ -90,10 +92,13 @@ class ProbabilityWriter:
         with gdal_env():
             if self._ds is None:
                 scene = self._scene
-                self._ds = rasterio.open(self._partial, "w", driver="GTiff", width=scene.width,
-                                         height=scene.height, count=1, dtype="uint8", crs=scene.crs,
-                                         transform=scene.transform, tiled=True, blockxsize=STRIP_ROWS,
-                                         blockysize=STRIP_ROWS)
+                with warnings.catch_warnings():  # a survey frame has frame pixels, no map: no CRS, on purpose
+                    if scene.crs is None:
+                        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                    self._ds = rasterio.open(self._partial, "w", driver="GTiff", width=scene.width,
+                                             height=scene.height, count=1, dtype="uint8", crs=scene.crs,
+                                             transform=scene.transform, tiled=True, blockxsize=STRIP_ROWS,
+                                             blockysize=STRIP_ROWS)
             window = Window(0, self._written, probability.shape[1], rows)
             self._ds.write(probability[:rows], 1, window=window)
             if self._masked or not valid[:rows].all():

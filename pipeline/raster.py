@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import PurePath
 from urllib.parse import urlsplit
@@ -17,7 +18,7 @@ import numpy as np
 import rasterio
 from PIL import Image, features
 from rasterio.enums import ColorInterp, MaskFlags
-from rasterio.errors import RasterioError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.session import DummySession
 from rasterio.windows import Window
 
@@ -155,7 +156,10 @@ class SceneReader:
         self._env = gdal_env()
         self._env.__enter__()
         try:
-            self._ds = open_raster(uri, method)
+            with warnings.catch_warnings():  # a survey frame has no CRS, on purpose
+                if not georeferenced:
+                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                self._ds = open_raster(uri, method)
         except (RasterioError, OSError) as exc:
             self._env.__exit__(None, None, None)
             raise read_error(uri, exc) from exc
