@@ -21,7 +21,7 @@ Run from the repository root (needs the datasets beside the project):
 from __future__ import annotations
 
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ from PIL import ExifTags, Image
 FRAMES = ["000005", "000070", "000018", "000035"]  # val split: unseen in training
 OUT = Path(__file__).parent / "sample-survey"
 START = (51.0107, 14.0339, 150.0)  # lat, lon, ellipsoidal height of the first epoch (made up)
-T0 = datetime(2026, 5, 4, 9, 0, 0, tzinfo=timezone.utc).timestamp()
+T0 = datetime(2026, 5, 4, 9, 0, 0, tzinfo=UTC).timestamp()
 SPEED_M_S, RATE_HZ, SPACING_M, HOOD_ROW = 10.0, 10, 25.0, 960
 CAMERA = {
     "image": {"width": 1280, "height": 1080},
@@ -48,7 +48,7 @@ CAMERA = {
 def exif_time(seconds: float) -> Image.Exif:
     exif = Image.Exif()
     ifd = exif.get_ifd(ExifTags.IFD.Exif)
-    ifd[ExifTags.Base.DateTimeOriginal] = datetime.fromtimestamp(int(seconds), timezone.utc).strftime(
+    ifd[ExifTags.Base.DateTimeOriginal] = datetime.fromtimestamp(int(seconds), UTC).strftime(
         "%Y:%m:%d %H:%M:%S")
     ifd[ExifTags.Base.SubsecTimeOriginal] = f"{round((seconds % 1) * 1000):03d}"
     return exif

@@ -22,8 +22,8 @@ from prefect.states import Completed, Failed
 from flows.scene import map_scene_task, run_scenes  # noqa: F401  (map_scene_task: re-exported)
 from models.registry import resolve
 from pipeline import progress
-from pipeline.store import RunInfo
 from pipeline.frames import FRAME_SUFFIXES, FrameSurvey, find_frame_survey, survey_frames
+from pipeline.store import RunInfo
 from pipeline.survey import default_output_dir, default_survey_id, discover, map_frame_survey
 
 

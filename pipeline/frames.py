@@ -26,7 +26,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -71,7 +71,7 @@ def exif_time_s(exif: Image.Exif) -> float | None:
     except ValueError:
         return None
     offset = str(ifd.get(ExifTags.Base.OffsetTimeOriginal) or "").strip("\x00 ")
-    zone = timezone.utc
+    zone = UTC
     if m := re.fullmatch(r"([+-])(\d\d):(\d\d)", offset):
         sign = 1 if m[1] == "+" else -1
         zone = timezone(sign * timedelta(hours=int(m[2]), minutes=int(m[3])))
@@ -241,7 +241,8 @@ def smooth_path(rc: np.ndarray, window: int = SMOOTH_PX) -> np.ndarray:
     forward-looking frame one row step can be several times longer on the road than
     one column step, so a skeleton's stair steps would add to a crack's ground length.
 
-    >>> smooth_path(np.array([[0, 0], [0, 1], [1, 2], [1, 3], [1, 4], [2, 5], [2, 6]], float), 3).round(2).tolist()
+    >>> steps = np.array([[0, 0], [0, 1], [1, 2], [1, 3], [1, 4], [2, 5], [2, 6]], float)
+    >>> smooth_path(steps, 3).round(2).tolist()
     [[0.0, 0.0], [0.33, 1.0], [0.67, 2.0], [1.0, 3.0], [1.33, 4.0], [1.67, 5.0], [2.0, 6.0]]
     """
     if len(rc) <= window:
@@ -354,7 +355,7 @@ def _chains(parts: list[_Part], tolerance_m: float) -> list[list[tuple[int, bool
 
     Each chain is a list of (part index, reversed) in order along the crack.
     """
-    ends = [(k, side, parts[k].line.enu_m[0 if side == 0 else -1, :2])
+    ends = [(k, side, p.line.enu_m[0 if side == 0 else -1, :2])
             for k, p in enumerate(parts) for side in (0, 1) if p.cut[side]]
 
     def nearest(e):
@@ -500,7 +501,8 @@ class FrameSurvey:
     join_tolerance_m: float = 0.1
 
 
-def find_frame_survey(sources: list[str], camera: str | None, trajectory: str | None) -> tuple[str, str | None] | None:
+def find_frame_survey(sources: list[str], camera: str | None,
+                      trajectory: str | None) -> tuple[str, str | None] | None:
     """(camera file, trajectory file or None) if ``sources`` are a frame survey, else None.
 
     ``--camera`` chooses frame mode; so does a single source folder holding ``camera.yaml``
@@ -544,7 +546,8 @@ def frame_identity(frame_sha256: str, *inputs: str | None) -> str:
     """
     digest = hashlib.sha256(frame_sha256.encode())
     for path in inputs:
-        digest.update(b"\0" + (hashlib.sha256(Path(path).read_bytes()).hexdigest().encode() if path else b"-"))
+        content = hashlib.sha256(Path(path).read_bytes()).hexdigest().encode() if path else b"-"
+        digest.update(b"\0" + content)
     return digest.hexdigest()
 
 
@@ -564,7 +567,8 @@ def frame_road(camera: Camera, cache: dict = {}) -> np.ndarray:  # noqa: B006  (
 Progress = Callable[[str, int, int], None]
 
 
-def frame_pose(uri: str, clock: FrameClock, trajectory: Trajectory | None) -> tuple[Pose | None, tuple | None, float | None]:
+def frame_pose(uri: str, clock: FrameClock,
+               trajectory: Trajectory | None) -> tuple[Pose | None, tuple | None, float | None]:
     """(pose from the trajectory, EXIF GPS fix, time) of a frame; one of the first two is set.
 
     Raises:
@@ -584,9 +588,6 @@ def frame_pose(uri: str, clock: FrameClock, trajectory: Trajectory | None) -> tu
         t = None
     return None, fix, t
 
-
-def seconds_since(started: float) -> float:
-    return time.perf_counter() - started
 
 
 def observe_frame(uri: str, frame_id: str, camera: Camera, pose: Pose, origin: tuple[float, float, float],

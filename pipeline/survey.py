@@ -62,8 +62,8 @@ def discover(sources: list[str], pattern: str | None = None,
             found += [SceneSource(o.uri, str(PurePosixPath(o.relative).with_suffix("")), o.etag)
                       for o in storage.list_scenes(source, pattern, suffixes)]
         elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes
-                           and (pattern is None or storage.matches_glob(p.relative_to(path).as_posix(), pattern)))
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes and (
+                pattern is None or storage.matches_glob(p.relative_to(path).as_posix(), pattern)))
             found += [SceneSource(str(p), str(PurePosixPath(p.relative_to(path).with_suffix(""))))
                       for p in files]
         elif path.exists():

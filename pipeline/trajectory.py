@@ -15,9 +15,8 @@ pyproj's, never our own.
 from __future__ import annotations
 
 import csv
-import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pymap3d
@@ -81,7 +80,7 @@ def parse_time(text: str) -> float:
     except ValueError:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
         if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
+            when = when.replace(tzinfo=UTC)
         return when.timestamp()
 
 
@@ -105,8 +104,8 @@ def make_trajectory(source: str, time_s, lat, lon, height, roll, pitch, heading,
     if bad := np.flatnonzero(~np.isfinite(values).all(axis=1)).tolist():
         raise TrajectoryError(source, f"row {bad[0] + 1} holds a value that is not a finite number")
     if bad := np.flatnonzero(np.diff(time_s) <= 0).tolist():
-        raise TrajectoryError(source, f"time is not increasing at row {bad[0] + 2} "
-                                      f"({time_s[bad[0]]} then {time_s[bad[0] + 1]}); sort it and drop repeats")
+        raise TrajectoryError(source, f"time is not increasing at row {bad[0] + 2} ({time_s[bad[0]]} then "
+                                      f"{time_s[bad[0] + 1]}); sort it and drop repeats")
     ecef = np.column_stack(pymap3d.geodetic2ecef(np.asarray(lat, float), np.asarray(lon, float),
                                                  np.asarray(height, float)))
     accuracy = None if pos_accuracy_m is None else np.asarray(pos_accuracy_m, float)
@@ -193,8 +192,8 @@ def track_poses(frames: list[str], fixes: list[tuple[float, float, float, float 
     for k, (lat, lon, height, accuracy) in enumerate(fixes):
         a, b = fixes[elsewhere(k, -1)], fixes[elsewhere(k, 1)]
         if a is b:
-            poses.append(FrameError(frames[k], "has no neighbouring frame at another GPS position; its "
-                                               "heading along the track is undefined (give a trajectory file)"))
+            poses.append(FrameError(frames[k], "has no neighbouring frame at another GPS position; its heading "
+                                               "along the track is undefined (give a trajectory file)"))
             continue
         azimuth = GEOD.inv(a[1], a[0], b[1], b[0])[0]
         poses.append(Pose(times_s[k] if times_s[k] is not None else float(k), lat, lon, height, 0.0, 0.0,
@@ -224,6 +223,3 @@ def enu_to_geodetic(enu: np.ndarray, origin: tuple[float, float, float]) -> tupl
     lat, lon, _ = pymap3d.enu2geodetic(enu[:, 0], enu[:, 1], enu[:, 2], *origin)
     return np.asarray(lon, float), np.asarray(lat, float)
 
-
-def is_finite_pose(pose: Pose) -> bool:
-    return all(map(math.isfinite, (pose.lat_deg, pose.lon_deg, pose.height_m, pose.heading_deg)))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from datetime import UTC, datetime
 
-import cv2
 import numpy as np
 import pymap3d
 import pytest
@@ -13,11 +13,10 @@ import shapely
 import yaml
 from click.testing import CliRunner
 from PIL import ExifTags, Image
-
 from test_frames import DOWN, ORIGIN, _Darkness, drive_north, enu_to_vehicle, render
 
 pytest.importorskip("prefect")
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness
 
 T0 = 1_780_000_000.0  # UNIX seconds of the first trajectory epoch
 SPEED_M_S = 10.0
@@ -34,15 +33,16 @@ def camera_yaml(camera) -> dict:
             "intrinsics": {"fx": camera.fx, "fy": camera.fy, "cx": camera.cx, "cy": camera.cy},
             "distortion": list(camera.distortion),
             "mounting": {"lever_arm_m": list(camera.lever_arm_m), "roll_deg": camera.roll_deg,
-                         "pitch_deg": camera.pitch_deg, "yaw_deg": camera.yaw_deg, "height_m": camera.height_m}}
+                         "pitch_deg": camera.pitch_deg, "yaw_deg": camera.yaw_deg,
+                         "height_m": camera.height_m}}
 
 
 def exif_time(seconds: float) -> Image.Exif:
     exif = Image.Exif()
     ifd = exif.get_ifd(ExifTags.IFD.Exif)
     whole = int(seconds)
-    from datetime import datetime, timezone
-    ifd[ExifTags.Base.DateTimeOriginal] = datetime.fromtimestamp(whole, timezone.utc).strftime("%Y:%m:%d %H:%M:%S")
+    when = datetime.fromtimestamp(whole, UTC)
+    ifd[ExifTags.Base.DateTimeOriginal] = when.strftime("%Y:%m:%d %H:%M:%S")
     ifd[ExifTags.Base.SubsecTimeOriginal] = f"{round((seconds - whole) * 1000):03d}"
     return exif
 

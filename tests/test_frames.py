@@ -15,12 +15,29 @@ from rasterio.crs import CRS
 
 from pipeline.camera import Camera, check_camera, footprint, project, read_camera
 from pipeline.errors import CameraError, FrameError, TrajectoryError
-from pipeline.frames import (FrameObservation, GroundLine, exif_gps, exif_time_s, frame_results, ground_line,
-                             merge_observations, observe_frame, read_exif)
+from pipeline.frames import (
+    FrameObservation,
+    GroundLine,
+    exif_gps,
+    exif_time_s,
+    frame_results,
+    ground_line,
+    merge_observations,
+    observe_frame,
+    read_exif,
+)
 from pipeline.measure import Severity
 from pipeline.scene import SceneOptions
-from pipeline.trajectory import (Pose, TrajectoryLimits, attitude, make_trajectory, pose_at, read_trajectory,
-                                 track_poses, vehicle_to_enu)
+from pipeline.trajectory import (
+    Pose,
+    TrajectoryLimits,
+    attitude,
+    make_trajectory,
+    pose_at,
+    read_trajectory,
+    track_poses,
+    vehicle_to_enu,
+)
 from pipeline.vectorize import BandVectorizer, VectorizeParams
 
 ORIGIN = (47.3769, 8.5417, 410.0)  # survey origin (lat, lon, ellipsoidal height)
@@ -36,7 +53,8 @@ def enu_to_vehicle(pose: Pose, enu: np.ndarray) -> np.ndarray:
     """The test's inverse of vehicle_to_enu (pymap3d both ways), to render world lines into frames."""
     lat, lon, h = pymap3d.enu2geodetic(enu[:, 0], enu[:, 1], enu[:, 2], *ORIGIN)
     n, e, d = pymap3d.geodetic2ned(lat, lon, h, pose.lat_deg, pose.lon_deg, pose.height_m)
-    return attitude([pose.roll_deg], [pose.pitch_deg], [pose.heading_deg]).inv().apply(np.column_stack([n, e, d]))
+    to_vehicle = attitude([pose.roll_deg], [pose.pitch_deg], [pose.heading_deg]).inv()
+    return to_vehicle.apply(np.column_stack([n, e, d]))
 
 
 def render(camera: Camera, lines_vehicle: list[np.ndarray], thickness_px: int = 5) -> np.ndarray:
@@ -98,7 +116,8 @@ def test_footprint_is_a_trapezoid_in_front_of_a_forward_camera():
 
 
 def test_absurd_camera_values_are_one_line_naming_the_file(tmp_path):
-    good = {"image": {"width": 960, "height": 600}, "intrinsics": {"fx": 900, "fy": 900, "cx": 480, "cy": 300},
+    good = {"image": {"width": 960, "height": 600},
+            "intrinsics": {"fx": 900, "fy": 900, "cx": 480, "cy": 300},
             "distortion": list(DISTORTION),
             "mounting": {"lever_arm_m": [0.5, 0, -2], "roll_deg": 0, "pitch_deg": -90, "yaw_deg": 0,
                          "height_m": 2.0}}
@@ -159,7 +178,8 @@ def test_trajectory_problems_name_the_file_or_frame(tmp_path):
     path = tmp_path / "traj.csv"
     rows = ["time,lat,lon,height,roll,pitch,heading",
             "100.0,47.0,8.0,400,0,0,10", "100.1,47.0000001,8.0,400,0,0,10",
-            "103.0,47.0000002,8.0,400,0,0,10", "103.1,47.01,8.0,400,0,0,10", "103.2,47.0100001,8.0,400,0,0,10"]
+            "103.0,47.0000002,8.0,400,0,0,10", "103.1,47.01,8.0,400,0,0,10",
+            "103.2,47.0100001,8.0,400,0,0,10"]
     path.write_text("\n".join(rows))
     trajectory = read_trajectory(str(path), TrajectoryLimits(max_gap_s=1.0, max_speed_m_s=70.0))
     assert pose_at(trajectory, 100.05, "a.jpg").lat_deg == pytest.approx(47.00000005)
@@ -227,7 +247,8 @@ def test_exif_gps_track_gives_headings_flagged_as_lower_accuracy():
     stopped = track_poses(["a", "b", "c", "d"], [fixes[0], fixes[0], fixes[1], fixes[2]], [0, 1, 2, 3])
     assert [round(p.heading_deg) for p in stopped] == [0, 0, 0, 0]  # waiting at a light: heading still known
     alone = track_poses(["a", "b"], [fixes[0]] * 2, [0.0, 1.0])
-    assert all(isinstance(p, FrameError) for p in alone) and str(alone[1]).startswith("b: has no neighbouring")
+    assert all(isinstance(p, FrameError) for p in alone)
+    assert str(alone[1]).startswith("b: has no neighbouring")
 
 
 # ---------------------------------------------------------------- overlap: one crack, one line
@@ -251,7 +272,8 @@ def test_a_crack_spanning_three_overlapping_frames_is_one_line_of_the_right_leng
         cv2.imwrite(str(path), np.repeat(render(DOWN, lines)[:, :, None], 3, axis=2))
         observations.append(observe_frame(str(path), f"f{k}", DOWN, pose, ORIGIN, _Darkness(), None,
                                           str(tmp_path / f"p{k}.tif"), SceneOptions(threshold=0.5), "sha"))
-    seen = sum(1 for o in observations for g in o.lines if shapely.LineString(g.enu_m[:, :2]).distance(truth) < 0.02)
+    seen = sum(1 for o in observations for g in o.lines
+               if shapely.LineString(g.enu_m[:, :2]).distance(truth) < 0.02)
     assert seen >= 3  # the crack really is in several frames
     results = frame_results(observations, ORIGIN, CRS.from_epsg(32632), Severity())
     cracks = [c for r in results for c in r.cracks]
