@@ -314,3 +314,30 @@ def test_merging_keeps_each_part_from_the_frame_that_sees_it_closest():
     assert len(merged) == 1 and merged[0].frames == ("a", "b")
     ys = merged[0].enu_m[:, 1]
     assert ys.min() == pytest.approx(-0.9) and ys.max() == pytest.approx(0.9)
+
+
+def test_a_geopackage_from_before_the_frame_columns_gets_them(tmp_path):
+    import sqlite3
+
+    from affine import Affine
+
+    from pipeline.records import CrackLine, Scene, SceneResult
+    from pipeline.store import RunInfo, open_store
+
+    path = tmp_path / "old.gpkg"
+    open_store(path).close()
+    with sqlite3.connect(path) as con:  # as a file written before these columns existed
+        for column in ("gsd_mm", "range_m", "pos_accuracy_m", "source_frames"):
+            con.execute(f"ALTER TABLE cracks DROP COLUMN {column}")
+    store = open_store(path)
+    try:
+        scene = Scene("f.jpg", "f", 10, 10, 3, "uint8", CRS.from_epsg(4326), Affine.identity())
+        crack = CrackLine(shapely.LineString([(8.0, 47.0), (8.00001, 47.0)]), 0.76, 3.0, 4.0, 90.0, 0.9, "low",
+                          gsd_mm=2.5, range_m=4.2, pos_accuracy_m=0.05, source_frames=("e", "f"))
+        store.publish(SceneResult(scene, (crack,), shapely.box(7.9, 46.9, 8.1, 47.1), 1, "", 0.0, "sha"),
+                      RunInfo("s", "r", "m", "1", "x"))
+        (row,) = [c for batch in store.query() for c in batch]
+    finally:
+        store.close()
+    assert (row["gsd_mm"], row["range_m"], row["pos_accuracy_m"]) == (2.5, 4.2, 0.05)
+    assert json.loads(row["source_frames"]) == ["e", "f"]
