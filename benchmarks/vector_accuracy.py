@@ -167,7 +167,7 @@ def revectorize(result, params: VectorizeParams) -> list:
     for row, probability, valid in read_rows(result.probability_path):
         vectorizer(row, probability, valid)
     geo = Georeferencer(scene.crs, scene.transform, scene.width, scene.height, scene.crs, params, Severity())
-    return [line for piece in vectorizer.finish() if (line := geo.crack_line(piece)) is not None]
+    return list(geo.crack_lines(vectorizer.finish()))
 
 
 def main(argv: list[str] | None = None) -> int:
