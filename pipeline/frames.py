@@ -44,7 +44,7 @@ from pipeline.errors import FrameError, SceneContentError
 from pipeline.measure import GEOD, LONLAT, Severity, azimuth_deg
 from pipeline.records import CrackLine, Scene, SceneResult
 from pipeline.trajectory import Pose, Trajectory, enu_to_geodetic, pose_at, vehicle_to_enu
-from pipeline.vectorize import Piece, VectorizeParams
+from pipeline.vectorize import Links, Piece, VectorizeParams, chains
 
 log = logging.getLogger(__name__)
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -188,6 +188,10 @@ class GroundLine:
     width_mean_px: float
     width_max_px: float
     confidence: float
+
+    def reversed(self) -> GroundLine:
+        return GroundLine(self.frame_id, self.enu_m[::-1], self.range_m[::-1], self.gsd_m[::-1],
+                          self.width_mean_px, self.width_max_px, self.confidence)
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,12 +354,9 @@ def clip_line(line: GroundLine, region: Polygon) -> list[_Part]:
     return parts
 
 
-def _chains(parts: list[_Part], tolerance_m: float) -> list[list[tuple[int, bool]]]:
-    """Parts linked at cut ends that meet (mutual nearest, another frame, within ``tolerance_m``).
-
-    Each chain is a list of (part index, reversed) in order along the crack.
-    """
-    ends = [(k, side, p.line.enu_m[0 if side == 0 else -1, :2])
+def _links(parts: list[_Part], tolerance_m: float) -> Links:
+    """Cut ends of parts that meet: mutual nearest, of different frames, within ``tolerance_m``."""
+    ends = [(k, side, parts[k].line.enu_m[0 if side == 0 else -1, :2])
             for k, p in enumerate(parts) for side in (0, 1) if p.cut[side]]
 
     def nearest(e):
@@ -367,28 +368,8 @@ def _chains(parts: list[_Part], tolerance_m: float) -> list[list[tuple[int, bool
                     best, best_d = f, d
         return best
 
-    links = {}
-    for e in ends:
-        f = nearest(e)
-        if f is not None and nearest(f) is e:
-            links[(e[0], e[1])] = (f[0], f[1])
-    seen, chains = set(), []
-    for k in range(len(parts)):
-        if k in seen:
-            continue
-        start, side = k, 0  # walk back to the chain's first part
-        while (k2 := links.get((start, side))) is not None and k2[0] not in seen and k2[0] != k:
-            seen.add(start)
-            start, side = k2[0], 1 - k2[1]
-        seen.discard(start)
-        chain, part, enter = [], start, side  # enter: the side we come in from
-        while part is not None and part not in {c for c, _ in chain}:
-            chain.append((part, enter == 1))
-            seen.add(part)
-            nxt = links.get((part, 1 - enter))
-            part, enter = (nxt[0], nxt[1]) if nxt else (None, 0)
-        chains.append(chain)
-    return chains
+    return {(e[0], e[1]): (f[0], f[1]) for e in ends
+            if (f := nearest(e)) is not None and nearest(f) is e}
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,19 +391,14 @@ def merge_observations(observations: list[FrameObservation], tolerance_m: float 
     parts = [part for obs, region in zip(observations, ownership(observations))
              for line in obs.lines for part in clip_line(line, region)]
     merged = []
-    for chain in _chains(parts, tolerance_m):
-        pieces = tuple(_reversed(parts[k].line) if rev else parts[k].line for k, rev in chain)
+    for chain in chains([p.line for p in parts], _links(parts, tolerance_m)):
+        pieces = tuple(chain)
         lengths: dict[str, float] = {}
         for p in pieces:
             lengths[p.frame_id] = lengths.get(p.frame_id, 0.0) + LineString(p.enu_m[:, :2]).length
         frames = tuple(sorted(lengths, key=order.__getitem__))
         merged.append(MergedCrack(pieces, frames, max(frames, key=lambda f: (lengths[f], -order[f]))))
     return merged
-
-
-def _reversed(line: GroundLine) -> GroundLine:
-    return GroundLine(line.frame_id, line.enu_m[::-1], line.range_m[::-1], line.gsd_m[::-1],
-                      line.width_mean_px, line.width_max_px, line.confidence)
 
 
 def _weights(line: GroundLine) -> np.ndarray:
