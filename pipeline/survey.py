@@ -234,7 +234,7 @@ def map_frame_survey(frames: list[SceneSource], survey, store: str, run: RunInfo
     from pipeline.camera import read_camera
     from pipeline.frames import (FrameClock, frame_identity, frame_pose, frame_results, observe_frame,
                                  survey_origin)
-    from pipeline.trajectory import TrajectoryLimits, read_trajectory, track_poses
+    from pipeline.trajectory import TrajectoryLimits, read_trajectory, track_poses, trajectory_origin
 
     camera = read_camera(survey.camera_path)
     limits = TrajectoryLimits(survey.max_gap_s, survey.max_speed_m_s)
@@ -277,12 +277,8 @@ def map_frame_survey(frames: list[SceneSource], survey, store: str, run: RunInfo
         placed = [s for s in frames if s.scene_id in poses]
         if not placed:
             return [rows[s.scene_id] for s in frames]
-        if trajectory is not None:
-            from pipeline.trajectory import pose_at
-            first = pose_at(trajectory, float(trajectory.time_s[0]), survey.trajectory_path)
-            origin = survey_origin([first])
-        else:
-            origin = survey_origin([poses[placed[0].scene_id]])
+        origin = (trajectory_origin(trajectory) if trajectory is not None  # stable across reruns
+                  else survey_origin([poses[placed[0].scene_id]]))
         observations = {}
         for source in placed:
             started = time.perf_counter()

@@ -138,6 +138,12 @@ def read_trajectory(path: str, limits: TrajectoryLimits = TrajectoryLimits()) ->
     return make_trajectory(path, time_s, **numbers, pos_accuracy_m=accuracy, limits=limits)
 
 
+def trajectory_origin(trajectory: Trajectory) -> tuple[float, float, float]:
+    """(lat, lon, height) of a trajectory's first epoch: the local ENU origin of its survey."""
+    lat, lon, height = pymap3d.ecef2geodetic(*trajectory.ecef_m[0])
+    return float(lat), float(lon), float(height)
+
+
 def pose_at(trajectory: Trajectory, time_s: float, frame: str) -> Pose:
     """The interpolated pose at ``time_s``: linear in ECEF for position, slerp for attitude.
 

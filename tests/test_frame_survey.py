@@ -77,10 +77,12 @@ def test_frame_mode_maps_frames_into_a_geopackage_and_a_rerun_skips_them(frame_s
     late = frame_survey / "late.jpg"
     Image.open(frame_survey / "f000.jpg").save(late, exif=exif_time(T0 + 100.0))
     Image.open(frame_survey / "f000.jpg").save(frame_survey / "notime.jpg")
+    Image.new("RGB", (64, 48)).save(frame_survey / "small.jpg", exif=exif_time(T0 + 1.0))
     store = str(tmp_path / "map.gpkg")
     result = run(str(frame_survey), "--store", store)
     assert result.exit_code == 1, result.output
-    assert "4/6 scenes" in result.output
+    assert "4/7 scenes" in result.output
+    assert "small.jpg: is 64x48 px, but the camera file is for 960x600" in result.output
     assert "late.jpg: its time 1780000100.000 s is outside the trajectory" in result.output
     assert "notime.jpg: has no EXIF DateTimeOriginal" in result.output
     assert "Traceback" not in result.output
@@ -97,6 +99,13 @@ def test_frame_mode_maps_frames_into_a_geopackage_and_a_rerun_skips_them(frame_s
     again = run(str(frame_survey), "--store", store)
     assert again.output.count("skipped") >= 4, again.output  # not segmented again
     assert "4 unchanged and skipped" in again.output
+    bad = camera_yaml(DOWN)
+    bad["intrinsics"]["fx"] = -900.0
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    refused = run(str(frame_survey), "--store", store, "--camera", str(tmp_path / "bad.yaml"))
+    assert refused.exit_code != 0
+    assert "bad.yaml: focal lengths fx=-900.0, fy=900.0 must be positive" in refused.output
+    assert "Traceback" not in refused.output
 
 
 def test_frame_mode_publishes_merged_cracks_to_postgis(frame_survey, tmp_path, pg_database, test_models,
