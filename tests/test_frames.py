@@ -341,3 +341,53 @@ def test_a_geopackage_from_before_the_frame_columns_gets_them(tmp_path):
         store.close()
     assert (row["gsd_mm"], row["range_m"], row["pos_accuracy_m"]) == (2.5, 4.2, 0.05)
     assert json.loads(row["source_frames"]) == ["e", "f"]
+
+
+def test_a_survey_without_trajectory_is_placed_by_exif_gps(tmp_path, test_models):
+    """Frames with EXIF GPS only: placed at their fixes, heading along the track (here east)."""
+    import sqlite3
+
+    import yaml
+
+    from pipeline import gpkg
+    from pipeline.frames import FrameSurvey
+    from pipeline.store import RunInfo
+    from pipeline.survey import SceneSource, map_frame_survey
+
+    camera = tmp_path / "camera.yaml"
+    camera.write_text(yaml.safe_dump({
+        "image": {"width": DOWN.width_px, "height": DOWN.height_px},
+        "intrinsics": {"fx": DOWN.fx, "fy": DOWN.fy, "cx": DOWN.cx, "cy": DOWN.cy},
+        "distortion": list(DOWN.distortion),
+        "mounting": {"lever_arm_m": [0.0, 0.0, -2.0], "roll_deg": 0, "pitch_deg": -90, "yaw_deg": 0,
+                     "height_m": 2.0}}))
+    sources = []
+    for k in range(3):
+        lat, lon, h = pymap3d.enu2geodetic(3.0 * k, 0.0, 0.0, *ORIGIN)  # driving east, 3 m apart
+        path = tmp_path / f"g{k}.jpg"
+        write_exif_frame(path, f"2026:05:04 10:20:3{k}", "0", float(lat), float(lon), float(h),
+                         size=(DOWN.width_px, DOWN.height_px))
+        sources.append(SceneSource(str(path), f"g{k}"))
+    lone = tmp_path / "nogps.jpg"
+    Image.new("RGB", (DOWN.width_px, DOWN.height_px)).save(lone)
+    sources.append(SceneSource(str(lone), "nogps"))
+    store = str(tmp_path / "map.gpkg")
+    from models.registry import resolve
+
+    entry = resolve(None)
+    run = RunInfo("exif", "r1", entry.name, entry.version, entry.sha256)
+    rows = map_frame_survey(sources, FrameSurvey(str(camera)), store, run, "onnxruntime",
+                            str(tmp_path / "p"))
+    assert [r["status"] for r in rows] == ["done", "done", "done", "failed"]
+    assert "nogps.jpg: has no EXIF GPS position, and there is no trajectory" in rows[3]["error"]
+    with sqlite3.connect(store) as con:
+        footprints = {s: gpkg.decode(g) for s, g in con.execute("SELECT scene_id, geom FROM scenes "
+                                                                "WHERE status = 'done'")}
+    x0, y0, x1, y1 = footprint(read_camera(camera)).bounds  # vehicle frame: x forward, y right
+    for k in range(3):
+        lat, lon, _ = pymap3d.enu2geodetic(3.0 * k, 0.0, 0.0, *ORIGIN)
+        outline = footprints[f"g{k}"]
+        assert outline.contains(shapely.Point(lon, lat))
+        minx, miny, maxx, maxy = outline.bounds  # forward is east: along the track = east-west
+        assert (maxx - minx) * 111_320 * np.cos(np.radians(lat)) == pytest.approx(x1 - x0, abs=0.02)
+        assert (maxy - miny) * 111_200 == pytest.approx(y1 - y0, abs=0.02)
