@@ -36,6 +36,7 @@ from affine import Affine
 from PIL import ExifTags, Image, UnidentifiedImageError
 from pyproj import Transformer
 from rasterio.crs import CRS
+from scipy.spatial import cKDTree
 from shapely.geometry import LineString, Polygon
 
 from pipeline import storage
@@ -303,12 +304,15 @@ def ownership(observations: list[FrameObservation]) -> list[Polygon]:
     so the boundary between two frames is the bisector of their cameras.  Ties go
     to the earlier frame.
     """
+    outlines = [o.footprint_enu for o in observations]
+    tree = shapely.STRtree(outlines)
     regions = []
     for i, a in enumerate(observations):
         region = a.footprint_enu
         ca = np.array(a.camera_enu_m[:2])
-        for j, b in enumerate(observations):
-            if i == j or not region.intersects(b.footprint_enu):
+        for j in sorted(tree.query(region, predicate="intersects").tolist()):
+            b = observations[j]
+            if i == j:
                 continue
             cb = np.array(b.camera_enu_m[:2])
             d = cb - ca
@@ -358,10 +362,14 @@ def _links(parts: list[_Part], tolerance_m: float) -> Links:
     """Cut ends of parts that meet: mutual nearest, of different frames, within ``tolerance_m``."""
     ends = [(k, side, parts[k].line.enu_m[0 if side == 0 else -1, :2])
             for k, p in enumerate(parts) for side in (0, 1) if p.cut[side]]
+    if not ends:
+        return {}
+    tree = cKDTree(np.array([e[2] for e in ends]))
 
     def nearest(e):
         best, best_d = None, tolerance_m
-        for f in ends:
+        for i in tree.query_ball_point(e[2], tolerance_m):
+            f = ends[i]
             if parts[f[0]].line.frame_id != parts[e[0]].line.frame_id:
                 d = float(np.hypot(*(f[2] - e[2])))
                 if d <= best_d:
