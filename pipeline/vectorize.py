@@ -55,9 +55,9 @@ class VectorizeParams:
     min_area_px: int = 30
     spur_px: float = 10.0
     min_length_px: float = 12.0
-    min_length_m: float = 0.0
+    min_length_m: float = 0.025   # R 85 practice; chosen on the val scenes (docs/benchmarks.md)
     isolation_px: float = 24.0
-    bridge_gap_px: float = 0.0
+    bridge_gap_px: float = 12.0
     bridge_angle_deg: float = 30.0
     simplify_px: float = 0.75
     band_rows: int = 1024
