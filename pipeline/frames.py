@@ -445,19 +445,29 @@ def crack_from_merged(crack: MergedCrack, origin: tuple[float, float, float], to
 
 def frame_results(observations: list[FrameObservation], origin: tuple[float, float, float],
                   store_crs: CRS, severity: Severity, tolerance_m: float = 0.1,
-                  min_length_px: float = 12.0) -> list[SceneResult]:
+                  params: VectorizeParams = VectorizeParams()) -> list[SceneResult]:
     """One SceneResult per frame (its ground trapezoid and the merged cracks it owns), in order.
 
-    A merged crack shorter than ``min_length_px`` pixels at its GSD is dropped, as a
-    scene's short lines are (the sliver of a crack that another frame sees closer).
+    Short lines go as a scene's do: a merged crack shorter than ``params.min_length_px``
+    pixels at its GSD (the sliver of a crack another frame sees closer), and one shorter
+    than ``params.min_length_m`` with no other crack within ``params.isolation_px`` pixels
+    at its GSD (an isolated fleck of texture).
     """
     to_store = Transformer.from_crs(LONLAT, store_crs, always_xy=True)
     accuracy = {o.frame_id: o.pos_accuracy_m for o in observations}
     owned: dict[str, list[CrackLine]] = {o.frame_id: [] for o in observations}
-    for crack in merge_observations(observations, tolerance_m):
-        line = crack_from_merged(crack, origin, to_store, accuracy, severity)
-        if line.length_m >= min_length_px * line.gsd_mm / 1000.0:
-            owned[crack.owner].append(line)
+    found = [(crack, line) for crack in merge_observations(observations, tolerance_m)
+             if (line := crack_from_merged(crack, origin, to_store, accuracy, severity)).length_m
+             >= params.min_length_px * line.gsd_mm / 1000.0]
+    shapes = [LineString(crack.enu_m[:, :2]) for crack, _ in found]
+    tree = shapely.STRtree(shapes)
+    for i, (crack, line) in enumerate(found):
+        if line.length_m < params.min_length_m:
+            reach_m = params.isolation_px * line.gsd_mm / 1000.0
+            near = tree.query(shapes[i], predicate="dwithin", distance=reach_m)
+            if not (near != i).any():
+                continue
+        owned[crack.owner].append(line)
     results = []
     for o in observations:
         lon, lat = enu_to_geodetic(np.column_stack([np.asarray(o.footprint_enu.exterior.coords),

@@ -307,7 +307,7 @@ def map_frame_survey(frames: list[SceneSource], survey, store: str, run: RunInfo
         if any(r["status"] == "done" for r in rows.values()):
             ordered = [observations[s.scene_id] for s in placed if s.scene_id in observations]
             for result in frame_results(ordered, origin, target.crs, options.severity,
-                                        survey.join_tolerance_m):
+                                        survey.join_tolerance_m, options.vectorize):
                 target.publish(result, run)
                 row = rows[result.scene.scene_id]
                 row.update(cracks=len(result.cracks), length_m=round(result.total_length_m, 3))

@@ -391,3 +391,17 @@ def test_a_survey_without_trajectory_is_placed_by_exif_gps(tmp_path, test_models
         minx, miny, maxx, maxy = outline.bounds  # forward is east: along the track = east-west
         assert (maxx - minx) * 111_320 * np.cos(np.radians(lat)) == pytest.approx(x1 - x0, abs=0.02)
         assert (maxy - miny) * 111_200 == pytest.approx(y1 - y0, abs=0.02)
+
+
+def test_isolated_flecks_go_and_short_pieces_beside_a_crack_stay():
+    def line(x0, y0, x1, y1):
+        enu = np.array([[x0, y0, 0.0], [x1, y1, 0.0]])
+        return GroundLine("a", enu, np.full(2, 2.0), np.full(2, 0.001), 2.0, 3.0, 0.9)
+
+    lines = (line(0, 0, 0, 0.5),  # a crack
+             line(0.01, 0.2, 0.03, 0.2),  # 2 cm beside it: part of the cracking (24 px = 2.4 cm reach)
+             line(0.5, 0.5, 0.52, 0.5))  # 2 cm on its own: texture
+    obs = FrameObservation("a", "a", "s", (0.0, 0.0, 2.0), shapely.box(-1, -1, 1, 1), None, lines,
+                           1, 10, 10, "", 0.0)
+    (result,) = frame_results([obs], ORIGIN, CRS.from_epsg(32632), Severity())
+    assert sorted(round(c.length_m, 2) for c in result.cracks) == [0.02, 0.5]
