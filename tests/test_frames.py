@@ -405,3 +405,20 @@ def test_isolated_flecks_go_and_short_pieces_beside_a_crack_stay():
                            1, 10, 10, "", 0.0)
     (result,) = frame_results([obs], ORIGIN, CRS.from_epsg(32632), Severity())
     assert sorted(round(c.length_m, 2) for c in result.cracks) == [0.02, 0.5]
+
+
+def test_frame_times_from_the_file_name_or_an_index(tmp_path):
+    from pipeline.frames import FrameClock
+
+    by_name = FrameClock.parse(r"name:cam0_(?P<t>\d+\.\d+)\.jpg$")
+    assert by_name.time_s("s3://survey/cam0_1780000000.250.jpg", None) == 1780000000.25
+    with pytest.raises(FrameError, match="cam1.jpg: its name does not match"):
+        by_name.time_s("cam1.jpg", None)
+    index = tmp_path / "frames.csv"
+    index.write_text("frame,time\nf1.jpg,2026-05-04T10:00:00.5+02:00\n")
+    by_index = FrameClock.parse(f"index:{index}")
+    assert by_index.time_s("/data/f1.jpg", None) == pytest.approx(1777881600.5)
+    with pytest.raises(FrameError, match="f2.jpg: is not in the frame index"):
+        by_index.time_s("f2.jpg", None)
+    with pytest.raises(FrameError, match="exif, name:REGEX or index:CSV"):
+        FrameClock.parse("gps")
