@@ -550,12 +550,15 @@ def survey_origin(poses: list[Pose]) -> tuple[float, float, float]:
     return poses[0].lat_deg, poses[0].lon_deg, poses[0].height_m
 
 
-def frame_road(camera: Camera, cache: dict = {}) -> np.ndarray:  # noqa: B006  (a per-process cache)
-    key = id(camera)
-    if key not in cache:
-        cache.clear()
-        cache[key] = (camera, road_pixels(camera))
-    return cache[key][1]
+_ROAD: dict[int, tuple[Camera, np.ndarray]] = {}  # the last camera's road pixels (one camera per survey)
+
+
+def frame_road(camera: Camera) -> np.ndarray:
+    """``road_pixels(camera)``, computed once per camera and process (every frame of a survey shares it)."""
+    if id(camera) not in _ROAD:
+        _ROAD.clear()
+        _ROAD[id(camera)] = (camera, road_pixels(camera))  # the camera is kept: its id stays its own
+    return _ROAD[id(camera)][1]
 
 
 Progress = Callable[[str, int, int], None]
