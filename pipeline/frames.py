@@ -593,7 +593,8 @@ def observe_frame(uri: str, frame_id: str, camera: Camera, pose: Pose, origin: t
     """Segment one frame with the scene chips and stitching, and put its crack lines on the ground.
 
     Pixels outside the camera's road (above the horizon, beyond ``max_range_m``, under
-    the mask) are invalid: no crack is drawn there.
+    the mask) are nodata: no crack is drawn there, and chips with no road pixel are not
+    run through the network.
 
     Raises:
         SceneReadError: the frame is missing or not an image.
@@ -625,7 +626,8 @@ def observe_frame(uri: str, frame_id: str, camera: Camera, pose: Pose, origin: t
     stitcher = StripStitcher(scene.width, scene.height, sink, options.size_px, options.border_px,
                              options.overlap_px)
     try:
-        chips = run_network(uri, frame_id, backend, stitcher, options, progress, georeferenced=False)
+        chips = run_network(uri, frame_id, backend, stitcher, options, progress, georeferenced=False,
+                            road=road)
         pieces = vectorizer.finish()
         probability.finish()
     except BaseException:

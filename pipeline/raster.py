@@ -150,9 +150,10 @@ class SceneReader:
     """
 
     def __init__(self, uri: str, scene_id: str | None = None, method: str | None = None,
-                 georeferenced: bool = True) -> None:
+                 georeferenced: bool = True, road: np.ndarray | None = None) -> None:
         self.uri = uri
         self._georeferenced = georeferenced  # False: a survey frame (JPEG/PNG), no CRS needed
+        self._road = road  # a frame's (height, width) road pixels: the rest counts as nodata
         self._env = gdal_env()
         self._env.__enter__()
         try:
@@ -302,6 +303,8 @@ class SceneReader:
         if self._scale is not None:
             offset, scale = self._scale
             data = np.clip((data.astype(np.float32) - offset) * scale + 0.5, 0, 255).astype(np.uint8)
+        if self._road is not None:
+            mask &= self._road[row_off:row_off + rows]
         if not mask.all():
             data *= mask
         return data, mask

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 from rasterio.crs import CRS
 
 from models.registry import ModelEntry
@@ -68,7 +69,7 @@ class _Worker(threading.Thread):
 
 def run_network(uri: str, scene_id: str, backend: Backend, stitcher: StripStitcher,
                 options: SceneOptions, progress: Progress | None = None,
-                georeferenced: bool = True) -> int:
+                georeferenced: bool = True, road: np.ndarray | None = None) -> int:
     """Stream a scene's chips through ``backend`` into ``stitcher``; returns the chips run.
 
     Three threads: reading (``crackmap-read``), the network (the caller's),
@@ -81,7 +82,7 @@ def run_network(uri: str, scene_id: str, backend: Backend, stitcher: StripStitch
 
     def read() -> None:
         try:
-            with SceneReader(uri, scene_id, georeferenced=georeferenced) as reader:
+            with SceneReader(uri, scene_id, georeferenced=georeferenced, road=road) as reader:
                 for batch in reader.chip_batches(options.size_px, options.overlap_px,
                                                  backend.batch_size):
                     if stop.is_set():

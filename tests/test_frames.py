@@ -422,3 +422,19 @@ def test_frame_times_from_the_file_name_or_an_index(tmp_path):
         by_index.time_s("f2.jpg", None)
     with pytest.raises(FrameError, match="exif, name:REGEX or index:CSV"):
         FrameClock.parse("gps")
+
+
+def test_chips_that_show_no_road_are_not_run_through_the_network(tmp_path):
+    from pipeline.camera import road_pixels
+    from pipeline.tiling import chip_windows
+
+    camera = Camera(1280, 1200, 1100.0, 1100.0, 639.5, 599.5, DISTORTION, (1.2, 0.0, -1.8), 0.0, -3.0, 0.0,
+                    1.8, max_range_m=30.0)  # nearly level: the top third of the image is sky or too far
+    path = tmp_path / "f.png"
+    cv2.imwrite(str(path), np.full((1200, 1280, 3), 200, np.uint8))
+    obs = observe_frame(str(path), "f", camera, drive_north(0, 1.0), ORIGIN, _Darkness(), None,
+                        str(tmp_path / "p.tif"), SceneOptions(threshold=0.5), "sha")
+    road = road_pixels(camera)
+    windows = chip_windows(1280, 1200, 400, 64)
+    seeing_road = sum(road[w.row_off:w.row_off + 400, w.col_off:w.col_off + 400].any() for w in windows)
+    assert obs.chip_count == seeing_road < len(windows)
