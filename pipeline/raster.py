@@ -171,6 +171,7 @@ class SceneReader:
             self._method = method
             self._jpeg: _JpegBlocks | None = None
             self._jpeg_tried = False  # _blocks() attaches it on the first decode
+            self._frame: np.ndarray | None = None  # a JPEG frame decoded whole by Pillow (_whole_frame)
             block_rows = self._ds.block_shapes[0][0]  # decode in runs of whole blocks (>= 256 rows)
             self._run_rows = block_rows * max(1, 256 // block_rows) if block_rows <= 1024 else 512
             self._runs: list[tuple[int, np.ndarray, np.ndarray]] = []  # decoded (row_off, rgb, valid)
@@ -255,6 +256,20 @@ class SceneReader:
                 self._jpeg = _JpegBlocks.attach(self._ds, self.uri, self._bands, self._method)
         return self._jpeg
 
+    def _whole_frame(self) -> np.ndarray | None:
+        """A survey frame that is an 8-bit JPEG, decoded whole with Pillow's libjpeg-turbo.
+
+        GDAL's JPEG driver uses the IJG libjpeg of rasterio's wheels (no SIMD): twice the time
+        for a 1920 x 1080 frame, the same pixels.  None for every other raster.
+        """
+        if self._frame is None and not self._georeferenced and TURBO_JPEG and self._ds.driver == "JPEG" \
+                and self._ds.dtypes[0] == "uint8" and self._ds.count in (1, 3):
+            fs = storage.filesystem(self.uri)
+            with fs.open(self.uri if storage.is_url(self.uri) else str(self.uri), "rb") as f, \
+                    Image.open(f) as image:
+                self._frame = np.ascontiguousarray(np.asarray(image.convert("RGB")).transpose(2, 0, 1))
+        return self._frame
+
     def read_strip(self, row_off: int, height: int) -> tuple[np.ndarray, np.ndarray]:
         """RGB uint8 (3, height, width) and valid mask (height, width) of a row strip.
 
@@ -295,8 +310,12 @@ class SceneReader:
         ds = self._ds
         window = Window(0, row_off, ds.width, rows)
         try:
-            blocks = self._blocks()
-            data = blocks.read(row_off, rows) if blocks else ds.read(self._bands, window=window)
+            if (frame := self._whole_frame()) is not None:
+                data = frame[:, row_off:row_off + rows].copy()
+            elif blocks := self._blocks():
+                data = blocks.read(row_off, rows)
+            else:
+                data = ds.read(self._bands, window=window)
             mask = ds.dataset_mask(window=window) > 0
         except (RasterioError, OSError) as exc:
             raise read_error(self.uri, exc, "truncated or corrupt") from exc

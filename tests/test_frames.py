@@ -438,3 +438,26 @@ def test_chips_that_show_no_road_are_not_run_through_the_network(tmp_path):
     windows = chip_windows(1280, 1200, 400, 64)
     seeing_road = sum(road[w.row_off:w.row_off + 400, w.col_off:w.col_off + 400].any() for w in windows)
     assert obs.chip_count == seeing_road < len(windows)
+
+
+def test_a_jpeg_frame_is_decoded_by_libjpeg_turbo_to_the_same_pixels(tmp_path, monkeypatch):
+    from pipeline import raster
+
+    path = tmp_path / "f.jpg"
+    rows, cols = np.mgrid[0:300, 0:500]  # a smooth colour image: decoders may differ on chroma detail
+    pixels = np.stack([rows * 255 // 300, cols * 255 // 500, (rows + cols) * 255 // 800], axis=2)
+    Image.fromarray(pixels.astype(np.uint8)).save(path, quality=90)
+    with raster.SceneReader(str(path), georeferenced=False) as reader:
+        turbo, _ = reader.read_strip(0, 300)
+        whole = reader._frame is not None
+    monkeypatch.setattr(raster, "TURBO_JPEG", False)
+    with raster.SceneReader(str(path), georeferenced=False) as reader:
+        gdal, _ = reader.read_strip(0, 300)
+        assert reader._frame is None
+    assert whole == raster.features.check_feature("libjpeg_turbo")
+    assert np.abs(turbo.astype(int) - gdal).max() <= 2
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(OSError, match="cut.jpg: truncated or corrupt"), \
+            raster.SceneReader(str(truncated), georeferenced=False) as reader:
+        reader.read_strip(0, 300)
