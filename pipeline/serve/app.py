@@ -1,0 +1,217 @@
+"""``crackmap serve``: one ASGI app with OGC API Features, vector tiles and the web map.
+
+- ``/``                       the web map (MapLibre GL JS, vendored: no CDN)
+- ``/ogc/...``                OGC API Features and Tiles (tipg's routes): landing page,
+                              conformance, collections, items, item, queryables, tiles
+- ``/healthz``                liveness
+
+The collections are the store's crack layers that exist, listed explicitly
+(``COLLECTIONS`` and their ``current_*`` views); no database function is exposed.
+Malformed parameters get a 400 with a message; other failures a 500 without
+details (they are logged).  Request sizes are capped (``MAX_ITEMS``, ``MAX_TILE_FEATURES``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated
+
+# tipg reads its settings from the environment when first imported: the caps below are
+# this app's, whatever the environment says, and tile layers are named after their table.
+MAX_ITEMS = 10_000
+DEFAULT_ITEMS = 10
+MAX_TILE_FEATURES = 10_000
+os.environ.update(TIPG_MAX_FEATURES_PER_QUERY=str(MAX_ITEMS), TIPG_DEFAULT_FEATURES_LIMIT=str(DEFAULT_ITEMS),
+                  TIPG_MAX_FEATURES_PER_TILE=str(MAX_TILE_FEATURES), TIPG_SET_MVT_LAYERNAME="true")
+
+import asyncpg  # noqa: E402
+from cql2 import Expr  # noqa: E402
+from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Query, Request  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import FileResponse, JSONResponse  # noqa: E402
+from fastapi.staticfiles import StaticFiles  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
+from tipg import dependencies as tipg_dependencies  # noqa: E402
+from tipg import errors as tipg_errors  # noqa: E402
+from tipg.collections import Collection  # noqa: E402
+from tipg.factory import Endpoints  # noqa: E402
+
+from pipeline.errors import StoreError  # noqa: E402
+from pipeline.serve.geopackage import CqlNotSupported, GeoPackagePool  # noqa: E402
+from pipeline.serve.geopackage import catalog as gpkg_catalog  # noqa: E402
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+OGC_PREFIX = "/ogc"
+# The layers served, in this order, where the store has them; each one's current_* view too.
+COLLECTIONS = ("current_cracks", "cracks", "scenes", "sections", "pattern_areas", "section_changes")
+# Keys of the views (tables have their primary key): OGC API items need one id column.
+VIEW_KEYS = {"current_cracks": "crack_id"}
+# GeoPackage layers: the same ids as on PostGIS where the layer has the column.
+GPKG_KEYS = {"cracks": "crack_id", "current_cracks": "crack_id"}
+
+BAD_REQUEST = (tipg_errors.InvalidBBox, tipg_errors.InvalidDatetime, tipg_errors.InvalidLimit,
+               tipg_errors.InvalidPropertyName, tipg_errors.InvalidGeometryColumnName,
+               tipg_errors.InvalidDatetimeColumnName, tipg_errors.MissingDatetimeColumn, CqlNotSupported,
+               # a filter value PostgreSQL cannot read (a bad uuid, text for a number, ...)
+               asyncpg.DataError, asyncpg.UndefinedFunctionError, asyncpg.UndefinedColumnError)
+
+
+def served(present: list[str]) -> list[str]:
+    """The collections to serve among the layers a store has, in COLLECTIONS order.
+
+    >>> served(["scenes", "cracks", "current_cracks", "surveys", "current_sections", "sections"])
+    ['current_cracks', 'cracks', 'scenes', 'sections', 'current_sections']
+    """
+    have = set(present)
+    views = [f"current_{name}" for name in COLLECTIONS if not name.startswith("current_")]
+    return [n for n in COLLECTIONS if n in have] + [v for v in views if v in have and v not in COLLECTIONS]
+
+
+def collection_param(request: Request,
+                     collectionId: Annotated[str, PathParam(description="Collection identifier")]) -> Collection:
+    """The collection a path names, or a 404 listing those there are."""
+    collections = request.app.state.collection_catalog["collections"]
+    if collectionId not in collections:
+        raise HTTPException(status_code=404, detail=f"no collection {collectionId!r}; this store serves "
+                                                    f"{', '.join(collections) or 'none'}")
+    return collections[collectionId]
+
+
+def bbox_param(bbox: Annotated[str | None, Query(description="minx,miny,maxx,maxy in CRS84")] = None
+               ) -> list[float] | None:
+    """tipg's bbox parameter, with a 400 for text that is not four or six numbers."""
+    if bbox is None or bbox == "":
+        return None
+    try:
+        values = [float(v) for v in bbox.split(",")]
+    except ValueError:
+        raise HTTPException(status_code=400, detail=f"bbox {bbox!r} is not comma-separated numbers "
+                                                    "minx,miny,maxx,maxy") from None
+    checked = tipg_dependencies.bbox_query(",".join(map(repr, values)))
+    west, south, east, north = (checked[0], checked[1], checked[-3 if len(checked) == 6 else 2],
+                                checked[-2 if len(checked) == 6 else 3])
+    if west > east or south > north:
+        raise HTTPException(status_code=400, detail=f"bbox {bbox!r}: minx > maxx or miny > maxy")
+    return checked
+
+
+def filter_param(query: Annotated[str | None, Query(description="CQL2 filter", alias="filter")] = None,
+                 filter_lang: Annotated[str | None, Query(alias="filter-lang")] = None) -> Expr | None:
+    """tipg's CQL2 filter parameter, with a 400 for a filter that does not parse."""
+    if filter_lang not in (None, "cql2-text", "cql2-json"):
+        raise HTTPException(status_code=400, detail="filter-lang is cql2-text or cql2-json")
+    try:
+        return tipg_dependencies.filter_query(query, filter_lang)
+    except Exception as exc:  # cql2 raises a bare Exception with the parser's report
+        first = " ".join(str(exc).split())[:300]
+        raise HTTPException(status_code=400, detail=f"filter {query!r} is not valid CQL2: {first}") from None
+
+
+def _bad_request(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": " ".join(str(exc).split())[:500]}, status_code=400)
+
+
+def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    status = 400 if exc.status_code == 422 else exc.status_code
+    return JSONResponse({"detail": exc.detail}, status_code=status, headers=exc.headers)
+
+
+def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg')}"
+                         for e in exc.errors())
+    return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=400)
+
+
+def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
+    return JSONResponse({"detail": "internal error (logged by the server)"}, status_code=500)
+
+
+def _not_found(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=404)
+
+
+def create_app(store: str, *, allow_write_role: bool = False, title: str = "crackmap") -> FastAPI:
+    """The app for a store: a ``.gpkg`` path or a ``postgresql://`` URL (as a reader role).
+
+    Raises:
+        StoreError: the store cannot be opened, or (PostGIS) the role can write and
+            ``allow_write_role`` is False.
+    """
+    text = str(store)
+    if text.startswith(("postgresql://", "postgres://")):
+        from pipeline.serve import postgis
+
+        present, keys = postgis.inspect_store(text, allow_write_role)
+        tables = served(present)
+        keys = {**keys, **VIEW_KEYS}
+
+        @asynccontextmanager
+        async def lifespan(app: FastAPI):
+            app.state.pool = await postgis.open_pool(text)
+            try:
+                app.state.collection_catalog = await postgis.catalog(app.state.pool, tables, keys)
+                yield
+            finally:
+                await app.state.pool.close()
+    else:
+        path = Path(text)
+        if not path.is_file():
+            raise StoreError(f"{text}: no such GeoPackage")
+        try:
+            from pipeline import gpkg
+            con = gpkg.connect(text, read_only=True)
+            try:
+                from pipeline.serve.geopackage import layers
+                present = [row[0] for row in layers(con)]
+            finally:
+                con.close()
+        except Exception as exc:  # sqlite3.Error: not a GeoPackage
+            raise StoreError(f"{text}: cannot read as a GeoPackage ({exc})") from None
+        tables = served(present)
+
+        @asynccontextmanager
+        async def lifespan(app: FastAPI):
+            app.state.pool = GeoPackagePool(path)
+            app.state.collection_catalog = gpkg_catalog(path, tables, GPKG_KEYS)
+            yield
+
+    app = FastAPI(title=title, openapi_url=f"{OGC_PREFIX}/api", docs_url=f"{OGC_PREFIX}/api.html",
+                  lifespan=lifespan)
+    endpoints = Endpoints(title=title, router_prefix=OGC_PREFIX, collection_dependency=collection_param,
+                          with_tiles_viewer=False)
+    app.include_router(endpoints.router, prefix=OGC_PREFIX)
+    app.dependency_overrides[tipg_dependencies.bbox_query] = bbox_param
+    app.dependency_overrides[tipg_dependencies.filter_query] = filter_param
+    for error in BAD_REQUEST:
+        app.add_exception_handler(error, _bad_request)
+    app.add_exception_handler(tipg_errors.NotFound, _not_found)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(Exception, _server_error)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def web_map() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict:
+        return {"status": "ok", "collections": list(app.state.collection_catalog["collections"])}
+
+    return app
+
+
+def run(store: str, host: str = "127.0.0.1", port: int = 8080, *, allow_write_role: bool = False,
+        root_path: str = "") -> None:
+    """Serve a store with uvicorn until interrupted (the access log shows paths, never credentials)."""
+    import uvicorn
+
+    app = create_app(store, allow_write_role=allow_write_role)
+    uvicorn.run(app, host=host, port=port, root_path=root_path, log_level="info", proxy_headers=True,
+                forwarded_allow_ips="127.0.0.1")
