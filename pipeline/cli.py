@@ -261,5 +261,31 @@ def query(store: str, bbox: tuple[float, float, float, float] | None, survey_id:
     click.echo(f"{count} cracks -> {out or 'stdout'}", err=True)
 
 
+@cli.command()
+@click.argument("store")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback exposes the store: put a reverse proxy "
+                   "with TLS and authentication in front (infra/README.md).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--allow-write-role", is_flag=True,
+              help="Serve PostGIS as a role that could write (connections stay read-only). "
+                   "Default: refuse it; connect as a role in crackmap_reader.")
+@click.option("--root-path", default="", metavar="PREFIX",
+              help="The path prefix a reverse proxy serves the app under, e.g. /crackmap.")
+def serve(store: str, host: str, port: int, allow_write_role: bool, root_path: str) -> None:
+    """Serve STORE over HTTP: a web map at /, OGC API Features and vector tiles at /ogc.
+
+    STORE is a .gpkg path or a postgresql:// URL (as a read-only role; the password
+    from PGPASSWORD or ~/.pgpass).  Stops with Ctrl-C.
+    """
+    from pipeline.serve.app import create_app, run_app
+
+    try:
+        app = create_app(store, allow_write_role=allow_write_role)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    run_app(app, store, host, port, root_path)
+
+
 def main() -> None:
     cli()

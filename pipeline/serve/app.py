@@ -207,11 +207,14 @@ def create_app(store: str, *, allow_write_role: bool = False, title: str = "crac
     return app
 
 
-def run(store: str, host: str = "127.0.0.1", port: int = 8080, *, allow_write_role: bool = False,
-        root_path: str = "") -> None:
-    """Serve a store with uvicorn until interrupted (the access log shows paths, never credentials)."""
+def run_app(app: FastAPI, store: str, host: str = "127.0.0.1", port: int = 8080, root_path: str = "") -> None:
+    """Serve an app with uvicorn until interrupted; what is logged names the store without its password."""
     import uvicorn
 
-    app = create_app(store, allow_write_role=allow_write_role)
+    from pipeline.postgis import display_url
+
+    shown = display_url(store) if str(store).startswith(("postgresql://", "postgres://")) else store
+    print(f"crackmap serve: {shown} at http://{host}:{port}{root_path}/ (OGC API at {OGC_PREFIX}/)", flush=True)
+    # X-Forwarded-* headers are trusted from a proxy on this machine only
     uvicorn.run(app, host=host, port=port, root_path=root_path, log_level="info", proxy_headers=True,
                 forwarded_allow_ips="127.0.0.1")

@@ -1,0 +1,223 @@
+// The crackmap web map: the store's collections as vector tiles from this server's OGC API.
+// Cracks coloured by severity with their type as line style, sections by condition class,
+// pattern areas shaded, scene footprints outlined.  Styling uses crack_type, severity and
+// condition_class when the store has them and falls back to plain styles when not.
+"use strict";
+
+const BASE = location.href.replace(/[?#].*$/, "").replace(/[^/]*$/, "");  // this page's folder
+const SEVERITY_COLOURS = { low: "#e6b800", medium: "#e67e22", high: "#c0392b" };
+const CONDITION_COLOURS = { Good: "#27ae60", Fair: "#f1c40f", Poor: "#c0392b" };
+// line style per crack type: one layer each (dash patterns are not data-driven everywhere)
+const TYPE_DASHES = {
+  longitudinal: null, transverse: [3, 1.5], diagonal: [1, 1.5], joint: [5, 2, 1, 2], pattern: [0.5, 1],
+};
+const CRACKS = "current_cracks";
+const state = { filters: {}, crackLayers: [], surveyLayers: [], collections: {}, props: {} };
+
+async function getJSON(path) {
+  const response = await fetch(BASE + path, { headers: { Accept: "application/json" } });
+  if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
+  return response.json();
+}
+
+function tiles(id) {
+  return {
+    type: "vector", minzoom: 0, maxzoom: 20,
+    tiles: [`${BASE}ogc/collections/${encodeURIComponent(id)}/tiles/WebMercatorQuad/{z}/{x}/{y}`],
+  };
+}
+
+function matchColour(property, colours, fallback) {
+  const expression = ["match", ["to-string", ["get", property]]];
+  for (const [value, colour] of Object.entries(colours)) expression.push(value, colour);
+  expression.push(fallback);
+  return expression;
+}
+
+async function queryables(id) {
+  try {
+    return Object.keys((await getJSON(`ogc/collections/${id}/queryables?f=schemajson`)).properties || {});
+  } catch (error) {
+    console.warn(error);
+    return [];
+  }
+}
+
+function addCrackLayers(map, props) {
+  const colour = props.includes("severity") ? matchColour("severity", SEVERITY_COLOURS, "#7f8c8d") : "#c0392b";
+  const width = ["interpolate", ["linear"], ["zoom"], 12, 1, 18, 2.5, 22, 5];
+  const types = props.includes("crack_type") ? Object.keys(TYPE_DASHES) : [null];
+  for (const type of types) {
+    const id = type ? `cracks-${type}` : "cracks";
+    const paint = { "line-color": colour, "line-width": width };
+    if (type && TYPE_DASHES[type]) paint["line-dasharray"] = TYPE_DASHES[type];
+    let base = null;
+    if (type === "longitudinal") {  // and every value the legend does not know
+      base = ["!", ["in", ["to-string", ["get", "crack_type"]], ["literal", types.slice(1)]]];
+    } else if (type) {
+      base = ["==", ["get", "crack_type"], type];
+    }
+    map.addLayer({ id, type: "line", source: CRACKS, "source-layer": CRACKS,
+                   layout: { "line-cap": "round" }, paint, ...(base ? { filter: base } : {}) });
+    state.crackLayers.push({ id, base });
+  }
+}
+
+function addLayers(map) {
+  const have = state.collections;
+  if (have.scenes) {
+    map.addSource("scenes", tiles("scenes"));
+    map.addLayer({ id: "scenes", type: "line", source: "scenes", "source-layer": "scenes",
+                   paint: { "line-color": "#34495e", "line-width": 1, "line-dasharray": [2, 2] } });
+    state.surveyLayers.push({ id: "scenes", base: null });
+  }
+  if (have.sections) {
+    const props = state.props.sections;
+    const colour = props.includes("condition_class")
+      ? matchColour("condition_class", CONDITION_COLOURS, "#95a5a6") : "#95a5a6";
+    map.addSource("sections", tiles("sections"));
+    map.addLayer({ id: "sections", type: "fill", source: "sections", "source-layer": "sections",
+                   paint: { "fill-color": colour, "fill-opacity": 0.35, "fill-outline-color": "#2c3e50" } });
+    if (props.includes("survey_id")) state.surveyLayers.push({ id: "sections", base: null });
+  }
+  if (have.pattern_areas) {
+    map.addSource("pattern_areas", tiles("pattern_areas"));
+    map.addLayer({ id: "pattern_areas", type: "fill", source: "pattern_areas", "source-layer": "pattern_areas",
+                   paint: { "fill-color": "#8e44ad", "fill-opacity": 0.3, "fill-outline-color": "#5b2c6f" } });
+    if (state.props.pattern_areas.includes("survey_id")) state.surveyLayers.push({ id: "pattern_areas", base: null });
+  }
+  if (have[CRACKS]) {
+    map.addSource(CRACKS, tiles(CRACKS));
+    addCrackLayers(map, state.props[CRACKS]);
+  }
+}
+
+function legend() {
+  const rows = [];
+  if (state.collections[CRACKS]) {
+    rows.push("<h2>Cracks by severity</h2>");
+    for (const [name, colour] of Object.entries(SEVERITY_COLOURS)) {
+      rows.push(`<div class="row"><span class="swatch" style="border-color:${colour}"></span>${name}</div>`);
+    }
+    if (state.props[CRACKS].includes("crack_type")) {
+      rows.push("<h2>Type (line style)</h2>");
+      for (const [type, dashes] of Object.entries(TYPE_DASHES)) {
+        const style = dashes ? (dashes[0] < 1 ? "dotted" : "dashed") : "solid";
+        rows.push(`<div class="row"><span class="swatch" style="border-top-style:${style};border-color:#555"></span>${type}</div>`);
+      }
+    }
+  }
+  if (state.collections.sections && state.props.sections.includes("condition_class")) {
+    rows.push("<h2>Sections by condition</h2>");
+    for (const [name, colour] of Object.entries(CONDITION_COLOURS)) {
+      rows.push(`<div class="row"><span class="box" style="background:${colour}"></span>${name}</div>`);
+    }
+  }
+  if (state.collections.pattern_areas) {
+    rows.push('<h2>Areas</h2><div class="row"><span class="box" style="background:#8e44ad"></span>pattern (alligator / block)</div>');
+  }
+  if (state.collections.scenes) {
+    rows.push('<div class="row"><span class="swatch" style="border-top-style:dashed;border-color:#34495e"></span>scene footprint</div>');
+  }
+  document.getElementById("legend").innerHTML = rows.join("");
+}
+
+function applyFilters(map) {
+  const { survey, model, severity, type } = state.filters;
+  const common = [];
+  if (survey) common.push(["==", ["get", "survey_id"], survey]);
+  const cracks = [...common];
+  if (model) {
+    const [name, version] = model.split(":");
+    cracks.push(["==", ["get", "model_name"], name], ["==", ["get", "model_version"], version]);
+  }
+  if (severity) cracks.push(["==", ["get", "severity"], severity]);
+  if (type) cracks.push(["==", ["get", "crack_type"], type]);
+  const set = (layers, conditions) => {
+    for (const { id, base } of layers) {
+      const all = [...(base ? [base] : []), ...conditions];
+      map.setFilter(id, all.length ? ["all", ...all] : null);
+    }
+  };
+  set(state.crackLayers, cracks);
+  set(state.surveyLayers, common);
+}
+
+async function fillFilters(map) {
+  const surveys = new Set();
+  const models = new Set();
+  if (state.collections.scenes) {
+    const scenes = await getJSON("ogc/collections/scenes/items?f=geojson&limit=10000&properties=survey_id,model_name,model_version");
+    for (const f of scenes.features) {
+      surveys.add(f.properties.survey_id);
+      models.add(`${f.properties.model_name}:${f.properties.model_version}`);
+    }
+  }
+  const options = (id, values) => {
+    const select = document.getElementById(id);
+    for (const value of [...values].sort()) select.add(new Option(value, value));
+  };
+  options("f-survey", surveys);
+  options("f-model", models);
+  if (state.collections[CRACKS] && state.props[CRACKS].includes("crack_type")) {
+    document.getElementById("f-type-label").hidden = false;
+    options("f-type", Object.keys(TYPE_DASHES));
+  }
+  for (const [key, id] of [["survey", "f-survey"], ["model", "f-model"], ["severity", "f-severity"], ["type", "f-type"]]) {
+    document.getElementById(id).addEventListener("change", (event) => {
+      state.filters[key] = event.target.value;
+      applyFilters(map);
+    });
+  }
+}
+
+function escapeHTML(value) {
+  return String(value).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+}
+
+function showPopup(map, event) {
+  const layers = [...state.crackLayers.map((l) => l.id), "pattern_areas", "sections", "scenes"]
+    .filter((id) => map.getLayer(id));
+  const { x, y } = event.point;
+  const found = map.queryRenderedFeatures([[x - 4, y - 4], [x + 4, y + 4]], { layers });
+  if (!found.length) return;
+  const feature = found[0];
+  const rows = Object.entries(feature.properties)
+    .map(([key, value]) => `<tr><th>${escapeHTML(key)}</th><td>${escapeHTML(value)}</td></tr>`).join("");
+  new maplibregl.Popup({ maxWidth: "360px" }).setLngLat(event.lngLat)
+    .setHTML(`<h3>${escapeHTML(feature.sourceLayer)}</h3><table>${rows}</table>`).addTo(map);
+}
+
+async function main() {
+  const map = new maplibregl.Map({
+    container: "map",
+    style: { version: 8, sources: {}, layers: [{ id: "background", type: "background", paint: { "background-color": "#f4f1ea" } }] },
+    center: [0, 0], zoom: 1, attributionControl: false,
+  });
+  window.crackmap = { map, state, ready: false };
+  map.addControl(new maplibregl.NavigationControl(), "top-right");
+  map.addControl(new maplibregl.ScaleControl({ unit: "metric" }), "bottom-right");
+  const catalog = await getJSON("ogc/collections?f=json");
+  for (const collection of catalog.collections) state.collections[collection.id] = collection;
+  for (const id of [CRACKS, "sections", "pattern_areas"]) {
+    if (state.collections[id]) state.props[id] = await queryables(id);
+  }
+  await new Promise((resolve) => (map.loaded() ? resolve() : map.once("load", resolve)));
+  addLayers(map);
+  legend();
+  await fillFilters(map);
+  const focus = state.collections[CRACKS] || state.collections.scenes;
+  const bbox = focus && focus.extent && focus.extent.spatial && focus.extent.spatial.bbox[0];
+  if (bbox) map.fitBounds([[bbox[0], bbox[1]], [bbox[2], bbox[3]]], { padding: 40, animate: false, maxZoom: 21 });
+  map.on("click", (event) => showPopup(map, event));
+  for (const { id } of state.crackLayers) {
+    map.on("mouseenter", id, () => { map.getCanvas().style.cursor = "pointer"; });
+    map.on("mouseleave", id, () => { map.getCanvas().style.cursor = ""; });
+  }
+  map.once("idle", () => { window.crackmap.ready = true; });
+}
+
+main().catch((error) => {
+  console.error(error);
+  document.getElementById("legend").textContent = `The map could not load: ${error.message}`;
+});
