@@ -28,6 +28,7 @@ os.environ.update(TIPG_MAX_FEATURES_PER_QUERY=str(MAX_ITEMS), TIPG_DEFAULT_FEATU
                   TIPG_MAX_FEATURES_PER_TILE=str(MAX_TILE_FEATURES), TIPG_SET_MVT_LAYERNAME="true")
 
 import asyncpg  # noqa: E402
+from ciso8601 import parse_rfc3339  # noqa: E402
 from cql2 import Expr  # noqa: E402
 from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Query, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
@@ -97,6 +98,24 @@ def bbox_param(bbox: Annotated[str | None, Query(description="minx,miny,maxx,max
     if west > east or south > north:
         raise HTTPException(status_code=400, detail=f"bbox {bbox!r}: minx > maxx or miny > maxy")
     return checked
+
+
+def datetime_param(datetime: Annotated[str | None, Query(description="instant or interval, RFC 3339")] = None
+                   ) -> list[str] | None:
+    """tipg's datetime parameter, with a 400 for anything but an RFC 3339 instant or interval."""
+    if not datetime:
+        return None
+    parts = datetime.split("/")
+    try:
+        if len(parts) > 2:
+            raise ValueError("more than one '/'")
+        for part in parts:
+            if part not in ("..", ""):
+                parse_rfc3339(part)
+    except ValueError as exc:
+        raise HTTPException(status_code=400, detail=f"datetime {datetime!r} is not an RFC 3339 instant "
+                                                    f"or START/END interval ({exc})") from None
+    return parts
 
 
 def filter_param(query: Annotated[str | None, Query(description="CQL2 filter", alias="filter")] = None,
@@ -187,6 +206,7 @@ def create_app(store: str, *, allow_write_role: bool = False, title: str = "crac
     app.include_router(endpoints.router, prefix=OGC_PREFIX)
     app.dependency_overrides[tipg_dependencies.bbox_query] = bbox_param
     app.dependency_overrides[tipg_dependencies.filter_query] = filter_param
+    app.dependency_overrides[tipg_dependencies.datetime_query] = datetime_param
     for error in BAD_REQUEST:
         app.add_exception_handler(error, _bad_request)
     app.add_exception_handler(tipg_errors.NotFound, _not_found)
