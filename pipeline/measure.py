@@ -110,7 +110,7 @@ class Georeferencer:
         return float(np.sqrt(dx * dy))
 
     def crack_line(self, piece: Piece) -> CrackLine | None:
-        """The measured crack line of a piece, or None if it is shorter than ``min_length_px``."""
+        """The measured crack line of a piece, or None if shorter than ``min_length_px`` or ``min_length_m``."""
         if piece.length_px() < self.params.min_length_px or piece.n_px == 0:
             return None
         simple = shapely.simplify(LineString(piece.rc), self.params.simplify_px)
@@ -122,9 +122,12 @@ class Georeferencer:
         # The distance transform at a centre pixel reaches the nearest background
         # pixel centre, half a pixel beyond the crack's edge: width = 2 d - 1 pixels.
         width_mean = max(2.0 * piece.half_width_sum / piece.n_px - 1.0, 1.0) * mm
+        length_m = float(GEOD.line_length(lon, lat))
+        if length_m < self.params.min_length_m:
+            return None
         return CrackLine(
             geometry=LineString(np.column_stack([sx, sy])),
-            length_m=float(GEOD.line_length(lon, lat)),
+            length_m=length_m,
             width_mean_mm=width_mean,
             width_max_mm=max(2.0 * piece.half_width_max - 1.0, 1.0) * mm,
             orientation_deg=azimuth_deg(np.asarray(lon), np.asarray(lat)),
