@@ -9,7 +9,8 @@ straight roads of 10 km (one crack per metre of road for a million), ANALYZEd, t
 one client, one at a time, over HTTP on loopback:
 
 - items: /ogc/collections/current_cracks/items?bbox=<50 m box on a road>&limit=100
-- tiles: /ogc/collections/current_cracks/tiles/WebMercatorQuad/17/x/y on a road (street zoom)
+- tiles: /ogc/collections/current_cracks/tiles/WebMercatorQuad/Z/x/y on a road, Z = 17 (street
+  zoom) and the wider --zooms given (14 by default: a district, up to the 10,000-feature cap)
 
 Prints p50/p95/max per kind (targets: items p95 < 200 ms, tiles p95 < 300 ms) and drops the database.
 """
@@ -93,7 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cracks", type=int, default=1_000_000)
     parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--zoom", type=int, default=17)
+    parser.add_argument("--zooms", default="17,14", help="tile zoom levels, comma-separated")
     args = parser.parse_args()
     admin = os.environ.get("CRACKMAP_PG_URL")
     if not admin:
@@ -136,23 +137,24 @@ def main() -> None:
         for _ in range(10):  # warm the pool and the caches a little
             x, y = road_point()
             timed(f"{root}/ogc/collections/current_cracks/items?bbox={x},{y - 0.0002},{x + box_deg},{y + 0.0002}")
-        results: dict[str, list[float]] = {"items": [], "tiles": []}
-        sizes: dict[str, list[int]] = {"items": [], "tiles": []}
-        for i in range(args.requests):
+        zooms = [int(z) for z in args.zooms.split(",")]
+        kinds = ["items", *(f"tiles z{z}" for z in zooms)]
+        results: dict[str, list[float]] = {kind: [] for kind in kinds}
+        sizes: dict[str, list[int]] = {kind: [] for kind in kinds}
+        for i in range(args.requests):  # the kinds interleaved, so that a slow spell hits them all
             x, y = road_point()
-            if i % 2 == 0:
+            kind = kinds[i % len(kinds)]
+            if kind == "items":
                 url = (f"{root}/ogc/collections/current_cracks/items?limit=100"
                        f"&bbox={x},{y - 0.0002},{x + box_deg},{y + 0.0002}")
-                kind = "items"
             else:
-                tile = tms.tile(x, y, args.zoom)
+                tile = tms.tile(x, y, int(kind[len("tiles z"):]))
                 url = f"{root}/ogc/collections/current_cracks/tiles/WebMercatorQuad/{tile.z}/{tile.x}/{tile.y}"
-                kind = "tiles"
             ms, size = timed(url)
             results[kind].append(ms)
             sizes[kind].append(size)
         for kind, values in results.items():
-            print(f"{kind:<6} n={len(values)}  p50 {statistics.median(values):6.1f} ms  "
+            print(f"{kind:<9} n={len(values)}  p50 {statistics.median(values):6.1f} ms  "
                   f"p95 {percentile(values, 0.95):6.1f} ms  max {max(values):6.1f} ms  "
                   f"median size {statistics.median(sizes[kind]) / 1024:.1f} KiB")
     finally:

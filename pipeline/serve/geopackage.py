@@ -157,8 +157,11 @@ class GeoPackageCollection(Collection):
 
     def _rows(self, reader: GeoPackageReader, *, where: list[str], params: list, bbox, cql,
               sortby: str | None, properties: list[str] | None, limit: int, offset: int,
-              ) -> tuple[list[tuple[Any, shapely.Geometry | None, dict]], int]:
-        """The matching rows' (id, geometry in EPSG:4326, properties) for one page, and the match count."""
+              count: bool = True) -> tuple[list[tuple[Any, shapely.Geometry | None, dict]], int]:
+        """The matching rows' (id, geometry in EPSG:4326, properties) for one page, and the match count.
+
+        Without ``count`` (tiles) reading stops at the page's last row and the count is not exact.
+        """
         geometry_column = self.geometry_column.name if self.geometry_column else None
         names = self.columns(properties)
         # cql2 needs every property it names, whichever are returned
@@ -194,6 +197,8 @@ class GeoPackageCollection(Collection):
                 matched += 1
                 if offset < matched <= offset + limit:
                     found.append((item[0], item[1], {n: item[2][n] for n in names}))
+                elif not count and matched > offset + limit:
+                    break
             return found, matched
         finally:
             con.close()
@@ -269,7 +274,7 @@ class GeoPackageCollection(Collection):
         where, params = self._where(ids_filter, properties_filter, datetime_filter, dt)
         rows, _ = await anyio.to_thread.run_sync(functools.partial(
             self._rows, reader, where=where, params=params, bbox=[west, south, east, north],
-            cql=cql_filter, sortby=sortby, properties=properties, limit=limit, offset=0))
+            cql=cql_filter, sortby=sortby, properties=properties, limit=limit, offset=0, count=False))
         return await anyio.to_thread.run_sync(self._encode, rows, tms, tile, simplify, settings)
 
     def _encode(self, rows, tms: TileMatrixSet, tile: Tile, simplify, settings: MVTSettings) -> bytes:
