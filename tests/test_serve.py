@@ -136,6 +136,12 @@ def test_a_malformed_request_gets_a_400_with_a_message(client, params):
 def test_an_unknown_collection_is_a_404_naming_the_ones_there_are(client):
     response = client.get("/ogc/collections/surveys/items")
     assert response.status_code == 404 and "current_cracks" in response.json()["detail"]
+    scenes = client.get("/ogc/collections/scenes/items", params={"scene_id": "road-1"})
+    assert [f["properties"]["survey_id"] for f in scenes.json()["features"]] == ["survey-a"]
+    item = client.get(f"/ogc/collections/scenes/items/{scenes.json()['features'][0]['id']}")
+    assert item.status_code in (200, 404)  # 404 on PostGIS: scenes have a four-column key
+    if item.status_code == 404:
+        assert "no single-column key" in item.json()["detail"]
 
 
 def test_no_credentials_in_any_page(served, client):
@@ -154,6 +160,9 @@ def test_the_web_map_page_and_vendored_maplibre_are_served(client):
     page = client.get("/")
     assert page.status_code == 200 and "static/maplibre/maplibre-gl.js" in page.text
     assert "://" not in page.text.replace("http://www.w3.org", "")  # nothing from another host
+    assert page.headers["content-security-policy"].startswith("default-src 'self'")
+    items_page = client.get("/ogc/collections/current_cracks/items?f=html")
+    assert "connect-src 'self'" in items_page.headers["content-security-policy"]  # no CDN loads either
     script = client.get("/static/maplibre/maplibre-gl.js")
     assert script.status_code == 200 and len(script.content) > 500_000
     assert client.get("/static/map.js").status_code == 200
@@ -180,6 +189,17 @@ def test_a_writer_role_is_refused_unless_allowed(pg_database, tmp_path):
 async def _try_write(app):
     async with app.state.pool.acquire() as conn:
         await conn.execute("DELETE FROM cracks")
+
+
+def test_serve_refuses_a_writer_role_in_one_line_without_the_password(pg_database, tmp_path):
+    writer_url, name, password = login_role(pg_database, "crackmap_writer")
+    try:
+        result = CliRunner().invoke(cli, ["serve", writer_url, "--port", "1"])
+    finally:
+        drop_role(pg_database, name)
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1 and "--allow-write-role" in result.output
+    assert password not in result.output and f"postgresql://{name}@" in result.output
 
 
 def test_new_layers_are_served_and_styled_when_the_store_has_them(tmp_path):

@@ -83,8 +83,14 @@ def test_the_map_renders_cracks_and_a_click_shows_length(chromium, server, tmp_p
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.on("requestfailed", lambda request: errors.append(f"request failed: {request.url}"))
+            # a console error would be, e.g., the content security policy blocking MapLibre's worker
+            page.on("console", lambda message: message.type == "error" and errors.append(message.text))
             page.goto(server)
-            page.wait_for_function("window.crackmap && window.crackmap.ready", timeout=90_000)
+            # polled from here: wait_for_function evaluates strings in the page, which its CSP forbids
+            deadline = time.monotonic() + 90
+            while not page.evaluate("Boolean(window.crackmap && window.crackmap.ready)"):
+                assert time.monotonic() < deadline, f"the map did not become idle: {errors}"
+                time.sleep(0.25)
             page.evaluate("new Promise(resolve => { const m = window.crackmap.map; "
                           "m.loaded() && !m.isMoving() ? resolve() : m.once('idle', resolve); })")
             rendered = page.evaluate(f"window.crackmap.map.queryRenderedFeatures({{layers: {CRACK_LAYERS}}})"

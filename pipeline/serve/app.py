@@ -54,6 +54,15 @@ VIEW_KEYS = {"current_cracks": "crack_id"}
 # GeoPackage layers: the same ids as on PostGIS where the layer has the column.
 GPKG_KEYS = {"cracks": "crack_id", "current_cracks": "crack_id"}
 
+# Everything the pages load comes from this server: the web map's MapLibre is vendored, and
+# tipg's HTML pages (which link CDNs and OpenStreetMap tiles) render without them rather than
+# make browsers on an intranet reach out.  MapLibre needs blob: workers and data:/blob: images.
+CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                           "img-src 'self' data: blob:; worker-src 'self' blob:; child-src blob:; "
+                           "connect-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'")
+SECURITY_HEADERS = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "X-Content-Type-Options": "nosniff",
+                    "Referrer-Policy": "no-referrer"}
+
 BAD_REQUEST = (tipg_errors.InvalidBBox, tipg_errors.InvalidDatetime, tipg_errors.InvalidLimit,
                tipg_errors.InvalidPropertyName, tipg_errors.InvalidGeometryColumnName,
                tipg_errors.InvalidDatetimeColumnName, tipg_errors.MissingDatetimeColumn, CqlNotSupported,
@@ -74,12 +83,20 @@ def served(present: list[str]) -> list[str]:
 
 def collection_param(request: Request,
                      collectionId: Annotated[str, PathParam(description="Collection identifier")]) -> Collection:
-    """The collection a path names, or a 404 listing those there are."""
+    """The collection a path names, or a 404 listing those there are.
+
+    A collection without a single-column key (PostGIS ``scenes``: survey, scene, model
+    version) has no single items: a 404 says to filter its items instead.
+    """
     collections = request.app.state.collection_catalog["collections"]
     if collectionId not in collections:
         raise HTTPException(status_code=404, detail=f"no collection {collectionId!r}; this store serves "
                                                     f"{', '.join(collections) or 'none'}")
-    return collections[collectionId]
+    found = collections[collectionId]
+    if found.id_column is None and ("itemId" in request.path_params or "ids" in request.query_params):
+        raise HTTPException(status_code=404, detail=f"{collectionId} has no single-column key, so no "
+                                                    "item ids; filter its items by property instead")
+    return found
 
 
 def bbox_param(bbox: Annotated[str | None, Query(description="minx,miny,maxx,maxy in CRS84")] = None
@@ -215,6 +232,13 @@ def create_app(store: str, *, allow_write_role: bool = False, title: str = "crac
     app.add_exception_handler(Exception, _server_error)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
 
     @app.get("/", include_in_schema=False)
     def web_map() -> FileResponse:
