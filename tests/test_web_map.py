@@ -2,7 +2,9 @@
 Playwright (headless WebGL through SwiftShader; no browser download).
 
 Without chromium the test skips locally and fails under CI=true, like the PostGIS tests.
-The screenshot is kept as out/test-artifacts/web-map.png (and in the test's tmp folder).
+The screenshots are kept as out/test-artifacts/web-map-{plain,condition}.png (and in the test's
+tmp folder): one store as `crackmap run` writes it today, one with crack types, sections and a
+pattern area as the road-condition work adds them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import sync_playwright
 
-from serve_fixtures import CRACK_COUNT, expected, publish_map
+import shapely
+
+from pipeline import gpkg
+from serve_fixtures import CRACK_COUNT, SOUTH, STEP_DEG, WEST, expected, publish_map
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "out" / "test-artifacts"
@@ -43,11 +48,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(tmp_path):
-    """`crackmap serve` of a store made here, on a free loopback port; its base URL."""
+def add_condition_layers(store: Path) -> None:
+    """What the road-condition work adds: crack types, a sections layer and a pattern area."""
+    con = gpkg.connect(str(store))
+    con.execute("ALTER TABLE cracks ADD COLUMN crack_type TEXT")
+    con.execute("UPDATE cracks SET crack_type = CASE CAST(substr(crack_id, -2) AS INTEGER) % 3 "
+                "WHEN 0 THEN 'longitudinal' WHEN 1 THEN 'transverse' ELSE 'diagonal' END")
+    gpkg.add_layer(con, "sections", "POLYGON", 4326, "road_id TEXT, from_m REAL, to_m REAL, "
+                   "survey_id TEXT, condition_class TEXT")
+    for i, condition in enumerate(("Good", "Fair", "Poor")):
+        box = shapely.box(WEST + 4 * i * STEP_DEG - STEP_DEG / 2, SOUTH - 0.00005,
+                          WEST + 4 * (i + 1) * STEP_DEG - STEP_DEG / 2, SOUTH + 0.00035)
+        con.execute("INSERT INTO sections (geom, road_id, from_m, to_m, survey_id, condition_class) "
+                    "VALUES (?, 'r1', ?, ?, 'survey-a', ?)", (gpkg.encode(box, 4326), 10 * i, 10 * i + 10, condition))
+    gpkg.add_layer(con, "pattern_areas", "POLYGON", 4326, "survey_id TEXT, class TEXT, area_m2 REAL")
+    area = shapely.box(WEST + 8 * STEP_DEG, SOUTH + 0.0001, WEST + 10 * STEP_DEG, SOUTH + 0.0002)
+    con.execute("INSERT INTO pattern_areas (geom, survey_id, class, area_m2) VALUES (?, 'survey-a', 'alligator', 150)",
+                (gpkg.encode(area, 4326),))
+    con.close()
+
+
+@pytest.fixture(params=["plain", "condition"])
+def server(request, tmp_path):
+    """`crackmap serve` of a store made here (plain, or with condition layers), on a free loopback port."""
     store = tmp_path / "map.gpkg"
     publish_map(str(store), tmp_path)
+    if request.param == "condition":
+        add_condition_layers(store)
     port = free_port()
     script = Path(sys.executable).parent / "crackmap"
     command = [str(script)] if script.exists() else [sys.executable, "-c", "from flows.cli import main; main()"]
@@ -73,7 +100,7 @@ def server(tmp_path):
         log.close()
 
 
-def test_the_map_renders_cracks_and_a_click_shows_length(chromium, server, tmp_path):
+def test_the_map_renders_cracks_and_a_click_shows_length(request, chromium, server, tmp_path):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=str(chromium),
@@ -82,7 +109,8 @@ def test_the_map_renders_cracks_and_a_click_shows_length(chromium, server, tmp_p
             page = browser.new_page(viewport={"width": 1000, "height": 700})
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
-            page.on("requestfailed", lambda request: errors.append(f"request failed: {request.url}"))
+            page.on("requestfailed", lambda request: request.failure != "net::ERR_ABORTED"  # a tile
+                    and errors.append(f"request failed: {request.url} ({request.failure})"))  # panned away
             # a console error would be, e.g., the content security policy blocking MapLibre's worker
             page.on("console", lambda message: message.type == "error" and errors.append(message.text))
             page.goto(server)
@@ -109,11 +137,40 @@ def test_the_map_renders_cracks_and_a_click_shows_length(chromium, server, tmp_p
             popup = page.wait_for_selector(".maplibregl-popup", timeout=10_000)
             text = popup.inner_text()
             assert "length_m" in text and f"{expected(5)['length_m']:g}" in text and crack_id in text
-            assert "Type" not in page.inner_text("#filters") or page.is_hidden("#f-type-label")
+            layers = page.evaluate(CRACK_LAYERS)
+            if "condition" in request.node.callspec.id:
+                # type as line style, sections by condition class, pattern areas: one layer each
+                assert layers == ["cracks-longitudinal", "cracks-transverse", "cracks-diagonal",
+                                  "cracks-joint", "cracks-pattern"]
+                by_type = page.evaluate(f"Object.fromEntries({CRACK_LAYERS}.map(id => [id, "
+                                        "window.crackmap.map.queryRenderedFeatures({layers: [id]}).length]))")
+                assert all(by_type[f"cracks-{t}"] > 0 for t in ("longitudinal", "transverse", "diagonal"))
+                conditions = page.evaluate("window.crackmap.map.queryRenderedFeatures({layers: ['sections']})"
+                                           ".map(f => f.properties.condition_class)")
+                assert set(conditions) == {"Good", "Fair", "Poor"}
+                assert page.evaluate("window.crackmap.map.queryRenderedFeatures({layers: ['pattern_areas']})"
+                                     ".length") > 0
+                assert "Sections by condition" in page.inner_text("#legend")
+                assert page.is_visible("#f-type-label")
+                page.select_option("#f-type", "transverse")  # the type filter leaves only that type
+                time.sleep(0.5)
+                shown = page.evaluate(f"window.crackmap.map.queryRenderedFeatures({{layers: {CRACK_LAYERS}}})"
+                                      ".map(f => f.properties.crack_type)")
+                assert shown and set(shown) == {"transverse"}
+                page.select_option("#f-type", "")
+                deadline = time.monotonic() + 30
+                while len(set(page.evaluate(f"window.crackmap.map.queryRenderedFeatures({{layers: {CRACK_LAYERS}}})"
+                                            ".map(f => f.properties.crack_id)"))) < CRACK_COUNT:
+                    assert time.monotonic() < deadline, "clearing the type filter did not bring the cracks back"
+                    time.sleep(0.25)
+                page.evaluate("new Promise(resolve => window.crackmap.map.once('idle', resolve))")
+            else:
+                assert layers == ["cracks"] and page.is_hidden("#f-type-label")  # no crack_type: plain lines
             page.screenshot(path=str(tmp_path / "web-map.png"))
             assert not errors, errors
         finally:
             browser.close()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    shutil.copy(tmp_path / "web-map.png", ARTIFACTS / "web-map.png")
-    assert (ARTIFACTS / "web-map.png").stat().st_size > 10_000
+    artifact = ARTIFACTS / f"web-map-{request.node.callspec.id}.png"
+    shutil.copy(tmp_path / "web-map.png", artifact)
+    assert artifact.stat().st_size > 10_000

@@ -12,7 +12,7 @@ const TYPE_DASHES = {
   longitudinal: null, transverse: [3, 1.5], diagonal: [1, 1.5], joint: [5, 2, 1, 2], pattern: [0.5, 1],
 };
 const CRACKS = "current_cracks";
-const state = { filters: {}, crackLayers: [], surveyLayers: [], collections: {}, props: {} };
+const state = { filters: {}, crackLayers: [], haloLayers: [], surveyLayers: [], collections: {}, props: {} };
 
 async function getJSON(path) {
   const response = await fetch(BASE + path, { headers: { Accept: "application/json" } });
@@ -47,6 +47,12 @@ function addCrackLayers(map, props) {
   const colour = props.includes("severity") ? matchColour("severity", SEVERITY_COLOURS, "#7f8c8d") : "#c0392b";
   const width = ["interpolate", ["linear"], ["zoom"], 12, 1, 18, 2.5, 22, 5];
   const types = props.includes("crack_type") ? Object.keys(TYPE_DASHES) : [null];
+  // a white halo under every crack keeps the lines readable over section colours
+  map.addLayer({ id: "cracks-halo", type: "line", source: CRACKS, "source-layer": CRACKS,
+                 layout: { "line-cap": "round" },
+                 paint: { "line-color": "#ffffff", "line-opacity": 0.85,
+                          "line-width": ["interpolate", ["linear"], ["zoom"], 12, 2.5, 18, 5, 22, 8] } });
+  state.haloLayers.push({ id: "cracks-halo", base: null });
   for (const type of types) {
     const id = type ? `cracks-${type}` : "cracks";
     const paint = { "line-color": colour, "line-width": width };
@@ -77,7 +83,7 @@ function addLayers(map) {
       ? matchColour("condition_class", CONDITION_COLOURS, "#95a5a6") : "#95a5a6";
     map.addSource("sections", tiles("sections"));
     map.addLayer({ id: "sections", type: "fill", source: "sections", "source-layer": "sections",
-                   paint: { "fill-color": colour, "fill-opacity": 0.35, "fill-outline-color": "#2c3e50" } });
+                   paint: { "fill-color": colour, "fill-opacity": 0.3, "fill-outline-color": "#2c3e50" } });
     if (props.includes("survey_id")) state.surveyLayers.push({ id: "sections", base: null });
   }
   if (have.pattern_areas) {
@@ -101,9 +107,10 @@ function legend() {
     }
     if (state.props[CRACKS].includes("crack_type")) {
       rows.push("<h2>Type (line style)</h2>");
-      for (const [type, dashes] of Object.entries(TYPE_DASHES)) {
-        const style = dashes ? (dashes[0] < 1 ? "dotted" : "dashed") : "solid";
-        rows.push(`<div class="row"><span class="swatch" style="border-top-style:${style};border-color:#555"></span>${type}</div>`);
+      for (const [type, dashes] of Object.entries(TYPE_DASHES)) {  // the map's dashes, in line widths
+        const dash = dashes ? ` stroke-dasharray="${dashes.map((d) => Math.max(d * 2.5, 0.5)).join(" ")}"` : "";
+        rows.push(`<div class="row"><svg width="26" height="6"><line x1="0" y1="3" x2="26" y2="3" `
+                  + `stroke="#555" stroke-width="2.5"${dash}/></svg>${type}</div>`);
       }
     }
   }
@@ -140,6 +147,7 @@ function applyFilters(map) {
     }
   };
   set(state.crackLayers, cracks);
+  set(state.haloLayers, cracks);
   set(state.surveyLayers, common);
 }
 
@@ -189,26 +197,29 @@ function showPopup(map, event) {
 }
 
 async function main() {
-  const map = new maplibregl.Map({
-    container: "map",
-    style: { version: 8, sources: {}, layers: [{ id: "background", type: "background", paint: { "background-color": "#f4f1ea" } }] },
-    center: [0, 0], zoom: 1, attributionControl: false,
-  });
-  window.crackmap = { map, state, ready: false };
-  map.addControl(new maplibregl.NavigationControl(), "top-right");
-  map.addControl(new maplibregl.ScaleControl({ unit: "metric" }), "bottom-right");
+  // the catalog first: the map opens on the data, so no tile of the whole world is asked for
   const catalog = await getJSON("ogc/collections?f=json");
   for (const collection of catalog.collections) state.collections[collection.id] = collection;
   for (const id of [CRACKS, "sections", "pattern_areas"]) {
     if (state.collections[id]) state.props[id] = await queryables(id);
   }
+  const focus = state.collections[CRACKS] || state.collections.scenes;
+  const bbox = focus && focus.extent && focus.extent.spatial && focus.extent.spatial.bbox[0];
+  const view = bbox && bbox[0] <= bbox[2]
+    ? { bounds: [[bbox[0], bbox[1]], [bbox[2], bbox[3]]], fitBoundsOptions: { padding: 40, maxZoom: 21 } }
+    : { center: [0, 0], zoom: 1 };
+  const map = new maplibregl.Map({
+    container: "map",
+    style: { version: 8, sources: {}, layers: [{ id: "background", type: "background", paint: { "background-color": "#f4f1ea" } }] },
+    attributionControl: false, ...view,
+  });
+  window.crackmap = { map, state, ready: false };
+  map.addControl(new maplibregl.NavigationControl(), "top-right");
+  map.addControl(new maplibregl.ScaleControl({ unit: "metric" }), "bottom-right");
   await new Promise((resolve) => (map.loaded() ? resolve() : map.once("load", resolve)));
   addLayers(map);
   legend();
   await fillFilters(map);
-  const focus = state.collections[CRACKS] || state.collections.scenes;
-  const bbox = focus && focus.extent && focus.extent.spatial && focus.extent.spatial.bbox[0];
-  if (bbox) map.fitBounds([[bbox[0], bbox[1]], [bbox[2], bbox[3]]], { padding: 40, animate: false, maxZoom: 21 });
   map.on("click", (event) => showPopup(map, event));
   for (const { id } of state.crackLayers) {
     map.on("mouseenter", id, () => { map.getCanvas().style.cursor = "pointer"; });
