@@ -25,6 +25,7 @@ demo: $(CORE)
 	rm -f out/demo/cracks.gpkg
 	$(VENV)/bin/crackmap run examples/sample-survey --store out/demo/cracks.gpkg --survey sample-survey
 	@echo "Crack map: out/demo/cracks.gpkg (layers cracks, scenes); probability rasters: out/demo/cracks-probability/"
+	@echo "See it in a browser: $(VENV)/bin/crackmap serve out/demo/cracks.gpkg  (then http://127.0.0.1:8080/)"
 
 # A throwaway PostGIS (infra/postgis.sh) for the store tests, stopped again whatever happens, and
 # Debian's chromium (infra/chromium.sh) for the web-map browser test.  If either cannot be had,

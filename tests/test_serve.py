@@ -202,24 +202,49 @@ def test_serve_refuses_a_writer_role_in_one_line_without_the_password(pg_databas
     assert password not in result.output and f"postgresql://{name}@" in result.output
 
 
-def test_new_layers_are_served_and_styled_when_the_store_has_them(tmp_path):
-    """A store with a sections layer (condition_class) serves it too; one without still works."""
-    path = tmp_path / "map.gpkg"
-    publish_map(str(path), tmp_path)
-    con = gpkg.connect(str(path))
+def add_sections(url: str) -> None:
+    """A ``sections`` layer (as the road-condition work adds it) with one Poor section."""
+    box = crack_line(0).buffer(0.0001)
+    if url.startswith("postgresql://"):
+        with psycopg.connect(url, autocommit=True) as con:
+            con.execute("CREATE TABLE sections (section_id text PRIMARY KEY, road_id text, from_m float8, "
+                        "to_m float8, survey_id text, condition_class text, geom geometry(Polygon, 4326))")
+            con.execute("INSERT INTO sections VALUES ('r1-0', 'r1', 0, 10, 'survey-a', 'Poor', "
+                        "ST_GeomFromText(%s, 4326))", (box.wkt,))
+            con.execute("GRANT SELECT ON sections TO crackmap_reader")
+            # a table the reader may not read is not served (and nothing fails)
+            con.execute("CREATE TABLE pattern_areas (area_id text PRIMARY KEY, geom geometry(Polygon, 4326))")
+        return
+    con = gpkg.connect(url)
     gpkg.add_layer(con, "sections", "POLYGON", 4326, "road_id TEXT, from_m REAL, to_m REAL, "
                    "survey_id TEXT, condition_class TEXT")
     con.execute("INSERT INTO sections (geom, road_id, from_m, to_m, survey_id, condition_class) "
-                "VALUES (?, 'r1', 0, 10, 'survey-a', 'Poor')",
-                (gpkg.encode(crack_line(0).buffer(0.0001), 4326),))
+                "VALUES (?, 'r1', 0, 10, 'survey-a', 'Poor')", (gpkg.encode(box, 4326),))
     con.close()
-    with TestClient(create_app(str(path))) as client:
-        ids = [c["id"] for c in client.get("/ogc/collections").json()["collections"]]
-        assert ids == ["current_cracks", "cracks", "scenes", "sections"]
-        sections = client.get("/ogc/collections/sections/items").json()["features"]
-        assert [f["properties"]["condition_class"] for f in sections] == ["Poor"]
-        queryables = client.get("/ogc/collections/sections/queryables?f=schemajson").json()
-        assert "condition_class" in queryables["properties"]
+
+
+def test_new_layers_are_served_when_the_store_has_them(store_url, tmp_path):
+    """A store with a sections layer serves it too (the map styles it by condition_class)."""
+    publish_map(store_url, tmp_path)
+    add_sections(store_url)
+    url, name = store_url, None
+    if store_url.startswith("postgresql://"):
+        url, name, _ = login_role(store_url, "crackmap_reader")
+    try:
+        with TestClient(create_app(url)) as client:
+            ids = [c["id"] for c in client.get("/ogc/collections").json()["collections"]]
+            assert ids == ["current_cracks", "cracks", "scenes", "sections"]
+            sections = client.get("/ogc/collections/sections/items").json()["features"]
+            assert [f["properties"]["condition_class"] for f in sections] == ["Poor"]
+            queryables = client.get("/ogc/collections/sections/queryables?f=schemajson").json()
+            assert "condition_class" in queryables["properties"]
+            tile = morecantile.tms.get("WebMercatorQuad").tile(WEST, SOUTH + 0.0001, 17)
+            layers = mapbox_vector_tile.decode(client.get(
+                f"/ogc/collections/sections/tiles/WebMercatorQuad/{tile.z}/{tile.x}/{tile.y}").content)
+            assert [f["properties"]["condition_class"] for f in layers["sections"]["features"]] == ["Poor"]
+    finally:
+        if name:
+            drop_role(store_url, name)
 
 
 def test_serve_refuses_a_missing_store_in_one_line(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
@@ -259,6 +260,9 @@ def run_app(app: FastAPI, store: str, host: str = "127.0.0.1", port: int = 8080,
 
     shown = display_url(store) if str(store).startswith(("postgresql://", "postgres://")) else store
     print(f"crackmap serve: {shown} at http://{host}:{port}{root_path}/ (OGC API at {OGC_PREFIX}/)", flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"crackmap serve: listening on {host}, beyond this machine, without TLS or authentication: "
+              "put a reverse proxy in front (infra/README.md)", file=sys.stderr, flush=True)
     # X-Forwarded-* headers are trusted from a proxy on this machine only
     uvicorn.run(app, host=host, port=port, root_path=root_path, log_level="info", proxy_headers=True,
                 forwarded_allow_ips="127.0.0.1")
