@@ -16,6 +16,14 @@ DATA_LICENSES = {
     "crackforest_cfd": "non-commercial research only (Shi et al. 2016)",
     "paveseg_preview": "Apache-2.0 (FuturePave/PaveSeg-Dataset preview)",
     "uav75": "GPL-3.0 (Benz et al. 2019)",
+    "gaps384": "non-commercial research only (GAPs, TU Ilmenau; registration required)",
+    "aiglern": "non-commercial research only (Aigle-RN database)",
+    "crack500": "non-commercial research only (Yang et al. 2019)",
+    "shadowcrack": "non-commercial research only (terms of the original not stated)",
+    "uav_crackx": "non-commercial research only, cite the authors (no licence stated)",
+    "uav_kaggle": "CC0 1.0",
+    "sut_crack": "CC BY 4.0 (SUT-Crack, Mendeley Data, doi 10.17632/gsbmknrhkv.6)",
+    "crack_sc": "MIT",
 }
 MAX_ONNX_DIFF = 1e-4
 

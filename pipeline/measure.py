@@ -110,7 +110,7 @@ class Georeferencer:
         return float(np.sqrt(dx * dy))
 
     def crack_line(self, piece: Piece) -> CrackLine | None:
-        """The measured crack line of a piece, or None if shorter than ``min_length_px`` or ``min_length_m``."""
+        """The measured crack line of a piece, or None if it is shorter than ``min_length_px``."""
         if piece.length_px() < self.params.min_length_px or piece.n_px == 0:
             return None
         simple = shapely.simplify(LineString(piece.rc), self.params.simplify_px)
@@ -123,8 +123,6 @@ class Georeferencer:
         # pixel centre, half a pixel beyond the crack's edge: width = 2 d - 1 pixels.
         width_mean = max(2.0 * piece.half_width_sum / piece.n_px - 1.0, 1.0) * mm
         length_m = float(GEOD.line_length(lon, lat))
-        if length_m < self.params.min_length_m:
-            return None
         return CrackLine(
             geometry=LineString(np.column_stack([sx, sy])),
             length_m=length_m,
@@ -134,6 +132,26 @@ class Georeferencer:
             confidence=piece.probability_sum / piece.n_px / 255.0,
             severity=self.severity.classify(width_mean),
         )
+
+    def crack_lines(self, pieces: list[Piece]) -> tuple[CrackLine, ...]:
+        """Measured crack lines of a scene's pieces, without isolated fragments.
+
+        A line shorter than ``params.min_length_m`` is dropped when no other
+        line comes within ``params.isolation_px`` of it: an isolated fragment
+        is surface texture, a short piece beside a crack is part of the cracking.
+        """
+        measured = [(piece, line) for piece in pieces if (line := self.crack_line(piece)) is not None]
+        short = [i for i, (_, line) in enumerate(measured) if line.length_m < self.params.min_length_m]
+        if not short:
+            return tuple(line for _, line in measured)
+        shapes = [LineString(piece.rc) if len(piece.rc) > 1 else shapely.Point(piece.rc[0])
+                  for piece, _ in measured]
+        short_index = np.asarray(short)
+        which, other = shapely.STRtree(shapes).query([shapes[i] for i in short], predicate="dwithin",
+                                                     distance=self.params.isolation_px)
+        accompanied = set(short_index[which[other != short_index[which]]].tolist())
+        dropped = set(short) - accompanied
+        return tuple(line for i, (_, line) in enumerate(measured) if i not in dropped)
 
     def footprint(self, width: int, height: int) -> shapely.Polygon:
         """The scene's outline in the store CRS, densified so it bends with the projection."""

@@ -39,7 +39,9 @@ class VectorizeParams:
         spur_px: Side branches shorter than this, hanging off a junction, are pruned.
         min_length_px: Lines shorter than this (after joining across seams) are dropped.
         min_length_m: Lines shorter than this on the ground, after bridging, are dropped
-            (isolated fragments of surface texture).
+            when no other line comes within ``isolation_px`` (isolated fragments of
+            surface texture).
+        isolation_px: How far from every other line a short line must be to count as isolated.
         bridge_gap_px: Line ends at most this far apart, each pointing at the other within
             ``bridge_angle_deg``, are bridged into one line (0 turns bridging off).
         bridge_angle_deg: Largest angle between a line's direction at its end and the gap.
@@ -53,8 +55,9 @@ class VectorizeParams:
     min_area_px: int = 30
     spur_px: float = 10.0
     min_length_px: float = 12.0
-    min_length_m: float = 0.0
-    bridge_gap_px: float = 0.0
+    min_length_m: float = 0.025   # R 85 practice; chosen on the val scenes (docs/benchmarks.md)
+    isolation_px: float = 24.0
+    bridge_gap_px: float = 12.0
     bridge_angle_deg: float = 30.0
     simplify_px: float = 0.75
     band_rows: int = 1024

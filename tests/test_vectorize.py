@@ -238,8 +238,10 @@ def test_fragments_shorter_than_min_length_are_dropped_and_longer_cracks_kept(tm
     pixels[:, 248:253, 50:850] = 20                 # 1.6 m crack
     for col in range(100, 800, 100):                # texture: 20 px (4 cm) dark flecks
         pixels[:, 100:103, col:col + 20] = 20
+    pixels[:, 264:267, 400:420] = 20                # a short branch-like piece right beside the crack
     everything = run_scene(tmp_path, darkness, pixels, vectorize=VectorizeParams(min_area_px=10))
-    assert len(everything.cracks) == 8
+    assert len(everything.cracks) == 9
     cleaned = run_scene(tmp_path, darkness, pixels,
                         vectorize=VectorizeParams(min_area_px=10, min_length_m=0.05))
-    assert len(cleaned.cracks) == 1 and cleaned.cracks[0].length_m > 1.5
+    assert sorted(round(c.length_m, 2) for c in cleaned.cracks)[-1] > 1.5
+    assert len(cleaned.cracks) == 2                 # the crack and the piece beside it; no texture
