@@ -35,7 +35,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipeline.postgis import migrate  # noqa: E402
+from pipeline.postgis import migrate
 
 ROADS, ROAD_DEG, WEST, SOUTH, GAP_DEG = 100, 0.14, 15.0, 50.0, 0.01  # 0.14° ≈ 10 km at 50° N
 
@@ -87,7 +87,7 @@ def timed(url: str) -> tuple[float, int]:
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def main() -> None:

@@ -19,9 +19,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import sync_playwright
-
 import shapely
+from playwright.sync_api import sync_playwright
 
 from pipeline import gpkg
 from serve_fixtures import CRACK_COUNT, SOUTH, STEP_DEG, WEST, expected, publish_map
@@ -78,26 +77,26 @@ def server(request, tmp_path):
     port = free_port()
     script = Path(sys.executable).parent / "crackmap"
     command = [str(script)] if script.exists() else [sys.executable, "-c", "from flows.cli import main; main()"]
-    log = open(tmp_path / "serve.log", "w")
-    process = subprocess.Popen([*command, "serve", str(store), "--port", str(port)], stdout=log,
-                               stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(url + "healthz", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"crackmap serve did not start: {(tmp_path / 'serve.log').read_text()}")
-                time.sleep(0.3)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-        log.close()
+    with open(tmp_path / "serve.log", "w") as log:
+        process = subprocess.Popen([*command, "serve", str(store), "--port", str(port)], stdout=log,
+                                   stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    with urllib.request.urlopen(url + "healthz", timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("crackmap serve did not start: "
+                                           f"{(tmp_path / 'serve.log').read_text()}") from None
+                    time.sleep(0.3)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=20)
 
 
 def test_the_map_renders_cracks_and_a_click_shows_length(request, chromium, server, tmp_path):

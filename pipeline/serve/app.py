@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -31,7 +32,8 @@ os.environ.update(TIPG_MAX_FEATURES_PER_QUERY=str(MAX_ITEMS), TIPG_DEFAULT_FEATU
 import asyncpg  # noqa: E402
 from ciso8601 import parse_rfc3339  # noqa: E402
 from cql2 import Expr  # noqa: E402
-from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Query, Request  # noqa: E402
+from fastapi import FastAPI, HTTPException, Query, Request  # noqa: E402
+from fastapi import Path as PathParam  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import FileResponse, JSONResponse  # noqa: E402
 from fastapi.staticfiles import StaticFiles  # noqa: E402
@@ -143,7 +145,7 @@ def filter_param(query: Annotated[str | None, Query(description="CQL2 filter", a
         raise HTTPException(status_code=400, detail="filter-lang is cql2-text or cql2-json")
     try:
         return tipg_dependencies.filter_query(query, filter_lang)
-    except Exception as exc:  # cql2 raises a bare Exception with the parser's report
+    except Exception as exc:  # noqa: BLE001  (cql2 raises a bare Exception with the parser's report)
         first = " ".join(str(exc).split())[:300]
         raise HTTPException(status_code=400, detail=f"filter {query!r} is not valid CQL2: {first}") from None
 
@@ -207,7 +209,7 @@ def create_app(store: str, *, allow_write_role: bool = False, title: str = "crac
                 present = [row[0] for row in layers(con)]
             finally:
                 con.close()
-        except Exception as exc:  # sqlite3.Error: not a GeoPackage
+        except sqlite3.Error as exc:  # not a GeoPackage
             raise StoreError(f"{text}: cannot read as a GeoPackage ({exc})") from None
         tables = served(present)
 

@@ -308,7 +308,7 @@ def _box(bbox: list[float]) -> shapely.Geometry:
 def _matches(cql, properties: dict) -> bool:
     try:
         return cql.matches(properties)
-    except Exception as exc:  # cql2 raises a bare Exception when an expression cannot be evaluated
+    except Exception as exc:  # noqa: BLE001  (cql2 raises a bare Exception when it cannot evaluate)
         raise CqlNotSupported(
             f"the filter {cql.to_text()!r} cannot be evaluated on a GeoPackage store ({exc}); "
             "use property comparisons (=, <, >, LIKE, IN, AND, OR, NOT) with properties of this "
