@@ -211,7 +211,8 @@ def add_sections(url: str) -> None:
                         "to_m float8, survey_id text, condition_class text, geom geometry(Polygon, 4326))")
             con.execute("INSERT INTO sections VALUES ('r1-0', 'r1', 0, 10, 'survey-a', 'Poor', "
                         "ST_GeomFromText(%s, 4326))", (box.wkt,))
-            con.execute("GRANT SELECT ON sections TO crackmap_reader")
+            con.execute("CREATE VIEW current_sections AS SELECT * FROM sections")
+            con.execute("GRANT SELECT ON sections, current_sections TO crackmap_reader")
             # a table the reader may not read is not served (and nothing fails)
             con.execute("CREATE TABLE pattern_areas (area_id text PRIMARY KEY, geom geometry(Polygon, 4326))")
         return
@@ -220,6 +221,7 @@ def add_sections(url: str) -> None:
                    "survey_id TEXT, condition_class TEXT")
     con.execute("INSERT INTO sections (geom, road_id, from_m, to_m, survey_id, condition_class) "
                 "VALUES (?, 'r1', 0, 10, 'survey-a', 'Poor')", (gpkg.encode(box, 4326),))
+    gpkg.add_view(con, "current_sections", "SELECT * FROM sections", "POLYGON", 4326)
     con.close()
 
 
@@ -233,9 +235,12 @@ def test_new_layers_are_served_when_the_store_has_them(store_url, tmp_path):
     try:
         with TestClient(create_app(url)) as client:
             ids = [c["id"] for c in client.get("/ogc/collections").json()["collections"]]
-            assert ids == ["current_cracks", "cracks", "scenes", "sections"]
+            assert ids == ["current_cracks", "cracks", "scenes", "sections", "current_sections"]
             sections = client.get("/ogc/collections/sections/items").json()["features"]
             assert [f["properties"]["condition_class"] for f in sections] == ["Poor"]
+            (view_item,) = client.get("/ogc/collections/current_sections/items").json()["features"]
+            item = client.get(f"/ogc/collections/current_sections/items/{view_item['id']}")
+            assert item.status_code == 200 and item.json()["properties"]["condition_class"] == "Poor"
             queryables = client.get("/ogc/collections/sections/queryables?f=schemajson").json()
             assert "condition_class" in queryables["properties"]
             tile = morecantile.tms.get("WebMercatorQuad").tile(WEST, SOUTH + 0.0001, 17)

@@ -84,6 +84,21 @@ def served(present: list[str]) -> list[str]:
     return [n for n in COLLECTIONS if n in have] + [v for v in views if v in have and v not in COLLECTIONS]
 
 
+def keys_of(tables: list[str], table_keys: dict[str, str]) -> dict[str, str]:
+    """Item keys: tables' primary keys, VIEW_KEYS, and for a ``current_X`` view table X's key.
+
+    >>> keys_of(["current_cracks", "cracks", "sections", "current_sections"],
+    ...         {"cracks": "crack_id", "sections": "section_id"})["current_sections"]
+    'section_id'
+    """
+    keys = {**table_keys, **VIEW_KEYS}
+    for name in tables:
+        base = name.removeprefix("current_")
+        if name not in keys and base != name and base in table_keys:
+            keys[name] = table_keys[base]
+    return keys
+
+
 def collection_param(request: Request,
                      collectionId: Annotated[str, PathParam(description="Collection identifier")]) -> Collection:
     """The collection a path names, or a 404 listing those there are.
@@ -187,7 +202,7 @@ def create_app(store: str, *, allow_write_role: bool = False, title: str = "crac
 
         present, keys = postgis.inspect_store(text, allow_write_role)
         tables = served(present)
-        keys = {**keys, **VIEW_KEYS}
+        keys = keys_of(tables, keys)
 
         @asynccontextmanager
         async def lifespan(app: FastAPI):
