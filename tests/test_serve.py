@@ -112,6 +112,14 @@ def test_vector_tiles_hold_the_cracks_with_their_attributes(client):
     assert len(features) == CRACK_COUNT
     assert sorted(f["properties"]["length_m"] for f in features) == \
         [expected(i)["length_m"] for i in range(CRACK_COUNT)]
+    # geometries in tile pixels (4096 across, y up as decoded), where the tile grid puts them
+    bounds = morecantile.tms.get("WebMercatorQuad").xy_bounds(tile)
+    start = morecantile.tms.get("WebMercatorQuad").xy(*crack_line(0).coords[0])
+    expected_px = [(start.x - bounds.left) / (bounds.right - bounds.left) * 4096,
+                   (start.y - bounds.bottom) / (bounds.top - bounds.bottom) * 4096]
+    first = next(f for f in features if f["properties"]["length_m"] == expected(0)["length_m"])
+    assert first["geometry"]["type"] == "LineString"
+    assert first["geometry"]["coordinates"][0] == pytest.approx(expected_px, abs=1)
     empty = client.get("/ogc/collections/current_cracks/tiles/WebMercatorQuad/16/0/0")
     assert empty.status_code in (200, 204)
     assert not mapbox_vector_tile.decode(empty.content).get("current_cracks", {}).get("features")

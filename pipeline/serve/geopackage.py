@@ -24,6 +24,7 @@ from typing import Any
 
 import anyio
 import mapbox_vector_tile
+import numpy as np
 import shapely
 from morecantile import Tile, TileMatrixSet
 from pyproj import CRS as ProjCRS
@@ -287,12 +288,14 @@ class GeoPackageCollection(Collection):
         if settings.tile_clip:
             geometries = shapely.clip_by_rect(geometries, bounds.left - margin, bounds.bottom - margin,
                                               bounds.right + margin, bounds.top + margin)
+        # tile pixels (y up; the encoder flips it), rounded as ST_AsMVTGeom does
+        origin = np.array([bounds.left, bounds.bottom])
+        scale = settings.tile_resolution / np.array([bounds.right - bounds.left, bounds.top - bounds.bottom])
+        geometries = shapely.transform(geometries, lambda xy: np.round((xy - origin) * scale))
         features = [{"geometry": g, "properties": {k: _jsonable(v) for k, v in p.items() if v is not None}}
                     for g, (_, _, p) in zip(geometries, rows) if not shapely.is_empty(g)]
-        return mapbox_vector_tile.encode(
-            [{"name": self.table, "features": features}],
-            default_options={"quantize_bounds": (bounds.left, bounds.bottom, bounds.right, bounds.top),
-                             "extents": settings.tile_resolution})
+        return mapbox_vector_tile.encode([{"name": self.table, "features": features}],
+                                         default_options={"extents": settings.tile_resolution})
 
 
 def _bbox4(bbox: list[float]) -> tuple[float, float, float, float]:
