@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import shapely
+from pyproj import Transformer
+from rasterio.transform import from_origin
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from conftest import DarknessBackend, paint_crack, write_scene
@@ -43,7 +45,10 @@ def publish_map(url: str, workdir: Path) -> None:
     """Publish scene ``road-1`` with CRACK_COUNT known cracks (and its footprint) to a store."""
     pixels = np.full((3, 300, 400), 220, np.uint8)
     paint_crack(pixels, (40, 40), (260, 360), 5)
-    scene = write_scene(workdir / "road-1.tif", pixels)
+    # 0.25 m pixels from just north-west of the cracks: the scene image and its probability
+    # raster lie under them (the web map's raster layers)
+    west, north = Transformer.from_crs(4326, 32633, always_xy=True).transform(WEST - STEP_DEG, SOUTH + 0.0004)
+    scene = write_scene(workdir / "road-1.tif", pixels, transform=from_origin(west, north, 0.25, 0.25))
     result = process_scene(str(scene), DarknessBackend(), Model(), workdir / "road-1-probability.tif",
                            DEFAULT_CRS, SceneOptions())
     base = result.cracks[0]

@@ -125,6 +125,39 @@ def test_vector_tiles_hold_the_cracks_with_their_attributes(client):
     assert not mapbox_vector_tile.decode(empty.content).get("current_cracks", {}).get("features")
 
 
+def test_raster_tiles_of_a_scene_image_and_probability(client):
+    """The map's raster layers: rio-tiler tiles of the rasters the scene row names, nothing else."""
+    from io import BytesIO
+
+    import numpy as np
+    from PIL import Image
+    from pyproj import Transformer
+
+    # the middle of the painted crack (row 150, column 200 of the 0.25 m scene; see publish_map)
+    west, north = Transformer.from_crs(4326, 32633, always_xy=True).transform(WEST - STEP_DEG, SOUTH + 0.0004)
+    lon, lat = Transformer.from_crs(32633, 4326, always_xy=True).transform(west + 200 * 0.25, north - 150 * 0.25)
+    tile = morecantile.tms.get("WebMercatorQuad").tile(lon, lat, 19)
+    scene = {"survey": "survey-a", "scene": "road-1"}
+    for kind in ("image", "probability"):
+        response = client.get(f"/raster/{kind}/{tile.z}/{tile.x}/{tile.y}.png", params=scene)
+        assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+        pixels = np.asarray(Image.open(BytesIO(response.content)).convert("RGBA"))
+        assert pixels.shape == (256, 256, 4) and (pixels[..., 3] > 0).any()
+        if kind == "image":  # the dark crack and the light pavement are both there
+            grey = pixels[..., :3].mean(axis=2)[pixels[..., 3] > 0]
+            assert grey.min() < 60 and grey.max() > 200
+        else:  # only the crack is drawn: most of the tile stays transparent
+            assert 0 < (pixels[..., 3] > 0).mean() < 0.5
+    far = client.get("/raster/probability/19/0/0.png", params=scene)
+    assert far.status_code == 200
+    assert not np.asarray(Image.open(BytesIO(far.content)).convert("RGBA"))[..., 3].any()
+    unknown = client.get(f"/raster/image/{tile.z}/{tile.x}/{tile.y}.png", params={**scene, "scene": "../etc"})
+    assert unknown.status_code == 404 and "no current scene" in unknown.json()["detail"]
+    assert client.get(f"/raster/mask/{tile.z}/{tile.x}/{tile.y}.png", params=scene).status_code == 400
+    assert client.get("/raster/image/3/9/0.png", params=scene).status_code == 400
+    assert client.get(f"/raster/image/{tile.z}/{tile.x}/{tile.y}.png").status_code == 400
+
+
 @pytest.mark.parametrize("params", [
     {"bbox": "a,b,c,d"}, {"bbox": "1,2,3"}, {"bbox": "15,50,14,51"}, {"bbox": "15,50,200,51"},
     {"limit": "-1"}, {"limit": str(MAX_ITEMS + 1)}, {"limit": "10000000"}, {"offset": "x"},

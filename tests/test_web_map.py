@@ -165,6 +165,16 @@ def test_the_map_renders_cracks_and_a_click_shows_length(request, chromium, serv
                 page.evaluate("new Promise(resolve => window.crackmap.map.once('idle', resolve))")
             else:
                 assert layers == ["cracks"] and page.is_hidden("#f-type-label")  # no crack_type: plain lines
+            if "condition" in request.node.callspec.id:  # the crack-probability raster under the cracks
+                page.select_option("#f-raster", "probability")
+                deadline = time.monotonic() + 30
+                while not page.evaluate("[...window.crackmap.state.rasters].length > 0 && "
+                                        "[...window.crackmap.state.rasters].every(id => "
+                                        "window.crackmap.map.isSourceLoaded(id))"):
+                    assert time.monotonic() < deadline, f"the probability raster did not load: {errors}"
+                    time.sleep(0.25)
+                assert page.evaluate("[...window.crackmap.state.rasters]") == [
+                    "raster:probability:survey-a/road-1"]
             page.screenshot(path=str(tmp_path / "web-map.png"))
             assert not errors, errors
         finally:

@@ -19,7 +19,7 @@ import sqlite3
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 # tipg reads its settings from the environment when first imported: the caps below are
 # this app's, whatever the environment says, and tile layers are named after their table.
@@ -29,13 +29,14 @@ MAX_TILE_FEATURES = 10_000
 os.environ.update(TIPG_MAX_FEATURES_PER_QUERY=str(MAX_ITEMS), TIPG_DEFAULT_FEATURES_LIMIT=str(DEFAULT_ITEMS),
                   TIPG_MAX_FEATURES_PER_TILE=str(MAX_TILE_FEATURES), TIPG_SET_MVT_LAYERNAME="true")
 
+import anyio  # noqa: E402
 import asyncpg  # noqa: E402
 from ciso8601 import parse_rfc3339  # noqa: E402
 from cql2 import Expr  # noqa: E402
 from fastapi import FastAPI, HTTPException, Query, Request  # noqa: E402
 from fastapi import Path as PathParam  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import FileResponse, JSONResponse  # noqa: E402
+from fastapi.responses import FileResponse, JSONResponse, Response  # noqa: E402
 from fastapi.staticfiles import StaticFiles  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 from tipg import dependencies as tipg_dependencies  # noqa: E402
@@ -43,9 +44,11 @@ from tipg import errors as tipg_errors  # noqa: E402
 from tipg.collections import Collection  # noqa: E402
 from tipg.factory import Endpoints  # noqa: E402
 
+from pipeline import gpkg  # noqa: E402
 from pipeline.errors import StoreError  # noqa: E402
 from pipeline.serve.geopackage import CqlNotSupported, GeoPackagePool  # noqa: E402
 from pipeline.serve.geopackage import catalog as gpkg_catalog  # noqa: E402
+from pipeline.serve.rasters import KINDS, render_tile  # noqa: E402
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -204,6 +207,11 @@ def create_app(store: str, *, allow_write_role: bool = False, title: str = "crac
         tables = served(present)
         keys = keys_of(tables, keys)
 
+        async def raster_uri(survey_id: str, scene_id: str, column: str) -> str | None:
+            async with app.state.pool.acquire() as conn:
+                return await conn.fetchval(f"SELECT {column} FROM scenes WHERE survey_id = $1 "
+                                           "AND scene_id = $2 AND is_current", survey_id, scene_id)
+
         @asynccontextmanager
         async def lifespan(app: FastAPI):
             app.state.pool = await postgis.open_pool(text)
@@ -217,7 +225,6 @@ def create_app(store: str, *, allow_write_role: bool = False, title: str = "crac
         if not path.is_file():
             raise StoreError(f"{text}: no such GeoPackage")
         try:
-            from pipeline import gpkg
             con = gpkg.connect(text, read_only=True)
             try:
                 from pipeline.serve.geopackage import layers
@@ -227,6 +234,18 @@ def create_app(store: str, *, allow_write_role: bool = False, title: str = "crac
         except sqlite3.Error as exc:  # not a GeoPackage
             raise StoreError(f"{text}: cannot read as a GeoPackage ({exc})") from None
         tables = served(present)
+
+        def gpkg_raster_uri(survey_id: str, scene_id: str, column: str) -> str | None:
+            con = gpkg.connect(text, read_only=True)
+            try:
+                row = con.execute(f"SELECT {column} FROM scenes WHERE survey_id = ? AND scene_id = ? "
+                                  "AND is_current", (survey_id, scene_id)).fetchone()
+            finally:
+                con.close()
+            return row[0] if row else None
+
+        async def raster_uri(survey_id: str, scene_id: str, column: str) -> str | None:
+            return await anyio.to_thread.run_sync(gpkg_raster_uri, survey_id, scene_id, column)
 
         @asynccontextmanager
         async def lifespan(app: FastAPI):
@@ -261,6 +280,26 @@ def create_app(store: str, *, allow_write_role: bool = False, title: str = "crac
     @app.get("/", include_in_schema=False)
     def web_map() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/raster/{kind}/{z}/{x}/{y}.png", tags=["Rasters"],
+             summary="A scene's survey image or crack probability as a Web Mercator PNG tile")
+    async def raster_tile(kind: Literal["image", "probability"], z: Annotated[int, PathParam(ge=0, le=26)],
+                          x: Annotated[int, PathParam(ge=0)], y: Annotated[int, PathParam(ge=0)],
+                          survey: Annotated[str, Query(min_length=1, max_length=500)],
+                          scene: Annotated[str, Query(min_length=1, max_length=500)]) -> Response:
+        if x >= 2 ** z or y >= 2 ** z:
+            raise HTTPException(status_code=400, detail=f"tile {z}/{x}/{y} is not on the WebMercatorQuad grid")
+        uri = await raster_uri(survey, scene, KINDS[kind])
+        if not uri:
+            raise HTTPException(status_code=404, detail=f"survey {survey!r} has no current scene {scene!r} "
+                                                        f"with a {kind} raster")
+        try:
+            png = await anyio.to_thread.run_sync(render_tile, uri, kind, x, y, z)
+        except OSError as exc:
+            log.warning("the %s raster of %s/%s cannot be read: %s", kind, survey, scene, exc)
+            raise HTTPException(status_code=404, detail=f"the {kind} raster of {survey}/{scene} cannot be "
+                                                        "read by the server (see its log)") from None
+        return Response(png, media_type="image/png")
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict:

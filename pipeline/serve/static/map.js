@@ -12,7 +12,9 @@ const TYPE_DASHES = {
   longitudinal: null, transverse: [3, 1.5], diagonal: [1, 1.5], joint: [5, 2, 1, 2], pattern: [0.5, 1],
 };
 const CRACKS = "current_cracks";
-const state = { filters: {}, crackLayers: [], haloLayers: [], surveyLayers: [], collections: {}, props: {} };
+const state = { filters: {}, crackLayers: [], haloLayers: [], surveyLayers: [], collections: {}, props: {},
+                rasters: new Set() };
+const MAX_RASTERS = 60;  // scenes drawn at once
 
 async function getJSON(path) {
   const response = await fetch(BASE + path, { headers: { Accept: "application/json" } });
@@ -171,12 +173,59 @@ async function fillFilters(map) {
     document.getElementById("f-type-label").hidden = false;
     options("f-type", Object.keys(TYPE_DASHES));
   }
+  if (state.collections.scenes) {
+    document.getElementById("f-raster-label").hidden = false;
+    document.getElementById("f-raster").addEventListener("change", (event) => {
+      state.filters.raster = event.target.value;
+      clearRasters(map);
+      showRasters(map).catch((error) => console.warn(error));
+    });
+    map.on("moveend", () => showRasters(map).catch((error) => console.warn(error)));
+  }
   for (const [key, id] of [["survey", "f-survey"], ["model", "f-model"], ["severity", "f-severity"], ["type", "f-type"]]) {
     document.getElementById(id).addEventListener("change", (event) => {
       state.filters[key] = event.target.value;
       applyFilters(map);
     });
   }
+}
+
+// The survey image or crack-probability raster of the scenes in view (rendered by the server
+// from the COGs the store names), under the vector layers; added as the view moves.
+async function showRasters(map) {
+  const kind = state.filters.raster;
+  if (!kind) return;
+  const b = map.getBounds();
+  const clamp = (v, limit) => Math.max(-limit, Math.min(limit, v)).toFixed(7);
+  const bbox = [clamp(b.getWest(), 180), clamp(b.getSouth(), 90), clamp(b.getEast(), 180), clamp(b.getNorth(), 90)];
+  const scenes = await getJSON(`ogc/collections/scenes/items?f=geojson&limit=${MAX_RASTERS}&bbox=${bbox.join(",")}`
+                               + "&properties=survey_id,scene_id");
+  if (kind !== state.filters.raster) return;  // changed while we waited
+  const below = ["scenes", "sections", "pattern_areas", "cracks-halo"].find((id) => map.getLayer(id));
+  for (const feature of scenes.features) {
+    const { survey_id: survey, scene_id: scene } = feature.properties;
+    const id = `raster:${kind}:${survey}/${scene}`;
+    if (state.rasters.has(id) || state.rasters.size >= MAX_RASTERS || !feature.geometry) continue;
+    const points = feature.geometry.coordinates.flat(Infinity);  // x, y, x, y, ...
+    const xs = [], ys = [];
+    for (let i = 0; i < points.length; i += 2) { xs.push(points[i]); ys.push(points[i + 1]); }
+    const query = `survey=${encodeURIComponent(survey)}&scene=${encodeURIComponent(scene)}`;
+    map.addSource(id, {
+      type: "raster", tileSize: 256, minzoom: 10, maxzoom: 24,
+      bounds: [Math.min(...xs), Math.min(...ys), Math.max(...xs), Math.max(...ys)],
+      tiles: [`${BASE}raster/${kind}/{z}/{x}/{y}.png?${query}`],
+    });
+    map.addLayer({ id, type: "raster", source: id, paint: { "raster-opacity": kind === "image" ? 1 : 0.85 } }, below);
+    state.rasters.add(id);
+  }
+}
+
+function clearRasters(map) {
+  for (const id of state.rasters) {
+    map.removeLayer(id);
+    map.removeSource(id);
+  }
+  state.rasters.clear();
 }
 
 function escapeHTML(value) {
