@@ -35,7 +35,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipeline.postgis import migrate
+from pipeline.postgis import migrate  # noqa: E402
 
 ROADS, ROAD_DEG, WEST, SOUTH, GAP_DEG = 100, 0.14, 15.0, 50.0, 0.01  # 0.14° ≈ 10 km at 50° N
 
@@ -48,14 +48,16 @@ def load(url: str, cracks: int) -> float:
         con.execute("INSERT INTO models VALUES ('bench-model', '1.0.0', 'x') ON CONFLICT DO NOTHING")
         con.execute("INSERT INTO runs (run_id, survey_id, model_name, model_version) "
                     "VALUES ('run-1', 'bench', 'bench-model', '1.0.0') ON CONFLICT DO NOTHING")
-        con.execute(f"""INSERT INTO scenes (survey_id, scene_id, model_name, model_version, model_sha256, run_id,
+        con.execute(f"""INSERT INTO scenes (survey_id, scene_id, model_name, model_version, model_sha256,
+                run_id,
                 source_uri, status, processed_at, is_current, footprint)
             SELECT 'bench', 'road-' || r, 'bench-model', '1.0.0', 'x', 'run-1', 's3://bench/road-' || r,
                    'done', now(), true,
                    ST_MakeEnvelope({WEST}, {SOUTH} + r * {GAP_DEG} - 0.0001, {WEST + ROAD_DEG},
                                    {SOUTH} + r * {GAP_DEG} + 0.0002, 4326)
             FROM generate_series(0, {ROADS - 1}) r""")
-        con.execute(f"""INSERT INTO cracks (crack_id, survey_id, scene_id, model_name, model_version, model_sha256,
+        con.execute(f"""INSERT INTO cracks (crack_id, survey_id, scene_id, model_name, model_version,
+                model_sha256,
                 run_id, length_m, width_mean_mm, width_max_mm, orientation_deg, confidence, severity,
                 created_at, geom)
             SELECT gen_random_uuid(), 'bench', 'road-' || (g % {ROADS}), 'bench-model', '1.0.0', 'x', 'run-1',
@@ -136,7 +138,8 @@ def main() -> None:
 
         for _ in range(10):  # warm the pool and the caches a little
             x, y = road_point()
-            timed(f"{root}/ogc/collections/current_cracks/items?bbox={x},{y - 0.0002},{x + box_deg},{y + 0.0002}")
+            bbox = f"{x},{y - 0.0002},{x + box_deg},{y + 0.0002}"
+            timed(f"{root}/ogc/collections/current_cracks/items?bbox={bbox}")
         zooms = [int(z) for z in args.zooms.split(",")]
         kinds = ["items", *(f"tiles z{z}" for z in zooms)]
         results: dict[str, list[float]] = {kind: [] for kind in kinds}
@@ -149,7 +152,8 @@ def main() -> None:
                        f"&bbox={x},{y - 0.0002},{x + box_deg},{y + 0.0002}")
             else:
                 tile = tms.tile(x, y, int(kind[len("tiles z"):]))
-                url = f"{root}/ogc/collections/current_cracks/tiles/WebMercatorQuad/{tile.z}/{tile.x}/{tile.y}"
+                url = (f"{root}/ogc/collections/current_cracks/tiles/WebMercatorQuad/"
+                       f"{tile.z}/{tile.x}/{tile.y}")
             ms, size = timed(url)
             results[kind].append(ms)
             sizes[kind].append(size)

@@ -52,7 +52,8 @@ def publish_map(url: str, workdir: Path) -> None:
     result = process_scene(str(scene), DarknessBackend(), Model(), workdir / "road-1-probability.tif",
                            DEFAULT_CRS, SceneOptions())
     base = result.cracks[0]
-    cracks = tuple(dataclasses.replace(base, geometry=crack_line(i), **expected(i)) for i in range(CRACK_COUNT))
+    cracks = tuple(dataclasses.replace(base, geometry=crack_line(i), **expected(i))
+                   for i in range(CRACK_COUNT))
     footprint = shapely.box(WEST - STEP_DEG, SOUTH - STEP_DEG, WEST + (CRACK_COUNT + 1) * STEP_DEG,
                             SOUTH + 0.0004)
     result = dataclasses.replace(result, scene=dataclasses.replace(result.scene, scene_id="road-1"),

@@ -95,7 +95,8 @@ def test_property_filters_cql2_and_csv(client):
     assert len(ids_of(high)) == CRACK_COUNT // 3
     long_high = client.get("/ogc/collections/current_cracks/items",
                            params={"filter": "length_m > 15 AND severity = 'high'", "limit": 100})
-    wanted = [i for i in range(CRACK_COUNT) if expected(i)["length_m"] > 15 and expected(i)["severity"] == "high"]
+    wanted = [i for i in range(CRACK_COUNT)
+              if expected(i)["length_m"] > 15 and expected(i)["severity"] == "high"]
     assert sorted(f["properties"]["length_m"] for f in long_high.json()["features"]) == \
         [expected(i)["length_m"] for i in wanted]
     csv = client.get("/ogc/collections/current_cracks/items", params={"f": "csv", "limit": 100})
@@ -135,7 +136,8 @@ def test_raster_tiles_of_a_scene_image_and_probability(client):
 
     # the middle of the painted crack (row 150, column 200 of the 0.25 m scene; see publish_map)
     west, north = Transformer.from_crs(4326, 32633, always_xy=True).transform(WEST - STEP_DEG, SOUTH + 0.0004)
-    lon, lat = Transformer.from_crs(32633, 4326, always_xy=True).transform(west + 200 * 0.25, north - 150 * 0.25)
+    to_lon_lat = Transformer.from_crs(32633, 4326, always_xy=True)
+    lon, lat = to_lon_lat.transform(west + 200 * 0.25, north - 150 * 0.25)
     tile = morecantile.tms.get("WebMercatorQuad").tile(lon, lat, 19)
     scene = {"survey": "survey-a", "scene": "road-1"}
     for kind in ("image", "probability"):
@@ -332,7 +334,8 @@ def test_query_exports_geoparquet_and_flatgeobuf(store_url, tmp_path):
     geo = json.loads(table.schema.metadata[b"geo"])
     assert geo["primary_column"] == "geometry" and geo["columns"]["geometry"]["encoding"] == "WKB"
     assert geo["columns"]["geometry"]["crs"]["id"] == {"authority": "EPSG", "code": 4326}
-    assert sorted(table.column("length_m").to_pylist()) == [expected(i)["length_m"] for i in range(CRACK_COUNT)]
+    assert sorted(table.column("length_m").to_pylist()) == \
+        [expected(i)["length_m"] for i in range(CRACK_COUNT)]
     info = pyogrio.read_info(fgb)
     assert info["features"] == CRACK_COUNT // 3 and info["crs"] == "EPSG:4326"
     assert info["geometry_type"] == "LineString"
@@ -340,5 +343,6 @@ def test_query_exports_geoparquet_and_flatgeobuf(store_url, tmp_path):
     assert set(frame[3][0]) == {"high"}
     missing_out = runner.invoke(cli, ["query", store_url, "--format", "geoparquet"])
     assert missing_out.exit_code == 2 and "needs --out" in missing_out.output
-    with psycopg.connect(store_url) if store_url.startswith("postgresql") else sqlite3.connect(store_url) as con:
+    pg = store_url.startswith("postgresql")
+    with psycopg.connect(store_url) if pg else sqlite3.connect(store_url) as con:
         assert con.execute("SELECT count(*) FROM cracks").fetchone()[0] == CRACK_COUNT

@@ -59,10 +59,12 @@ def add_condition_layers(store: Path) -> None:
         box = shapely.box(WEST + 4 * i * STEP_DEG - STEP_DEG / 2, SOUTH - 0.00005,
                           WEST + 4 * (i + 1) * STEP_DEG - STEP_DEG / 2, SOUTH + 0.00035)
         con.execute("INSERT INTO sections (geom, road_id, from_m, to_m, survey_id, condition_class) "
-                    "VALUES (?, 'r1', ?, ?, 'survey-a', ?)", (gpkg.encode(box, 4326), 10 * i, 10 * i + 10, condition))
+                    "VALUES (?, 'r1', ?, ?, 'survey-a', ?)",
+                    (gpkg.encode(box, 4326), 10 * i, 10 * i + 10, condition))
     gpkg.add_layer(con, "pattern_areas", "POLYGON", 4326, "survey_id TEXT, class TEXT, area_m2 REAL")
     area = shapely.box(WEST + 8 * STEP_DEG, SOUTH + 0.0001, WEST + 10 * STEP_DEG, SOUTH + 0.0002)
-    con.execute("INSERT INTO pattern_areas (geom, survey_id, class, area_m2) VALUES (?, 'survey-a', 'alligator', 150)",
+    con.execute("INSERT INTO pattern_areas (geom, survey_id, class, area_m2) "
+                "VALUES (?, 'survey-a', 'alligator', 150)",
                 (gpkg.encode(area, 4326),))
     con.close()
 
@@ -76,7 +78,8 @@ def server(request, tmp_path):
         add_condition_layers(store)
     port = free_port()
     script = Path(sys.executable).parent / "crackmap"
-    command = [str(script)] if script.exists() else [sys.executable, "-c", "from flows.cli import main; main()"]
+    command = ([str(script)] if script.exists()
+               else [sys.executable, "-c", "from flows.cli import main; main()"])
     with open(tmp_path / "serve.log", "w") as log:
         process = subprocess.Popen([*command, "serve", str(store), "--port", str(port)], stdout=log,
                                    stderr=subprocess.STDOUT)
@@ -158,9 +161,10 @@ def test_the_map_renders_cracks_and_a_click_shows_length(request, chromium, serv
                 assert shown and set(shown) == {"transverse"}
                 page.select_option("#f-type", "")
                 deadline = time.monotonic() + 30
-                while len(set(page.evaluate(f"window.crackmap.map.queryRenderedFeatures({{layers: {CRACK_LAYERS}}})"
-                                            ".map(f => f.properties.crack_id)"))) < CRACK_COUNT:
-                    assert time.monotonic() < deadline, "clearing the type filter did not bring the cracks back"
+                rendered_ids = (f"window.crackmap.map.queryRenderedFeatures({{layers: {CRACK_LAYERS}}})"
+                                ".map(f => f.properties.crack_id)")
+                while len(set(page.evaluate(rendered_ids))) < CRACK_COUNT:
+                    assert time.monotonic() < deadline, "clearing the type filter left cracks hidden"
                     time.sleep(0.25)
                 page.evaluate("new Promise(resolve => window.crackmap.map.once('idle', resolve))")
             else:

@@ -103,7 +103,8 @@ def keys_of(tables: list[str], table_keys: dict[str, str]) -> dict[str, str]:
 
 
 def collection_param(request: Request,
-                     collectionId: Annotated[str, PathParam(description="Collection identifier")]) -> Collection:
+                     collectionId: Annotated[str, PathParam(description="Collection identifier")],
+                     ) -> Collection:
     """The collection a path names, or a 404 listing those there are.
 
     A collection without a single-column key (PostGIS ``scenes``: survey, scene, model
@@ -288,7 +289,8 @@ def create_app(store: str, *, allow_write_role: bool = False, title: str = "crac
                           survey: Annotated[str, Query(min_length=1, max_length=500)],
                           scene: Annotated[str, Query(min_length=1, max_length=500)]) -> Response:
         if x >= 2 ** z or y >= 2 ** z:
-            raise HTTPException(status_code=400, detail=f"tile {z}/{x}/{y} is not on the WebMercatorQuad grid")
+            raise HTTPException(status_code=400,
+                                detail=f"tile {z}/{x}/{y} is not on the WebMercatorQuad grid")
         uri = await raster_uri(survey, scene, KINDS[kind])
         if not uri:
             raise HTTPException(status_code=404, detail=f"survey {survey!r} has no current scene {scene!r} "
@@ -315,7 +317,8 @@ def run_app(app: FastAPI, store: str, host: str = "127.0.0.1", port: int = 8080,
     from pipeline.postgis import display_url
 
     shown = display_url(store) if str(store).startswith(("postgresql://", "postgres://")) else store
-    print(f"crackmap serve: {shown} at http://{host}:{port}{root_path}/ (OGC API at {OGC_PREFIX}/)", flush=True)
+    print(f"crackmap serve: {shown} at http://{host}:{port}{root_path}/ (OGC API at {OGC_PREFIX}/)",
+          flush=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"crackmap serve: listening on {host}, beyond this machine, without TLS or authentication: "
               "put a reverse proxy in front (infra/README.md)", file=sys.stderr, flush=True)

@@ -218,7 +218,8 @@ class GeoPackageCollection(Collection):
         west, south, east, north = _bbox4(bbox)
         if self.srs_id == 4326:
             return west, south, east, north
-        return Transformer.from_crs(4326, self.srs_id, always_xy=True).transform_bounds(west, south, east, north)
+        transformer = Transformer.from_crs(4326, self.srs_id, always_xy=True)
+        return transformer.transform_bounds(west, south, east, north)
 
     async def features(self, reader: GeoPackageReader, *, ids_filter=None, bbox_filter=None,
                        datetime_filter=None, properties_filter=None, cql_filter=None, sortby=None,
@@ -367,7 +368,8 @@ def collection(con: sqlite3.Connection, path: Path, table: str, geometry_column:
 def _layer_bounds(con: sqlite3.Connection, table: str, geometry_column: str, srs_id: int) -> list[float]:
     rtree = f"rtree_{table}_{geometry_column}"
     if con.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (rtree,)).fetchone():
-        row = con.execute(f"SELECT min(minx), min(miny), max(maxx), max(maxy) FROM {_quote(rtree)}").fetchone()
+        row = con.execute(f"SELECT min(minx), min(miny), max(maxx), max(maxy) FROM {_quote(rtree)}"
+                          ).fetchone()
     else:  # a view: its envelope from the geometry headers (gpkg.connect registers ST_MinX...)
         g = _quote(geometry_column)
         row = con.execute(f"SELECT min(ST_MinX({g})), min(ST_MinY({g})), max(ST_MaxX({g})), "

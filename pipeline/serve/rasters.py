@@ -48,7 +48,8 @@ def render_tile(uri: str, kind: str, x: int, y: int, z: int) -> bytes:
             bands = (1, 2, 3) if source.dataset.count >= 3 else (1,)
             image = source.tile(x, y, z, tilesize=TILE_PX, indexes=bands)
             if image.data.dtype != np.uint8:  # anything wider, stretched to 8 bits for a picture
-                image = image.rescale(in_range=((float(image.data.min()), float(image.data.max())),) * len(bands))
+                span = (float(image.data.min()), float(image.data.max()))
+                image = image.rescale(in_range=(span,) * len(bands))
             return image.render(img_format="PNG")
     except TileOutsideBounds:
         return empty_tile()
