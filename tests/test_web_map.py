@@ -28,6 +28,14 @@ from serve_fixtures import CRACK_COUNT, SOUTH, STEP_DEG, WEST, expected, publish
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "out" / "test-artifacts"
 CRACK_LAYERS = "window.crackmap.state.crackLayers.map(l => l.id)"
+# resolves once the map has drawn everything it asked for (at most 20 s: an idle event that
+# already fired never comes again)
+WAIT_IDLE = """new Promise(resolve => {
+    const map = window.crackmap.map;
+    if (map.loaded() && map.areTilesLoaded() && !map.isMoving()) return resolve(true);
+    map.once("idle", () => resolve(true));
+    setTimeout(() => resolve(false), 20000);
+})"""
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +129,7 @@ def test_the_map_renders_cracks_and_a_click_shows_length(request, chromium, serv
             while not page.evaluate("Boolean(window.crackmap && window.crackmap.ready)"):
                 assert time.monotonic() < deadline, f"the map did not become idle: {errors}"
                 time.sleep(0.25)
-            page.evaluate("new Promise(resolve => { const m = window.crackmap.map; "
-                          "m.loaded() && !m.isMoving() ? resolve() : m.once('idle', resolve); })")
+            page.evaluate(WAIT_IDLE)
             rendered = page.evaluate(f"window.crackmap.map.queryRenderedFeatures({{layers: {CRACK_LAYERS}}})"
                                      ".map(f => f.properties.crack_id)")
             assert len(set(rendered)) == CRACK_COUNT
@@ -166,7 +173,7 @@ def test_the_map_renders_cracks_and_a_click_shows_length(request, chromium, serv
                 while len(set(page.evaluate(rendered_ids))) < CRACK_COUNT:
                     assert time.monotonic() < deadline, "clearing the type filter left cracks hidden"
                     time.sleep(0.25)
-                page.evaluate("new Promise(resolve => window.crackmap.map.once('idle', resolve))")
+                page.evaluate(WAIT_IDLE)
             else:
                 assert layers == ["cracks"] and page.is_hidden("#f-type-label")  # no crack_type: plain lines
             if "condition" in request.node.callspec.id:  # the crack-probability raster under the cracks
