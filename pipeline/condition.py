@@ -23,7 +23,7 @@ from pipeline.errors import ConditionError, NetworkError
 from pipeline.network import Network, read_network
 from pipeline.sections import (SUM_FIELDS, ConditionFormula, Located, Pieces, add_up, condition, cut_sections,
                                locate_cracks, rollup_keys, section_sums, split_by_sections)
-from pipeline.store import CrackQuery, CrackStore
+from pipeline.store import CrackStore
 
 MIN_SECTION_M = 1.0
 
@@ -76,14 +76,10 @@ def check_survey(store: CrackStore, survey_id: str) -> None:
 
 
 def survey_cracks(store: CrackStore, survey_id: str) -> dict[str, np.ndarray]:
-    """The current cracks of a survey as arrays (one store query, batch by batch)."""
+    """The current cracks of a survey as arrays (one store query), in crack_id order."""
     names = ("crack_id", "scene_id", "model_name", "model_version", "length_m", "width_mean_mm",
              "width_max_mm", "severity", "crack_type")
-    columns: dict[str, list] = {n: [] for n in (*names, "geometry")}
-    for batch in store.query(CrackQuery(survey_id=survey_id), batch_size=50_000):
-        for n in columns:
-            columns[n] += [row[n] for row in batch]
-    out = {n: np.array(v, dtype=object) for n, v in columns.items()}
+    out = store.crack_columns(survey_id, names)
     for n in ("length_m", "width_mean_mm", "width_max_mm"):
         out[n] = out[n].astype(float)
     return out

@@ -32,7 +32,8 @@ from pipeline import layers
 from pipeline.errors import StoreError
 from pipeline.records import SceneResult
 from pipeline.store import (DEFAULT_CRS, QUERY_FIELDS, SCENE_FIELDS, CrackQuery, RunInfo, SceneSelection,
-                            check_column, check_crack_column, check_crs, check_layer, crack_uuid_bytes,
+                            check_column, check_crack_column, check_crs, check_fields, check_layer, columns_of,
+                            crack_uuid_bytes,
                             empty_summary, missing_scenes)
 
 # The source tree's infra/migrations; an installed (non-editable) package is told where they are.
@@ -431,6 +432,17 @@ class PostGISStore:
                 summary["length_m_by_severity"][severity] = length
         return summaries
 
+    def crack_columns(self, survey_id: str, fields: Sequence[str]) -> dict[str, np.ndarray]:
+        names = check_fields(fields)
+        selected = ", ".join("crack_id::text" if n == "crack_id" else n for n in names)
+        try:
+            with self._connection().cursor(binary=True) as cur:
+                rows = cur.execute(f"SELECT ST_AsBinary(geom), {selected} FROM current_cracks "
+                                   "WHERE survey_id = %s ORDER BY crack_id", (survey_id,)).fetchall()
+        except psycopg.Error as exc:
+            raise StoreError(f"{self.name}: reading the cracks of {survey_id!r} failed ({why(exc)})") from exc
+        return columns_of(rows, names, shapely.from_wkb)
+
     def footprints(self, survey_id: str) -> list[dict]:
         try:
             rows = self._connection().execute(
@@ -485,17 +497,21 @@ class PostGISStore:
 
     @staticmethod
     def _update_cracks(cur: psycopg.Cursor, columns: tuple[str, ...], values: list[tuple]) -> None:
-        """Set columns of many cracks at once: COPY into a temporary table, then one UPDATE ... FROM."""
+        """Set columns of many cracks in one statement: arrays of the new values, unnested and joined."""
+        if not values:
+            return
         kinds = dict(layers.CRACK_CONDITION_COLUMNS)
-        pg = {"text": "text", "real": "double precision", "int": "integer"}
-        cur.execute("CREATE TEMPORARY TABLE crack_updates ("
-                    + ", ".join(f"{check_crack_column(c)} {pg[kinds[c]]}" for c in columns)
-                    + ", crack_id uuid) ON COMMIT DROP")
-        with cur.copy(f"COPY crack_updates ({', '.join(columns)}, crack_id) FROM STDIN") as copy:
-            for row in values:
-                copy.write_row([_plain(v) for v in row])
+        pg = {"text": "text", "real": "float8", "int": "int4"}
+        arrays = [list(column) for column in zip(*values)]
+        for i, column in enumerate(columns):
+            if kinds[check_crack_column(column)] == "real":
+                numbers = np.asarray(arrays[i], dtype=float)  # None -> NaN
+                arrays[i] = np.where(np.isnan(numbers), None, numbers).tolist()
+        names = ", ".join(columns)
+        casts = ", ".join(f"%s::{pg[kinds[c]]}[]" for c in columns)
         cur.execute(f"UPDATE cracks c SET {', '.join(f'{col} = u.{col}' for col in columns)} "
-                    "FROM crack_updates u WHERE c.crack_id = u.crack_id")
+                    f"FROM unnest({casts}, %s::uuid[]) AS u({names}, crack_id) WHERE c.crack_id = u.crack_id",
+                    arrays)
 
     def close(self) -> None:
         self._con.close()

@@ -10,8 +10,10 @@ loop runs per road or per section at most, never per crack).
   at the normal through their common chainage.
 * A crack belongs to the road nearest its midpoint, if within the corridor
   (``corridor_m`` each side).  Its vertices are located on that road: chainage
-  (``line_locate_point``) and signed offset (positive left of the road's
-  digitized direction).  A crack outside every corridor keeps nulls.
+  and signed offset (positive left of the road's digitized direction), by
+  projecting on the road's nearest segment (``project``: ``line_locate_point``
+  restricted to the candidate segments a spatial index finds, so the cost does
+  not grow with the road's vertex count).  A crack outside every corridor keeps nulls.
 * Cracks are split at section boundaries by chainage, not clipped by buffers:
   each segment's length is shared among the sections its chainage interval
   covers, in proportion, so the sections' lengths add up exactly to the crack's.
@@ -76,55 +78,104 @@ class Located:
     segment_length_m: np.ndarray  # planar
 
 
-def _tangent_deg(roads: np.ndarray, chainage: np.ndarray, step_m: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
-    """Unit tangent (x, y) of each road at each chainage."""
-    a = shapely.get_coordinates(shapely.line_interpolate_point(roads, chainage - step_m))
-    b = shapely.get_coordinates(shapely.line_interpolate_point(roads, chainage + step_m))
+@dataclass(frozen=True, slots=True)
+class RoadSegments:
+    """The straight segments of all roads, with a spatial index: projection is done per segment."""
+
+    start: np.ndarray  # (n, 2)
+    vector: np.ndarray  # (n, 2) end - start
+    length: np.ndarray
+    chainage: np.ndarray  # chainage of the start along its road
+    road: np.ndarray
+    tree: shapely.STRtree
+
+    @classmethod
+    def of(cls, roads: np.ndarray) -> RoadSegments:
+        coords, index = shapely.get_coordinates(roads, return_index=True)
+        same = np.flatnonzero(index[1:] == index[:-1])
+        start, vector = coords[same], coords[same + 1] - coords[same]
+        length = np.hypot(vector[:, 0], vector[:, 1])
+        road = index[same]
+        cumulative = np.cumsum(length) - length
+        first = np.searchsorted(road, road)  # the first segment of each segment's road
+        chainage = cumulative - cumulative[first]
+        lines = shapely.linestrings(np.stack([start, start + vector], axis=1))
+        return cls(start, vector, length, chainage, road, shapely.STRtree(lines))
+
+
+def project(xy: np.ndarray, road: np.ndarray, segments: RoadSegments, roads: np.ndarray,
+            search_m: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chainage, signed offset (positive left) and road tangent angle of points on given roads.
+
+    The candidate segments of the point's road within ``search_m`` come from the
+    spatial index; the nearest one is projected on analytically (what
+    ``line_locate_point`` does, on one segment instead of the whole road).  Points
+    farther than ``search_m`` from their road fall back to ``shapely.line_locate_point``.
+
+    >>> road = np.array([shapely.LineString([(0, 0), (10, 0), (10, 10)])])
+    >>> c, o, a = project(np.array([[4.0, 1.0], [11.0, 6.0]]), np.array([0, 0]), RoadSegments.of(road), road, 5)
+    >>> c.tolist(), o.tolist(), a.tolist()
+    ([4.0, 16.0], [1.0, -1.0], [0.0, 90.0])
+    """
+    n = len(xy)
+    point, seg = segments.tree.query(shapely.points(xy), predicate="dwithin", distance=search_m)
+    keep = segments.road[seg] == road[point]
+    point, seg = point[keep], seg[keep]
+    rel = xy[point] - segments.start[seg]
+    v, length = segments.vector[seg], segments.length[seg]
+    t = np.clip(np.einsum("ij,ij->i", rel, v) / np.where(length > 0, length ** 2, 1.0), 0.0, 1.0)
+    away = rel - t[:, None] * v
+    distance = np.hypot(away[:, 0], away[:, 1])
+    order = np.lexsort((distance, point))
+    best = order[np.r_[True, point[order][1:] != point[order][:-1]]] if len(order) else order
+    chain, offset, angle = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
+    p, b = point[best], best
+    chain[p] = segments.chainage[seg[b]] + t[b] * length[b]
+    side = np.sign(v[b, 0] * rel[b, 1] - v[b, 1] * rel[b, 0])
+    offset[p] = np.where(side == 0, 1.0, side) * distance[b]
+    angle[p] = np.degrees(np.arctan2(v[b, 1], v[b, 0])) % 180.0
+    if (missing := np.flatnonzero(np.isnan(chain))).size:  # farther than search_m: the whole road
+        chain[missing], offset[missing], angle[missing] = _project_on_roads(xy[missing], roads[road[missing]])
+    return chain, offset, angle
+
+
+def _project_on_roads(xy: np.ndarray, roads: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    points = shapely.points(xy)
+    chain = shapely.line_locate_point(roads, points)
+    a = shapely.get_coordinates(shapely.line_interpolate_point(roads, chain - 0.05))
+    b = shapely.get_coordinates(shapely.line_interpolate_point(roads, chain + 0.05))
     d = b - a
-    n = np.hypot(d[:, 0], d[:, 1])
-    return d[:, 0] / n, d[:, 1] / n
+    foot = shapely.get_coordinates(shapely.line_interpolate_point(roads, chain))
+    side = np.sign(d[:, 0] * (xy[:, 1] - foot[:, 1]) - d[:, 1] * (xy[:, 0] - foot[:, 0]))
+    offset = np.where(side == 0, 1.0, side) * shapely.distance(roads, points)
+    return chain, offset, np.degrees(np.arctan2(d[:, 1], d[:, 0])) % 180.0
 
 
 def locate_cracks(lines: np.ndarray, roads: np.ndarray, corridor_m: float) -> Located:
     """Reference every crack to its nearest road within ``corridor_m`` (see the module docstring)."""
     n = len(lines)
+    segments = RoadSegments.of(roads)
     mids = shapely.line_interpolate_point(lines, 0.5, normalized=True)
-    hit_crack, hit_road = shapely.STRtree(roads).query_nearest(mids, max_distance=corridor_m, all_matches=False)
+    hit_crack, hit_segment = segments.tree.query_nearest(mids, max_distance=corridor_m, all_matches=False)
     road = np.full(n, -1)
-    road[hit_crack] = hit_road
+    road[hit_crack] = segments.road[hit_segment]
     located = np.flatnonzero(road >= 0)
     coords, index = shapely.get_coordinates(lines[located], return_index=True)
     crack_of_vertex = located[index]
-    vertex_roads = roads[road[crack_of_vertex]]
-    points = shapely.points(coords)
-    chain = shapely.line_locate_point(vertex_roads, points)
-    offset = _signed_offset(vertex_roads, points, coords, chain)
-    same = index[1:] == index[:-1]
-    seg_from = np.flatnonzero(same)
-    chain_from = np.full(n, np.nan)
-    chain_to = np.full(n, np.nan)
+    chain, offset, _ = project(coords, road[crack_of_vertex], segments, roads, 2 * corridor_m)
+    seg_from = np.flatnonzero(index[1:] == index[:-1])
+    chain_from, chain_to = np.full(n, np.nan), np.full(n, np.nan)
     starts = np.searchsorted(index, np.arange(len(located)))
-    chain_from[located] = np.minimum.reduceat(chain, starts) if len(chain) else []
-    chain_to[located] = np.maximum.reduceat(chain, starts) if len(chain) else []
-    mid_xy = shapely.get_coordinates(mids[located])
-    mid_chain = shapely.line_locate_point(roads[road[located]], mids[located])
-    offset_mid = np.full(n, np.nan)
-    offset_mid[located] = _signed_offset(roads[road[located]], mids[located], mid_xy, mid_chain)
-    tx, ty = _tangent_deg(roads[road[located]], mid_chain)
-    road_deg = np.full(n, np.nan)
-    road_deg[located] = np.degrees(np.arctan2(ty, tx)) % 180.0
+    if len(chain):
+        chain_from[located] = np.minimum.reduceat(chain, starts)
+        chain_to[located] = np.maximum.reduceat(chain, starts)
+    offset_mid, road_deg = np.full(n, np.nan), np.full(n, np.nan)
+    _, offset_mid[located], road_deg[located] = project(shapely.get_coordinates(mids[located]), road[located],
+                                                         segments, roads, corridor_m)
     d = coords[seg_from + 1] - coords[seg_from]
     return Located(road, chain_from, chain_to, offset_mid, road_deg, crack_of_vertex[seg_from],
                    np.column_stack([chain[seg_from], chain[seg_from + 1]]),
                    np.column_stack([offset[seg_from], offset[seg_from + 1]]), np.hypot(d[:, 0], d[:, 1]))
-
-
-def _signed_offset(roads: np.ndarray, points: np.ndarray, xy: np.ndarray, chain: np.ndarray) -> np.ndarray:
-    tx, ty = _tangent_deg(roads, chain)
-    foot = shapely.get_coordinates(shapely.line_interpolate_point(roads, chain))
-    rel = xy - foot
-    side = np.sign(tx * rel[:, 1] - ty * rel[:, 0])
-    return np.where(side == 0, 1.0, side) * shapely.distance(roads, points)
 
 
 @dataclass(frozen=True, slots=True)

@@ -266,6 +266,9 @@ class CrackStore(Protocol):
         """Per scene published with this version: status, chip_count, crack_count, total_length_m
         and length_m_by_severity (low/medium/high), counted from its cracks."""
 
+    def crack_columns(self, survey_id: str, fields: Sequence[str]) -> dict[str, np.ndarray]:
+        """A survey's current cracks as columns: ``geometry`` and ``fields`` (of QUERY_FIELDS), one array each."""
+
     def footprints(self, survey_id: str) -> list[dict]:
         """The current scene rows of a survey: scene_id, model_name, model_version and ``geometry``."""
 
@@ -290,6 +293,23 @@ def check_layer(layer: str) -> tuple[str, tuple[str, ...]]:
     if base not in layers.LAYERS:
         raise StoreError(f"{layer!r} is not a road-condition layer; choose one of {', '.join(layers.LAYERS)}")
     return layers.LAYERS[base][0], layers.columns(base)
+
+
+def check_fields(fields: Sequence[str]) -> list[str]:
+    if unknown := sorted(set(fields) - set(QUERY_FIELDS)):
+        raise StoreError(f"cracks have no field {', '.join(unknown)}")
+    return list(fields)
+
+
+def columns_of(rows: list[tuple], names: Sequence[str], geometries) -> dict[str, np.ndarray]:
+    """Rows of (geometry, *names) as one array per column (``geometries`` decodes the first)."""
+    if not rows:
+        return {n: np.zeros(0, dtype=object) for n in ("geometry", *names)}
+    columns = list(zip(*rows))
+    out = {"geometry": np.asarray(geometries(columns[0]), dtype=object)}
+    for name, values in zip(names, columns[1:]):
+        out[name] = np.array(values, dtype=object)
+    return out
 
 
 def check_column(layer: str, column: str, names: tuple[str, ...]) -> str:
@@ -556,6 +576,12 @@ class GeoPackageStore:
 
     def _transaction(self, uri: str):
         return _Transaction(self._con, f"{self.path}: publishing {uri} failed")
+
+    def crack_columns(self, survey_id: str, fields: Sequence[str]) -> dict[str, np.ndarray]:
+        names = check_fields(fields)
+        rows = self._con.execute(f"SELECT geom, {', '.join(names)} FROM current_cracks WHERE survey_id = ? "
+                                 "ORDER BY crack_id", (survey_id,)).fetchall()
+        return columns_of(rows, names, lambda blobs: shapely.from_wkb([gpkg.wkb(b) for b in blobs]))
 
     def footprints(self, survey_id: str) -> list[dict]:
         return [{"scene_id": r[1], "model_name": r[2], "model_version": r[3], "geometry": gpkg.decode(r[0])}
