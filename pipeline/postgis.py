@@ -508,9 +508,10 @@ class PostGISStore:
                 numbers = np.asarray(arrays[i], dtype=float)  # None -> NaN
                 arrays[i] = np.where(np.isnan(numbers), None, numbers).tolist()
         names = ", ".join(columns)
-        casts = ", ".join(f"%s::{pg[kinds[c]]}[]" for c in columns)
+        casts = ", ".join(f"%b::{pg[kinds[c]]}[]" for c in columns)  # binary parameters: no text parsing
         cur.execute(f"UPDATE cracks c SET {', '.join(f'{col} = u.{col}' for col in columns)} "
-                    f"FROM unnest({casts}, %s::uuid[]) AS u({names}, crack_id) WHERE c.crack_id = u.crack_id",
+                    f"FROM unnest({casts}, %b::text[]::uuid[]) AS u({names}, crack_id) "
+                    "WHERE c.crack_id = u.crack_id",
                     arrays)
 
     def close(self) -> None:

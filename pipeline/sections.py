@@ -300,8 +300,13 @@ def cracked_cells(located: Located, pieces: Pieces, sections: Sections, cell_m: 
     road = located.road[located.segment_crack[seg]]
     k = np.minimum(np.floor(chain / section_m).astype(int), sections.count[road] - 1)
     section = sections.first[road] + k
-    cell = np.unique(np.column_stack([section, np.floor(chain / cell_m), np.floor(offset / cell_m)]), axis=0)
-    return np.bincount(cell[:, 0].astype(int), minlength=n).astype(float)
+    along = np.maximum(np.floor((chain - sections.from_m[section]) / cell_m), 0).astype(np.int64)
+    side = np.floor(offset / cell_m).astype(np.int64)
+    across = side - side.min(initial=0)
+    key = (section.astype(np.int64) * (along.max(initial=0) + 1) + along) * (across.max(initial=0) + 1) + across
+    key = np.sort(key)
+    first = key[np.r_[True, key[1:] != key[:-1]]] if len(key) else key
+    return np.bincount(first // ((along.max(initial=0) + 1) * (across.max(initial=0) + 1)), minlength=n).astype(float)
 
 
 def condition(sums: dict[str, np.ndarray], formula: ConditionFormula) -> dict[str, np.ndarray]:

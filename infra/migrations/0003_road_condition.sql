@@ -20,8 +20,9 @@ ALTER TABLE cracks
     ADD COLUMN chainage_from_m double precision,
     ADD COLUMN chainage_to_m double precision,
     ADD COLUMN offset_m double precision;
-CREATE INDEX cracks_road ON cracks (road_id, chainage_from_m);
-CREATE INDEX cracks_type ON cracks (crack_type);
+-- `crackmap sections` sets the road columns (and the typing) of every crack of a survey in one
+-- UPDATE; they are left unindexed so that it writes no more index entries than it must (reads
+-- by road go through the sections layer; see benchmarks/sections.py).
 
 -- the view's column list is fixed when it is created: add the new columns to it
 CREATE OR REPLACE VIEW current_cracks AS
