@@ -195,7 +195,7 @@ def process_scene(uri: str, backend: Backend, model: ModelEntry, probability_pat
     except BaseException:
         probability.abort()
         raise
-    cracks = tuple(line for piece in pieces if (line := geo.crack_line(piece)) is not None)
+    cracks = geo.crack_lines(pieces)
     footprint = geo.footprint(scene.width, scene.height)
     cracks, areas = type_cracks(cracks, footprint, store_crs, options)
     return SceneResult(scene=scene, cracks=cracks, footprint=footprint,
