@@ -141,12 +141,12 @@ def only(located: Located, keep: np.ndarray) -> Located:
 
 def retype(lines: np.ndarray, cracks: dict, located: Located, network: Network, imaged: np.ndarray,
            scene_ids: list[str], sections, coverage_m2: np.ndarray, section_m: float, profile: TypeProfile):
-    """Type the cracks again against the road direction of the network (pattern members stay ``pattern``).
+    """Type the cracks again against the road direction of the network.
 
-    The joint rule's frame is the road's: positions by chainage and offset, the
-    imaged width is the road width times its section's coverage, the imaged length
-    the length of road inside the crack's scene.  Cracks outside every corridor
-    keep their type from mapping time (against their scene's long axis).
+    Pattern members stay ``pattern`` and joints stay ``joint`` (both decided per scene
+    when it was mapped).  The frame is the road's: the imaged width (for
+    ``span_ratio``) is the road width times its section's coverage.  Cracks outside
+    every corridor keep their type from mapping time (against their scene's long axis).
     """
     inside = located.road >= 0
     n, n_roads = len(lines), len(network.road_id)
@@ -176,7 +176,7 @@ def retype(lines: np.ndarray, cracks: dict, located: Located, network: Network, 
                       imaged_length, imaged_width, np.where(inside, scene * (n_roads + 1) + located.road, -1))
     pattern = cracks["crack_type"] == "pattern"
     typed = classify(lines, np.where(inside, located.road_deg, 0.0), frame, cracks["width_mean_mm"],
-                     cracks["width_max_mm"], pattern, profile)
+                     cracks["width_max_mm"], pattern, profile, joint=cracks["crack_type"] == "joint")
     keep_old = ~inside & (cracks["crack_type"] != None)  # noqa: E711  (object array)
     typed.crack_type[keep_old] = cracks["crack_type"][keep_old]
     return typed

@@ -23,6 +23,12 @@ rule (``joint_mask``) is conservative; a line is a joint only if all hold:
    direction, or of a family of at least ``joint_grid_min_lines`` (3) parallel
    joint lines on a regular grid (spacing coefficient of variation at most
    ``joint_grid_spacing_cv_max``, 0.15; spacing at least ``joint_grid_min_spacing_m``, 1 m).
+
+Vectorized joint grids come out as paths that turn at the crossings, so the rule
+is applied to straight runs (``straight_runs``: cut where a line turns by more
+than 30°); a line is a joint when at least 90 % of its length is in accepted
+runs (``joint_lines``).  Joints are decided when a scene is mapped, in the frame
+of the scene's long axis, and kept when a network types the other cracks again.
 """
 
 from __future__ import annotations
@@ -258,14 +264,60 @@ class CrackTypes:
     span_ratio: np.ndarray  # NaN unless transverse
 
 
+def straight_runs(lines: np.ndarray, turn_deg: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
+    """The lines cut where they turn by more than ``turn_deg``: (runs, index of each run's line).
+
+    A vectorized joint grid comes out as paths that turn at the joints' crossings;
+    the joint rule looks at their straight runs.
+
+    >>> runs, owner = straight_runs(np.array([shapely.LineString([(0, 0), (2, 0), (2, 3)])]))
+    >>> [r.length for r in runs], owner.tolist()
+    ([2.0, 3.0], [0, 0])
+    """
+    coords, index = shapely.get_coordinates(lines, return_index=True)
+    start = np.flatnonzero(index[1:] == index[:-1])
+    d = coords[start + 1] - coords[start]
+    angle = np.degrees(np.arctan2(d[:, 1], d[:, 0]))
+    owner = index[start]
+    turn = np.abs((np.diff(angle) + 180.0) % 360.0 - 180.0)
+    new_run = np.r_[True, (owner[1:] != owner[:-1]) | (turn > turn_deg)]
+    run = np.cumsum(new_run) - 1
+    last = np.r_[run[1:] != run[:-1], True]  # the last segment of each run adds its end vertex
+    xy = np.concatenate([coords[start], coords[start[last] + 1]])
+    key = np.concatenate([2 * np.arange(len(start)), 2 * np.flatnonzero(last) + 1])
+    order = np.argsort(key, kind="stable")
+    runs = shapely.linestrings(xy[order], indices=np.concatenate([run, run[last]])[order])
+    return runs, owner[new_run]
+
+
+def joint_lines(lines: np.ndarray, road_deg: float, footprint: shapely.Polygon, width_mean_mm: np.ndarray,
+                width_max_mm: np.ndarray, profile: TypeProfile = TypeProfile(), share: float = 0.9) -> np.ndarray:
+    """Which lines of a scene are joints: at least ``share`` of their length in straight runs the rule accepts."""
+    if len(lines) == 0:
+        return np.zeros(0, bool)
+    runs, owner = straight_runs(lines)
+    _, frame = scene_frame(runs, footprint)
+    shapes = line_shapes(runs)
+    joint = joint_mask(shapes, angle_to_axis_deg(shapes.axis_deg, road_deg), np.asarray(width_mean_mm)[owner],
+                       np.asarray(width_max_mm)[owner], frame, profile)
+    length = np.bincount(owner, shapes.length_m, len(lines))
+    return np.bincount(owner, shapes.length_m * joint, len(lines)) >= share * np.where(length > 0, length, np.inf)
+
+
 def classify(lines: np.ndarray, road_deg: np.ndarray | float, frame: RoadFrame, width_mean_mm: np.ndarray,
              width_max_mm: np.ndarray, pattern: np.ndarray | None = None,
-             profile: TypeProfile = TypeProfile()) -> CrackTypes:
-    """Type every line (metric CRS): pattern members stay ``pattern``, joints are ``joint``, the rest by angle."""
+             profile: TypeProfile = TypeProfile(), joint: np.ndarray | None = None) -> CrackTypes:
+    """Type every line (metric CRS): pattern members stay ``pattern``, joints are ``joint``, the rest by angle.
+
+    ``joint`` (from ``joint_lines``, or kept from mapping time) marks the joints; None applies
+    ``joint_mask`` to the whole lines.
+    """
     shapes = line_shapes(lines)
     theta = angle_to_axis_deg(shapes.axis_deg, road_deg)
     types = linear_types(theta, profile)
-    types[joint_mask(shapes, theta, width_mean_mm, width_max_mm, frame, profile)] = "joint"
+    if joint is None:
+        joint = joint_mask(shapes, theta, width_mean_mm, width_max_mm, frame, profile)
+    types[np.asarray(joint, bool)] = "joint"
     if pattern is not None:
         types[np.asarray(pattern, bool)] = "pattern"
     return CrackTypes(types, theta, shapes.chord_m, np.minimum(shapes.tortuosity, 1e6),

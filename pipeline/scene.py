@@ -23,7 +23,7 @@ from pipeline import storage
 from pipeline.errors import SceneContentError
 from pipeline.inference import Backend, predictions
 from pipeline import projection
-from pipeline.crack_types import TypeProfile, classify, scene_frame
+from pipeline.crack_types import TypeProfile, classify, joint_lines, scene_frame
 from pipeline.measure import Georeferencer, Severity
 from pipeline.pattern_areas import PatternParams, find_pattern_areas
 from pipeline.probability import ProbabilityWriter
@@ -220,14 +220,13 @@ def type_cracks(cracks: tuple[CrackLine, ...], footprint, store_crs: CRS, option
     road_deg, frame = scene_frame(lines, outline)
     width_mean = np.array([c.width_mean_mm for c in cracks])
     width_max = np.array([c.width_max_mm for c in cracks])
-    first = classify(lines, road_deg, frame, width_mean, width_max, profile=options.types)
-    joint = first.crack_type == "joint"
+    joint = joint_lines(lines, road_deg, outline, width_mean, width_max, options.types)
     candidates = np.flatnonzero(~joint)
     found = find_pattern_areas(lines[candidates], options.pattern)
     pattern_no = np.full(len(cracks), -1)
     for no, area in enumerate(found):
         pattern_no[candidates[area.members]] = no
-    typed = classify(lines, road_deg, frame, width_mean, width_max, pattern_no >= 0, options.types)
+    typed = classify(lines, road_deg, frame, width_mean, width_max, pattern_no >= 0, options.types, joint)
     areas = tuple(pattern_record(area, width_mean[candidates[area.members]], width_max[candidates[area.members]],
                                  options.severity, metric, store_crs) for area in found)
     out = tuple(replace(c, crack_type=str(typed.crack_type[i]), theta_deg=float(typed.theta_deg[i]),
