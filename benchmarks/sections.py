@@ -83,15 +83,20 @@ def crack_lines(footprints: list[shapely.Polygon], total: int, rng: np.random.Ge
     return out
 
 
+def write_network(lines: list[shapely.LineString], folder: Path) -> str:
+    network = folder / "roads.gpkg"
+    pyogrio.raw.write(str(network), shapely.to_wkb(np.array(lines, dtype=object)),
+                      field_data=[np.array([f"R{i:03d}" for i in range(len(lines))], dtype=object)],
+                      fields=["road_id"], crs=UTM, geometry_type="LineString", driver="GPKG")
+    return str(network)
+
+
 def build(url: str, km: float, road_count: int, total: int, scene_m: float, folder: Path) -> str:
     with psycopg.connect(url, autocommit=True) as con:
         con.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
     rng = np.random.default_rng(7)
     lines = roads(km, road_count)
-    network = folder / "roads.gpkg"
-    pyogrio.raw.write(str(network), shapely.to_wkb(np.array(lines, dtype=object)),
-                      field_data=[np.array([f"R{i:03d}" for i in range(len(lines))], dtype=object)],
-                      fields=["road_id"], crs=UTM, geometry_type="LineString", driver="GPKG")
+    network = write_network(lines, folder)
     footprints = scenes(lines, scene_m)
     store = open_store(url)
     started = time.perf_counter()
@@ -108,7 +113,7 @@ def build(url: str, km: float, road_count: int, total: int, scene_m: float, fold
     store.close()
     print(f"built: {km:g} km in {road_count} roads, {len(footprints)} scenes, {published} cracks "
           f"({time.perf_counter() - started:.0f} s to publish)")
-    return str(network)
+    return network
 
 
 def main() -> None:
@@ -120,22 +125,29 @@ def main() -> None:
     parser.add_argument("--scene-m", type=float, default=50.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="print the slowest functions of the last round")
+    parser.add_argument("--reuse", action="store_true",
+                        help="use the survey an earlier run with the same --km/--roads/--cracks left in --url")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        network = build(args.url, args.km, args.roads, args.cracks, args.scene_m, Path(tmp))
+        if args.reuse:
+            network = write_network(roads(args.km, args.roads), Path(tmp))
+        else:
+            network = build(args.url, args.km, args.roads, args.cracks, args.scene_m, Path(tmp))
         times = []
         for k in range(args.rounds):
             store = open_store(args.url)
             profile = cProfile.Profile() if args.profile and k == args.rounds - 1 else None
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             if profile:
                 profile.enable()
             report = condition.run_sections(store, network, RUN.survey_id)
             if profile:
                 profile.disable()
             times.append(time.perf_counter() - started)
+            cpu = time.process_time() - cpu
             store.close()
-            print(f"round {k + 1}: {times[-1]:.1f} s, {sum(r['level'] == 'section' for r in report.rows)} "
+            print(f"round {k + 1}: {times[-1]:.1f} s wall, {cpu:.1f} s CPU in this process (PostGIS's own "
+                  f"work not counted), {sum(r['level'] == 'section' for r in report.rows)} "
                   f"sections, {report.located} of {report.cracks} cracks located")
             if profile:
                 pstats.Stats(profile).sort_stats("cumulative").print_stats(25)
