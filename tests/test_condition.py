@@ -294,3 +294,43 @@ def test_the_geopackage_layers_open_with_gdal(tmp_path):
     fields = pyogrio.read_info(tmp_path / "map.gpkg", layer="cracks")["fields"]
     assert {"crack_type", "theta_deg", "chord_m", "tortuosity", "span_ratio", "road_id", "chainage_from_m",
             "chainage_to_m", "offset_m", "pattern_no"} <= set(fields)
+
+
+def test_type_profiles_move_the_angle_limits():
+    from pipeline.crack_types import linear_types, type_profile
+
+    theta = np.array([15.0, 45.0, 72.0])
+    assert linear_types(theta, type_profile("aashto-r85")).tolist() == ["longitudinal", "diagonal", "transverse"]
+    assert linear_types(theta, type_profile("strict-10")).tolist() == ["diagonal", "diagonal", "diagonal"]
+    with pytest.raises(ValueError, match="choose one of aashto-r85"):
+        type_profile("pci")
+
+
+def test_section_shares_add_up_for_any_crack_on_any_section_length():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from pipeline.sections import cut_sections, locate_cracks, split_by_sections
+
+    road = np.array([ROAD])
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.tuples(st.floats(0, 150), st.floats(-3, 3)), min_size=2, max_size=6).map(
+               lambda p: [(p[0][0] + (s - p[0][0]) / 10, o) for s, o in p]),  # within ~15 m of the first
+           st.sampled_from([1.0, 2.5, 10.0, 33.0]))
+    def check(points, section_m):
+        line = shapely.LineString([at(s, o) for s, o in points])
+        if line.length == 0:
+            return
+        located = locate_cracks(np.array([line]), road, 5.0)
+        if located.road[0] < 0:  # a long chord of the curve leaves the corridor: not referenced
+            assert located.segment_length_m.size == 0
+            return
+        sections = cut_sections(road, np.array([7.0]), section_m)
+        pieces = split_by_sections(located, sections, section_m)
+        length = located.segment_length_m[pieces.segment] * pieces.share
+        assert length.sum() == pytest.approx(line.length, rel=1e-9)
+        assert (np.bincount(pieces.segment, pieces.share) == pytest.approx(1.0, rel=1e-12))
+        assert pieces.section.min() >= 0 and pieces.section.max() < len(sections.road)
+
+    check()
