@@ -296,8 +296,8 @@ def run_change(store: CrackStore, from_survey: str, to_survey: str, network_path
                         length_delta_m=-float(l), geometry=geom)
                    for i, l, geom in zip(a["crack_id"][gone], a["length_m"][gone], a["geometry"][gone])]
     deltas = [dict(r, **stamp) for r in section_deltas(before, after)]
-    store.replace_layer("crack_changes", crack_rows, {"from_survey": from_survey, "to_survey": to_survey})
-    store.replace_layer("section_changes", deltas, {"from_survey": from_survey, "to_survey": to_survey})
+    pair = {"from_survey": from_survey, "to_survey": to_survey}
+    store.replace_layer("crack_changes", crack_rows, pair, also=[("section_changes", deltas, pair)])
     counts = {s: int((status == s).sum()) for s in ("new", "grown", "unchanged")} | {"gone": int(gone.sum())}
     models_a, models_b = (sorted({f"{n}:{v}" for n, v in zip(c["model_name"], c["model_version"])})
                           for c in (a, b))

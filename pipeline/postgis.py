@@ -474,26 +474,33 @@ class PostGISStore:
                 for geom, *values in rows]
 
     def replace_layer(self, layer: str, rows: list[dict], where: dict, keep_previous: bool = False,
-                      crack_updates: tuple[tuple[str, ...], list[tuple]] | None = None) -> None:
-        _, names = check_layer(layer)
-        condition = " AND ".join(f'"{check_column(layer, k, names)}" = %s' for k in where) or "true"
-        geometries = shapely.to_wkb(shapely.set_srid(np.array([r.get("geometry") for r in rows], dtype=object),
-                                                     self.srid), include_srid=True, hex=True)
+                      crack_updates: tuple[tuple[str, ...], list[tuple]] | None = None,
+                      also: Sequence[tuple[str, list[dict], dict]] = ()) -> None:
         con = self._connection()
         try:
             with con.transaction(), con.cursor() as cur:
-                if keep_previous:
-                    cur.execute(f"UPDATE {layer} SET is_current = 0 WHERE {condition}", list(where.values()))
-                else:
-                    cur.execute(f"DELETE FROM {layer} WHERE {condition}", list(where.values()))
-                quoted = ", ".join(f'"{n}"' for n in names)
-                with cur.copy(f"COPY {layer} ({quoted}, geom) FROM STDIN") as copy:
-                    for row, geometry in zip(rows, geometries):
-                        copy.write_row([*(_plain(row.get(n)) for n in names), geometry])
+                for target, target_rows, target_where, keep in ((layer, rows, where, keep_previous),
+                                                                  *((*a, False) for a in also)):
+                    self._replace_rows(cur, target, target_rows, target_where, keep)
                 if crack_updates is not None:
                     self._update_cracks(cur, *crack_updates)
         except psycopg.Error as exc:
             raise StoreError(f"{self.name}: writing {layer} failed; nothing was written ({why(exc)})") from exc
+
+    def _replace_rows(self, cur: psycopg.Cursor, layer: str, rows: list[dict], where: dict,
+                      keep_previous: bool) -> None:
+        _, names = check_layer(layer)
+        condition = " AND ".join(f'"{check_column(layer, k, names)}" = %s' for k in where) or "true"
+        geometries = shapely.to_wkb(shapely.set_srid(np.array([r.get("geometry") for r in rows], dtype=object),
+                                                     self.srid), include_srid=True, hex=True)
+        if keep_previous:
+            cur.execute(f"UPDATE {layer} SET is_current = 0 WHERE {condition}", list(where.values()))
+        else:
+            cur.execute(f"DELETE FROM {layer} WHERE {condition}", list(where.values()))
+        quoted = ", ".join(f'"{n}"' for n in names)
+        with cur.copy(f"COPY {layer} ({quoted}, geom) FROM STDIN") as copy:
+            for row, geometry in zip(rows, geometries):
+                copy.write_row([*(_plain(row.get(n)) for n in names), geometry])
 
     @staticmethod
     def _update_cracks(cur: psycopg.Cursor, columns: tuple[str, ...], values: list[tuple]) -> None:

@@ -279,10 +279,12 @@ class CrackStore(Protocol):
         """Rows of a road-condition layer or view (``layers.LAYERS``, ``current_*``) matching ``where``."""
 
     def replace_layer(self, layer: str, rows: list[dict], where: dict, keep_previous: bool = False,
-                      crack_updates: tuple[tuple[str, ...], list[tuple]] | None = None) -> None:
+                      crack_updates: tuple[tuple[str, ...], list[tuple]] | None = None,
+                      also: Sequence[tuple[str, list[dict], dict]] = ()) -> None:
         """In one transaction: drop the rows matching ``where`` (``keep_previous``: mark them not
-        current instead), insert ``rows`` (dicts of the layer's columns and ``geometry``), and set
-        ``crack_updates`` (column names; rows of their values then the crack_id) on cracks."""
+        current instead), insert ``rows`` (dicts of the layer's columns and ``geometry``), do the
+        same for each (layer, rows, where) of ``also``, and set ``crack_updates`` (column names;
+        rows of their values then the crack_id) on cracks."""
 
     def close(self) -> None: ...
 
@@ -601,24 +603,30 @@ class GeoPackageStore:
                 for geom, *values in self._con.execute(sql, list(where.values()))]
 
     def replace_layer(self, layer: str, rows: list[dict], where: dict, keep_previous: bool = False,
-                      crack_updates: tuple[tuple[str, ...], list[tuple]] | None = None) -> None:
-        _, names = check_layer(layer)
-        condition = " AND ".join(f'"{check_column(layer, k, names)}" = ?' for k in where) or "1"
-        quoted = ", ".join(f'"{n}"' for n in names)
+                      crack_updates: tuple[tuple[str, ...], list[tuple]] | None = None,
+                      also: Sequence[tuple[str, list[dict], dict]] = ()) -> None:
         with _Transaction(self._con, f"{self.path}: writing {layer} failed"):
-            if keep_previous:
-                self._con.execute(f'UPDATE "{layer}" SET is_current = 0 WHERE {condition}', list(where.values()))
-            else:
-                self._con.execute(f'DELETE FROM "{layer}" WHERE {condition}', list(where.values()))
-            self._con.executemany(
-                f'INSERT INTO "{layer}" (geom, {quoted}) VALUES (?{", ?" * len(names)})',
-                ((gpkg.encode(r["geometry"], self.srs_id) if r.get("geometry") is not None else None,
-                  *(r.get(n) for n in names)) for r in rows))
+            for target, target_rows, target_where, keep in ((layer, rows, where, keep_previous),
+                                                              *((*a, False) for a in also)):
+                self._replace_rows(target, target_rows, target_where, keep)
             if crack_updates is not None:
                 columns, values = crack_updates
                 assignments = ", ".join(f"{check_crack_column(c)} = ?" for c in columns)
                 self._con.executemany(f"UPDATE cracks SET {assignments} WHERE crack_id = ?", values)
-            gpkg.update_extent(self._con, layer)
+
+    def _replace_rows(self, layer: str, rows: list[dict], where: dict, keep_previous: bool) -> None:
+        _, names = check_layer(layer)
+        condition = " AND ".join(f'"{check_column(layer, k, names)}" = ?' for k in where) or "1"
+        quoted = ", ".join(f'"{n}"' for n in names)
+        if keep_previous:
+            self._con.execute(f'UPDATE "{layer}" SET is_current = 0 WHERE {condition}', list(where.values()))
+        else:
+            self._con.execute(f'DELETE FROM "{layer}" WHERE {condition}', list(where.values()))
+        self._con.executemany(
+            f'INSERT INTO "{layer}" (geom, {quoted}) VALUES (?{", ?" * len(names)})',
+            ((gpkg.encode(r["geometry"], self.srs_id) if r.get("geometry") is not None else None,
+              *(r.get(n) for n in names)) for r in rows))
+        gpkg.update_extent(self._con, layer)
 
     def close(self) -> None:
         self._con.close()
