@@ -48,7 +48,8 @@ def test_collections_are_the_store_layers_and_no_functions(client):
     response = client.get("/ogc/collections")
     assert response.status_code == 200
     ids = [c["id"] for c in response.json()["collections"]]
-    assert ids == ["current_cracks", "cracks", "scenes"]
+    assert ids == ["current_cracks", "cracks", "scenes", "sections", "pattern_areas", "section_changes",
+                   "crack_changes", "current_sections", "current_pattern_areas"]
     landing = client.get("/ogc/").json()
     assert {"conformance", "data"} <= {link["rel"].rsplit("/", 1)[-1] for link in landing["links"]}
     extent = client.get("/ogc/collections/current_cracks").json()["extent"]["spatial"]["bbox"][0]
@@ -245,40 +246,37 @@ def test_serve_refuses_a_writer_role_in_one_line_without_the_password(pg_databas
     assert password not in result.output and f"postgresql://{name}@" in result.output
 
 
-def add_sections(url: str) -> None:
-    """A ``sections`` layer (as the road-condition work adds it) with one Poor section."""
+SECTION_COLUMNS = ("survey_id", "sections_run_id", "road_id", "level", "from_m", "to_m", "section_m",
+                   "computed_at", "condition_class", "is_current")
+
+
+def add_section(url: str) -> None:
+    """One Poor section in the store's ``sections`` layer (as ``crackmap sections`` writes them)."""
     box = crack_line(0).buffer(0.0001)
+    values = ("survey-a", "run-s", "r1", "section", 0.0, 10.0, 10.0, "2026-11-29T00:00:00Z", "Poor", 1)
+    names = ", ".join(SECTION_COLUMNS)
     if url.startswith("postgresql://"):
         with psycopg.connect(url, autocommit=True) as con:
-            con.execute("CREATE TABLE sections (section_id text PRIMARY KEY, road_id text, from_m float8, "
-                        "to_m float8, survey_id text, condition_class text, geom geometry(Polygon, 4326))")
-            con.execute("INSERT INTO sections VALUES ('r1-0', 'r1', 0, 10, 'survey-a', 'Poor', "
-                        "ST_GeomFromText(%s, 4326))", (box.wkt,))
-            con.execute("CREATE VIEW current_sections AS SELECT * FROM sections")
-            con.execute("GRANT SELECT ON sections, current_sections TO crackmap_reader")
-            # a table the reader may not read is not served (and nothing fails)
-            con.execute("CREATE TABLE pattern_areas (area_id text PRIMARY KEY, geom geometry(Polygon, 4326))")
+            con.execute(f"INSERT INTO sections ({names}, geom) VALUES ({', '.join(['%s'] * len(values))}, "
+                        "ST_GeomFromText(%s, 4326))", (*values, box.wkt))
         return
     con = gpkg.connect(url)
-    gpkg.add_layer(con, "sections", "POLYGON", 4326, "road_id TEXT, from_m REAL, to_m REAL, "
-                   "survey_id TEXT, condition_class TEXT")
-    con.execute("INSERT INTO sections (geom, road_id, from_m, to_m, survey_id, condition_class) "
-                "VALUES (?, 'r1', 0, 10, 'survey-a', 'Poor')", (gpkg.encode(box, 4326),))
-    gpkg.add_view(con, "current_sections", "SELECT * FROM sections", "POLYGON", 4326)
+    con.execute(f"INSERT INTO sections ({names}, geom) VALUES ({', '.join('?' * len(values))}, ?)",
+                (*values, gpkg.encode(box, 4326)))
     con.close()
 
 
 def test_new_layers_are_served_when_the_store_has_them(store_url, tmp_path):
     """A store with a sections layer serves it too (the map styles it by condition_class)."""
     publish_map(store_url, tmp_path)
-    add_sections(store_url)
+    add_section(store_url)
     url, name = store_url, None
     if store_url.startswith("postgresql://"):
         url, name, _ = login_role(store_url, "crackmap_reader")
     try:
         with TestClient(create_app(url)) as client:
             ids = [c["id"] for c in client.get("/ogc/collections").json()["collections"]]
-            assert ids == ["current_cracks", "cracks", "scenes", "sections", "current_sections"]
+            assert {"sections", "current_sections", "pattern_areas"} <= set(ids)
             sections = client.get("/ogc/collections/sections/items").json()["features"]
             assert [f["properties"]["condition_class"] for f in sections] == ["Poor"]
             (view_item,) = client.get("/ogc/collections/current_sections/items").json()["features"]

@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 OGC_PREFIX = "/ogc"
 # The layers served, in this order, where the store has them; each one's current_* view too.
-COLLECTIONS = ("current_cracks", "cracks", "scenes", "sections", "pattern_areas", "section_changes")
+COLLECTIONS = ("current_cracks", "cracks", "scenes", "sections", "pattern_areas", "section_changes",
+               "crack_changes")
 # Keys of the views (tables have their primary key): OGC API items need one id column.
 VIEW_KEYS = {"current_cracks": "crack_id"}
 # GeoPackage layers: the same ids as on PostGIS where the layer has the column.
@@ -81,6 +82,8 @@ def served(present: list[str]) -> list[str]:
 
     >>> served(["scenes", "cracks", "current_cracks", "surveys", "current_sections", "sections"])
     ['current_cracks', 'cracks', 'scenes', 'sections', 'current_sections']
+    >>> served(["cracks", "scenes", "spatial_ref_sys", "runs"])
+    ['cracks', 'scenes']
     """
     have = set(present)
     views = [f"current_{name}" for name in COLLECTIONS if not name.startswith("current_")]

@@ -79,20 +79,26 @@ function addLayers(map) {
                    paint: { "line-color": "#34495e", "line-width": 1, "line-dasharray": [2, 2] } });
     state.surveyLayers.push({ id: "scenes", base: null });
   }
-  if (have.sections) {
-    const props = state.props.sections;
+  // the current versions where the store has the views; sections at the section level only
+  // (crackmap sections also writes 100 m rollups and whole roads into the same layer)
+  const sections = have.current_sections ? "current_sections" : "sections";
+  if (have[sections]) {
+    const props = state.props[sections];
     const colour = props.includes("condition_class")
       ? matchColour("condition_class", CONDITION_COLOURS, "#95a5a6") : "#95a5a6";
-    map.addSource("sections", tiles("sections"));
-    map.addLayer({ id: "sections", type: "fill", source: "sections", "source-layer": "sections",
-                   paint: { "fill-color": colour, "fill-opacity": 0.3, "fill-outline-color": "#2c3e50" } });
-    if (props.includes("survey_id")) state.surveyLayers.push({ id: "sections", base: null });
+    const base = props.includes("level") ? ["==", ["get", "level"], "section"] : null;
+    map.addSource("sections", tiles(sections));
+    map.addLayer({ id: "sections", type: "fill", source: "sections", "source-layer": sections,
+                   paint: { "fill-color": colour, "fill-opacity": 0.3, "fill-outline-color": "#2c3e50" },
+                   ...(base ? { filter: base } : {}) });
+    if (props.includes("survey_id")) state.surveyLayers.push({ id: "sections", base });
   }
-  if (have.pattern_areas) {
-    map.addSource("pattern_areas", tiles("pattern_areas"));
-    map.addLayer({ id: "pattern_areas", type: "fill", source: "pattern_areas", "source-layer": "pattern_areas",
+  const areas = have.current_pattern_areas ? "current_pattern_areas" : "pattern_areas";
+  if (have[areas]) {
+    map.addSource("pattern_areas", tiles(areas));
+    map.addLayer({ id: "pattern_areas", type: "fill", source: "pattern_areas", "source-layer": areas,
                    paint: { "fill-color": "#8e44ad", "fill-opacity": 0.3, "fill-outline-color": "#5b2c6f" } });
-    if (state.props.pattern_areas.includes("survey_id")) state.surveyLayers.push({ id: "pattern_areas", base: null });
+    if (state.props[areas].includes("survey_id")) state.surveyLayers.push({ id: "pattern_areas", base: null });
   }
   if (have[CRACKS]) {
     map.addSource(CRACKS, tiles(CRACKS));
@@ -116,13 +122,14 @@ function legend() {
       }
     }
   }
-  if (state.collections.sections && state.props.sections.includes("condition_class")) {
+  const sections = state.collections.current_sections ? "current_sections" : "sections";
+  if (state.collections[sections] && state.props[sections].includes("condition_class")) {
     rows.push("<h2>Sections by condition</h2>");
     for (const [name, colour] of Object.entries(CONDITION_COLOURS)) {
       rows.push(`<div class="row"><span class="box" style="background:${colour}"></span>${name}</div>`);
     }
   }
-  if (state.collections.pattern_areas) {
+  if (state.collections.pattern_areas || state.collections.current_pattern_areas) {
     rows.push('<h2>Areas</h2><div class="row"><span class="box" style="background:#8e44ad"></span>pattern (alligator / block)</div>');
   }
   if (state.collections.scenes) {
@@ -249,7 +256,7 @@ async function main() {
   // the catalog first: the map opens on the data, so no tile of the whole world is asked for
   const catalog = await getJSON("ogc/collections?f=json");
   for (const collection of catalog.collections) state.collections[collection.id] = collection;
-  for (const id of [CRACKS, "sections", "pattern_areas"]) {
+  for (const id of [CRACKS, "sections", "current_sections", "pattern_areas", "current_pattern_areas"]) {
     if (state.collections[id]) state.props[id] = await queryables(id);
   }
   const focus = state.collections[CRACKS] || state.collections.scenes;
