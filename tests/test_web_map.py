@@ -69,8 +69,8 @@ def add_condition_layers(store: Path) -> None:
                     (gpkg.encode(box, 4326), 10 * i, 10 * i + 10, condition))
     area = shapely.MultiPolygon([shapely.box(WEST + 8 * STEP_DEG, SOUTH + 0.0001, WEST + 10 * STEP_DEG,
                                              SOUTH + 0.0002)])
-    con.execute("INSERT INTO pattern_areas (geom, survey_id, scene_id, model_name, model_version, pattern_no, "
-                "class, area_m2, crack_density_m_per_m2) "
+    con.execute("INSERT INTO pattern_areas (geom, survey_id, scene_id, model_name, model_version, "
+                "pattern_no, class, area_m2, crack_density_m_per_m2) "
                 "VALUES (?, 'survey-a', 'road-1', 'test-b16', '1.0.0', 1, 'alligator', 150, 4)",
                 (gpkg.encode(area, 4326),))
     con.close()
