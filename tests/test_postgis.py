@@ -89,13 +89,14 @@ def test_migrations_apply_to_an_empty_database_and_twice_are_a_no_op(postgis):
     try:
         with psycopg.connect(postgis.url_of(name), autocommit=True) as con:
             versions = [version for version, _ in migrations()]
-            assert versions[:3] == ["0001", "0002", "0003"]
+            assert versions[:4] == ["0001", "0002", "0003", "0004"]
             assert migrate(con) == versions
             assert migrate(con) == []
             tables = {r[0] for r in con.execute(
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")}
             assert {"surveys", "scenes", "runs", "models", "cracks", "current_cracks",
-                    "schema_migrations"} <= tables
+                    "schema_migrations", "pattern_areas", "current_pattern_areas", "sections",
+                    "current_sections", "section_changes", "crack_changes"} <= tables
             assert con.execute("SELECT version FROM schema_migrations ORDER BY 1").fetchall() == [
                 (v,) for v in versions]
             assert con.execute("SELECT type, srid FROM geometry_columns WHERE f_table_name = 'cracks'"

@@ -1,4 +1,4 @@
--- crackmap schema, version 3: what a crack mapped from survey frames records.
+-- crackmap schema, version 4: what a crack mapped from survey frames records.
 --
 --   gsd_mm          ground size of a pixel along the line (mean over its vertices), millimetres;
 --                   the scene's pixel size for orthophoto scenes
