@@ -36,6 +36,11 @@ def write_scene(path: Path, pixels: np.ndarray, crs: str = "EPSG:32633", transfo
     return path
 
 
+def levels(a: np.ndarray, b: np.ndarray) -> int:
+    """Largest difference of two uint8 probability arrays, in levels of 1/255 (no wrap-around)."""
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
 class DarknessBackend:
     """A test backend with known output: probability = darkness of the chip.
 
