@@ -55,6 +55,14 @@ class DarknessBackend:
         return (255.0 - chips.mean(axis=1, dtype=np.float32)) / 255.0
 
 
+@pytest.fixture(autouse=True, scope="session")
+def cpu_graph_choices(tmp_path_factory):
+    """Keep the CPU graph choices (``pipeline.precision``) of a test run out of the home folder."""
+    from pipeline import precision
+
+    precision.CHOICES = tmp_path_factory.mktemp("cache") / "cpu-graphs.json"
+
+
 @pytest.fixture
 def darkness() -> DarknessBackend:
     return DarknessBackend()

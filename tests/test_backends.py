@@ -212,7 +212,7 @@ def test_load_backend_logs_what_auto_picked_and_why(test_models, monkeypatch, ca
     with caplog.at_level(logging.INFO, logger="pipeline.inference"):
         backend = inference.load_backend(registry.resolve(), "auto")
     assert backend.name == "onnxruntime" and backend.batch_size == 8
-    assert "on backend onnxruntime (no NVIDIA GPU: the CPU default)" in caplog.text
+    assert "on backend onnxruntime (no NVIDIA GPU: the CPU default; fp32 graph: no INT8 graph)" in caplog.text
 
 
 def test_backends_are_the_cli_choices():
