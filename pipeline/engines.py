@@ -43,8 +43,17 @@ from pipeline.errors import BackendUnavailableError
 from pipeline.inference import as_uint8, gpu_present, split_batches
 
 log = logging.getLogger(__name__)
-DEFAULT_CACHE = Path(os.environ.get("CRACKMAP_ENGINE_CACHE",
-                                    Path.home() / ".cache" / "crackmap" / "engines"))
+# Timing caches and FP16 graphs are local files; engines go to the cache (default_cache()).
+LOCAL_CACHE = Path.home() / ".cache" / "crackmap" / "engines"
+
+
+def default_cache() -> str:
+    """The engine cache: ``CRACKMAP_ENGINE_CACHE`` (a folder or an fsspec URL), else ``LOCAL_CACHE``.
+
+    Read when a cache is made, not at import, and kept a string: ``Path`` would
+    turn ``s3://bucket/engines`` into ``s3:/bucket/engines``.
+    """
+    return os.environ.get("CRACKMAP_ENGINE_CACHE") or str(LOCAL_CACHE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +161,8 @@ def check_engine_io(inputs: dict[str, str], outputs: dict[str, str]) -> type:
 class EngineCache:
     """Serialized engines with their keys, in a local folder or under an fsspec URL."""
 
-    def __init__(self, root: str | Path = DEFAULT_CACHE) -> None:
-        self.root = str(root)
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = str(root) if root is not None else default_cache()
 
     def path(self, name: str) -> str:
         return storage.join(self.root, name)
@@ -246,7 +255,7 @@ def engine_onnx(entry: ModelEntry, precision: str, tensorrt_version: str, cache:
     """
     if precision != "fp16" or not strongly_typed(tensorrt_version):
         return entry.file("onnx")
-    local = Path(cache.root) if not storage.is_url(cache.root) else DEFAULT_CACHE
+    local = Path(cache.root) if not storage.is_url(cache.root) else LOCAL_CACHE
     path = local / "onnx" / f"{entry.name}-{entry.version}-{entry.sha256[:16]}-fp16.onnx"
     if not path.is_file():
         from models.export import export_onnx, load_net
@@ -283,7 +292,7 @@ def engine_for(entry: ModelEntry, precision: str = "fp16", profile: Profile | No
     name = engine_name(entry, key)
     engine = cache.get(name, key)
     if engine is None:
-        timing = (Path(cache.root) if not storage.is_url(cache.root) else DEFAULT_CACHE) / (
+        timing = (Path(cache.root) if not storage.is_url(cache.root) else LOCAL_CACHE) / (
             f"timing-{trt.__version__}-{gpu_name.replace(' ', '_')}-sm{capability}.cache")
         engine = build_engine(onnx_path, precision, profile, timing)
         cache.put(name, key, engine)
