@@ -150,6 +150,40 @@ class OnnxRuntimeBackend:
         return np.concatenate(list(self._pool.map(self._run, parts)))
 
 
+def crossing_cracks(size_px: int = 400, width_px: int = 5) -> np.ndarray:
+    """A chip's probability (uint8) with two cracks crossing it, as a network might return it.
+
+    >>> p = crossing_cracks(); p.dtype, p.shape, int(p[200, 200]), int(p[10, 390])
+    (dtype('uint8'), (400, 400), 255, 0)
+    """
+    rows, cols = np.indices((size_px, size_px))
+    diagonal = np.abs(rows - cols) <= width_px // 2
+    across = np.abs(rows - size_px // 2 - (cols - size_px // 2) // 3) <= width_px // 2
+    return np.where(diagonal | across, 255, 0).astype(np.uint8)
+
+
+class FixedBackend:
+    """Returns one fixed chip probability for every chip, at no cost: the network taken out.
+
+    For measuring everything around the network (reading, stitching, vectorizing,
+    the probability COG): a batch's result is a read-only broadcast view of the
+    one chip, so no time goes into computing or even copying it.  The default
+    chip has two crossing cracks, so vectorizing and measuring have work to do.
+    """
+
+    name = "fixed"
+
+    def __init__(self, probability: np.ndarray | None = None, batch_size: int = 8) -> None:
+        self.probability = crossing_cracks() if probability is None else as_uint8(probability)
+        self.batch_size = batch_size
+
+    def predict(self, chips: np.ndarray) -> np.ndarray:
+        if chips.shape[2:] != self.probability.shape:
+            raise ValueError(f"chips of {chips.shape[2:]} px, but the fixed probability is "
+                             f"{self.probability.shape} px")
+        return np.broadcast_to(self.probability, (len(chips), *self.probability.shape))
+
+
 class TorchBackend:
     """The model's weights in PyTorch, on CUDA when present, else on the CPU.
 

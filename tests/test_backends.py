@@ -237,3 +237,23 @@ def test_gpu_modules_import_nothing_heavy():
             "heavy = {'torch', 'tensorrt', 'pycuda', 'prefect'} & set(sys.modules); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fixed_backend_returns_its_chip_for_every_chip_at_no_cost(tmp_path):
+    from conftest import write_scene
+
+    from models import registry
+    from pipeline.inference import FixedBackend, crossing_cracks
+    from pipeline.scene import process_scene
+    from pipeline.store import DEFAULT_CRS
+
+    backend = FixedBackend(batch_size=3)
+    out = backend.predict(random_chips(5))
+    assert out.shape == (5, 400, 400) and out.dtype == np.uint8 and not out.flags.writeable
+    assert (out == crossing_cracks()).all()
+    with pytest.raises(ValueError, match="fixed probability"):
+        backend.predict(random_chips(1)[:, :, :200, :200])
+    scene = write_scene(tmp_path / "s.tif", np.full((3, 400, 400), 128, np.uint8))
+    result = process_scene(str(scene), backend, registry.resolve("hrsegnet-b16:1.0.0"),
+                           tmp_path / "p.tif", DEFAULT_CRS)
+    assert result.chip_count == 1 and len(result.cracks) >= 2  # the two crossing cracks, as lines
