@@ -165,7 +165,11 @@ def train(ctx: click.Context) -> None:
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=registry.ZOO,
               show_default=True, help="Registry folder to add the version to.")
 @click.option("--default", "make_default", is_flag=True, help="Make it the root's default model.")
-def models_add(checkpoint: Path, name: str, version: str, root: Path, make_default: bool) -> None:
+@click.option("--int8-data-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="Also add the INT8 graph, calibrated and scored on the val splits "
+                                 "under this folder (as `crackmap models quantize`).")
+def models_add(checkpoint: Path, name: str, version: str, root: Path, make_default: bool,
+               int8_data_root: Path | None) -> None:
     """Add a trained CHECKPOINT (crackmap train's best.pt) as a new model version."""
     from models.package import package
 
@@ -175,6 +179,15 @@ def models_add(checkpoint: Path, name: str, version: str, root: Path, make_defau
         fail(str(exc))
     click.echo(f"added {entry.spec} in {entry.folder} "
                f"(ONNX verified, max abs diff {entry.card['onnx']['max_abs_diff_vs_torch']:.1e})")
+    if int8_data_root is not None:
+        from pipeline.precision import add_int8
+
+        try:
+            record = add_int8(entry, int8_data_root).card["int8"]
+        except (*USER_ERRORS, FileNotFoundError, ValueError) as exc:
+            fail(f"{entry.spec} was added, but not its INT8 graph: {exc}")
+        click.echo(f"INT8 graph: mean val F1 {record['mean_f1']:.4f} (float {record['fp32_mean_f1']:.4f}): "
+                   f"{'passes' if record['accepted'] else 'fails'} the gate")
 
 
 @models.command("export")
