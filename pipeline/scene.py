@@ -188,7 +188,7 @@ def process_scene(uri: str, backend: Backend, model: ModelEntry, probability_pat
     except BaseException:
         probability.abort()
         raise
-    cracks = tuple(line for piece in pieces if (line := geo.crack_line(piece)) is not None)
+    cracks = geo.crack_lines(pieces)
     return SceneResult(scene=scene, cracks=cracks, footprint=geo.footprint(scene.width, scene.height),
                        chip_count=chips, probability_path=str(probability_path),
                        seconds=time.perf_counter() - started, sha256=source_sha256 or storage.identity(uri),
