@@ -1,7 +1,7 @@
 """Everything but the network: end-to-end chips/s with a zero-cost backend, 1 and 2 workers (a benchmark).
 
-``pipeline.inference.FixedBackend`` returns one fixed chip probability (two crossing cracks)
-instantly, so ``process_scene`` measures reading and decoding, stitching, the probability COG,
+``pipeline.inference.FixedBackend`` returns one fixed chip probability (one short crack per
+chip) instantly, so ``process_scene`` measures reading and decoding, stitching, the probability COG,
 vectorizing and measuring: the ceiling a GPU worker process reaches whatever the GPU does.
 Workers are processes, each mapping its own scene (as ``process-scene`` pods or process
 workers do); with 2 workers both run at once and chips/s is their chips over the wall time.
