@@ -4,8 +4,10 @@ A model version is a folder ``<root>/<name>/<version>/`` holding its files
 (``weights.pt``, ``model.onnx``) and its model card: ``card.json`` for
 programs, ``MODEL_CARD.md`` for people.  The card records the sha256 of every
 file; a file that does not match is refused, never loaded.  Versions are
-semantic (``1.0.0``); a version, once added, is never changed, so results
-made with it can always be reproduced.
+semantic (``1.0.0``); a version's files, once added, never change, so results
+made with it can always be reproduced.  Files derived from its weights (an
+INT8 graph, ``add_derived``) may be added later, hashed into the card like
+the others, with how they were made.
 
 Roots searched: the folders in ``CRACKMAP_MODELS`` (``os.pathsep``-separated),
 then the models shipped in this package (``models/zoo``).  ``<root>/DEFAULT``

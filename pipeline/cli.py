@@ -210,19 +210,22 @@ def models_export(fmt: str, out: Path, model_spec: str | None) -> None:
 
 @models.command("quantize")
 @model_option
-@click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=Path("/work/shared/data/cracks"), show_default=True,
-              help="Datasets folder (<dataset>/val/images, masks) of the model's training data.")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Datasets folder (<dataset>/val/images, masks) of the model's training data "
+                   "(default: $CRACKMAP_DATA, else ../shared/data/cracks, as crackmap train).")
 @click.option("--per-dataset", type=click.IntRange(1, 10_000), default=16, show_default=True,
               help="Calibration chips from each dataset's val split.")
-def models_quantize(model_spec: str | None, data_root: Path, per_dataset: int) -> None:
+def models_quantize(model_spec: str | None, data_root: Path | None, per_dataset: int) -> None:
     """Add an INT8 graph to a model version: calibrated and scored on val, recorded in its card.
 
     CPUs run it only where it passed the gate (mean val crack F1 at most 0.005
     below the float graph's) and measures faster (``--cpu-precision auto``).
     """
+    import os
+
     from pipeline.precision import add_int8
 
+    data_root = data_root or Path(os.environ.get("CRACKMAP_DATA", "../shared/data/cracks"))
     try:
         entry = add_int8(registry.resolve(model_spec), data_root, per_dataset)
     except (*USER_ERRORS, FileNotFoundError, ValueError) as exc:

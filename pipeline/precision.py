@@ -160,6 +160,8 @@ def _write_choices(path: Path, known: dict) -> None:
 def val_scores(onnx_path: Path, data_root: Path, datasets: list[str], threshold: float,
                split: str = "val") -> tuple[dict[str, dict], dict[str, list[np.ndarray]]]:
     """Scores of a graph on each dataset's split (as ``crackmap eval``), and its masks per dataset."""
+    from PIL import Image
+
     from models.data import find_pairs
     from models.metrics import PixelCounts
     from pipeline.images import read_rgb
@@ -170,8 +172,6 @@ def val_scores(onnx_path: Path, data_root: Path, datasets: list[str], threshold:
     for name in datasets:
         counts, masks[name] = PixelCounts(), []
         for image_path, mask_path in find_pairs(Path(data_root) / name / split):
-            from PIL import Image
-
             truth = np.asarray(Image.open(mask_path).convert("L")) > 127
             mask = image_probability(read_rgb(image_path), backend) >= threshold * 255.0
             counts.add(mask, truth)
