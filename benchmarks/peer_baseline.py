@@ -91,7 +91,8 @@ def peer(scene: Path, spec: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
     parser.add_argument("--width", type=int, default=4096)
     parser.add_argument("--rows", type=int, default=6000, help="rows of the smaller scene")

@@ -230,7 +230,8 @@ def render_int8(record: dict) -> str:
              f"{record['calibration']['chips']} calibration chips from the {record['calibration']['split']} "
              f"splits). Mean val crack F1 {record['mean_f1']:.4f} against {record['fp32_mean_f1']:.4f} "
              f"for the float graph (drop {record['f1_drop']:.4f}; gate {record['max_f1_drop']}): "
-             f"{verdict}. Masks agree with the float graph's on {record['mask_agreement']:.4%} of val pixels.",
+             f"{verdict}. Masks agree with the float graph's on {record['mask_agreement']:.4%} "
+             "of val pixels.",
              "", "| dataset | F1 float | F1 INT8 |", "|---|---|---|"]
     lines += [f"| {name} | {record['fp32_metrics'][name]['f1']:.4f} | {m['f1']:.4f} |"
               for name, m in record["metrics"].items()]

@@ -129,7 +129,8 @@ def cpu_graph(entry: ModelEntry, requested: str = "auto", choices: Path | None =
     known = _read_choices(choices)
     if key not in known:
         speed = chips_per_s(paths)
-        known[key] = {"chips_per_s": speed, "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        known[key] = {"chips_per_s": speed,
+                      "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         _write_choices(choices, known)
         log.info("measured %s on %s: %s chips/s (one thread)", entry.spec, cpu_name(), speed)
     speed = known[key]["chips_per_s"]

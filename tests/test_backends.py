@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hypothesis import given
 from conftest import levels
+from hypothesis import given
 from hypothesis import strategies as st
 
 from models.engine import Profile, strongly_typed
@@ -34,7 +34,6 @@ def random_chips(n, seed=0):
 def test_registry_onnx_matches_torch_at_batch_1_and_5(test_models):
     from models import registry
     from models.export import load_net, verify_onnx
-
     from models.package import MAX_ONNX_DIFF
 
     entry = registry.resolve()

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import levels, paint_crack
+from conftest import paint_crack
 from PIL import Image
 
 from models import registry
@@ -168,7 +168,7 @@ def test_auto_keeps_the_float_graph_without_vnni_or_when_int8_failed_its_gate(tm
         "fp32", "this x86 CPU has no VNNI: INT8 kernels may saturate")
     failed = dataclasses.replace(entry, card={**entry.card, "int8": {**entry.card["int8"],
                                                                       "accepted": False, "f1_drop": 0.02}})
-    graph, chosen, why = precision.cpu_graph(failed, "auto", tmp_path / "c.json")
+    _, chosen, why = precision.cpu_graph(failed, "auto", tmp_path / "c.json")
     assert chosen == "fp32" and "0.0200" in why
     assert precision.cpu_graph(entry, "fp32")[1] == "fp32"
 
