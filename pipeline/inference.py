@@ -5,8 +5,9 @@ Every backend implements the contract of the exported graph (see
 crack probabilities (N, H, W) as uint8 0-255 (the probability times 255,
 rounded: a GPU copies a quarter of the bytes back that float32 would need).
 Graphs exported before crackmap 1.1 return float32; ``as_uint8`` converts
-their output, so the contract is the same whatever the model version.  ONNX Runtime is the CPU default (it
-measured faster than torch on CPUs; see docs/benchmarks.md).  On NVIDIA GPUs
+their output, so the contract is the same whatever the model version.  ONNX
+Runtime is the CPU default (it measured faster than torch on CPUs; see
+docs/benchmarks.md).  On NVIDIA GPUs
 TensorRT (``pipeline.engines``) is preferred, torch on CUDA is the fallback
 and the reference.  torch, tensorrt and pycuda are imported only by their
 backends.
