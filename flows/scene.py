@@ -24,6 +24,8 @@ from prefect.states import Completed
 
 from flows.policy import RETRIES, RETRY_DELAYS_S, RETRY_JITTER, retry_transient
 from models.registry import resolve
+from pipeline.crack_types import type_profile
+from pipeline.scene import SceneOptions
 from pipeline.store import RunInfo, open_store
 from pipeline.survey import SceneSource, default_output_dir, map_scene, probability_path
 
@@ -35,7 +37,10 @@ POLL_S = 2.0  # how often a parent looks at its process-scene runs
       retry_condition_fn=retry_transient)
 def map_scene_task(source: SceneSource, store: str, run: RunInfo, backend: str,
                    output_dir: str | None, force: bool = False, promote: bool = True) -> dict:
-    return map_scene(source, store, run, backend, output_dir, force=force, promote=promote)
+    from flows.settings import Settings
+
+    options = SceneOptions(types=type_profile(Settings().type_profile))  # CRACKMAP_TYPE_PROFILE
+    return map_scene(source, store, run, backend, output_dir, options, force=force, promote=promote)
 
 
 @flow(name="process-scene", log_prints=True)
