@@ -268,10 +268,10 @@ def models_build_engine(model_spec: str | None, precision: str, max_batch: int, 
 @click.option("--model", "model_spec", default=None, metavar="NAME[:VERSION]",
               help="NAME:VERSION: that version, current or not; NAME: the current results of that "
                    "model.  Default: every scene's current version.")
-@click.option("--format", "fmt", type=click.Choice(["geojson", "gpkg", "csv"]), default=None,
-              help="Output format (default: from --out's suffix, else geojson).")
+@click.option("--format", "fmt", type=click.Choice(["geojson", "gpkg", "csv", "geoparquet", "flatgeobuf"]),
+              default=None, help="Output format (default: from --out's suffix, else geojson).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Output file (default: standard output; gpkg needs a file).")
+              help="Output file (default: standard output; gpkg, geoparquet and flatgeobuf need a file).")
 def query(store: str, bbox: tuple[float, float, float, float] | None, survey_id: str | None,
           scene_id: str | None, severity: str | None, model_spec: str | None, fmt: str | None,
           out: Path | None) -> None:
@@ -279,10 +279,9 @@ def query(store: str, bbox: tuple[float, float, float, float] | None, survey_id:
     from pipeline import export
     from pipeline.store import CrackQuery, open_store
 
-    fmt = fmt or (out.suffix.lstrip(".").lower() if out and out.suffix.lstrip(".").lower()
-                  in export.FORMATS else "geojson")
-    if fmt == "gpkg" and out is None:
-        fail("--format gpkg needs --out FILE.gpkg")
+    fmt = fmt or (export.SUFFIXES.get(out.suffix.lower(), "geojson") if out else "geojson")
+    if fmt in export.FILE_FORMATS and out is None:
+        fail(f"--format {fmt} needs --out FILE")
     name, _, version = (model_spec or "").partition(":")
     try:
         selection = CrackQuery(bbox=bbox, survey_id=survey_id, scene_id=scene_id, severity=severity,
@@ -297,8 +296,10 @@ def query(store: str, bbox: tuple[float, float, float, float] | None, survey_id:
         fail(str(exc))
     try:
         batches = target.query(selection)
-        if fmt == "gpkg":
-            count = export.write_gpkg(batches, out, target.crs)
+        if fmt in export.FILE_FORMATS:
+            writer = {"gpkg": export.write_gpkg, "geoparquet": export.write_geoparquet,
+                      "flatgeobuf": export.write_flatgeobuf}[fmt]
+            count = writer(batches, out, target.crs)
         else:
             with (open(out, "w", newline="", encoding="utf-8") if out else
                   contextlib.nullcontext(sys.stdout)) as stream:
@@ -309,6 +310,32 @@ def query(store: str, bbox: tuple[float, float, float, float] | None, survey_id:
     finally:
         target.close()
     click.echo(f"{count} cracks -> {out or 'stdout'}", err=True)
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback exposes the store: put a reverse proxy "
+                   "with TLS and authentication in front (infra/README.md).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--allow-write-role", is_flag=True,
+              help="Serve PostGIS as a role that could write (connections stay read-only). "
+                   "Default: refuse it; connect as a role in crackmap_reader.")
+@click.option("--root-path", default="", metavar="PREFIX",
+              help="The path prefix a reverse proxy serves the app under, e.g. /crackmap.")
+def serve(store: str, host: str, port: int, allow_write_role: bool, root_path: str) -> None:
+    """Serve STORE over HTTP: a web map at /, OGC API Features and vector tiles at /ogc.
+
+    STORE is a .gpkg path or a postgresql:// URL (as a read-only role; the password
+    from PGPASSWORD or ~/.pgpass).  Stops with Ctrl-C.
+    """
+    from pipeline.serve.app import create_app, run_app
+
+    try:
+        app = create_app(store, allow_write_role=allow_write_role)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    run_app(app, store, host, port, root_path)
 
 
 def sections_table(rows: list[dict], level: str = "section") -> str:

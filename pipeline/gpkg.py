@@ -13,6 +13,7 @@ from __future__ import annotations
 import sqlite3
 import struct
 from datetime import datetime, timezone
+from pathlib import Path
 
 import shapely
 from rasterio.crs import CRS
@@ -60,9 +61,17 @@ def _envelope(blob: bytes | None, index: int) -> float | None:
     return (minx, maxx, miny, maxy)[index]
 
 
-def connect(path: str) -> sqlite3.Connection:
-    """Open a GeoPackage with the ``ST_*`` functions its R-tree triggers need."""
-    con = sqlite3.connect(path, timeout=60, isolation_level=None)  # explicit BEGIN/COMMIT
+def connect(path: str, read_only: bool = False) -> sqlite3.Connection:
+    """Open a GeoPackage with the ``ST_*`` functions its R-tree triggers need.
+
+    ``read_only`` opens the file with ``mode=ro`` (no write can happen through the
+    connection), usable from any thread.
+    """
+    if read_only:
+        con = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=60,
+                              isolation_level=None, check_same_thread=False)
+    else:
+        con = sqlite3.connect(path, timeout=60, isolation_level=None)  # explicit BEGIN/COMMIT
     for i, name in enumerate(("ST_MinX", "ST_MaxX", "ST_MinY", "ST_MaxY")):
         con.create_function(name, 1, lambda blob, i=i: _envelope(blob, i), deterministic=True)
     con.create_function("ST_IsEmpty", 1,
