@@ -32,6 +32,10 @@ class Settings(BaseSettings):
         scene_concurrency: At most this many ``process-scene`` runs at once per parent run.
         code_root: Where the workers find this repository (the images install it at /opt/crackmap).
         gpu_image: Image of ``process-scene`` jobs on container work pools (Kubernetes, Docker).
+        engine_cache: Where ``process-scene`` runs keep TensorRT engines (a folder or an fsspec
+            URL such as ``s3://models/engines/``), passed to every scene job as
+            ``CRACKMAP_ENGINE_CACHE``; shared, so a pod loads the engine its GPU model needs
+            instead of building it (minutes) in each new pod.
     """
 
     model_config = SettingsConfigDict(env_prefix="CRACKMAP_", extra="forbid")
@@ -49,6 +53,7 @@ class Settings(BaseSettings):
     scene_concurrency: int = 4
     code_root: str = str(ROOT)
     gpu_image: str | None = None
+    engine_cache: str | None = None
 
 
 @lru_cache(maxsize=1)

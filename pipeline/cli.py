@@ -27,6 +27,10 @@ model_option = click.option("--model", "model_spec", default=None, metavar="NAME
                             help="Model from the registry (default: the registry's default).")
 backend_option = click.option("--backend", type=click.Choice(BACKENDS), default="auto",
                               show_default=True, help="Where the network runs.")
+precision_option = click.option("--cpu-precision", type=click.Choice(["auto", "fp32", "int8"]),
+                                default="auto", show_default=True,
+                                help="ONNX Runtime's graph: auto runs the INT8 graph where it passed "
+                                     "its accuracy gate and measures faster on this CPU.")
 
 
 @click.group()
@@ -51,11 +55,13 @@ def threshold_u8(threshold: float) -> float:
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @model_option
 @backend_option
-def segment(images_dir: Path, out_dir: Path, model_spec: str | None, backend: str) -> None:
+@precision_option
+def segment(images_dir: Path, out_dir: Path, model_spec: str | None, backend: str,
+            cpu_precision: str) -> None:
     """Write a crack mask (PNG, 0/255, same size and stem) for every image in IMAGES_DIR."""
     try:
         entry = registry.resolve(model_spec)
-        net = load_backend(entry, backend)
+        net = load_backend(entry, backend, cpu_precision=cpu_precision)
     except USER_ERRORS as exc:
         fail(str(exc))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +84,9 @@ def segment(images_dir: Path, out_dir: Path, model_spec: str | None, backend: st
 @click.argument("masks_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @model_option
 @backend_option
-def evaluate(images_dir: Path, masks_dir: Path, model_spec: str | None, backend: str) -> None:
+@precision_option
+def evaluate(images_dir: Path, masks_dir: Path, model_spec: str | None, backend: str,
+             cpu_precision: str) -> None:
     """Score a model on images with 0/255 truth masks; prints JSON.
 
     Counts are accumulated over all pixels: two-class mIoU (as the HrSegNet
@@ -88,7 +96,7 @@ def evaluate(images_dir: Path, masks_dir: Path, model_spec: str | None, backend:
 
     try:
         entry = registry.resolve(model_spec)
-        net = load_backend(entry, backend)
+        net = load_backend(entry, backend, cpu_precision=cpu_precision)
     except USER_ERRORS as exc:
         fail(str(exc))
     masks = {p.stem: p for p in image_files(masks_dir)}
@@ -157,7 +165,11 @@ def train(ctx: click.Context) -> None:
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=registry.ZOO,
               show_default=True, help="Registry folder to add the version to.")
 @click.option("--default", "make_default", is_flag=True, help="Make it the root's default model.")
-def models_add(checkpoint: Path, name: str, version: str, root: Path, make_default: bool) -> None:
+@click.option("--int8-data-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="Also add the INT8 graph, calibrated and scored on the val splits "
+                                 "under this folder (as `crackmap models quantize`).")
+def models_add(checkpoint: Path, name: str, version: str, root: Path, make_default: bool,
+               int8_data_root: Path | None) -> None:
     """Add a trained CHECKPOINT (crackmap train's best.pt) as a new model version."""
     from models.package import package
 
@@ -167,6 +179,15 @@ def models_add(checkpoint: Path, name: str, version: str, root: Path, make_defau
         fail(str(exc))
     click.echo(f"added {entry.spec} in {entry.folder} "
                f"(ONNX verified, max abs diff {entry.card['onnx']['max_abs_diff_vs_torch']:.1e})")
+    if int8_data_root is not None:
+        from pipeline.precision import add_int8
+
+        try:
+            record = add_int8(entry, int8_data_root).card["int8"]
+        except (*USER_ERRORS, FileNotFoundError, ValueError) as exc:
+            fail(f"{entry.spec} was added, but not its INT8 graph: {exc}")
+        click.echo(f"INT8 graph: mean val F1 {record['mean_f1']:.4f} (float {record['fp32_mean_f1']:.4f}): "
+                   f"{'passes' if record['accepted'] else 'fails'} the gate")
 
 
 @models.command("export")
@@ -185,6 +206,35 @@ def models_export(fmt: str, out: Path, model_spec: str | None) -> None:
     export_onnx(net, out, entry.size_px)
     diff = verify_onnx(net, out, size_px=entry.size_px)
     click.echo(f"{out}: {entry.spec}, max abs difference to torch {diff:.2e} (batch 1 and 5)")
+
+
+@models.command("quantize")
+@model_option
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Datasets folder (<dataset>/val/images, masks) of the model's training data "
+                   "(default: $CRACKMAP_DATA, else ../shared/data/cracks, as crackmap train).")
+@click.option("--per-dataset", type=click.IntRange(1, 10_000), default=16, show_default=True,
+              help="Calibration chips from each dataset's val split.")
+def models_quantize(model_spec: str | None, data_root: Path | None, per_dataset: int) -> None:
+    """Add an INT8 graph to a model version: calibrated and scored on val, recorded in its card.
+
+    CPUs run it only where it passed the gate (mean val crack F1 at most 0.005
+    below the float graph's) and measures faster (``--cpu-precision auto``).
+    """
+    import os
+
+    from pipeline.precision import add_int8
+
+    data_root = data_root or Path(os.environ.get("CRACKMAP_DATA", "../shared/data/cracks"))
+    try:
+        entry = add_int8(registry.resolve(model_spec), data_root, per_dataset)
+    except (*USER_ERRORS, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    record = entry.card["int8"]
+    click.echo(f"{entry.folder / record['path']}: mean val F1 {record['mean_f1']:.4f} "
+               f"(float {record['fp32_mean_f1']:.4f}, drop {record['f1_drop']:.4f}): "
+               f"{'passes' if record['accepted'] else 'fails'} the gate; masks agree on "
+               f"{record['mask_agreement']:.3%} of val pixels")
 
 
 @models.command("build-engine")
