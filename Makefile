@@ -30,7 +30,7 @@ demo: $(CORE)
 # If it cannot start, the PostGIS tests skip locally and fail under CI=true.
 test: $(FULL)
 	@pgdir=$$(mktemp -d); trap 'infra/postgis.sh stop "$$pgdir" >/dev/null 2>&1 || rm -rf "$$pgdir"' EXIT; \
-	if pgenv=$$(PYTHON=$(abspath $(PY)) infra/postgis.sh start "$$pgdir"); then eval "$$pgenv"; \
+	if pgenv=$$(PYTHON=$(abspath $(PY)) infra/postgis.sh start --fast "$$pgdir"); then eval "$$pgenv"; \
 	else export CRACKMAP_PG_UNAVAILABLE="infra/postgis.sh start failed (see above)"; fi; \
 	$(PY) -m pytest
 
