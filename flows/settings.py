@@ -26,6 +26,8 @@ class Settings(BaseSettings):
         schedule_cron: When the scheduled run starts (cron, in ``schedule_timezone``).
         cpu_pool / gpu_pool: Work pools of the parent flows and of ``process-scene``.
         scene_concurrency: At most this many ``process-scene`` runs at once per parent run.
+        scene_timeout_s: A ``process-scene`` run not finished after this long (no worker serving
+            the GPU pool, say) is cancelled and its scene fails with a message saying so.
         code_root: Where the workers find this repository (the images install it at /opt/crackmap).
         gpu_image: Image of ``process-scene`` jobs on container work pools (Kubernetes, Docker).
     """
@@ -41,6 +43,7 @@ class Settings(BaseSettings):
     cpu_pool: str = "crackmap-cpu"
     gpu_pool: str = "crackmap-gpu"
     scene_concurrency: int = 4
+    scene_timeout_s: float = 6 * 3600.0
     code_root: str = str(ROOT)
     gpu_image: str | None = None
 

@@ -19,11 +19,14 @@ from prefect.artifacts import update_progress_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
-from flows.scene import map_scene_task, run_scenes  # noqa: F401  (map_scene_task: re-exported)
+from flows.scene import SCENE_TIMEOUT_S, map_scene_task, run_scenes  # noqa: F401  (map_scene_task: re-exported)
 from models.registry import resolve
-from pipeline import progress
+from pipeline import progress, redact
+from pipeline.ids import check_survey_id
 from pipeline.store import RunInfo
 from pipeline.survey import default_output_dir, default_survey_id, discover
+
+redact.mask_log_handlers()  # Prefect's console and API handlers: passwords masked in every record
 
 
 class ArtifactProgress:
@@ -78,12 +81,14 @@ def report(run: RunInfo, rows: list[dict], what: str = "survey"):
 def process_survey(sources: list[str], store: str, survey_id: str | None = None,
                    model: str | None = None, backend: str = "auto",
                    output_dir: str | None = None, force: bool = False, glob: str | None = None,
-                   scene_deployment: str | None = None, max_concurrent: int = 4):
+                   scene_deployment: str | None = None, max_concurrent: int = 4,
+                   scene_timeout_s: float = SCENE_TIMEOUT_S):
     """Map every scene of a survey into ``store``.
 
     Args:
         sources: Raster files, folders, globs, or storage URL prefixes (``s3://bucket/survey/``).
-        store: Where crack lines go (a ``.gpkg`` path or a ``postgresql://`` URL).
+        store: Where crack lines go (a ``.gpkg`` path or a ``postgresql://`` URL without a password:
+            parameters are stored by Prefect; give the password as PGPASSWORD or in ~/.pgpass).
         survey_id: Survey the results belong to; default: the first source's folder name.
         model: ``name[:version]`` in the model registry; default: the registry's default.
         backend: ``auto``, ``onnxruntime`` or ``torch``.
@@ -94,7 +99,10 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
         scene_deployment: Run each scene as a run of this deployment
             (``process-scene/process-scene``) on its work pool; default: in this process.
         max_concurrent: With a deployment, at most this many scene runs at once.
+        scene_timeout_s: With a deployment, a scene run not finished after this long (no worker
+            serves its pool?) is cancelled and the scene fails, saying so.
     """
+    check_survey_id(survey_id or default_survey_id(sources))  # before any work
     entry = resolve(model)
     run = RunInfo(survey_id=survey_id or default_survey_id(sources),
                   run_id=str(flow_run.id or uuid.uuid4()), model_name=entry.name,
@@ -105,5 +113,5 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
     with progress.listening(bar):
         rows = run_scenes(scenes, store, run, backend, output_dir, force,
                           scene_deployment=scene_deployment, max_concurrent=max_concurrent,
-                          on_finished=lambda row: bar.scene_finished())
+                          on_finished=lambda row: bar.scene_finished(), scene_timeout_s=scene_timeout_s)
     return report(run, rows)

@@ -22,6 +22,7 @@ from models.engine import PRECISIONS
 from pipeline.errors import USER_ERRORS
 from pipeline.images import image_files, image_probability, read_rgb
 from pipeline.inference import BACKENDS, load_backend
+from pipeline.redact import mask_url, redact
 
 model_option = click.option("--model", "model_spec", default=None, metavar="NAME[:VERSION]",
                             help="Model from the registry (default: the registry's default).")
@@ -38,7 +39,8 @@ def cli(verbose: bool) -> None:
 
 
 def fail(message: str) -> None:
-    click.secho(f"error: {message}", fg="red", err=True)
+    """Print one line (passwords masked) and exit with status 2."""
+    click.secho(f"error: {redact(message)}", fg="red", err=True)
     sys.exit(2)
 
 
@@ -240,7 +242,7 @@ def query(store: str, bbox: tuple[float, float, float, float] | None, survey_id:
     except ValueError as exc:
         fail(str(exc))
     if not str(store).startswith(("postgresql://", "postgres://")) and not Path(store).is_file():
-        fail(f"{store}: no such GeoPackage")
+        fail(f"{mask_url(store)}: no such GeoPackage")
     try:
         target = open_store(store)
     except USER_ERRORS as exc:
