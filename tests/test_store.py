@@ -384,3 +384,15 @@ def test_writers_that_create_one_geopackage_at_once_all_succeed(tmp_path, result
     assert outcomes == ["ok"] * 4
     assert sorted(r[0] for r in rows(tmp_path / "map.gpkg", "SELECT scene_id FROM scenes")) == ["a", "b", "c", "d"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.gpkg", "p.tif", "scene.tif"]
+
+
+def test_query_refuses_a_bbox_that_is_not_four_finite_numbers(tmp_path, result):
+    store = open_store(tmp_path / "map.gpkg")
+    store.publish(result, RUN)
+    store.close()
+    for bbox in (["0", "0", "inf", "1"], ["nan", "0", "1", "1"], ["-inf", "-inf", "inf", "inf"]):
+        refused = CliRunner().invoke(cli, ["query", str(tmp_path / "map.gpkg"), "--bbox", *bbox])
+        assert refused.exit_code == 2, refused.output
+        assert refused.output.strip().splitlines() == [
+            f"error: bbox {' '.join(str(float(v)) for v in bbox)}: MINX MINY MAXX MAXY must be four finite "
+            "numbers in the store CRS"]
