@@ -66,7 +66,8 @@ def deployments(config: Settings, with_schedule: bool | None = None) -> list[Run
         parameters = {"sources": config.survey_sources, "store": config.store,
                       "scene_deployment": SCENE_DEPLOYMENT, "max_concurrent": config.scene_concurrency,
                       "scene_timeout_s": config.scene_timeout_s}
-        parameters |= {k: v for k, v in (("output_dir", config.output), ("survey_id", config.survey_id)) if v}
+        parameters |= {k: v for k, v in (("output_dir", config.output), ("survey_id", config.survey_id),
+                                         ("model", config.model)) if v}
         found.append(process_survey.to_deployment(
             "scheduled-survey-run", work_pool_name=config.cpu_pool, entrypoint_type=module,
             schedules=[Cron(config.schedule_cron, timezone=config.schedule_timezone)],

@@ -23,6 +23,7 @@ class Settings(BaseSettings):
         store: The GIS store (a ``.gpkg`` path or a ``postgresql://`` URL, password from PGPASSWORD).
         output: Folder or storage prefix for probability rasters (required with PostGIS).
         survey_id: Survey the scheduled run publishes into (default: the first source's folder name).
+        model: ``NAME[:VERSION]`` the scheduled run maps with (default: the registry's default).
         schedule_cron: When the scheduled run starts (cron, in ``schedule_timezone``).
         cpu_pool / gpu_pool: Work pools of the parent flows and of ``process-scene``.
         scene_concurrency: At most this many ``process-scene`` runs at once per parent run.
@@ -38,6 +39,7 @@ class Settings(BaseSettings):
     store: str | None = None
     output: str | None = None
     survey_id: str | None = None
+    model: str | None = None
     schedule_cron: str = "0 2 * * *"
     schedule_timezone: str = "UTC"
     cpu_pool: str = "crackmap-cpu"
