@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
+from datetime import datetime, timezone
 
 import click
 from tqdm import tqdm
@@ -61,7 +63,7 @@ def orchestration_errors(*also: type[BaseException]):
         yield
     except (*USER_ERRORS, *also) as exc:
         fail(str(exc))
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, Interrupted):
         raise
     except Exception as exc:
         if verbose():
@@ -69,6 +71,59 @@ def orchestration_errors(*also: type[BaseException]):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         fail(f"the run could not be orchestrated ({type(exc).__name__}: {first}); "
              "nothing was lost: run the same command again (crackmap -v shows the details)")
+
+
+@contextlib.contextmanager
+def interruptible():
+    """SIGTERM ends the run as Ctrl-C does (KeyboardInterrupt), so it can clean up and report."""
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    # Ctrl-C, even where the shell started us with SIGINT ignored (a background job of a script)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+
+
+def interrupted(store: str, survey_id: str, model_spec: str | None, since: datetime) -> None:
+    """One line on what an interrupted run finished (read back from the store), then exit 130."""
+    from models.registry import resolve
+    from pipeline.store import SceneSelection, open_store
+
+    try:
+        entry = resolve(model_spec)
+        target = open_store(store)
+        try:
+            rows = target.scenes(SceneSelection(survey_id=survey_id, since=since, model_name=entry.name,
+                                                model_version=entry.version, current_only=False))
+        finally:
+            target.close()
+        finished = [r["scene_id"] for r in rows if r["status"] == "done"]
+        what = (f"{len(finished)} scenes finished in this run ({', '.join(finished[:10])}"
+                f"{', ...' if len(finished) > 10 else ''})" if finished else "no scene finished in this run")
+    except Exception:  # the store itself is what failed: say what we can
+        what = "the scenes finished so far are in the store"
+    click.secho(f"interrupted: {what}; nothing half-written was kept. Run the same command again to "
+                "resume (finished scenes are skipped).", fg="yellow", err=True)
+    raise Interrupted()
+
+
+class Interrupted(Exception):
+    """Raised once an interrupted run has been reported; ``run`` exits 130 after its API has stopped."""
+
+
+def exit_now(status: int) -> None:
+    """Exit at once: what a run wrote is closed or rolled back, and its API has stopped, so the
+    interpreter's seconds of tearing down (Prefect's queues to a stopped API, the network's
+    sessions) are skipped, as a terminal user expects of Ctrl-C."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -111,7 +166,9 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
     except USER_ERRORS as exc:
         fail(str(exc))
     quiet_prefect()
+    from flows.embedded import prefect_api
     from flows.survey import process_survey
+    from pipeline.survey import default_survey_id
 
     started = time.perf_counter()
     bars: dict[str, tqdm] = {}
@@ -124,10 +181,19 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
             bar = bars[scene_id] = tqdm(total=total, desc=scene_id[-24:], unit="chip")
         bar.update(done - bar.n)
 
+    run_started = datetime.now(timezone.utc)
     try:
-        with progress.listening(show), orchestration_errors():
-            state = process_survey(list(sources), store, survey_id, model_spec, backend,
-                                   output_dir, force, pattern, return_state=True)
+        with interruptible(), orchestration_errors(), prefect_api():
+            try:
+                with progress.listening(show):
+                    state = process_survey(list(sources), store, survey_id, model_spec, backend,
+                                           output_dir, force, pattern, return_state=True)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report while the API still answers
+                for bar in bars.values():
+                    bar.close()
+                interrupted(store, survey_id or default_survey_id(list(sources)), model_spec, run_started)
+    except Interrupted:
+        exit_now(130)
     finally:
         for bar in bars.values():
             bar.close()
@@ -197,6 +263,7 @@ def reprocess(store: str, model_spec: str, survey_id: str | None, since: str | N
     except USER_ERRORS as exc:
         fail(str(exc))
     quiet_prefect()
+    from flows.embedded import prefect_api
     from flows.reprocess import reprocess as reprocess_flow
 
     bar = tqdm(unit="chip", desc="reprocess")
@@ -208,10 +275,15 @@ def reprocess(store: str, model_spec: str, survey_id: str | None, since: str | N
         bar.update(done - bar.n)
 
     try:
-        with progress.listening(show), orchestration_errors(ValueError):
+        with interruptible(), orchestration_errors(ValueError), prefect_api(), progress.listening(show):
             state = reprocess_flow(store, model_spec, survey_id, since, until, list(bbox) if bbox else None,
                                    from_model, backend, output_dir, scene_deployment, max_concurrent, force,
                                    scene_timeout_s, return_state=True)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: scenes published so far stay unpromoted
+        bar.close()
+        click.secho("interrupted: nothing half-written was kept; run the same command again to resume "
+                    "(scenes already mapped with the new version are skipped).", fg="yellow", err=True)
+        sys.exit(130)
     finally:
         bar.close()
     rows = state.result(raise_on_failure=False)
