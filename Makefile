@@ -24,7 +24,9 @@ install: $(FULL)
 demo: $(CORE)
 	rm -f out/demo/cracks.gpkg
 	$(VENV)/bin/crackmap run examples/sample-survey --store out/demo/cracks.gpkg --survey sample-survey
-	@echo "Crack map: out/demo/cracks.gpkg (layers cracks, scenes); probability rasters: out/demo/cracks-probability/"
+	$(VENV)/bin/crackmap sections out/demo/cracks.gpkg --network examples/sample-roads.geojson \
+		--survey sample-survey --section-m 1 --rollup-m 5
+	@echo "Crack map: out/demo/cracks.gpkg (layers cracks, scenes, sections, pattern_areas); probability rasters: out/demo/cracks-probability/"
 
 # A throwaway PostGIS (infra/postgis.sh) for the store tests, stopped again whatever happens.
 # If it cannot start, the PostGIS tests skip locally and fail under CI=true.

@@ -19,6 +19,7 @@ from pipeline.cli import backend_option, cli, fail, model_option
 from pipeline.errors import USER_ERRORS
 from pipeline.ids import check_survey_id
 from pipeline.redact import mask_url, password_of, redact, remember, without_password
+from pipeline.survey import default_survey_id
 
 
 def verbose() -> bool:
@@ -146,10 +147,13 @@ def summary_table(rows: list[dict]) -> str:
               help="Only scenes whose path under a folder or prefix matches, e.g. '**/*_rgb.tif'.")
 @click.option("--force", is_flag=True, help="Map scenes again even if unchanged since mapped "
                                             "with this model version.")
+@click.option("--network", default=None, metavar="ROADS",
+              help="Road centrelines (any vector file pyogrio reads, field road_id): rate the survey's "
+                   "sections after mapping (default: $CRACKMAP_NETWORK).")
 @model_option
 @backend_option
 def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir: str | None,
-        pattern: str | None, force: bool, model_spec: str | None, backend: str) -> None:
+        pattern: str | None, force: bool, network: str | None, model_spec: str | None, backend: str) -> None:
     """Map the cracks of SOURCES into STORE.
 
     SOURCES are raster files, folders, globs or storage URL prefixes such as
@@ -168,7 +172,6 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
     quiet_prefect()
     from flows.embedded import prefect_api
     from flows.survey import process_survey
-    from pipeline.survey import default_survey_id
 
     started = time.perf_counter()
     bars: dict[str, tqdm] = {}
@@ -187,7 +190,8 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
             try:
                 with progress.listening(show):
                     state = process_survey(list(sources), store, survey_id, model_spec, backend,
-                                           output_dir, force, pattern, return_state=True)
+                                           output_dir, force, pattern, network=network,
+                                           return_state=True)
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report while the API still answers
                 for bar in bars.values():
                     bar.close()
@@ -210,7 +214,22 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
                f"{sum(r['length_m'] for r in done):.2f} m of cracks"
                + (f", {skipped} unchanged and skipped" if skipped else "")
                + f" in {time.perf_counter() - started:.1f} s -> {mask_url(store)}")
+    if network := network or os.environ.get("CRACKMAP_NETWORK"):
+        print_sections(store, survey_id or default_survey_id(list(sources)), network)
     sys.exit(0 if len(done) + skipped == len(rows) else 1)
+
+
+def print_sections(store: str, survey_id: str, network: str) -> None:
+    """The per-section table the survey run wrote (layer current_sections)."""
+    from pipeline.cli import sections_table
+    from pipeline.store import open_store
+
+    target = open_store(store)
+    try:
+        rows = target.read_layer("current_sections", {"survey_id": survey_id})
+    finally:
+        target.close()
+    click.echo(f"\nSections of {survey_id} along {network}:\n" + sections_table(rows))
 
 
 def changes_table(rows: list[dict]) -> str:

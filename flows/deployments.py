@@ -67,7 +67,7 @@ def deployments(config: Settings, with_schedule: bool | None = None) -> list[Run
                       "scene_deployment": SCENE_DEPLOYMENT, "max_concurrent": config.scene_concurrency,
                       "scene_timeout_s": config.scene_timeout_s}
         parameters |= {k: v for k, v in (("output_dir", config.output), ("survey_id", config.survey_id),
-                                         ("model", config.model)) if v}
+                                         ("model", config.model), ("network", config.network)) if v}
         found.append(process_survey.to_deployment(
             "scheduled-survey-run", work_pool_name=config.cpu_pool, entrypoint_type=module,
             schedules=[Cron(config.schedule_cron, timezone=config.schedule_timezone)],

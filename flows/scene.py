@@ -26,8 +26,10 @@ from prefect.states import Completed
 from flows.policy import RETRIES, RETRY_DELAYS_S, RETRY_JITTER, retry_transient
 from models.registry import resolve
 from pipeline import redact
+from pipeline.crack_types import type_profile
 from pipeline.ids import check_scene_id, check_survey_id
 from pipeline.redact import mask_url, without_password
+from pipeline.scene import SceneOptions
 from pipeline.store import RunInfo, open_store
 from pipeline.survey import SceneSource, default_output_dir, map_scene, probability_path
 
@@ -42,7 +44,10 @@ SCENE_TIMEOUT_S = 6 * 3600.0  # a process-scene run not finished by then (no wor
       retry_condition_fn=retry_transient)
 def map_scene_task(source: SceneSource, store: str, run: RunInfo, backend: str,
                    output_dir: str | None, force: bool = False, promote: bool = True) -> dict:
-    return map_scene(source, store, run, backend, output_dir, force=force, promote=promote)
+    from flows.settings import Settings
+
+    options = SceneOptions(types=type_profile(Settings().type_profile))  # CRACKMAP_TYPE_PROFILE
+    return map_scene(source, store, run, backend, output_dir, options, force=force, promote=promote)
 
 
 @flow(name="process-scene", log_prints=True)

@@ -24,6 +24,10 @@ class Settings(BaseSettings):
         output: Folder or storage prefix for probability rasters (required with PostGIS).
         survey_id: Survey the scheduled run publishes into (default: the first source's folder name).
         model: ``NAME[:VERSION]`` the scheduled run maps with (default: the registry's default).
+        network: Road centrelines (any vector file pyogrio reads, with a ``road_id`` field): when set,
+            every survey run rates its sections along them (``crackmap sections``) after mapping.
+        type_profile: The crack-type angle profile scenes are typed with when mapped
+            (``pipeline.crack_types.PROFILES``: aashto-r85, strict-10, loose-30).
         schedule_cron: When the scheduled run starts (cron, in ``schedule_timezone``).
         cpu_pool / gpu_pool: Work pools of the parent flows and of ``process-scene``.
         scene_concurrency: At most this many ``process-scene`` runs at once per parent run.
@@ -40,6 +44,8 @@ class Settings(BaseSettings):
     output: str | None = None
     survey_id: str | None = None
     model: str | None = None
+    network: str | None = None
+    type_profile: str = "aashto-r85"
     schedule_cron: str = "0 2 * * *"
     schedule_timezone: str = "UTC"
     cpu_pool: str = "crackmap-cpu"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from prefect import flow
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
 from prefect.artifacts import update_progress_artifact
 from prefect.runtime import flow_run
@@ -22,8 +22,9 @@ from prefect.states import Completed, Failed
 from flows.scene import SCENE_TIMEOUT_S, map_scene_task, run_scenes  # noqa: F401  (map_scene_task: re-exported)
 from models.registry import resolve
 from pipeline import progress, redact
+from pipeline.condition import run_sections
 from pipeline.ids import check_survey_id
-from pipeline.store import RunInfo
+from pipeline.store import RunInfo, open_store
 from pipeline.survey import default_output_dir, default_survey_id, discover
 
 redact.mask_log_handlers()  # Prefect's console and API handlers: passwords masked in every record
@@ -64,6 +65,23 @@ def summary_markdown(run: RunInfo, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@task(name="rate-sections", task_run_name="rate-sections-{survey_id}")
+def rate_sections(store: str, network: str, survey_id: str) -> dict:
+    """The survey's sections along the network (``pipeline.condition.run_sections``); a summary."""
+    target = open_store(store)
+    try:
+        found = run_sections(target, network, survey_id)
+    finally:
+        target.close()
+    sections = [r for r in found.rows if r["level"] == "section"]
+    create_table_artifact([{k: r[k] for k in ("road_id", "from_m", "to_m", "longitudinal_m", "transverse_m",
+                                              "diagonal_m", "pattern_m", "cracked_area_pct", "crack_index",
+                                              "condition_class")} for r in sections],
+                          key="survey-sections", description=f"Sections of survey {survey_id}")
+    return {"sections": len(sections), "cracks": found.cracks, "located": found.located,
+            "outside": found.outside, "joints": found.joints}
+
+
 def report(run: RunInfo, rows: list[dict], what: str = "survey"):
     """The table and markdown artifacts of a parent run, and its final state (Failed names the failed scenes)."""
     create_table_artifact(rows, key=f"{what}-scenes", description=f"Scenes of survey {run.survey_id}")
@@ -81,9 +99,9 @@ def report(run: RunInfo, rows: list[dict], what: str = "survey"):
 def process_survey(sources: list[str], store: str, survey_id: str | None = None,
                    model: str | None = None, backend: str = "auto",
                    output_dir: str | None = None, force: bool = False, glob: str | None = None,
-                   scene_deployment: str | None = None, max_concurrent: int = 4,
+                   scene_deployment: str | None = None, max_concurrent: int = 4, network: str | None = None,
                    scene_timeout_s: float = SCENE_TIMEOUT_S):
-    """Map every scene of a survey into ``store``.
+    """Map every scene of a survey into ``store``; with a road network, rate its sections too.
 
     Args:
         sources: Raster files, folders, globs, or storage URL prefixes (``s3://bucket/survey/``).
@@ -99,10 +117,15 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
         scene_deployment: Run each scene as a run of this deployment
             (``process-scene/process-scene``) on its work pool; default: in this process.
         max_concurrent: With a deployment, at most this many scene runs at once.
+        network: Road centrelines (``CRACKMAP_NETWORK`` when not given): after mapping, the
+            survey's cracks are typed against them and rated per section (layer ``sections``).
         scene_timeout_s: With a deployment, a scene run not finished after this long (no worker
             serves its pool?) is cancelled and the scene fails, saying so.
     """
+    from flows.settings import Settings
+
     check_survey_id(survey_id or default_survey_id(sources))  # before any work
+    network = network or Settings().network
     entry = resolve(model)
     run = RunInfo(survey_id=survey_id or default_survey_id(sources),
                   run_id=str(flow_run.id or uuid.uuid4()), model_name=entry.name,
@@ -114,4 +137,6 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
         rows = run_scenes(scenes, store, run, backend, output_dir, force,
                           scene_deployment=scene_deployment, max_concurrent=max_concurrent,
                           on_finished=lambda row: bar.scene_finished(), scene_timeout_s=scene_timeout_s)
+    if network and any(r["status"] != "failed" for r in rows):
+        rate_sections(store, network, run.survey_id)
     return report(run, rows)

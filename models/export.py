@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.hrsegnet import CrackProbability, HrSegNet, create
+from models.hrsegnet import CrackProbability, HrSegNet, create, pool_kwargs
 
 OPSET = 18
 log = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ class ChipsToProbability(torch.nn.Module):
 
 def load_net(variant: str, weights: Path) -> HrSegNet:
     """An eval-mode network with weights from a ``weights.pt`` state dict."""
-    net = create(variant)
     state = torch.load(weights, map_location="cpu", weights_only=True)
+    net = create(variant, **pool_kwargs(state.get("avg_pool") if "state_dict" in state else None))
     net.load_state_dict(state.get("state_dict", state))
     return net.eval()
 

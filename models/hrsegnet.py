@@ -12,6 +12,13 @@ through unchanged), so this implementation applies the 1x1 convolution at low
 resolution first: the same function with about 18 % fewer multiply-adds.
 ``HrSegNet(conv_before_upsample=False)`` computes the literal published order;
 a test checks that both agree.
+
+Average pooling: the reference (PaddleSeg) ``AvgPool2D`` excludes the zero
+padding from the average at the border (``exclusive=True``), PyTorch's default
+includes it. ``exclusive_pool=True`` (the default) matches the reference;
+``hrsegnet-b16`` 1.0.0 was trained with the padding included and is loaded with
+``exclusive_pool=False``, so it computes exactly what it always did. Weight
+files record the choice (``"avg_pool"``); see :func:`pool_kwargs`.
 """
 
 from __future__ import annotations
@@ -35,17 +42,19 @@ def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class SegBlock(nn.Module):
     """A high-resolution path (base channels, constant size) guided by a low-resolution one."""
 
-    def __init__(self, base: int, stage: int, conv_before_upsample: bool = True) -> None:
+    def __init__(self, base: int, stage: int, conv_before_upsample: bool = True,
+                 exclusive_pool: bool = True) -> None:
         super().__init__()
         low = base * 2**stage
         self.conv_before_upsample = conv_before_upsample
         self.h_conv = nn.ModuleList(nn.Sequential(*conv_bn_relu(base, base)) for _ in range(3))
+        pool = nn.AvgPool2d(3, 2, 1, count_include_pad=not exclusive_pool)
         if stage == 1:
             first = conv_bn_relu(base, low, stride=2)
         elif stage == 2:
-            first = [nn.AvgPool2d(3, 2, 1), *conv_bn_relu(base, low, stride=2)]
+            first = [pool, *conv_bn_relu(base, low, stride=2)]
         else:
-            first = [nn.AvgPool2d(3, 2, 1), *conv_bn_relu(base, low, stride=2),
+            first = [pool, *conv_bn_relu(base, low, stride=2),
                      *conv_bn_relu(low, low, stride=2)]
         self.l_conv = nn.ModuleList([nn.Sequential(*first), nn.Sequential(*conv_bn_relu(low, low)),
                                      nn.Sequential(*conv_bn_relu(low, low))])
@@ -87,12 +96,13 @@ class HrSegNet(nn.Module):
     """
 
     def __init__(self, base: int = 16, num_classes: int = 2, in_channels: int = 3,
-                 conv_before_upsample: bool = True) -> None:
+                 conv_before_upsample: bool = True, exclusive_pool: bool = True) -> None:
         super().__init__()
         self.base = base
+        self.exclusive_pool = exclusive_pool
         self.stem = nn.Sequential(*conv_bn_relu(in_channels, base // 2, stride=2),
                                   *conv_bn_relu(base // 2, base, stride=2))
-        self.blocks = nn.ModuleList(SegBlock(base, stage, conv_before_upsample) for stage in (1, 2, 3))
+        self.blocks = nn.ModuleList(SegBlock(base, stage, conv_before_upsample, exclusive_pool) for stage in (1, 2, 3))
         self.head = SegHead(base, num_classes)
         self.aux_heads = nn.ModuleList(SegHead(base, num_classes, aux=True) for _ in range(2))
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
@@ -125,6 +135,27 @@ class CrackProbability(nn.Module):
 
 
 VARIANTS = {"b16": 16, "b32": 32, "b48": 48}
+AVG_POOL = ("exclusive", "inclusive")
+
+
+def pool_kwargs(avg_pool: str | None) -> dict:
+    """Constructor arguments for a recorded ``avg_pool`` setting.
+
+    Weight files and checkpoints written before the setting existed (``None``)
+    were trained with the padding included.
+
+    >>> pool_kwargs(None), pool_kwargs("exclusive")
+    ({'exclusive_pool': False}, {'exclusive_pool': True})
+    """
+    avg_pool = avg_pool or "inclusive"
+    if avg_pool not in AVG_POOL:
+        raise ValueError(f"avg_pool must be one of {AVG_POOL}, not {avg_pool!r}")
+    return {"exclusive_pool": avg_pool == "exclusive"}
+
+
+def avg_pool_name(net: HrSegNet) -> str:
+    """The ``avg_pool`` setting to record for ``net``."""
+    return "exclusive" if net.exclusive_pool else "inclusive"
 
 
 def create(variant: str, **kwargs) -> HrSegNet:

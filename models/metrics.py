@@ -7,6 +7,9 @@ Two accumulators:
 * :class:`ThresholdSweep` keeps 256-bin histograms of crack probability for crack
   and background truth pixels, so that the scores at every threshold
   ``k / 255`` (``k = 0 .. 255``) can be read off with two cumulative sums.
+* :class:`ToleranceCounts` scores a mask with a tolerance of a few pixels, as
+  crack papers also report: a predicted crack pixel counts as right if a true
+  one lies within ``tolerance_px``, a true one as found if a predicted one does.
 
 Conventions for empty denominators (documented once, used everywhere):
 
@@ -234,3 +237,40 @@ class ThresholdSweep:
         tied = np.flatnonzero(f1 == f1.max())
         threshold = int(tied[len(tied) // 2]) / (BINS - 1)
         return threshold, self.scores_at(threshold)
+
+
+@dataclass
+class ToleranceCounts:
+    """Crack precision / recall / F1 with a distance tolerance (pixels), accumulated over images.
+
+    >>> truth = np.zeros((5, 9), bool); truth[2, 1:8] = True
+    >>> pred = np.zeros((5, 9), bool); pred[3, 1:8] = True          # one pixel off
+    >>> counts = ToleranceCounts(tolerance_px=2); counts.add(pred, truth)
+    >>> counts.scores()["f1"], ToleranceCounts(tolerance_px=0).scores()["f1"]
+    (1.0, 1.0)
+    """
+
+    tolerance_px: float = 2.0
+    predicted: int = 0          # predicted crack pixels
+    predicted_near: int = 0     # ... within the tolerance of a true crack pixel
+    true: int = 0               # true crack pixels
+    true_near: int = 0          # ... within the tolerance of a predicted crack pixel
+
+    def add(self, pred: np.ndarray, truth: np.ndarray) -> None:
+        """Count one predicted bool mask against its bool truth (same shape)."""
+        from scipy import ndimage
+
+        pred, truth = np.asarray(pred), np.asarray(truth)
+        _check_pair(pred, truth, "pred")
+        self.predicted += int(pred.sum())
+        self.true += int(truth.sum())
+        if pred.any() and truth.any():
+            self.predicted_near += int((ndimage.distance_transform_edt(~truth)[pred] <= self.tolerance_px).sum())
+            self.true_near += int((ndimage.distance_transform_edt(~pred)[truth] <= self.tolerance_px).sum())
+
+    def scores(self) -> dict:
+        """``precision``, ``recall`` and ``f1`` (empty cases as in the module docstring)."""
+        precision = _ratio(self.predicted_near, self.predicted, 0.0 if self.true else 1.0)
+        recall = _ratio(self.true_near, self.true, 1.0)
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return {"precision": precision, "recall": recall, "f1": f1}

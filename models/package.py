@@ -9,13 +9,21 @@ import torch
 
 from models import registry
 from models.export import export_onnx, verify_onnx
-from models.hrsegnet import MEAN, STD, create
+from models.hrsegnet import MEAN, STD, avg_pool_name, create, pool_kwargs
 
 DATA_LICENSES = {
     "deepcrack": "non-commercial research and educational use only (Liu et al. 2019)",
     "crackforest_cfd": "non-commercial research only (Shi et al. 2016)",
     "paveseg_preview": "Apache-2.0 (FuturePave/PaveSeg-Dataset preview)",
     "uav75": "GPL-3.0 (Benz et al. 2019)",
+    "gaps384": "non-commercial research only (GAPs, TU Ilmenau; registration required)",
+    "aiglern": "non-commercial research only (Aigle-RN database)",
+    "crack500": "non-commercial research only (Yang et al. 2019)",
+    "shadowcrack": "non-commercial research only (terms of the original not stated)",
+    "uav_crackx": "non-commercial research only, cite the authors (no licence stated)",
+    "uav_kaggle": "CC0 1.0",
+    "sut_crack": "CC BY 4.0 (SUT-Crack, Mendeley Data, doi 10.17632/gsbmknrhkv.6)",
+    "crack_sc": "MIT",
 }
 MAX_ONNX_DIFF = 1e-4
 
@@ -35,12 +43,13 @@ def package(checkpoint: Path, name: str, version: str, root: Path = registry.ZOO
             default: bool = False, summary: str = "") -> registry.ModelEntry:
     """Add a checkpoint (``models.train`` output) to the registry at ``root``."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    net = create(state["variant"])
+    net = create(state["variant"], **pool_kwargs(state.get("avg_pool")))
     net.load_state_dict(state["state_dict"])
     net.eval()
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.pt"
-        torch.save({"state_dict": net.state_dict(), "variant": state["variant"]}, weights)
+        torch.save({"state_dict": net.state_dict(), "variant": state["variant"],
+                    "avg_pool": avg_pool_name(net)}, weights)
         onnx_path = export_onnx(net, Path(tmp) / "model.onnx")
         diff = verify_onnx(net, onnx_path)
         if diff > MAX_ONNX_DIFF:
@@ -48,6 +57,7 @@ def package(checkpoint: Path, name: str, version: str, root: Path = registry.ZOO
         datasets = list((state.get("data") or {}).get("datasets", []))
         card = {
             "name": name, "version": version, "variant": state["variant"],
+            "avg_pool": avg_pool_name(net),
             "summary": summary or f"HrSegNet-{state['variant'].upper()} crack segmentation, "
                                   f"trained with crackmap ({state.get('iteration', '?')} iterations).",
             "input": {"size_px": 400, "channels": "RGB", "dtype": "uint8", "mean": list(MEAN),

@@ -4,14 +4,22 @@ Recipe (after the published HrSegNet / PaddleSeg configuration): SGD with
 momentum 0.9 and weight decay 5e-4, learning rate 0.01 with a linear warm-up
 over the first 3 % of iterations, then polynomial decay (power 0.9) to 0 at the
 last iteration; OHEM cross-entropy (probability threshold 0.7, at least 1/16 of
-the batch pixels kept, ignore index 255) on the main head and both auxiliary
-heads, weighted 1 / 0.5 / 0.5. Augmentation: see :class:`models.data.Augment`.
+the batch pixels kept, ignore index 255) on the main head, plain cross-entropy on
+the two auxiliary heads (``--ohem-heads all`` puts OHEM on all three, as the
+reference does, at 20-40 % more time per step), weighted 1 / 0.5 / 0.5.
+Augmentation: see :class:`models.data.Augment`.
 
-Data: the union of the ``train`` splits of the chosen datasets, sampled so that
-every dataset contributes the same number of crops to every batch
-(:class:`models.data.BalancedSampler`); small datasets are not drowned by large
-ones, and the selection criterion (the mean over datasets) weights them the same
-way.
+Data: the union of the ``train`` splits of the chosen datasets, sampled by
+domain, not by file count (:class:`models.data.BalancedSampler` with
+:data:`DATASET_WEIGHTS`): every round of draws takes a fixed number of crops
+of each dataset, more of the survey-like ones. Tile datasets become mosaic
+crops; a share of crops is centred on crack pixels and on hard negatives
+(joints, sealed cracks, planking; see :data:`models.data.MULTICLASS`).
+
+Speed on CPUs: all cores by default; on CPUs with AVX512-BF16 or AMX the
+forward and backward passes run under bf16 autocast with channels-last
+tensors (1.4-2x fewer CPU-seconds per step); elsewhere fp32. The choice is
+part of the recipe, so a run resumes with the precision it started with.
 
 Model selection: after every validation, whole images of each dataset's ``val``
 split are segmented; the F1-optimal threshold is found on the pooled val pixels
@@ -50,12 +58,42 @@ from models.metrics import PixelCounts, ThresholdSweep
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("deepcrack", "crackforest_cfd", "paveseg_preview", "uav75")
+DATASETS = ("deepcrack", "crackforest_cfd", "paveseg_preview", "uav75", "gaps384", "aiglern", "crack500",
+            "shadowcrack", "uav_crackx", "uav_kaggle", "sut_crack", "crack_sc")
+# Crops per sampling round of each dataset: balanced by domain, survey-like data (vehicle and
+# drone views of real roads) weighted up, the concrete-structure set (not pavement) down.
+DATASET_WEIGHTS = {"paveseg_preview": 3, "gaps384": 3, "aiglern": 3, "uav_crackx": 3, "crack500": 3,
+                   "deepcrack": 2, "shadowcrack": 2, "uav_kaggle": 2, "crackforest_cfd": 1, "sut_crack": 1,
+                   "crack_sc": 1, "uav75": 1}
 CHECKPOINT_FORMAT = "crackmap-hrsegnet-checkpoint/1"
 # Config fields that change the training trajectory; a resume must not change them.
-RECIPE_FIELDS = ("variant", "datasets", "iters", "batch_size", "crop_px", "scale_min", "scale_max",
-                 "scale_step", "jitter", "lr", "momentum", "weight_decay", "warmup_fraction", "power",
-                 "ohem_thresh", "ohem_min_kept_fraction", "aux_weights", "seed")
+RECIPE_FIELDS = ("variant", "datasets", "dataset_weights", "iters", "batch_size", "crop_px", "scale_min",
+                 "scale_max", "scale_step", "jitter", "focus_crack", "focus_hard_negative", "mosaic_below_px",
+                 "lr", "momentum", "weight_decay", "warmup_fraction", "power", "ohem_thresh",
+                 "ohem_min_kept_fraction", "ohem_heads", "aux_weights", "avg_pool", "precision", "seed")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def cpu_has_bf16() -> bool:
+    """True if this CPU computes bf16 natively (AVX512-BF16 or AMX), read from /proc/cpuinfo.
+
+    Other systems (no /proc/cpuinfo) answer False: fp32 is the safe choice there.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def resolve_precision(precision: str, device: str = "cpu") -> str:
+    """``auto`` -> ``bf16`` on CPUs with native bf16, else ``fp32`` (CUDA: ``fp32``, as tested)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision != "auto":
+        return precision
+    return "bf16" if device == "cpu" and cpu_has_bf16() else "fp32"
 
 
 def default_data_root() -> Path:
@@ -74,6 +112,7 @@ class TrainConfig:
     out: Path
     data_root: Path = field(default_factory=default_data_root)
     datasets: tuple[str, ...] = DATASETS
+    dataset_weights: tuple[int, ...] | None = None   # None: DATASET_WEIGHTS (1 where absent)
     variant: str = "b16"
     iters: int = 10_000
     batch_size: int = 8
@@ -82,6 +121,9 @@ class TrainConfig:
     scale_max: float = 2.0
     scale_step: float = 0.25
     jitter: float = 0.4
+    focus_crack: float = 0.3
+    focus_hard_negative: float = 0.3
+    mosaic_below_px: int = 280
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -89,12 +131,15 @@ class TrainConfig:
     power: float = 0.9
     ohem_thresh: float = 0.7
     ohem_min_kept_fraction: float = 1 / 16
+    ohem_heads: str = "main"            # "main" or "all"
     aux_weights: tuple[float, float] = (0.5, 0.5)
+    avg_pool: str = "exclusive"         # "exclusive" as the reference; "inclusive" as 1.0.0
+    precision: str = "auto"             # auto | bf16 | fp32; resolved when the run starts
     seed: int = 0
     val_every: int | None = None        # None: every 10 % of iters
     checkpoint_every: int = 250
     log_every: int = 50
-    threads: int = 1
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_minutes: float | None = None
     resume: Path | None = None
     stop_at: int | None = None          # stop after this iteration (schedule unchanged)
@@ -108,16 +153,30 @@ class TrainConfig:
         """The augmentation settings of this run."""
         return crackdata.Augment(crop_px=self.crop_px, scale_min=self.scale_min,
                                  scale_max=self.scale_max, scale_step=self.scale_step,
-                                 brightness=self.jitter, contrast=self.jitter, saturation=self.jitter)
+                                 brightness=self.jitter, contrast=self.jitter, saturation=self.jitter,
+                                 focus_crack=self.focus_crack, focus_hard_negative=self.focus_hard_negative,
+                                 mosaic_below_px=self.mosaic_below_px)
+
+    def weights(self) -> tuple[int, ...]:
+        """Crops per sampling round of each dataset."""
+        weights = self.dataset_weights or tuple(DATASET_WEIGHTS.get(name, 1) for name in self.datasets)
+        if len(weights) != len(self.datasets) or min(weights) < 1:
+            raise ValueError(f"dataset_weights {weights} must be one whole number >= 1 per dataset "
+                             f"({len(self.datasets)})")
+        return tuple(int(w) for w in weights)
 
     def recipe(self) -> dict:
-        """All hyperparameters, JSON-ready."""
+        """All hyperparameters, JSON-ready (``precision`` as resolved for this machine)."""
         recipe = {name: _jsonable(getattr(self, name)) for name in RECIPE_FIELDS}
+        recipe.update(dataset_weights=list(self.weights()),
+                      precision=resolve_precision(self.precision, resolve_device(self.device).type))
+        heads = "main head" if self.ohem_heads == "main" else "main + 2 aux heads"
         recipe.update(optimizer="SGD", lr_schedule="linear warm-up, then poly decay to 0",
                       warmup_iters=warmup_iters(self),
-                      loss="OHEM cross-entropy on main + 2 aux heads, weights 1 + aux_weights",
+                      loss=f"OHEM cross-entropy on the {heads}, plain cross-entropy on the others; "
+                           "weights 1 + aux_weights",
                       ignore_index=crackdata.IGNORE_INDEX, flip=True, pad_image=0,
-                      sampling="balanced: every dataset contributes equally to every batch",
+                      sampling="by domain: dataset_weights crops of each dataset per round",
                       validation="whole images, val split; threshold F1-optimal on pooled val pixels")
         return recipe
 
@@ -160,12 +219,31 @@ def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, thresh: float
     return losses.mean()
 
 
+def plain_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the labelled pixels (0 when nothing is labelled)."""
+    if not bool((target != crackdata.IGNORE_INDEX).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, target, ignore_index=crackdata.IGNORE_INDEX)
+
+
 def total_loss(outputs: list[torch.Tensor], target: torch.Tensor, config: TrainConfig) -> torch.Tensor:
-    """Weighted OHEM loss of the main head and the auxiliary heads."""
+    """Weighted loss of the main head and the auxiliary heads, in fp32 whatever the compute precision.
+
+    OHEM on the main head (all heads with ``ohem_heads="all"``); plain
+    cross-entropy elsewhere.
+    """
+    if config.ohem_heads not in ("main", "all"):
+        raise ValueError(f"ohem_heads must be 'main' or 'all', not {config.ohem_heads!r}")
     min_kept = int(target.numel() * config.ohem_min_kept_fraction)
     weights = (1.0, *config.aux_weights)
-    return sum(weight * ohem_cross_entropy(logits, target, config.ohem_thresh, min_kept)
-               for weight, logits in zip(weights, outputs))
+    total = 0.0
+    for head, (weight, logits) in enumerate(zip(weights, outputs)):
+        logits = logits.float()
+        if head == 0 or config.ohem_heads == "all":
+            total = total + weight * ohem_cross_entropy(logits, target, config.ohem_thresh, min_kept)
+        else:
+            total = total + weight * plain_cross_entropy(logits, target)
+    return total
 
 
 def warmup_iters(config: TrainConfig) -> int:
@@ -193,21 +271,33 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.S
                            weight_decay=config.weight_decay)
 
 
-def to_tensors(images: np.ndarray, masks: np.ndarray,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def to_tensors(images: np.ndarray, masks: np.ndarray, device: torch.device,
+               channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, H, W, 3) uint8 and (N, H, W) uint8 -> float [0, 1] NCHW and int64 NHW."""
     x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255.0)
     y = torch.from_numpy(masks).to(device).long()
-    return x.contiguous(), y
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return x.contiguous(memory_format=memory_format), y
+
+
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast for ``precision == "bf16"``, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-               masks: torch.Tensor, iteration: int, config: TrainConfig) -> float:
-    """One SGD step at the scheduled learning rate; returns the loss."""
+               masks: torch.Tensor, iteration: int, config: TrainConfig, precision: str = "fp32") -> float:
+    """One SGD step at the scheduled learning rate; returns the loss.
+
+    ``precision="bf16"`` runs forward and backward under bf16 autocast; the
+    weights, the optimizer and the loss stay fp32.
+    """
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(iteration, config)
     model.train()
-    loss = total_loss(model(images), masks, config)
+    with autocast(precision, images.device):
+        outputs = model(images)
+    loss = total_loss(outputs, masks, config)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"training loss is {loss.item()} at iteration {iteration}; "
                                  "lower --lr or check the data")
@@ -219,8 +309,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
 
 # --------------------------------------------------------------------------- data
 
-def load_splits(root: Path, names: tuple[str, ...], split: str) -> tuple[crackdata.CrackSplit, ...]:
-    """Decode ``root/<name>/<split>`` for every dataset name.
+def load_splits(root: Path, names: tuple[str, ...], split: str,
+                refine: bool = True) -> tuple[crackdata.CrackSplit, ...]:
+    """Decode ``root/<name>/<split>`` for every dataset name (``refine``: see ``load_split``).
 
     Raises:
         FileNotFoundError: If a dataset split folder is missing.
@@ -231,7 +322,7 @@ def load_splits(root: Path, names: tuple[str, ...], split: str) -> tuple[crackda
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder} does not exist; set --data-root (or $CRACKMAP_DATA) "
                                     f"to the folder holding {', '.join(names)}")
-        splits.append(crackdata.load_split(folder, name))
+        splits.append(crackdata.load_split(folder, name, refine=refine))
     return tuple(splits)
 
 
@@ -248,7 +339,9 @@ def data_summary(config: TrainConfig, train: tuple, val: tuple) -> dict:
     """Dataset names, splits, image counts and licences, for the checkpoint."""
     return {"root": str(config.data_root), "splits": {"train": "train", "val": "val"},
             "datasets": {t.name: {"train": len(t), "val": len(v)} for t, v in zip(train, val)},
-            "sampling": "balanced: every dataset contributes equally to every batch",
+            "sampling": "by domain: " + ", ".join(f"{n} x{w}" for n, w in zip(config.datasets, config.weights())),
+            "hard_negatives": {name: {"ignore": list(rule.ignore), "hard_negative": list(rule.hard_negative)}
+                               for name, rule in crackdata.MULTICLASS.items() if name in config.datasets},
             "licences": dataset_licences(config.data_root, config.datasets)}
 
 
@@ -311,7 +404,7 @@ def model_card(config: TrainConfig, model: hrsegnet.HrSegNet, device: torch.devi
     """Git-free metadata for a model card."""
     return {
         "architecture": "HrSegNet (Li et al., Automation in Construction 2023)",
-        "variant": config.variant, "base_channels": model.base,
+        "variant": config.variant, "base_channels": model.base, "avg_pool": config.avg_pool,
         "parameters": sum(p.numel() for p in model.parameters()),
         "in_channels": 3, "classes": ["background", "crack"],
         "input": "RGB float32 NCHW in [0, 1]; normalised inside the model",
@@ -405,15 +498,20 @@ class Trainer:
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
-        self.model = hrsegnet.create(config.variant).to(self.device)
+        self.precision = resolve_precision(config.precision, self.device.type)
+        self.channels_last = self.device.type == "cpu"
+        self.model = hrsegnet.create(config.variant, **hrsegnet.pool_kwargs(config.avg_pool)).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, config)
         self.state = RunState()
         started = time.monotonic()
         self.train_splits = load_splits(config.data_root, config.datasets, "train")
-        self.val_splits = load_splits(config.data_root, config.datasets, "val")
+        self.val_splits = load_splits(config.data_root, config.datasets, "val", refine=False)
         log.info("decoded %d train and %d val images in %.1f s",
                  sum(map(len, self.train_splits)), sum(map(len, self.val_splits)), time.monotonic() - started)
-        self.sampler = crackdata.BalancedSampler(tuple(len(s) for s in self.train_splits), config.seed)
+        self.sampler = crackdata.BalancedSampler(tuple(len(s) for s in self.train_splits), config.seed,
+                                                 config.weights())
         self.augment = config.augment()
         self.data = data_summary(config, self.train_splits, self.val_splits)
         if config.resume is not None:
@@ -438,6 +536,7 @@ class Trainer:
         return {
             "format": CHECKPOINT_FORMAT,
             "state_dict": self.model.state_dict(), "variant": self.config.variant,
+            "avg_pool": self.config.avg_pool, "precision": self.precision,
             "threshold": validation.get("threshold"), "val_metrics": validation.get("val_metrics"),
             "val_score": validation.get("score"), "iteration": self.state.iteration,
             "optimizer": self.optimizer.state_dict(),
@@ -462,8 +561,8 @@ class Trainer:
         """Train one iteration."""
         images, masks = crackdata.training_batch(self.train_splits, self.sampler, self.state.iteration,
                                                  self.config.batch_size, self.augment)
-        x, y = to_tensors(images, masks, self.device)
-        loss = train_step(self.model, self.optimizer, x, y, self.state.iteration, self.config)
+        x, y = to_tensors(images, masks, self.device, self.channels_last)
+        loss = train_step(self.model, self.optimizer, x, y, self.state.iteration, self.config, self.precision)
         self.state.iteration += 1
         return loss
 
@@ -581,7 +680,7 @@ def train(config: TrainConfig) -> Path:
     trainer = Trainer(config)
     _write_config(config)
     trainer.log_event("resume" if config.resume else "start", recipe=config.recipe(), data=trainer.data,
-                      device=str(trainer.device), threads=config.threads)
+                      device=str(trainer.device), threads=config.threads, precision=trainer.precision)
     with _StopFlag() as stop:
         reason = _loop(trainer, config, clock, stop)
     trainer.save_last()
@@ -618,7 +717,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
                         help="resume from CHECKPOINT (default: <out>/last.pt)")
     parser.add_argument("--stop-at", type=int, default=None, help="stop after this iteration, schedule unchanged")
-    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="torch CPU threads (default: all cores)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
+                        help="auto: bf16 autocast on CPUs with AVX512-BF16/AMX, else fp32")
+    parser.add_argument("--ohem-heads", choices=("main", "all"), default=defaults.ohem_heads,
+                        help="heads with OHEM; the others get plain cross-entropy")
+    parser.add_argument("--avg-pool", choices=hrsegnet.AVG_POOL, default=defaults.avg_pool,
+                        help="exclusive: padding left out of border averages (as the reference)")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop cleanly (saving last.pt) before this wall-clock budget runs out")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda")
@@ -632,7 +738,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                          batch_size=args.batch_size, crop_px=args.crop_px, lr=args.lr, seed=args.seed,
                          val_every=args.val_every, checkpoint_every=args.checkpoint_every,
                          log_every=args.log_every, threads=args.threads, max_minutes=args.max_minutes,
-                         resume=resume, stop_at=args.stop_at, device=args.device)
+                         resume=resume, stop_at=args.stop_at, device=args.device, precision=args.precision,
+                         ohem_heads=args.ohem_heads, avg_pool=args.avg_pool)
     if args.data_root is not None:
         config = replace(config, data_root=args.data_root)
     return config

@@ -263,5 +263,149 @@ def query(store: str, bbox: tuple[float, float, float, float] | None, survey_id:
     click.echo(f"{count} cracks -> {out or 'stdout'}", err=True)
 
 
+def sections_table(rows: list[dict], level: str = "section") -> str:
+    """The per-section table: road, from-to m, crack m by type, cracked %, index and class."""
+    header = (f"{'road':<12} {'from-to m':>13} {'long m':>7} {'trans m':>7} {'diag m':>7} {'pattern m':>9} "
+              f"{'allig m2':>8} {'cover':>5} {'cracked %':>9} {'index':>5} class")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        if r["level"] != level:
+            continue
+
+        def num(v, fmt):
+            return "-" if v is None else format(v, fmt)
+        lines.append(f"{str(r['road_id'])[:12]:<12} {r['from_m']:>6.0f}-{r['to_m']:<6.0f} "
+                     f"{r['longitudinal_m']:>7.2f} {r['transverse_m']:>7.2f} {r['diagonal_m']:>7.2f} "
+                     f"{r['pattern_m']:>9.2f} {r['alligator_m2']:>8.2f} {num(r['coverage'], '5.2f'):>5} "
+                     f"{num(r['cracked_area_pct'], '9.2f'):>9} {num(r['crack_index'], '5.1f'):>5} "
+                     f"{r['condition_class'] or '-'}")
+    return "\n".join(lines)
+
+
+def open_existing(store: str):
+    """A store that must exist already (a .gpkg file or a PostGIS URL)."""
+    from pipeline.store import open_store
+
+    if not str(store).startswith(("postgresql://", "postgres://")) and not Path(store).is_file():
+        fail(f"{store}: no such GeoPackage")
+    try:
+        return open_store(store)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+
+
+def section_options(section_m: float, rollup_m: float, corridor_m: float, id_field: str, profile: str):
+    from pipeline.condition import SectionOptions
+    from pipeline.crack_types import type_profile
+
+    try:
+        return SectionOptions(section_m=section_m, rollup_m=rollup_m, corridor_m=corridor_m, id_field=id_field,
+                              types=type_profile(profile))
+    except ValueError as exc:
+        fail(str(exc))
+
+
+network_options = [
+    click.option("--section-m", default=10.0, show_default=True, help="Section length along the road (m)."),
+    click.option("--rollup-m", default=100.0, show_default=True, help="Reporting length (m), a multiple of it."),
+    click.option("--corridor-m", default=5.0, show_default=True,
+                 help="A crack belongs to a road within this distance of its centreline (m)."),
+    click.option("--id-field", default="road_id", show_default=True, help="The network's road id field."),
+    click.option("--profile", default="aashto-r85", show_default=True,
+                 help="Crack type angles: aashto-r85, strict-10 or loose-30."),
+]
+
+
+def with_network_options(command):
+    for option in reversed(network_options):
+        command = option(command)
+    return command
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--network", "network", required=True, metavar="ROADS",
+              help="Road centrelines: any vector file pyogrio reads (GeoPackage, Shapefile, GeoJSON, FlatGeobuf).")
+@click.option("--survey", "survey_id", default=None, help="Survey (default: the store's only survey).")
+@with_network_options
+def sections(store: str, network: str, survey_id: str | None, section_m: float, rollup_m: float,
+             corridor_m: float, id_field: str, profile: str) -> None:
+    """Rate the sections of a road network from the cracks of a survey in STORE.
+
+    Writes the layer ``sections`` (sections, rollups and whole roads) and each crack's
+    road_id, chainages and offset; prints the per-section table.
+    """
+    from pipeline.condition import run_sections
+
+    options = section_options(section_m, rollup_m, corridor_m, id_field, profile)
+    target = open_existing(store)
+    try:
+        if survey_id is None:
+            known = target.survey_ids()
+            if len(known) != 1:
+                fail(f"{store} holds surveys {', '.join(known) or '(none)'}; pick one with --survey")
+            survey_id = known[0]
+        report = run_sections(target, network, survey_id, options)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    finally:
+        target.close()
+    click.echo(sections_table(report.rows))
+    roads = sum(r["level"] == "road" for r in report.rows)
+    click.echo(f"\nsurvey {report.survey_id}: {sum(r['level'] == 'section' for r in report.rows)} sections of "
+               f"{section_m:g} m on {roads} roads; {report.located} of {report.cracks} cracks on the network, "
+               f"{report.outside} outside every corridor (kept, without road), {report.joints} joints left out"
+               f" -> {store} (layer sections)")
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--from", "from_survey", required=True, help="The earlier survey.")
+@click.option("--to", "to_survey", required=True, help="The later survey.")
+@click.option("--network", default=None, metavar="ROADS", help="Compute both surveys' sections on it first.")
+@click.option("--buffer-m", default=0.15, show_default=True, help="Cracks match within this distance (m).")
+@click.option("--angle-deg", default=20.0, show_default=True, help="... and this difference in direction.")
+@with_network_options
+def change(store: str, from_survey: str, to_survey: str, network: str | None, buffer_m: float, angle_deg: float,
+           section_m: float, rollup_m: float, corridor_m: float, id_field: str, profile: str) -> None:
+    """Change between two surveys in STORE: new, grown, unchanged and gone cracks, and per-section deltas.
+
+    Writes the layers ``crack_changes`` and ``section_changes``.
+    """
+    from pipeline.change import MatchParams
+    from pipeline.condition import run_change
+
+    options = section_options(section_m, rollup_m, corridor_m, id_field, profile)
+    try:
+        match = MatchParams(buffer_m=buffer_m, angle_deg=angle_deg)
+    except ValueError as exc:
+        fail(str(exc))
+    target = open_existing(store)
+    try:
+        report = run_change(target, from_survey, to_survey, network, options, match)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    finally:
+        target.close()
+    if report.warning:
+        click.secho(f"warning: {report.warning}", fg="yellow", err=True)
+    header = (f"{'road':<12} {'from-to m':>13} {'long m':>7} {'trans m':>7} {'diag m':>7} {'pattern m':>9} "
+              f"{'cracked %':>9} {'index':>6} class")
+    click.echo(header + "\n" + "-" * len(header))
+    for r in report.sections:
+        if r["level"] != "section":
+            continue
+
+        def d(key):
+            v = r[f"{key}_delta"]
+            return "-" if v is None else f"{v:+.2f}"
+        click.echo(f"{str(r['road_id'])[:12]:<12} {r['from_m']:>6.0f}-{r['to_m']:<6.0f} {d('longitudinal_m'):>7} "
+                   f"{d('transverse_m'):>7} {d('diagonal_m'):>7} {d('pattern_m'):>9} {d('cracked_area_pct'):>9} "
+                   f"{d('crack_index'):>6} {r['class_from'] or '-'} -> {r['class_to'] or '-'}")
+    c = report.counts
+    click.echo(f"\n{from_survey} -> {to_survey}: {c['new']} new, {c['grown']} grown, {c['unchanged']} unchanged, "
+               f"{c['gone']} gone -> {store} (layers crack_changes, section_changes)")
+
+
 def main() -> None:
     cli()

@@ -64,4 +64,12 @@ class StorageError(PipelineError, OSError):
 
 
 # Errors whose message is meant for the user: a command prints it on one line and exits.
-USER_ERRORS = (PipelineError, ModelError)
+USER_ERRORS = (PipelineError, ModelError)  # NetworkError, ConditionError included
+
+
+class NetworkError(PipelineError, ValueError):
+    """A road network file cannot be used; the message names the file and the problem."""
+
+
+class ConditionError(PipelineError, ValueError):
+    """Sections or change cannot be computed as asked (unknown survey, bad section length, ...)."""

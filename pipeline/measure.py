@@ -155,15 +155,36 @@ class Georeferencer:
         # width = 2 d - one pixel step across the crack, measured with the true per-axis spacing.
         row_mm, across_mm = self.spacing_m[0] * 1000.0, self.step_across_m(piece.rc) * 1000.0
         width_mean = max(2.0 * piece.half_width_sum / piece.n_px * row_mm - across_mm, across_mm)
+        length_m = float(GEOD.line_length(lon, lat))
         return CrackLine(
             geometry=LineString(np.column_stack([sx, sy])),
-            length_m=float(GEOD.line_length(lon, lat)),
+            length_m=length_m,
             width_mean_mm=width_mean,
             width_max_mm=max(2.0 * piece.half_width_max * row_mm - across_mm, across_mm),
             orientation_deg=azimuth_deg(np.asarray(lon), np.asarray(lat)),
             confidence=piece.probability_sum / piece.n_px / 255.0,
             severity=self.severity.classify(width_mean),
         )
+
+    def crack_lines(self, pieces: list[Piece]) -> tuple[CrackLine, ...]:
+        """Measured crack lines of a scene's pieces, without isolated fragments.
+
+        A line shorter than ``params.min_length_m`` is dropped when no other
+        line comes within ``params.isolation_px`` of it: an isolated fragment
+        is surface texture, a short piece beside a crack is part of the cracking.
+        """
+        measured = [(piece, line) for piece in pieces if (line := self.crack_line(piece)) is not None]
+        short = [i for i, (_, line) in enumerate(measured) if line.length_m < self.params.min_length_m]
+        if not short:
+            return tuple(line for _, line in measured)
+        shapes = [LineString(piece.rc) if len(piece.rc) > 1 else shapely.Point(piece.rc[0])
+                  for piece, _ in measured]
+        short_index = np.asarray(short)
+        which, other = shapely.STRtree(shapes).query([shapes[i] for i in short], predicate="dwithin",
+                                                     distance=self.params.isolation_px)
+        accompanied = set(short_index[which[other != short_index[which]]].tolist())
+        dropped = set(short) - accompanied
+        return tuple(line for i, (_, line) in enumerate(measured) if i not in dropped)
 
     def footprint(self, width: int, height: int) -> shapely.Polygon:
         """The scene's outline in the store CRS, densified so it bends with the projection."""

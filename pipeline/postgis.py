@@ -27,10 +27,13 @@ import shapely
 from psycopg.conninfo import conninfo_to_dict
 from rasterio.crs import CRS
 
+from pipeline import layers
 from pipeline.errors import StoreError
 from pipeline.records import SceneResult
 from pipeline.store import (DEFAULT_CRS, QUERY_FIELDS, SCENE_FIELDS, CrackQuery, RunInfo, SceneSelection,
-                            check_crs, crack_uuid_bytes, empty_summary, missing_scenes)
+                            check_column, check_crack_column, check_crs, check_fields, check_layer, columns_of,
+                            crack_uuid_bytes,
+                            empty_summary, missing_scenes)
 
 # Shipped inside the package (package data), so any install, editable or not, has them.
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -39,7 +42,8 @@ MIGRATION_LOCK = 0x6372_6B6D  # "crkm": pg_advisory_xact_lock key, one migrator 
 # variable ones.  Geometry travels as EWKB, which is the geometry type's binary input.
 CRACK_COPY_COLUMNS = ("crack_id", "length_m", "width_mean_mm", "width_max_mm", "orientation_deg",
                       "confidence", "survey_id", "scene_id", "model_name", "model_version",
-                      "model_sha256", "run_id", "created_at", "severity", "geom")
+                      "model_sha256", "run_id", "created_at", "severity", "geom",
+                      "crack_type", "theta_deg", "chord_m", "tortuosity", "span_ratio", "pattern_no")
 _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _COPY_TRAILER = struct.pack(">h", -1)
 _COPY_FIXED = struct.Struct(">hi16s" + "id" * 5)  # field count, uuid, five float8
@@ -48,6 +52,19 @@ _PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
 def _field(data: bytes) -> bytes:
     return struct.pack(">i", len(data)) + data
+
+
+_NULL = struct.pack(">i", -1)
+_TYPES = {t: _field(t.encode()) for t in ("longitudinal", "transverse", "diagonal", "joint", "pattern")}
+
+
+def _typing(c) -> bytes:
+    """The binary COPY fields of a crack's typing columns (NULL where not typed)."""
+    return b"".join((
+        _NULL if c.crack_type is None else (_TYPES.get(c.crack_type) or _field(c.crack_type.encode())),
+        *(_NULL if v is None else struct.pack(">id", 8, v)
+          for v in (c.theta_deg, c.chord_m, c.tortuosity, c.span_ratio)),
+        _NULL if c.pattern_no is None else struct.pack(">ii", 4, c.pattern_no)))
 
 
 def copy_payload(result: SceneResult, run: RunInfo, ewkb: np.ndarray, created: datetime,
@@ -73,7 +90,7 @@ def copy_payload(result: SceneResult, run: RunInfo, ewkb: np.ndarray, created: d
             pack(n, 16, uid, 8, c.length_m, 8, c.width_mean_mm, 8, c.width_max_mm, 8,
                  c.orientation_deg, 8, c.confidence) + constant
             + (severity.get(c.severity) or _field(c.severity.encode()))  # the CHECK refuses others
-            + struct.pack(">i", len(g)) + g
+            + struct.pack(">i", len(g)) + g + _typing(c)
             for uid, c, g in zip(ids[start:stop], result.cracks[start:stop], ewkb[start:stop])])
     yield _COPY_TRAILER
 
@@ -238,11 +255,12 @@ class PostGISStore:
                     "is_current = excluded.is_current OR scenes.is_current",
                     (*key, run.model_sha256, run.run_id, scene.uri, result.sha256,
                      scene.crs.to_string(), scene.width, scene.height, result.chip_count,
-                     len(result.cracks), result.total_length_m, result.probability_path, created,
+                     len(result.counted), result.total_length_m, result.probability_path, created,
                      promote, footprint))
                 con.execute("DELETE FROM cracks WHERE survey_id = %s AND scene_id = %s "
                             "AND model_name = %s AND model_version = %s", key)
                 self._copy_cracks(con, result, run, ewkb, created)
+                self._put_pattern_areas(con, result, run)
         except psycopg.OperationalError as exc:
             raise StoreError(f"{self.name}: lost the connection while publishing {scene.uri} ({why(exc)}); "
                              "the server rolled the scene back, nothing was written; publish it "
@@ -257,6 +275,21 @@ class PostGISStore:
                 f"COPY cracks ({', '.join(CRACK_COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
             for chunk in copy_payload(result, run, ewkb, created):
                 copy.write(chunk)
+
+    def _put_pattern_areas(self, con: psycopg.Connection, result: SceneResult, run: RunInfo) -> None:
+        key = (run.survey_id, result.scene.scene_id, run.model_name, run.model_version)
+        con.execute("DELETE FROM pattern_areas WHERE survey_id = %s AND scene_id = %s AND model_name = %s "
+                    "AND model_version = %s", key)
+        if result.pattern_areas:
+            geometries = shapely.to_wkb(shapely.set_srid(np.array([a.geometry for a in result.pattern_areas],
+                                                                  dtype=object), self.srid), include_srid=True)
+            with con.cursor() as cur:
+                cur.executemany(
+                    f"INSERT INTO pattern_areas ({', '.join(layers.columns('pattern_areas'))}, geom) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, ST_GeomFromEWKB(%s))",
+                    [(*key, no, a.pattern_class, a.area_m2, a.crack_density_m_per_m2, a.width_mean_mm,
+                      a.width_max_mm, a.severity, a.piece_m, g)
+                     for no, (a, g) in enumerate(zip(result.pattern_areas, geometries))])
 
     @staticmethod
     def _put_run(con: psycopg.Connection, run: RunInfo) -> None:
@@ -389,7 +422,8 @@ class PostGISStore:
                     summaries[scene_id] = dict(empty_summary(), status=status, chip_count=chips or 0)
             rows = con.execute(
                 "SELECT scene_id, severity, count(*), sum(length_m) FROM cracks WHERE survey_id = %s "
-                "AND model_name = %s AND model_version = %s GROUP BY scene_id, severity", key).fetchall()
+                "AND model_name = %s AND model_version = %s AND crack_type IS DISTINCT FROM 'joint' "
+                "GROUP BY scene_id, severity", key).fetchall()
         except psycopg.Error as exc:
             raise StoreError(f"{self.name}: reading scene summaries failed ({why(exc)})") from exc
         for scene_id, severity, count, length in rows:
@@ -399,8 +433,108 @@ class PostGISStore:
                 summary["length_m_by_severity"][severity] = length
         return summaries
 
+    def crack_columns(self, survey_id: str, fields: Sequence[str]) -> dict[str, np.ndarray]:
+        names = check_fields(fields)
+        selected = ", ".join("crack_id::text" if n == "crack_id" else n for n in names)
+        try:
+            with self._connection().cursor(binary=True) as cur:
+                rows = cur.execute(f"SELECT ST_AsBinary(geom), {selected} FROM current_cracks "
+                                   "WHERE survey_id = %s ORDER BY crack_id", (survey_id,)).fetchall()
+        except psycopg.Error as exc:
+            raise StoreError(f"{self.name}: reading the cracks of {survey_id!r} failed ({why(exc)})") from exc
+        return columns_of(rows, names, shapely.from_wkb)
+
+    def footprints(self, survey_id: str) -> list[dict]:
+        try:
+            rows = self._connection().execute(
+                "SELECT ST_AsBinary(footprint), scene_id, model_name, model_version FROM scenes "
+                "WHERE survey_id = %s AND is_current AND footprint IS NOT NULL ORDER BY scene_id",
+                (survey_id,)).fetchall()
+        except psycopg.Error as exc:
+            raise StoreError(f"{self.name}: reading scene footprints failed ({why(exc)})") from exc
+        return [{"scene_id": r[1], "model_name": r[2], "model_version": r[3], "geometry": shapely.from_wkb(r[0])}
+                for r in rows]
+
+    def survey_ids(self) -> list[str]:
+        try:
+            return [r[0] for r in self._connection().execute(
+                "SELECT DISTINCT survey_id FROM scenes ORDER BY 1").fetchall()]
+        except psycopg.Error as exc:
+            raise StoreError(f"{self.name}: reading surveys failed ({why(exc)})") from exc
+
+    def read_layer(self, layer: str, where: dict) -> list[dict]:
+        _, names = check_layer(layer)
+        sql = (f'SELECT ST_AsBinary(geom), {", ".join(f"{chr(34)}{n}{chr(34)}" for n in names)} FROM {layer}'
+               + (" WHERE " + " AND ".join(f'"{check_column(layer, k, names)}" = %s' for k in where)
+                  if where else "") + " ORDER BY fid")
+        try:
+            rows = self._connection().execute(sql, list(where.values())).fetchall()
+        except psycopg.Error as exc:
+            raise StoreError(f"{self.name}: reading {layer} failed ({why(exc)})") from exc
+        return [dict(zip(names, values), geometry=shapely.from_wkb(geom) if geom else None)
+                for geom, *values in rows]
+
+    def replace_layer(self, layer: str, rows: list[dict], where: dict, keep_previous: bool = False,
+                      crack_updates: tuple[tuple[str, ...], list[tuple]] | None = None,
+                      also: Sequence[tuple[str, list[dict], dict]] = ()) -> None:
+        con = self._connection()
+        try:
+            with con.transaction(), con.cursor() as cur:
+                for target, target_rows, target_where, keep in ((layer, rows, where, keep_previous),
+                                                                  *((*a, False) for a in also)):
+                    self._replace_rows(cur, target, target_rows, target_where, keep)
+                if crack_updates is not None:
+                    self._update_cracks(cur, *crack_updates)
+        except psycopg.Error as exc:
+            raise StoreError(f"{self.name}: writing {layer} failed; nothing was written ({why(exc)})") from exc
+
+    def _replace_rows(self, cur: psycopg.Cursor, layer: str, rows: list[dict], where: dict,
+                      keep_previous: bool) -> None:
+        _, names = check_layer(layer)
+        condition = " AND ".join(f'"{check_column(layer, k, names)}" = %s' for k in where) or "true"
+        geometries = shapely.to_wkb(shapely.set_srid(np.array([r.get("geometry") for r in rows], dtype=object),
+                                                     self.srid), include_srid=True, hex=True)
+        if keep_previous:
+            cur.execute(f"UPDATE {layer} SET is_current = 0 WHERE {condition}", list(where.values()))
+        else:
+            cur.execute(f"DELETE FROM {layer} WHERE {condition}", list(where.values()))
+        quoted = ", ".join(f'"{n}"' for n in names)
+        with cur.copy(f"COPY {layer} ({quoted}, geom) FROM STDIN") as copy:
+            for row, geometry in zip(rows, geometries):
+                copy.write_row([*(_plain(row.get(n)) for n in names), geometry])
+
+    @staticmethod
+    def _update_cracks(cur: psycopg.Cursor, columns: tuple[str, ...], values: list[tuple]) -> None:
+        """Set columns of many cracks in one statement: arrays of the new values, unnested and joined."""
+        if not values:
+            return
+        kinds = dict(layers.CRACK_CONDITION_COLUMNS)
+        pg = {"text": "text", "real": "float8", "int": "int4"}
+        arrays = [list(column) for column in zip(*values)]
+        for i, column in enumerate(columns):
+            if kinds[check_crack_column(column)] == "real":
+                numbers = np.asarray(arrays[i], dtype=float)  # None -> NaN
+                arrays[i] = np.where(np.isnan(numbers), None, numbers).tolist()
+        names = ", ".join(columns)
+        casts = ", ".join(f"%b::{pg[kinds[c]]}[]" for c in columns)  # binary parameters: no text parsing
+        cur.execute(f"UPDATE cracks c SET {', '.join(f'{col} = u.{col}' for col in columns)} "
+                    f"FROM unnest({casts}, %b::text[]::uuid[]) AS u({names}, crack_id) "
+                    "WHERE c.crack_id = u.crack_id",
+                    arrays)
+
     def close(self) -> None:
         self._con.close()
+
+
+def _plain(value):
+    """A value as COPY takes it: NaN and numpy scalars become None and Python numbers."""
+    if value is None:
+        return None
+    if isinstance(value, (float, np.floating)):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.windows import Window
-from shapely.geometry import LineString, Polygon
+from shapely.geometry import LineString, MultiPolygon, Polygon
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +45,27 @@ class CrackLine:
     orientation_deg: float  # azimuth of the main axis, clockwise from north, in [0, 180)
     confidence: float  # mean crack probability along the line, 0..1
     severity: str  # low | medium | high
+    # road-condition typing (pipeline.crack_types, pipeline.pattern_areas); None until typed
+    crack_type: str | None = None  # longitudinal | transverse | diagonal | joint | pattern
+    theta_deg: float | None = None  # angle to the road axis, 0..90
+    chord_m: float | None = None  # straight distance between the ends
+    tortuosity: float | None = None  # length / chord
+    span_ratio: float | None = None  # transverse only: lateral extent / imaged width
+    pattern_no: int | None = None  # index of its area in SceneResult.pattern_areas
+
+
+@dataclass(frozen=True, slots=True)
+class PatternAreaRecord:
+    """An alligator / block area of a scene, in the store CRS (see pipeline.pattern_areas)."""
+
+    geometry: MultiPolygon
+    pattern_class: str  # alligator | block
+    area_m2: float
+    crack_density_m_per_m2: float
+    width_mean_mm: float
+    width_max_mm: float
+    severity: str  # low | medium | high, from the members' mean width
+    piece_m: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +80,14 @@ class SceneResult:
     seconds: float
     sha256: str
     stats: dict = field(default_factory=dict)
+    pattern_areas: tuple[PatternAreaRecord, ...] = ()
+
+    @property
+    def counted(self) -> tuple[CrackLine, ...]:
+        """The cracks that count in totals: every line but concrete joints (which are kept, typed)."""
+        return tuple(c for c in self.cracks if c.crack_type != "joint")
 
     @property
     def total_length_m(self) -> float:
-        return float(sum(c.length_m for c in self.cracks))
+        """Length of the cracks that count (joints left out; pattern members are cracks)."""
+        return float(sum(c.length_m for c in self.counted))

@@ -14,16 +14,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from rasterio.crs import CRS
 
 from models.registry import ModelEntry
 from pipeline import storage
 from pipeline.errors import SceneContentError
 from pipeline.inference import Backend, predictions
+from pipeline import projection
+from pipeline.crack_types import TypeProfile, classify, joint_lines, scene_frame
 from pipeline.measure import Georeferencer, Severity
+from pipeline.pattern_areas import PatternParams, find_pattern_areas
 from pipeline.probability import ProbabilityWriter
 from pipeline.raster import SceneReader
-from pipeline.records import ChipBatch, SceneResult
+from pipeline.records import ChipBatch, CrackLine, PatternAreaRecord, SceneResult
 from pipeline.stitching import StripStitcher
 from pipeline.tiling import check_grid, chip_windows
 from pipeline.vectorize import BandVectorizer, VectorizeParams
@@ -43,6 +48,8 @@ class SceneOptions:
     threshold: float | None = None
     vectorize: VectorizeParams = field(default_factory=VectorizeParams)
     severity: Severity = field(default_factory=Severity)
+    types: TypeProfile = field(default_factory=TypeProfile)
+    pattern: PatternParams = field(default_factory=PatternParams)
 
     def __post_init__(self) -> None:
         check_grid(self.size_px, self.overlap_px, self.border_px)
@@ -188,8 +195,52 @@ def process_scene(uri: str, backend: Backend, model: ModelEntry, probability_pat
     except BaseException:
         probability.abort()
         raise
-    cracks = tuple(line for piece in pieces if (line := geo.crack_line(piece)) is not None)
-    return SceneResult(scene=scene, cracks=cracks, footprint=geo.footprint(scene.width, scene.height),
+    cracks = geo.crack_lines(pieces)
+    footprint = geo.footprint(scene.width, scene.height)
+    cracks, areas = type_cracks(cracks, footprint, store_crs, options)
+    return SceneResult(scene=scene, cracks=cracks, footprint=footprint,
                        chip_count=chips, probability_path=str(probability_path),
                        seconds=time.perf_counter() - started, sha256=source_sha256 or storage.identity(uri),
-                       stats={"pixel_size_m": geo.pixel_size_m})
+                       stats={"pixel_size_m": geo.pixel_size_m}, pattern_areas=areas)
+
+
+def type_cracks(cracks: tuple[CrackLine, ...], footprint, store_crs: CRS, options: SceneOptions = SceneOptions()
+                ) -> tuple[tuple[CrackLine, ...], tuple[PatternAreaRecord, ...]]:
+    """Type a scene's cracks against its long axis (the road direction without a network).
+
+    Joints first (pipeline.crack_types), then pattern areas among the other cracks
+    (pipeline.pattern_areas), then longitudinal / transverse / diagonal.  Measured in
+    a metric CRS (the store's if metric, else the scene's UTM zone).
+    """
+    if not cracks:
+        return cracks, ()
+    metric = projection.metric_crs(store_crs, footprint.bounds)
+    lines = projection.transform([c.geometry for c in cracks], store_crs, metric)
+    outline = projection.transform([footprint], store_crs, metric)[0]
+    road_deg, frame = scene_frame(lines, outline)
+    width_mean = np.array([c.width_mean_mm for c in cracks])
+    width_max = np.array([c.width_max_mm for c in cracks])
+    joint = joint_lines(lines, road_deg, outline, width_mean, width_max, options.types)
+    candidates = np.flatnonzero(~joint)
+    found = find_pattern_areas(lines[candidates], options.pattern)
+    pattern_no = np.full(len(cracks), -1)
+    for no, area in enumerate(found):
+        pattern_no[candidates[area.members]] = no
+    typed = classify(lines, road_deg, frame, width_mean, width_max, pattern_no >= 0, options.types, joint)
+    areas = tuple(pattern_record(area, width_mean[candidates[area.members]], width_max[candidates[area.members]],
+                                 options.severity, metric, store_crs) for area in found)
+    out = tuple(replace(c, crack_type=str(typed.crack_type[i]), theta_deg=float(typed.theta_deg[i]),
+                        chord_m=float(typed.chord_m[i]), tortuosity=float(typed.tortuosity[i]),
+                        span_ratio=None if np.isnan(typed.span_ratio[i]) else float(typed.span_ratio[i]),
+                        pattern_no=int(pattern_no[i]) if pattern_no[i] >= 0 else None)
+                for i, c in enumerate(cracks))
+    return out, areas
+
+
+def pattern_record(area, width_mean_mm: np.ndarray, width_max_mm: np.ndarray, severity: Severity,
+                   metric, store_crs: CRS) -> PatternAreaRecord:
+    """A found area as a record in the store CRS; severity from its members' mean width."""
+    mean = float(width_mean_mm.mean())
+    return PatternAreaRecord(projection.transform([area.geometry], metric, store_crs)[0], area.pattern_class,
+                             area.area_m2, area.crack_density_m_per_m2, mean, float(width_max_mm.max()),
+                             severity.classify(mean), area.piece_m)

@@ -29,7 +29,7 @@ from pyproj import Transformer
 from pyproj.exceptions import CRSError, ProjError
 from rasterio.crs import CRS
 
-from pipeline import gpkg
+from pipeline import gpkg, layers
 from pipeline.errors import StoreError
 from pipeline.records import SceneResult
 from pipeline.redact import mask_url
@@ -39,6 +39,9 @@ CURRENT_CRACKS_SQL = """SELECT c.* FROM cracks c JOIN scenes s
     ON s.survey_id = c.survey_id AND s.scene_id = c.scene_id
     AND s.model_name = c.model_name AND s.model_version = c.model_version
     WHERE s.is_current"""
+CURRENT_PATTERN_AREAS_SQL = CURRENT_CRACKS_SQL.replace("c.* FROM cracks c", "c.* FROM pattern_areas c")
+CURRENT_SECTIONS_SQL = "SELECT * FROM sections WHERE is_current"
+NOT_JOINT_SQLITE = "crack_type IS NOT 'joint'"  # concrete joints are kept, typed, and never counted
 CRACK_NAMESPACE = uuid.UUID("6f1c8f4e-2b8a-4c1e-9a55-0c7a2c3d9e10")
 
 CRACK_COLUMNS = """crack_id TEXT NOT NULL UNIQUE, survey_id TEXT NOT NULL, scene_id TEXT NOT NULL,
@@ -46,7 +49,7 @@ CRACK_COLUMNS = """crack_id TEXT NOT NULL UNIQUE, survey_id TEXT NOT NULL, scene
     run_id TEXT NOT NULL, length_m REAL NOT NULL, width_mean_mm REAL NOT NULL,
     width_max_mm REAL NOT NULL, orientation_deg REAL NOT NULL, confidence REAL NOT NULL,
     severity TEXT NOT NULL CHECK (severity IN ('low', 'medium', 'high')),
-    created_at DATETIME NOT NULL"""
+    created_at DATETIME NOT NULL, """ + layers.sqlite_columns(layers.CRACK_CONDITION_COLUMNS)
 SCENE_COLUMNS = """survey_id TEXT NOT NULL, scene_id TEXT NOT NULL, source_uri TEXT NOT NULL,
     sha256 TEXT, crs TEXT, width INTEGER, height INTEGER, chip_count INTEGER,
     crack_count INTEGER, total_length_m REAL, status TEXT NOT NULL, error TEXT,
@@ -70,7 +73,7 @@ class RunInfo:
 # What query() yields for each crack, besides its geometry, in both stores.
 QUERY_FIELDS = ("crack_id", "survey_id", "scene_id", "model_name", "model_version", "model_sha256",
                 "run_id", "length_m", "width_mean_mm", "width_max_mm", "orientation_deg",
-                "confidence", "severity", "created_at")
+                "confidence", "severity", "created_at", *(c for c, _ in layers.CRACK_CONDITION_COLUMNS))
 SEVERITIES = ("low", "medium", "high")
 
 
@@ -268,7 +271,65 @@ class CrackStore(Protocol):
         """Per scene published with this version: status, chip_count, crack_count, total_length_m
         and length_m_by_severity (low/medium/high), counted from its cracks."""
 
+    def crack_columns(self, survey_id: str, fields: Sequence[str]) -> dict[str, np.ndarray]:
+        """A survey's current cracks as columns: ``geometry`` and ``fields`` (of QUERY_FIELDS), one array each."""
+
+    def footprints(self, survey_id: str) -> list[dict]:
+        """The current scene rows of a survey: scene_id, model_name, model_version and ``geometry``."""
+
+    def survey_ids(self) -> list[str]:
+        """Every survey with a published scene, sorted."""
+
+    def read_layer(self, layer: str, where: dict) -> list[dict]:
+        """Rows of a road-condition layer or view (``layers.LAYERS``, ``current_*``) matching ``where``."""
+
+    def replace_layer(self, layer: str, rows: list[dict], where: dict, keep_previous: bool = False,
+                      crack_updates: tuple[tuple[str, ...], list[tuple]] | None = None,
+                      also: Sequence[tuple[str, list[dict], dict]] = ()) -> None:
+        """In one transaction: drop the rows matching ``where`` (``keep_previous``: mark them not
+        current instead), insert ``rows`` (dicts of the layer's columns and ``geometry``), do the
+        same for each (layer, rows, where) of ``also``, and set ``crack_updates`` (column names;
+        rows of their values then the crack_id) on cracks."""
+
     def close(self) -> None: ...
+
+
+def check_layer(layer: str) -> tuple[str, tuple[str, ...]]:
+    """The geometry type and columns of a layer or its current view; refuses any other name."""
+    base = layer.removeprefix("current_")
+    if base not in layers.LAYERS:
+        raise StoreError(f"{layer!r} is not a road-condition layer; choose one of {', '.join(layers.LAYERS)}")
+    return layers.LAYERS[base][0], layers.columns(base)
+
+
+def check_fields(fields: Sequence[str]) -> list[str]:
+    if unknown := sorted(set(fields) - set(QUERY_FIELDS)):
+        raise StoreError(f"cracks have no field {', '.join(unknown)}")
+    return list(fields)
+
+
+def columns_of(rows: list[tuple], names: Sequence[str], geometries) -> dict[str, np.ndarray]:
+    """Rows of (geometry, *names) as one array per column (``geometries`` decodes the first)."""
+    if not rows:
+        return {n: np.zeros(0, dtype=object) for n in ("geometry", *names)}
+    columns = list(zip(*rows))
+    out = {"geometry": np.asarray(geometries(columns[0]), dtype=object)}
+    for name, values in zip(names, columns[1:]):
+        out[name] = np.array(values, dtype=object)
+    return out
+
+
+def check_column(layer: str, column: str, names: tuple[str, ...]) -> str:
+    if column not in names:
+        raise StoreError(f"{layer} has no column {column!r}")
+    return column
+
+
+def check_crack_column(column: str) -> str:
+    """A crack column that road referencing may set; refuses any other name."""
+    if column not in dict(layers.CRACK_CONDITION_COLUMNS):
+        raise StoreError(f"crack column {column!r} cannot be set by road referencing")
+    return column
 
 
 def missing_scenes(wanted: Sequence[str] | None, found: Sequence[str], survey_id: str,
@@ -279,7 +340,9 @@ def missing_scenes(wanted: Sequence[str] | None, found: Sequence[str], survey_id
                          f"{', '.join(missing)} has no successful publication of it; nothing was changed")
 
 
-OWN_LAYERS = ("cracks", "scenes", "current_cracks")
+def own_layers() -> tuple[str, ...]:
+    """The tables and views crackmap writes into a GeoPackage (anything else is another application's)."""
+    return ("cracks", "scenes", "current_cracks", *layers.LAYERS, "current_pattern_areas", "current_sections")
 
 
 class GeoPackageStore:
@@ -350,7 +413,7 @@ class GeoPackageStore:
             raise StoreError(f"{self.path}: cannot open as a crackmap GeoPackage (it is an SQLite file but "
                              "not a GeoPackage); nothing was written. Choose a new .gpkg file.")
         foreign = sorted(t for t in tables if not t.startswith(("gpkg_", "rtree_", "sqlite_"))
-                         and t not in OWN_LAYERS)
+                         and t not in own_layers())
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise StoreError(f"{self.path}: cannot open as a crackmap GeoPackage: it holds another "
@@ -359,7 +422,10 @@ class GeoPackageStore:
     def _needs_upgrade(self) -> bool:
         names = {r[0] for r in self._con.execute("SELECT name FROM sqlite_master")}
         columns = {r[1] for r in self._con.execute("PRAGMA table_info(scenes)")}
-        return not ({*OWN_LAYERS, "scenes_one_current", "cracks_scene"} <= names and "is_current" in columns)
+        crack_columns = {r[1] for r in self._con.execute("PRAGMA table_info(cracks)")}
+        return not ({*own_layers(), "scenes_one_current", "cracks_scene", "cracks_road"} <= names
+                    and "is_current" in columns
+                    and {name for name, _ in layers.CRACK_CONDITION_COLUMNS} <= crack_columns)
 
     def _add_schema(self, srs_id: int) -> None:
         """crackmap's layers, indexes and view, as far as absent; inside the caller's transaction."""
@@ -373,6 +439,8 @@ class GeoPackageStore:
         """)
         self._add_current_flag()
         gpkg.add_view(self._con, "current_cracks", CURRENT_CRACKS_SQL, "LINESTRING", srs_id)
+        self.srs_id = srs_id
+        self._add_condition_layers()
 
     def _add_current_flag(self) -> None:
         """Files written before ``is_current`` existed: the latest successful version is current."""
@@ -389,6 +457,26 @@ class GeoPackageStore:
         self._con.execute("CREATE UNIQUE INDEX IF NOT EXISTS scenes_one_current "
                           "ON scenes (survey_id, scene_id) WHERE is_current")
 
+    def _add_condition_layers(self) -> None:
+        """Crack typing and road columns (added to older files), and the road-condition layers."""
+        have = {r[1] for r in self._con.execute("PRAGMA table_info(cracks)")}
+        for name, kind in layers.CRACK_CONDITION_COLUMNS:
+            if name not in have:
+                self._con.execute(f"ALTER TABLE cracks ADD COLUMN {name} {layers.SQLITE_TYPES[kind]}")
+        for name, (geometry_type, spec) in layers.LAYERS.items():
+            gpkg.add_layer(self._con, name, geometry_type, self.srs_id, layers.sqlite_columns(spec))
+        gpkg.run_script(self._con, """
+        CREATE INDEX IF NOT EXISTS cracks_road ON cracks (road_id, chainage_from_m);
+        CREATE INDEX IF NOT EXISTS pattern_areas_scene ON pattern_areas (survey_id, scene_id, model_name,
+                                                                         model_version);
+        CREATE INDEX IF NOT EXISTS sections_survey ON sections (survey_id, is_current);
+        CREATE INDEX IF NOT EXISTS section_changes_surveys ON section_changes (from_survey, to_survey);
+        CREATE INDEX IF NOT EXISTS crack_changes_surveys ON crack_changes (from_survey, to_survey);
+        """)
+        gpkg.add_view(self._con, "current_pattern_areas", CURRENT_PATTERN_AREAS_SQL, "MULTIPOLYGON",
+                      self.srs_id)
+        gpkg.add_view(self._con, "current_sections", CURRENT_SECTIONS_SQL, "POLYGON", self.srs_id)
+
     def _layer_srs(self) -> int | None:
         if not self._con.execute("SELECT 1 FROM sqlite_master WHERE name = 'gpkg_geometry_columns'").fetchone():
             return None
@@ -404,12 +492,17 @@ class GeoPackageStore:
         rows = [(gpkg.encode(c.geometry, self.srs_id), crack_id,
                  run.survey_id, scene.scene_id, run.model_name, run.model_version, run.model_sha256,
                  run.run_id, c.length_m, c.width_mean_mm, c.width_max_mm, c.orientation_deg,
-                 c.confidence, c.severity, created)
+                 c.confidence, c.severity, created, c.crack_type, c.theta_deg, c.chord_m, c.tortuosity,
+                 c.span_ratio, c.pattern_no)
                 for crack_id, c in zip(ids, result.cracks)]
+        areas = [(gpkg.encode(a.geometry, self.srs_id), run.survey_id, scene.scene_id, run.model_name,
+                  run.model_version, no, a.pattern_class, a.area_m2, a.crack_density_m_per_m2,
+                  a.width_mean_mm, a.width_max_mm, a.severity, a.piece_m)
+                 for no, a in enumerate(result.pattern_areas)]
         scene_row = dict(geom=gpkg.encode(result.footprint, self.srs_id), source_uri=scene.uri,
                          sha256=result.sha256, crs=scene.crs.to_string(), width=scene.width,
                          height=scene.height, chip_count=result.chip_count,
-                         crack_count=len(rows), total_length_m=result.total_length_m,
+                         crack_count=len(result.counted), total_length_m=result.total_length_m,
                          status="done", error=None, probability_uri=result.probability_path)
         with self._transaction(scene.uri):
             self._con.execute("DELETE FROM cracks WHERE survey_id = ? AND scene_id = ? "
@@ -418,13 +511,20 @@ class GeoPackageStore:
             self._con.executemany(
                 "INSERT INTO cracks (geom, crack_id, survey_id, scene_id, model_name, model_version, "
                 "model_sha256, run_id, length_m, width_mean_mm, width_max_mm, orientation_deg, "
-                "confidence, severity, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows)
+                "confidence, severity, created_at, crack_type, theta_deg, chord_m, tortuosity, span_ratio, "
+                f"pattern_no) VALUES ({', '.join('?' * 21)})", rows)
+            self._con.execute("DELETE FROM pattern_areas WHERE survey_id = ? AND scene_id = ? "
+                              "AND model_name = ? AND model_version = ?",
+                              (run.survey_id, scene.scene_id, run.model_name, run.model_version))
+            self._con.executemany(
+                f"INSERT INTO pattern_areas (geom, {', '.join(map(repr, layers.columns('pattern_areas')))}) "
+                f"VALUES ({', '.join('?' * 13)})".replace("'", '"'), areas)
             if promote:
                 self._uncurrent_others(run.survey_id, [scene.scene_id], run.model_name, run.model_version)
             self._put_scene(scene.scene_id, run, scene_row, current=True if promote else None)
             gpkg.update_extent(self._con, "cracks")
             gpkg.update_extent(self._con, "scenes")
+            gpkg.update_extent(self._con, "pattern_areas")
 
     def mark_failed(self, uri: str, scene_id: str, run: RunInfo, error: str) -> None:
         with self._transaction(uri):
@@ -525,7 +625,8 @@ class GeoPackageStore:
                 summaries[scene_id] = dict(empty_summary(), status=status, chip_count=chips or 0)
         for scene_id, severity, count, length in self._con.execute(
                 "SELECT scene_id, severity, count(*), sum(length_m) FROM cracks WHERE survey_id = ? "
-                "AND model_name = ? AND model_version = ? GROUP BY scene_id, severity", key):
+                f"AND model_name = ? AND model_version = ? AND {NOT_JOINT_SQLITE} "
+                "GROUP BY scene_id, severity", key):
             if (summary := summaries.get(scene_id)) is not None:
                 summary["crack_count"] += count
                 summary["total_length_m"] += length
@@ -557,6 +658,55 @@ class GeoPackageStore:
 
     def _transaction(self, uri: str):
         return _Transaction(self._con, f"{self.path}: publishing {uri} failed")
+
+    def crack_columns(self, survey_id: str, fields: Sequence[str]) -> dict[str, np.ndarray]:
+        names = check_fields(fields)
+        rows = self._con.execute(f"SELECT geom, {', '.join(names)} FROM current_cracks WHERE survey_id = ? "
+                                 "ORDER BY crack_id", (survey_id,)).fetchall()
+        return columns_of(rows, names, lambda blobs: shapely.from_wkb([gpkg.wkb(b) for b in blobs]))
+
+    def footprints(self, survey_id: str) -> list[dict]:
+        return [{"scene_id": r[1], "model_name": r[2], "model_version": r[3], "geometry": gpkg.decode(r[0])}
+                for r in self._con.execute(
+                    "SELECT geom, scene_id, model_name, model_version FROM scenes WHERE survey_id = ? "
+                    "AND is_current AND geom IS NOT NULL ORDER BY scene_id", (survey_id,))]
+
+    def survey_ids(self) -> list[str]:
+        return [r[0] for r in self._con.execute("SELECT DISTINCT survey_id FROM scenes ORDER BY 1")]
+
+    def read_layer(self, layer: str, where: dict) -> list[dict]:
+        _, names = check_layer(layer)
+        sql = (f'SELECT geom, {", ".join(f"{chr(34)}{n}{chr(34)}" for n in names)} FROM "{layer}"'
+               + (" WHERE " + " AND ".join(f'"{check_column(layer, k, names)}" = ?' for k in where)
+                  if where else "") + " ORDER BY fid")
+        return [dict(zip(names, values), geometry=gpkg.decode(geom) if geom else None)
+                for geom, *values in self._con.execute(sql, list(where.values()))]
+
+    def replace_layer(self, layer: str, rows: list[dict], where: dict, keep_previous: bool = False,
+                      crack_updates: tuple[tuple[str, ...], list[tuple]] | None = None,
+                      also: Sequence[tuple[str, list[dict], dict]] = ()) -> None:
+        with _Transaction(self._con, f"{self.path}: writing {layer} failed"):
+            for target, target_rows, target_where, keep in ((layer, rows, where, keep_previous),
+                                                              *((*a, False) for a in also)):
+                self._replace_rows(target, target_rows, target_where, keep)
+            if crack_updates is not None:
+                columns, values = crack_updates
+                assignments = ", ".join(f"{check_crack_column(c)} = ?" for c in columns)
+                self._con.executemany(f"UPDATE cracks SET {assignments} WHERE crack_id = ?", values)
+
+    def _replace_rows(self, layer: str, rows: list[dict], where: dict, keep_previous: bool) -> None:
+        _, names = check_layer(layer)
+        condition = " AND ".join(f'"{check_column(layer, k, names)}" = ?' for k in where) or "1"
+        quoted = ", ".join(f'"{n}"' for n in names)
+        if keep_previous:
+            self._con.execute(f'UPDATE "{layer}" SET is_current = 0 WHERE {condition}', list(where.values()))
+        else:
+            self._con.execute(f'DELETE FROM "{layer}" WHERE {condition}', list(where.values()))
+        self._con.executemany(
+            f'INSERT INTO "{layer}" (geom, {quoted}) VALUES (?{", ?" * len(names)})',
+            ((gpkg.encode(r["geometry"], self.srs_id) if r.get("geometry") is not None else None,
+              *(r.get(n) for n in names)) for r in rows))
+        gpkg.update_extent(self._con, layer)
 
     def close(self) -> None:
         if getattr(self, "_con", None) is not None:

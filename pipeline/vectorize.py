@@ -9,6 +9,12 @@ the band's own rows; where it leaves them, it ends exactly halfway between the
 last row inside and the first row outside.  The neighbouring band computes the
 same point from its side, so the pieces of one crack meet end to end and are
 joined again (``SeamJoiner``): a crack crossing chip or band seams is one line.
+
+Once the whole scene is vectorized, crack lines that stop and start again
+across a short gap, pointing at each other (a crack broken by a faint stretch),
+are bridged into one line (``bridge_gaps``).  Isolated fragments shorter than
+``min_length_m`` (surface texture) are dropped when the lines are measured
+(``pipeline.measure``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 from skan import Skeleton
 from skimage.morphology import skeletonize
 
@@ -31,6 +38,13 @@ class VectorizeParams:
         min_area_px: Connected crack regions smaller than this are specks, dropped.
         spur_px: Side branches shorter than this, hanging off a junction, are pruned.
         min_length_px: Lines shorter than this (after joining across seams) are dropped.
+        min_length_m: Lines shorter than this on the ground, after bridging, are dropped
+            when no other line comes within ``isolation_px`` (isolated fragments of
+            surface texture).
+        isolation_px: How far from every other line a short line must be to count as isolated.
+        bridge_gap_px: Line ends at most this far apart, each pointing at the other within
+            ``bridge_angle_deg``, are bridged into one line (0 turns bridging off).
+        bridge_angle_deg: Largest angle between a line's direction at its end and the gap.
         simplify_px: Douglas-Peucker tolerance applied to lines, in pixels.
         band_rows: Rows per vectorized band.
         halo_rows: Context rows above and below a band (must exceed the widest crack).
@@ -43,6 +57,10 @@ class VectorizeParams:
     min_area_px: int = 30
     spur_px: float = 10.0
     min_length_px: float = 12.0
+    min_length_m: float = 0.025   # R 85 practice; chosen on the val scenes (docs/benchmarks.md)
+    isolation_px: float = 24.0
+    bridge_gap_px: float = 12.0
+    bridge_angle_deg: float = 30.0
     simplify_px: float = 0.75
     band_rows: int = 1024
     halo_rows: int = 64
@@ -309,23 +327,7 @@ class SeamJoiner:
 
     def finish(self) -> list[Piece]:
         """Join all pending pieces and return the joined lines."""
-        links = self._links()
-        done: set[int] = set()
-        lines = []
-        for start in range(len(self.pending)):
-            if start in done:
-                continue
-            node, entry = self._extremity(start, links)
-            chain = []
-            while node not in done:
-                done.add(node)
-                piece = self.pending[node]
-                chain.append(piece if entry == 0 else piece.reversed())
-                nxt = links.get((node, 1 - entry))
-                if nxt is None:
-                    break
-                node, entry = nxt
-            lines.append(join(chain))
+        lines = [join(chain) for chain in chains(self.pending, self._links())]
         self.pending = []
         return lines
 
@@ -350,31 +352,142 @@ class SeamJoiner:
                     links[(v[1], v[2])] = (u[1], u[2])
         return links
 
-    @staticmethod
-    def _extremity(start: int, links: dict) -> tuple[int, int]:
-        """Walk backwards from ``start`` to the first piece of its chain; return (piece, entry end)."""
-        node, entry, seen = start, 0, {start}
-        while (node, entry) in links:
-            prev, prev_end = links[(node, entry)]
-            if prev in seen:  # a closed loop: start anywhere
-                return start, 0
-            seen.add(prev)
-            node, entry = prev, 1 - prev_end
-        return node, entry
 
 
-def join(chain: list[Piece]) -> Piece:
-    """Concatenate pieces that meet end to end (each oriented along the chain)."""
+Links = dict[tuple[int, int], tuple[int, int]]   # (piece, end) <-> (piece, end); end 0 = start, 1 = end
+
+
+def _extremity(start: int, links: Links) -> tuple[int, int]:
+    """Walk backwards from ``start`` to the first piece of its chain; return (piece, entry end)."""
+    node, entry, seen = start, 0, {start}
+    while (node, entry) in links:
+        prev, prev_end = links[(node, entry)]
+        if prev in seen:  # a closed loop: start anywhere
+            return start, 0
+        seen.add(prev)
+        node, entry = prev, 1 - prev_end
+    return node, entry
+
+
+def chains(pieces: list[Piece], links: Links) -> list[list[Piece]]:
+    """Group linked pieces into chains, each piece oriented along its chain.
+
+    >>> a = Piece(np.array([[0., 0], [0, 4]]), (None, None), 5, 5.0, 1.0, 900.0)
+    >>> b = Piece(np.array([[0., 9], [0, 6]]), (None, None), 4, 4.0, 1.0, 800.0)
+    >>> [[p.rc[0].tolist() for p in c] for c in chains([a, b], {(0, 1): (1, 1), (1, 1): (0, 1)})]
+    [[[0.0, 0.0], [0.0, 6.0]]]
+    """
+    done: set[int] = set()
+    groups = []
+    for start in range(len(pieces)):
+        if start in done:
+            continue
+        node, entry = _extremity(start, links)
+        chain = []
+        while node not in done:
+            done.add(node)
+            chain.append(pieces[node] if entry == 0 else pieces[node].reversed())
+            nxt = links.get((node, 1 - entry))
+            if nxt is None:
+                break
+            node, entry = nxt
+        groups.append(chain)
+    return groups
+
+
+def join(chain: list[Piece], bridged: bool = False) -> Piece:
+    """Concatenate pieces that meet end to end (each oriented along the chain).
+
+    Pieces cut at a seam share their end point (the two are averaged);
+    ``bridged`` pieces are joined by a straight segment across the gap.
+    """
     if len(chain) == 1:
         return chain[0]
     parts = [chain[0].rc]
     for piece in chain[1:]:
+        if bridged:
+            parts.append(piece.rc)
+            continue
         joint = (parts[-1][-1] + piece.rc[0]) / 2.0
         parts[-1] = np.vstack([parts[-1][:-1], joint])
         parts.append(piece.rc[1:])
     return Piece(np.vstack(parts), (chain[0].seams[0], chain[-1].seams[1]),
                  sum(p.n_px for p in chain), sum(p.half_width_sum for p in chain),
                  max(p.half_width_max for p in chain), sum(p.probability_sum for p in chain))
+
+
+def end_directions(pieces: list[Piece], tangent_px: float = 8.0) -> tuple[np.ndarray, np.ndarray]:
+    """Ends of every piece and the unit direction pointing out of the line there.
+
+    Returns ``(points, directions)``, each (2 P, 2) in (row, col): rows ``2 i``
+    and ``2 i + 1`` are the start and the end of piece ``i``. The direction is
+    taken from the vertex about ``tangent_px`` along the line (or its other end).
+
+    >>> p, d = end_directions([Piece(np.array([[0., 0], [0, 5], [0, 10]]), (None, None), 11, 0, 0, 0)])
+    >>> p.tolist(), d.round(3).tolist()
+    ([[0.0, 0.0], [0.0, 10.0]], [[0.0, -1.0], [0.0, 1.0]])
+    """
+    points, directions = [], []
+    for piece in pieces:
+        rc = piece.rc
+        along = np.concatenate([[0.0], np.cumsum(np.hypot(*np.diff(rc, axis=0).T))])
+        inner_start = rc[min(int(np.searchsorted(along, tangent_px)), len(rc) - 1)]
+        inner_end = rc[max(int(np.searchsorted(along, along[-1] - tangent_px, side="right")) - 1, 0)]
+        points += [rc[0], rc[-1]]
+        directions += [rc[0] - inner_start, rc[-1] - inner_end]
+    points_array, vectors = np.asarray(points, float), np.asarray(directions, float)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return points_array, np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+
+
+def bridge_gaps(pieces: list[Piece], gap_px: float, max_angle_deg: float = 30.0) -> list[Piece]:
+    """Join lines whose ends face each other across a gap of at most ``gap_px``.
+
+    Two ends are bridged when each line, continued straight out of its end,
+    points at the other end within ``max_angle_deg``. Closest pairs are taken
+    first; every end is bridged at most once and no loop is closed. The gap
+    becomes a straight segment of the joined line (its length counts, its
+    pixels add nothing to the width and confidence sums).
+
+    >>> a = Piece(np.array([[5., 0], [5, 20]]), (None, None), 21, 21.0, 1.0, 4000.0)
+    >>> b = Piece(np.array([[5., 26], [5, 50]]), (None, None), 25, 25.0, 1.0, 5000.0)
+    >>> [p.rc[[0, -1]].tolist() for p in bridge_gaps([a, b], gap_px=8)]
+    [[[5.0, 0.0], [5.0, 50.0]]]
+    >>> len(bridge_gaps([a, b], gap_px=5))
+    2
+    """
+    if gap_px <= 0 or len(pieces) < 2:
+        return list(pieces)
+    points, directions = end_directions(pieces)
+    pairs = np.array(sorted(cKDTree(points).query_pairs(gap_px)), dtype=np.int64).reshape(-1, 2)
+    pairs = pairs[pairs[:, 0] // 2 != pairs[:, 1] // 2]
+    if len(pairs) == 0:
+        return list(pieces)
+    gap = points[pairs[:, 1]] - points[pairs[:, 0]]
+    distance = np.linalg.norm(gap, axis=1)
+    unit = np.divide(gap, distance[:, None], out=np.zeros_like(gap), where=distance[:, None] > 0)
+    cos_limit = np.cos(np.radians(max_angle_deg))
+    facing = ((np.einsum("ij,ij->i", directions[pairs[:, 0]], unit) >= cos_limit)
+              & (np.einsum("ij,ij->i", directions[pairs[:, 1]], -unit) >= cos_limit))
+    facing |= distance < 1.0  # ends that touch need no direction
+    links: Links = {}
+    group = list(range(len(pieces)))
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            group[i] = group[group[i]]
+            i = group[i]
+        return i
+
+    for k in np.argsort(distance, kind="stable"):
+        if not facing[k]:
+            continue
+        (pa, ea), (pb, eb) = divmod(int(pairs[k, 0]), 2), divmod(int(pairs[k, 1]), 2)
+        if (pa, ea) in links or (pb, eb) in links or root(pa) == root(pb):
+            continue
+        links[(pa, ea)], links[(pb, eb)] = (pb, eb), (pa, ea)
+        group[root(pa)] = root(pb)
+    return [join(chain, bridged=True) for chain in chains(list(pieces), links)]
 
 
 class BandVectorizer:
@@ -404,6 +517,7 @@ class BandVectorizer:
         """Vectorize the remaining rows and join across seams; returns all pieces."""
         self._drain(final=True)
         self.pieces.extend(self.joiner.finish())
+        self.pieces = bridge_gaps(self.pieces, self.params.bridge_gap_px, self.params.bridge_angle_deg)
         return self.pieces
 
     def _drain(self, final: bool) -> None:

@@ -193,3 +193,29 @@ def test_errors_are_one_line_each_without_tracebacks(survey, tmp_path, test_mode
     assert "Traceback" not in output and "ERROR" not in output
     assert output.count("c-notes.tif: not a readable raster") == 1  # once, on the failed: line
     assert "failed: " in bad.stderr and "2/3 scenes" in bad.stdout
+
+
+def test_a_configured_network_rates_the_survey_sections_after_mapping(survey, tmp_path, test_models,
+                                                                      monkeypatch):
+    import pyogrio
+    import shapely
+
+    from flows.survey import process_survey
+    from pipeline.store import open_store
+
+    network = tmp_path / "roads.geojson"
+    road = shapely.LineString([(499999.0, 5599999.5), (500002.0, 5599999.5)])
+    pyogrio.raw.write(str(network), shapely.to_wkb(np.array([road], dtype=object)),
+                      field_data=[np.array(["R7"], dtype=object)], fields=["road_id"], crs="EPSG:32633",
+                      geometry_type="LineString", driver="GeoJSON")
+    monkeypatch.setenv("CRACKMAP_NETWORK", str(network))  # as a deployment configures it
+    store = str(tmp_path / "map.gpkg")
+    state = process_survey([str(survey)], store, return_state=True)
+    assert state.is_completed(), state.message
+    target = open_store(store)
+    sections = target.read_layer("current_sections", {"survey_id": "road-7", "level": "section"})
+    cracks = [r for batch in target.query() for r in batch]
+    target.close()
+    assert [(r["road_id"], r["from_m"], r["to_m"]) for r in sections] == [("R7", 0.0, 3.0)]
+    assert sections[0]["coverage"] > 0 and sections[0]["models"] == "test-b16:1.0.0"
+    assert all(c["crack_type"] is not None for c in cracks)

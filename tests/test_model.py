@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +125,50 @@ def test_shipped_default_model_loads_and_segments_a_fixture_image():
     mask = probability >= entry.threshold * 255
     assert mask[148:153, 60:440].mean() > 0.5  # the crack is found
     assert mask[:100].mean() < 0.01  # and little else
+
+
+def test_hrsegnet_b16_1_0_0_computes_exactly_what_it_always_did():
+    """Loaded from the zoo, 1.0.0 (trained with padding-inclusive pooling) is bit-identical.
+
+    The reference was computed by the code before exclusive pooling existed, on one
+    thread. Floating-point kernels differ between CPU kinds (AVX512 vs AVX2), so
+    elsewhere the outputs must agree to float32 rounding instead.
+    """
+    from models.export import load_net
+
+    reference = np.load(Path(__file__).parent / "data" / "hrsegnet_b16_1.0.0_reference.npz")
+    entry = registry.resolve("hrsegnet-b16:1.0.0")
+    net = load_net(entry.variant, entry.file("weights"))
+    assert net.exclusive_pool is False
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            logits = net(torch.from_numpy(reference["chips"]).float() / 255.0).numpy()
+    finally:
+        torch.set_num_threads(threads)
+    same_kernels = (str(reference["cpu"]) == torch.backends.cpu.get_cpu_capability()
+                    and str(reference["torch"]) == torch.__version__)
+    if same_kernels:
+        np.testing.assert_array_equal(logits, reference["logits"])
+    else:
+        np.testing.assert_allclose(logits, reference["logits"], rtol=0, atol=1e-4)
+    exclusive = create("b16")
+    exclusive.load_state_dict(net.state_dict())
+    with torch.inference_mode():
+        changed = exclusive.eval()(torch.from_numpy(reference["chips"]).float() / 255.0).numpy()
+    assert np.abs(changed - reference["logits"]).max() > 1e-3     # the pooling matters: the test can fail
+
+
+def test_exclusive_pooling_matches_a_hand_computed_border_average():
+    net = create("b16")
+    pool = net.blocks[1].l_conv[0][0]
+    assert isinstance(pool, torch.nn.AvgPool2d)
+    x = torch.arange(16, dtype=torch.float32).view(1, 1, 4, 4)
+    out = pool(x)[0, 0]
+    # 3x3 windows with stride 2 and padding 1: the corner window covers rows/cols -1..1.
+    assert out[0, 0].item() == pytest.approx((0 + 1 + 4 + 5) / 4)           # padding left out
+    assert out[0, 1].item() == pytest.approx((1 + 2 + 3 + 5 + 6 + 7) / 6)
+    assert out[1, 1].item() == pytest.approx(sum(range(16)[i] for i in (5, 6, 7, 9, 10, 11, 13, 14, 15)) / 9)
+    inclusive = create("b16", exclusive_pool=False).blocks[1].l_conv[0][0](x)[0, 0]
+    assert inclusive[0, 0].item() == pytest.approx((0 + 1 + 4 + 5) / 9)

@@ -90,14 +90,15 @@ def test_migrations_apply_to_an_empty_database_and_twice_are_a_no_op(postgis):
     name = postgis.new_database(empty=True)
     try:
         with psycopg.connect(postgis.url_of(name), autocommit=True) as con:
-            assert migrate(con) == ["0001", "0002"]
+            assert migrate(con) == ["0001", "0002", "0003"]
             assert migrate(con) == []
             tables = {r[0] for r in con.execute(
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")}
             assert {"surveys", "scenes", "runs", "models", "cracks", "current_cracks",
-                    "schema_migrations"} <= tables
+                    "schema_migrations", "pattern_areas", "current_pattern_areas", "sections",
+                    "current_sections", "section_changes", "crack_changes"} <= tables
             assert con.execute("SELECT version FROM schema_migrations ORDER BY 1").fetchall() == [
-                ("0001",), ("0002",)]
+                ("0001",), ("0002",), ("0003",)]
             assert con.execute("SELECT type, srid FROM geometry_columns WHERE f_table_name = 'cracks'"
                                ).fetchone() == ("LINESTRING", 4326)
             indexes = {r[0] for r in con.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'cracks'")}

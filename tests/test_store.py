@@ -93,10 +93,10 @@ def test_a_geopackage_without_the_current_flag_gets_it(tmp_path, result):
     store.publish(result, V2, promote=False)
     store.close()
     with sqlite3.connect(tmp_path / "map.gpkg") as con:  # as written before is_current existed
-        con.executescript("DROP VIEW current_cracks; DELETE FROM gpkg_contents WHERE table_name = "
-                          "'current_cracks'; DELETE FROM gpkg_geometry_columns WHERE table_name = "
-                          "'current_cracks'; DROP INDEX scenes_one_current; "
-                          "ALTER TABLE scenes DROP COLUMN is_current")
+        for view in ("current_cracks", "current_pattern_areas"):  # (road-condition layers came later)
+            con.executescript(f"DROP VIEW {view}; DELETE FROM gpkg_contents WHERE table_name = '{view}'; "
+                              f"DELETE FROM gpkg_geometry_columns WHERE table_name = '{view}'")
+        con.executescript("DROP INDEX scenes_one_current; ALTER TABLE scenes DROP COLUMN is_current")
     store = open_store(tmp_path / "map.gpkg")
     assert {v for *_, v, _ in found(store)} == {"2.0.0"}  # the latest successful version
     store.close()

@@ -216,3 +216,134 @@ def test_command_line_options_build_the_config(tmp_path):
     assert config.iters == 80 and config.crop_px == 320 and config.datasets == ("uav75",)
     assert config.resume == tmp_path / "last.pt" and config.max_minutes == 5.0
     assert config.validation_interval() == 8
+
+
+# --------------------------------------------------------------------------- survey-scale data and speed
+
+def write_multiclass(split_dir: Path, stem: str, classes: np.ndarray) -> None:
+    (split_dir / "masks_multiclass").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(classes).save(split_dir / "masks_multiclass" / f"{stem}.png")
+
+
+def test_multiclass_masks_give_ignored_areas_and_hard_negatives(tmp_path):
+    split_dir = tmp_path / "paveseg_preview" / "train"
+    write_pair(split_dir, "000001", np.random.default_rng(3))
+    mask = np.asarray(Image.open(split_dir / "masks" / "000001.png"))
+    classes = np.where(mask == 255, 30, 0).astype(np.uint8)
+    classes[0:10, 0:10] = 150          # alligator area -> unlabelled
+    classes[50:52, :] = 210            # expansion joint -> hard negative
+    classes[mask == 255] = 30          # the crack stays a crack
+    write_multiclass(split_dir, "000001", classes)
+    sample = crackdata.load_split(split_dir).samples[0]
+    ignored = (classes == 150) & (mask == 0)
+    assert (sample.mask[ignored] == crackdata.IGNORE_INDEX).all()
+    assert (sample.mask[mask == 255] == 1).all()
+    assert sample.hard_negative_points is not None
+    assert (classes[tuple(sample.hard_negative_points.T)] == 210).all()
+    unrefined = crackdata.load_split(split_dir, refine=False).samples[0]
+    assert set(np.unique(unrefined.mask)) <= {0, 1} and unrefined.hard_negative_points is None
+    # A crop centred on a hard negative contains it, at every scale.
+    augment = crackdata.Augment(crop_px=24, focus_hard_negative=1.0)
+    for seed in range(20):
+        focus = crackdata.focus_point(sample, np.random.default_rng(seed), augment)
+        assert focus is not None and classes[focus] == 210
+        _, crop_mask = crackdata.augment_sample(sample, np.random.default_rng(seed), augment)
+        assert crop_mask.shape == (24, 24)
+
+
+def test_focused_window_holds_the_focus_pixel():
+    mask = np.zeros((300, 500), np.uint8)
+    image = np.zeros((300, 500, 3), np.uint8)
+    image[123, 456] = 255
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        scale = float(rng.choice([0.5, 1.0, 1.5, 2.0]))
+        window, _ = crackdata.scaled_window(image, mask, scale, 64, rng, focus=(123, 456))
+        assert window.max() > 0, (seed, scale)
+
+
+def test_tile_datasets_become_mosaics_of_several_tiles():
+    rng = np.random.default_rng(0)
+    samples = tuple(crackdata.Sample(f"t{i}", np.full((40, 40, 3), 10 * i + 5, np.uint8),
+                                     np.zeros((40, 40), np.uint8)) for i in range(20))
+    split = crackdata.CrackSplit("tiles", Path("."), samples)
+    augment = crackdata.Augment(crop_px=120, scale_min=1.0, scale_max=1.0, flip=False,
+                                brightness=0, contrast=0, saturation=0, mosaic_below_px=100)
+    image, mask = crackdata.mosaic_crop(split, 3, rng, augment, crackdata.typical_long_side(split))
+    assert image.shape == (120, 120, 3) and mask.shape == (120, 120)
+    assert image[0, 0, 0] == 35                                   # the first cell is the chosen tile
+    assert len(np.unique(image[::40, ::40, 0])) > 3               # 3x3 cells from other tiles
+    assert set(np.unique(mask)) == {0}                            # tiles fill the crop exactly
+    sampler = crackdata.BalancedSampler((20,), seed=1)
+    first, _ = crackdata.training_batch((split,), sampler, 0, 2, augment)
+    again, _ = crackdata.training_batch((split,), sampler, 0, 2, augment)
+    np.testing.assert_array_equal(first, again)
+
+
+def test_sampler_counts_weight_datasets_by_domain():
+    sampler = crackdata.BalancedSampler(sizes=(5, 100, 7), seed=2, counts=(3, 1, 2))
+    draws = [sampler.draw(n) for n in range(600)]
+    assert [sum(d == k for d, _ in draws) for k in range(3)] == [300, 100, 200]
+    first = [i for d, i in draws if d == 0]
+    assert all(sorted(first[k:k + 5]) == list(range(5)) for k in range(0, 300, 5))
+    assert draws == [crackdata.BalancedSampler((5, 100, 7), 2, (3, 1, 2)).draw(n) for n in range(600)]
+
+
+def test_bf16_and_fp32_steps_agree():
+    config = training.TrainConfig(out=Path("."), iters=10, warmup_fraction=0.0)
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 64)
+    y = (torch.rand(2, 64, 64) > 0.9).long()
+    results = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(1)
+        model = training.hrsegnet.create("b16").to(memory_format=torch.channels_last)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        optimizer = training.make_optimizer(model, config)
+        loss = training.train_step(model, optimizer, x.contiguous(memory_format=torch.channels_last), y,
+                                   0, config, precision)
+        update = torch.cat([(model.state_dict()[k] - before[k]).flatten().float()
+                            for k in before if before[k].is_floating_point()])
+        results[precision] = (loss, update)
+    (loss32, update32), (loss16, update16) = results["fp32"], results["bf16"]
+    assert loss16 == pytest.approx(loss32, rel=0.03)
+    cosine = torch.nn.functional.cosine_similarity(update32, update16, dim=0).item()
+    assert cosine > 0.98
+    assert (update16 - update32).norm() < 0.2 * update32.norm()
+
+
+def test_precision_auto_follows_the_cpu(monkeypatch):
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
+    assert training.resolve_precision("auto") == "bf16"
+    assert training.resolve_precision("auto", "cuda") == "fp32"
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
+    assert training.resolve_precision("auto") == "fp32"
+    assert training.resolve_precision("bf16") == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        training.resolve_precision("fp8")
+
+
+def test_ohem_on_the_main_head_only_uses_plain_cross_entropy_elsewhere():
+    torch.manual_seed(0)
+    outputs = [torch.randn(1, 2, 8, 8) for _ in range(3)]
+    target = (torch.rand(1, 8, 8) > 0.8).long()
+    target[0, 0] = crackdata.IGNORE_INDEX
+    config = training.TrainConfig(out=Path("."))
+    min_kept = int(target.numel() * config.ohem_min_kept_fraction)
+    expected = (training.ohem_cross_entropy(outputs[0], target, 0.7, min_kept)
+                + 0.5 * torch.nn.functional.cross_entropy(outputs[1], target, ignore_index=255)
+                + 0.5 * torch.nn.functional.cross_entropy(outputs[2], target, ignore_index=255))
+    assert training.total_loss(outputs, target, config).item() == pytest.approx(expected.item())
+    all_heads = replace(config, ohem_heads="all")
+    expected_all = sum(w * training.ohem_cross_entropy(o, target, 0.7, min_kept)
+                       for w, o in zip((1.0, 0.5, 0.5), outputs))
+    assert training.total_loss(outputs, target, all_heads).item() == pytest.approx(expected_all.item())
+
+
+def test_resume_from_another_variant_or_pooling_is_refused(data_root, tmp_path):
+    training.train(tiny_config(data_root, tmp_path / "run", stop_at=1, val_every=1))
+    for change, words in (({"variant": "b32"}, r"variant: 'b16' -> 'b32'"),
+                          ({"avg_pool": "inclusive"}, r"avg_pool: 'exclusive' -> 'inclusive'")):
+        changed = tiny_config(data_root, tmp_path / "run", resume=tmp_path / "run" / "last.pt", **change)
+        with pytest.raises(ValueError, match=words):
+            training.train(changed)

@@ -215,3 +215,55 @@ def test_widths_on_non_square_pixels_use_the_spacing_across_the_crack(tmp_path, 
     assert len(result.cracks) == 1
     assert result.cracks[0].width_mean_mm == pytest.approx(5 * across_m * 1000, rel=0.02)
     assert result.cracks[0].width_max_mm == pytest.approx(5 * across_m * 1000, rel=0.02)
+
+
+# --------------------------------------------------------------------------- texture fragments and gaps
+
+def test_a_crack_with_a_faint_stretch_across_a_chip_seam_is_bridged_into_one_line(tmp_path, darkness):
+    pixels = blank(500, 900)
+    pixels[:, 248:253, 50:850] = 20                 # 5 px wide, 800 px long
+    pixels[:, 248:253, 330:338] = 200               # a faint stretch of 8 px across the chip seam at 336
+    broken = run_scene(tmp_path, darkness, pixels, vectorize=VectorizeParams(bridge_gap_px=0))
+    assert len(broken.cracks) == 2
+    bridged = run_scene(tmp_path, darkness, pixels, vectorize=VectorizeParams(bridge_gap_px=16))
+    assert len(bridged.cracks) == 1
+    # The whole crack, the gap included (800 px less about half a width at each end).
+    assert bridged.cracks[0].length_m > sum(c.length_m for c in broken.cracks) + 8 * PIXEL_M
+    assert bridged.cracks[0].length_m == pytest.approx(800 * PIXEL_M, abs=6 * PIXEL_M)
+
+
+def test_lines_that_do_not_face_each_other_are_not_bridged(tmp_path, darkness):
+    pixels = blank(500, 900)
+    pixels[:, 248:253, 50:400] = 20                 # horizontal, ends at column 400
+    pixels[:, 262:460, 408:413] = 20                # vertical, starts 10 px away, at right angles
+    result = run_scene(tmp_path, darkness, pixels, vectorize=VectorizeParams(bridge_gap_px=16))
+    assert len(result.cracks) == 2
+
+
+def test_bridging_never_closes_a_loop_or_uses_an_end_twice():
+    def piece(rc):
+        return Piece(np.asarray(rc, float), (None, None), len(rc), float(len(rc)), 1.0, 200.0 * len(rc))
+    # Three collinear pieces: the middle one's ends are each bridged once.
+    pieces = [piece([[0, 0], [0, 20]]), piece([[0, 24], [0, 40]]), piece([[0, 44], [0, 60]])]
+    joined = vectorize.bridge_gaps(pieces, gap_px=6)
+    assert len(joined) == 1 and joined[0].rc[0].tolist() == [0, 0] and joined[0].rc[-1].tolist() == [0, 60]
+    assert joined[0].n_px == sum(p.n_px for p in pieces)
+    # Four pieces around a square, ends facing each other at every corner: one open chain, not a loop.
+    square = [piece([[0, 2], [0, 18]]), piece([[2, 20], [18, 20]]), piece([[20, 18], [20, 2]]),
+              piece([[18, 0], [2, 0]])]
+    ring = vectorize.bridge_gaps(square, gap_px=4, max_angle_deg=60)
+    assert len(ring) == 1 and len(ring[0].rc) == 8
+
+
+def test_fragments_shorter_than_min_length_are_dropped_and_longer_cracks_kept(tmp_path, darkness):
+    pixels = blank(500, 900)
+    pixels[:, 248:253, 50:850] = 20                 # 1.6 m crack
+    for col in range(100, 800, 100):                # texture: 20 px (4 cm) dark flecks
+        pixels[:, 100:103, col:col + 20] = 20
+    pixels[:, 264:267, 400:420] = 20                # a short branch-like piece right beside the crack
+    everything = run_scene(tmp_path, darkness, pixels, vectorize=VectorizeParams(min_area_px=10))
+    assert len(everything.cracks) == 9
+    cleaned = run_scene(tmp_path, darkness, pixels,
+                        vectorize=VectorizeParams(min_area_px=10, min_length_m=0.05))
+    assert sorted(round(c.length_m, 2) for c in cleaned.cracks)[-1] > 1.5
+    assert len(cleaned.cracks) == 2                 # the crack and the piece beside it; no texture

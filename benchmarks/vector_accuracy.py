@@ -1,0 +1,235 @@
+"""Vector accuracy of crack maps on georeferenced scenes built from the val splits (a benchmark).
+
+Crack lines are what agencies sum per road section, so they are scored as lines,
+not pixels. This script builds georeferenced scenes from val images (several
+images of one dataset tiled edge to edge into one scene), runs the real
+pipeline (``pipeline.scene.process_scene``: chips, network, stitching,
+vectorizing, measuring) with each model asked for, and scores the crack lines
+against the skeletons of the true masks (``pipeline.accuracy``):
+
+* F1 at 5 px tolerance;
+* total-length ratio (measured / true) per scene;
+* length ratio by true width class (thin < 3 px <= medium < 8 px <= wide).
+
+Scenes (nominal ground geometry: the val images carry none, so each scene is
+given a plausible pixel size; lengths are compared in the same units):
+
+=================  ===================================  ====================
+scene              images                               CRS, pixel
+=================  ===================================  ====================
+paveseg-utm        paveseg_preview val, 2 x 2            EPSG:32633, 1.0 mm
+gaps384-wgs84      gaps384 val tiles, 6 x 6              EPSG:4326, ~1.0 mm
+uav_crackx-nodata  uav_crackx val, 3 x 3, nodata collar  EPSG:32632, 1.5 mm
+crack500-webmerc   crack500 val tiles, 5 x 8             EPSG:3857, 0.8 mm
+aiglern-lambert93  aiglern val tiles, 3 x 6              EPSG:2154, 1.0 mm
+=================  ===================================  ====================
+
+The probability raster of each scene is computed once per model; the
+vectorizing settings (``--min-length-m``, ``--bridge-gap-px``) are swept over it
+with ``pipeline.probability.read_rows``, as a rerun of the vectorizer would.
+
+Usage:
+    python benchmarks/vector_accuracy.py [--data-root ../shared/data/cracks]
+        [--model hrsegnet-b16:1.0.0 ...] [--min-length-m 0 0.05] [--bridge-gap-px 0 12]
+        [--out out/vector-accuracy] [--json results.json]
+
+Needs the val splits (``$CRACKMAP_DATA`` or ``../shared/data/cracks``); reads only val.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import shapely
+from PIL import Image
+from pyproj import Geod
+from rasterio.crs import CRS
+from rasterio.transform import from_origin
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.registry import resolve  # noqa: E402
+from pipeline.accuracy import score_lines, truth_skeleton  # noqa: E402
+from pipeline.inference import load_backend  # noqa: E402
+from pipeline.measure import Georeferencer, Severity  # noqa: E402
+from pipeline.probability import read_rows  # noqa: E402
+from pipeline.scene import SceneOptions, process_scene  # noqa: E402
+from pipeline.vectorize import BandVectorizer, VectorizeParams  # noqa: E402
+
+GEOD = Geod(ellps="WGS84")
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    name: str
+    dataset: str
+    grid: tuple[int, int]          # rows, columns of images
+    crs: str
+    pixel_m: float
+    origin: tuple[float, float]    # upper-left corner in the CRS (metres, or lon/lat for 4326)
+    collar_px: int = 0             # nodata border around the tiled images
+
+
+SCENES = (
+    SceneSpec("paveseg-utm", "paveseg_preview", (2, 2), "EPSG:32633", 0.001, (431250.0, 5652300.0)),
+    SceneSpec("gaps384-wgs84", "gaps384", (6, 6), "EPSG:4326", 0.001, (13.40, 52.52)),
+    SceneSpec("uav_crackx-nodata", "uav_crackx", (3, 3), "EPSG:32632", 0.0015, (690000.0, 5335000.0),
+              collar_px=120),
+    SceneSpec("crack500-webmerc", "crack500", (5, 8), "EPSG:3857", 0.0008, (-8575000.0, 4705000.0)),
+    SceneSpec("aiglern-lambert93", "aiglern", (3, 6), "EPSG:2154", 0.001, (652000.0, 6862000.0)),
+)
+
+
+def val_images(root: Path, dataset: str, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``count`` val images of the dataset's most common size (sorted by name), with masks."""
+    folder = root / dataset / "val"
+    stems = sorted(p.stem for p in (folder / "images").iterdir())
+    sizes = {}
+    for stem in stems:
+        image_path = next((folder / "images").glob(f"{stem}.*"))
+        with Image.open(image_path) as image:
+            sizes.setdefault(image.size, []).append(image_path)
+    size, paths = max(sizes.items(), key=lambda item: len(item[1]))
+    if len(paths) < count:
+        raise SystemExit(f"{folder} has {len(paths)} val images of {size[0]}x{size[1]} px; {count} needed")
+    pairs = []
+    for path in paths[:count]:
+        image = np.asarray(Image.open(path).convert("RGB"))
+        mask = np.asarray(Image.open(folder / "masks" / f"{path.stem}.png")) > 0
+        pairs.append((image, mask))
+    return pairs
+
+
+def build_scene(spec: SceneSpec, root: Path, out: Path) -> tuple[Path, np.ndarray, np.ndarray, tuple]:
+    """Write the scene GeoTIFF; return its path, the true mask, the valid mask and the spacing (m)."""
+    rows, cols = spec.grid
+    pairs = val_images(root, spec.dataset, rows * cols)
+    h, w = pairs[0][1].shape
+    c = spec.collar_px
+    image = np.zeros((rows * h + 2 * c, cols * w + 2 * c, 3), np.uint8)
+    truth = np.zeros(image.shape[:2], bool)
+    for k, (pixels, mask) in enumerate(pairs):
+        r, q = divmod(k, cols)
+        image[c + r * h:c + (r + 1) * h, c + q * w:c + (q + 1) * w] = pixels
+        truth[c + r * h:c + (r + 1) * h, c + q * w:c + (q + 1) * w] = mask
+    valid = np.zeros(truth.shape, bool)
+    valid[c:truth.shape[0] - c, c:truth.shape[1] - c] = True
+    if spec.crs == "EPSG:4326":
+        lon, lat = spec.origin
+        _, lat2, _ = GEOD.fwd(lon, lat, 180.0, spec.pixel_m)
+        lon2, _, _ = GEOD.fwd(lon, lat, 90.0, spec.pixel_m)
+        transform = from_origin(lon, lat, lon2 - lon, lat - lat2)
+        spacing = (spec.pixel_m, spec.pixel_m)
+    else:
+        transform = from_origin(*spec.origin, spec.pixel_m, spec.pixel_m)
+        scale = CRS.from_string(spec.crs)
+        factor = 1.0
+        if scale.to_epsg() == 3857:  # Web Mercator metres are not ground metres away from the equator
+            lat = np.degrees(np.arctan(np.sinh(spec.origin[1] / 6378137.0)))
+            factor = np.cos(np.radians(lat))
+        spacing = (spec.pixel_m * factor, spec.pixel_m * factor)
+    path = out / f"{spec.name}.tif"
+    profile = dict(driver="GTiff", width=image.shape[1], height=image.shape[0], count=3, dtype="uint8",
+                   crs=spec.crs, transform=transform, tiled=True, blockxsize=256, blockysize=256,
+                   compress="deflate")
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", **profile) as ds:
+        ds.write(np.moveaxis(image, 2, 0))
+        if c:
+            ds.write_mask(valid.astype(np.uint8) * 255)
+    return path, truth, valid, spacing
+
+
+def lines_in_pixels(cracks, transform) -> list[np.ndarray]:
+    """Crack geometries (in the scene CRS) as (row, col) vertices; pixel centres are integers."""
+    inverse = ~transform
+    lines = []
+    for crack in cracks:
+        xy = shapely.get_coordinates(crack.geometry)
+        col, row = inverse * (xy[:, 0], xy[:, 1])
+        lines.append(np.column_stack([np.asarray(row) - 0.5, np.asarray(col) - 0.5]))
+    return lines
+
+
+def revectorize(result, params: VectorizeParams) -> list:
+    """Crack lines of a processed scene again from its probability COG, with other settings."""
+    scene = result.scene
+    vectorizer = BandVectorizer(scene.width, scene.height, params)
+    for row, probability, valid in read_rows(result.probability_path):
+        vectorizer(row, probability, valid)
+    geo = Georeferencer(scene.crs, scene.transform, scene.width, scene.height, scene.crs, params, Severity())
+    return list(geo.crack_lines(vectorizer.finish()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", type=Path,
+                        default=Path(os.environ.get("CRACKMAP_DATA", "../shared/data/cracks")))
+    parser.add_argument("--model", nargs="+", default=[None], help="NAME[:VERSION] (default: the default model)")
+    parser.add_argument("--min-length-m", nargs="+", type=float, default=[0.0])
+    parser.add_argument("--bridge-gap-px", nargs="+", type=float, default=[0.0])
+    parser.add_argument("--tolerance-px", type=float, default=5.0)
+    parser.add_argument("--out", type=Path, default=Path("out/vector-accuracy"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    scenes = []
+    for spec in SCENES:
+        path, truth, valid, spacing = build_scene(spec, args.data_root, args.out)
+        scenes.append((spec, path, truth_skeleton(truth, spacing), valid))
+        print(f"scene {spec.name}: {truth.shape[1]}x{truth.shape[0]} px, {spec.crs}", flush=True)
+
+    results = []
+    for model_spec in args.model:
+        entry = resolve(model_spec)
+        backend = load_backend(entry, "onnxruntime")
+        for spec, path, truth, valid in scenes:
+            started = time.perf_counter()
+            result = process_scene(str(path), backend, entry, args.out / f"{spec.name}.{entry.version}.prob.tif",
+                                   CRS.from_string(spec.crs), SceneOptions())
+            base = SceneOptions().vectorize_params(entry)
+            for min_length_m, gap_px in itertools.product(args.min_length_m, args.bridge_gap_px):
+                params = replace(base, min_length_m=min_length_m, bridge_gap_px=gap_px)
+                cracks = revectorize(result, params)
+                score = score_lines(lines_in_pixels(cracks, result.scene.transform),
+                                    sum(c.length_m for c in cracks), truth, args.tolerance_px, valid)
+                results.append({"model": entry.spec, "scene": spec.name, "min_length_m": min_length_m,
+                                "bridge_gap_px": gap_px, "cracks": len(cracks), **score.as_dict()})
+            print(f"{entry.spec} {spec.name}: {result.chip_count} chips in "
+                  f"{time.perf_counter() - started:.1f} s", flush=True)
+
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"tolerance {args.tolerance_px:g} px\n")
+    print("| model | scene | min length m | bridge px | F1 | P | R | length ratio | thin | medium | wide |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def fmt(value):
+        return "-" if value is None else f"{value:.2f}"
+
+    for row in results:
+        widths = row["length_ratio_by_width"]
+        print(f"| {row['model']} | {row['scene']} | {row['min_length_m']:g} | {row['bridge_gap_px']:g} | "
+              f"{row['f1']:.3f} | {row['precision']:.3f} | {row['recall']:.3f} | {row['length_ratio']:.2f} | "
+              f"{fmt(widths['thin'])} | {fmt(widths['medium'])} | {fmt(widths['wide'])} |")
+    setting = lambda row: (row["model"], row["min_length_m"], row["bridge_gap_px"])  # noqa: E731
+    for key, group in itertools.groupby(sorted(results, key=setting), key=setting):
+        group = list(group)
+        ratios = ", ".join(format(row["length_ratio"], ".2f") for row in group)
+        print(f"{key}: mean F1 {np.mean([row['f1'] for row in group]):.3f}; length ratios {ratios}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
