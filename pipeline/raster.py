@@ -303,7 +303,9 @@ class SceneReader:
         if present is not None and not present.all():
             mask &= present
         if np.issubdtype(data.dtype, np.floating):
-            mask &= np.isfinite(data).all(axis=0)  # NaN and infinity are nodata
+            finite = np.isfinite(data)
+            mask &= finite.all(axis=0)  # NaN and infinity are nodata
+            data = np.where(finite, data, 0)
         if self._scale is not None:
             offset, scale = self._scale
             data = np.clip((data.astype(np.float32) - offset) * scale + 0.5, 0, 255).astype(np.uint8)

@@ -14,7 +14,7 @@ from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
 from pipeline.errors import StoreError
-from pipeline.postgis import migrate
+from pipeline.postgis import migrate, migrations
 from pipeline.records import CrackLine, Scene, SceneResult
 from pipeline.store import RunInfo, open_store
 
@@ -216,7 +216,7 @@ def test_an_installed_wheel_opens_postgis_with_its_own_migrations(postgis, tmp_p
         assert done.stdout.strip() == "EPSG:4326"
         with psycopg.connect(postgis.url_of(name)) as con:
             assert con.execute("SELECT version FROM schema_migrations ORDER BY 1").fetchall() == [
-                ("0001",), ("0002",)]
+                (version,) for version, _ in migrations()]
     finally:
         postgis.drop(name)
 
