@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 CORE   := $(VENV)/.installed-core
 FULL   := $(VENV)/.installed-full
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean maplibre
 
 # The demo needs only the core (ONNX Runtime runs the model); tests also need
 # torch (export, training, the torch backend) and the test tools.
@@ -27,17 +27,24 @@ demo: $(CORE)
 	$(VENV)/bin/crackmap sections out/demo/cracks.gpkg --network examples/sample-roads.geojson \
 		--survey sample-survey --section-m 1 --rollup-m 5
 	@echo "Crack map: out/demo/cracks.gpkg (layers cracks, scenes, sections, pattern_areas); probability rasters: out/demo/cracks-probability/"
+	@echo "See it in a browser: $(VENV)/bin/crackmap serve out/demo/cracks.gpkg  (then http://127.0.0.1:8080/)"
 
-# A throwaway PostGIS (infra/postgis.sh) for the store tests, stopped again whatever happens.
-# If it cannot start, the PostGIS tests skip locally and fail under CI=true.
+# A throwaway PostGIS (infra/postgis.sh) for the store tests, stopped again whatever happens, and
+# Debian's chromium (infra/chromium.sh) for the web-map browser test.  If either cannot be had,
+# its tests skip locally and fail under CI=true.
 test: $(FULL)
 	@pgdir=$$(mktemp -d); trap 'infra/postgis.sh stop "$$pgdir" >/dev/null 2>&1 || rm -rf "$$pgdir"' EXIT; \
 	if pgenv=$$(PYTHON=$(abspath $(PY)) infra/postgis.sh start --fast "$$pgdir"); then eval "$$pgenv"; \
 	else export CRACKMAP_PG_UNAVAILABLE="infra/postgis.sh start failed (see above)"; fi; \
+	infra/chromium.sh || export CRACKMAP_CHROMIUM_UNAVAILABLE="infra/chromium.sh failed (see above)"; \
 	$(PY) -m pytest
 
 bench: $(FULL)
 	$(PY) benchmarks/pipeline_throughput.py
+
+# Refresh the vendored MapLibre GL JS from npm: make maplibre [MAPLIBRE_VERSION=5.24.1]
+maplibre:
+	infra/vendor-maplibre.sh $(MAPLIBRE_VERSION)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

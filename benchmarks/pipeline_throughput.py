@@ -125,7 +125,10 @@ def main() -> None:
     if args.child:
         end_to_end_child(args.child, spec, args.out)
         return
-    report = {"machine": machine(), "model": spec, "rounds": args.rounds, "scene_compression": args.compress}
+    from pipeline.precision import cpu_graph
+
+    report = {"machine": machine(), "model": spec, "rounds": args.rounds, "scene_compression": args.compress,
+              "onnxruntime_graph": cpu_graph(resolve(spec))[1]}  # fp32 or int8, as the backend picks
     rounds: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

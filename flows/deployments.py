@@ -28,6 +28,18 @@ from pipeline.redact import mask_url, password_of
 SCENE_DEPLOYMENT = "process-scene/process-scene"
 
 
+def scene_job_variables(config: Settings) -> dict:
+    """Job variables of ``process-scene`` runs: the image, and the engine cache in their environment.
+
+    >>> scene_job_variables(Settings(gpu_image="reg/worker-gpu:1.1", engine_cache="s3://m/engines/"))
+    {'image': 'reg/worker-gpu:1.1', 'env': {'CRACKMAP_ENGINE_CACHE': 's3://m/engines/'}}
+    """
+    job: dict = {"image": config.gpu_image} if config.gpu_image else {}
+    if config.engine_cache:
+        job["env"] = {"CRACKMAP_ENGINE_CACHE": config.engine_cache}
+    return job
+
+
 def deployments(config: Settings, with_schedule: bool | None = None) -> list[RunnerDeployment]:
     """The deployments for these settings.
 
@@ -39,7 +51,7 @@ def deployments(config: Settings, with_schedule: bool | None = None) -> list[Run
     from flows.survey import process_survey
 
     module = EntrypointType.MODULE_PATH
-    scene_job = {"image": config.gpu_image} if config.gpu_image else {}
+    scene_job = scene_job_variables(config)
     found = [
         process_scene.to_deployment(
             "process-scene", work_pool_name=config.gpu_pool, entrypoint_type=module,

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
             the GPU pool, say) is cancelled and its scene fails with a message saying so.
         code_root: Where the workers find this repository (the images install it at /opt/crackmap).
         gpu_image: Image of ``process-scene`` jobs on container work pools (Kubernetes, Docker).
+        engine_cache: Where ``process-scene`` runs keep TensorRT engines (a folder or an fsspec
+            URL such as ``s3://models/engines/``), passed to every scene job as
+            ``CRACKMAP_ENGINE_CACHE``; shared, so a pod loads the engine its GPU model needs
+            instead of building it (minutes) in each new pod.
     """
 
     model_config = SettingsConfigDict(env_prefix="CRACKMAP_", extra="forbid")
@@ -54,6 +58,7 @@ class Settings(BaseSettings):
     scene_timeout_s: float = 6 * 3600.0
     code_root: str = str(ROOT)
     gpu_image: str | None = None
+    engine_cache: str | None = None
 
 
 @lru_cache(maxsize=1)

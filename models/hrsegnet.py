@@ -108,14 +108,19 @@ class HrSegNet(nn.Module):
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        size = x.shape[-2:]
-        x = self.stem((x - self.mean) / self.std)
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The high-resolution features after each SegBlock, for normalized input."""
+        x = self.stem(x)
         features = []
         for block in self.blocks:
             x = block(x)
             features.append(x)
-        logits = upsample(self.head(x), size)
+        return features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        size = x.shape[-2:]
+        features = self.features((x - self.mean) / self.std)
+        logits = upsample(self.head(features[-1]), size)
         if not self.training:
             return logits
         aux = [upsample(head(f), size) for head, f in zip(self.aux_heads, features)]
@@ -123,15 +128,42 @@ class HrSegNet(nn.Module):
 
 
 class CrackProbability(nn.Module):
-    """Inference wrapper: uint8-range RGB chips (N, 3, H, W) float32 -> crack probability (N, H, W)."""
+    """Inference: uint8-range RGB chips (N, 3, H, W) float -> crack probability (N, H, W).
 
-    def __init__(self, net: HrSegNet) -> None:
+    Computes ``softmax(net(chips / 255))[:, 1]`` with fewer operations at full
+    resolution, each step exact in real arithmetic:
+
+    - scaling and mean/std normalization are one multiply-add per channel;
+    - with two classes, softmax of class 1 is ``sigmoid(logit1 - logit0)``, and the
+      difference of the final 1x1 convolution's two outputs is itself a 1x1
+      convolution (weights ``w1 - w0``, bias ``b1 - b0``);
+    - bilinear upsampling is linear, so that one-channel margin is upsampled
+      instead of two logit channels.
+
+    On ONNX Runtime the full-resolution softmax and the second channel's
+    upsampling were ~30 % of B16's time.  ``literal=True`` computes the
+    published order (softmax of the upsampled logits): the reference in tests.
+    """
+
+    def __init__(self, net: HrSegNet, literal: bool = False) -> None:
         super().__init__()
         self.net = net.eval()
+        self.literal = literal
+        std = net.std.detach().clone()
+        self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
+        self.register_buffer("shift", -net.mean.detach().clone() / std, persistent=False)
+        final = net.head.layers[-1]
+        self.margin = nn.Conv2d(final.in_channels, 1, 1).to(final.weight.dtype)
+        with torch.no_grad():
+            self.margin.weight.copy_(final.weight[1:2] - final.weight[0:1])
+            self.margin.bias.copy_(final.bias[1:2] - final.bias[0:1])
 
     def forward(self, chips: torch.Tensor) -> torch.Tensor:
-        logits = self.net(chips * (1.0 / 255.0))
-        return torch.softmax(logits, dim=1)[:, 1]
+        if self.literal:
+            return torch.softmax(self.net(chips * (1.0 / 255.0)), dim=1)[:, 1]
+        features = self.net.features(chips * self.scale + self.shift)[-1]
+        margin = self.margin(self.net.head.layers[:-1](features))
+        return torch.sigmoid(upsample(margin, chips.shape[-2:]))[:, 0]
 
 
 VARIANTS = {"b16": 16, "b32": 32, "b48": 48}

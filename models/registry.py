@@ -4,8 +4,10 @@ A model version is a folder ``<root>/<name>/<version>/`` holding its files
 (``weights.pt``, ``model.onnx``) and its model card: ``card.json`` for
 programs, ``MODEL_CARD.md`` for people.  The card records the sha256 of every
 file; a file that does not match is refused, never loaded.  Versions are
-semantic (``1.0.0``); a version, once added, is never changed, so results
-made with it can always be reproduced.
+semantic (``1.0.0``); a version's files, once added, never change, so results
+made with it can always be reproduced.  Files derived from its weights (an
+INT8 graph, ``add_derived``) may be added later, hashed into the card like
+the others, with how they were made.
 
 Roots searched: the folders in ``CRACKMAP_MODELS`` (``os.pathsep``-separated),
 then the models shipped in this package (``models/zoo``).  ``<root>/DEFAULT``
@@ -172,6 +174,26 @@ def add(root: Path, card: dict, files: dict[str, Path], default: bool = False) -
     return ModelEntry(card["name"], card["version"], folder, card)
 
 
+def add_derived(entry: ModelEntry, role: str, source: Path, section: str, record: dict) -> ModelEntry:
+    """Add a file derived from a version's weights (an INT8 graph) to that version.
+
+    The version's existing files never change; the new file is hashed into the
+    card like them, with ``record`` (how it was made, its metrics) under
+    ``card[section]``.  A role that exists is never replaced.
+    """
+    if role in entry.card["files"]:
+        raise ModelError(f"{entry.spec} already has a {role} file; versions are immutable")
+    target = entry.folder / Path(source).name
+    shutil.copyfile(source, target)
+    card = dict(entry.card)
+    card["files"] = {**card["files"], role: {"path": target.name, "sha256": sha256_file(target),
+                                             "bytes": target.stat().st_size}}
+    card[section] = record
+    (entry.folder / CARD).write_text(json.dumps(card, indent=2) + "\n")
+    (entry.folder / "MODEL_CARD.md").write_text(render_card(card))
+    return ModelEntry(entry.name, entry.version, entry.folder, card)
+
+
 def render_card(card: dict) -> str:
     """The human-readable model card."""
     lines = [f"# {card['name']} {card['version']}", "", card.get("summary", ""), "",
@@ -191,8 +213,30 @@ def render_card(card: dict) -> str:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {name} | {m['miou']:.3f} | {m['crack_iou']:.3f} | {m['f1']:.3f} | "
                   f"{m['precision']:.3f} | {m['recall']:.3f} |" for name, m in metrics.items()]
+    if card.get("int8"):
+        lines += ["", "## INT8 graph (CPUs)", "", render_int8(card["int8"])]
     for title, key in (("Training data", "data"), ("Training recipe", "recipe")):
         if card.get(key):
             lines += ["", f"## {title}", "", "```json", json.dumps(card[key], indent=2), "```"]
     lines += ["", "## License", "", card.get("license", {}).get("text", "not stated"), ""]
+    return "\n".join(lines)
+
+
+def render_int8(record: dict) -> str:
+    """The INT8 section of the human-readable model card."""
+    verdict = ("passes the gate: CPUs run it where it measures faster than the float graph"
+               if record["accepted"] else "fails the gate: CPUs run the float graph")
+    lines = [f"`{record['path']}`: static INT8 quantization ({record['calibration']['format']}, "
+             f"{record['calibration']['chips']} calibration chips from the {record['calibration']['split']} "
+             f"splits). Mean val crack F1 {record['mean_f1']:.4f} against {record['fp32_mean_f1']:.4f} "
+             f"for the float graph (drop {record['f1_drop']:.4f}; gate {record['max_f1_drop']}): "
+             f"{verdict}. Masks agree with the float graph's on {record['mask_agreement']:.4%} "
+             "of val pixels.",
+             "", "| dataset | F1 float | F1 INT8 |", "|---|---|---|"]
+    lines += [f"| {name} | {record['fp32_metrics'][name]['f1']:.4f} | {m['f1']:.4f} |"
+              for name, m in record["metrics"].items()]
+    if record.get("speed"):
+        speed = record["speed"]
+        lines += ["", f"Measured when quantized ({speed['machine']}): float {speed['fp32_chips_per_s']} "
+                      f"chips/s, INT8 {speed['int8_chips_per_s']} chips/s, one thread."]
     return "\n".join(lines)

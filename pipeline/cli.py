@@ -28,6 +28,10 @@ model_option = click.option("--model", "model_spec", default=None, metavar="NAME
                             help="Model from the registry (default: the registry's default).")
 backend_option = click.option("--backend", type=click.Choice(BACKENDS), default="auto",
                               show_default=True, help="Where the network runs.")
+precision_option = click.option("--cpu-precision", type=click.Choice(["auto", "fp32", "int8"]),
+                                default="auto", show_default=True,
+                                help="ONNX Runtime's graph: auto runs the INT8 graph where it passed "
+                                     "its accuracy gate and measures faster on this CPU.")
 
 
 @click.group()
@@ -53,11 +57,13 @@ def threshold_u8(threshold: float) -> float:
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @model_option
 @backend_option
-def segment(images_dir: Path, out_dir: Path, model_spec: str | None, backend: str) -> None:
+@precision_option
+def segment(images_dir: Path, out_dir: Path, model_spec: str | None, backend: str,
+            cpu_precision: str) -> None:
     """Write a crack mask (PNG, 0/255, same size and stem) for every image in IMAGES_DIR."""
     try:
         entry = registry.resolve(model_spec)
-        net = load_backend(entry, backend)
+        net = load_backend(entry, backend, cpu_precision=cpu_precision)
     except USER_ERRORS as exc:
         fail(str(exc))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -80,7 +86,9 @@ def segment(images_dir: Path, out_dir: Path, model_spec: str | None, backend: st
 @click.argument("masks_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @model_option
 @backend_option
-def evaluate(images_dir: Path, masks_dir: Path, model_spec: str | None, backend: str) -> None:
+@precision_option
+def evaluate(images_dir: Path, masks_dir: Path, model_spec: str | None, backend: str,
+             cpu_precision: str) -> None:
     """Score a model on images with 0/255 truth masks; prints JSON.
 
     Counts are accumulated over all pixels: two-class mIoU (as the HrSegNet
@@ -90,7 +98,7 @@ def evaluate(images_dir: Path, masks_dir: Path, model_spec: str | None, backend:
 
     try:
         entry = registry.resolve(model_spec)
-        net = load_backend(entry, backend)
+        net = load_backend(entry, backend, cpu_precision=cpu_precision)
     except USER_ERRORS as exc:
         fail(str(exc))
     masks = {p.stem: p for p in image_files(masks_dir)}
@@ -159,7 +167,11 @@ def train(ctx: click.Context) -> None:
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=registry.ZOO,
               show_default=True, help="Registry folder to add the version to.")
 @click.option("--default", "make_default", is_flag=True, help="Make it the root's default model.")
-def models_add(checkpoint: Path, name: str, version: str, root: Path, make_default: bool) -> None:
+@click.option("--int8-data-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="Also add the INT8 graph, calibrated and scored on the val splits "
+                                 "under this folder (as `crackmap models quantize`).")
+def models_add(checkpoint: Path, name: str, version: str, root: Path, make_default: bool,
+               int8_data_root: Path | None) -> None:
     """Add a trained CHECKPOINT (crackmap train's best.pt) as a new model version."""
     from models.package import package
 
@@ -169,6 +181,15 @@ def models_add(checkpoint: Path, name: str, version: str, root: Path, make_defau
         fail(str(exc))
     click.echo(f"added {entry.spec} in {entry.folder} "
                f"(ONNX verified, max abs diff {entry.card['onnx']['max_abs_diff_vs_torch']:.1e})")
+    if int8_data_root is not None:
+        from pipeline.precision import add_int8
+
+        try:
+            record = add_int8(entry, int8_data_root).card["int8"]
+        except (*USER_ERRORS, FileNotFoundError, ValueError) as exc:
+            fail(f"{entry.spec} was added, but not its INT8 graph: {exc}")
+        click.echo(f"INT8 graph: mean val F1 {record['mean_f1']:.4f} (float {record['fp32_mean_f1']:.4f}): "
+                   f"{'passes' if record['accepted'] else 'fails'} the gate")
 
 
 @models.command("export")
@@ -187,6 +208,35 @@ def models_export(fmt: str, out: Path, model_spec: str | None) -> None:
     export_onnx(net, out, entry.size_px)
     diff = verify_onnx(net, out, size_px=entry.size_px)
     click.echo(f"{out}: {entry.spec}, max abs difference to torch {diff:.2e} (batch 1 and 5)")
+
+
+@models.command("quantize")
+@model_option
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Datasets folder (<dataset>/val/images, masks) of the model's training data "
+                   "(default: $CRACKMAP_DATA, else ../shared/data/cracks, as crackmap train).")
+@click.option("--per-dataset", type=click.IntRange(1, 10_000), default=16, show_default=True,
+              help="Calibration chips from each dataset's val split.")
+def models_quantize(model_spec: str | None, data_root: Path | None, per_dataset: int) -> None:
+    """Add an INT8 graph to a model version: calibrated and scored on val, recorded in its card.
+
+    CPUs run it only where it passed the gate (mean val crack F1 at most 0.005
+    below the float graph's) and measures faster (``--cpu-precision auto``).
+    """
+    import os
+
+    from pipeline.precision import add_int8
+
+    data_root = data_root or Path(os.environ.get("CRACKMAP_DATA", "../shared/data/cracks"))
+    try:
+        entry = add_int8(registry.resolve(model_spec), data_root, per_dataset)
+    except (*USER_ERRORS, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    record = entry.card["int8"]
+    click.echo(f"{entry.folder / record['path']}: mean val F1 {record['mean_f1']:.4f} "
+               f"(float {record['fp32_mean_f1']:.4f}, drop {record['f1_drop']:.4f}): "
+               f"{'passes' if record['accepted'] else 'fails'} the gate; masks agree on "
+               f"{record['mask_agreement']:.3%} of val pixels")
 
 
 @models.command("build-engine")
@@ -220,10 +270,10 @@ def models_build_engine(model_spec: str | None, precision: str, max_batch: int, 
 @click.option("--model", "model_spec", default=None, metavar="NAME[:VERSION]",
               help="NAME:VERSION: that version, current or not; NAME: the current results of that "
                    "model.  Default: every scene's current version.")
-@click.option("--format", "fmt", type=click.Choice(["geojson", "gpkg", "csv"]), default=None,
-              help="Output format (default: from --out's suffix, else geojson).")
+@click.option("--format", "fmt", type=click.Choice(["geojson", "gpkg", "csv", "geoparquet", "flatgeobuf"]),
+              default=None, help="Output format (default: from --out's suffix, else geojson).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Output file (default: standard output; gpkg needs a file).")
+              help="Output file (default: standard output; gpkg, geoparquet and flatgeobuf need a file).")
 def query(store: str, bbox: tuple[float, float, float, float] | None, survey_id: str | None,
           scene_id: str | None, severity: str | None, model_spec: str | None, fmt: str | None,
           out: Path | None) -> None:
@@ -231,10 +281,9 @@ def query(store: str, bbox: tuple[float, float, float, float] | None, survey_id:
     from pipeline import export
     from pipeline.store import CrackQuery, open_store
 
-    fmt = fmt or (out.suffix.lstrip(".").lower() if out and out.suffix.lstrip(".").lower()
-                  in export.FORMATS else "geojson")
-    if fmt == "gpkg" and out is None:
-        fail("--format gpkg needs --out FILE.gpkg")
+    fmt = fmt or (export.SUFFIXES.get(out.suffix.lower(), "geojson") if out else "geojson")
+    if fmt in export.FILE_FORMATS and out is None:
+        fail(f"--format {fmt} needs --out FILE")
     name, _, version = (model_spec or "").partition(":")
     try:
         selection = CrackQuery(bbox=bbox, survey_id=survey_id, scene_id=scene_id, severity=severity,
@@ -249,8 +298,10 @@ def query(store: str, bbox: tuple[float, float, float, float] | None, survey_id:
         fail(str(exc))
     try:
         batches = target.query(selection)
-        if fmt == "gpkg":
-            count = export.write_gpkg(batches, out, target.crs)
+        if fmt in export.FILE_FORMATS:
+            writer = {"gpkg": export.write_gpkg, "geoparquet": export.write_geoparquet,
+                      "flatgeobuf": export.write_flatgeobuf}[fmt]
+            count = writer(batches, out, target.crs)
         else:
             with (open(out, "w", newline="", encoding="utf-8") if out else
                   contextlib.nullcontext(sys.stdout)) as stream:
@@ -261,6 +312,32 @@ def query(store: str, bbox: tuple[float, float, float, float] | None, survey_id:
     finally:
         target.close()
     click.echo(f"{count} cracks -> {out or 'stdout'}", err=True)
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback exposes the store: put a reverse proxy "
+                   "with TLS and authentication in front (infra/README.md).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--allow-write-role", is_flag=True,
+              help="Serve PostGIS as a role that could write (connections stay read-only). "
+                   "Default: refuse it; connect as a role in crackmap_reader.")
+@click.option("--root-path", default="", metavar="PREFIX",
+              help="The path prefix a reverse proxy serves the app under, e.g. /crackmap.")
+def serve(store: str, host: str, port: int, allow_write_role: bool, root_path: str) -> None:
+    """Serve STORE over HTTP: a web map at /, OGC API Features and vector tiles at /ogc.
+
+    STORE is a .gpkg path or a postgresql:// URL (as a read-only role; the password
+    from PGPASSWORD or ~/.pgpass).  Stops with Ctrl-C.
+    """
+    from pipeline.serve.app import create_app, run_app
+
+    try:
+        app = create_app(store, allow_write_role=allow_write_role)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    run_app(app, store, host, port, root_path)
 
 
 def sections_table(rows: list[dict], level: str = "section") -> str:

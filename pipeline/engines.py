@@ -40,11 +40,20 @@ from models.engine import (BUILD_VERSION, INPUT, OUTPUT, PRECISIONS, TENSORRT_IN
 from models.registry import ModelEntry
 from pipeline import storage
 from pipeline.errors import BackendUnavailableError
-from pipeline.inference import gpu_present, split_batches
+from pipeline.inference import as_uint8, gpu_present, split_batches
 
 log = logging.getLogger(__name__)
-DEFAULT_CACHE = Path(os.environ.get("CRACKMAP_ENGINE_CACHE",
-                                    Path.home() / ".cache" / "crackmap" / "engines"))
+# Timing caches and FP16 graphs are local files; engines go to the cache (default_cache()).
+LOCAL_CACHE = Path.home() / ".cache" / "crackmap" / "engines"
+
+
+def default_cache() -> str:
+    """The engine cache: ``CRACKMAP_ENGINE_CACHE`` (a folder or an fsspec URL), else ``LOCAL_CACHE``.
+
+    Read when a cache is made, not at import, and kept a string: ``Path`` would
+    turn ``s3://bucket/engines`` into ``s3:/bucket/engines``.
+    """
+    return os.environ.get("CRACKMAP_ENGINE_CACHE") or str(LOCAL_CACHE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,22 +107,25 @@ class BufferPlan:
     output_bytes: int
 
 
-def buffer_plan(profile: Profile, batch: int | None = None) -> BufferPlan:
+def buffer_plan(profile: Profile, batch: int | None = None, output_itemsize: int = 1) -> BufferPlan:
     """I/O buffers for ``batch`` chips (default: the profile's maximum, what device buffers hold).
 
-    Input: uint8 chips (N, 3, H, W); output: float32 probability (N, H, W).
+    Input: uint8 chips (N, 3, H, W); output: probability (N, H, W), uint8
+    (``output_itemsize`` 1) or, from graphs exported before crackmap 1.1, float32 (4).
 
     >>> buffer_plan(Profile.for_max_batch(64)).input_bytes
     30720000
     >>> buffer_plan(Profile.for_max_batch(64), 5).output_shape
     (5, 400, 400)
+    >>> buffer_plan(Profile.for_max_batch(64), 5).output_bytes
+    800000
     """
     batch = profile.max_batch if batch is None else batch
     if not profile.min_batch <= batch <= profile.max_batch:
         raise ValueError(f"batch {batch} is outside the engine's profile "
                          f"({profile.min_batch}..{profile.max_batch} chips)")
     s = profile.size_px
-    return BufferPlan((batch, 3, s, s), (batch, s, s), batch * 3 * s * s, batch * s * s * 4)
+    return BufferPlan((batch, 3, s, s), (batch, s, s), batch * 3 * s * s, batch * s * s * output_itemsize)
 
 
 def check_chips(chips: np.ndarray, size_px: int) -> np.ndarray:
@@ -125,22 +137,32 @@ def check_chips(chips: np.ndarray, size_px: int) -> np.ndarray:
     return np.ascontiguousarray(chips)
 
 
-def check_engine_io(inputs: dict[str, str], outputs: dict[str, str]) -> None:
+OUTPUT_DTYPES = {"UINT8": np.uint8, "FLOAT": np.float32}  # this graph's, and before crackmap 1.1
+
+
+def check_engine_io(inputs: dict[str, str], outputs: dict[str, str]) -> type:
     """An engine's I/O (tensor name -> dtype name) must be the contract of ``models.export``.
 
-    >>> check_engine_io({"chips": "UINT8"}, {"probability": "FLOAT"})
+    Returns the numpy dtype of its probability output.
+
+    >>> check_engine_io({"chips": "UINT8"}, {"probability": "UINT8"}).__name__
+    'uint8'
+    >>> check_engine_io({"chips": "UINT8"}, {"probability": "FLOAT"}).__name__
+    'float32'
     """
-    want_in, want_out = {INPUT: "UINT8"}, {OUTPUT: "FLOAT"}
-    if inputs != want_in or outputs != want_out:
+    want_in = {INPUT: "UINT8"}
+    if inputs != want_in or set(outputs) != {OUTPUT} or outputs[OUTPUT] not in OUTPUT_DTYPES:
         raise ValueError(f"the engine has inputs {inputs} and outputs {outputs}; crackmap's graph has "
-                         f"{want_in} -> {want_out}. Rebuild it with `crackmap models build-engine`.")
+                         f"{want_in} -> {{'{OUTPUT}': 'UINT8'}} (or 'FLOAT' before crackmap 1.1). "
+                         "Rebuild it with `crackmap models build-engine`.")
+    return OUTPUT_DTYPES[outputs[OUTPUT]]
 
 
 class EngineCache:
     """Serialized engines with their keys, in a local folder or under an fsspec URL."""
 
-    def __init__(self, root: str | Path = DEFAULT_CACHE) -> None:
-        self.root = str(root)
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = str(root) if root is not None else default_cache()
 
     def path(self, name: str) -> str:
         return storage.join(self.root, name)
@@ -233,7 +255,7 @@ def engine_onnx(entry: ModelEntry, precision: str, tensorrt_version: str, cache:
     """
     if precision != "fp16" or not strongly_typed(tensorrt_version):
         return entry.file("onnx")
-    local = Path(cache.root) if not storage.is_url(cache.root) else DEFAULT_CACHE
+    local = Path(cache.root) if not storage.is_url(cache.root) else LOCAL_CACHE
     path = local / "onnx" / f"{entry.name}-{entry.version}-{entry.sha256[:16]}-fp16.onnx"
     if not path.is_file():
         from models.export import export_onnx, load_net
@@ -270,7 +292,7 @@ def engine_for(entry: ModelEntry, precision: str = "fp16", profile: Profile | No
     name = engine_name(entry, key)
     engine = cache.get(name, key)
     if engine is None:
-        timing = (Path(cache.root) if not storage.is_url(cache.root) else DEFAULT_CACHE) / (
+        timing = (Path(cache.root) if not storage.is_url(cache.root) else LOCAL_CACHE) / (
             f"timing-{trt.__version__}-{gpu_name.replace(' ', '_')}-sm{capability}.cache")
         engine = build_engine(onnx_path, precision, profile, timing)
         cache.put(name, key, engine)
@@ -281,9 +303,9 @@ def engine_for(entry: ModelEntry, precision: str = "fp16", profile: Profile | No
 class _Slot:
     """One set of buffers: page-locked host input/output, device input/output, and events."""
 
-    def __init__(self, cuda, plan: BufferPlan) -> None:
+    def __init__(self, cuda, plan: BufferPlan, output_dtype: type) -> None:
         self.host_in = cuda.pagelocked_empty(plan.input_shape, np.uint8)
-        self.host_out = cuda.pagelocked_empty(plan.output_shape, np.float32)
+        self.host_out = cuda.pagelocked_empty(plan.output_shape, output_dtype)
         self.device_in = cuda.mem_alloc(plan.input_bytes)
         self.device_out = cuda.mem_alloc(plan.output_bytes)
         untimed = cuda.event_flags.DISABLE_TIMING
@@ -332,10 +354,11 @@ class TensorRTBackend:
             io = {self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)}
             modes = {n: self._engine.get_tensor_mode(n) for n in io}
             dtypes = {n: self._engine.get_tensor_dtype(n).name for n in io}
-            check_engine_io({n: dtypes[n] for n in io if modes[n] == trt.TensorIOMode.INPUT},
-                            {n: dtypes[n] for n in io if modes[n] == trt.TensorIOMode.OUTPUT})
-            plan = buffer_plan(self.profile)
-            self._slots = [_Slot(cuda, plan), _Slot(cuda, plan)]
+            output_dtype = check_engine_io(
+                {n: dtypes[n] for n in io if modes[n] == trt.TensorIOMode.INPUT},
+                {n: dtypes[n] for n in io if modes[n] == trt.TensorIOMode.OUTPUT})
+            plan = buffer_plan(self.profile, output_itemsize=np.dtype(output_dtype).itemsize)
+            self._slots = [_Slot(cuda, plan, output_dtype), _Slot(cuda, plan, output_dtype)]
             # One execution context per buffer set, its tensor addresses bound once: a
             # context's shape is only changed after its previous batch was collected.
             for slot in self._slots:
@@ -349,7 +372,7 @@ class TensorRTBackend:
 
     def predict(self, chips: np.ndarray) -> np.ndarray:
         chips = check_chips(chips, self.profile.size_px)
-        out = np.empty((len(chips), *chips.shape[2:]), np.float32)
+        out = np.empty((len(chips), *chips.shape[2:]), np.uint8)
         with self._lock:
             if not self._slots:
                 raise RuntimeError("this TensorRT backend is closed")
@@ -416,4 +439,4 @@ class TensorRTBackend:
     @staticmethod
     def _collect(slot: _Slot, part: slice, out: np.ndarray) -> None:
         slot.copied_out.synchronize()
-        out[part] = slot.host_out[:part.stop - part.start]
+        out[part] = as_uint8(slot.host_out[:part.stop - part.start])

@@ -67,11 +67,12 @@ BUSY_TIMEOUT_S = 60  # a writer waits this long for another one (runs into one f
 def connect(path: str, read_only: bool = False) -> sqlite3.Connection:
     """Open a GeoPackage with the ``ST_*`` functions its R-tree triggers need.
 
-    ``read_only`` opens it so that nothing can be written, not even a journal.
+    ``read_only`` opens the file with ``mode=ro`` (nothing can be written through the
+    connection, not even a journal), usable from any thread.
     """
     if read_only:
         con = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
-                              isolation_level=None)
+                              isolation_level=None, check_same_thread=False)
     else:
         con = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)  # explicit BEGIN/COMMIT
     for i, name in enumerate(("ST_MinX", "ST_MaxX", "ST_MinY", "ST_MaxY")):

@@ -2,8 +2,12 @@
 
 Every backend implements the contract of the exported graph (see
 ``models.export``): ``predict`` takes uint8 chips (N, 3, H, W) and returns
-float32 crack probabilities (N, H, W).  ONNX Runtime is the CPU default (it
-measured faster than torch on CPUs; see docs/benchmarks.md).  On NVIDIA GPUs
+crack probabilities (N, H, W) as uint8 0-255 (the probability times 255,
+rounded: a GPU copies a quarter of the bytes back that float32 would need).
+Graphs exported before crackmap 1.1 return float32; ``as_uint8`` converts
+their output, so the contract is the same whatever the model version.  ONNX
+Runtime is the CPU default (it measured faster than torch on CPUs; see
+docs/benchmarks.md).  On NVIDIA GPUs
 TensorRT (``pipeline.engines``) is preferred, torch on CUDA is the fallback
 and the reference.  torch, tensorrt and pycuda are imported only by their
 backends.
@@ -54,6 +58,18 @@ def pad_batch(chips: np.ndarray, batch: int) -> np.ndarray:
     return padded
 
 
+def as_uint8(probability: np.ndarray) -> np.ndarray:
+    """Probabilities as uint8 0..255: unchanged if already uint8, else float [0, 1] rounded.
+
+    >>> as_uint8(np.array([0.0, 0.5, 1.0], np.float32)).tolist()
+    [0, 128, 255]
+    """
+    if probability.dtype == np.uint8:
+        return probability
+    scaled = np.clip(probability, 0.0, 1.0) * np.float32(255.0)
+    return np.rint(scaled, out=scaled).astype(np.uint8)
+
+
 T = TypeVar("T")
 
 
@@ -64,7 +80,7 @@ class Backend(Protocol):
     batch_size: int
 
     def predict(self, chips: np.ndarray) -> np.ndarray:
-        """uint8 (N, 3, H, W) RGB chips -> float32 (N, H, W) crack probability."""
+        """uint8 (N, 3, H, W) RGB chips -> uint8 (N, H, W) crack probability x 255."""
 
 
 def predictions(backend: Backend, items: Iterable[T], chips: Callable[[T], np.ndarray]
@@ -104,6 +120,7 @@ class OnnxRuntimeBackend:
     """
 
     name = "onnxruntime"
+    precision = "fp32"  # or "int8": which of the version's graphs (see load_backend)
 
     def __init__(self, onnx_path: Path, batch_size: int = 8, threads: int | None = None) -> None:
         import onnxruntime as ort
@@ -121,7 +138,7 @@ class OnnxRuntimeBackend:
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="crackmap-onnx")
 
     def _run(self, chips: np.ndarray) -> np.ndarray:
-        return self._session.run(None, {"chips": chips})[0]
+        return as_uint8(self._session.run(None, {"chips": chips})[0])
 
     def submit(self, chips: np.ndarray) -> Future:
         return self._pool.submit(self._run, np.ascontiguousarray(chips, dtype=np.uint8))
@@ -132,6 +149,46 @@ class OnnxRuntimeBackend:
         if len(parts) == 1:
             return self._run(chips)
         return np.concatenate(list(self._pool.map(self._run, parts)))
+
+
+def short_crack(size_px: int = 400, length_px: int = 120, width_px: int = 5) -> np.ndarray:
+    """A chip's probability (uint8) with one short crack across its centre, 0 elsewhere.
+
+    Chips overlap by less than a third of their size, so the cracks of
+    neighbouring chips never touch: a scene of them has one crack per chip,
+    about as many as a cracked road, where a pattern reaching the chip edges
+    would make one lattice of cracks over the whole scene.
+
+    >>> p = short_crack(); p.dtype, p.shape, int(p[200, 200]), int(p[200, 10]), int(p.sum() // 255)
+    (dtype('uint8'), (400, 400), 255, 0, 600)
+    """
+    p = np.zeros((size_px, size_px), np.uint8)
+    top, left = (size_px - width_px) // 2, (size_px - length_px) // 2
+    p[top:top + width_px, left:left + length_px] = 255
+    return p
+
+
+class FixedBackend:
+    """Returns one fixed chip probability for every chip, at no cost: the network taken out.
+
+    For measuring everything around the network (reading, stitching, vectorizing,
+    the probability COG): a batch's result is a read-only broadcast view of the
+    one chip, so no time goes into computing or even copying it.  The default
+    chip holds one short crack (``short_crack``), so vectorizing and measuring
+    have one crack per chip to do.
+    """
+
+    name = "fixed"
+
+    def __init__(self, probability: np.ndarray | None = None, batch_size: int = 8) -> None:
+        self.probability = short_crack() if probability is None else as_uint8(probability)
+        self.batch_size = batch_size
+
+    def predict(self, chips: np.ndarray) -> np.ndarray:
+        if chips.shape[2:] != self.probability.shape:
+            raise ValueError(f"chips of {chips.shape[2:]} px, but the fixed probability is "
+                             f"{self.probability.shape} px")
+        return np.broadcast_to(self.probability, (len(chips), *self.probability.shape))
 
 
 class TorchBackend:
@@ -167,16 +224,16 @@ class TorchBackend:
             return self._predict_cuda(np.ascontiguousarray(chips, dtype=np.uint8))
         with torch.inference_mode():
             out = self._module(torch.from_numpy(np.ascontiguousarray(chips)).to(self.device))
-        return out.float().cpu().numpy()
+        return out.cpu().numpy()
 
     def _forward(self, chips):
         torch = self._torch
         with torch.autocast("cuda", dtype=torch.float16, cache_enabled=False):
-            return self._module(chips).float()
+            return self._module(chips)
 
     def _predict_cuda(self, chips: np.ndarray) -> np.ndarray:
         torch = self._torch
-        out = np.empty((len(chips), *chips.shape[2:]), np.float32)
+        out = np.empty((len(chips), *chips.shape[2:]), np.uint8)
         with torch.inference_mode():
             for part in split_batches(len(chips), self.batch_size):
                 start, n = part.start, part.stop - part.start
@@ -274,11 +331,15 @@ def choose_backend(requested: str = "auto") -> str:
     return select_backend(requested)[0]
 
 
-def load_backend(entry: ModelEntry, requested: str = "auto", batch_size: int | None = None) -> Backend:
+def load_backend(entry: ModelEntry, requested: str = "auto", batch_size: int | None = None,
+                 cpu_precision: str = "auto") -> Backend:
     """Load ``entry`` on a backend (see ``choose_backend``); logs which one was picked and why.
 
     ``batch_size`` (chips per ``predict``) defaults per backend: 8 on CPUs,
     32 for torch on CUDA, 128 for TensorRT (four double-buffered micro-batches of 32).
+    ``cpu_precision`` (auto, fp32, int8) picks ONNX Runtime's graph: auto runs
+    the version's INT8 graph where it passed its accuracy gate and measures
+    faster on this CPU (``pipeline.precision.cpu_graph``).
 
     Raises:
         BackendUnavailableError: the backend asked for is not installed or has no GPU;
@@ -295,6 +356,11 @@ def load_backend(entry: ModelEntry, requested: str = "auto", batch_size: int | N
             raise BackendUnavailableError("the torch backend needs PyTorch: pip install 'crackmap[torch]'")
         backend = TorchBackend(entry, batch_size)
     else:
-        backend = OnnxRuntimeBackend(entry.file("onnx"), batch_size or 8)
+        from pipeline.precision import cpu_graph
+
+        graph, precision, why = cpu_graph(entry, cpu_precision)
+        backend = OnnxRuntimeBackend(graph, batch_size or 8)
+        backend.precision = precision
+        reason = f"{reason}; {precision} graph: {why}"
     log.info("model %s on backend %s (%s)", entry.spec, name, reason)
     return backend

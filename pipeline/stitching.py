@@ -62,7 +62,7 @@ class StripStitcher:
         for offsets, weights in ((self._row_profile, along_rows), (self._col_profile, along_cols)):
             for offset, w in weights.items():
                 offsets[offset] = profiles.setdefault(w.tobytes(), (len(profiles), w))
-        self._weights: dict[tuple[int, int], np.ndarray] = {}
+        self._weights: dict[tuple[int, int, bool], np.ndarray] = {}
         buf_width = max(width, size_px)
         self._sum = np.zeros((size_px, buf_width), dtype=np.float32)
         self._valid = np.zeros((size_px, buf_width), dtype=bool)
@@ -70,12 +70,15 @@ class StripStitcher:
         self._product = np.empty((size_px, size_px), dtype=np.float32)
 
     def add(self, window: Window, probability: np.ndarray, valid: np.ndarray) -> None:
-        """Add one chip's crack probability (size_px, size_px) float and its valid mask."""
+        """Add one chip's crack probability (size_px, size_px) and its valid mask.
+
+        ``probability`` is uint8 0-255 (what backends return) or float 0-1.
+        """
         row, col = int(window.row_off), int(window.col_off)
         if row < self._top:
             raise ValueError(f"chip at row {row} arrived after rows up to {self._top} were emitted; "
                              "chips must come in row-major order")
-        weights = self._chip_weights(row, col)
+        weights = self._chip_weights(row, col, probability.dtype == np.uint8)
         self._emit_until(row)
         size, r = self.size_px, row - self._top
         np.multiply(probability, weights, out=self._product)
@@ -85,13 +88,16 @@ class StripStitcher:
         else:
             self._valid[r:r + size, col:col + size] |= valid
 
-    def _chip_weights(self, row: int, col: int) -> np.ndarray:
+    def _chip_weights(self, row: int, col: int, uint8: bool = False) -> np.ndarray:
         if row not in self._row_profile or col not in self._col_profile:
             raise ValueError(f"chip at row {row}, column {col} is not on the chip grid "
                              f"({self.size_px} px chips over {self.width} x {self.height} px)")
         (row_id, along_y), (col_id, along_x) = self._row_profile[row], self._col_profile[col]
-        if (weights := self._weights.get((row_id, col_id))) is None:
-            weights = self._weights[row_id, col_id] = np.outer(along_y, along_x)
+        if (weights := self._weights.get((row_id, col_id, uint8))) is None:
+            weights = np.outer(along_y, along_x)
+            if uint8:  # probabilities 0-255: the weights take the division by 255
+                weights *= np.float32(1.0 / 255.0)
+            self._weights[row_id, col_id, uint8] = weights
         return weights
 
     def finish(self) -> None:

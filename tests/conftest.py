@@ -36,6 +36,11 @@ def write_scene(path: Path, pixels: np.ndarray, crs: str = "EPSG:32633", transfo
     return path
 
 
+def levels(a: np.ndarray, b: np.ndarray) -> int:
+    """Largest difference of two uint8 probability arrays, in levels of 1/255 (no wrap-around)."""
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
 class DarknessBackend:
     """A test backend with known output: probability = darkness of the chip.
 
@@ -48,6 +53,14 @@ class DarknessBackend:
 
     def predict(self, chips: np.ndarray) -> np.ndarray:
         return (255.0 - chips.mean(axis=1, dtype=np.float32)) / 255.0
+
+
+@pytest.fixture(autouse=True, scope="session")
+def cpu_graph_choices(tmp_path_factory):
+    """Keep the CPU graph choices (``pipeline.precision``) of a test run out of the home folder."""
+    from pipeline import precision
+
+    precision.CHOICES = tmp_path_factory.mktemp("cache") / "cpu-graphs.json"
 
 
 @pytest.fixture

@@ -71,7 +71,7 @@ def test_models_export_reports_the_difference_to_torch(tmp_path, test_models):
     result = CliRunner().invoke(cli, ["models", "export", "--out", str(tmp_path / "m.onnx")])
     assert result.exit_code == 0, result.output
     diff = float(result.output.split("max abs difference to torch ")[1].split()[0])
-    assert diff < 1e-4 and (tmp_path / "m.onnx").stat().st_size > 1e6
+    assert diff < 0.5 / 255 + 1e-4 and (tmp_path / "m.onnx").stat().st_size > 1e6
 
 
 def test_an_unknown_model_is_one_line_not_a_traceback(tmp_path, test_models):
