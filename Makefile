@@ -34,7 +34,7 @@ demo: $(CORE)
 # its tests skip locally and fail under CI=true.
 test: $(FULL)
 	@pgdir=$$(mktemp -d); trap 'infra/postgis.sh stop "$$pgdir" >/dev/null 2>&1 || rm -rf "$$pgdir"' EXIT; \
-	if pgenv=$$(PYTHON=$(abspath $(PY)) infra/postgis.sh start "$$pgdir"); then eval "$$pgenv"; \
+	if pgenv=$$(PYTHON=$(abspath $(PY)) infra/postgis.sh start --fast "$$pgdir"); then eval "$$pgenv"; \
 	else export CRACKMAP_PG_UNAVAILABLE="infra/postgis.sh start failed (see above)"; fi; \
 	infra/chromium.sh || export CRACKMAP_CHROMIUM_UNAVAILABLE="infra/chromium.sh failed (see above)"; \
 	$(PY) -m pytest

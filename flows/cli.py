@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
 import sys
 import time
+import traceback
+from datetime import datetime, timezone
 
 import click
 from tqdm import tqdm
@@ -12,7 +17,114 @@ from tqdm import tqdm
 from pipeline import progress
 from pipeline.cli import backend_option, cli, fail, model_option
 from pipeline.errors import USER_ERRORS
+from pipeline.ids import check_survey_id
+from pipeline.redact import mask_url, password_of, redact, remember, without_password
 from pipeline.survey import default_survey_id
+
+
+def verbose() -> bool:
+    """Whether ``crackmap -v`` was given (it sets the root logger to INFO)."""
+    return logging.getLogger().getEffectiveLevel() <= logging.INFO
+
+
+def quiet_prefect() -> None:
+    """Before Prefect is imported: its own log lines only with ``-v``.
+
+    A failed scene is reported once, by the summary's ``failed:`` line; without this,
+    Prefect logs it twice more, with a traceback.
+    """
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose() else "CRITICAL")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here
+    if not verbose():  # Prefect's background services log under their class names, outside "prefect"
+        for name in ("EventsWorker", "APILogWorker"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def hand_over_password(store: str) -> str:
+    """The store URL without its password, which goes to ``PGPASSWORD`` in this process instead.
+
+    Flow-run parameters are kept in Prefect's database (the embedded one under
+    ~/.prefect too), so the password must not be one; libpq reads ``PGPASSWORD``.
+    """
+    password = password_of(store)
+    if password is None:
+        return store
+    remember(password)
+    os.environ["PGPASSWORD"] = password
+    return without_password(store)
+
+
+@contextlib.contextmanager
+def orchestration_errors(*also: type[BaseException]):
+    """Our errors as one line; an orchestration failure (Prefect's API unreachable) as one line too.
+
+    With ``crackmap -v`` the latter also shows its traceback.
+    """
+    try:
+        yield
+    except (*USER_ERRORS, *also) as exc:
+        fail(str(exc))
+    except (KeyboardInterrupt, SystemExit, Interrupted):
+        raise
+    except Exception as exc:
+        if verbose():
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        fail(f"the run could not be orchestrated ({type(exc).__name__}: {first}); "
+             "nothing was lost: run the same command again (crackmap -v shows the details)")
+
+
+@contextlib.contextmanager
+def interruptible():
+    """SIGTERM ends the run as Ctrl-C does (KeyboardInterrupt), so it can clean up and report."""
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    # Ctrl-C, even where the shell started us with SIGINT ignored (a background job of a script)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+
+
+def interrupted(store: str, survey_id: str, model_spec: str | None, since: datetime) -> None:
+    """One line on what an interrupted run finished (read back from the store), then exit 130."""
+    from models.registry import resolve
+    from pipeline.store import SceneSelection, open_store
+
+    try:
+        entry = resolve(model_spec)
+        target = open_store(store)
+        try:
+            rows = target.scenes(SceneSelection(survey_id=survey_id, since=since, model_name=entry.name,
+                                                model_version=entry.version, current_only=False))
+        finally:
+            target.close()
+        finished = [r["scene_id"] for r in rows if r["status"] == "done"]
+        what = (f"{len(finished)} scenes finished in this run ({', '.join(finished[:10])}"
+                f"{', ...' if len(finished) > 10 else ''})" if finished else "no scene finished in this run")
+    except Exception:  # the store itself is what failed: say what we can
+        what = "the scenes finished so far are in the store"
+    click.secho(f"interrupted: {what}; nothing half-written was kept. Run the same command again to "
+                "resume (finished scenes are skipped).", fg="yellow", err=True)
+    raise Interrupted()
+
+
+class Interrupted(Exception):
+    """Raised once an interrupted run has been reported; ``run`` exits 130 after its API has stopped."""
+
+
+def exit_now(status: int) -> None:
+    """Exit at once: what a run wrote is closed or rolled back, and its API has stopped, so the
+    interpreter's seconds of tearing down (Prefect's queues to a stopped API, the network's
+    sessions) are skipped, as a terminal user expects of Ctrl-C."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -62,8 +174,14 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
     Runs the Prefect flow process-survey (ephemeral: no server needed) and
     exits non-zero if any scene failed.
     """
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here
+    try:
+        if survey_id is not None:
+            check_survey_id(survey_id)
+        store = hand_over_password(store)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    quiet_prefect()
+    from flows.embedded import prefect_api
     from flows.survey import process_survey
 
     started = time.perf_counter()
@@ -77,14 +195,21 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
             bar = bars[scene_id] = tqdm(total=total, desc=scene_id[-24:], unit="chip")
         bar.update(done - bar.n)
 
+    run_started = datetime.now(timezone.utc)
     try:
-        with progress.listening(show):
-            state = process_survey(list(sources), store, survey_id, model_spec, backend,
-                                   output_dir, force, pattern, network=network, camera=camera,
-                                   trajectory=trajectory, frame_time=frame_time, max_gap_s=max_gap_s,
-                                   return_state=True)
-    except USER_ERRORS as exc:
-        fail(str(exc))
+        with interruptible(), orchestration_errors(), prefect_api():
+            try:
+                with progress.listening(show):
+                    state = process_survey(list(sources), store, survey_id, model_spec, backend,
+                                           output_dir, force, pattern, network=network, camera=camera,
+                                           trajectory=trajectory, frame_time=frame_time, max_gap_s=max_gap_s,
+                                           return_state=True)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report while the API still answers
+                for bar in bars.values():
+                    bar.close()
+                interrupted(store, survey_id or default_survey_id(list(sources)), model_spec, run_started)
+    except Interrupted:
+        exit_now(130)
     finally:
         for bar in bars.values():
             bar.close()
@@ -96,11 +221,11 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
     click.echo(summary_table(rows))
     for r in rows:
         if r["status"] == "failed":
-            click.secho(f"failed: {r['error']}", fg="red", err=True)
+            click.secho(f"failed: {redact(r['error'])}", fg="red", err=True)
     click.echo(f"\n{len(done)}/{len(rows)} scenes, {sum(r['cracks'] for r in done)} cracks, "
                f"{sum(r['length_m'] for r in done):.2f} m of cracks"
                + (f", {skipped} unchanged and skipped" if skipped else "")
-               + f" in {time.perf_counter() - started:.1f} s -> {store}")
+               + f" in {time.perf_counter() - started:.1f} s -> {mask_url(store)}")
     if network := network or os.environ.get("CRACKMAP_NETWORK"):
         print_sections(store, survey_id or default_survey_id(list(sources)), network)
     sys.exit(0 if len(done) + skipped == len(rows) else 1)
@@ -147,19 +272,29 @@ def changes_table(rows: list[dict]) -> str:
               help="Run each scene as a run of this deployment (process-scene/process-scene) on its "
                    "work pool (needs PREFECT_API_URL); default: in this process.")
 @click.option("--max-concurrent", default=4, show_default=True, help="Scene runs at once with --deployment.")
+@click.option("--scene-timeout", "scene_timeout_s", default=6 * 3600.0, show_default=True, metavar="SECONDS",
+              help="With --deployment, a scene run not finished after this long (no worker serving the "
+                   "pool?) is cancelled and the scene fails.")
 @click.option("--force", is_flag=True, help="Map scenes again even if already published with --model.")
 @backend_option
 def reprocess(store: str, model_spec: str, survey_id: str | None, since: str | None, until: str | None,
               bbox: tuple[float, ...] | None, from_model: str | None, output_dir: str | None,
-              scene_deployment: str | None, max_concurrent: int, force: bool, backend: str) -> None:
+              scene_deployment: str | None, max_concurrent: int, scene_timeout_s: float, force: bool,
+              backend: str) -> None:
     """Map scenes already in STORE again with another model version and make it current.
 
     The old results stay in the store (crackmap query --model NAME:VERSION reads them);
     a table shows per scene what changed.  Runs the Prefect flow reprocess; exits
     non-zero if any scene failed (those keep showing their old version).
     """
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        if survey_id is not None:
+            check_survey_id(survey_id)
+        store = hand_over_password(store)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    quiet_prefect()
+    from flows.embedded import prefect_api
     from flows.reprocess import reprocess as reprocess_flow
 
     bar = tqdm(unit="chip", desc="reprocess")
@@ -171,12 +306,15 @@ def reprocess(store: str, model_spec: str, survey_id: str | None, since: str | N
         bar.update(done - bar.n)
 
     try:
-        with progress.listening(show):
+        with interruptible(), orchestration_errors(ValueError), prefect_api(), progress.listening(show):
             state = reprocess_flow(store, model_spec, survey_id, since, until, list(bbox) if bbox else None,
                                    from_model, backend, output_dir, scene_deployment, max_concurrent, force,
-                                   return_state=True)
-    except (*USER_ERRORS, ValueError) as exc:
-        fail(str(exc))
+                                   scene_timeout_s, return_state=True)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: scenes published so far stay unpromoted
+        bar.close()
+        click.secho("interrupted: nothing half-written was kept; run the same command again to resume "
+                    "(scenes already mapped with the new version are skipped).", fg="yellow", err=True)
+        sys.exit(130)
     finally:
         bar.close()
     rows = state.result(raise_on_failure=False)
@@ -185,7 +323,7 @@ def reprocess(store: str, model_spec: str, survey_id: str | None, since: str | N
     click.echo(changes_table(rows))
     for r in rows:
         if r["status"] == "failed":
-            click.secho(f"failed: {r['error']}", fg="red", err=True)
+            click.secho(f"failed: {redact(r['error'])}", fg="red", err=True)
     ok = [r for r in rows if r["status"] != "failed"]
     click.echo(f"\n{len(ok)}/{len(rows)} scenes now show {rows[0]['new_model'] if rows else model_spec}; "
                f"cracks {sum(r['cracks_old'] for r in ok)} -> {sum(r['cracks_new'] for r in ok)}, "

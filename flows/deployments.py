@@ -22,6 +22,8 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron
 
 from flows.settings import Settings
+from pipeline.ids import check_survey_id
+from pipeline.redact import mask_url, password_of
 
 SCENE_DEPLOYMENT = "process-scene/process-scene"
 
@@ -58,7 +60,7 @@ def deployments(config: Settings, with_schedule: bool | None = None) -> list[Run
         reprocess.to_deployment(
             "reprocess", work_pool_name=config.cpu_pool, entrypoint_type=module, tags=["crackmap"],
             parameters={"scene_deployment": SCENE_DEPLOYMENT, "max_concurrent": config.scene_concurrency,
-                        **({"output_dir": config.output} if config.output else {})},
+                        "scene_timeout_s": config.scene_timeout_s, **({"output_dir": config.output} if config.output else {})},
             description="Map selected scenes with another model version, promote it, report the changes."),
     ]
     if with_schedule is None:
@@ -67,10 +69,17 @@ def deployments(config: Settings, with_schedule: bool | None = None) -> list[Run
         if not (config.survey_sources and config.store):
             raise ValueError("scheduled-survey-run needs CRACKMAP_SURVEY_SOURCES (a JSON list of folders "
                              "or s3:// prefixes) and CRACKMAP_STORE")
+        if password_of(config.store):
+            raise ValueError(f"CRACKMAP_STORE {mask_url(config.store)} holds a password: deployment "
+                             "parameters are stored in Prefect's database. Remove it from the URL and give "
+                             "the workers PGPASSWORD or a ~/.pgpass file")
+        if config.survey_id:
+            check_survey_id(config.survey_id)
         parameters = {"sources": config.survey_sources, "store": config.store,
-                      "scene_deployment": SCENE_DEPLOYMENT, "max_concurrent": config.scene_concurrency}
+                      "scene_deployment": SCENE_DEPLOYMENT, "max_concurrent": config.scene_concurrency,
+                      "scene_timeout_s": config.scene_timeout_s}
         parameters |= {k: v for k, v in (("output_dir", config.output), ("survey_id", config.survey_id),
-                                         ("network", config.network)) if v}
+                                         ("model", config.model), ("network", config.network)) if v}
         found.append(process_survey.to_deployment(
             "scheduled-survey-run", work_pool_name=config.cpu_pool, entrypoint_type=module,
             schedules=[Cron(config.schedule_cron, timezone=config.schedule_timezone)],

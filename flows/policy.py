@@ -79,10 +79,16 @@ def is_transient(exc: BaseException) -> bool:
     True
     >>> is_transient(SceneReadError("a.tif", "not a readable raster"))
     False
+    >>> throttled = SceneReadError("s3://b/a.tif", "storage temporarily unavailable (503)")
+    >>> throttled.transient = True  # as pipeline.raster.read_error sets it for 5xx and throttling
+    >>> is_transient(throttled)
+    True
     """
+    if getattr(exc, "transient", False):  # the raising code knew: a throttled or 5xx read
+        return True
     if isinstance(exc, SceneError):  # bad input: retrying reads the same bad bytes
         return False
-    if getattr(exc, "transient", False) or storage.is_transient(exc):
+    if storage.is_transient(exc):
         return True
     return bool(database_transient(exc))
 

@@ -22,10 +22,11 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
 from flows.policy import RETRIES, RETRY_DELAYS_S, RETRY_JITTER, retry_transient
-from flows.scene import run_scenes
+from flows.scene import SCENE_TIMEOUT_S, run_scenes
 from flows.survey import ArtifactProgress
 from models.registry import resolve
 from pipeline import progress
+from pipeline.ids import check_survey_id
 from pipeline.store import SEVERITIES, RunInfo, SceneSelection, open_store
 from pipeline.survey import SceneSource
 
@@ -114,7 +115,7 @@ def changes_markdown(model: str, rows: list[dict]) -> str:
 def reprocess(store: str, model: str, survey_id: str | None = None, since: str | None = None,
               until: str | None = None, bbox: list[float] | None = None, from_model: str | None = None,
               backend: str = "auto", output_dir: str | None = None, scene_deployment: str | None = None,
-              max_concurrent: int = 4, force: bool = False):
+              max_concurrent: int = 4, force: bool = False, scene_timeout_s: float = SCENE_TIMEOUT_S):
     """Map the selected scenes of ``store`` with ``model``, promote it, and report what changed.
 
     Args:
@@ -129,11 +130,15 @@ def reprocess(store: str, model: str, survey_id: str | None = None, since: str |
         scene_deployment: Run each scene as a run of this deployment on its work pool.
         max_concurrent: With a deployment, at most this many scene runs at once.
         force: Map scenes again even if already published with ``model``.
+        scene_timeout_s: With a deployment, a scene run not finished after this long is cancelled
+            and the scene fails, saying so.
 
     Returns the report rows (one per scene); the run fails, naming them, if any scene failed.
     """
     entry = resolve(model)
     old_name, old_version = split_model(from_model) if from_model else (None, None)
+    if survey_id is not None:
+        check_survey_id(survey_id)
     selection = SceneSelection(survey_id=survey_id, since=since, until=until,
                                bbox=tuple(bbox) if bbox else None, model_name=old_name,
                                model_version=old_version)
@@ -151,7 +156,7 @@ def reprocess(store: str, model: str, survey_id: str | None = None, since: str |
             sources = [SceneSource(s["source_uri"], s["scene_id"]) for s in scenes]
             rows = run_scenes(sources, store, run, backend, output_dir, force, promote=False,
                               scene_deployment=scene_deployment, max_concurrent=max_concurrent,
-                              on_finished=lambda row: bar.scene_finished())
+                              on_finished=lambda row: bar.scene_finished(), scene_timeout_s=scene_timeout_s)
             ok = [r["scene_id"] for r in rows if r["status"] != "failed"]
             if ok:
                 promote(store, survey, ok, entry.name, entry.version)

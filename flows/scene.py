@@ -12,6 +12,7 @@ skipped (``map_scene``), which is what makes a rerun after a crash resume.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -24,12 +25,18 @@ from prefect.states import Completed
 
 from flows.policy import RETRIES, RETRY_DELAYS_S, RETRY_JITTER, retry_transient
 from models.registry import resolve
+from pipeline import redact
 from pipeline.crack_types import type_profile
+from pipeline.ids import check_scene_id, check_survey_id
+from pipeline.redact import mask_url, without_password
 from pipeline.scene import SceneOptions
 from pipeline.store import RunInfo, open_store
 from pipeline.survey import SceneSource, default_output_dir, map_scene, probability_path
 
+log = logging.getLogger(__name__)
+redact.mask_log_handlers()  # Prefect's console and API handlers: passwords masked in every record
 POLL_S = 2.0  # how often a parent looks at its process-scene runs
+SCENE_TIMEOUT_S = 6 * 3600.0  # a process-scene run not finished by then (no worker?) fails its scene
 
 
 @task(name="map-scene", task_run_name="map-scene-{source.scene_id}", retries=RETRIES,
@@ -64,6 +71,7 @@ def process_scene(uri: str, scene_id: str, store: str, survey_id: str, model: st
     from flows.survey import ArtifactProgress
     from pipeline import progress
 
+    check_survey_id(survey_id), check_scene_id(scene_id)
     entry = resolve(model)
     run = RunInfo(survey_id, run_id or str(flow_run.id or uuid.uuid4()), entry.name, entry.version,
                   entry.sha256)
@@ -78,27 +86,33 @@ def process_scene(uri: str, scene_id: str, store: str, survey_id: str, model: st
 
 def failed_row(scene_id: str, error: str, seconds: float) -> dict:
     return {"scene_id": scene_id, "chips": 0, "cracks": 0, "length_m": 0.0, "seconds": round(seconds, 2),
-            "probability": "", "status": "failed", "error": error}
+            "probability": "", "status": "failed", "error": redact.redact(error)}
 
 
 @task(name="run-process-scene", task_run_name="process-scene-{source.scene_id}")
 def run_scene_deployment(deployment: str, source: SceneSource, store: str, run: RunInfo, backend: str,
-                         output_dir: str, force: bool, promote: bool) -> dict:
+                         output_dir: str, force: bool, promote: bool,
+                         timeout_s: float = SCENE_TIMEOUT_S) -> dict:
     """One scene as a ``process-scene`` run on the deployment's work pool; its row when it ends.
 
     The row's numbers are read back from the store (the one place every worker
-    writes to), so no result storage has to be shared between machines.
+    writes to), so no result storage has to be shared between machines.  A run
+    not finished after ``timeout_s`` (no worker serves the pool, or it hangs) is
+    cancelled and its scene fails with a message saying so.
     """
     started = time.perf_counter()
     child = run_deployment(
-        deployment, timeout=None, poll_interval=POLL_S, flow_run_name=f"{run.survey_id}/{source.scene_id}",
-        parameters={"uri": source.uri, "scene_id": source.scene_id, "store": store,
+        deployment, timeout=timeout_s, poll_interval=min(POLL_S, max(timeout_s / 4, 0.1)),
+        flow_run_name=f"{run.survey_id}/{source.scene_id}",
+        parameters={"uri": source.uri, "scene_id": source.scene_id, "store": without_password(store),
                     "survey_id": run.survey_id, "model": f"{run.model_name}:{run.model_version}",
                     "run_id": run.run_id, "backend": backend, "output_dir": output_dir, "force": force,
                     "promote": promote, "identity": source.identity})
     state = child.state
     seconds = (child.total_run_time.total_seconds() if child.total_run_time
                else time.perf_counter() - started)
+    if state is not None and not state.is_final():
+        return failed_row(source.scene_id, timed_out(child, source, timeout_s), seconds)
     if state is None or not state.is_completed():
         message = (state.message if state else None) or f"process-scene run {child.id} did not complete"
         return failed_row(source.scene_id, f"{source.uri}: {message}", seconds)
@@ -110,20 +124,38 @@ def run_scene_deployment(deployment: str, source: SceneSource, store: str, run: 
         target.close()
     if summary is None:
         return failed_row(source.scene_id, f"{source.uri}: process-scene run {child.id} completed "
-                                           f"but {store} has no row for it", seconds)
+                                           f"but {mask_url(store)} has no row for it", seconds)
     skipped = (state.message or "").startswith("skipped")
-    return {"scene_id": source.scene_id, "status": "skipped" if skipped else "done",
-            "chips": 0 if skipped else summary["chip_count"],
-            "cracks": 0 if skipped else summary["crack_count"],
-            "length_m": 0.0 if skipped else round(summary["total_length_m"], 3),
-            "seconds": round(seconds, 2), "error": "",
+    return {"scene_id": source.scene_id, "status": "skipped" if skipped else "done",  # what is published
+            "chips": summary["chip_count"], "cracks": summary["crack_count"],
+            "length_m": round(summary["total_length_m"], 3),
+            "seconds": 0.0 if skipped else round(seconds, 2), "error": "",
             "probability": "" if skipped else probability_path(output_dir, run, source.scene_id)}
+
+
+def timed_out(child, source: SceneSource, timeout_s: float) -> str:
+    """Cancel a ``process-scene`` run that did not finish in time; the scene's error message."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    was = child.state.name if child.state else "unknown"
+    try:
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(child.id, Cancelled(message=f"not finished after {timeout_s:g} s"),
+                                      force=True)
+    except Exception as exc:  # the message below still says what happened
+        log.warning("could not cancel process-scene run %s: %s", child.id, exc)
+    pool = child.work_pool_name or "its work pool"
+    return (f"{source.uri}: process-scene run {child.name} was still {was} after {timeout_s:g} s and was "
+            f"cancelled; is a worker serving {pool}? (prefect worker start --pool {pool}); "
+            "run again to map it (the limit: CRACKMAP_SCENE_TIMEOUT_S for deployments, --scene-timeout)")
 
 
 def run_scenes(scenes: list[SceneSource], store: str, run: RunInfo, backend: str,
                output_dir: str | None, force: bool = False, promote: bool = True,
                scene_deployment: str | None = None, max_concurrent: int = 4,
-               on_finished: Callable[[dict], None] = lambda row: None) -> list[dict]:
+               on_finished: Callable[[dict], None] = lambda row: None,
+               scene_timeout_s: float = SCENE_TIMEOUT_S) -> list[dict]:
     """Map ``scenes`` in-process or as ``process-scene`` runs; one row per scene, in their order.
 
     Called inside a parent flow.  A failed scene is a row with status ``failed``
@@ -159,7 +191,7 @@ def run_scenes(scenes: list[SceneSource], store: str, run: RunInfo, backend: str
         if len(pending) >= max_concurrent:
             collect(next(as_completed([f for f, _ in pending.values()])).task_run_id)
         future = run_scene_deployment.submit(scene_deployment, source, store, run, backend,
-                                             str(output_dir), force, promote)
+                                             str(output_dir), force, promote, scene_timeout_s)
         pending[future.task_run_id] = (future, source)
     for finished in as_completed([f for f, _ in pending.values()]):
         collect(finished.task_run_id)

@@ -23,6 +23,7 @@ class Settings(BaseSettings):
         store: The GIS store (a ``.gpkg`` path or a ``postgresql://`` URL, password from PGPASSWORD).
         output: Folder or storage prefix for probability rasters (required with PostGIS).
         survey_id: Survey the scheduled run publishes into (default: the first source's folder name).
+        model: ``NAME[:VERSION]`` the scheduled run maps with (default: the registry's default).
         network: Road centrelines (any vector file pyogrio reads, with a ``road_id`` field): when set,
             every survey run rates its sections along them (``crackmap sections``) after mapping.
         type_profile: The crack-type angle profile scenes are typed with when mapped
@@ -30,6 +31,8 @@ class Settings(BaseSettings):
         schedule_cron: When the scheduled run starts (cron, in ``schedule_timezone``).
         cpu_pool / gpu_pool: Work pools of the parent flows and of ``process-scene``.
         scene_concurrency: At most this many ``process-scene`` runs at once per parent run.
+        scene_timeout_s: A ``process-scene`` run not finished after this long (no worker serving
+            the GPU pool, say) is cancelled and its scene fails with a message saying so.
         code_root: Where the workers find this repository (the images install it at /opt/crackmap).
         gpu_image: Image of ``process-scene`` jobs on container work pools (Kubernetes, Docker).
         engine_cache: Where ``process-scene`` runs keep TensorRT engines (a folder or an fsspec
@@ -44,6 +47,7 @@ class Settings(BaseSettings):
     store: str | None = None
     output: str | None = None
     survey_id: str | None = None
+    model: str | None = None
     network: str | None = None
     type_profile: str = "aashto-r85"
     schedule_cron: str = "0 2 * * *"
@@ -51,6 +55,7 @@ class Settings(BaseSettings):
     cpu_pool: str = "crackmap-cpu"
     gpu_pool: str = "crackmap-gpu"
     scene_concurrency: int = 4
+    scene_timeout_s: float = 6 * 3600.0
     code_root: str = str(ROOT)
     gpu_image: str | None = None
     engine_cache: str | None = None

@@ -19,13 +19,16 @@ from prefect.artifacts import update_progress_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
-from flows.scene import map_scene_task, run_scenes  # noqa: F401  (map_scene_task: re-exported)
+from flows.scene import SCENE_TIMEOUT_S, map_scene_task, run_scenes  # noqa: F401  (map_scene_task: re-exported)
 from models.registry import resolve
-from pipeline import progress
+from pipeline import progress, redact
 from pipeline.condition import run_sections
 from pipeline.frames import FRAME_SUFFIXES, FrameSurvey, find_frame_survey, survey_frames
+from pipeline.ids import check_survey_id
 from pipeline.store import RunInfo, open_store
 from pipeline.survey import default_output_dir, default_survey_id, discover, map_frame_survey
+
+redact.mask_log_handlers()  # Prefect's console and API handlers: passwords masked in every record
 
 
 class ArtifactProgress:
@@ -99,12 +102,13 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
                    output_dir: str | None = None, force: bool = False, glob: str | None = None,
                    scene_deployment: str | None = None, max_concurrent: int = 4, network: str | None = None,
                    camera: str | None = None, trajectory: str | None = None, frame_time: str = "exif",
-                   max_gap_s: float = 1.0):
+                   max_gap_s: float = 1.0, scene_timeout_s: float = SCENE_TIMEOUT_S):
     """Map every scene of a survey into ``store``; with a road network, rate its sections too.
 
     Args:
         sources: Raster files, folders, globs, or storage URL prefixes (``s3://bucket/survey/``).
-        store: Where crack lines go (a ``.gpkg`` path or a ``postgresql://`` URL).
+        store: Where crack lines go (a ``.gpkg`` path or a ``postgresql://`` URL without a password:
+            parameters are stored by Prefect; give the password as PGPASSWORD or in ~/.pgpass).
         survey_id: Survey the results belong to; default: the first source's folder name.
         model: ``name[:version]`` in the model registry; default: the registry's default.
         backend: ``auto``, ``onnxruntime`` or ``torch``.
@@ -123,9 +127,12 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
             in the source folder, else EXIF GPS in the frames).
         frame_time: Where frames' times come from: ``exif``, ``name:REGEX`` or ``index:CSV``.
         max_gap_s: The longest trajectory gap a frame may fall in.
+        scene_timeout_s: With a deployment, a scene run not finished after this long (no worker
+            serves its pool?) is cancelled and the scene fails, saying so.
     """
     from flows.settings import Settings
 
+    check_survey_id(survey_id or default_survey_id(sources))  # before any work
     network = network or Settings().network
     entry = resolve(model)
     run = RunInfo(survey_id=survey_id or default_survey_id(sources),
@@ -149,7 +156,7 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
         with progress.listening(bar):
             rows = run_scenes(scenes, store, run, backend, output_dir, force,
                               scene_deployment=scene_deployment, max_concurrent=max_concurrent,
-                              on_finished=lambda row: bar.scene_finished())
+                              on_finished=lambda row: bar.scene_finished(), scene_timeout_s=scene_timeout_s)
     if network and any(r["status"] != "failed" for r in rows):
         rate_sections(store, network, run.survey_id)
     return report(run, rows)

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # A throwaway PostGIS for development and tests, on loopback only.
 #
-#   eval "$(infra/postgis.sh start [DIR])"   install if missing, initdb in DIR (default: a new
+#   eval "$(infra/postgis.sh start [--fast] [DIR])"
+#                                             install if missing, initdb in DIR (default: a new
 #                                             temporary folder), start on a free 127.0.0.1 port,
 #                                             create database "crackmap" with PostGIS, apply the
 #                                             migrations; prints export lines (PG* and CRACKMAP_PG_URL)
+#                                             Durable by default (fsync, synchronous_commit on: a scene
+#                                             reported done survives a crash). --fast turns them off,
+#                                             for throwaway test clusters only (make test uses it).
 #   infra/postgis.sh env DIR                  print the export lines again
 #   infra/postgis.sh stop DIR                 stop the server and delete DIR
 #
@@ -47,6 +51,8 @@ print_env() {
 }
 
 start() {
+    local fast=
+    if [ "${1:-}" = --fast ]; then fast=1; shift; fi
     local dir=${1:-}
     install_if_missing
     [ -n "$dir" ] || dir=$(mktemp -d "${TMPDIR:-/tmp}/crackmap-postgis.XXXXXX")
@@ -61,9 +67,13 @@ start() {
     as_owner "$BIN/initdb" -D "$dir/data" -U postgres --pwfile="$dir/pwfile" -A scram-sha-256 \
         -E UTF8 --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; exit 1; }
     rm -f "$dir/pwfile"
-    # loopback only, the socket inside DIR, fast settings for a throwaway cluster
-    as_owner "$BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -o \
-        "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+    # loopback only, the socket inside DIR; --fast: no fsync, for a throwaway test cluster only
+    local options="-c listen_addresses=127.0.0.1 -p $port -k $dir"
+    if [ -n "$fast" ]; then
+        options="$options -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        say "--fast: fsync and synchronous_commit are off; a crash can lose committed scenes"
+    fi
+    as_owner "$BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -o "$options" \
         start >&2 || { cat "$dir/server.log" >&2; exit 1; }
     local url="postgresql://postgres@127.0.0.1:$port/crackmap"
     cat > "$dir/env" <<ENV
@@ -97,8 +107,8 @@ stop() {
 }
 
 case ${1:-} in
-    start) start "${2:-}" ;;
+    start) shift; start "$@" ;;
     stop) stop "${2:-}" ;;
     env) print_env "${2:?usage: postgis.sh env DIR}" ;;
-    *) echo "usage: $0 start [DIR] | env DIR | stop DIR" >&2; exit 2 ;;
+    *) echo "usage: $0 start [--fast] [DIR] | env DIR | stop DIR" >&2; exit 2 ;;
 esac

@@ -22,6 +22,7 @@ from models.engine import PRECISIONS
 from pipeline.errors import USER_ERRORS
 from pipeline.images import image_files, image_probability, read_rgb
 from pipeline.inference import BACKENDS, load_backend
+from pipeline.redact import mask_url, redact
 
 model_option = click.option("--model", "model_spec", default=None, metavar="NAME[:VERSION]",
                             help="Model from the registry (default: the registry's default).")
@@ -42,7 +43,8 @@ def cli(verbose: bool) -> None:
 
 
 def fail(message: str) -> None:
-    click.secho(f"error: {message}", fg="red", err=True)
+    """Print one line (passwords masked) and exit with status 2."""
+    click.secho(f"error: {redact(message)}", fg="red", err=True)
     sys.exit(2)
 
 
@@ -289,7 +291,7 @@ def query(store: str, bbox: tuple[float, float, float, float] | None, survey_id:
     except ValueError as exc:
         fail(str(exc))
     if not str(store).startswith(("postgresql://", "postgres://")) and not Path(store).is_file():
-        fail(f"{store}: no such GeoPackage")
+        fail(f"{mask_url(store)}: no such GeoPackage")
     try:
         target = open_store(store)
     except USER_ERRORS as exc:
@@ -362,7 +364,7 @@ def open_existing(store: str):
     from pipeline.store import open_store
 
     if not str(store).startswith(("postgresql://", "postgres://")) and not Path(store).is_file():
-        fail(f"{store}: no such GeoPackage")
+        fail(f"{mask_url(store)}: no such GeoPackage")
     try:
         return open_store(store)
     except USER_ERRORS as exc:
@@ -418,7 +420,7 @@ def sections(store: str, network: str, survey_id: str | None, section_m: float, 
         if survey_id is None:
             known = target.survey_ids()
             if len(known) != 1:
-                fail(f"{store} holds surveys {', '.join(known) or '(none)'}; pick one with --survey")
+                fail(f"{mask_url(store)} holds surveys {', '.join(known) or '(none)'}; pick one with --survey")
             survey_id = known[0]
         report = run_sections(target, network, survey_id, options)
     except USER_ERRORS as exc:
@@ -430,7 +432,7 @@ def sections(store: str, network: str, survey_id: str | None, section_m: float, 
     click.echo(f"\nsurvey {report.survey_id}: {sum(r['level'] == 'section' for r in report.rows)} sections of "
                f"{section_m:g} m on {roads} roads; {report.located} of {report.cracks} cracks on the network, "
                f"{report.outside} outside every corridor (kept, without road), {report.joints} joints left out"
-               f" -> {store} (layer sections)")
+               f" -> {mask_url(store)} (layer sections)")
 
 
 @cli.command()
@@ -479,7 +481,7 @@ def change(store: str, from_survey: str, to_survey: str, network: str | None, bu
                    f"{d('crack_index'):>6} {r['class_from'] or '-'} -> {r['class_to'] or '-'}")
     c = report.counts
     click.echo(f"\n{from_survey} -> {to_survey}: {c['new']} new, {c['grown']} grown, {c['unchanged']} unchanged, "
-               f"{c['gone']} gone -> {store} (layers crack_changes, section_changes)")
+               f"{c['gone']} gone -> {mask_url(store)} (layers crack_changes, section_changes)")
 
 
 def main() -> None:

@@ -22,6 +22,9 @@ class SceneError(PipelineError):
         self.uri = uri
         self.problem = problem
 
+    def __reduce__(self):  # picklable with its attributes (``transient`` included): Prefect keeps results
+        return type(self), (self.uri, self.problem), dict(self.__dict__)
+
 
 class SceneReadError(SceneError, OSError):
     """The file is missing, is not a raster, or is truncated."""
@@ -41,6 +44,10 @@ class CameraError(SceneError, ValueError):
 
 class TrajectoryError(SceneError, ValueError):
     """A trajectory file is unreadable, not in time order, or has gaps or impossible speeds."""
+
+
+class IdError(PipelineError, ValueError):
+    """A survey or scene id that cannot become a file name or object key (``pipeline.ids``)."""
 
 
 class BackendUnavailableError(PipelineError, RuntimeError):

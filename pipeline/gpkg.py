@@ -61,17 +61,20 @@ def _envelope(blob: bytes | None, index: int) -> float | None:
     return (minx, maxx, miny, maxy)[index]
 
 
+BUSY_TIMEOUT_S = 60  # a writer waits this long for another one (runs into one file take turns)
+
+
 def connect(path: str, read_only: bool = False) -> sqlite3.Connection:
     """Open a GeoPackage with the ``ST_*`` functions its R-tree triggers need.
 
-    ``read_only`` opens the file with ``mode=ro`` (no write can happen through the
-    connection), usable from any thread.
+    ``read_only`` opens the file with ``mode=ro`` (nothing can be written through the
+    connection, not even a journal), usable from any thread.
     """
     if read_only:
-        con = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=60,
+        con = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
                               isolation_level=None, check_same_thread=False)
     else:
-        con = sqlite3.connect(path, timeout=60, isolation_level=None)  # explicit BEGIN/COMMIT
+        con = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)  # explicit BEGIN/COMMIT
     for i, name in enumerate(("ST_MinX", "ST_MaxX", "ST_MinY", "ST_MaxY")):
         con.create_function(name, 1, lambda blob, i=i: _envelope(blob, i), deterministic=True)
     con.create_function("ST_IsEmpty", 1,
@@ -85,11 +88,29 @@ def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
 
 
+def run_script(con: sqlite3.Connection, sql: str) -> None:
+    """Run several statements one by one: unlike ``executescript``, inside the caller's transaction.
+
+    >>> con = sqlite3.connect(":memory:", isolation_level=None)
+    >>> _ = con.execute("BEGIN")
+    >>> run_script(con, "CREATE TABLE t (a); CREATE TRIGGER g AFTER INSERT ON t BEGIN SELECT 1; END;")
+    >>> con.in_transaction
+    True
+    """
+    statement = ""
+    for part in sql.split(";"):
+        statement += part + ";"
+        if sqlite3.complete_statement(statement):
+            if statement.strip(" \n;"):
+                con.execute(statement)
+            statement = ""
+
+
 def init(con: sqlite3.Connection) -> None:
-    """Create the GeoPackage metadata tables if absent."""
+    """Create the GeoPackage metadata tables if absent (in the caller's transaction, if any)."""
     con.execute(f"PRAGMA application_id = {APPLICATION_ID}")
     con.execute(f"PRAGMA user_version = {USER_VERSION}")
-    con.executescript("""
+    run_script(con, """
     CREATE TABLE IF NOT EXISTS gpkg_spatial_ref_sys (
         srs_name TEXT NOT NULL, srs_id INTEGER PRIMARY KEY, organization TEXT NOT NULL,
         organization_coordsys_id INTEGER NOT NULL, definition TEXT NOT NULL, description TEXT);
@@ -128,7 +149,7 @@ def add_layer(con: sqlite3.Connection, table: str, geometry_type: str, srs_id: i
     if con.execute("SELECT 1 FROM gpkg_contents WHERE table_name = ?", (table,)).fetchone():
         return
     rtree = f"rtree_{table}_geom"
-    con.executescript(f"""
+    run_script(con, f"""
     CREATE TABLE "{table}" (fid INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL,
                             geom {geometry_type}, {columns});
     CREATE VIRTUAL TABLE "{rtree}" USING rtree(id, minx, maxx, miny, maxy);
@@ -158,17 +179,11 @@ def add_view(con: sqlite3.Connection, view: str, select: str, geometry_type: str
     """Create a view of a feature table (its ``fid`` and ``geom`` included) as a layer, if absent."""
     if con.execute("SELECT 1 FROM gpkg_contents WHERE table_name = ?", (view,)).fetchone():
         return
-    con.execute("BEGIN IMMEDIATE")
-    try:
-        con.execute(f'CREATE VIEW IF NOT EXISTS "{view}" AS {select}')
-        con.execute("INSERT INTO gpkg_contents (table_name, data_type, identifier, srs_id) "
-                    "VALUES (?, 'features', ?, ?)", (view, view, srs_id))
-        con.execute("INSERT INTO gpkg_geometry_columns VALUES (?, 'geom', ?, ?, 0, 0)",
-                    (view, geometry_type, srs_id))
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    con.execute("COMMIT")
+    con.execute(f'CREATE VIEW IF NOT EXISTS "{view}" AS {select}')
+    con.execute("INSERT INTO gpkg_contents (table_name, data_type, identifier, srs_id) "
+                "VALUES (?, 'features', ?, ?)", (view, view, srs_id))
+    con.execute("INSERT INTO gpkg_geometry_columns VALUES (?, 'geom', ?, ?, 0, 0)",
+                (view, geometry_type, srs_id))
 
 
 def update_extent(con: sqlite3.Connection, table: str) -> None:

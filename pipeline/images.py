@@ -14,7 +14,7 @@ from PIL import Image
 from pipeline.errors import SceneReadError
 from pipeline.inference import Backend
 from pipeline.stitching import StripStitcher
-from pipeline.tiling import chip_windows
+from pipeline.tiling import chip_windows, mirror_pad
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
@@ -32,8 +32,7 @@ def image_probability(rgb: np.ndarray, backend: Backend, size_px: int = 400,
                       overlap_px: int = 64, border_px: int = 16) -> np.ndarray:
     """Crack probability (H, W) uint8 of an (H, W, 3) uint8 image."""
     height, width = rgb.shape[:2]
-    padded = np.zeros((3, max(height, size_px), max(width, size_px)), dtype=np.uint8)
-    padded[:, :height, :width] = rgb.transpose(2, 0, 1)
+    padded = mirror_pad(rgb.transpose(2, 0, 1), max(height, size_px), max(width, size_px))
     inside = np.zeros(padded.shape[1:], dtype=bool)
     inside[:height, :width] = True
     out = np.zeros((height, width), dtype=np.uint8)

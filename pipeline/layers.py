@@ -2,7 +2,7 @@
 
 Each column is (name, kind) with kind ``text``, ``real`` or ``int``.  The
 GeoPackage store creates tables from these; the PostGIS migration
-``infra/migrations/0003_road_condition.sql`` declares the same columns.
+``pipeline/migrations/0003_road_condition.sql`` declares the same columns.
 """
 
 from __future__ import annotations

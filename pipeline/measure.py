@@ -85,7 +85,8 @@ class Georeferencer:
         self.params, self.severity = params, severity
         self.to_store = Transformer.from_crs(crs, store_crs, always_xy=True)
         self.to_lonlat = Transformer.from_crs(crs, LONLAT, always_xy=True)
-        self.pixel_size_m = self._pixel_size_m(width, height)
+        self.spacing_m = self._spacing_m(width, height)  # (row step, column step) on the ground
+        self.pixel_size_m = float(np.sqrt(self.spacing_m[0] * self.spacing_m[1]))
 
     @classmethod
     def for_scene(cls, scene: Scene, store_crs: CRS, params: VectorizeParams,
@@ -101,13 +102,44 @@ class Georeferencer:
                                                f"to the store's {store_crs.to_string()}")
         return geo
 
-    def _pixel_size_m(self, width: int, height: int) -> float:
-        """Ground size of one pixel at the scene centre (geometric mean of its sides)."""
+    def _spacing_m(self, width: int, height: int) -> tuple[float, float]:
+        """Ground length of one row step and one column step at the scene centre, in metres."""
         rc = np.array([[height / 2, width / 2], [height / 2, width / 2 + 1], [height / 2 + 1, width / 2]])
         lon, lat = self.to_lonlat.transform(*pixel_to_map(self.transform, rc))
         _, _, dx = GEOD.inv(lon[0], lat[0], lon[1], lat[1])
         _, _, dy = GEOD.inv(lon[0], lat[0], lon[2], lat[2])
-        return float(np.sqrt(dx * dy))
+        return float(dy), float(dx)
+
+    @property
+    def column_spacing(self) -> float:
+        """A column step in row steps: what the vectorizer's distance transform needs
+        (``VectorizeParams.column_spacing``) for widths in true ground units."""
+        return self.spacing_m[1] / self.spacing_m[0]
+
+    def step_across_m(self, rc: np.ndarray) -> float:
+        """Ground length of one pixel step across a line of (row, col) vertices (perpendicular to
+        its main axis): the row step across a line along the columns, the column step across one
+        along the rows, and between the two for other directions.
+
+        >>> from affine import Affine
+        >>> from rasterio.crs import CRS
+        >>> geo = Georeferencer(CRS.from_epsg(4326), Affine(1e-5, 0, 10, 0, -1e-5, 60), 100, 100,
+        ...                     CRS.from_epsg(4326), VectorizeParams(), Severity())
+        >>> along_columns = np.array([[50.0, 0.0], [50.0, 99.0]])
+        >>> round(geo.step_across_m(along_columns) / geo.spacing_m[0], 6)
+        1.0
+        >>> round(geo.step_across_m(along_columns[:, ::-1]) / geo.spacing_m[1], 6)
+        1.0
+        """
+        dy, dx = self.spacing_m
+        metric = (rc - rc.mean(axis=0)) * (dy, dx)
+        if len(rc) < 2 or not metric.any():
+            return self.pixel_size_m
+        _, vectors = np.linalg.eigh(metric.T @ metric)
+        along_r, along_c = vectors[:, -1]  # main axis (metric frame); across it: (-along_c, along_r)
+        across_r, across_c = -along_c / dy, along_r / dx  # that direction in pixel steps
+        norm = np.hypot(across_r, across_c)
+        return float(np.hypot(across_r / norm * dy, across_c / norm * dx))
 
     def crack_line(self, piece: Piece) -> CrackLine | None:
         """The measured crack line of a piece, or None if it is shorter than ``min_length_px``."""
@@ -118,16 +150,17 @@ class Georeferencer:
         x, y = pixel_to_map(self.transform, rc)
         lon, lat = self.to_lonlat.transform(x, y)
         sx, sy = self.to_store.transform(x, y)
-        mm = self.pixel_size_m * 1000.0
-        # The distance transform at a centre pixel reaches the nearest background
-        # pixel centre, half a pixel beyond the crack's edge: width = 2 d - 1 pixels.
-        width_mean = max(2.0 * piece.half_width_sum / piece.n_px - 1.0, 1.0) * mm
+        # The distance transform (in row steps: VectorizeParams.column_spacing) at a centre pixel
+        # reaches the nearest background pixel centre, half a pixel beyond the crack's edge:
+        # width = 2 d - one pixel step across the crack, measured with the true per-axis spacing.
+        row_mm, across_mm = self.spacing_m[0] * 1000.0, self.step_across_m(piece.rc) * 1000.0
+        width_mean = max(2.0 * piece.half_width_sum / piece.n_px * row_mm - across_mm, across_mm)
         length_m = float(GEOD.line_length(lon, lat))
         return CrackLine(
             geometry=LineString(np.column_stack([sx, sy])),
             length_m=length_m,
             width_mean_mm=width_mean,
-            width_max_mm=max(2.0 * piece.half_width_max - 1.0, 1.0) * mm,
+            width_max_mm=max(2.0 * piece.half_width_max * row_mm - across_mm, across_mm),
             orientation_deg=azimuth_deg(np.asarray(lon), np.asarray(lat)),
             confidence=piece.probability_sum / piece.n_px / 255.0,
             severity=self.severity.classify(width_mean),

@@ -1,6 +1,6 @@
 """PostGIS as a crack store: the production store that road-asset managers open in QGIS.
 
-The schema comes from the plain-SQL migrations in ``infra/migrations`` (applied
+The schema comes from the plain-SQL migrations in ``pipeline/migrations`` (package data; applied
 in order, recorded in ``schema_migrations``; ``python -m pipeline.postgis
 migrate URL``).  A scene is published in one transaction: its rows for the same
 survey and model version are deleted and the new ones bulk-loaded with a
@@ -14,7 +14,6 @@ owner): ``crackmap_writer`` publishes, ``crackmap_reader`` only reads.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import struct
 import sys
@@ -35,9 +34,8 @@ from pipeline.store import (DEFAULT_CRS, QUERY_FIELDS, SCENE_FIELDS, CrackQuery,
                             check_column, check_crack_column, check_crs, check_fields, check_layer, columns_of,
                             crack_uuid_bytes, empty_summary, frames_text, missing_scenes)
 
-# The source tree's infra/migrations; an installed (non-editable) package is told where they are.
-MIGRATIONS = Path(os.environ.get("CRACKMAP_MIGRATIONS",
-                                 Path(__file__).resolve().parents[1] / "infra" / "migrations"))
+# Shipped inside the package (package data), so any install, editable or not, has them.
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 MIGRATION_LOCK = 0x6372_6B6D  # "crkm": pg_advisory_xact_lock key, one migrator at a time
 # The binary COPY of a crack row: the fixed-size fields, the scene's constant ones, then the
 # variable ones.  Geometry travels as EWKB, which is the geometry type's binary input.
@@ -144,6 +142,9 @@ def connect(url: str) -> psycopg.Connection:
 def migrations(folder: Path = MIGRATIONS) -> list[tuple[str, Path]]:
     """The migrations in order: (version, file) for every ``NNNN_name.sql``."""
     found = sorted((p.name.split("_", 1)[0], p) for p in folder.glob("[0-9][0-9][0-9][0-9]_*.sql"))
+    if not found:
+        raise StoreError(f"{folder} holds no migrations (NNNN_name.sql): this crackmap installation is "
+                         "incomplete; reinstall it (pip install crackmap)")
     return found
 
 
@@ -547,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.postgis migrate URL [--srid N]``: bring a database's schema up to date."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.postgis")
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("migrate", help="apply the migrations in infra/migrations not yet applied")
+    up = sub.add_parser("migrate", help="apply the migrations shipped in pipeline/migrations not yet applied")
     up.add_argument("url", help="postgresql://user@host:port/dbname (a role that may create tables)")
     up.add_argument("--srid", type=int, default=4326, help="EPSG code of a new schema's geometries")
     args = parser.parse_args(argv)

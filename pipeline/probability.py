@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,7 +70,10 @@ class ProbabilityWriter:
         self._staging = Path(tempfile.mkdtemp(prefix="crackmap-")) if self.uri else None
         self.path = self._staging / Path(self.uri).name if self.uri else Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._partial = self.path.with_name(self.path.name + ".partial.tif")
+        # unique per writer: two runs of one survey at once never share a temporary file
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._partial = self.path.with_name(f"{self.path.name}.{tag}.partial.tif")
+        self._staged = self.path.with_name(f"{self.path.name}.{tag}.cog.tif")
         self._scene = scene
         self._ds = None
         self._rows: list[tuple[np.ndarray, np.ndarray]] = []
@@ -125,7 +129,7 @@ class ProbabilityWriter:
         """Close, convert to COG, move (or upload) into place; returns the path or URL."""
         if self._buffered or self._ds is None:
             self._write(self._buffered)
-        staged = self.path.with_name(self.path.name + ".cog.tif")
+        staged = self._staged
         with gdal_env():
             scene = self._scene
             self._ds.build_overviews(overview_factors(scene.width, scene.height), Resampling.average)
@@ -146,7 +150,7 @@ class ProbabilityWriter:
         """Close and delete whatever was written."""
         if self._ds is not None and not self._ds.closed:
             self._ds.close()
-        for leftover in (self._partial, self.path.with_name(self.path.name + ".cog.tif")):
+        for leftover in (self._partial, self._staged):
             leftover.unlink(missing_ok=True)
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)

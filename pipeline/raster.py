@@ -25,7 +25,7 @@ from rasterio.windows import Window
 from pipeline import storage
 from pipeline.errors import SceneContentError, SceneReadError
 from pipeline.records import ChipBatch, Scene
-from pipeline.tiling import chip_offsets
+from pipeline.tiling import chip_offsets, mirror_pad
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,8 @@ class SceneReader:
             block_rows = self._ds.block_shapes[0][0]  # decode in runs of whole blocks (>= 256 rows)
             self._run_rows = block_rows * max(1, 256 // block_rows) if block_rows <= 1024 else 512
             self._runs: list[tuple[int, np.ndarray, np.ndarray]] = []  # decoded (row_off, rgb, valid)
+            # a GeoTIFF may leave blocks out (sparse): see _present; other formats have them all
+            self._may_be_sparse = self._ds.driver == "GTiff"
         except Exception:
             self.close()
             raise
@@ -218,6 +220,8 @@ class SceneReader:
                 sorted(set(self._bands)), out_shape=(len(set(self._bands)), *shape))
         except (RasterioError, OSError) as exc:
             raise read_error(self.uri, exc, "truncated or corrupt") from exc
+        if preview is not None and np.issubdtype(preview.dtype, np.floating):
+            valid &= np.isfinite(preview).all(axis=0)  # NaN and infinity are nodata
         if not valid.any():
             raise SceneContentError(self.uri, "is all nodata")
         if preview is None:
@@ -273,7 +277,8 @@ class SceneReader:
     def read_strip(self, row_off: int, height: int) -> tuple[np.ndarray, np.ndarray]:
         """RGB uint8 (3, height, width) and valid mask (height, width) of a row strip.
 
-        Rows past the scene's bottom edge come back zero and invalid.  Rows are
+        Rows past the scene's bottom edge and columns past its right edge (a scene smaller
+        than a chip) mirror the scene's pixels (``tiling.mirror_pad``) and are invalid.  Rows are
         decoded in runs aligned to the file's blocks and kept until a later strip
         starts below them, so overlapping strips read top to bottom decode each
         block once (400-row strips over 512-row blocks decoded them 2.4 times).
@@ -287,6 +292,8 @@ class SceneReader:
             a, b = max(row_off, start), min(stop, start + len(mask))
             rgb[:, a - row_off:b - row_off, :ds.width] = data[:, a - start:b - start]
             valid[a - row_off:b - row_off, :ds.width] = mask[a - start:b - start]
+        if stop - row_off < height or width > ds.width:
+            rgb = mirror_pad(rgb[:, :stop - row_off, :ds.width], height, width)
         return rgb, valid
 
     def _decoded_runs(self, first: int, stop: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -309,6 +316,9 @@ class SceneReader:
         """RGB uint8 (invalid pixels zero) and valid mask of scene rows row_off..row_off + rows."""
         ds = self._ds
         window = Window(0, row_off, ds.width, rows)
+        present = self._present(row_off, rows)
+        if present is not None and not present.any():  # only absent (sparse) blocks: nothing to decode
+            return np.zeros((3, rows, ds.width), np.uint8), np.zeros((rows, ds.width), bool)
         try:
             if (frame := self._whole_frame()) is not None:
                 data = frame[:, row_off:row_off + rows].copy()
@@ -319,6 +329,12 @@ class SceneReader:
             mask = ds.dataset_mask(window=window) > 0
         except (RasterioError, OSError) as exc:
             raise read_error(self.uri, exc, "truncated or corrupt") from exc
+        if present is not None and not present.all():
+            mask &= present
+        if np.issubdtype(data.dtype, np.floating):
+            finite = np.isfinite(data)
+            mask &= finite.all(axis=0)  # NaN and infinity are nodata
+            data = np.where(finite, data, 0)
         if self._scale is not None:
             offset, scale = self._scale
             data = np.clip((data.astype(np.float32) - offset) * scale + 0.5, 0, 255).astype(np.uint8)
@@ -327,6 +343,30 @@ class SceneReader:
         if not mask.all():
             data *= mask
         return data, mask
+
+    def _present(self, row_off: int, rows: int) -> np.ndarray | None:
+        """Which pixels of rows row_off..row_off + rows lie in blocks the file holds (sparse
+        GeoTIFFs leave blocks out: they are nodata); None when every block is there.
+
+        GDAL reports a block's place as ``BLOCK_OFFSET_x_y`` (TIFF metadata), 0 or nothing when
+        the file has no bytes for it; such blocks are never decoded.
+        """
+        if not self._may_be_sparse:
+            return None
+        ds = self._ds
+        block_rows, block_cols = ds.block_shapes[0]
+        band = self._bands[0]
+        first, last = row_off // block_rows, (row_off + rows - 1) // block_rows
+        across = -(-ds.width // block_cols)
+        absent = [(x, y) for y in range(first, last + 1) for x in range(across)
+                  if not int(ds.get_tag_item(f"BLOCK_OFFSET_{x}_{y}", "TIFF", bidx=band) or 0)]
+        if not absent:
+            return None
+        present = np.ones((rows, ds.width), bool)
+        for x, y in absent:
+            top, bottom = max(y * block_rows - row_off, 0), min((y + 1) * block_rows - row_off, rows)
+            present[top:bottom, x * block_cols:(x + 1) * block_cols] = False
+        return present
 
     def chip_batches(self, size_px: int, overlap_px: int, batch_size: int) -> Iterator[ChipBatch]:
         """Yield the scene's chips in row-major order, skipping chips with no valid pixel."""

@@ -178,7 +178,7 @@ def process_scene(uri: str, backend: Backend, model: ModelEntry, probability_pat
         scene = reader.scene
     params = options.vectorize_params(model)
     geo = Georeferencer.for_scene(scene, store_crs, params, options.severity)  # fails fast on CRS
-    vectorizer = BandVectorizer(scene.width, scene.height, params)
+    vectorizer = BandVectorizer(scene.width, scene.height, replace(params, column_spacing=geo.column_spacing))
 
     def sink(row_off, p, valid):
         probability(row_off, p, valid)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from rasterio.crs import CRS
 from pipeline import gpkg, layers
 from pipeline.errors import StoreError
 from pipeline.records import SceneResult
+from pipeline.redact import mask_url
 
 DEFAULT_CRS = CRS.from_epsg(4326)
 CURRENT_CRACKS_SQL = """SELECT c.* FROM cracks c JOIN scenes s
@@ -103,6 +105,9 @@ class CrackQuery:
         if self.model_version is not None and self.model_name is None:
             raise ValueError("a model version needs a model name (NAME:VERSION)")
         if self.bbox is not None:
+            if len(self.bbox) != 4 or not all(np.isfinite(v) for v in self.bbox):
+                raise ValueError(f"bbox {' '.join(map(str, self.bbox))}: MINX MINY MAXX MAXY must be "
+                                 "four finite numbers in the store CRS")
             minx, miny, maxx, maxy = self.bbox
             if not (minx <= maxx and miny <= maxy):
                 raise ValueError(f"bbox {self.bbox} is not MINX MINY MAXX MAXY")
@@ -237,7 +242,7 @@ def check_crs(result: SceneResult, store_crs: CRS, store: str) -> None:
             problem = "its coordinates do not transform to finite values"
     if problem:
         raise StoreError(f"{scene.uri} is in {scene.crs.to_string()}, which cannot be transformed to "
-                         f"{store}'s {store_crs.to_string()}: {problem}. Reproject the scene or "
+                         f"{mask_url(store)}'s {store_crs.to_string()}: {problem}. Reproject the scene or "
                          "publish to a store in a CRS it can reach; nothing was written.")
 
 
@@ -350,27 +355,37 @@ def missing_scenes(wanted: Sequence[str] | None, found: Sequence[str], survey_id
                          f"{', '.join(missing)} has no successful publication of it; nothing was changed")
 
 
+def own_layers() -> tuple[str, ...]:
+    """The tables and views crackmap writes into a GeoPackage (anything else is another application's)."""
+    return ("cracks", "scenes", "current_cracks", *layers.LAYERS, "current_pattern_areas", "current_sections")
+
+
 class GeoPackageStore:
-    """Layers ``cracks`` (LineString) and ``scenes`` (footprint Polygon) in one GeoPackage."""
+    """Layers ``cracks`` (LineString) and ``scenes`` (footprint Polygon) in one GeoPackage.
+
+    A new file is built complete under a temporary name and then linked into place,
+    so no reader ever sees half a store, and two runs creating it at once both end
+    up with the same one.  An existing file is checked, read-only, before anything
+    is written to it: a GeoPackage with another application's layers is refused
+    untouched.  Writers take turns (SQLite's lock, waiting up to ``gpkg.BUSY_TIMEOUT_S``).
+    """
 
     def __init__(self, path: str | Path, crs: CRS = DEFAULT_CRS) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            if not self.path.exists():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._create(crs)
+            self._check_own()
             self._con = gpkg.connect(str(self.path))
-            gpkg.init(self._con)  # idempotent; executescript commits as it goes
-            self.srs_id = self._layer_srs() or gpkg.add_srs(self._con, crs)
-            gpkg.add_layer(self._con, "cracks", "LINESTRING", self.srs_id, CRACK_COLUMNS)
-            gpkg.add_layer(self._con, "scenes", "POLYGON", self.srs_id, SCENE_COLUMNS)
-            self._con.executescript("""
-            CREATE INDEX IF NOT EXISTS cracks_scene ON cracks (survey_id, scene_id, model_name, model_version);
-            CREATE INDEX IF NOT EXISTS cracks_model ON cracks (model_name, model_version);
-            CREATE INDEX IF NOT EXISTS cracks_severity ON cracks (severity);
-            """)
-            self._add_current_flag()
-            self._add_crack_columns()
-            gpkg.add_view(self._con, "current_cracks", CURRENT_CRACKS_SQL, "LINESTRING", self.srs_id)
-            self._add_condition_layers()
+            self.srs_id = self._layer_srs() or crs.to_epsg()
+            if self._needs_upgrade():
+                with _Transaction(self._con, f"{self.path}: adding crackmap's tables failed"):
+                    gpkg.init(self._con)
+                    self.srs_id = self._layer_srs() or gpkg.add_srs(self._con, crs)
+                    self._add_schema(self.srs_id)
+        except StoreError:
+            raise
         except Exception as exc:  # sqlite3.Error, or a file that is not a GeoPackage
             raise StoreError(f"{self.path}: cannot open as a crackmap GeoPackage ({exc})") from exc
         self.crs = CRS.from_epsg(self.srs_id)
@@ -378,19 +393,83 @@ class GeoPackageStore:
             raise StoreError(f"{self.path} stores EPSG:{self.srs_id}, not {crs.to_string()}; "
                              "publish to a new file or use the store's CRS")
 
+    def _create(self, crs: CRS) -> None:
+        """Build the whole schema in a temporary file beside ``path``, then link it into place."""
+        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.creating")
+        try:
+            con = gpkg.connect(str(staging))
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                gpkg.init(con)
+                self._con = con
+                self._add_schema(gpkg.add_srs(con, crs))
+                con.execute("COMMIT")
+            finally:
+                con.close()
+            try:
+                os.link(staging, self.path)  # fails if another run created it meanwhile: use theirs
+            except FileExistsError:
+                pass
+        finally:
+            staging.unlink(missing_ok=True)
+
+    def _check_own(self) -> None:
+        """Refuse, without writing, a file that is not a GeoPackage or holds another application's tables."""
+        con = gpkg.connect(str(self.path), read_only=True)
+        try:
+            application_id = con.execute("PRAGMA application_id").fetchone()[0]
+            tables = {r[0] for r in con.execute(
+                "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
+        finally:
+            con.close()
+        if application_id == 0 and not tables:  # an empty file: ours to fill, in one transaction
+            return
+        if application_id != gpkg.APPLICATION_ID:
+            raise StoreError(f"{self.path}: cannot open as a crackmap GeoPackage (it is an SQLite file but "
+                             "not a GeoPackage); nothing was written. Choose a new .gpkg file.")
+        foreign = sorted(t for t in tables if not t.startswith(("gpkg_", "rtree_", "sqlite_"))
+                         and t not in own_layers())
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise StoreError(f"{self.path}: cannot open as a crackmap GeoPackage: it holds another "
+                             f"application's layers ({shown}); nothing was written. Choose a new .gpkg file.")
+
+    def _needs_upgrade(self) -> bool:
+        names = {r[0] for r in self._con.execute("SELECT name FROM sqlite_master")}
+        columns = {r[1] for r in self._con.execute("PRAGMA table_info(scenes)")}
+        crack_columns = {r[1] for r in self._con.execute("PRAGMA table_info(cracks)")}
+        return not ({*own_layers(), "scenes_one_current", "cracks_scene", "cracks_road"} <= names
+                    and "is_current" in columns
+                    and {name for name, _ in layers.CRACK_CONDITION_COLUMNS} <= crack_columns
+                    and {name for name, _ in FRAME_CRACK_COLUMNS} <= crack_columns)
+
+    def _add_schema(self, srs_id: int) -> None:
+        """crackmap's layers, indexes and view, as far as absent; inside the caller's transaction."""
+        gpkg.init(self._con)
+        gpkg.add_layer(self._con, "cracks", "LINESTRING", srs_id, CRACK_COLUMNS)
+        gpkg.add_layer(self._con, "scenes", "POLYGON", srs_id, SCENE_COLUMNS)
+        gpkg.run_script(self._con, """
+        CREATE INDEX IF NOT EXISTS cracks_scene ON cracks (survey_id, scene_id, model_name, model_version);
+        CREATE INDEX IF NOT EXISTS cracks_model ON cracks (model_name, model_version);
+        CREATE INDEX IF NOT EXISTS cracks_severity ON cracks (severity);
+        """)
+        self._add_current_flag()
+        gpkg.add_view(self._con, "current_cracks", CURRENT_CRACKS_SQL, "LINESTRING", srs_id)
+        self.srs_id = srs_id
+        self._add_condition_layers()
+        self._add_crack_columns()
+
     def _add_current_flag(self) -> None:
         """Files written before ``is_current`` existed: the latest successful version is current."""
         columns = {r[1] for r in self._con.execute("PRAGMA table_info(scenes)")}
         if "is_current" not in columns:
-            self._con.executescript("""
-            BEGIN IMMEDIATE;
+            gpkg.run_script(self._con, """
             ALTER TABLE scenes ADD COLUMN is_current INTEGER NOT NULL DEFAULT 0;
             UPDATE scenes SET is_current = 1 WHERE fid IN (
                 SELECT (SELECT fid FROM scenes s2 WHERE s2.survey_id = s.survey_id
                         AND s2.scene_id = s.scene_id AND s2.status = 'done'
                         ORDER BY processed_at DESC LIMIT 1)
                 FROM scenes s GROUP BY survey_id, scene_id);
-            COMMIT;
             """)
         self._con.execute("CREATE UNIQUE INDEX IF NOT EXISTS scenes_one_current "
                           "ON scenes (survey_id, scene_id) WHERE is_current")
@@ -403,7 +482,7 @@ class GeoPackageStore:
                 self._con.execute(f"ALTER TABLE cracks ADD COLUMN {name} {layers.SQLITE_TYPES[kind]}")
         for name, (geometry_type, spec) in layers.LAYERS.items():
             gpkg.add_layer(self._con, name, geometry_type, self.srs_id, layers.sqlite_columns(spec))
-        self._con.executescript("""
+        gpkg.run_script(self._con, """
         CREATE INDEX IF NOT EXISTS cracks_road ON cracks (road_id, chainage_from_m);
         CREATE INDEX IF NOT EXISTS pattern_areas_scene ON pattern_areas (survey_id, scene_id, model_name,
                                                                          model_version);
@@ -423,6 +502,8 @@ class GeoPackageStore:
                 self._con.execute(f"ALTER TABLE cracks ADD COLUMN {name} {layers.SQLITE_TYPES[kind]}")
 
     def _layer_srs(self) -> int | None:
+        if not self._con.execute("SELECT 1 FROM sqlite_master WHERE name = 'gpkg_geometry_columns'").fetchone():
+            return None
         row = self._con.execute(
             "SELECT srs_id FROM gpkg_geometry_columns WHERE table_name = 'cracks'").fetchone()
         return row[0] if row else None
@@ -653,7 +734,8 @@ class GeoPackageStore:
         gpkg.update_extent(self._con, layer)
 
     def close(self) -> None:
-        self._con.close()
+        if getattr(self, "_con", None) is not None:
+            self._con.close()
 
 
 class _Transaction:
@@ -690,5 +772,5 @@ def open_store(url: str | Path, crs: CRS = DEFAULT_CRS) -> CrackStore:
 
         return PostGISStore(text, crs)
     if not text.endswith(".gpkg"):
-        raise StoreError(f"{text}: a store is a GeoPackage path ending in .gpkg or a postgresql:// URL")
+        raise StoreError(f"{mask_url(text)}: a store is a GeoPackage path ending in .gpkg or a postgresql:// URL")
     return GeoPackageStore(text, crs)

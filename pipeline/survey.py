@@ -18,8 +18,10 @@ from pathlib import Path, PurePosixPath
 from models.registry import ModelEntry, resolve
 from pipeline import progress, storage
 from pipeline.errors import PipelineError, SceneContentError, StoreError
+from pipeline.ids import check_scene_id, check_survey_id
 from pipeline.inference import Backend, load_backend
 from pipeline.raster import scene_id_for
+from pipeline.redact import mask_url, redact
 from pipeline.scene import SceneOptions, process_scene
 from pipeline.store import RunInfo, open_store
 
@@ -53,6 +55,7 @@ def discover(sources: list[str], pattern: str | None = None,
 
     Raises:
         SceneContentError: a source matches nothing, or two scenes get the same id.
+        IdError: a scene's id (its path) cannot be a file name (``pipeline.ids``).
         StorageError: a bucket is missing or refuses the credentials.
     """
     found: list[SceneSource] = []
@@ -72,6 +75,8 @@ def discover(sources: list[str], pattern: str | None = None,
             found += [SceneSource(m, scene_id_for(m)) for m in matches if Path(m).is_file()]
         else:
             raise SceneContentError(source, "no such file or folder, and no file matches it")
+    for scene in found:
+        check_scene_id(scene.scene_id, scene.uri)
     ids = [s.scene_id for s in found]
     if dupes := sorted({i for i in ids if ids.count(i) > 1}):
         raise SceneContentError(", ".join(sources), f"several scenes would share the ids {dupes}; "
@@ -96,6 +101,7 @@ def probability_path(output_dir: str | Path, run: RunInfo, scene_id: str) -> str
     >>> probability_path("s3://maps/probability/", run, "0007")
     's3://maps/probability/road-12/0007.hrsegnet_b16-1.0.0.tif'
     """
+    check_survey_id(run.survey_id), check_scene_id(scene_id)  # never a separator or '..' of their own
     return storage.join(output_dir, f"{run.survey_id}/{scene_id}.{run.model_name}-{run.model_version}.tif")
 
 
@@ -108,7 +114,7 @@ def default_output_dir(store: str) -> Path:
     'out/map-probability'
     """
     if "://" in str(store):
-        raise StoreError(f"{store}: probability rasters need a place: pass --output "
+        raise StoreError(f"{mask_url(store)}: probability rasters need a place: pass --output "
                          "(a folder or an s3:// prefix) with a database store")
     path = Path(store)
     return path.with_name(path.stem + "-probability")
@@ -133,13 +139,14 @@ def map_scene(source: SceneSource, store: str, run: RunInfo, backend: str = "aut
     Returns a summary: scene_id, status (``done`` or ``skipped``), chips, cracks,
     length_m, seconds, probability (a skipped scene: its published counts, no probability).
     """
+    check_survey_id(run.survey_id), check_scene_id(source.scene_id)  # before anything is written
     target = open_store(store)
     try:
         try:
             identity = source.identity or storage.identity(source.uri)
         except OSError as exc:  # StorageError, or a local file that vanished
-            log.error("%s", exc)
-            target.mark_failed(source.uri, source.scene_id, run, str(exc))
+            log.info("%s", exc)  # raised: the caller reports it, once
+            target.mark_failed(source.uri, source.scene_id, run, redact(str(exc)))
             raise
         published = target.published_sha256(run.survey_id, source.scene_id, run.model_name,
                                              run.model_version)
@@ -157,8 +164,8 @@ def map_scene(source: SceneSource, store: str, run: RunInfo, backend: str = "aut
             result = process_scene(source.uri, net, entry, out, target.crs, options,
                                    source.scene_id, progress.report, identity)
         except (PipelineError, OSError) as exc:
-            log.error("%s", exc)
-            target.mark_failed(source.uri, source.scene_id, run, str(exc))
+            log.info("%s", exc)  # raised: the caller reports it, once
+            target.mark_failed(source.uri, source.scene_id, run, redact(str(exc)))
             raise
         target.publish(result, run, promote=promote)
     finally:

@@ -103,3 +103,19 @@ def blend_weights(length_px: int, size_px: int = 400, overlap_px: int = 64,
     for offset, profile in profiles.items():
         total[offset:offset + size_px] += profile
     return {offset: profile / total[offset:offset + size_px] for offset, profile in profiles.items()}
+
+
+def mirror_pad(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(bands, h, w) pixels grown to (bands, height, width) by mirroring them at the bottom and right.
+
+    A chip that reaches past a small scene's edge sees the scene continue rather
+    than a black border, which the network would take for the road surface
+    meeting something dark (it hid the cracks of scenes smaller than a chip).
+
+    >>> mirror_pad(np.arange(3).reshape(1, 1, 3), 2, 7).tolist()
+    [[[0, 1, 2, 2, 1, 0, 0], [0, 1, 2, 2, 1, 0, 0]]]
+    """
+    _, rows, cols = pixels.shape
+    if rows == 0 or cols == 0 or (rows, cols) == (height, width):
+        return pixels
+    return np.pad(pixels, ((0, 0), (0, height - rows), (0, width - cols)), mode="symmetric")

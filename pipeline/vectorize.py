@@ -48,6 +48,8 @@ class VectorizeParams:
         simplify_px: Douglas-Peucker tolerance applied to lines, in pixels.
         band_rows: Rows per vectorized band.
         halo_rows: Context rows above and below a band (must exceed the widest crack).
+        column_spacing: Ground size of a pixel's column step over its row step (1 for square
+            pixels); the distance transform, and so crack widths, are measured in row steps.
     """
 
     threshold: float = 0.5
@@ -62,6 +64,7 @@ class VectorizeParams:
     simplify_px: float = 0.75
     band_rows: int = 1024
     halo_rows: int = 64
+    column_spacing: float = 1.0
 
 
 @dataclass(slots=True)
@@ -189,7 +192,8 @@ def crack_mask(probability: np.ndarray, valid: np.ndarray, params: VectorizePara
 
 
 def centrelines(mask: np.ndarray, labels: np.ndarray | None = None,
-                boxes: list[tuple[slice, slice]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                boxes: list[tuple[slice, slice]] | None = None,
+                column_spacing: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Skeleton of a mask and its distance transform, computed region by region.
 
     Returns ``(skeleton, half_width)``: ``skeletonize(mask)`` and
@@ -198,7 +202,8 @@ def centrelines(mask: np.ndarray, labels: np.ndarray | None = None,
     pixel so that its border is background: cracks cover a small part of a
     band, and whole-band transforms cost time for every background pixel.
     ``labels`` and ``boxes`` (the mask's 8-connected regions and their boxes,
-    from ``crack_regions``) save labelling the mask again.
+    from ``crack_regions``) save labelling the mask again.  Distances are in row
+    steps; a column step is ``column_spacing`` of them (non-square pixels).
 
     >>> m = np.zeros((9, 30), bool); m[3:6, 2:28] = True
     >>> skeleton, half_width = centrelines(m)
@@ -214,7 +219,8 @@ def centrelines(mask: np.ndarray, labels: np.ndarray | None = None,
         grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
         region = labels[grown] == index
         skeleton[grown] |= skeletonize(region)
-        half_width[grown] += ndimage.distance_transform_edt(region).astype(np.float32)
+        half_width[grown] += ndimage.distance_transform_edt(
+            region, sampling=None if column_spacing == 1.0 else (1.0, column_spacing)).astype(np.float32)
     return skeleton, half_width
 
 
@@ -293,7 +299,7 @@ def band_pieces(probability: np.ndarray, valid: np.ndarray, row_off: int, first:
     labels, boxes = crack_regions(probability, valid, params)
     if not boxes:
         return []
-    skeleton, half_width = centrelines(labels > 0, labels, boxes)
+    skeleton, half_width = centrelines(labels > 0, labels, boxes, params.column_spacing)
     pieces = []
     for path in skeleton_paths(skeleton, params.spur_px):
         absolute = np.column_stack([path[:, 0] + row_off, columns[path[:, 1]]])

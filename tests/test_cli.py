@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -28,14 +29,26 @@ def test_segment_writes_one_mask_per_image_with_its_size(tmp_path, test_models):
         assert mask.size == size and set(np.unique(np.asarray(mask))) <= {0, 255}
 
 
-def test_eval_prints_pixel_metrics(tmp_path, test_models):
+def test_eval_prints_pixel_metrics(tmp_path):
+    """The shipped model on a painted crack: scores checked against counts made here from its masks."""
     make_images(tmp_path, [(300, 500)])
-    result = CliRunner().invoke(cli, ["eval", str(tmp_path / "images"), str(tmp_path / "masks")])
+    model = ["--model", "hrsegnet-b16:1.0.0"]
+    result = CliRunner().invoke(cli, ["eval", str(tmp_path / "images"), str(tmp_path / "masks"), *model])
     assert result.exit_code == 0, result.output
     scores = json.loads(result.output[result.output.index("{"):])
-    assert scores["model"] == "test-b16:1.0.0" and scores["images"] == 1
-    for key in ("miou", "crack_iou", "f1", "precision", "recall"):
-        assert 0.0 <= scores[key] <= 1.0
+    assert scores["model"] == "hrsegnet-b16:1.0.0" and scores["images"] == 1
+    segmented = CliRunner().invoke(cli, ["segment", str(tmp_path / "images"), str(tmp_path / "pred"), *model])
+    assert segmented.exit_code == 0, segmented.output
+    pred = np.asarray(Image.open(tmp_path / "pred" / "im0.png")) > 127
+    truth = np.asarray(Image.open(tmp_path / "masks" / "im0.png")) > 127
+    tp, fp, fn = (pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum()
+    tn = (~pred & ~truth).sum()
+    assert tp > 0  # the crack is found, so every score below means something
+    assert scores["precision"] == pytest.approx(tp / (tp + fp), abs=1e-6)
+    assert scores["recall"] == pytest.approx(tp / (tp + fn), abs=1e-6)
+    assert scores["crack_iou"] == pytest.approx(tp / (tp + fp + fn), abs=1e-6)
+    assert scores["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-6)
+    assert scores["miou"] == pytest.approx((tp / (tp + fp + fn) + tn / (tn + fp + fn)) / 2, abs=1e-6)
 
 
 def test_eval_names_images_without_masks(tmp_path, test_models):

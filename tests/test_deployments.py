@@ -28,11 +28,14 @@ from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter  # noqa: E402
 from prefect.client.schemas.filters import FlowRunFilterParentFlowRunId  # noqa: E402
 from prefect.deployments import run_deployment  # noqa: E402
+from prefect.deployments.runner import EntrypointType  # noqa: E402
 from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings  # noqa: E402
 
 POOL = "crackmap-test"
 PREFECT = Path(sys.executable).with_name("prefect")
 RUN_TIMEOUT_S = 420
+TRAINED = "hrsegnet-b16:1.0.0"  # the shipped model: the checks below compare real cracks
+UNSERVED_POOL = "crackmap-unserved"  # a pool no worker serves
 
 
 def free_port() -> int:
@@ -104,11 +107,17 @@ def stack(tmp_path_factory, model_root):
         from flows.deployments import register
         from flows.settings import Settings
 
+        subprocess.run([str(PREFECT), "work-pool", "create", UNSERVED_POOL, "--type", "process"], env=env,
+                       check=True, capture_output=True, timeout=120)
         config = Settings(cpu_pool=POOL, gpu_pool=POOL, survey_sources=[str(survey)], store=str(store),
                           schedule_cron="30 3 * * 1-5", schedule_timezone="Europe/Vienna",
-                          scene_concurrency=2)
+                          scene_concurrency=2, model=TRAINED)
         with temporary_settings({PREFECT_API_URL: url, PREFECT_LOGGING_TO_API_ENABLED: False}):
             register(config)
+            from flows.scene import process_scene
+
+            process_scene.to_deployment("unserved", work_pool_name=UNSERVED_POOL,
+                                        entrypoint_type=EntrypointType.MODULE_PATH).apply()
             yield Stack(url, env, survey, store)
     finally:
         for process in reversed(processes):
@@ -122,9 +131,20 @@ def api(stack):
 
 
 def scenes_table(store) -> dict:
-    with sqlite3.connect(store) as con:
+    with sqlite3.connect(store, timeout=60) as con:
         return {r[0]: r[1:] for r in con.execute(
             "SELECT scene_id, status, crack_count, error FROM scenes ORDER BY scene_id")}
+
+
+def table_artifact(flow_run_id, key: str) -> list[dict]:
+    import json
+
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[key])))
+    return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
 
 
 def crack_counts(store) -> dict:
@@ -181,6 +201,7 @@ def test_scheduled_run_fans_out_maps_new_scenes_only_and_isolates_failures(api):
     assert sorted(r.name for r in runs) == ["road-9/a", "road-9/b", "road-9/c-notes"]
     assert all(r.work_pool_name == POOL for r in runs)
     counts = crack_counts(api.store)
+    assert counts["a"] >= 1 and counts["b"] >= 1  # so that "no duplicates" compares real cracks
 
     scene(api.survey / "d.tif", 4)  # new imagery arrives; the next scheduled run maps only it
     (api.survey / "c-notes.tif").unlink()
@@ -191,6 +212,10 @@ def test_scheduled_run_fans_out_maps_new_scenes_only_and_isolates_failures(api):
         ("road-9/a", "skipped"), ("road-9/b", "skipped"), ("road-9/d", "done")]
     again = crack_counts(api.store)
     assert {k: again.get(k) for k in counts} == counts and scenes_table(api.store)["d"][0] == "done"
+    rows = {r["scene_id"]: r for r in table_artifact(second.id, "survey-scenes")}
+    for scene_id in ("a", "b"):  # skipped scenes report what is published, not zeros
+        assert rows[scene_id]["status"] == "skipped" and rows[scene_id]["cracks"] == counts[scene_id]
+        assert rows[scene_id]["chips"] == 4 and rows[scene_id]["length_m"] > 0
 
 
 def test_a_killed_run_resumes_without_duplicates(api, tmp_path, test_models):
@@ -204,11 +229,12 @@ def test_a_killed_run_resumes_without_duplicates(api, tmp_path, test_models):
     store = tmp_path / "map.gpkg"
     env = dict(api.env, PREFECT_LOGGING_LEVEL="ERROR")
     run = subprocess.Popen([sys.executable, "-c", "from flows.cli import main; main()", "run",
-                            str(survey), "--store", str(store)], env=env, start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            str(survey), "--store", str(store), "--model", TRAINED], env=env,
+                           start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not (store.exists() and {"a", "b"} <= set(scenes_table(store))):
+        # the store appears whole (built aside, then linked): once it exists, its tables do too
+        while not (store.exists() and [s for s, *_ in scenes_table(store).values()][:2] == ["done", "done"]):
             assert run.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
             time.sleep(0.5)
     finally:
@@ -217,10 +243,30 @@ def test_a_killed_run_resumes_without_duplicates(api, tmp_path, test_models):
     before = crack_counts(store)
     (survey / "c.tif").unlink()
     scene(survey / "c.tif", 7)
-    state = process_survey([str(survey)], str(store), return_state=True)
+    assert before["a"] >= 1 and before["b"] >= 1
+    state = process_survey([str(survey)], str(store), model=TRAINED, return_state=True)
     assert state.is_completed(), state
     assert [(r["scene_id"], r["status"]) for r in state.result()] == [
         ("a", "skipped"), ("b", "skipped"), ("c", "done")]
     after = crack_counts(store)  # asserts no crack id twice
     assert {k: after.get(k) for k in before} == before
     assert sorted(scenes_table(store)) == ["a", "b", "c"]
+
+
+def test_a_scene_run_no_worker_picks_up_times_out_with_a_clear_state(api, tmp_path, test_models):
+    from flows.survey import process_survey
+
+    path = scene(tmp_path / "lonely.tif", 8)
+    store = tmp_path / "unserved.gpkg"
+    started = time.monotonic()
+    state = process_survey([str(path)], str(store), survey_id="unserved",
+                           scene_deployment="process-scene/unserved", scene_timeout_s=5, return_state=True)
+    assert time.monotonic() - started < 120
+    assert state.is_failed() and state.message == "1 of 1 scenes failed: lonely"
+    (row,) = state.result(raise_on_failure=False)
+    assert row["status"] == "failed"
+    assert "was still Scheduled after 5 s and was cancelled; is a worker serving crackmap-unserved?" in row["error"]
+    with get_client(sync_client=True) as client:
+        (child,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert child.state.is_cancelled()  # it will not run later, when a worker turns up

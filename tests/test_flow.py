@@ -5,7 +5,7 @@ import pytest
 import rasterio
 from click.testing import CliRunner
 
-from conftest import write_scene
+from conftest import paint_crack, write_scene
 
 pytest.importorskip("prefect")
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
@@ -23,8 +23,13 @@ def survey(tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
-        write_scene(folder / f"{name}.tif", rng.integers(100, 200, (3, 500, 700), dtype=np.uint8))
+        pixels = rng.integers(150, 220, (3, 500, 700), dtype=np.uint8)
+        paint_crack(pixels, (40, 30), (460, 650), 6)  # the shipped model finds it (TRAINED)
+        write_scene(folder / f"{name}.tif", pixels)
     return folder
+
+
+TRAINED = "hrsegnet-b16:1.0.0"  # the shipped model: orchestration tests must see real cracks
 
 
 def scenes_table(store):
@@ -34,25 +39,30 @@ def scenes_table(store):
 
 def test_flow_maps_a_survey_and_a_rerun_leaves_the_same_rows(survey, tmp_path, test_models):
     from flows.survey import process_survey
+    from pipeline.probability import overview_factors
 
     store = str(tmp_path / "map.gpkg")
     runs = []
     for _ in range(2):
-        state = process_survey([str(survey)], store, return_state=True)
+        state = process_survey([str(survey)], store, model=TRAINED, return_state=True)
         assert state.is_completed()
         runs.append(state.result())
     rows, rerun = runs
     assert [r["scene_id"] for r in rows] == ["a", "b"] and all(r["chips"] == 4 for r in rows)
+    assert all(r["cracks"] >= 1 for r in rows)  # so that "the same rows" compares real rows
     assert [r["status"] for r in rerun] == ["skipped", "skipped"]  # unchanged sources
     published = [(r["chips"], r["cracks"], r["length_m"]) for r in rows]
     assert [(r["chips"], r["cracks"], r["length_m"]) for r in rerun] == published  # what they hold
     assert [s[:2] for s in scenes_table(store)] == [("a", "done"), ("b", "done")]
     with sqlite3.connect(store) as con:
         survey_ids = con.execute("SELECT DISTINCT survey_id, model_name FROM scenes").fetchall()
-    assert survey_ids == [("road-7", "test-b16")]
+        total, distinct = con.execute("SELECT count(*), count(DISTINCT crack_id) FROM cracks").fetchone()
+    assert total == distinct == sum(r["cracks"] for r in rows)  # the rerun added no crack twice
+    assert survey_ids == [("road-7", "hrsegnet-b16")]
     with rasterio.open(rows[0]["probability"]) as cog:
         assert cog.dtypes[0] == "uint8" and cog.crs.to_epsg() == 32633
-        assert cog.profile.get("tiled") and cog.overviews(1) == [] or cog.profile["blockxsize"] == 512
+        assert cog.profile["tiled"] and cog.profile["blockxsize"] == cog.profile["blockysize"] == 512
+        assert cog.overviews(1) == overview_factors(700, 500) != []  # a COG: overviews included
 
 
 def test_bad_scenes_fail_alone_with_clear_errors(survey, tmp_path, test_models):
@@ -82,6 +92,108 @@ def test_cli_run_succeeds_with_a_summary(survey, tmp_path, test_models):
     assert result.exit_code == 0, result.output
     assert "1/1 scenes" in result.output and store.exists()
     assert (tmp_path / "out" / "map-probability" / "s1" / "a.test-b16-1.0.0.tif").exists()
+
+
+def prefect_records(flow_run_name_like: str | None = None) -> tuple[list, list, list]:
+    """Flow runs, logs and artifacts the (test harness's) Prefect API holds."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(), client.read_logs(), client.read_artifacts()
+
+
+def test_a_store_password_is_masked_in_output_logs_and_never_reaches_prefect(survey, tmp_path, test_models,
+                                                                              postgis, pg_database,
+                                                                              monkeypatch):
+    import os
+
+    from flows.cli import cli
+
+    password = os.environ.get("PGPASSWORD") or pytest.skip("the test server has no password")
+    monkeypatch.delenv("PGPASSWORD")  # the URL is where the password comes from
+    user, rest = pg_database.split("://", 1)[1].split("@", 1)
+    url = f"postgresql://{user}:{password}@{rest}"
+    result = CliRunner().invoke(cli, ["run", str(survey / "a.tif"), "--store", url, "--survey", "pw-1",
+                                      "--output", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert f"-> postgresql://{user}@{rest}" in result.output and password not in result.output
+    # a failing run (nothing listens on port 9) masks it too, in the summary and the error lines
+    refused = f"postgresql://{user}:{password}@127.0.0.1:9/nowhere"
+    failed = CliRunner().invoke(cli, ["run", str(survey / "a.tif"), "--store", refused, "--survey", "pw-2",
+                                      "--output", str(tmp_path / "p")])
+    assert failed.exit_code == 1 and "127.0.0.1:9" in failed.output and password not in failed.output
+    runs, logs, artifacts = prefect_records()
+    mine = [r for r in runs if r.parameters.get("survey_id") in ("pw-1", "pw-2")]
+    assert len(mine) == 2 and all("***" not in str(r.parameters) for r in mine)
+    assert password not in repr([r.parameters for r in runs] + [r.state for r in runs])
+    assert password not in repr([log.message for log in logs])
+    assert password not in repr([(a.data, a.description) for a in artifacts])
+
+
+def test_a_survey_id_that_escapes_the_output_is_refused_before_any_work(survey, tmp_path, test_models):
+    from flows.cli import cli
+    from flows.survey import process_survey
+    from pipeline.errors import IdError
+
+    store = tmp_path / "out" / "map.gpkg"
+    for survey_id, problem in (("../elsewhere", "has the character '/'"), ("..", "'..' as a name"),
+                               ("x" * 10_000, "a name of 10000 bytes")):
+        result = CliRunner().invoke(cli, ["run", str(survey), "--store", str(store), "--survey", survey_id])
+        assert result.exit_code == 2, result.output
+        assert problem in result.output and "ids are 1-100 bytes of letters" in result.output
+        assert len(result.output) < 600  # one line naming the rule, not the whole id
+    state = process_survey([str(survey)], str(store), survey_id="../elsewhere", return_state=True)
+    assert state.is_failed() and isinstance(state.result(raise_on_failure=False), IdError)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "elsewhere").exists()  # nothing written
+
+
+def test_a_transient_read_error_is_retried_by_the_flow(survey, tmp_path, test_models, monkeypatch):
+    import flows.scene
+    from flows.survey import process_survey
+    from pipeline.errors import SceneReadError
+
+    real, attempts = flows.scene.map_scene, []
+
+    def throttled_once(source, *args, **kwargs):
+        attempts.append(source.scene_id)
+        if attempts.count(source.scene_id) == 1 and source.scene_id == "a":  # as raster.read_error makes it
+            error = SceneReadError(source.uri, "storage temporarily unavailable (retried with backoff) (503)")
+            error.transient = True
+            raise error
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(flows.scene, "map_scene", throttled_once)
+    monkeypatch.setattr(flows.scene, "map_scene_task",
+                        flows.scene.map_scene_task.with_options(retry_delay_seconds=0, retry_jitter_factor=None))
+    state = process_survey([str(survey)], str(tmp_path / "map.gpkg"), return_state=True)
+    assert state.is_completed(), state
+    assert attempts == ["a", "a", "b"]  # the policy said transient: the task ran again
+    assert [r["status"] for r in state.result()] == ["done", "done"]
+
+
+def run_cli(*args: str, timeout: int = 600):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    return subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_errors_are_one_line_each_without_tracebacks(survey, tmp_path, test_models):
+    missing = run_cli("run", str(tmp_path / "no-such-survey"), "--store", str(tmp_path / "m.gpkg"))
+    assert missing.returncode == 2, missing.stderr
+    assert "Traceback" not in missing.stdout + missing.stderr
+    assert missing.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'no-such-survey'}: no such file or folder, and no file matches it"]
+    (survey / "c-notes.tif").write_text("not an image")
+    bad = run_cli("run", str(survey), "--store", str(tmp_path / "m.gpkg"))
+    assert bad.returncode == 1, bad.stderr
+    output = bad.stdout + bad.stderr
+    assert "Traceback" not in output and "ERROR" not in output
+    assert output.count("c-notes.tif: not a readable raster") == 1  # once, on the failed: line
+    assert "failed: " in bad.stderr and "2/3 scenes" in bad.stdout
 
 
 def test_a_configured_network_rates_the_survey_sections_after_mapping(survey, tmp_path, test_models,

@@ -1,9 +1,11 @@
 """PostGIS-only store tests, on a real server (see postgis_fixtures): faults, migrations, roles."""
 
 import dataclasses
+import os
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -184,3 +186,63 @@ def test_a_wrong_password_is_refused_without_showing_it(pg_database, postgis):
     assert "password authentication failed" in message and "cannot connect" in message
     assert secret not in message and secret not in repr(error.value.__cause__)
     assert f"postgresql://{postgis.user}@{postgis.host}:{postgis.port}/{dbname}" in message
+
+
+def test_an_installed_wheel_opens_postgis_with_its_own_migrations(postgis, tmp_path):
+    """``pip install .`` (not editable, as the Dockerfiles do) ships the migrations as package data."""
+    import subprocess
+    import sys
+
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"  # a clean copy: no build/ or egg-info left by an earlier build
+    shutil.copytree(root, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "out", "tests", ".hypothesis", "__pycache__", "runs"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+                    "--quiet", "-w", str(tmp_path / "wheel")], check=True, capture_output=True, timeout=600)
+    (wheel,) = (tmp_path / "wheel").glob("crackmap-*.whl")
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(site),
+                    str(wheel)], check=True, capture_output=True, timeout=600)
+    name = postgis.new_database(empty=True)
+    code = ("import sys, pipeline; from pipeline.store import open_store; "
+            "import pipeline.postgis as p; assert p.__file__.startswith(sys.argv[2]), p.__file__; "
+            "s = open_store(sys.argv[1]); print(s.crs); s.close()")
+    try:
+        # run from elsewhere, the installed copy first on the path: no source tree to fall back on
+        done = subprocess.run([sys.executable, "-c", code, postgis.url_of(name), str(site)],
+                              cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(site)),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.strip() == "EPSG:4326"
+        with psycopg.connect(postgis.url_of(name)) as con:
+            assert con.execute("SELECT version FROM schema_migrations ORDER BY 1").fetchall() == [
+                (version,) for version, _ in migrations()]
+    finally:
+        postgis.drop(name)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["default", "fast"])
+def test_postgis_sh_is_durable_unless_asked_for_a_fast_throwaway_cluster(fast):
+    import subprocess
+    import sys
+    import tempfile
+
+    script = Path(__file__).resolve().parents[1] / "infra" / "postgis.sh"
+    if not Path("/usr/lib/postgresql/15/bin/initdb").exists():
+        pytest.skip("PostgreSQL 15 is not installed (infra/postgis.sh start installs it as root)")
+    folder = Path(tempfile.mkdtemp(prefix="crackmap-durable-"))  # the postgres user must reach it
+    started = subprocess.run([str(script), "start", *(["--fast"] if fast else []), str(folder)],
+                             env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True,
+                             timeout=300)
+    try:
+        assert started.returncode == 0, started.stderr[-3000:]
+        env = dict(line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines())
+        with psycopg.connect(env["CRACKMAP_PG_URL"], password=env["PGPASSWORD"]) as con:
+            settings = {name: con.execute(f"SHOW {name}").fetchone()[0]
+                        for name in ("fsync", "synchronous_commit", "full_page_writes")}
+        expected = "off" if fast else "on"
+        assert settings == dict.fromkeys(settings, expected)
+    finally:
+        subprocess.run([str(script), "stop", str(folder)], capture_output=True, timeout=120)

@@ -1,10 +1,13 @@
 import numpy as np
 import pytest
 import rasterio
+import rasterio.transform
+from rasterio.windows import Window
 
 from conftest import write_scene
 from pipeline.errors import SceneContentError, SceneReadError
 from pipeline.raster import SceneReader
+from pipeline.tiling import chip_offsets, mirror_pad
 
 
 def chips_of(path, size=400, overlap=64):
@@ -38,10 +41,26 @@ def test_internal_mask_is_respected(tmp_path):
     assert not batch.valid[0][:, :100].any() and batch.valid[0][:, 100:].all()
 
 
-def test_scene_smaller_than_a_chip_is_padded(tmp_path):
-    (batch,) = chips_of(write_scene(tmp_path / "a.tif", np.full((3, 120, 250), 90, np.uint8)))
+def test_scene_smaller_than_a_chip_is_padded_by_mirroring(tmp_path):
+    pixels = np.random.default_rng(3).integers(0, 255, (3, 120, 250), dtype=np.uint8)
+    (batch,) = chips_of(write_scene(tmp_path / "a.tif", pixels))
     assert batch.pixels.shape == (1, 3, 400, 400)
-    assert batch.valid[0].sum() == 120 * 250 and (batch.pixels[0, :, 120:] == 0).all()
+    assert batch.valid[0].sum() == 120 * 250 and batch.valid[0, :120, :250].all()
+    chip = batch.pixels[0]
+    assert (chip[:, :120, :250] == pixels).all()
+    assert (chip[:, 120:240, :250] == pixels[:, ::-1]).all()  # below the scene: its rows mirrored
+    assert (chip[:, :120, 250:400] == pixels[:, :, ::-1][:, :, :150]).all()  # right of it: columns mirrored
+    assert (chip[:, 240:360, :250] == pixels).all()  # and mirrored again further on, never black
+
+
+def test_a_narrow_scene_is_mirrored_at_its_right_edge_in_every_chip_row(tmp_path):
+    pixels = np.random.default_rng(4).integers(0, 255, (3, 900, 150), dtype=np.uint8)
+    batches = list(SceneReader(str(write_scene(tmp_path / "n.tif", pixels))).chip_batches(400, 64, 8))
+    chips = np.concatenate([b.pixels for b in batches])
+    assert len(chips) == 3
+    for chip, batch_window in zip(chips, [w for b in batches for w in b.windows]):
+        row = int(batch_window.row_off)
+        assert (chip[:, :, 150:300] == pixels[:, row:row + 400, ::-1]).all()
 
 
 def test_not_a_raster(tmp_path):
@@ -92,7 +111,8 @@ def test_strips_equal_direct_window_reads_in_any_order(tmp_path, profile):
             assert rgb.shape == (3, 400, 400) and valid.shape == (400, 400)
             assert (valid[:rows, :300] == expected_valid[row:row + rows]).all(), row
             assert (rgb[:, :rows, :300] == pixels[:, row:row + rows] * expected_valid[row:row + rows]).all(), row
-            assert not valid[rows:].any() and not valid[:, 300:].any() and not rgb[:, rows:].any()
+            assert not valid[rows:].any() and not valid[:, 300:].any()
+            assert (rgb == mirror_pad(rgb[:, :rows, :300], 400, 400)).all()  # beyond the scene: mirrored
 
 
 def pavement(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -121,14 +141,15 @@ def test_jpeg_blocks_decoded_by_libjpeg_turbo_match_gdal(tmp_path, monkeypatch, 
         with SceneReader(str(path)) as reader:
             assert reader.decoder == ("libjpeg-turbo" if turbo else "gdal")
             strips[turbo] = [reader.read_strip(row, 400) for row in (0, 336, 672, 100)]
-    for (ours, our_valid), (gdal, gdal_valid) in zip(strips[True], strips[False]):
+    for row, (ours, our_valid), (gdal, gdal_valid) in zip((0, 336, 672, 100), strips[True], strips[False]):
         assert (our_valid == gdal_valid).all()
         difference = np.abs(ours.astype(int) - gdal)
         if photometric == "rgb":
             assert difference.max() == 0
         else:  # libjpeg 9 and libjpeg-turbo upsample chroma differently
             assert difference.mean() < 0.5 and difference.max() <= 16
-        assert not ours[:, ~our_valid].any()
+        inside = min(400, 1000 - row)  # rows below the scene mirror it
+        assert not ours[:, :inside][:, ~our_valid[:inside]].any()
 
 
 def test_jpeg_with_a_nodata_value_is_decoded_by_gdal(tmp_path):
@@ -187,3 +208,68 @@ def test_a_jpeg_block_of_the_wrong_size_is_a_clear_error(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(SceneReadError, match=r"c.tif: truncated or corrupt \(JPEG block 1,1 is a 128 x 256"):
         chips_of(path)
+
+
+def test_nan_pixels_are_nodata_and_the_rest_is_stretched_as_without_them(tmp_path):
+    rng = np.random.default_rng(5)
+    pixels = rng.normal(1000.0, 50.0, (3, 300, 420)).astype(np.float32)
+    pixels[:, 100:110, 30:380] = 300.0  # a dark crack
+    with_nan = pixels.copy()
+    with_nan[:, :, :60] = np.nan  # a strip outside the crack: nodata
+    with_nan[:, 200, 200] = np.inf
+    plain = np.concatenate([b.pixels for b in chips_of(write_scene(tmp_path / "p.tif", pixels))])
+    batches = chips_of(write_scene(tmp_path / "n.tif", with_nan))
+    valid = np.concatenate([b.valid for b in batches])[0]
+    chip = np.concatenate([b.pixels for b in batches])[0]
+    assert not valid[:300, :60].any() and not valid[200, 200] and valid[:300, 60:400].sum() == 300 * 340 - 1
+    assert (chip[:, :300, :60] == 0).all()
+    # the stretch ignores the NaN: the crack is as dark against the road as without them
+    crack, road = chip[:, 100:110, 100:300].mean(), chip[:, 150:190, 100:300].mean()
+    plain_crack, plain_road = plain[0][:, 100:110, 100:300].mean(), plain[0][:, 150:190, 100:300].mean()
+    assert road - crack > 100 and abs((road - crack) - (plain_road - plain_crack)) < 10
+
+
+class ReadSpy:
+    """A dataset that records the first row of every pixel read asked of GDAL."""
+
+    def __init__(self, ds) -> None:
+        self._ds, self.rows_read = ds, []
+
+    def read(self, *args, window=None, **kwargs):
+        self.rows_read.append(int(window.row_off))
+        return self._ds.read(*args, window=window, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._ds, name)
+
+
+def sparse_scene(path, size_px: int, tile_px: int, written: tuple[int, int]) -> None:
+    """A tiled GeoTIFF of size_px x size_px in which only the tile at ``written`` (row, col) exists."""
+    row, col = written
+    with rasterio.open(path, "w", driver="GTiff", width=size_px, height=size_px, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=rasterio.transform.from_origin(500000, 5600000, 0.002, 0.002),
+                       tiled=True, blockxsize=tile_px, blockysize=tile_px, sparse_ok=True) as ds:
+        ds.write(np.full((3, tile_px, tile_px), 120, np.uint8),
+                 window=Window(col * tile_px, row * tile_px, tile_px, tile_px))
+
+
+def test_absent_tiles_of_a_sparse_geotiff_are_nodata_and_never_become_chips(tmp_path):
+    path = tmp_path / "sparse.tif"
+    sparse_scene(path, 20_000, 512, (20, 30))  # 400 million pixels, one tile of them written
+    assert path.stat().st_size < 1_000_000  # the one tile
+    with SceneReader(str(path)) as reader:
+        reader._ds = ReadSpy(reader._ds)
+        batches = list(reader.chip_batches(400, 64, 64))
+        decoded = reader._ds.rows_read
+    windows = [w for b in batches for w in b.windows]
+    tile = (20 * 512, 21 * 512, 30 * 512, 31 * 512)  # rows, then columns
+    assert windows and all(w.row_off < tile[1] and w.row_off + 400 > tile[0] and w.col_off < tile[3]
+                           and w.col_off + 400 > tile[2] for w in windows)
+    offsets = chip_offsets(20_000, 400, 64)
+    rows = [r for r in offsets if r < tile[1] and r + 400 > tile[0]]
+    cols = [c for c in offsets if c < tile[3] and c + 400 > tile[2]]
+    assert len(windows) == len(rows) * len(cols) == 6  # the chips over the tile, nothing else
+    valid = sum(int(b.valid.sum()) for b in batches)
+    assert valid > 0 and all(((b.pixels == 120) | ~b.valid[:, None]).all() for b in batches)
+    # GDAL decodes only the run of rows that holds the tile
+    assert decoded == [20 * 512]

@@ -286,3 +286,113 @@ def test_scene_summaries_count_cracks_and_length_by_severity(store_url, result):
     assert run2["w"]["length_m_by_severity"]["low"] == pytest.approx(by["low"])
     assert store.scene_summaries("survey-a", "test-b16", "9.9.9") == {}
     store.close()
+
+
+def test_a_foreign_geopackage_is_refused_and_left_byte_identical(tmp_path):
+    path = tmp_path / "roads.gpkg"  # another application's GeoPackage, written by GDAL
+    geometry = np.array([shapely.to_wkb(shapely.LineString([(16.3, 48.2), (16.4, 48.3)]))], dtype=object)
+    pyogrio.raw.write(path, geometry, [np.array(["A1"], dtype=object)], ["road"], driver="GPKG",
+                      layer="roads", geometry_type="LineString", crs="EPSG:4326")
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="roads.gpkg: cannot open as a crackmap GeoPackage: it holds another "
+                                         r"application's layers \(roads\); nothing was written"):
+        open_store(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["roads.gpkg"]  # no journal, no temporary file
+
+
+def test_a_store_is_created_whole_or_not_at_all(tmp_path, result):
+    from pipeline.store import GeoPackageStore
+
+    folder = tmp_path / "out"
+    ortho = CRS.from_wkt(CRS.from_proj4("+proj=ortho +lat_0=48 +lon_0=16").to_wkt())  # no EPSG code
+    with pytest.raises(StoreError, match="must have an EPSG code"):
+        GeoPackageStore(folder / "map.gpkg", ortho)
+    assert list(folder.iterdir()) == []  # built beside it under a temporary name, never linked
+    store = open_store(folder / "map.gpkg")
+    store.close()
+    with sqlite3.connect(folder / "map.gpkg") as con:  # whoever sees the file sees every table
+        names = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+    assert {"cracks", "scenes", "current_cracks", "scenes_one_current", "rtree_cracks_geom"} <= names
+    assert sorted(p.name for p in folder.iterdir()) == ["map.gpkg"]
+    (folder / "empty.gpkg").touch()  # an empty file is filled, in one transaction
+    open_store(folder / "empty.gpkg").close()
+    assert rows(folder / "empty.gpkg", "SELECT count(*) FROM scenes") == [(0,)]
+
+
+MAP_SURVEY = """
+import sys
+from pipeline.store import RunInfo
+from pipeline.survey import SceneSource, map_scene
+from models.registry import resolve
+entry = resolve("test-b16:1.0.0")
+run = RunInfo("road-4", sys.argv[1], entry.name, entry.version, entry.sha256)
+for scene_id in ("a", "b"):
+    row = map_scene(SceneSource(f"{sys.argv[2]}/{scene_id}.tif", scene_id), sys.argv[3], run, "onnxruntime",
+                    force=True)
+    print(row["status"], row["scene_id"], row["cracks"], flush=True)
+"""
+
+
+def test_two_runs_of_one_survey_at_once_into_one_geopackage_both_succeed(tmp_path, test_models):
+    import os
+    import subprocess
+    import sys
+
+    survey = tmp_path / "road-4"
+    survey.mkdir()
+    for seed, name in ((1, "a"), (2, "b")):
+        pixels = np.random.default_rng(seed).integers(150, 220, (3, 500, 700), dtype=np.uint8)
+        paint_crack(pixels, (40, 30), (460, 650), 6)
+        write_scene(survey / f"{name}.tif", pixels)
+    store = tmp_path / "out" / "map.gpkg"
+    env = dict(os.environ, CRACKMAP_MODELS=str(test_models))
+    runs = [subprocess.Popen([sys.executable, "-c", MAP_SURVEY, f"run-{i}", str(survey), str(store)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (1, 2)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    for run, (out, err) in zip(runs, outputs):
+        assert run.returncode == 0, err[-3000:]
+        assert [line.split()[:2] for line in out.splitlines()] == [["done", "a"], ["done", "b"]]
+    scenes = rows(store, "SELECT scene_id, status FROM scenes ORDER BY scene_id")
+    assert scenes == [("a", "done"), ("b", "done")]  # each scene once, whichever run published last
+    total, distinct = rows(store, "SELECT count(*), count(DISTINCT crack_id) FROM cracks")[0]
+    assert total == distinct
+    probability = tmp_path / "out" / "map-probability" / "road-4"
+    assert sorted(p.name for p in probability.iterdir()) == ["a.test-b16-1.0.0.tif", "b.test-b16-1.0.0.tif"]
+
+
+def _open_and_publish(path, result, scene_id, barrier) -> str:
+    barrier.wait()
+    try:
+        store = open_store(path)
+        store.publish(scene_with(result, scene_id, [([(16.30, 48.20), (16.31, 48.21)], "low")]), RUN)
+        store.close()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "ok"
+
+
+def test_writers_that_create_one_geopackage_at_once_all_succeed(tmp_path, result):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("fork")
+    barrier = context.Manager().Barrier(4)
+    with ProcessPoolExecutor(4, mp_context=context) as pool:
+        outcomes = list(pool.map(_open_and_publish, [tmp_path / "map.gpkg"] * 4, [result] * 4,
+                                 ["a", "b", "c", "d"], [barrier] * 4))
+    assert outcomes == ["ok"] * 4
+    assert sorted(r[0] for r in rows(tmp_path / "map.gpkg", "SELECT scene_id FROM scenes")) == ["a", "b", "c", "d"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.gpkg", "p.tif", "scene.tif"]
+
+
+def test_query_refuses_a_bbox_that_is_not_four_finite_numbers(tmp_path, result):
+    store = open_store(tmp_path / "map.gpkg")
+    store.publish(result, RUN)
+    store.close()
+    for bbox in (["0", "0", "inf", "1"], ["nan", "0", "1", "1"], ["-inf", "-inf", "inf", "inf"]):
+        refused = CliRunner().invoke(cli, ["query", str(tmp_path / "map.gpkg"), "--bbox", *bbox])
+        assert refused.exit_code == 2, refused.output
+        assert refused.output.strip().splitlines() == [
+            f"error: bbox {' '.join(str(float(v)) for v in bbox)}: MINX MINY MAXX MAXY must be four finite "
+            "numbers in the store CRS"]

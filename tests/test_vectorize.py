@@ -195,6 +195,28 @@ def test_packed_crack_columns_give_the_pieces_the_whole_band_gives(seed, strokes
     assert pieces_key(packed) == pieces_key(unpacked)
 
 
+@pytest.mark.parametrize("direction", ["east-west", "north-south"])
+def test_widths_on_non_square_pixels_use_the_spacing_across_the_crack(tmp_path, darkness, direction):
+    """EPSG:4326 at 60 degrees north: a pixel of 1e-7 degrees is 5.6 mm east-west, 11.1 mm north-south."""
+    pixels = blank(500, 900)
+    if direction == "east-west":
+        pixels[:, 248:253, 50:850] = 20  # 5 rows wide: measured north-south
+    else:
+        pixels = blank(900, 500)
+        pixels[:, 50:850, 248:253] = 20  # 5 columns wide: measured east-west
+    transform = from_origin(10.0, 60.0, 1e-7, 1e-7)
+    result = run_scene(tmp_path, darkness, pixels, "EPSG:4326", transform)
+    geod = Geod(ellps="WGS84")
+    lat = 60.0 - 1e-7 * pixels.shape[1] / 2
+    row_m = geod.inv(10.0, lat, 10.0, lat - 1e-7)[2]
+    col_m = geod.inv(10.0, lat, 10.0 + 1e-7, lat)[2]
+    across_m = row_m if direction == "east-west" else col_m
+    assert col_m / row_m == pytest.approx(0.5, abs=0.01)
+    assert len(result.cracks) == 1
+    assert result.cracks[0].width_mean_mm == pytest.approx(5 * across_m * 1000, rel=0.02)
+    assert result.cracks[0].width_max_mm == pytest.approx(5 * across_m * 1000, rel=0.02)
+
+
 # --------------------------------------------------------------------------- texture fragments and gaps
 
 def test_a_crack_with_a_faint_stretch_across_a_chip_seam_is_bridged_into_one_line(tmp_path, darkness):
