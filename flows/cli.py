@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ from pipeline.cli import backend_option, cli, fail, model_option
 from pipeline.errors import USER_ERRORS
 from pipeline.ids import check_survey_id
 from pipeline.redact import mask_url, password_of, redact, remember, without_password
+from pipeline.scene import SceneOptions
 from pipeline.survey import default_survey_id
 
 
@@ -136,6 +138,37 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def mapping_options(command):
+    """--threshold, --overlap-px, --severity-mm, --min-length-m, --bridge-gap-px, as one ``options`` dict.
+
+    Only the options given go into the dict (the flow parameters stay short); the
+    others keep their defaults (``pipeline.scene.MAPPING_OPTIONS``).
+    """
+    @functools.wraps(command)
+    def wrapper(*args, threshold=None, overlap_px=None, severity_mm=None, min_length_m=None,
+                bridge_gap_px=None, **kwargs):
+        given = {"threshold": threshold, "overlap_px": overlap_px, "min_length_m": min_length_m,
+                 "bridge_gap_px": bridge_gap_px}
+        if severity_mm:
+            given |= {"severity_medium_mm": severity_mm[0], "severity_high_mm": severity_mm[1]}
+        options = {k: v for k, v in given.items() if v is not None}
+        return command(*args, options=options or None, **kwargs)
+
+    for option in reversed([
+        click.option("--threshold", type=float, default=None,
+                     help="Crack probability that seeds a crack (default: the model's calibrated threshold)."),
+        click.option("--overlap-px", type=int, default=None, help="Overlap of neighbouring chips (default 64)."),
+        click.option("--severity-mm", type=float, nargs=2, default=None, metavar="MEDIUM HIGH",
+                     help="Mean widths where severity becomes medium and high (default 6 19)."),
+        click.option("--min-length-m", type=float, default=None,
+                     help="Drop isolated lines shorter than this (default 0.025; 0 keeps all)."),
+        click.option("--bridge-gap-px", type=float, default=None,
+                     help="Join lines facing each other across a gap up to this (default 12; 0: off)."),
+    ]):
+        wrapper = option(wrapper)
+    return wrapper
+
+
 @cli.command()
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--store", required=True, help="GIS store for the crack map: a .gpkg path or a postgresql:// URL.")
@@ -162,9 +195,11 @@ def summary_table(rows: list[dict]) -> str:
                    "sections after mapping (default: $CRACKMAP_NETWORK).")
 @model_option
 @backend_option
+@mapping_options
 def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir: str | None,
         pattern: str | None, force: bool, camera: str | None, trajectory: str | None, frame_time: str,
-        max_gap_s: float, network: str | None, model_spec: str | None, backend: str) -> None:
+        max_gap_s: float, network: str | None, model_spec: str | None, backend: str,
+        options: dict | None = None) -> None:
     """Map the cracks of SOURCES into STORE.
 
     SOURCES are raster files, folders, globs or storage URL prefixes such as
@@ -177,6 +212,7 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
     try:
         if survey_id is not None:
             check_survey_id(survey_id)
+        SceneOptions.from_mapping(options)
         store = hand_over_password(store)
     except USER_ERRORS as exc:
         fail(str(exc))
@@ -203,7 +239,7 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
                     state = process_survey(list(sources), store, survey_id, model_spec, backend,
                                            output_dir, force, pattern, network=network, camera=camera,
                                            trajectory=trajectory, frame_time=frame_time, max_gap_s=max_gap_s,
-                                           return_state=True)
+                                           options=options, return_state=True)
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report while the API still answers
                 for bar in bars.values():
                     bar.close()
@@ -277,10 +313,11 @@ def changes_table(rows: list[dict]) -> str:
                    "pool?) is cancelled and the scene fails.")
 @click.option("--force", is_flag=True, help="Map scenes again even if already published with --model.")
 @backend_option
+@mapping_options
 def reprocess(store: str, model_spec: str, survey_id: str | None, since: str | None, until: str | None,
               bbox: tuple[float, ...] | None, from_model: str | None, output_dir: str | None,
               scene_deployment: str | None, max_concurrent: int, scene_timeout_s: float, force: bool,
-              backend: str) -> None:
+              backend: str, options: dict | None = None) -> None:
     """Map scenes already in STORE again with another model version and make it current.
 
     The old results stay in the store (crackmap query --model NAME:VERSION reads them);
@@ -290,6 +327,7 @@ def reprocess(store: str, model_spec: str, survey_id: str | None, since: str | N
     try:
         if survey_id is not None:
             check_survey_id(survey_id)
+        SceneOptions.from_mapping(options)
         store = hand_over_password(store)
     except USER_ERRORS as exc:
         fail(str(exc))
@@ -309,7 +347,7 @@ def reprocess(store: str, model_spec: str, survey_id: str | None, since: str | N
         with interruptible(), orchestration_errors(ValueError), prefect_api(), progress.listening(show):
             state = reprocess_flow(store, model_spec, survey_id, since, until, list(bbox) if bbox else None,
                                    from_model, backend, output_dir, scene_deployment, max_concurrent, force,
-                                   scene_timeout_s, return_state=True)
+                                   scene_timeout_s, options, return_state=True)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: scenes published so far stay unpromoted
         bar.close()
         click.secho("interrupted: nothing half-written was kept; run the same command again to resume "

@@ -22,7 +22,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
 from flows.policy import RETRIES, RETRY_DELAYS_S, RETRY_JITTER, retry_transient
-from flows.scene import SCENE_TIMEOUT_S, run_scenes
+from flows.scene import SCENE_TIMEOUT_S, run_scenes, scene_options
 from flows.survey import ArtifactProgress
 from models.registry import resolve
 from pipeline import progress
@@ -115,7 +115,8 @@ def changes_markdown(model: str, rows: list[dict]) -> str:
 def reprocess(store: str, model: str, survey_id: str | None = None, since: str | None = None,
               until: str | None = None, bbox: list[float] | None = None, from_model: str | None = None,
               backend: str = "auto", output_dir: str | None = None, scene_deployment: str | None = None,
-              max_concurrent: int = 4, force: bool = False, scene_timeout_s: float = SCENE_TIMEOUT_S):
+              max_concurrent: int = 4, force: bool = False, scene_timeout_s: float = SCENE_TIMEOUT_S,
+              options: dict | None = None):
     """Map the selected scenes of ``store`` with ``model``, promote it, and report what changed.
 
     Args:
@@ -132,10 +133,12 @@ def reprocess(store: str, model: str, survey_id: str | None = None, since: str |
         force: Map scenes again even if already published with ``model``.
         scene_timeout_s: With a deployment, a scene run not finished after this long is cancelled
             and the scene fails, saying so.
+        options: Mapping options (``pipeline.scene.MAPPING_OPTIONS``), checked before any work.
 
     Returns the report rows (one per scene); the run fails, naming them, if any scene failed.
     """
     entry = resolve(model)
+    scene_options(options)
     old_name, old_version = split_model(from_model) if from_model else (None, None)
     if survey_id is not None:
         check_survey_id(survey_id)
@@ -156,7 +159,8 @@ def reprocess(store: str, model: str, survey_id: str | None = None, since: str |
             sources = [SceneSource(s["source_uri"], s["scene_id"]) for s in scenes]
             rows = run_scenes(sources, store, run, backend, output_dir, force, promote=False,
                               scene_deployment=scene_deployment, max_concurrent=max_concurrent,
-                              on_finished=lambda row: bar.scene_finished(), scene_timeout_s=scene_timeout_s)
+                              on_finished=lambda row: bar.scene_finished(), scene_timeout_s=scene_timeout_s,
+                              options=options)
             ok = [r["scene_id"] for r in rows if r["status"] != "failed"]
             if ok:
                 promote(store, survey, ok, entry.name, entry.version)

@@ -26,7 +26,6 @@ from prefect.states import Completed
 from flows.policy import RETRIES, RETRY_DELAYS_S, RETRY_JITTER, retry_transient
 from models.registry import resolve
 from pipeline import redact
-from pipeline.crack_types import type_profile
 from pipeline.ids import check_scene_id, check_survey_id
 from pipeline.redact import mask_url, without_password
 from pipeline.scene import SceneOptions
@@ -43,17 +42,24 @@ SCENE_TIMEOUT_S = 6 * 3600.0  # a process-scene run not finished by then (no wor
       retry_delay_seconds=RETRY_DELAYS_S, retry_jitter_factor=RETRY_JITTER,
       retry_condition_fn=retry_transient)
 def map_scene_task(source: SceneSource, store: str, run: RunInfo, backend: str,
-                   output_dir: str | None, force: bool = False, promote: bool = True) -> dict:
+                   output_dir: str | None, force: bool = False, promote: bool = True,
+                   options: dict | None = None) -> dict:
+    return map_scene(source, store, run, backend, output_dir, scene_options(options), force=force,
+                     promote=promote)
+
+
+def scene_options(options: dict | None) -> SceneOptions:
+    """The mapping options of a run (``SceneOptions.MAPPING_OPTIONS``), typed by CRACKMAP_TYPE_PROFILE."""
     from flows.settings import Settings
 
-    options = SceneOptions(types=type_profile(Settings().type_profile))  # CRACKMAP_TYPE_PROFILE
-    return map_scene(source, store, run, backend, output_dir, options, force=force, promote=promote)
+    return SceneOptions.from_mapping(options, Settings().type_profile)
 
 
 @flow(name="process-scene", log_prints=True)
 def process_scene(uri: str, scene_id: str, store: str, survey_id: str, model: str | None = None,
                   run_id: str | None = None, backend: str = "auto", output_dir: str | None = None,
-                  force: bool = False, promote: bool = True, identity: str | None = None):
+                  force: bool = False, promote: bool = True, identity: str | None = None,
+                  options: dict | None = None):
     """Map one scene into ``store``: the unit of work, on whatever work pool runs it.
 
     Args:
@@ -67,6 +73,8 @@ def process_scene(uri: str, scene_id: str, store: str, survey_id: str, model: st
         force: Map it again even if unchanged since mapped with this model version.
         promote: Make this version the scene's current one (reprocessing promotes later).
         identity: The scene's ETag or sha256 if known (computed otherwise).
+        options: Mapping options (threshold, overlap_px, severity_medium_mm, severity_high_mm,
+            min_length_m, bridge_gap_px; ``pipeline.scene.MAPPING_OPTIONS``); default: the defaults.
     """
     from flows.survey import ArtifactProgress
     from pipeline import progress
@@ -78,7 +86,7 @@ def process_scene(uri: str, scene_id: str, store: str, survey_id: str, model: st
     source = SceneSource(uri, scene_id, identity)
     bar = ArtifactProgress(1, key="scene-progress")
     with progress.listening(bar):
-        row = map_scene_task(source, store, run, backend, output_dir, force, promote)
+        row = map_scene_task(source, store, run, backend, output_dir, force, promote, options)
     bar.scene_finished()
     return Completed(message=f"{row['status']}: {scene_id}, {row['cracks']} cracks, "
                              f"{row['length_m']:.2f} m", data=row)
@@ -92,7 +100,7 @@ def failed_row(scene_id: str, error: str, seconds: float) -> dict:
 @task(name="run-process-scene", task_run_name="process-scene-{source.scene_id}")
 def run_scene_deployment(deployment: str, source: SceneSource, store: str, run: RunInfo, backend: str,
                          output_dir: str, force: bool, promote: bool,
-                         timeout_s: float = SCENE_TIMEOUT_S) -> dict:
+                         timeout_s: float = SCENE_TIMEOUT_S, options: dict | None = None) -> dict:
     """One scene as a ``process-scene`` run on the deployment's work pool; its row when it ends.
 
     The row's numbers are read back from the store (the one place every worker
@@ -107,7 +115,7 @@ def run_scene_deployment(deployment: str, source: SceneSource, store: str, run: 
         parameters={"uri": source.uri, "scene_id": source.scene_id, "store": without_password(store),
                     "survey_id": run.survey_id, "model": f"{run.model_name}:{run.model_version}",
                     "run_id": run.run_id, "backend": backend, "output_dir": output_dir, "force": force,
-                    "promote": promote, "identity": source.identity})
+                    "promote": promote, "identity": source.identity, "options": options})
     state = child.state
     seconds = (child.total_run_time.total_seconds() if child.total_run_time
                else time.perf_counter() - started)
@@ -155,7 +163,7 @@ def run_scenes(scenes: list[SceneSource], store: str, run: RunInfo, backend: str
                output_dir: str | None, force: bool = False, promote: bool = True,
                scene_deployment: str | None = None, max_concurrent: int = 4,
                on_finished: Callable[[dict], None] = lambda row: None,
-               scene_timeout_s: float = SCENE_TIMEOUT_S) -> list[dict]:
+               scene_timeout_s: float = SCENE_TIMEOUT_S, options: dict | None = None) -> list[dict]:
     """Map ``scenes`` in-process or as ``process-scene`` runs; one row per scene, in their order.
 
     Called inside a parent flow.  A failed scene is a row with status ``failed``
@@ -166,7 +174,7 @@ def run_scenes(scenes: list[SceneSource], store: str, run: RunInfo, backend: str
     if scene_deployment is None:
         for source in scenes:
             started = time.perf_counter()
-            state = map_scene_task(source, store, run, backend, output_dir, force, promote,
+            state = map_scene_task(source, store, run, backend, output_dir, force, promote, options,
                                    return_state=True)
             if state.is_completed():
                 rows[source.scene_id] = {**state.result(), "error": ""}
@@ -191,7 +199,7 @@ def run_scenes(scenes: list[SceneSource], store: str, run: RunInfo, backend: str
         if len(pending) >= max_concurrent:
             collect(next(as_completed([f for f, _ in pending.values()])).task_run_id)
         future = run_scene_deployment.submit(scene_deployment, source, store, run, backend,
-                                             str(output_dir), force, promote, scene_timeout_s)
+                                             str(output_dir), force, promote, scene_timeout_s, options)
         pending[future.task_run_id] = (future, source)
     for finished in as_completed([f for f, _ in pending.values()]):
         collect(finished.task_run_id)

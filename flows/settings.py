@@ -26,6 +26,8 @@ class Settings(BaseSettings):
         model: ``NAME[:VERSION]`` the scheduled run maps with (default: the registry's default).
         network: Road centrelines (any vector file pyogrio reads, with a ``road_id`` field): when set,
             every survey run rates its sections along them (``crackmap sections``) after mapping.
+        mapping_options: Mapping options of the scheduled run (JSON object in the environment,
+            e.g. ``{"threshold": 0.4, "min_length_m": 0.05}``; ``pipeline.scene.MAPPING_OPTIONS``).
         type_profile: The crack-type angle profile scenes are typed with when mapped
             (``pipeline.crack_types.PROFILES``: aashto-r85, strict-10, loose-30).
         schedule_cron: When the scheduled run starts (cron, in ``schedule_timezone``).
@@ -49,6 +51,7 @@ class Settings(BaseSettings):
     survey_id: str | None = None
     model: str | None = None
     network: str | None = None
+    mapping_options: dict[str, float] = {}
     type_profile: str = "aashto-r85"
     schedule_cron: str = "0 2 * * *"
     schedule_timezone: str = "UTC"

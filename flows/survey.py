@@ -19,7 +19,7 @@ from prefect.artifacts import update_progress_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
-from flows.scene import SCENE_TIMEOUT_S, map_scene_task, run_scenes  # noqa: F401  (map_scene_task: re-exported)
+from flows.scene import SCENE_TIMEOUT_S, map_scene_task, run_scenes, scene_options  # noqa: F401  (map_scene_task: re-exported)
 from models.registry import resolve
 from pipeline import progress, redact
 from pipeline.condition import run_sections
@@ -102,7 +102,8 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
                    output_dir: str | None = None, force: bool = False, glob: str | None = None,
                    scene_deployment: str | None = None, max_concurrent: int = 4, network: str | None = None,
                    camera: str | None = None, trajectory: str | None = None, frame_time: str = "exif",
-                   max_gap_s: float = 1.0, scene_timeout_s: float = SCENE_TIMEOUT_S):
+                   max_gap_s: float = 1.0, scene_timeout_s: float = SCENE_TIMEOUT_S,
+                   options: dict | None = None):
     """Map every scene of a survey into ``store``; with a road network, rate its sections too.
 
     Args:
@@ -129,10 +130,13 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
         max_gap_s: The longest trajectory gap a frame may fall in.
         scene_timeout_s: With a deployment, a scene run not finished after this long (no worker
             serves its pool?) is cancelled and the scene fails, saying so.
+        options: Mapping options (threshold, overlap_px, severity_medium_mm, severity_high_mm,
+            min_length_m, bridge_gap_px; ``pipeline.scene.MAPPING_OPTIONS``), checked before any work.
     """
     from flows.settings import Settings
 
     check_survey_id(survey_id or default_survey_id(sources))  # before any work
+    scene_options(options)
     network = network or Settings().network
     entry = resolve(model)
     run = RunInfo(survey_id=survey_id or default_survey_id(sources),
@@ -149,14 +153,15 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
         bar = ArtifactProgress(len(frames))
         with progress.listening(bar):
             rows = task(map_frame_survey, name="map-frames")(frames, survey, store, run, backend, output_dir,
-                                                             force=force)
+                                                             scene_options(options), force=force)
     else:
         scenes = discover(sources, glob)
         bar = ArtifactProgress(len(scenes))
         with progress.listening(bar):
             rows = run_scenes(scenes, store, run, backend, output_dir, force,
                               scene_deployment=scene_deployment, max_concurrent=max_concurrent,
-                              on_finished=lambda row: bar.scene_finished(), scene_timeout_s=scene_timeout_s)
+                              on_finished=lambda row: bar.scene_finished(), scene_timeout_s=scene_timeout_s,
+                              options=options)
     if network and any(r["status"] != "failed" for r in rows):
         rate_sections(store, network, run.survey_id)
     return report(run, rows)

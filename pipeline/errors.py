@@ -46,6 +46,10 @@ class TrajectoryError(SceneError, ValueError):
     """A trajectory file is unreadable, not in time order, or has gaps or impossible speeds."""
 
 
+class OptionsError(PipelineError, ValueError):
+    """A mapping option (threshold, overlap, severity, minimum length, bridging) is unknown or out of range."""
+
+
 class IdError(PipelineError, ValueError):
     """A survey or scene id that cannot become a file name or object key (``pipeline.ids``)."""
 

@@ -164,7 +164,7 @@ class Georeferencer:
             orientation_deg=azimuth_deg(np.asarray(lon), np.asarray(lat)),
             confidence=piece.probability_sum / piece.n_px / 255.0,
             severity=self.severity.classify(width_mean),
-            gsd_mm=mm,
+            gsd_mm=self.pixel_size_m * 1000.0,
         )
 
     def crack_lines(self, pieces: list[Piece]) -> tuple[CrackLine, ...]:

@@ -20,10 +20,10 @@ from rasterio.crs import CRS
 
 from models.registry import ModelEntry
 from pipeline import storage
-from pipeline.errors import SceneContentError
+from pipeline.errors import OptionsError, SceneContentError
 from pipeline.inference import Backend, predictions
 from pipeline import projection
-from pipeline.crack_types import TypeProfile, classify, joint_lines, scene_frame
+from pipeline.crack_types import TypeProfile, classify, joint_lines, scene_frame, type_profile
 from pipeline.measure import Georeferencer, Severity
 from pipeline.pattern_areas import PatternParams, find_pattern_areas
 from pipeline.probability import ProbabilityWriter
@@ -56,6 +56,54 @@ class SceneOptions:
 
     def vectorize_params(self, model: ModelEntry) -> VectorizeParams:
         return replace(self.vectorize, threshold=self.threshold or model.threshold)
+
+    @classmethod
+    def from_mapping(cls, mapping: dict | None, type_profile_name: str | None = None) -> SceneOptions:
+        """Options from the user-settable ``MAPPING_OPTIONS`` (CLI, flow and deployment parameters).
+
+        >>> options = SceneOptions.from_mapping({"threshold": 0.4, "min_length_m": 0.05})
+        >>> options.threshold, options.vectorize.min_length_m, options.overlap_px
+        (0.4, 0.05, 64)
+
+        Raises:
+            OptionsError: Naming an unknown key or a value out of range.
+        """
+        mapping = dict(mapping or {})
+        unknown = sorted(set(mapping) - set(MAPPING_OPTIONS))
+        if unknown:
+            raise OptionsError(f"unknown mapping option(s) {', '.join(unknown)}; "
+                               f"choose from {', '.join(MAPPING_OPTIONS)}")
+        for key, value in mapping.items():
+            low, high, text = MAPPING_OPTIONS[key]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+                raise OptionsError(f"{key} must be a number {text}, not {value!r}")
+        defaults = cls()
+        severity = Severity(mapping.get("severity_medium_mm", defaults.severity.medium_mm),
+                            mapping.get("severity_high_mm", defaults.severity.high_mm))
+        if severity.medium_mm >= severity.high_mm:
+            raise OptionsError(f"severity_medium_mm ({severity.medium_mm}) must be below "
+                               f"severity_high_mm ({severity.high_mm})")
+        vectorize = replace(defaults.vectorize, **{k: float(mapping[k]) for k in VECTORIZE_OPTIONS if k in mapping})
+        overlap = int(mapping.get("overlap_px", defaults.overlap_px))
+        try:
+            return cls(overlap_px=overlap, threshold=mapping.get("threshold"), vectorize=vectorize,
+                       severity=severity, types=type_profile(type_profile_name) if type_profile_name
+                       else defaults.types)
+        except ValueError as exc:
+            raise OptionsError(f"overlap_px {overlap}: {exc}") from exc
+
+
+# Options a user may set for a run (crackmap run / reprocess --option, flow and deployment
+# parameters): name -> (lowest, highest, how to say the range).
+MAPPING_OPTIONS = {
+    "threshold": (1e-6, 1.0 - 1e-6, "between 0 and 1 (crack probability)"),
+    "overlap_px": (32, 200, "of pixels from 32 to 200"),
+    "severity_medium_mm": (0.1, 1000.0, "of millimetres above 0"),
+    "severity_high_mm": (0.1, 1000.0, "of millimetres above 0"),
+    "min_length_m": (0.0, 10.0, "of metres from 0 to 10"),
+    "bridge_gap_px": (0.0, 200.0, "of pixels from 0 to 200"),
+}
+VECTORIZE_OPTIONS = ("min_length_m", "bridge_gap_px")
 
 
 class _Worker(threading.Thread):

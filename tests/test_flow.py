@@ -220,3 +220,30 @@ def test_a_configured_network_rates_the_survey_sections_after_mapping(survey, tm
     assert [(r["road_id"], r["from_m"], r["to_m"]) for r in sections] == [("R7", 0.0, 3.0)]
     assert sections[0]["coverage"] > 0 and sections[0]["models"] == "test-b16:1.0.0"
     assert all(c["crack_type"] is not None for c in cracks)
+
+
+def test_mapping_options_reach_the_scenes_and_bad_ones_are_refused_before_any_work(survey, tmp_path,
+                                                                                   test_models):
+    from flows.cli import cli
+    from flows.survey import process_survey
+
+    default = str(tmp_path / "default.gpkg")
+    assert process_survey([str(survey)], default, model=TRAINED, return_state=True).is_completed()
+    strict = str(tmp_path / "strict.gpkg")
+    options = {"threshold": 0.9, "severity_medium_mm": 1.0, "severity_high_mm": 2.0}
+    assert process_survey([str(survey)], strict, model=TRAINED, options=options,
+                          return_state=True).is_completed()
+    with sqlite3.connect(default) as con:
+        loose = con.execute("SELECT count(*), sum(length_m), group_concat(DISTINCT severity) FROM cracks").fetchone()
+    with sqlite3.connect(strict) as con:
+        tight = con.execute("SELECT count(*), sum(length_m), group_concat(DISTINCT severity) FROM cracks").fetchone()
+    assert loose[0] >= 1 and (tight[0] or 0) <= loose[0] and (tight[1] or 0) < loose[1]  # a higher threshold
+    assert tight[0] == 0 or "low" not in tight[2]    # 6 px at 2 mm/px = 12 mm: high with these classes
+
+    bad = str(tmp_path / "bad.gpkg")
+    result = CliRunner().invoke(cli, ["run", str(survey), "--store", bad, "--model", TRAINED,
+                                      "--overlap-px", "5"])
+    assert result.exit_code != 0 and "overlap_px" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "bad.gpkg").exists()
+    result = CliRunner().invoke(cli, ["run", str(survey), "--store", bad, "--min-length-m", "-1"])
+    assert result.exit_code != 0 and "min_length_m must be a number of metres from 0 to 10" in result.output
