@@ -138,6 +138,21 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def checked_inputs(store: str, survey_id: str | None, options: dict | None) -> str:
+    """Refuse a bad survey id or mapping option before any work; the store URL without its password.
+
+    The password goes to PGPASSWORD of this process (``hand_over_password``), never to Prefect.
+    """
+    try:
+        if survey_id is not None:
+            check_survey_id(survey_id)
+        SceneOptions.from_mapping(options)
+        return hand_over_password(store)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+        raise  # fail() exits; for type checkers
+
+
 def mapping_options(command):
     """--threshold, --overlap-px, --severity-mm, --min-length-m, --bridge-gap-px, as one ``options`` dict.
 
@@ -209,13 +224,7 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
     Runs the Prefect flow process-survey (ephemeral: no server needed) and
     exits non-zero if any scene failed.
     """
-    try:
-        if survey_id is not None:
-            check_survey_id(survey_id)
-        SceneOptions.from_mapping(options)
-        store = hand_over_password(store)
-    except USER_ERRORS as exc:
-        fail(str(exc))
+    store = checked_inputs(store, survey_id, options)
     quiet_prefect()
     from flows.embedded import prefect_api
     from flows.survey import process_survey
@@ -324,13 +333,7 @@ def reprocess(store: str, model_spec: str, survey_id: str | None, since: str | N
     a table shows per scene what changed.  Runs the Prefect flow reprocess; exits
     non-zero if any scene failed (those keep showing their old version).
     """
-    try:
-        if survey_id is not None:
-            check_survey_id(survey_id)
-        SceneOptions.from_mapping(options)
-        store = hand_over_password(store)
-    except USER_ERRORS as exc:
-        fail(str(exc))
+    store = checked_inputs(store, survey_id, options)
     quiet_prefect()
     from flows.embedded import prefect_api
     from flows.reprocess import reprocess as reprocess_flow
