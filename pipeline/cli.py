@@ -341,12 +341,19 @@ def serve(store: str, host: str, port: int, allow_write_role: bool, root_path: s
 
 
 def sections_table(rows: list[dict], level: str = "section") -> str:
-    """The per-section table: road, from-to m, crack m by type, cracked %, index and class."""
+    """The per-section table: road, from-to m, crack m by type, cracked %, index and class.
+
+    Sections the survey did not image (coverage 0) are counted in a last line, not listed.
+    """
     header = (f"{'road':<12} {'from-to m':>13} {'long m':>7} {'trans m':>7} {'diag m':>7} {'pattern m':>9} "
               f"{'allig m2':>8} {'cover':>5} {'cracked %':>9} {'index':>5} class")
     lines = [header, "-" * len(header)]
+    unimaged = 0
     for r in rows:
         if r["level"] != level:
+            continue
+        if not r["coverage"]:
+            unimaged += 1
             continue
 
         def num(v, fmt):
@@ -356,6 +363,8 @@ def sections_table(rows: list[dict], level: str = "section") -> str:
                      f"{r['pattern_m']:>9.2f} {r['alligator_m2']:>8.2f} {num(r['coverage'], '5.2f'):>5} "
                      f"{num(r['cracked_area_pct'], '9.2f'):>9} {num(r['crack_index'], '5.1f'):>5} "
                      f"{r['condition_class'] or '-'}")
+    if unimaged:
+        lines.append(f"({unimaged} {level}s not imaged by this survey: no condition)")
     return "\n".join(lines)
 
 
