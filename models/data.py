@@ -458,12 +458,14 @@ def training_batch(splits: tuple[CrackSplit, ...], sampler: BalancedSampler, ite
         ``(images, masks)``: (N, crop, crop, 3) uint8 and (N, crop, crop) uint8.
     """
     images, masks = [], []
+    typical: dict[int, float] = {}   # per dataset, computed once per batch
     for number in range(iteration * batch_size, (iteration + 1) * batch_size):
         dataset, index = sampler.draw(number)
         split, rng = splits[dataset], sampler.rng(number)
-        typical = typical_long_side(split) if augment.mosaic_below_px else 0.0
-        if typical < augment.mosaic_below_px:
-            image, mask = mosaic_crop(split, index, rng, augment, typical)
+        if dataset not in typical:
+            typical[dataset] = typical_long_side(split) if augment.mosaic_below_px else 0.0
+        if typical[dataset] < augment.mosaic_below_px:
+            image, mask = mosaic_crop(split, index, rng, augment, typical[dataset])
         else:
             image, mask = augment_sample(split.samples[index], rng, augment)
         images.append(image)

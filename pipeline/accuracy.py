@@ -137,14 +137,15 @@ def score_lines(lines_rc: list[np.ndarray], predicted_length_m: float, truth: Tr
     recall = float((to_line[skeleton] <= tolerance_px).sum() / true_count) if true_count else 1.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     true_length = truth.length_m if valid is None else truth.length_m * true_count / max(1, truth.skeleton.sum())
-    by_width = _length_ratio_by_width(truth, skeleton, nearest, cells[near_truth], weights[near_truth],
+    by_width = _length_ratio_by_width(truth, skeleton, to_truth, nearest, cells[near_truth], weights[near_truth],
                                       width_classes_px)
     return VectorScore(precision, recall, f1,
                        predicted_length_m / true_length if true_length else float("inf"),
                        true_length, predicted_length_m, by_width)
 
 
-def _length_ratio_by_width(truth: TruthSkeleton, skeleton: np.ndarray, nearest: np.ndarray,
+def _length_ratio_by_width(truth: TruthSkeleton, skeleton: np.ndarray, to_skeleton: np.ndarray,
+                           nearest: np.ndarray,
                            cells: np.ndarray, weights: np.ndarray,
                            bounds: tuple[float, float]) -> dict[str, float | None]:
     """Matched predicted length over true length, per true width class (both in pixel lengths).
@@ -160,7 +161,7 @@ def _length_ratio_by_width(truth: TruthSkeleton, skeleton: np.ndarray, nearest: 
 
     truth_points, truth_weights = sample_lines(list(truth.paths_rc))
     truth_cells = np.clip(np.rint(truth_points).astype(np.int64), 0, np.array(skeleton.shape) - 1)
-    to_counted = ndimage.distance_transform_edt(~skeleton)[truth_cells[:, 0], truth_cells[:, 1]] <= 1.0
+    to_counted = to_skeleton[truth_cells[:, 0], truth_cells[:, 1]] <= 1.0
     true_class, predicted_class = classes(truth_cells), classes(cells)
     ratios: dict[str, float | None] = {}
     for index, name in enumerate(CLASS_NAMES):
