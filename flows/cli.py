@@ -21,7 +21,7 @@ from pipeline.errors import USER_ERRORS
 from pipeline.ids import check_survey_id
 from pipeline.redact import mask_url, password_of, redact, remember, without_password
 from pipeline.scene import SceneOptions
-from pipeline.survey import default_survey_id
+from pipeline.survey import check_sources_exist, default_survey_id
 
 
 def verbose() -> bool:
@@ -36,6 +36,8 @@ def quiet_prefect() -> None:
     Prefect logs it twice more, with a traceback.
     """
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose() else "CRITICAL")
+    # its background services (events, logs) report under prefect._internal, with their own level
+    os.environ.setdefault("PREFECT_INTERNAL_LOGGING_LEVEL", "INFO" if verbose() else "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here
     if not verbose():  # Prefect's background services log under their class names, outside "prefect"
         for name in ("EventsWorker", "APILogWorker"):
@@ -138,8 +140,9 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def checked_inputs(store: str, survey_id: str | None, options: dict | None) -> str:
-    """Refuse a bad survey id or mapping option before any work; the store URL without its password.
+def checked_inputs(store: str, survey_id: str | None, options: dict | None, sources: list[str] = ()) -> str:
+    """Refuse a bad survey id, mapping option or missing local source before any work (and before
+    Prefect starts); the store URL without its password.
 
     The password goes to PGPASSWORD of this process (``hand_over_password``), never to Prefect.
     """
@@ -147,6 +150,7 @@ def checked_inputs(store: str, survey_id: str | None, options: dict | None) -> s
         if survey_id is not None:
             check_survey_id(survey_id)
         SceneOptions.from_mapping(options)
+        check_sources_exist(list(sources))
         return hand_over_password(store)
     except USER_ERRORS as exc:
         fail(str(exc))
@@ -224,7 +228,7 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
     Runs the Prefect flow process-survey (ephemeral: no server needed) and
     exits non-zero if any scene failed.
     """
-    store = checked_inputs(store, survey_id, options)
+    store = checked_inputs(store, survey_id, options, sources)
     quiet_prefect()
     from flows.embedded import prefect_api
     from flows.survey import process_survey

@@ -73,6 +73,27 @@ def prefect_api() -> Iterator[str | None]:
     server.start(timeout=max(STARTUP_TIMEOUT_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield server.api_url
+            try:
+                yield server.api_url
+            finally:
+                _drain_to(server.api_url)
     finally:
         server.stop()
+
+
+DRAIN_TIMEOUT_S = 5
+
+
+def _drain_to(api_url: str) -> None:
+    """Send the events and log lines still queued (a flow run's last heartbeat) while the API answers.
+
+    Stopping the server first made Prefect's events worker fail on them, and log so.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (EventsWorker, APILogWorker):
+        try:
+            service.drain_all(timeout=DRAIN_TIMEOUT_S)
+        except Exception:  # best effort: what is left is Prefect's own bookkeeping, never a result
+            pass

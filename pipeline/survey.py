@@ -71,10 +71,8 @@ def discover(sources: list[str], pattern: str | None = None,
                       for p in files]
         elif path.exists():
             found.append(SceneSource(str(path), scene_id_for(str(path))))
-        elif matches := sorted(glob.glob(source, recursive=True)):
-            found += [SceneSource(m, scene_id_for(m)) for m in matches if Path(m).is_file()]
         else:
-            raise SceneContentError(source, "no such file or folder, and no file matches it")
+            found += [SceneSource(m, scene_id_for(m)) for m in local_matches(source)]
     for scene in found:
         check_scene_id(scene.scene_id, scene.uri)
     ids = [s.scene_id for s in found]
@@ -82,6 +80,25 @@ def discover(sources: list[str], pattern: str | None = None,
         raise SceneContentError(", ".join(sources), f"several scenes would share the ids {dupes}; "
                                                     "give their folder instead of single files")
     return found
+
+
+def local_matches(source: str) -> list[str]:
+    """The files a local glob names, sorted.
+
+    Raises:
+        SceneContentError: it names none (nor is it a file or folder).
+    """
+    if matches := sorted(m for m in glob.glob(source, recursive=True) if Path(m).is_file()):
+        return matches
+    raise SceneContentError(source, "no such file or folder, and no file matches it")
+
+
+def check_sources_exist(sources: list[str]) -> None:
+    """Refuse a local source that names nothing, before any orchestration starts (a cheap check:
+    storage URLs and folders are listed by ``discover_scenes`` later)."""
+    for source in sources:
+        if not storage.is_url(source) and not Path(source).exists():
+            local_matches(source)
 
 
 def default_survey_id(sources: list[str]) -> str:
