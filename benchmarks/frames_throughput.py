@@ -39,7 +39,6 @@ from models.registry import resolve  # noqa: E402
 from pipeline.camera import Camera  # noqa: E402
 from pipeline.frames import frame_results, ground_line, observe_frame  # noqa: E402
 from pipeline.inference import load_backend  # noqa: E402
-from pipeline.measure import Severity  # noqa: E402
 from pipeline.scene import SceneOptions, process_scene  # noqa: E402
 from pipeline.store import DEFAULT_CRS  # noqa: E402
 from pipeline.tiling import chip_windows  # noqa: E402
@@ -96,7 +95,7 @@ def frame_pass(frames, backend, entry, out: Path) -> tuple[float, list]:
     started = time.perf_counter()
     observations = [observe_frame(str(f), f"f{k}", CAMERA, pose(k), ORIGIN, backend, entry, str(out / f"p{k}.tif"),
                                   SceneOptions(), "x") for k, f in enumerate(frames)]
-    frame_results(observations, ORIGIN, DEFAULT_CRS, Severity())
+    frame_results(observations, ORIGIN, DEFAULT_CRS)
     return time.perf_counter() - started, observations
 
 
@@ -109,7 +108,7 @@ def geometry_only(observations, pieces_per_frame) -> float:
     for k, pieces in enumerate(pieces_per_frame):
         for piece in pieces:
             ground_line(CAMERA, pose(k), ORIGIN, f"f{k}", piece, params)
-    frame_results(observations, ORIGIN, DEFAULT_CRS, Severity())
+    frame_results(observations, ORIGIN, DEFAULT_CRS)
     return time.perf_counter() - started
 
 

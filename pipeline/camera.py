@@ -298,3 +298,27 @@ def read_camera(path: str | Path) -> Camera:
             raise CameraError(str(path), f"cannot read its road mask {mask_path}")
         mask = image > 127
     return camera_from_dict(data, str(path), mask)
+
+
+_CAMERAS: dict[tuple[str, int, int], Camera] = {}
+
+
+def cached_camera(path: str | Path) -> Camera:
+    """``read_camera(path)``, read once per process while the file is unchanged (a worker maps many frames).
+
+    The same Camera object comes back each time, so what is derived from it once
+    (its road pixels, its undistortion) is shared by every frame.
+
+    Raises:
+        CameraError: as ``read_camera``.
+    """
+    try:
+        stat = Path(path).stat()
+    except OSError as exc:
+        raise CameraError(str(path), f"cannot read the camera file ({exc.strerror or exc})") from exc
+    key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _CAMERAS:
+        if len(_CAMERAS) >= 4:
+            _CAMERAS.clear()
+        _CAMERAS[key] = read_camera(path)
+    return _CAMERAS[key]

@@ -8,7 +8,8 @@ road axis, in [0, 90].
 
 The road direction is the road network's tangent where a network is given
 (``pipeline.sections``), else the scene's long axis (``scene_frame``): survey
-scenes are strips imaged along the road.  ``pattern`` (members of an
+scenes are strips imaged along the road.  A survey frame's is the vehicle's
+direction when the frame was taken (``pipeline.frames``).  ``pattern`` (members of an
 alligator/block area) is decided by ``pipeline.pattern_areas``.
 
 A concrete joint is not a crack: it must not add to crack length.  The joint
@@ -28,7 +29,8 @@ Vectorized joint grids come out as paths that turn at the crossings, so the rule
 is applied to straight runs (``straight_runs``: cut where a line turns by more
 than 30°); a line is a joint when at least 90 % of its length is in accepted
 runs (``joint_lines``).  Joints are decided when a scene is mapped, in the frame
-of the scene's long axis, and kept when a network types the other cracks again.
+of the scene's long axis (a survey frame's: the vehicle's direction), and kept when a
+network types the other cracks again.
 """
 
 from __future__ import annotations
@@ -167,17 +169,24 @@ class RoadFrame:
     group: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
 
 
-def scene_frame(lines: np.ndarray, footprint: shapely.Polygon) -> tuple[float, RoadFrame]:
-    """The scene's long axis (degrees, as ``axis_deg``) and every line's place in that frame.
+def scene_frame(lines: np.ndarray, footprint: shapely.Polygon,
+                road_deg: float | None = None) -> tuple[float, RoadFrame]:
+    """The scene's road direction (degrees, as ``axis_deg``) and every line's place in that frame.
+
+    ``road_deg`` when known (a survey frame: the vehicle's direction), else the
+    footprint's long axis (survey scenes are strips imaged along the road).
 
     >>> road, f = scene_frame(np.array([shapely.LineString([(1, 1), (1, 3)])]), shapely.box(0, 0, 10, 4))
     >>> road, f.across_extent_m.tolist(), f.imaged_width_m.tolist()
     (0.0, [2.0], [4.0])
     """
-    ring = shapely.get_coordinates(shapely.oriented_envelope(footprint))[:3]
-    sides = np.diff(ring, axis=0)
-    long_side = sides[np.argmax(np.hypot(sides[:, 0], sides[:, 1]))]
-    road = float(np.round(np.degrees(np.arctan2(long_side[1], long_side[0])) % 180.0, 9) % 180.0)
+    if road_deg is None:
+        ring = shapely.get_coordinates(shapely.oriented_envelope(footprint))[:3]
+        sides = np.diff(ring, axis=0)
+        long_side = sides[np.argmax(np.hypot(sides[:, 0], sides[:, 1]))]
+        road = float(np.round(np.degrees(np.arctan2(long_side[1], long_side[0])) % 180.0, 9) % 180.0)
+    else:
+        road = float(road_deg) % 180.0
     along, across = _project(shapely.get_coordinates(footprint), road)
     frame = _frame_from_points(lines, road, np.ptp(along), np.ptp(across))
     return road, frame
@@ -296,7 +305,7 @@ def joint_lines(lines: np.ndarray, road_deg: float, footprint: shapely.Polygon, 
     if len(lines) == 0:
         return np.zeros(0, bool)
     runs, owner = straight_runs(lines)
-    _, frame = scene_frame(runs, footprint)
+    _, frame = scene_frame(runs, footprint, road_deg)
     shapes = line_shapes(runs)
     joint = joint_mask(shapes, angle_to_axis_deg(shapes.axis_deg, road_deg), np.asarray(width_mean_mm)[owner],
                        np.asarray(width_max_mm)[owner], frame, profile)

@@ -25,7 +25,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path, PurePosixPath
 
@@ -211,6 +211,7 @@ class FrameObservation:
     height_px: int
     probability_path: str
     seconds: float
+    forward_enu: tuple[float, float] | None = None  # the vehicle's forward direction (unit, east/north)
 
 
 def observation_to_json(obs: FrameObservation) -> str:
@@ -221,7 +222,8 @@ def observation_to_json(obs: FrameObservation) -> str:
                            camera_enu_m=list(obs.camera_enu_m), footprint_wkt=obs.footprint_enu.wkt,
                            pos_accuracy_m=obs.pos_accuracy_m, lines=lines, chip_count=obs.chip_count,
                            width_px=obs.width_px, height_px=obs.height_px,
-                           probability_path=obs.probability_path, seconds=obs.seconds))
+                           probability_path=obs.probability_path, seconds=obs.seconds,
+                           forward_enu=list(obs.forward_enu) if obs.forward_enu else None))
 
 
 def observation_from_json(text: str) -> FrameObservation:
@@ -232,7 +234,7 @@ def observation_from_json(text: str) -> FrameObservation:
     return FrameObservation(d["frame_id"], d["uri"], d["sha256"], tuple(d["camera_enu_m"]),
                             shapely.from_wkt(d["footprint_wkt"]), d["pos_accuracy_m"], lines,
                             d["chip_count"], d["width_px"], d["height_px"], d["probability_path"],
-                            d["seconds"])
+                            d["seconds"], tuple(d["forward_enu"]) if d["forward_enu"] else None)
 
 
 # ---------------------------------------------------------------- one frame: pixels -> ground
@@ -292,6 +294,20 @@ def frame_footprint_enu(camera: Camera, pose: Pose, origin: tuple[float, float, 
 def camera_enu(camera: Camera, pose: Pose, origin: tuple[float, float, float]) -> tuple[float, float, float]:
     e, n, u = vehicle_to_enu(pose, np.array([camera.lever_arm_m], float), origin)[0]
     return float(e), float(n), float(u)
+
+
+def forward_enu(camera: Camera, pose: Pose, origin: tuple[float, float, float]) -> tuple[float, float]:
+    """The vehicle's forward axis on the road, as a unit (east, north) direction: the road's direction.
+
+    >>> from pipeline.trajectory import Pose
+    >>> cam = Camera(100, 80, 50.0, 50.0, 50.0, 40.0, (0.0, 0.0, 0.0, 0.0), (0.0, 0.0, -2.0), 0, -90, 0, 2.0)
+    >>> [round(v, 6) for v in forward_enu(cam, Pose(0.0, 51.0, 14.0, 150.0, 0.0, 0.0, 90.0), (51.0, 14.0, 150.0))]
+    [1.0, 0.0]
+    """
+    ends = vehicle_to_enu(pose, np.array([[0.0, 0.0, camera.road_z_m], [1.0, 0.0, camera.road_z_m]]), origin)
+    d = ends[1, :2] - ends[0, :2]
+    d = d / np.hypot(*d)
+    return float(d[0]), float(d[1])
 
 
 # ---------------------------------------------------------------- many frames: one line per crack
@@ -444,20 +460,26 @@ def crack_from_merged(crack: MergedCrack, origin: tuple[float, float, float], to
 
 
 def frame_results(observations: list[FrameObservation], origin: tuple[float, float, float],
-                  store_crs: CRS, severity: Severity, tolerance_m: float = 0.1,
-                  params: VectorizeParams = VectorizeParams()) -> list[SceneResult]:
-    """One SceneResult per frame (its ground trapezoid and the merged cracks it owns), in order.
+                  store_crs: CRS, options=None, tolerance_m: float = 0.1) -> list[SceneResult]:
+    """One SceneResult per frame (its ground trapezoid and the merged cracks it owns, typed), in order.
 
-    Short lines go as a scene's do: a merged crack shorter than ``params.min_length_px``
+    Short lines go as a scene's do: a merged crack shorter than ``min_length_px``
     pixels at its GSD (the sliver of a crack another frame sees closer), and one shorter
-    than ``params.min_length_m`` with no other crack within ``params.isolation_px`` pixels
-    at its GSD (an isolated fleck of texture).
+    than ``min_length_m`` with no other crack within ``isolation_px`` pixels at its GSD
+    (an isolated fleck of texture).  Each frame's cracks are then typed as a scene's
+    (``pipeline.scene.type_cracks``: joints, pattern areas, longitudinal / transverse /
+    diagonal), against the vehicle's direction at that frame and within its footprint.
+    ``options``: a ``pipeline.scene.SceneOptions`` (default: the defaults).
     """
+    from pipeline.scene import SceneOptions, type_cracks
+
+    options = options or SceneOptions()
+    params = options.vectorize
     to_store = Transformer.from_crs(LONLAT, store_crs, always_xy=True)
     accuracy = {o.frame_id: o.pos_accuracy_m for o in observations}
     owned: dict[str, list[CrackLine]] = {o.frame_id: [] for o in observations}
     found = [(crack, line) for crack in merge_observations(observations, tolerance_m)
-             if (line := crack_from_merged(crack, origin, to_store, accuracy, severity)).length_m
+             if (line := crack_from_merged(crack, origin, to_store, accuracy, options.severity)).length_m
              >= params.min_length_px * line.gsd_mm / 1000.0]
     shapes = [LineString(crack.enu_m[:, :2]) for crack, _ in found]
     tree = shapely.STRtree(shapes)
@@ -470,14 +492,27 @@ def frame_results(observations: list[FrameObservation], origin: tuple[float, flo
         owned[crack.owner].append(line)
     results = []
     for o in observations:
-        lon, lat = enu_to_geodetic(np.column_stack([np.asarray(o.footprint_enu.exterior.coords),
-                                                    np.zeros(len(o.footprint_enu.exterior.coords))]), origin)
+        ring = np.asarray(o.footprint_enu.exterior.coords)
+        lon, lat = enu_to_geodetic(np.column_stack([ring, np.zeros(len(ring))]), origin)
+        outline = Polygon(np.column_stack(to_store.transform(lon, lat)))
+        cracks, areas = type_cracks(tuple(owned[o.frame_id]), outline, store_crs, options,
+                                    road_axis=_road_axis(o, origin, to_store))
         scene = Scene(o.uri, o.frame_id, o.width_px, o.height_px, 3, "uint8", store_crs, Affine.identity())
-        results.append(SceneResult(scene=scene, cracks=tuple(owned[o.frame_id]),
-                                   footprint=Polygon(np.column_stack(to_store.transform(lon, lat))),
-                                   chip_count=o.chip_count, probability_path=o.probability_path,
-                                   seconds=o.seconds, sha256=o.sha256))
+        results.append(SceneResult(scene=scene, cracks=cracks, footprint=outline, chip_count=o.chip_count,
+                                   probability_path=o.probability_path, seconds=o.seconds, sha256=o.sha256,
+                                   pattern_areas=areas))
     return results
+
+
+def _road_axis(obs: FrameObservation, origin: tuple[float, float, float],
+               to_store: Transformer) -> LineString | None:
+    """The vehicle's forward axis through the frame's camera, 1 m long, in the store CRS (None if unknown)."""
+    if obs.forward_enu is None:
+        return None
+    start = np.array(obs.camera_enu_m[:2])
+    ends = np.column_stack([np.stack([start, start + obs.forward_enu]), np.zeros(2)])
+    lon, lat = enu_to_geodetic(ends, origin)
+    return LineString(np.column_stack(to_store.transform(lon, lat)))
 
 
 # ---------------------------------------------------------------- survey level
@@ -493,6 +528,72 @@ class FrameSurvey:
     max_gap_s: float = 1.0
     max_speed_m_s: float = 70.0
     join_tolerance_m: float = 0.1
+
+    def to_record(self) -> dict:
+        """The settings as a JSON-able mapping, with absolute paths: what the store keeps for reprocessing.
+
+        >>> FrameSurvey("/s/camera.yaml", None, "name:_(?P<t>\\d+)").to_record()["frame_time"]
+        'name:_(?P<t>\\d+)'
+        """
+        frame_time = self.frame_time
+        if frame_time.startswith("index:"):
+            frame_time = "index:" + str(Path(frame_time[6:]).resolve())
+        return {"camera": str(Path(self.camera_path).resolve()),
+                "trajectory": str(Path(self.trajectory_path).resolve()) if self.trajectory_path else None,
+                "frame_time": frame_time, "max_gap_s": self.max_gap_s, "max_speed_m_s": self.max_speed_m_s,
+                "join_tolerance_m": self.join_tolerance_m}
+
+    @classmethod
+    def from_record(cls, record: dict) -> FrameSurvey:
+        """The settings ``to_record`` wrote.
+
+        >>> s = FrameSurvey("/s/camera.yaml", "/s/trajectory.csv", max_gap_s=2.0)
+        >>> FrameSurvey.from_record(s.to_record()) == s
+        True
+        """
+        return cls(record["camera"], record.get("trajectory"), record.get("frame_time", "exif"),
+                   float(record.get("max_gap_s", 1.0)), float(record.get("max_speed_m_s", 70.0)),
+                   float(record.get("join_tolerance_m", 0.1)))
+
+
+@dataclass(frozen=True, slots=True)
+class FrameJob:
+    """One frame to segment and put on the ground: all a worker needs, as plain values.
+
+    ``identity``: the frame's content with the camera file's and trajectory's
+    (``frame_identity``); ``pose`` comes from the survey (EXIF GPS headings need the
+    neighbouring frames), so a worker maps a frame without seeing the others.
+    """
+
+    uri: str
+    frame_id: str
+    identity: str
+    camera_path: str
+    pose: Pose
+    origin: tuple[float, float, float]
+
+    def parameters(self) -> dict:
+        """What travels to a ``process-scene`` run besides the uri, id and identity (JSON-able).
+
+        >>> job = FrameJob("f.jpg", "f", "ab", "/s/camera.yaml", Pose(0.0, 51.0, 14.0, 150.0, 0, 0, 90.0),
+        ...                (51.0, 14.0, 150.0))
+        >>> FrameJob.from_parameters("f.jpg", "f", "ab", job.parameters()) == job
+        True
+        """
+        return {"camera": self.camera_path, "pose": asdict(self.pose), "origin": list(self.origin)}
+
+    @classmethod
+    def from_parameters(cls, uri: str, frame_id: str, identity: str, frame: dict) -> FrameJob:
+        """The job a ``process-scene`` run was given (``parameters``).
+
+        Raises:
+            FrameError: the parameters lack the camera, pose or origin.
+        """
+        try:
+            return cls(uri, frame_id, identity, str(frame["camera"]), Pose(**frame["pose"]),
+                       tuple(float(v) for v in frame["origin"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FrameError(uri, f"the frame parameters need camera, pose and origin ({exc})") from exc
 
 
 def find_frame_survey(sources: list[str], camera: str | None,
@@ -637,4 +738,5 @@ def observe_frame(uri: str, frame_id: str, camera: Camera, pose: Pose, origin: t
                   if (g := ground_line(camera, pose, origin, frame_id, piece, params)) is not None)
     return FrameObservation(frame_id, uri, sha256, camera_enu(camera, pose, origin), outline,
                             pose.pos_accuracy_m, lines, chips, scene.width, scene.height,
-                            str(probability_path), time.perf_counter() - started)
+                            str(probability_path), time.perf_counter() - started,
+                            forward_enu(camera, pose, origin))

@@ -175,6 +175,15 @@ def add_layer(con: sqlite3.Connection, table: str, geometry_type: str, srs_id: i
                 "'http://www.geopackage.org/spec120/#extension_rtree', 'write-only')", (table,))
 
 
+def add_table(con: sqlite3.Connection, table: str, columns: str) -> None:
+    """Create an attributes table (no geometry; GeoPackage data type ``attributes``), if absent."""
+    if con.execute("SELECT 1 FROM gpkg_contents WHERE table_name = ?", (table,)).fetchone():
+        return
+    con.execute(f'CREATE TABLE "{table}" (fid INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL, {columns})')
+    con.execute("INSERT INTO gpkg_contents (table_name, data_type, identifier) VALUES (?, 'attributes', ?)",
+                (table, table))
+
+
 def add_view(con: sqlite3.Connection, view: str, select: str, geometry_type: str, srs_id: int) -> None:
     """Create a view of a feature table (its ``fid`` and ``geom`` included) as a layer, if absent."""
     if con.execute("SELECT 1 FROM gpkg_contents WHERE table_name = ?", (view,)).fetchone():

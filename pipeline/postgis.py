@@ -25,6 +25,7 @@ import numpy as np
 import psycopg
 import shapely
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.types.json import Jsonb
 from rasterio.crs import CRS
 
 from pipeline import layers
@@ -528,6 +529,25 @@ class PostGISStore:
                     f"FROM unnest({casts}, %b::text[]::uuid[]) AS u({names}, crack_id) "
                     "WHERE c.crack_id = u.crack_id",
                     arrays)
+
+    def set_frame_survey(self, survey_id: str, settings: dict | None) -> None:
+        con = self._connection()
+        try:
+            with con.transaction():
+                con.execute("INSERT INTO surveys (survey_id, frame_survey, updated_at) VALUES (%s, %s, now()) "
+                            "ON CONFLICT (survey_id) DO UPDATE SET frame_survey = excluded.frame_survey, "
+                            "updated_at = excluded.updated_at",
+                            (survey_id, None if settings is None else Jsonb(settings)))
+        except psycopg.Error as exc:
+            raise StoreError(f"{self.name}: recording survey {survey_id!r} failed ({why(exc)})") from exc
+
+    def frame_survey(self, survey_id: str) -> dict | None:
+        try:
+            row = self._connection().execute("SELECT frame_survey FROM surveys WHERE survey_id = %s",
+                                             (survey_id,)).fetchone()
+        except psycopg.Error as exc:
+            raise StoreError(f"{self.name}: reading survey {survey_id!r} failed ({why(exc)})") from exc
+        return row[0] if row and row[0] is not None else None
 
     def close(self) -> None:
         self._con.close()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import shapely
 
 from rasterio.crs import CRS
 
@@ -253,20 +254,26 @@ def process_scene(uri: str, backend: Backend, model: ModelEntry, probability_pat
                        stats={"pixel_size_m": geo.pixel_size_m}, pattern_areas=areas)
 
 
-def type_cracks(cracks: tuple[CrackLine, ...], footprint, store_crs: CRS, options: SceneOptions = SceneOptions()
-                ) -> tuple[tuple[CrackLine, ...], tuple[PatternAreaRecord, ...]]:
-    """Type a scene's cracks against its long axis (the road direction without a network).
+def type_cracks(cracks: tuple[CrackLine, ...], footprint, store_crs: CRS, options: SceneOptions = SceneOptions(),
+                road_axis=None) -> tuple[tuple[CrackLine, ...], tuple[PatternAreaRecord, ...]]:
+    """Type a scene's cracks against the road direction: ``road_axis`` or else the scene's long axis.
 
     Joints first (pipeline.crack_types), then pattern areas among the other cracks
     (pipeline.pattern_areas), then longitudinal / transverse / diagonal.  Measured in
-    a metric CRS (the store's if metric, else the scene's UTM zone).
+    a metric CRS (the store's if metric, else the scene's UTM zone).  ``road_axis``: a
+    LineString along the road in the store CRS (a survey frame's: the vehicle's
+    direction); without it, the footprint's long axis (scenes are strips along the road).
     """
     if not cracks:
         return cracks, ()
     metric = projection.metric_crs(store_crs, footprint.bounds)
     lines = projection.transform([c.geometry for c in cracks], store_crs, metric)
     outline = projection.transform([footprint], store_crs, metric)[0]
-    road_deg, frame = scene_frame(lines, outline)
+    road_deg = None
+    if road_axis is not None:
+        (x0, y0), (x1, y1) = shapely.get_coordinates(projection.transform([road_axis], store_crs, metric)[0])[[0, -1]]
+        road_deg = float(np.degrees(np.arctan2(y1 - y0, x1 - x0)) % 180.0)
+    road_deg, frame = scene_frame(lines, outline, road_deg)
     width_mean = np.array([c.width_mean_mm for c in cracks])
     width_max = np.array([c.width_max_mm for c in cracks])
     joint = joint_lines(lines, road_deg, outline, width_mean, width_max, options.types)

@@ -62,6 +62,8 @@ SCENE_COLUMNS = """survey_id TEXT NOT NULL, scene_id TEXT NOT NULL, source_uri T
     run_id TEXT NOT NULL, probability_uri TEXT, processed_at DATETIME NOT NULL,
     is_current INTEGER NOT NULL DEFAULT 0,
     UNIQUE (survey_id, scene_id, model_name, model_version)"""
+# One row per survey: what reprocessing needs to map it again (migration 0005); NULL for orthophotos.
+SURVEY_COLUMNS = "survey_id TEXT NOT NULL UNIQUE, frame_survey TEXT, updated_at DATETIME NOT NULL"
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +308,12 @@ class CrackStore(Protocol):
         same for each (layer, rows, where) of ``also``, and set ``crack_updates`` (column names;
         rows of their values then the crack_id) on cracks."""
 
+    def set_frame_survey(self, survey_id: str, settings: dict | None) -> None:
+        """Keep a frame survey's settings (``pipeline.frames.FrameSurvey.to_record``; None: not frames)."""
+
+    def frame_survey(self, survey_id: str) -> dict | None:
+        """The settings a frame survey was last mapped with; None for a survey of orthophoto scenes."""
+
     def close(self) -> None: ...
 
 
@@ -357,7 +365,7 @@ def missing_scenes(wanted: Sequence[str] | None, found: Sequence[str], survey_id
 
 def own_layers() -> tuple[str, ...]:
     """The tables and views crackmap writes into a GeoPackage (anything else is another application's)."""
-    return ("cracks", "scenes", "current_cracks", *layers.LAYERS, "current_pattern_areas", "current_sections")
+    return ("cracks", "scenes", "surveys", "current_cracks", *layers.LAYERS, "current_pattern_areas", "current_sections")
 
 
 class GeoPackageStore:
@@ -458,6 +466,7 @@ class GeoPackageStore:
         self.srs_id = srs_id
         self._add_condition_layers()
         self._add_crack_columns()
+        gpkg.add_table(self._con, "surveys", SURVEY_COLUMNS)
 
     def _add_current_flag(self) -> None:
         """Files written before ``is_current`` existed: the latest successful version is current."""
@@ -732,6 +741,18 @@ class GeoPackageStore:
             ((gpkg.encode(r["geometry"], self.srs_id) if r.get("geometry") is not None else None,
               *(r.get(n) for n in names)) for r in rows))
         gpkg.update_extent(self._con, layer)
+
+    def set_frame_survey(self, survey_id: str, settings: dict | None) -> None:
+        with _Transaction(self._con, f"{self.path}: recording survey {survey_id!r} failed"):
+            self._con.execute(
+                "INSERT INTO surveys (survey_id, frame_survey, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (survey_id) DO UPDATE SET frame_survey = excluded.frame_survey, "
+                "updated_at = excluded.updated_at",
+                (survey_id, None if settings is None else json.dumps(settings), gpkg.now()))
+
+    def frame_survey(self, survey_id: str) -> dict | None:
+        row = self._con.execute("SELECT frame_survey FROM surveys WHERE survey_id = ?", (survey_id,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
 
     def close(self) -> None:
         if getattr(self, "_con", None) is not None:

@@ -11,6 +11,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
@@ -235,9 +236,64 @@ def _frame_row(frame_id: str, status: str, seconds: float = 0.0, error: str = ""
             "seconds": round(seconds, 2), "probability": probability, "error": error}
 
 
+def observe_frame_job(job, run: RunInfo, backend: str, output_dir: str, options: SceneOptions = SceneOptions()):
+    """Segment one frame of a survey and put its crack lines on the ground (``pipeline.frames.FrameJob``).
+
+    The unit of work of a frame survey, in this process or in a ``process-scene`` run
+    on another machine: the observation is kept beside the frame's probability raster
+    (``observation_path``), where the survey's merge reads it (``load_frame_observation``).
+    Nothing is published: the frames of a survey are merged with each other first.
+
+    Raises:
+        FrameError, CameraError, SceneReadError: the frame or the camera file cannot be used.
+    """
+    from pipeline.camera import cached_camera
+    from pipeline.frames import observe_frame
+
+    check_survey_id(run.survey_id), check_scene_id(job.frame_id)
+    camera = cached_camera(job.camera_path)
+    entry, net = cached_backend(f"{run.model_name}:{run.model_version}", backend)
+    obs = observe_frame(job.uri, job.frame_id, camera, job.pose, job.origin, net, entry,
+                        probability_path(output_dir, run, job.frame_id), options, job.identity, progress.report)
+    _save_observation(observation_path(output_dir, run, job.frame_id), obs, job.origin)
+    return obs
+
+
+def load_frame_observation(job, run: RunInfo, output_dir: str):
+    """The observation ``observe_frame_job`` kept for ``job`` (same frame, camera, trajectory and origin).
+
+    Raises:
+        FrameError: there is none (the run that mapped the frame wrote it elsewhere: give the
+            survey and its scene runs one shared ``--output``).
+    """
+    from pipeline.errors import FrameError
+
+    path = observation_path(output_dir, run, job.frame_id)
+    found = _load_observation(path, job.origin, job.identity)
+    if found is None:
+        raise FrameError(job.uri, f"its ground lines are not at {mask_url(path)} after its scene run; "
+                                  "the survey and its process-scene runs need one shared --output")
+    return found
+
+
+FrameObserver = Callable[[list], Iterable[tuple]]
+
+
+def observe_here(run: RunInfo, backend: str, output_dir: str, options: SceneOptions) -> FrameObserver:
+    """Map frame jobs one after the other in this process: (job, observation or error) for each."""
+    def observe(jobs: list) -> Iterator[tuple]:
+        for job in jobs:
+            try:
+                yield job, observe_frame_job(job, run, backend, output_dir, options)
+            except (PipelineError, OSError) as exc:
+                yield job, exc
+    return observe
+
+
 def map_frame_survey(frames: list[SceneSource], survey, store: str, run: RunInfo, backend: str = "auto",
                      output_dir: str | None = None, options: SceneOptions = SceneOptions(),
-                     force: bool = False) -> list[dict]:
+                     force: bool = False, promote: bool = True,
+                     observe: FrameObserver | None = None) -> list[dict]:
     """Map a frame survey (``pipeline.frames``) into ``store``: one scene row per frame.
 
     Poses for every frame first (from the trajectory, or EXIF GPS along the track);
@@ -245,8 +301,12 @@ def map_frame_survey(frames: list[SceneSource], survey, store: str, run: RunInfo
     published with this model version (frame, camera file and trajectory alike) and
     its ground lines are still beside its probability raster; then the views of each
     crack are merged across frames and every frame is published with the cracks it
-    holds.  If no frame needed mapping, nothing is published again.  A bad frame is
-    marked failed with a one-line error and the others go on.
+    holds (current unless ``promote`` is False).  If no frame needed mapping, nothing is
+    published again.  A bad frame is marked failed with a one-line error and the others
+    go on.  The survey's settings are kept in the store (``frame_survey``) for reprocessing.
+
+    ``observe`` maps the frames that need it (``FrameJob``s; default: ``observe_here``,
+    one after the other in this process); the flows hand them to ``process-scene`` runs.
 
     Raises:
         CameraError, TrajectoryError: the camera file or trajectory cannot be used at all.
@@ -255,25 +315,28 @@ def map_frame_survey(frames: list[SceneSource], survey, store: str, run: RunInfo
         One row per frame, in order, as ``map_scene`` returns them (status done,
         skipped (not segmented again) or failed, with ``error``).
     """
-    from pipeline.camera import read_camera
-    from pipeline.frames import (FrameClock, frame_identity, frame_pose, frame_results, observe_frame,
-                                 survey_origin)
+    from pipeline.camera import cached_camera
+    from pipeline.frames import FrameClock, FrameJob, frame_identity, frame_pose, frame_results, survey_origin
     from pipeline.trajectory import TrajectoryLimits, read_trajectory, track_poses, trajectory_origin
 
-    camera = read_camera(survey.camera_path)
+    check_survey_id(run.survey_id)
+    cached_camera(survey.camera_path)  # a bad camera file stops the survey before any frame
     limits = TrajectoryLimits(survey.max_gap_s, survey.max_speed_m_s)
     trajectory = read_trajectory(survey.trajectory_path, limits) if survey.trajectory_path else None
     clock = FrameClock.parse(survey.frame_time)
     output_dir = output_dir or str(default_output_dir(store))
+    observe = observe or observe_here(run, backend, output_dir, options)
     target = open_store(store)
     rows: dict[str, dict] = {}
+    by_id = {s.scene_id: s for s in frames}
 
     def failed(source: SceneSource, exc: BaseException) -> None:
         log.error("%s", exc)
-        target.mark_failed(source.uri, source.scene_id, run, str(exc))
-        rows[source.scene_id] = _frame_row(source.scene_id, "failed", error=str(exc))
+        target.mark_failed(source.uri, source.scene_id, run, redact(str(exc)))
+        rows[source.scene_id] = _frame_row(source.scene_id, "failed", error=redact(str(exc)))
 
     try:
+        target.set_frame_survey(run.survey_id, survey.to_record())
         poses, fixes = {}, []
         for source in frames:
             try:
@@ -303,9 +366,9 @@ def map_frame_survey(frames: list[SceneSource], survey, store: str, run: RunInfo
             return [rows[s.scene_id] for s in frames]
         origin = (trajectory_origin(trajectory) if trajectory is not None  # stable across reruns
                   else survey_origin([poses[placed[0].scene_id]]))
-        observations = {}
+        camera_path = str(Path(survey.camera_path).resolve())
+        observations, jobs = {}, []
         for source in placed:
-            started = time.perf_counter()
             try:
                 identity = frame_identity(source.identity or storage.identity(source.uri),
                                           survey.camera_path, survey.trajectory_path)
@@ -317,22 +380,22 @@ def map_frame_survey(frames: list[SceneSource], survey, store: str, run: RunInfo
                     observations[source.scene_id] = obs
                     rows[source.scene_id] = _frame_row(source.scene_id, "skipped")
                     continue
-                entry, net = cached_backend(f"{run.model_name}:{run.model_version}", backend)
-                out = probability_path(output_dir, run, source.scene_id)
-                obs = observe_frame(source.uri, source.scene_id, camera, poses[source.scene_id], origin,
-                                    net, entry, out, options, identity, progress.report)
-                _save_observation(cached, obs, origin)
             except (PipelineError, OSError) as exc:
                 failed(source, exc)
                 continue
-            observations[source.scene_id] = obs
-            rows[source.scene_id] = _frame_row(source.scene_id, "done", time.perf_counter() - started,
-                                               chips=obs.chip_count, probability=out)
+            jobs.append(FrameJob(source.uri, source.scene_id, identity, camera_path, poses[source.scene_id],
+                                 origin))
+        for job, found in observe(jobs):
+            if isinstance(found, BaseException):
+                failed(by_id[job.frame_id], found)
+                continue
+            observations[job.frame_id] = found
+            rows[job.frame_id] = _frame_row(job.frame_id, "done", found.seconds, chips=found.chip_count,
+                                            probability=found.probability_path)
         if any(r["status"] == "done" for r in rows.values()):
             ordered = [observations[s.scene_id] for s in placed if s.scene_id in observations]
-            for result in frame_results(ordered, origin, target.crs, options.severity,
-                                        survey.join_tolerance_m, options.vectorize):
-                target.publish(result, run)
+            for result in frame_results(ordered, origin, target.crs, options, survey.join_tolerance_m):
+                target.publish(result, run, promote=promote)
                 row = rows[result.scene.scene_id]
                 row.update(cracks=len(result.cracks), length_m=round(result.total_length_m, 3))
         else:

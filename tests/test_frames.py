@@ -26,7 +26,6 @@ from pipeline.frames import (
     observe_frame,
     read_exif,
 )
-from pipeline.measure import Severity
 from pipeline.scene import SceneOptions
 from pipeline.trajectory import (
     Pose,
@@ -275,7 +274,7 @@ def test_a_crack_spanning_three_overlapping_frames_is_one_line_of_the_right_leng
     seen = sum(1 for o in observations for g in o.lines
                if shapely.LineString(g.enu_m[:, :2]).distance(truth) < 0.02)
     assert seen >= 3  # the crack really is in several frames
-    results = frame_results(observations, ORIGIN, CRS.from_epsg(32632), Severity())
+    results = frame_results(observations, ORIGIN, CRS.from_epsg(32632))
     cracks = [c for r in results for c in r.cracks]
     assert len(cracks) == 2
     long = max(cracks, key=lambda c: c.length_m)
@@ -403,7 +402,7 @@ def test_isolated_flecks_go_and_short_pieces_beside_a_crack_stay():
              line(0.5, 0.5, 0.52, 0.5))  # 2 cm on its own: texture
     obs = FrameObservation("a", "a", "s", (0.0, 0.0, 2.0), shapely.box(-1, -1, 1, 1), None, lines,
                            1, 10, 10, "", 0.0)
-    (result,) = frame_results([obs], ORIGIN, CRS.from_epsg(32632), Severity())
+    (result,) = frame_results([obs], ORIGIN, CRS.from_epsg(32632))
     assert sorted(round(c.length_m, 2) for c in result.cracks) == [0.02, 0.5]
 
 
