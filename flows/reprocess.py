@@ -9,6 +9,11 @@ Then the new version is promoted for every scene that succeeded, and
 
 A rerun after a crash skips the scenes already published with the new version
 (``map_scene``) and promotes them with the rest.
+
+A frame survey (its settings kept in the store when it was mapped) is
+reprocessed whole, with the camera file, trajectory and frame times it was
+mapped with: its frames' views of each crack are merged with each other
+(``flows.frames``), so selecting one of its frames selects them all.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
+from flows.frames import map_frames, stored_frame_survey
 from flows.policy import RETRIES, RETRY_DELAYS_S, RETRY_JITTER, retry_transient
 from flows.scene import SCENE_TIMEOUT_S, run_scenes, scene_options
 from flows.survey import ArtifactProgress
@@ -156,11 +162,19 @@ def reprocess(store: str, model: str, survey_id: str | None = None, since: str |
     with progress.listening(bar):
         for survey, scenes in by_survey.items():
             run = RunInfo(survey, run_id, entry.name, entry.version, entry.sha256)
+            frame_survey, frames = stored_frame_survey(store, survey)
+            if frame_survey is not None:  # mapped whole: its frames' views of a crack are merged
+                scenes = frames
             sources = [SceneSource(s["source_uri"], s["scene_id"]) for s in scenes]
-            rows = run_scenes(sources, store, run, backend, output_dir, force, promote=False,
-                              scene_deployment=scene_deployment, max_concurrent=max_concurrent,
-                              on_finished=lambda row: bar.scene_finished(), scene_timeout_s=scene_timeout_s,
-                              options=options)
+            if frame_survey is not None:
+                rows = map_frames(sources, frame_survey, store, run, backend, output_dir, options, force,
+                                  promote=False, scene_deployment=scene_deployment, max_concurrent=max_concurrent,
+                                  scene_timeout_s=scene_timeout_s, on_finished=lambda row: bar.scene_finished())
+            else:
+                rows = run_scenes(sources, store, run, backend, output_dir, force, promote=False,
+                                  scene_deployment=scene_deployment, max_concurrent=max_concurrent,
+                                  on_finished=lambda row: bar.scene_finished(), scene_timeout_s=scene_timeout_s,
+                                  options=options)
             ok = [r["scene_id"] for r in rows if r["status"] != "failed"]
             if ok:
                 promote(store, survey, ok, entry.name, entry.version)

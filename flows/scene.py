@@ -59,7 +59,7 @@ def scene_options(options: dict | None) -> SceneOptions:
 def process_scene(uri: str, scene_id: str, store: str, survey_id: str, model: str | None = None,
                   run_id: str | None = None, backend: str = "auto", output_dir: str | None = None,
                   force: bool = False, promote: bool = True, identity: str | None = None,
-                  options: dict | None = None):
+                  options: dict | None = None, frame: dict | None = None):
     """Map one scene into ``store``: the unit of work, on whatever work pool runs it.
 
     Args:
@@ -75,6 +75,10 @@ def process_scene(uri: str, scene_id: str, store: str, survey_id: str, model: st
         identity: The scene's ETag or sha256 if known (computed otherwise).
         options: Mapping options (threshold, overlap_px, severity_medium_mm, severity_high_mm,
             min_length_m, bridge_gap_px; ``pipeline.scene.MAPPING_OPTIONS``); default: the defaults.
+        frame: A survey frame's camera file, pose and survey origin (``pipeline.frames.FrameJob``;
+            ``identity`` is then the frame's): the frame is segmented and put on the ground, and its
+            ground lines are kept beside its probability raster, where its survey run merges and
+            publishes them (``flows.frames``).
     """
     from flows.survey import ArtifactProgress
     from pipeline import progress
@@ -85,6 +89,15 @@ def process_scene(uri: str, scene_id: str, store: str, survey_id: str, model: st
                   entry.sha256)
     source = SceneSource(uri, scene_id, identity)
     bar = ArtifactProgress(1, key="scene-progress")
+    if frame is not None:
+        from flows.frames import FrameJob, observe_frame_task
+
+        job = FrameJob.from_parameters(uri, scene_id, identity, frame)
+        with progress.listening(bar):
+            row = observe_frame_task(job, run, backend, output_dir or str(default_output_dir(store)), options)
+        bar.scene_finished()
+        return Completed(message=f"observed: {scene_id}, {row['chips']} chips, {row['lines']} ground lines "
+                                 "(published by its survey run)", data=row)
     with progress.listening(bar):
         row = map_scene_task(source, store, run, backend, output_dir, force, promote, options)
     bar.scene_finished()
@@ -100,13 +113,15 @@ def failed_row(scene_id: str, error: str, seconds: float) -> dict:
 @task(name="run-process-scene", task_run_name="process-scene-{source.scene_id}")
 def run_scene_deployment(deployment: str, source: SceneSource, store: str, run: RunInfo, backend: str,
                          output_dir: str, force: bool, promote: bool,
-                         timeout_s: float = SCENE_TIMEOUT_S, options: dict | None = None) -> dict:
+                         timeout_s: float = SCENE_TIMEOUT_S, options: dict | None = None,
+                         frame: dict | None = None) -> dict:
     """One scene as a ``process-scene`` run on the deployment's work pool; its row when it ends.
 
     The row's numbers are read back from the store (the one place every worker
     writes to), so no result storage has to be shared between machines.  A run
     not finished after ``timeout_s`` (no worker serves the pool, or it hangs) is
-    cancelled and its scene fails with a message saying so.
+    cancelled and its scene fails with a message saying so.  A survey frame (``frame``,
+    ``flows.frames``) is not published by its run: its row says only that it was mapped.
     """
     started = time.perf_counter()
     child = run_deployment(
@@ -115,7 +130,8 @@ def run_scene_deployment(deployment: str, source: SceneSource, store: str, run: 
         parameters={"uri": source.uri, "scene_id": source.scene_id, "store": without_password(store),
                     "survey_id": run.survey_id, "model": f"{run.model_name}:{run.model_version}",
                     "run_id": run.run_id, "backend": backend, "output_dir": output_dir, "force": force,
-                    "promote": promote, "identity": source.identity, "options": options})
+                    "promote": promote, "identity": source.identity, "options": options,
+                    **({"frame": frame} if frame is not None else {})})
     state = child.state
     seconds = (child.total_run_time.total_seconds() if child.total_run_time
                else time.perf_counter() - started)
@@ -124,6 +140,9 @@ def run_scene_deployment(deployment: str, source: SceneSource, store: str, run: 
     if state is None or not state.is_completed():
         message = (state.message if state else None) or f"process-scene run {child.id} did not complete"
         return failed_row(source.scene_id, f"{source.uri}: {message}", seconds)
+    if frame is not None:
+        return {"scene_id": source.scene_id, "status": "done", "chips": 0, "cracks": 0, "length_m": 0.0,
+                "seconds": round(seconds, 2), "error": "", "probability": ""}
     target = open_store(store)
     try:
         summary = target.scene_summaries(run.survey_id, run.model_name, run.model_version,
@@ -163,11 +182,13 @@ def run_scenes(scenes: list[SceneSource], store: str, run: RunInfo, backend: str
                output_dir: str | None, force: bool = False, promote: bool = True,
                scene_deployment: str | None = None, max_concurrent: int = 4,
                on_finished: Callable[[dict], None] = lambda row: None,
-               scene_timeout_s: float = SCENE_TIMEOUT_S, options: dict | None = None) -> list[dict]:
+               scene_timeout_s: float = SCENE_TIMEOUT_S, options: dict | None = None,
+               frames: dict[str, dict] | None = None) -> list[dict]:
     """Map ``scenes`` in-process or as ``process-scene`` runs; one row per scene, in their order.
 
     Called inside a parent flow.  A failed scene is a row with status ``failed``
-    and its error; the others go on.
+    and its error; the others go on.  ``frames``: with a deployment, the ``frame``
+    parameter of the survey frames among them, by scene id (``flows.frames``).
     """
     output_dir = output_dir or str(default_output_dir(store))
     rows: dict[str, dict] = {}
@@ -199,7 +220,8 @@ def run_scenes(scenes: list[SceneSource], store: str, run: RunInfo, backend: str
         if len(pending) >= max_concurrent:
             collect(next(as_completed([f for f, _ in pending.values()])).task_run_id)
         future = run_scene_deployment.submit(scene_deployment, source, store, run, backend,
-                                             str(output_dir), force, promote, scene_timeout_s, options)
+                                             str(output_dir), force, promote, scene_timeout_s, options,
+                                             (frames or {}).get(source.scene_id))
         pending[future.task_run_id] = (future, source)
     for finished in as_completed([f for f, _ in pending.values()]):
         collect(finished.task_run_id)

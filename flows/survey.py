@@ -19,6 +19,7 @@ from prefect.artifacts import update_progress_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
+from flows.frames import map_frames
 from flows.scene import SCENE_TIMEOUT_S, map_scene_task, run_scenes, scene_options  # noqa: F401  (map_scene_task: re-exported)
 from models.registry import resolve
 from pipeline import progress, redact
@@ -26,7 +27,7 @@ from pipeline.condition import run_sections
 from pipeline.frames import FRAME_SUFFIXES, FrameSurvey, find_frame_survey, survey_frames
 from pipeline.ids import check_survey_id
 from pipeline.store import RunInfo, open_store
-from pipeline.survey import default_output_dir, default_survey_id, discover, map_frame_survey
+from pipeline.survey import default_output_dir, default_survey_id, discover
 
 redact.mask_log_handlers()  # Prefect's console and API handlers: passwords masked in every record
 
@@ -145,15 +146,13 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
     output_dir = output_dir or str(default_output_dir(store))  # before any scene: a bad store fails once
     frame_inputs = find_frame_survey(sources, camera, trajectory)
     if frame_inputs is not None:
-        if scene_deployment is not None:
-            raise ValueError("frame surveys are mapped in this process: their frames are merged "
-                             "across each other; leave out the scene deployment")
         frames = survey_frames(discover(sources, glob, FRAME_SUFFIXES), frame_inputs[0])
         survey = FrameSurvey(*frame_inputs, frame_time=frame_time, max_gap_s=max_gap_s)
         bar = ArtifactProgress(len(frames))
         with progress.listening(bar):
-            rows = task(map_frame_survey, name="map-frames")(frames, survey, store, run, backend, output_dir,
-                                                             scene_options(options), force=force)
+            rows = map_frames(frames, survey, store, run, backend, output_dir, options, force,
+                              scene_deployment=scene_deployment, max_concurrent=max_concurrent,
+                              scene_timeout_s=scene_timeout_s, on_finished=lambda row: bar.scene_finished())
     else:
         scenes = discover(sources, glob)
         bar = ArtifactProgress(len(scenes))

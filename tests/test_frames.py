@@ -285,6 +285,10 @@ def test_a_crack_spanning_three_overlapping_frames_is_one_line_of_the_right_leng
     assert 5 * long.gsd_mm <= long.width_mean_mm <= 8 * long.gsd_mm
     short = min(cracks, key=lambda c: c.length_m)
     assert short.length_m == pytest.approx(np.hypot(0.4, 0.05), rel=0.03)
+    # typed when mapped, against the direction of travel (north): each frame's footprint is wider
+    # across the road (2.1 m) than along it (1.3 m), so its long axis would have swapped the two
+    assert (long.crack_type, short.crack_type) == ("longitudinal", "transverse")
+    assert long.theta_deg < 10 and short.theta_deg > 80 and long.tortuosity >= 1.0
     footprints = [r.footprint for r in results]
     assert all(f.is_valid and f.area > 0 for f in footprints)
     assert footprints[0].intersects(footprints[1])  # consecutive frames overlap
