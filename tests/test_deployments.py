@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import paint_crack, write_scene
+from test_frame_survey import frame_survey  # noqa: F401  (a fixture: four frames, camera, trajectory)
 
 pytest.importorskip("prefect")
 from prefect.client.orchestration import get_client  # noqa: E402
@@ -270,3 +271,30 @@ def test_a_scene_run_no_worker_picks_up_times_out_with_a_clear_state(api, tmp_pa
         (child,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
     assert child.state.is_cancelled()  # it will not run later, when a worker turns up
+
+
+def test_a_frame_survey_fans_out_to_process_scene_runs_and_merges_like_one_process(
+        api, tmp_path, test_models, frame_survey):  # noqa: F811
+    """Each frame is a process-scene run on the worker; the survey merges and publishes them."""
+    from flows.survey import process_survey
+
+    store = tmp_path / "frames.gpkg"
+    state = process_survey([str(frame_survey)], str(store), model=TRAINED,
+                           scene_deployment="process-scene/process-scene", return_state=True)
+    assert state.is_completed(), state
+    assert [(r["scene_id"], r["status"]) for r in state.result()] == [(f"f00{k}", "done") for k in range(4)]
+    runs = children(state.state_details.flow_run_id)
+    assert sorted((r.name, r.state.message.split(":")[0]) for r in runs) == [
+        (f"road-9/f00{k}", "observed") for k in range(4)]
+    assert all(r.work_pool_name == POOL for r in runs)
+    here = tmp_path / "here.gpkg"  # the same survey mapped in this process
+    assert process_survey([str(frame_survey)], str(here), model=TRAINED, return_state=True).is_completed()
+    sql = ("SELECT scene_id, round(length_m, 6), round(width_mean_mm, 4), source_frames, crack_type "
+           "FROM cracks ORDER BY scene_id, length_m")
+    with sqlite3.connect(store) as a, sqlite3.connect(here) as b:
+        fanned, local = a.execute(sql).fetchall(), b.execute(sql).fetchall()
+    assert fanned == local and len(fanned) >= 1  # the painted crack, one line through the frames
+    again = process_survey([str(frame_survey)], str(store), model=TRAINED,
+                           scene_deployment="process-scene/process-scene", return_state=True)
+    assert again.is_completed() and again.message == "0 scenes mapped, 4 unchanged and skipped"
+    assert children(again.state_details.flow_run_id) == []  # nothing mapped again

@@ -132,3 +132,13 @@ def test_frame_mode_publishes_merged_cracks_to_postgis(frame_survey, tmp_path, p
     assert len(json.loads(crack["source_frames"])) >= 3
     assert crack["pos_accuracy_m"] == pytest.approx(0.02) and 1.5 < crack["gsd_mm"] < 3.0
     assert 1.9 < crack["range_m"] < 2.3
+    assert crack["crack_type"] == "longitudinal"  # typed when mapped, along the direction of travel
+    store = open_store(pg_database)
+    try:  # what reprocessing needs, kept with the survey (migration 0005)
+        settings = store.frame_survey("road-9")
+        assert store.frame_survey("no-such-survey") is None
+    finally:
+        store.close()
+    assert settings["camera"] == str((frame_survey / "camera.yaml").resolve())
+    assert settings["trajectory"] == str((frame_survey / "trajectory.csv").resolve())
+    assert settings["frame_time"] == "exif" and settings["max_gap_s"] == 1.0

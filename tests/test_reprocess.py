@@ -9,6 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import paint_crack, write_scene
+from test_frame_survey import frame_survey  # noqa: F401  (a fixture: four frames, camera, trajectory)
+from test_frames import _Darkness
 
 pytest.importorskip("prefect")
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
@@ -121,6 +123,41 @@ def test_a_scene_whose_source_is_gone_fails_alone(mapped, two_versions, tmp_path
     assert state.is_failed() and state.message == "1 of 2 scenes failed: road-5/a"
     assert rows(mapped, "SELECT scene_id, model_version FROM scenes WHERE is_current AND survey_id = 'road-5' "
                         "ORDER BY 1") == [("a", "1.0.0"), ("b", "2.0.0")]
+
+
+def test_a_frame_survey_is_reprocessed_whole_with_the_settings_it_was_mapped_with(
+        frame_survey, tmp_path, two_versions, monkeypatch):  # noqa: F811
+    """Frames are not rasters: reprocess maps them with their camera and trajectory, all together.
+
+    The darkness stand-in gives one known crack through the four frames, whatever the version.
+    """
+    from flows.reprocess import reprocess
+    from flows.survey import process_survey
+    from models.registry import resolve
+    from pipeline import survey
+
+    monkeypatch.setattr(survey, "cached_backend", lambda spec, backend: (resolve(spec), _Darkness()))
+    store = str(tmp_path / "frames.gpkg")
+    assert process_survey([str(frame_survey)], store, model="test-b16:1.0.0", return_state=True).is_completed()
+    lon, lat = rows(store, "SELECT (minx + maxx) / 2, (miny + maxy) / 2 FROM rtree_scenes_geom r "
+                           "JOIN scenes s ON s.fid = r.id WHERE s.scene_id = 'f003'")[0]
+    (frame_survey / "camera.yaml").rename(tmp_path / "camera.yaml")  # the stored path is what counts...
+    state = reprocess(store, "test-b16:2.0.0", bbox=[lon - 1e-7, lat - 1e-7, lon + 1e-7, lat + 1e-7],
+                      return_state=True)
+    assert state.is_failed() and "camera.yaml: cannot read the camera file" in state.message
+    (tmp_path / "camera.yaml").rename(frame_survey / "camera.yaml")  # ...and it is back
+    state = reprocess(store, "test-b16:2.0.0", bbox=[lon - 1e-7, lat - 1e-7, lon + 1e-7, lat + 1e-7],
+                      return_state=True)
+    assert state.is_completed(), state
+    # one frame selected, the survey reprocessed whole: its frames' views of a crack are merged
+    assert [(r["scene_id"], r["status"], r["new_model"]) for r in state.result()] == [
+        (f"f00{k}", "done", "test-b16:2.0.0") for k in range(4)]
+    assert rows(store, "SELECT DISTINCT model_version FROM scenes WHERE is_current") == [("2.0.0",)]
+    new = rows(store, "SELECT scene_id, length_m, source_frames, crack_type FROM cracks WHERE model_version = '2.0.0'")
+    old = rows(store, "SELECT scene_id, length_m, source_frames, crack_type FROM cracks WHERE model_version = '1.0.0'")
+    assert new == old and len(new) == 1  # one line through four frames, both versions kept
+    assert new[0][1] == pytest.approx(0.9618 + 0.9513, rel=0.01) and new[0][3] == "longitudinal"
+    assert rows(store, "SELECT count(*) FROM scenes WHERE status = 'failed'") == [(0,)]
 
 
 def test_retries_only_transient_errors():
