@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.registry import resolve  # noqa: E402
 from pipeline.camera import Camera  # noqa: E402
-from pipeline.frames import frame_results, ground_line, observe_frame  # noqa: E402
+from pipeline.frames import frame_results, ground_lines, observe_frame  # noqa: E402
 from pipeline.inference import load_backend  # noqa: E402
 from pipeline.scene import SceneOptions, process_scene  # noqa: E402
 from pipeline.store import DEFAULT_CRS  # noqa: E402
@@ -106,8 +106,7 @@ def geometry_only(observations, pieces_per_frame) -> float:
     params = VectorizeParams()
     started = time.perf_counter()
     for k, pieces in enumerate(pieces_per_frame):
-        for piece in pieces:
-            ground_line(CAMERA, pose(k), ORIGIN, f"f{k}", piece, params)
+        ground_lines(CAMERA, pose(k), ORIGIN, f"f{k}", pieces, params)
     frame_results(observations, ORIGIN, DEFAULT_CRS)
     return time.perf_counter() - started
 

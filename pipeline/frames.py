@@ -268,19 +268,44 @@ def smooth_path(rc: np.ndarray, window: int = SMOOTH_PX) -> np.ndarray:
 def ground_line(camera: Camera, pose: Pose, origin: tuple[float, float, float], frame_id: str,
                 piece: Piece, params: VectorizeParams) -> GroundLine | None:
     """A vectorized piece (frame pixels) as a ground line, or None if too short or off the road."""
-    if piece.length_px() < params.min_length_px or piece.n_px == 0:
-        return None
-    rc = shapely.get_coordinates(shapely.simplify(LineString(smooth_path(piece.rc)), params.simplify_px))
-    uv = rc[:, ::-1]
-    points, distance = ground_points(camera, uv)
+    return ground_lines(camera, pose, origin, frame_id, [piece], params)[0]
+
+
+def ground_lines(camera: Camera, pose: Pose, origin: tuple[float, float, float], frame_id: str,
+                 pieces: list[Piece], params: VectorizeParams) -> list[GroundLine | None]:
+    """Vectorized pieces (frame pixels) as ground lines (None where too short or off the road).
+
+    The vertices of all pieces go to the ground together: one undistortion of every
+    vertex and its two half-pixel neighbours (for the GSD), one rotation and one
+    pymap3d transform for the frame, whatever the number of lines.
+    """
+    rcs = [shapely.get_coordinates(shapely.simplify(LineString(smooth_path(piece.rc)), params.simplify_px))
+           if piece.length_px() >= params.min_length_px and piece.n_px > 0 else np.zeros((0, 2))
+           for piece in pieces]
+    uv = np.concatenate([rc[:, ::-1] for rc in rcs] + [np.zeros((0, 2))])
+    n = len(uv)
+    points, distance = ground_points(camera, np.concatenate([uv, uv + [0.5, 0.0], uv + [0.0, 0.5]]))
+    p0, p1, p2 = points[:n], points[n:2 * n], points[2 * n:]
+    distance = distance[:n]
+    gsd = np.sqrt(np.linalg.norm(np.cross(p1 - p0, p2 - p0), axis=1) * 4.0)  # as ground_sampling_m
     keep = np.isfinite(distance)
-    if keep.sum() < 2:
-        return None
-    gsd = ground_sampling_m(camera, uv[keep])
-    return GroundLine(frame_id, vehicle_to_enu(pose, points[keep], origin), distance[keep], gsd,
-                      max(2.0 * piece.half_width_sum / piece.n_px - 1.0, 1.0),
-                      max(2.0 * piece.half_width_max - 1.0, 1.0),
-                      piece.probability_sum / piece.n_px / 255.0)
+    enu = np.full((n, 3), np.nan)
+    if keep.any():
+        enu[keep] = vehicle_to_enu(pose, p0[keep], origin)
+    found: list[GroundLine | None] = []
+    start = 0
+    for piece, rc in zip(pieces, rcs):
+        part = slice(start, start + len(rc))
+        start += len(rc)
+        k = keep[part]
+        if k.sum() < 2:
+            found.append(None)
+            continue
+        found.append(GroundLine(frame_id, enu[part][k], distance[part][k], gsd[part][k],
+                                max(2.0 * piece.half_width_sum / piece.n_px - 1.0, 1.0),
+                                max(2.0 * piece.half_width_max - 1.0, 1.0),
+                                piece.probability_sum / piece.n_px / 255.0))
+    return found
 
 
 def frame_footprint_enu(camera: Camera, pose: Pose, origin: tuple[float, float, float],
@@ -734,8 +759,7 @@ def observe_frame(uri: str, frame_id: str, camera: Camera, pose: Pose, origin: t
     except BaseException:
         probability.abort()
         raise
-    lines = tuple(g for piece in pieces
-                  if (g := ground_line(camera, pose, origin, frame_id, piece, params)) is not None)
+    lines = tuple(g for g in ground_lines(camera, pose, origin, frame_id, pieces, params) if g is not None)
     return FrameObservation(frame_id, uri, sha256, camera_enu(camera, pose, origin), outline,
                             pose.pos_accuracy_m, lines, chips, scene.width, scene.height,
                             str(probability_path), time.perf_counter() - started,
