@@ -5,7 +5,9 @@
   crackmap installed runs it.
 - ``process-survey/scheduled-survey-run``: on a cron schedule, discover new or changed
   scenes under ``CRACKMAP_SURVEY_SOURCES`` and hand them to ``process-scene`` runs;
-  unchanged scenes are skipped, so each run maps only what is new.
+  unchanged scenes are skipped, so each run maps only what is new.  A survey folder holding
+  ``camera.yaml`` is a frame survey: its frames become ``process-scene`` runs too, and the
+  survey run merges and publishes them (``flows.frames``).
 - ``reprocess/reprocess``: map selected scenes with another model version and promote it
   (parameters: ``store``, ``model`` and the selection; see ``flows.reprocess``).
 
