@@ -742,7 +742,7 @@ def observe_frame(uri: str, frame_id: str, camera: Camera, pose: Pose, origin: t
     outline = frame_footprint_enu(camera, pose, origin, road, uri)
     params = options.vectorize_params(model)
     vectorizer = BandVectorizer(scene.width, scene.height, params)
-    probability = ProbabilityWriter(probability_path, scene)
+    probability = ProbabilityWriter(probability_path, scene, overviews=False)  # frame pixels: no map to zoom
 
     def sink(row_off, p, valid):
         valid = valid & road[row_off:row_off + len(p)]

@@ -59,13 +59,18 @@ class ProbabilityWriter:
     A storage URL (``s3://...``) is staged in a local temporary folder and
     uploaded by ``finish``: the object appears whole or not at all.
 
+    ``overviews=False`` writes a COG without overviews: a survey frame's raster is in
+    frame pixels, never drawn on a map, and small enough to read whole; its overviews,
+    made with its road mask, cost more than the rest of the conversion (0.19 against
+    0.11 s for a 1920 x 1080 frame; docs/benchmarks.md).
+
     Rows are buffered into whole rows of 512-pixel tiles, so each tile is
     written once and never read back; the file is opened by the thread that
     writes it.  (Partial tiles written from a worker thread made GDAL fail
     now and then with "TIFFReadEncodedTile() failed".)
     """
 
-    def __init__(self, path: str | Path, scene: Scene) -> None:
+    def __init__(self, path: str | Path, scene: Scene, overviews: bool = True) -> None:
         self.uri = str(path) if storage.is_url(path) else None
         self._staging = Path(tempfile.mkdtemp(prefix="crackmap-")) if self.uri else None
         self.path = self._staging / Path(self.uri).name if self.uri else Path(path)
@@ -75,6 +80,7 @@ class ProbabilityWriter:
         self._partial = self.path.with_name(f"{self.path.name}.{tag}.partial.tif")
         self._staged = self.path.with_name(f"{self.path.name}.{tag}.cog.tif")
         self._scene = scene
+        self._overviews = overviews
         self._ds = None
         self._rows: list[tuple[np.ndarray, np.ndarray]] = []
         self._buffered = 0
@@ -132,10 +138,12 @@ class ProbabilityWriter:
         staged = self._staged
         with gdal_env():
             scene = self._scene
-            self._ds.build_overviews(overview_factors(scene.width, scene.height), Resampling.average)
+            if self._overviews:
+                self._ds.build_overviews(overview_factors(scene.width, scene.height), Resampling.average)
             self._ds.close()
             rasterio.shutil.copy(self._partial, staged, driver="COG", compress="deflate", level=1,
-                                 num_threads="ALL_CPUS", blocksize=512, overview_resampling="average")
+                                 num_threads="ALL_CPUS", blocksize=512, overview_resampling="average",
+                                 overviews="AUTO" if self._overviews else "NONE")
         os.replace(staged, self.path)
         self._partial.unlink()
         if self.uri is None:

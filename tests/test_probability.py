@@ -13,8 +13,8 @@ def scene(width: int, height: int) -> Scene:
                  from_origin(500000.0, 5600000.0, 0.002, 0.002))
 
 
-def write(path, probability, valid, run_rows=336):
-    writer = ProbabilityWriter(path, scene(probability.shape[1], probability.shape[0]))
+def write(path, probability, valid, run_rows=336, **options):
+    writer = ProbabilityWriter(path, scene(probability.shape[1], probability.shape[0]), **options)
     for row in range(0, len(probability), run_rows):  # as the stitcher hands rows on
         writer(row, probability[row:row + run_rows], valid[row:row + run_rows])
     writer.finish()
@@ -40,6 +40,20 @@ def test_probability_is_a_cog_with_overviews_that_reads_back_exactly(tmp_path, m
             half = cog.read(1, out_shape=(650, 350))
             mean = probability.reshape(650, 2, 350, 2).mean(axis=(1, 3))
             assert np.abs(half - mean).max() <= 1
+    rows = list(read_rows(path))
+    assert (np.concatenate([r[1] for r in rows]) == probability).all()
+    assert (np.concatenate([r[2] for r in rows]) == valid).all()
+
+
+def test_a_frame_raster_is_a_cog_without_overviews_that_reads_back_exactly(tmp_path):
+    """Survey frames (frame pixels, no map): no overviews, the road mask kept."""
+    probability = np.random.default_rng(4).integers(0, 256, (1080, 1920), dtype=np.uint8)
+    valid = np.ones(probability.shape, bool)
+    valid[:430] = False  # above the horizon
+    path = write(tmp_path / "f.tif", probability, valid, overviews=False)
+    with rasterio.open(path) as cog:
+        assert cog.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and cog.overviews(1) == []
+        assert cog.mask_flag_enums[0] == [rasterio.enums.MaskFlags.per_dataset]
     rows = list(read_rows(path))
     assert (np.concatenate([r[1] for r in rows]) == probability).all()
     assert (np.concatenate([r[2] for r in rows]) == valid).all()
