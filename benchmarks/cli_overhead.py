@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = """
 import sys
 from models.registry import resolve
-from pipeline.store import RunInfo
+from pipeline.stores import RunInfo
 from pipeline.survey import SceneSource, map_scene
 entry = resolve(None)
 run = RunInfo("bench", "bench-run", entry.name, entry.version, entry.sha256)

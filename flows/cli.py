@@ -98,7 +98,7 @@ def interruptible():
 def interrupted(store: str, survey_id: str, model_spec: str | None, since: datetime) -> None:
     """One line on what an interrupted run finished (read back from the store), then exit 130."""
     from models.registry import resolve
-    from pipeline.store import SceneSelection, open_store
+    from pipeline.stores import SceneSelection, open_store
 
     try:
         entry = resolve(model_spec)
@@ -283,7 +283,7 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
 def print_sections(store: str, survey_id: str, network: str) -> None:
     """The per-section table the survey run wrote (layer current_sections)."""
     from pipeline.cli import sections_table
-    from pipeline.store import open_store
+    from pipeline.stores import open_store
 
     target = open_store(store)
     try:

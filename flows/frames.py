@@ -20,7 +20,7 @@ from flows.policy import RETRIES, RETRY_DELAYS_S, RETRY_JITTER, retry_transient
 from flows.scene import SCENE_TIMEOUT_S, run_scenes, scene_options
 from pipeline.errors import FrameError, PipelineError
 from pipeline.frames import FrameJob, FrameSurvey
-from pipeline.store import RunInfo, SceneSelection, open_store
+from pipeline.stores import RunInfo, SceneSelection, open_store
 from pipeline.survey import (SceneSource, default_output_dir, load_frame_observation, map_frame_survey,
                              observe_frame_job)
 
@@ -79,12 +79,9 @@ def map_frames(frames: list[SceneSource], survey: FrameSurvey, store: str, run: 
 def stored_frame_survey(store: str, survey_id: str) -> tuple[FrameSurvey | None, list[dict]]:
     """A survey's frame settings from the store, and its frames' current rows (mapped ones); (None, []) if
     it is not a frame survey."""
-    target = open_store(store)
-    try:
+    with open_store(store) as target:
         record = target.frame_survey(survey_id)
         if record is None:
             return None, []
         rows = target.scenes(SceneSelection(survey_id=survey_id))
-    finally:
-        target.close()
     return FrameSurvey.from_record(record), [r for r in rows if r["status"] == "done"]

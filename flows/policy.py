@@ -1,6 +1,6 @@
 """Which failures a flow retries, and how: the one place that decides.
 
-Storage errors are classified by ``pipeline.storage.ERROR_POLICY`` (timeouts,
+Storage errors are classified by ``pipeline.buckets.ERROR_POLICY`` (timeouts,
 5xx and throttling are transient; a missing object or refused credentials are
 not).  Database errors are classified by ``DATABASE_POLICY`` below: a lost or
 refused connection and a locked GeoPackage are transient; a wrong password, a
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline import storage
+from pipeline import buckets
 from pipeline.errors import SceneError
 
 RETRIES = 3
@@ -88,7 +88,7 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, SceneError):  # bad input: retrying reads the same bad bytes
         return False
-    if storage.is_transient(exc):
+    if buckets.is_transient(exc):
         return True
     return bool(database_transient(exc))
 

@@ -29,11 +29,11 @@ from prefect.states import Completed, Failed
 from flows.frames import map_frames, stored_frame_survey
 from flows.policy import RETRIES, RETRY_DELAYS_S, RETRY_JITTER, retry_transient
 from flows.scene import SCENE_TIMEOUT_S, run_scenes, scene_options
-from flows.survey import ArtifactProgress
+from flows.artifacts import ArtifactProgress
 from models.registry import resolve
 from pipeline import progress
 from pipeline.ids import check_survey_id
-from pipeline.store import SEVERITIES, RunInfo, SceneSelection, open_store
+from pipeline.stores import SEVERITIES, RunInfo, SceneSelection, open_store
 from pipeline.survey import SceneSource
 
 STORE_TASK = dict(retries=RETRIES, retry_delay_seconds=RETRY_DELAYS_S, retry_jitter_factor=RETRY_JITTER,

@@ -23,13 +23,14 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.states import Completed
 
+from flows.artifacts import ArtifactProgress
 from flows.policy import RETRIES, RETRY_DELAYS_S, RETRY_JITTER, retry_transient
 from models.registry import resolve
 from pipeline import redact
 from pipeline.ids import check_scene_id, check_survey_id
 from pipeline.redact import mask_url, without_password
 from pipeline.scene import SceneOptions
-from pipeline.store import RunInfo, open_store
+from pipeline.stores import RunInfo, open_store
 from pipeline.survey import SceneSource, default_output_dir, map_scene, probability_path
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,6 @@ def process_scene(uri: str, scene_id: str, store: str, survey_id: str, model: st
             ground lines are kept beside its probability raster, where its survey run merges and
             publishes them (``flows.frames``).
     """
-    from flows.survey import ArtifactProgress
     from pipeline import progress
 
     check_survey_id(survey_id), check_scene_id(scene_id)

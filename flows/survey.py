@@ -10,15 +10,13 @@ The deployment ``scheduled-survey-run`` runs this flow on a cron schedule.
 
 from __future__ import annotations
 
-import time
 import uuid
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
-from prefect.artifacts import update_progress_artifact
+from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
-from prefect.states import Completed, Failed
 
+from flows.artifacts import ArtifactProgress, report
 from flows.frames import map_frames
 from flows.scene import SCENE_TIMEOUT_S, map_scene_task, run_scenes, scene_options  # noqa: F401  (map_scene_task: re-exported)
 from models.registry import resolve
@@ -26,55 +24,17 @@ from pipeline import progress, redact
 from pipeline.condition import run_sections
 from pipeline.frames import FRAME_SUFFIXES, FrameSurvey, find_frame_survey, survey_frames
 from pipeline.ids import check_survey_id
-from pipeline.store import RunInfo, open_store
+from pipeline.stores import RunInfo, open_store
 from pipeline.survey import default_output_dir, default_survey_id, discover
 
 redact.mask_log_handlers()  # Prefect's console and API handlers: passwords masked in every record
 
 
-class ArtifactProgress:
-    """A progress artifact for the flow run, updated at most every few seconds."""
-
-    def __init__(self, scenes: int, every_s: float = 2.0, key: str = "survey-progress") -> None:
-        self.scenes, self.finished, self.every_s, self._last = scenes, 0, every_s, 0.0
-        self.artifact_id = create_progress_artifact(0.0, key=key, description="Scenes mapped (%)")
-
-    def __call__(self, scene_id: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self._last >= self.every_s:
-            self._last = now
-            self._update(self.finished + done / max(total, 1))
-
-    def scene_finished(self) -> None:
-        self.finished += 1
-        self._update(self.finished)
-
-    def _update(self, scenes_done: float) -> None:
-        update_progress_artifact(self.artifact_id, 100.0 * scenes_done / max(self.scenes, 1))
-
-
-def summary_markdown(run: RunInfo, rows: list[dict]) -> str:
-    done = [r for r in rows if r["status"] == "done"]
-    failed = [r for r in rows if r["status"] == "failed"]
-    skipped = [r for r in rows if r["status"] == "skipped"]
-    lines = [f"# Survey {run.survey_id}", "",
-             f"Model {run.model_name}:{run.model_version}, run {run.run_id}.", "",
-             f"- scenes mapped: {len(done)} of {len(rows)}",
-             f"- scenes skipped (unchanged since mapped with this model version): {len(skipped)}",
-             f"- cracks: {sum(r['cracks'] for r in done)}",
-             f"- total crack length: {sum(r['length_m'] for r in done):.2f} m"]
-    lines += [f"- FAILED {r['scene_id']}: {r['error']}" for r in failed]
-    return "\n".join(lines)
-
-
 @task(name="rate-sections", task_run_name="rate-sections-{survey_id}")
 def rate_sections(store: str, network: str, survey_id: str) -> dict:
     """The survey's sections along the network (``pipeline.condition.run_sections``); a summary."""
-    target = open_store(store)
-    try:
+    with open_store(store) as target:
         found = run_sections(target, network, survey_id)
-    finally:
-        target.close()
     sections = [r for r in found.rows if r["level"] == "section"]
     create_table_artifact([{k: r[k] for k in ("road_id", "from_m", "to_m", "longitudinal_m", "transverse_m",
                                               "diagonal_m", "pattern_m", "cracked_area_pct", "crack_index",
@@ -82,19 +42,6 @@ def rate_sections(store: str, network: str, survey_id: str) -> dict:
                           key="survey-sections", description=f"Sections of survey {survey_id}")
     return {"sections": len(sections), "cracks": found.cracks, "located": found.located,
             "outside": found.outside, "joints": found.joints}
-
-
-def report(run: RunInfo, rows: list[dict], what: str = "survey"):
-    """The table and markdown artifacts of a parent run, and its final state (Failed names the failed scenes)."""
-    create_table_artifact(rows, key=f"{what}-scenes", description=f"Scenes of survey {run.survey_id}")
-    create_markdown_artifact(summary_markdown(run, rows), key=f"{what}-summary")
-    failed = [r["scene_id"] for r in rows if r["status"] == "failed"]
-    if failed:
-        return Failed(message=f"{len(failed)} of {len(rows)} scenes failed: {', '.join(failed)}",
-                      data=rows)
-    skipped = sum(r["status"] == "skipped" for r in rows)
-    return Completed(message=f"{len(rows) - skipped} scenes mapped, {skipped} unchanged and skipped",
-                     data=rows)
 
 
 @flow(name="process-survey", log_prints=True)

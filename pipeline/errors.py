@@ -66,7 +66,7 @@ class StorageError(PipelineError, OSError):
     """Object storage refused or failed a request; the message names the URL and the problem.
 
     ``transient`` is True for errors that may go away (5xx, throttling,
-    timeouts); see ``pipeline.storage.ERROR_POLICY``.
+    timeouts); see ``pipeline.buckets.ERROR_POLICY``.
     """
 
     def __init__(self, uri: str, problem: str, transient: bool = False) -> None:

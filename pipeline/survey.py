@@ -17,17 +17,17 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
 from models.registry import ModelEntry, resolve
-from pipeline import progress, storage
+from pipeline import buckets, progress
 from pipeline.errors import PipelineError, SceneContentError, StoreError
 from pipeline.ids import check_scene_id, check_survey_id
-from pipeline.inference import Backend, load_backend
+from pipeline.backends import Backend, load_backend
 from pipeline.raster import scene_id_for
 from pipeline.redact import mask_url, redact
-from pipeline.scene import SceneOptions, process_scene
-from pipeline.store import RunInfo, open_store
+from pipeline.scene import SceneOptions, detect_cracks
+from pipeline.stores import RunInfo, open_store
 
 log = logging.getLogger(__name__)
-RASTER_SUFFIXES = storage.RASTER_SUFFIXES
+RASTER_SUFFIXES = buckets.RASTER_SUFFIXES
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,12 +62,12 @@ def discover(sources: list[str], pattern: str | None = None,
     found: list[SceneSource] = []
     for source in sources:
         path = Path(source)
-        if storage.is_url(source):
+        if buckets.is_url(source):
             found += [SceneSource(o.uri, str(PurePosixPath(o.relative).with_suffix("")), o.etag)
-                      for o in storage.list_scenes(source, pattern, suffixes)]
+                      for o in buckets.list_scenes(source, pattern, suffixes)]
         elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes and (
-                pattern is None or storage.matches_glob(p.relative_to(path).as_posix(), pattern)))
+                pattern is None or buckets.matches_glob(p.relative_to(path).as_posix(), pattern)))
             found += [SceneSource(str(p), str(PurePosixPath(p.relative_to(path).with_suffix(""))))
                       for p in files]
         elif path.exists():
@@ -98,7 +98,7 @@ def check_sources_exist(sources: list[str]) -> None:
     """Refuse a local source that names nothing, before any orchestration starts (a cheap check:
     storage URLs and folders are listed by ``discover_scenes`` later)."""
     for source in sources:
-        if not storage.is_url(source) and not Path(source).exists():
+        if not buckets.is_url(source) and not Path(source).exists():
             local_matches(source)
 
 
@@ -120,7 +120,7 @@ def probability_path(output_dir: str | Path, run: RunInfo, scene_id: str) -> str
     's3://maps/probability/road-12/0007.hrsegnet_b16-1.0.0.tif'
     """
     check_survey_id(run.survey_id), check_scene_id(scene_id)  # never a separator or '..' of their own
-    return storage.join(output_dir, f"{run.survey_id}/{scene_id}.{run.model_name}-{run.model_version}.tif")
+    return buckets.join(output_dir, f"{run.survey_id}/{scene_id}.{run.model_name}-{run.model_version}.tif")
 
 
 def default_output_dir(store: str) -> Path:
@@ -161,7 +161,7 @@ def map_scene(source: SceneSource, store: str, run: RunInfo, backend: str = "aut
     target = open_store(store)
     try:
         try:
-            identity = source.identity or storage.identity(source.uri)
+            identity = source.identity or buckets.identity(source.uri)
         except OSError as exc:  # StorageError, or a local file that vanished
             log.info("%s", exc)  # raised: the caller reports it, once
             target.mark_failed(source.uri, source.scene_id, run, redact(str(exc)))
@@ -179,7 +179,7 @@ def map_scene(source: SceneSource, store: str, run: RunInfo, backend: str = "aut
         entry, net = cached_backend(f"{run.model_name}:{run.model_version}", backend)
         out = probability_path(output_dir or default_output_dir(store), run, source.scene_id)
         try:
-            result = process_scene(source.uri, net, entry, out, target.crs, options,
+            result = detect_cracks(source.uri, net, entry, out, target.crs, options,
                                    source.scene_id, progress.report, identity)
         except (PipelineError, OSError) as exc:
             log.info("%s", exc)  # raised: the caller reports it, once
@@ -207,7 +207,7 @@ def _load_observation(uri: str, origin: tuple[float, float, float], identity: st
     from pipeline.frames import observation_from_json
 
     try:
-        with storage.filesystem(uri).open(uri, "r") as f:
+        with buckets.filesystem(uri).open(uri, "r") as f:
             data = f.read()
         obs = observation_from_json(data)
         kept = json.loads(data).get("origin")
@@ -220,11 +220,11 @@ def _save_observation(uri: str, obs, origin: tuple[float, float, float]) -> None
     from pipeline.frames import observation_to_json
 
     text = json.dumps(dict(json.loads(observation_to_json(obs)), origin=list(origin)))
-    if storage.is_url(uri):
+    if buckets.is_url(uri):
         with tempfile.TemporaryDirectory(prefix="crackmap-") as tmp:
             local = Path(tmp) / "frame.json"
             local.write_text(text)
-            storage.upload(local, uri)
+            buckets.upload(local, uri)
     else:
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
         Path(uri).write_text(text)
@@ -370,7 +370,7 @@ def map_frame_survey(frames: list[SceneSource], survey, store: str, run: RunInfo
         observations, jobs = {}, []
         for source in placed:
             try:
-                identity = frame_identity(source.identity or storage.identity(source.uri),
+                identity = frame_identity(source.identity or buckets.identity(source.uri),
                                           survey.camera_path, survey.trajectory_path)
                 cached = observation_path(output_dir, run, source.scene_id)
                 published = target.published_sha256(run.survey_id, source.scene_id, run.model_name,

@@ -202,7 +202,7 @@ def test_a_configured_network_rates_the_survey_sections_after_mapping(survey, tm
     import shapely
 
     from flows.survey import process_survey
-    from pipeline.store import open_store
+    from pipeline.stores import open_store
 
     network = tmp_path / "roads.geojson"
     road = shapely.LineString([(499999.0, 5599999.5), (500002.0, 5599999.5)])

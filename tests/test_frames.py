@@ -325,7 +325,7 @@ def test_a_geopackage_from_before_the_frame_columns_gets_them(tmp_path):
     from affine import Affine
 
     from pipeline.records import CrackLine, Scene, SceneResult
-    from pipeline.store import RunInfo, open_store
+    from pipeline.stores import RunInfo, open_store
 
     path = tmp_path / "old.gpkg"
     open_store(path).close()
@@ -354,7 +354,7 @@ def test_a_survey_without_trajectory_is_placed_by_exif_gps(tmp_path, test_models
 
     from pipeline import gpkg
     from pipeline.frames import FrameSurvey
-    from pipeline.store import RunInfo
+    from pipeline.stores import RunInfo
     from pipeline.survey import SceneSource, map_frame_survey
 
     camera = tmp_path / "camera.yaml"

@@ -14,9 +14,9 @@ from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
 from pipeline.errors import StoreError
-from pipeline.postgis import migrate, migrations
+from pipeline.stores.postgis import migrate, migrations
 from pipeline.records import CrackLine, Scene, SceneResult
-from pipeline.store import RunInfo, open_store
+from pipeline.stores import RunInfo, open_store
 
 RUN = RunInfo("survey-a", "run-1", "test-b16", "1.0.0", "abc")
 
@@ -206,8 +206,8 @@ def test_an_installed_wheel_opens_postgis_with_its_own_migrations(postgis, tmp_p
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(site),
                     str(wheel)], check=True, capture_output=True, timeout=600)
     name = postgis.new_database(empty=True)
-    code = ("import sys, pipeline; from pipeline.store import open_store; "
-            "import pipeline.postgis as p; assert p.__file__.startswith(sys.argv[2]), p.__file__; "
+    code = ("import sys, pipeline; from pipeline.stores import open_store; "
+            "import pipeline.stores.postgis as p; assert p.__file__.startswith(sys.argv[2]), p.__file__; "
             "s = open_store(sys.argv[1]); print(s.crs); s.close()")
     try:
         # run from elsewhere, the installed copy first on the path: no source tree to fall back on

@@ -67,7 +67,7 @@ def rows(store, sql):
 
 def test_reprocess_keeps_both_versions_switches_current_and_reports_changes(mapped, two_versions):
     from flows.reprocess import reprocess
-    from pipeline.store import open_store
+    from pipeline.stores import open_store
 
     old_cracks = rows(mapped, "SELECT count(*) FROM cracks")[0][0]
     state = reprocess(mapped, "test-b16:2.0.0", survey_id="road-5", from_model="test-b16:1.0.0",
@@ -99,7 +99,7 @@ def test_reprocess_keeps_both_versions_switches_current_and_reports_changes(mapp
 
 def test_cli_reprocess_by_bbox_prints_the_changes(mapped, two_versions):
     from flows.cli import cli
-    from pipeline.store import SceneSelection, open_store
+    from pipeline.stores import SceneSelection, open_store
 
     store = open_store(mapped)
     c = store.scenes(SceneSelection(survey_id="road-6"))[0]

@@ -1,7 +1,7 @@
 """PostGIS as a crack store: the production store that road-asset managers open in QGIS.
 
 The schema comes from the plain-SQL migrations in ``pipeline/migrations`` (package data; applied
-in order, recorded in ``schema_migrations``; ``python -m pipeline.postgis
+in order, recorded in ``schema_migrations``; ``python -m pipeline.stores.postgis
 migrate URL``).  A scene is published in one transaction: its rows for the same
 survey and model version are deleted and the new ones bulk-loaded with a
 binary COPY of EWKB geometries.  If the connection dies on the way, the server
@@ -31,12 +31,13 @@ from rasterio.crs import CRS
 from pipeline import layers
 from pipeline.errors import StoreError
 from pipeline.records import SceneResult
-from pipeline.store import (DEFAULT_CRS, QUERY_FIELDS, SCENE_FIELDS, CrackQuery, RunInfo, SceneSelection,
-                            check_column, check_crack_column, check_crs, check_fields, check_layer, columns_of,
-                            crack_uuid_bytes, empty_summary, frames_text, missing_scenes)
+from pipeline.stores.base import (DEFAULT_CRS, QUERY_FIELDS, SCENE_FIELDS, CrackQuery, RunInfo, SceneSelection,
+                                   StoreBase, check_column, check_crack_column, check_crs, check_fields,
+                                   check_layer, columns_of, crack_uuid_bytes, empty_summary, frames_text,
+                                   missing_scenes)
 
 # Shipped inside the package (package data), so any install, editable or not, has them.
-MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 MIGRATION_LOCK = 0x6372_6B6D  # "crkm": pg_advisory_xact_lock key, one migrator at a time
 # The binary COPY of a crack row: the fixed-size fields, the scene's constant ones, then the
 # variable ones.  Geometry travels as EWKB, which is the geometry type's binary input.
@@ -189,7 +190,7 @@ def schema_version(con: psycopg.Connection) -> str | None:
     return con.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
 
 
-class PostGISStore:
+class PostGISStore(StoreBase):
     """Tables ``cracks`` (LineString) and ``scenes`` (footprint Polygon) in a PostGIS database.
 
     Opening a database without the schema (or with an older one) applies the
@@ -207,7 +208,7 @@ class PostGISStore:
         except psycopg.Error as exc:
             self._con.close()
             raise StoreError(f"{self.name}: cannot open as a crackmap store ({why(exc)}). Apply the "
-                             "migrations as the database owner: python -m pipeline.postgis migrate URL"
+                             "migrations as the database owner: python -m pipeline.stores.postgis migrate URL"
                              ) from exc
         self.srid = int(srid)
         self.crs = CRS.from_epsg(self.srid)
@@ -565,8 +566,8 @@ def _plain(value):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.postgis migrate URL [--srid N]``: bring a database's schema up to date."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.postgis")
+    """``python -m pipeline.stores.postgis migrate URL [--srid N]``: bring a database's schema up to date."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.stores.postgis")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("migrate", help="apply the migrations shipped in pipeline/migrations not yet applied")
     up.add_argument("url", help="postgresql://user@host:port/dbname (a role that may create tables)")
