@@ -2,7 +2,8 @@
 
 Writes ``--frames`` synthetic 1920 x 1080 pavement frames (JPEG, dark meandering cracks)
 and the same pixels as JPEG-compressed GeoTIFF scenes.  Then, in one process and
-interleaved over ``--rounds`` rounds (medians reported):
+interleaved over ``--rounds`` rounds (medians reported; wall clock, and CPU seconds of this
+process, which another load on a shared machine disturbs less):
 
   * GeoTIFF path: ``pipeline.scene.detect_cracks`` on every scene;
   * frame mode: ``pipeline.frames.observe_frame`` on every frame (same chips, network,
@@ -20,6 +21,7 @@ Usage: nice python benchmarks/frames_throughput.py [--frames 12] [--rounds 5] [-
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -78,25 +80,38 @@ def write_inputs(folder: Path, count: int) -> tuple[list[Path], list[Path]]:
     return frames, scenes
 
 
+def cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (else what platform knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def pose(k: int) -> Pose:
     lat, lon, h = pymap3d.enu2geodetic(0.0, 1.5 * k, 0.0, *ORIGIN)
     return Pose(float(k), float(lat), float(lon), float(h), 0.0, 0.0, 0.0, 0.03)
 
 
-def geotiff_pass(scenes, backend, entry, out: Path) -> float:
-    started = time.perf_counter()
+def geotiff_pass(scenes, backend, entry, out: Path) -> tuple[float, float]:
+    """Wall and CPU seconds (this process, all its threads) of the GeoTIFF path on every scene."""
+    started, cpu = time.perf_counter(), time.process_time()
     for k, scene in enumerate(scenes):
         detect_cracks(str(scene), backend, entry, out / f"g{k}.tif", DEFAULT_CRS, scene_id=f"s{k}",
                       source_sha256="x")
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
-def frame_pass(frames, backend, entry, out: Path) -> tuple[float, list]:
-    started = time.perf_counter()
+def frame_pass(frames, backend, entry, out: Path) -> tuple[float, float, list]:
+    """Wall and CPU seconds of frame mode on every frame (merging included), and the observations."""
+    started, cpu = time.perf_counter(), time.process_time()
     observations = [observe_frame(str(f), f"f{k}", CAMERA, pose(k), ORIGIN, backend, entry, str(out / f"p{k}.tif"),
                                   SceneOptions(), "x") for k, f in enumerate(frames)]
     frame_results(observations, ORIGIN, DEFAULT_CRS)
-    return time.perf_counter() - started, observations
+    return time.perf_counter() - started, time.process_time() - cpu, observations
 
 
 def geometry_only(observations, pieces_per_frame) -> float:
@@ -144,22 +159,31 @@ def main() -> None:
         folder = Path(tmp)
         frames, scenes = write_inputs(folder, args.frames)
         geotiff_pass(scenes[:2], backend, entry, folder)  # warm-up: the network, skan's compilation
-        _, observations = frame_pass(frames[:2], backend, entry, folder)
+        _, _, observations = frame_pass(frames[:2], backend, entry, folder)
+        load_before = os.getloadavg()
         times: dict[str, list[float]] = {"geotiff": [], "frames": [], "geometry": []}
+        cpu: dict[str, list[float]] = {"geotiff": [], "frames": []}
         for _ in range(args.rounds):
-            times["geotiff"].append(geotiff_pass(scenes, backend, entry, folder))
-            seconds, observations = frame_pass(frames, backend, entry, folder)
+            seconds, cpu_s = geotiff_pass(scenes, backend, entry, folder)
+            times["geotiff"].append(seconds)
+            cpu["geotiff"].append(cpu_s)
+            seconds, cpu_s, observations = frame_pass(frames, backend, entry, folder)
             times["frames"].append(seconds)
+            cpu["frames"].append(cpu_s)
             times["geometry"].append(geometry_only(observations, vectorized_pieces(observations)))
     median = {k: statistics.median(v) for k, v in times.items()}
+    cpu_median = {k: statistics.median(v) for k, v in cpu.items()}
     n = args.frames
-    print(f"machine: {platform.processor() or platform.machine()}, {platform.system()}, backend {backend.name}, "
-          f"model {entry.name}:{entry.version}")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, {platform.system()}, backend {backend.name}, "
+          f"model {entry.name}:{entry.version}; load average {load_before[0]:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after")
     print(f"{n} frames of {WIDTH}x{HEIGHT} ({chips} chips each), {args.rounds} interleaved rounds, medians")
     for key in ("geotiff", "frames"):
         print(f"{key:>8}: {n / median[key]:6.2f} frames/s  {n * chips / median[key]:6.1f} chips/s  "
-              f"(rounds: {', '.join(f'{t:.2f}' for t in times[key])} s)")
-    print(f"frame mode / GeoTIFF path: {median['geotiff'] / median['frames']:.2f}x chips/s")
+              f"(rounds: {', '.join(f'{t:.2f}' for t in times[key])} s); "
+              f"CPU {cpu_median[key] / n * 1000:.0f} ms per frame")
+    print(f"frame mode / GeoTIFF path: {median['geotiff'] / median['frames']:.2f}x chips/s (wall clock), "
+          f"{cpu_median['geotiff'] / cpu_median['frames']:.2f}x chips per CPU-second")
     print(f"geometry alone (ground mapping + merging, {sum(len(o.lines) for o in observations)} lines): "
           f"{median['geometry'] / n * 1000:.1f} ms per frame, "
           f"{median['geometry'] / median['frames'] * 100:.1f} % of frame mode's time")
