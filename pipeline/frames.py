@@ -557,8 +557,9 @@ class FrameSurvey:
     def to_record(self) -> dict:
         """The settings as a JSON-able mapping, with absolute paths: what the store keeps for reprocessing.
 
-        >>> FrameSurvey("/s/camera.yaml", None, "name:_(?P<t>\\d+)").to_record()["frame_time"]
-        'name:_(?P<t>\\d+)'
+        >>> r = FrameSurvey("/s/camera.yaml", None, "index:/s/frames.csv").to_record()
+        >>> r["camera"], r["trajectory"], r["frame_time"]
+        ('/s/camera.yaml', None, 'index:/s/frames.csv')
         """
         frame_time = self.frame_time
         if frame_time.startswith("index:"):
