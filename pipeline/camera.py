@@ -185,22 +185,30 @@ def ground_sampling_m(camera: Camera, uv: np.ndarray) -> np.ndarray:
     return np.sqrt(area)
 
 
+_HITS: dict[tuple[int, int], tuple[Camera, np.ndarray]] = {}  # rays traced per camera (road_pixels)
+
+
 def road_pixels(camera: Camera, with_mask: bool = True, stride_px: int = 4) -> np.ndarray:
     """(height_px, width_px) bool: pixels whose ray meets the road within ``max_range_m`` (and the mask).
 
     Rays are traced every ``stride_px`` pixels and the answer spread to the pixels
     around (the boundary is placed to within ``stride_px``).
     """
-    rows, cols = np.mgrid[0:camera.height_px + stride_px:stride_px, 0:camera.width_px + stride_px:stride_px]
-    uv = np.column_stack([cols.ravel(), rows.ravel()]).astype(float)
-    _, distance = ground_points(camera, uv)
-    hits = np.isfinite(distance)
-    if camera.max_range_m is not None:
-        hits &= np.nan_to_num(distance, nan=np.inf) <= camera.max_range_m
-    hits = hits.reshape(rows.shape)
-    r = (np.arange(camera.height_px) + stride_px // 2) // stride_px
-    c = (np.arange(camera.width_px) + stride_px // 2) // stride_px
-    hits = hits[r][:, c]
+    key = (id(camera), stride_px)
+    if key not in _HITS:  # checking a camera traces them too: once per camera and process
+        rows, cols = np.mgrid[0:camera.height_px + stride_px:stride_px, 0:camera.width_px + stride_px:stride_px]
+        uv = np.column_stack([cols.ravel(), rows.ravel()]).astype(float)
+        _, distance = ground_points(camera, uv)
+        hits = np.isfinite(distance)
+        if camera.max_range_m is not None:
+            hits &= np.nan_to_num(distance, nan=np.inf) <= camera.max_range_m
+        hits = hits.reshape(rows.shape)
+        r = (np.arange(camera.height_px) + stride_px // 2) // stride_px
+        c = (np.arange(camera.width_px) + stride_px // 2) // stride_px
+        if len(_HITS) >= 4:
+            _HITS.clear()
+        _HITS[key] = (camera, hits[r][:, c])  # the camera is kept: its id stays its own
+    hits = _HITS[key][1].copy()
     if with_mask and camera.road_mask is not None:
         hits &= camera.road_mask
     return hits
