@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterator
 from prefect import task
 
 from flows.policy import RETRIES, RETRY_DELAYS_S, RETRY_JITTER, retry_transient
-from flows.scene import SCENE_TIMEOUT_S, run_scenes, scene_options
+from flows.scene import SCENE_TIMEOUT_S, run_scenes
 from pipeline.errors import FrameError, PipelineError
 from pipeline.frames import FrameJob, FrameSurvey
-from pipeline.stores import RunInfo, SceneSelection, open_store
-from pipeline.survey import (SceneSource, default_output_dir, load_frame_observation, map_frame_survey,
+from pipeline.stores import SceneSelection, open_store
+from pipeline.survey import (RunSettings, SceneRow, SceneSource, load_frame_observation, map_frame_survey,
                              observe_frame_job)
 
 STORE_TASK = dict(retries=RETRIES, retry_delay_seconds=RETRY_DELAYS_S, retry_jitter_factor=RETRY_JITTER,
@@ -29,50 +29,42 @@ STORE_TASK = dict(retries=RETRIES, retry_delay_seconds=RETRY_DELAYS_S, retry_jit
 
 
 @task(name="observe-frame", task_run_name="observe-frame-{job.frame_id}", **STORE_TASK)
-def observe_frame_task(job: FrameJob, run: RunInfo, backend: str, output_dir: str,
-                       options: dict | None = None) -> dict:
-    """One frame segmented and put on the ground (``pipeline.survey.observe_frame_job``); a summary."""
-    obs = observe_frame_job(job, run, backend, output_dir, scene_options(options))
-    return {"scene_id": job.frame_id, "status": "done", "chips": obs.chip_count, "lines": len(obs.lines),
-            "seconds": round(obs.seconds, 2)}
+def observe_frame_task(job: FrameJob, settings: RunSettings) -> SceneRow:
+    """One frame segmented and put on the ground (``pipeline.survey.observe_frame_job``); its row."""
+    obs = observe_frame_job(job, settings)
+    return SceneRow(job.frame_id, "done", chips=obs.chip_count, seconds=round(obs.seconds, 2),
+                    probability=obs.probability_path)
 
 
-def map_frames(frames: list[SceneSource], survey: FrameSurvey, store: str, run: RunInfo, backend: str,
-               output_dir: str | None, options: dict | None = None, force: bool = False, promote: bool = True,
+def map_frames(frames: list[SceneSource], survey: FrameSurvey, settings: RunSettings,
                scene_deployment: str | None = None, max_concurrent: int = 4,
-               scene_timeout_s: float = SCENE_TIMEOUT_S,
-               on_finished: Callable[[dict], None] = lambda row: None) -> list[dict]:
-    """Map a frame survey into ``store`` (``pipeline.survey.map_frame_survey``); one row per frame.
+               on_finished: Callable[[SceneRow], None] = lambda row: None,
+               scene_timeout_s: float = SCENE_TIMEOUT_S) -> list[SceneRow]:
+    """Map a frame survey into ``settings.store`` (``pipeline.survey.map_frame_survey``); one row per frame.
 
     Called inside a parent flow.  With ``scene_deployment`` every frame that needs
     mapping is a ``process-scene`` run on that deployment's work pool (at most
-    ``max_concurrent`` at once), which must see the frames, the camera file and
-    ``output_dir`` (a shared folder or a storage prefix): the survey reads each
-    frame's ground lines from there.
+    ``max_concurrent`` at once), which must see the frames, the camera file and the
+    output folder (shared, or a storage prefix): the survey reads each frame's ground
+    lines from there.
     """
-    output_dir = output_dir or str(default_output_dir(store))
-    mapping = scene_options(options)
     if scene_deployment is None:
-        return task(map_frame_survey, name="map-frames")(frames, survey, store, run, backend, output_dir,
-                                                          mapping, force=force, promote=promote)
+        return task(map_frame_survey, name="map-frames")(frames, survey, settings)
 
     def observe(jobs: list[FrameJob]) -> Iterator[tuple[FrameJob, object]]:
-        rows = run_scenes([SceneSource(j.uri, j.frame_id, j.identity) for j in jobs], store, run, backend,
-                          output_dir, force=True, promote=promote, scene_deployment=scene_deployment,
-                          max_concurrent=max_concurrent, on_finished=on_finished,
-                          scene_timeout_s=scene_timeout_s, options=options,
+        rows = run_scenes([SceneSource(j.uri, j.frame_id, j.identity) for j in jobs], settings, scene_deployment,
+                          max_concurrent, on_finished=on_finished, scene_timeout_s=scene_timeout_s,
                           frames={j.frame_id: j.parameters() for j in jobs})
         for job, row in zip(jobs, rows):
-            if row["status"] == "failed":
-                yield job, PipelineError(row["error"])  # it names the frame already
+            if row.status == "failed":
+                yield job, PipelineError(row.error)  # it names the frame already
                 continue
             try:
-                yield job, load_frame_observation(job, run, output_dir)
+                yield job, load_frame_observation(job, settings)
             except FrameError as exc:
                 yield job, exc
 
-    return map_frame_survey(frames, survey, store, run, backend, output_dir, mapping, force=force,
-                            promote=promote, observe=observe)
+    return map_frame_survey(frames, survey, settings, observe=observe)
 
 
 @task(name="frame-survey", **STORE_TASK)
