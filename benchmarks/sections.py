@@ -104,7 +104,8 @@ def build(url: str, km: float, road_count: int, total: int, scene_m: float, fold
     for i, (footprint, cracks) in enumerate(zip(footprints, crack_lines(footprints, total, rng))):
         lonlat = projection.transform(cracks, UTM, "EPSG:4326")
         length = shapely.length(cracks)
-        records = tuple(CrackLine(g, float(m), 3.0, 5.0, 0.0, 0.8, "low", "diagonal", 45.0, float(m), 1.0)
+        records = tuple(CrackLine(g, float(m), 3.0, 5.0, 0.0, 0.8, "low", crack_type="diagonal", theta_deg=45.0,
+                                   chord_m=float(m), tortuosity=1.0)
                         for g, m in zip(lonlat, length))
         scene = Scene(f"bench/{i}.tif", f"s{i:05d}", 1000, 1000, 3, "uint8", CRS.from_string(UTM), Affine.identity())
         store.publish(SceneResult(scene, records, projection.transform([footprint], UTM, "EPSG:4326")[0], 1,
