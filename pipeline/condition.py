@@ -21,6 +21,7 @@ from pipeline.change import MatchParams, crack_status, match_cracks, section_del
 from pipeline.crack_types import RoadFrame, TypeProfile, classify, line_shapes
 from pipeline.errors import ConditionError, NetworkError
 from pipeline.network import Network, read_network
+from pipeline.records import CrackPositions
 from pipeline.sections import (SUM_FIELDS, ConditionFormula, Located, Pieces, add_up, condition, cut_sections,
                                locate_cracks, rollup_keys, section_sums, split_by_sections)
 from pipeline.store import CrackStore
@@ -125,7 +126,7 @@ def run_sections(store: CrackStore, network_path: str, survey_id: str,
              "network": network.source, "models": ", ".join(models), "computed_at": gpkg.now(), "is_current": 1}
     rows = [dict(r, **stamp) for r in rows]
     store.replace_layer("sections", rows, {"survey_id": survey_id}, keep_previous=True,
-                        crack_updates=crack_updates(cracks, located, network, typed))
+                        positions=crack_positions(survey_id, cracks, located, network, typed))
     inside = int((located.road >= 0).sum())
     return SectionReport(survey_id, run_id, rows, len(lines), inside, len(lines) - inside,
                          int((~counted).sum()), models)
@@ -182,15 +183,12 @@ def retype(lines: np.ndarray, cracks: dict, located: Located, network: Network, 
     return typed
 
 
-def crack_updates(cracks: dict, located: Located, network: Network, typed) -> tuple[tuple[str, ...], list[tuple]]:
-    """The cracks' road columns and new typing, as rows for ``replace_layer``."""
-    inside = located.road >= 0
-    road_id = np.where(inside, network.road_id[np.maximum(located.road, 0)], None)
-    span = np.where(np.isnan(typed.span_ratio), None, typed.span_ratio)
-    columns = ("road_id", "chainage_from_m", "chainage_to_m", "offset_m", "crack_type", "theta_deg", "span_ratio")
-    values = list(zip(road_id, located.chainage_from_m, located.chainage_to_m, located.offset_m,
-                      typed.crack_type, np.where(inside, typed.theta_deg, np.nan), span, cracks["crack_id"]))
-    return columns, values
+def crack_positions(survey_id: str, cracks: dict, located: Located, network: Network, typed) -> CrackPositions:
+    """The located cracks' road columns and typing against the road, for ``replace_layer``."""
+    inside = np.flatnonzero(located.road >= 0)
+    return CrackPositions(survey_id, cracks["crack_id"][inside], network.road_id[located.road[inside]],
+                          located.chainage_from_m[inside], located.chainage_to_m[inside], located.offset_m[inside],
+                          typed.crack_type[inside], typed.theta_deg[inside], typed.span_ratio[inside])
 
 
 def pattern_pairs(store: CrackStore, survey_id: str, sections, metric) -> tuple[np.ndarray, ...]:

@@ -32,7 +32,7 @@ from rasterio.crs import CRS
 
 from pipeline import gpkg, layers
 from pipeline.errors import StoreError
-from pipeline.records import SceneResult
+from pipeline.records import CrackPositions, SceneResult
 from pipeline.redact import mask_url
 
 DEFAULT_CRS = CRS.from_epsg(4326)
@@ -299,12 +299,12 @@ class CrackStore(Protocol):
         """Rows of a road-condition layer or view (``layers.LAYERS``, ``current_*``) matching ``where``."""
 
     def replace_layer(self, layer: str, rows: list[dict], where: dict, keep_previous: bool = False,
-                      crack_updates: tuple[tuple[str, ...], list[tuple]] | None = None,
+                      positions: CrackPositions | None = None,
                       also: Sequence[tuple[str, list[dict], dict]] = ()) -> None:
         """In one transaction: drop the rows matching ``where`` (``keep_previous``: mark them not
         current instead), insert ``rows`` (dicts of the layer's columns and ``geometry``), do the
-        same for each (layer, rows, where) of ``also``, and set ``crack_updates`` (column names;
-        rows of their values then the crack_id) on cracks."""
+        same for each (layer, rows, where) of ``also``, and replace the road columns of the
+        ``positions`` survey's cracks (cracks not in ``positions`` get none)."""
 
     def close(self) -> None: ...
 
@@ -337,13 +337,6 @@ def columns_of(rows: list[tuple], names: Sequence[str], geometries) -> dict[str,
 def check_column(layer: str, column: str, names: tuple[str, ...]) -> str:
     if column not in names:
         raise StoreError(f"{layer} has no column {column!r}")
-    return column
-
-
-def check_crack_column(column: str) -> str:
-    """A crack column that road referencing may set; refuses any other name."""
-    if column not in dict(layers.CRACK_CONDITION_COLUMNS):
-        raise StoreError(f"crack column {column!r} cannot be set by road referencing")
     return column
 
 
@@ -708,16 +701,25 @@ class GeoPackageStore:
                 for geom, *values in self._con.execute(sql, list(where.values()))]
 
     def replace_layer(self, layer: str, rows: list[dict], where: dict, keep_previous: bool = False,
-                      crack_updates: tuple[tuple[str, ...], list[tuple]] | None = None,
+                      positions: CrackPositions | None = None,
                       also: Sequence[tuple[str, list[dict], dict]] = ()) -> None:
         with _Transaction(self._con, f"{self.path}: writing {layer} failed"):
             for target, target_rows, target_where, keep in ((layer, rows, where, keep_previous),
                                                               *((*a, False) for a in also)):
                 self._replace_rows(target, target_rows, target_where, keep)
-            if crack_updates is not None:
-                columns, values = crack_updates
-                assignments = ", ".join(f"{check_crack_column(c)} = ?" for c in columns)
-                self._con.executemany(f"UPDATE cracks SET {assignments} WHERE crack_id = ?", values)
+            if positions is not None:
+                self._put_positions(positions)
+
+    def _put_positions(self, p: CrackPositions) -> None:
+        """The road columns on the crack rows themselves (a survey's cracks; SQLite updates in place)."""
+        self._con.execute("UPDATE cracks SET road_id = NULL, chainage_from_m = NULL, chainage_to_m = NULL, "
+                          "offset_m = NULL WHERE survey_id = ? AND road_id IS NOT NULL", (p.survey_id,))
+        span = np.where(np.isnan(p.span_ratio), None, p.span_ratio)
+        self._con.executemany(
+            "UPDATE cracks SET road_id = ?, chainage_from_m = ?, chainage_to_m = ?, offset_m = ?, crack_type = ?, "
+            "theta_deg = ?, span_ratio = ? WHERE crack_id = ?",
+            zip(p.road_id, p.chainage_from_m.tolist(), p.chainage_to_m.tolist(), p.offset_m.tolist(),
+                p.crack_type, p.theta_deg.tolist(), span.tolist(), p.crack_id))
 
     def _replace_rows(self, layer: str, rows: list[dict], where: dict, keep_previous: bool) -> None:
         _, names = check_layer(layer)
