@@ -41,6 +41,7 @@ class SectionOptions:
     rollup_m: float = 100.0
     corridor_m: float = 5.0
     id_field: str = "road_id"
+    direction_field: str = "direction"
     formula: ConditionFormula = field(default_factory=ConditionFormula)
     types: TypeProfile = field(default_factory=TypeProfile)
 
@@ -100,7 +101,7 @@ def run_sections(store: CrackStore, network_path: str, survey_id: str,
         raise ConditionError(f"survey {survey_id!r} has no mapped scene with a footprint")
     footprints = np.array([s["geometry"] for s in scenes], dtype=object)
     metric = projection.metric_crs(store.crs, shapely.total_bounds(footprints))
-    network = read_network(network_path, metric, options.id_field)
+    network = read_network(network_path, metric, options.id_field, direction_field=options.direction_field)
     imaged = projection.transform(footprints, store.crs, metric)
     covered = shapely.union_all(imaged)
     if not shapely.intersects(shapely.buffer(network.geometry, options.corridor_m), covered).any():

@@ -85,7 +85,7 @@ def binary_copy(columns: Sequence[tuple[str, np.ndarray]]) -> bytes:
     (50, '00 02 ff ff ff ff ff ff ff ff', '00 02 00 00 00 01 61')
     """
     n = len(columns[0][1])
-    sizes, payloads = [], []
+    sizes, payloads = [], []  # per column: each row's field length (-1: NULL), and the values
     for kind, values in columns:
         if kind == "uuid":
             hexed = "".join(values).replace("-", "")
@@ -95,16 +95,23 @@ def binary_copy(columns: Sequence[tuple[str, np.ndarray]]) -> bytes:
             values = np.asarray(values, dtype=float)
             payloads.append(values.astype(">f8"))
             sizes.append(np.where(np.isnan(values), -1, 8))
-        else:
-            encoded = {v: v.encode() for v in set(values) if v is not None}
-            data = [encoded.get(v, b"") for v in values]
-            payloads.append(np.array(data, dtype=object))
-            sizes.append(np.array([-1 if v is None else len(encoded[v]) for v in values]))
-    size = np.column_stack(sizes)
-    shapes, group = np.unique(size, axis=0, return_inverse=True)
+        else:  # text: few distinct values (ids, classes), encoded once each
+            distinct = list(dict.fromkeys(values))
+            code = {v: i for i, v in enumerate(distinct)}
+            codes = np.fromiter((code[v] for v in values), dtype=np.int64, count=n)
+            encoded = [b"" if v is None else v.encode() for v in distinct]
+            payloads.append(np.array(encoded, dtype=object)[codes])
+            sizes.append(np.array([-1 if v is None else len(e) for v, e in zip(distinct, encoded)])[codes])
+    key = np.zeros(n, dtype=np.int64)  # rows with the same field lengths share a key
+    for size in sizes:
+        values, inverse = np.unique(size, return_inverse=True)
+        key = key * len(values) + inverse.ravel()
+    order = np.argsort(key, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1], True])
     chunks = [_COPY_SIGNATURE]
-    for g, shape in enumerate(shapes):
-        rows = np.flatnonzero(group.ravel() == g)
+    for begin, end in zip(bounds[:-1], bounds[1:]):
+        rows = order[begin:end]
+        shape = [int(size[rows[0]]) for size in sizes]
         fields = [("count", ">i2")]
         for i, ((kind, _), length) in enumerate(zip(columns, shape)):
             fields.append((f"n{i}", ">i4"))
@@ -116,7 +123,7 @@ def binary_copy(columns: Sequence[tuple[str, np.ndarray]]) -> bytes:
             block[f"n{i}"] = length
             if length > 0:
                 values = payloads[i][rows]
-                block[f"v{i}"] = values if values.dtype != object else np.array(list(values), dtype=f"S{length}")
+                block[f"v{i}"] = values if values.dtype != object else values.astype(f"S{length}")
         chunks.append(block.tobytes())
     chunks.append(_COPY_TRAILER)
     return b"".join(chunks)
