@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import shapely
-from shapely.ops import substring
 
 from pipeline import gpkg, projection
 from pipeline.change import MatchParams, crack_status, match_cracks, section_deltas
@@ -23,7 +22,7 @@ from pipeline.errors import ConditionError, NetworkError
 from pipeline.network import Network, read_network
 from pipeline.records import CrackPositions
 from pipeline.sections import (SUM_FIELDS, ConditionFormula, Located, Pieces, add_up, condition, cut_sections,
-                               locate_cracks, rollup_keys, section_sums, split_by_sections)
+                               locate_cracks, rollup_keys, section_sums, split_by_sections, substrings)
 from pipeline.store import CrackStore
 
 MIN_SECTION_M = 1.0
@@ -103,17 +102,17 @@ def run_sections(store: CrackStore, network_path: str, survey_id: str,
     metric = projection.metric_crs(store.crs, shapely.total_bounds(footprints))
     network = read_network(network_path, metric, options.id_field, direction_field=options.direction_field)
     imaged = projection.transform(footprints, store.crs, metric)
-    covered = shapely.union_all(imaged)
-    if not shapely.intersects(shapely.buffer(network.geometry, options.corridor_m), covered).any():
+    scene_tree = shapely.STRtree(imaged)
+    if not len(scene_tree.query(network.geometry, predicate="dwithin", distance=options.corridor_m)[0]):
         raise NetworkError(f"{network_path}: no road comes within {options.corridor_m} m of survey "
                            f"{survey_id!r}'s scenes; is it the right network (and CRS)?; nothing was written")
     cracks = survey_cracks(store, survey_id)
     lines = projection.transform(cracks["geometry"], store.crs, metric)
     located = locate_cracks(lines, network.geometry, options.corridor_m)
     sections = cut_sections(network.geometry, network.width_m, options.section_m)
-    coverage = shapely.area(shapely.intersection(sections.polygon, covered))
+    coverage = imaged_area_m2(sections.polygon, imaged, scene_tree)
     typed = retype(lines, cracks, located, network, imaged, [s["scene_id"] for s in scenes], sections, coverage,
-                   options.section_m, options.types)
+                   options.section_m, options.types, scene_tree)
     counted = typed.crack_type != "joint"
     counted_located = only(located, counted)
     pieces = split_by_sections(counted_located, sections, options.section_m)
@@ -133,6 +132,38 @@ def run_sections(store: CrackStore, network_path: str, survey_id: str,
                          int((~counted).sum()), models)
 
 
+def imaged_area_m2(polygons: np.ndarray, imaged: np.ndarray, tree: shapely.STRtree | None = None) -> np.ndarray:
+    """Per polygon: the area of it that at least one scene footprint covers.
+
+    Pairwise intersections with the footprints a spatial index finds; where
+    several footprints overlap one polygon, the union of its pieces (one
+    ``union_all`` over a padded array, not a loop).  Never against the union of all
+    footprints: one overlay per section with a whole survey's outline was slow.
+
+    >>> square = shapely.box(0, 0, 10, 10)
+    >>> imaged_area_m2(np.array([square, shapely.box(20, 0, 30, 10)]),
+    ...                np.array([shapely.box(-5, 0, 4, 10), shapely.box(2, 0, 6, 10)])).tolist()
+    [60.0, 0.0]
+    """
+    tree = tree or shapely.STRtree(imaged)
+    polygon, scene = tree.query(polygons, predicate="intersects")
+    order = np.argsort(polygon, kind="stable")
+    polygon, scene = polygon[order], scene[order]
+    pieces = shapely.intersection(polygons[polygon], imaged[scene])
+    count = np.bincount(polygon, minlength=len(polygons))
+    area = np.zeros(len(polygons))
+    single = count[polygon] == 1
+    area[polygon[single]] = shapely.area(pieces[single])
+    several = np.flatnonzero(count > 1)
+    if len(several):
+        rank = np.searchsorted(several, polygon[~single])
+        column = np.arange(len(rank)) - np.searchsorted(rank, rank)
+        grid = np.full((len(several), count.max()), None, dtype=object)
+        grid[rank, column] = pieces[~single]
+        area[several] = shapely.area(shapely.union_all(grid, axis=1))
+    return area
+
+
 def only(located: Located, keep: np.ndarray) -> Located:
     """``located`` with the segments of the cracks not kept taken out (per-crack arrays stay)."""
     seg = keep[located.segment_crack]
@@ -142,7 +173,8 @@ def only(located: Located, keep: np.ndarray) -> Located:
 
 
 def retype(lines: np.ndarray, cracks: dict, located: Located, network: Network, imaged: np.ndarray,
-           scene_ids: list[str], sections, coverage_m2: np.ndarray, section_m: float, profile: TypeProfile):
+           scene_ids: list[str], sections, coverage_m2: np.ndarray, section_m: float, profile: TypeProfile,
+           scene_tree: shapely.STRtree | None = None):
     """Type the cracks again against the road direction of the network.
 
     Pattern members stay ``pattern`` and joints stay ``joint`` (both decided per scene
@@ -155,12 +187,13 @@ def retype(lines: np.ndarray, cracks: dict, located: Located, network: Network, 
     scene_no = {s: i for i, s in enumerate(scene_ids)}
     scene = np.array([scene_no.get(s, -1) for s in cracks["scene_id"]], dtype=int)
     road = np.maximum(located.road, 0)
-    # length of each road inside each scene that it crosses
-    road_idx, scene_idx = shapely.STRtree(imaged).query(network.geometry, predicate="intersects")
-    pair_key = scene_idx * n_roads + road_idx
-    order = np.argsort(pair_key)
-    pair_key, pair_length = pair_key[order], shapely.length(
-        shapely.intersection(network.geometry[road_idx], imaged[scene_idx]))[order]
+    # length of each road inside each scene that it crosses: its sections' pieces (short lines) added up
+    section_idx, scene_idx = (scene_tree or shapely.STRtree(imaged)).query(sections.centreline,
+                                                                           predicate="intersects")
+    piece_key = scene_idx * n_roads + sections.road[section_idx]
+    pair_key, at_pair = np.unique(piece_key, return_inverse=True)
+    pair_length = np.bincount(at_pair.ravel(), shapely.length(
+        shapely.intersection(sections.centreline[section_idx], imaged[scene_idx])), len(pair_key))
     crack_key = scene * n_roads + road
     imaged_length = np.full(n, np.nan)
     if len(pair_key):
@@ -223,9 +256,8 @@ def section_rows(sums: dict, sections, network: Network, options: SectionOptions
         if level == "section":
             polygons = sections.polygon
         else:
-            polygons = shapely.buffer(np.array([substring(network.geometry[r], a, b)
-                                                for r, a, b in zip(road, start, stop)], dtype=object),
-                                      network.width_m[road] / 2, cap_style="flat")
+            polygons = shapely.buffer(substrings(network.geometry, road, start, stop), network.width_m[road] / 2,
+                                      cap_style="flat")
         figures = condition(group, options.formula)
         geometry = projection.transform(polygons, metric, store_crs)
         for i in range(len(road)):  # one row per section or rollup, never per crack
