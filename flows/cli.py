@@ -149,7 +149,7 @@ def checked_inputs(store: str, survey_id: str | None, options: dict | None, sour
     try:
         if survey_id is not None:
             check_survey_id(survey_id)
-        SceneOptions.from_mapping(options)
+        SceneOptions.from_mapping(options, os.environ.get("CRACKMAP_TYPE_PROFILE"))
         check_sources_exist(list(sources))
         return hand_over_password(store)
     except USER_ERRORS as exc:
@@ -158,16 +158,16 @@ def checked_inputs(store: str, survey_id: str | None, options: dict | None, sour
 
 
 def mapping_options(command):
-    """--threshold, --overlap-px, --severity-mm, --min-length-m, --bridge-gap-px, as one ``options`` dict.
+    """--threshold, --overlap-px, --severity-mm, --min-length-m, --bridge-gap-px, --profile: one ``options`` dict.
 
     Only the options given go into the dict (the flow parameters stay short); the
     others keep their defaults (``pipeline.scene.MAPPING_OPTIONS``).
     """
     @functools.wraps(command)
     def wrapper(*args, threshold=None, overlap_px=None, severity_mm=None, min_length_m=None,
-                bridge_gap_px=None, **kwargs):
+                bridge_gap_px=None, type_profile=None, **kwargs):
         given = {"threshold": threshold, "overlap_px": overlap_px, "min_length_m": min_length_m,
-                 "bridge_gap_px": bridge_gap_px}
+                 "bridge_gap_px": bridge_gap_px, "type_profile": type_profile}
         if severity_mm:
             given |= {"severity_medium_mm": severity_mm[0], "severity_high_mm": severity_mm[1]}
         options = {k: v for k, v in given.items() if v is not None}
@@ -183,6 +183,9 @@ def mapping_options(command):
                      help="Drop isolated lines shorter than this (default 0.025; 0 keeps all)."),
         click.option("--bridge-gap-px", type=float, default=None,
                      help="Join lines facing each other across a gap up to this (default 12; 0: off)."),
+        click.option("--profile", "type_profile", default=None, metavar="NAME",
+                     help="Crack-type angle profile: aashto-r85, strict-10 or loose-30 (default: "
+                          "$CRACKMAP_TYPE_PROFILE, else aashto-r85); the sections step uses it too."),
     ]):
         wrapper = option(wrapper)
     return wrapper

@@ -22,7 +22,8 @@ from prefect.states import Completed, Failed
 from flows.scene import SCENE_TIMEOUT_S, map_scene_task, run_scenes, scene_options  # noqa: F401  (map_scene_task: re-exported)
 from models.registry import resolve
 from pipeline import progress, redact
-from pipeline.condition import run_sections
+from pipeline.condition import SectionOptions, run_sections
+from pipeline.crack_types import TypeProfile
 from pipeline.frames import FRAME_SUFFIXES, FrameSurvey, find_frame_survey, survey_frames
 from pipeline.ids import check_survey_id
 from pipeline.store import RunInfo, open_store
@@ -67,11 +68,11 @@ def summary_markdown(run: RunInfo, rows: list[dict]) -> str:
 
 
 @task(name="rate-sections", task_run_name="rate-sections-{survey_id}")
-def rate_sections(store: str, network: str, survey_id: str) -> dict:
+def rate_sections(store: str, network: str, survey_id: str, types: TypeProfile = TypeProfile()) -> dict:
     """The survey's sections along the network (``pipeline.condition.run_sections``); a summary."""
     target = open_store(store)
     try:
-        found = run_sections(target, network, survey_id)
+        found = run_sections(target, network, survey_id, SectionOptions(types=types))
     finally:
         target.close()
     sections = [r for r in found.rows if r["level"] == "section"]
@@ -131,7 +132,9 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
         scene_timeout_s: With a deployment, a scene run not finished after this long (no worker
             serves its pool?) is cancelled and the scene fails, saying so.
         options: Mapping options (threshold, overlap_px, severity_medium_mm, severity_high_mm,
-            min_length_m, bridge_gap_px; ``pipeline.scene.MAPPING_OPTIONS``), checked before any work.
+            min_length_m, bridge_gap_px; ``pipeline.scene.MAPPING_OPTIONS``) and ``type_profile`` (the
+            crack-type profile of the scenes and the sections; default CRACKMAP_TYPE_PROFILE), checked
+            before any work.
     """
     from flows.settings import Settings
 
@@ -163,5 +166,5 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
                               on_finished=lambda row: bar.scene_finished(), scene_timeout_s=scene_timeout_s,
                               options=options)
     if network and any(r["status"] != "failed" for r in rows):
-        rate_sections(store, network, run.survey_id)
+        rate_sections(store, network, run.survey_id, scene_options(options).types)  # typed as the scenes were
     return report(run, rows)

@@ -78,8 +78,7 @@ def check_survey(store: CrackStore, survey_id: str) -> None:
 
 def survey_cracks(store: CrackStore, survey_id: str) -> dict[str, np.ndarray]:
     """The current cracks of a survey as arrays (one store query), in crack_id order."""
-    names = ("crack_id", "scene_id", "model_name", "model_version", "length_m", "width_mean_mm",
-             "width_max_mm", "severity", "crack_type")
+    names = ("crack_id", "scene_id", "length_m", "width_mean_mm", "width_max_mm", "severity", "crack_type")
     out = store.crack_columns(survey_id, names)
     for n in ("length_m", "width_mean_mm", "width_max_mm"):
         out[n] = out[n].astype(float)
