@@ -559,7 +559,8 @@ class PostGISStore:
         geometries = shapely.to_wkb(shapely.set_srid(np.array([r.get("geometry") for r in rows], dtype=object),
                                                      self.srid), include_srid=True, hex=True)
         if keep_previous:
-            cur.execute(f"UPDATE {layer} SET is_current = 0 WHERE {condition}", list(where.values()))
+            cur.execute(f"UPDATE {layer} SET is_current = 0 WHERE {condition} AND is_current <> 0",
+                        list(where.values()))
         else:
             cur.execute(f"DELETE FROM {layer} WHERE {condition}", list(where.values()))
         quoted = ", ".join(f'"{n}"' for n in names)
@@ -574,7 +575,8 @@ class PostGISStore:
         Not an UPDATE of the crack rows: that writes a new version of every row and
         of its entries in every index of ``cracks`` (migration 0005).
         """
-        cur.execute("DELETE FROM crack_positions WHERE survey_id = %s", (positions.survey_id,))
+        cur.execute("DELETE FROM crack_positions p USING cracks c WHERE c.survey_id = %s AND p.crack_id = c.crack_id",
+                    (positions.survey_id,))
         if not len(positions.crack_id):
             return
         p = positions

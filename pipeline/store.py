@@ -726,7 +726,8 @@ class GeoPackageStore:
         condition = " AND ".join(f'"{check_column(layer, k, names)}" = ?' for k in where) or "1"
         quoted = ", ".join(f'"{n}"' for n in names)
         if keep_previous:
-            self._con.execute(f'UPDATE "{layer}" SET is_current = 0 WHERE {condition}', list(where.values()))
+            self._con.execute(f'UPDATE "{layer}" SET is_current = 0 WHERE {condition} AND is_current <> 0',
+                              list(where.values()))
         else:
             self._con.execute(f'DELETE FROM "{layer}" WHERE {condition}', list(where.values()))
         self._con.executemany(

@@ -27,7 +27,8 @@ CREATE TABLE crack_positions (
     theta_deg        double precision,
     span_ratio       double precision
 );
-CREATE INDEX crack_positions_survey ON crack_positions (survey_id);
+-- No index on survey_id: keeping one cost more on a million-row COPY than the PK itself; a survey's
+-- rows are found through the cracks' index (see PostGISStore._put_positions).
 
 INSERT INTO crack_positions
     SELECT crack_id, survey_id, road_id, chainage_from_m, chainage_to_m, offset_m, crack_type, theta_deg,
