@@ -76,9 +76,11 @@ def check_survey(store: CrackStore, survey_id: str) -> None:
         raise ConditionError(f"unknown survey {survey_id!r}; the store has {', '.join(known) or 'no surveys'}")
 
 
-def survey_cracks(store: CrackStore, survey_id: str) -> dict[str, np.ndarray]:
-    """The current cracks of a survey as arrays (one store query), in crack_id order."""
-    names = ("crack_id", "scene_id", "length_m", "width_mean_mm", "width_max_mm", "severity", "crack_type")
+def survey_cracks(store: CrackStore, survey_id: str, models: bool = False) -> dict[str, np.ndarray]:
+    """The current cracks of a survey as arrays (one store query), in crack_id order; ``models``: with
+    their model_name and model_version (a million cracks' worth of strings, read only where needed)."""
+    names = ("crack_id", "scene_id", "length_m", "width_mean_mm", "width_max_mm", "severity", "crack_type",
+             *(("model_name", "model_version") if models else ()))
     out = store.crack_columns(survey_id, names)
     for n in ("length_m", "width_mean_mm", "width_max_mm"):
         out[n] = out[n].astype(float)
@@ -308,7 +310,7 @@ def run_change(store: CrackStore, from_survey: str, to_survey: str, network_path
         missing = from_survey if not before else to_survey
         raise ConditionError(f"survey {missing!r} has no sections yet; run crackmap sections STORE --network "
                              "ROADS --survey ID first, or pass --network")
-    a, b = survey_cracks(store, from_survey), survey_cracks(store, to_survey)
+    a, b = survey_cracks(store, from_survey, models=True), survey_cracks(store, to_survey, models=True)
     a = {k: v[a["crack_type"] != "joint"] for k, v in a.items()}
     b = {k: v[b["crack_type"] != "joint"] for k, v in b.items()}
     footprints = [s["geometry"] for s in store.footprints(to_survey)]
