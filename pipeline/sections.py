@@ -227,6 +227,8 @@ def project(xy: np.ndarray, road: np.ndarray, segments: RoadSegments,
     >>> c, o, a = project(np.array([[4.0, 1.0], [11.0, 6.0]]), np.array([0, 0]), RoadSegments.of(road, 5), road)
     >>> c.tolist(), o.tolist(), a.tolist()
     ([4.0, 16.0], [1.0, -1.0], [0.0, 90.0])
+    >>> project(np.array([[-3.0, 4.0]]), np.array([0]), RoadSegments.of(road, 1), road)  # beyond reach, before 0
+    (array([0.]), array([5.]), array([0.]))
     """
     seg, t, offset = segments.nearest(xy, road)
     found = seg >= 0
@@ -242,8 +244,9 @@ def project(xy: np.ndarray, road: np.ndarray, segments: RoadSegments,
 def _project_on_roads(xy: np.ndarray, roads: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     points = shapely.points(xy)
     chain = shapely.line_locate_point(roads, points)
-    a = shapely.get_coordinates(shapely.line_interpolate_point(roads, chain - 0.05))
-    b = shapely.get_coordinates(shapely.line_interpolate_point(roads, chain + 0.05))
+    length = shapely.length(roads)  # a negative distance would count from the far end
+    a = shapely.get_coordinates(shapely.line_interpolate_point(roads, np.clip(chain - 0.05, 0, length)))
+    b = shapely.get_coordinates(shapely.line_interpolate_point(roads, np.clip(chain + 0.05, 0, length)))
     d = b - a
     foot = shapely.get_coordinates(shapely.line_interpolate_point(roads, chain))
     side = np.sign(d[:, 0] * (xy[:, 1] - foot[:, 1]) - d[:, 1] * (xy[:, 0] - foot[:, 0]))
@@ -277,11 +280,11 @@ def _midpoints(coords: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
 def locate_cracks(lines: np.ndarray, roads: np.ndarray, corridor_m: float) -> Located:
     """Reference every crack to its nearest road within ``corridor_m`` (see the module docstring)."""
     n = len(lines)
-    segments = RoadSegments.of(roads, 2 * corridor_m)
+    segments = RoadSegments.of(roads, corridor_m)  # vertices beyond it (long cracks at the edge): whole roads
     coords, index = shapely.get_coordinates(lines, return_index=True)
     mids = _midpoints(coords, index, n)
-    seg, t, offset_mid = segments.nearest(mids)  # the nearest road, within reach_m
-    hit = (seg >= 0) & (np.abs(offset_mid) <= corridor_m)
+    seg, t, offset_mid = segments.nearest(mids)  # the nearest road, within the corridor
+    hit = seg >= 0
     road = np.where(hit, segments.road[np.maximum(seg, 0)], -1)
     located = np.flatnonzero(road >= 0)
     offset_mid[~hit] = np.nan
