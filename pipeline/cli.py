@@ -456,7 +456,8 @@ def sections(store: str, network: str, survey_id: str | None, section_m: float, 
 @click.option("--angle-deg", default=20.0, show_default=True, help="... and this difference in direction.")
 @with_network_options
 def change(store: str, from_survey: str, to_survey: str, network: str | None, buffer_m: float, angle_deg: float,
-           section_m: float, rollup_m: float, corridor_m: float, id_field: str, direction_field: str, profile: str) -> None:
+           section_m: float, rollup_m: float, corridor_m: float, id_field: str, direction_field: str,
+           profile: str) -> None:
     """Change between two surveys in STORE: new, grown, unchanged and gone cracks, and per-section deltas.
 
     Writes the layers ``crack_changes`` and ``section_changes``.

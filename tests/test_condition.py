@@ -64,7 +64,8 @@ def write_network(path, roads=(("R1", ROAD),), crs=UTM, id_field="road_id", dire
     ids = np.array([r for r, _ in roads], dtype=object)
     extra = {} if direction is None else {"direction": np.array(direction, dtype=object)}
     pyogrio.raw.write(str(path), shapely.to_wkb(np.array([g for _, g in roads], dtype=object)),
-                      field_data=[ids, *extra.values()], fields=[id_field, *extra], crs=crs, geometry_type="LineString",
+                      field_data=[ids, *extra.values()], fields=[id_field, *extra], crs=crs,
+                      geometry_type="LineString",
                       driver="GPKG" if str(path).endswith(".gpkg") else "GeoJSON")
     return str(path)
 
