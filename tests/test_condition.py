@@ -252,6 +252,22 @@ def test_bad_networks_and_requests_are_refused_and_nothing_is_written(store_url,
     store.close()
 
 
+def test_publishing_a_scene_again_drops_its_cracks_road_columns(mapped):
+    """The same run publishes the scene again (same crack ids): the new rows have no road columns until
+    sections run again, in PostGIS (crack_positions, a trigger) as in GeoPackage (the rows themselves)."""
+    store, _, network = mapped
+    assert cracks_by_name(store, "survey-a", list(CRACKS_A))["long"]["road_id"] == "R1"
+    store.publish(scene_result("s1", CRACKS_A), RUN)
+    cracks = cracks_by_name(store, "survey-a", list(CRACKS_A))
+    assert {c["road_id"] for c in cracks.values()} == {None}
+    assert {c["chainage_from_m"] for c in cracks.values()} == {None}
+    run_sections(store, network, "survey-a")
+    assert cracks_by_name(store, "survey-a", list(CRACKS_A))["long"]["road_id"] == "R1"
+    versions = [r for b in store.query(CrackQuery(model_name=RUN.model_name, model_version=RUN.model_version))
+                for r in b]  # every version of the cracks (all_cracks in PostGIS) shows them too
+    assert sum(r["road_id"] == "R1" for r in versions) == len(CRACKS_A) - 1
+
+
 def test_chainage_runs_with_the_traffic_on_one_way_roads(store_url, tmp_path):
     """The road digitized backwards: two-way, chainage and offsets follow the line; one-way against
     the line (TF, -1, backward), they follow the traffic; a value that is no direction is refused."""
