@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.registry import resolve  # noqa: E402
-from pipeline.inference import OnnxRuntimeBackend  # noqa: E402
+from pipeline.backends import OnnxRuntimeBackend  # noqa: E402
 from pipeline.precision import cpu_flags, cpu_name  # noqa: E402
 
 SETTINGS = {  # name -> (runs at once, intra-op threads, chips per run, spinning)
@@ -94,7 +94,7 @@ def main() -> None:
         if output == onnx.TensorProto.FLOAT:
             graphs["old"] = entry.file("onnx")
             try:
-                from models.export import export_onnx, load_net
+                from models.onnx_export import export_onnx, load_net
 
                 graphs["float"] = export_onnx(load_net(entry.variant, entry.file("weights")),
                                               Path(tmp) / "float.onnx", entry.size_px)

@@ -4,7 +4,7 @@ Writes ``--frames`` synthetic 1920 x 1080 pavement frames (JPEG, dark meandering
 and the same pixels as JPEG-compressed GeoTIFF scenes.  Then, in one process and
 interleaved over ``--rounds`` rounds (medians reported):
 
-  * GeoTIFF path: ``pipeline.scene.process_scene`` on every scene;
+  * GeoTIFF path: ``pipeline.scene.detect_cracks`` on every scene;
   * frame mode: ``pipeline.frames.observe_frame`` on every frame (same chips, network,
     stitching, probability raster and vectorizing; plus the road mask and the ground
     mapping of the crack vertices), then ``frame_results`` (merging the overlapping
@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.registry import resolve  # noqa: E402
 from pipeline.camera import Camera  # noqa: E402
 from pipeline.frames import frame_results, ground_line, observe_frame  # noqa: E402
-from pipeline.inference import load_backend  # noqa: E402
+from pipeline.backends import load_backend  # noqa: E402
 from pipeline.measure import Severity  # noqa: E402
-from pipeline.scene import SceneOptions, process_scene  # noqa: E402
-from pipeline.store import DEFAULT_CRS  # noqa: E402
+from pipeline.scene import SceneOptions, detect_cracks  # noqa: E402
+from pipeline.stores import DEFAULT_CRS  # noqa: E402
 from pipeline.tiling import chip_windows  # noqa: E402
 from pipeline.trajectory import Pose  # noqa: E402
 
@@ -87,7 +87,7 @@ def pose(k: int) -> Pose:
 def geotiff_pass(scenes, backend, entry, out: Path) -> float:
     started = time.perf_counter()
     for k, scene in enumerate(scenes):
-        process_scene(str(scene), backend, entry, out / f"g{k}.tif", DEFAULT_CRS, scene_id=f"s{k}",
+        detect_cracks(str(scene), backend, entry, out / f"g{k}.tif", DEFAULT_CRS, scene_id=f"s{k}",
                       source_sha256="x")
     return time.perf_counter() - started
 

@@ -4,7 +4,7 @@ Measures:
   1. network-only chips/s per backend (tensorrt, torch, onnxruntime) and batch size
      (1, 8, 32, 64): the same random uint8 chips through ``predict``, after a warm-up
      (engine build, CUDA graph capture), for at least ``--seconds`` per case;
-  2. end-to-end chips/s of ``pipeline.scene.process_scene`` (read, network, stitch,
+  2. end-to-end chips/s of ``pipeline.scene.detect_cracks`` (read, network, stitch,
      probability COG, vectorize) on a synthetic scene, with the GPU's busy fraction
      sampled from ``nvidia-smi`` (utilization.gpu every 100 ms: the share of time a
      kernel was running) and the network thread's busy fraction (time in ``predict``).
@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from models.registry import resolve  # noqa: E402
 from pipeline.errors import BackendUnavailableError  # noqa: E402
-from pipeline.inference import (OnnxRuntimeBackend, TorchBackend, gpu_present,  # noqa: E402
-                                load_backend, select_backend)
+from pipeline.backends import OnnxRuntimeBackend, gpu_present, load_backend, select_backend  # noqa: E402
+from pipeline.backends.pytorch import TorchBackend  # noqa: E402
 
 
 def gpu_info() -> dict:
@@ -60,7 +60,7 @@ def gpu_info() -> dict:
 def unavailable(name: str) -> str | None:
     """Why a backend cannot be measured here, or None."""
     if name == "tensorrt":
-        from pipeline.engines import require_tensorrt
+        from pipeline.backends.tensorrt import require_tensorrt
 
         try:
             require_tensorrt()
@@ -78,7 +78,7 @@ def unavailable(name: str) -> str | None:
 
 def make_backend(entry, name: str, batch: int, precision: str):
     if name == "tensorrt":
-        from pipeline.engines import TensorRTBackend
+        from pipeline.backends.tensorrt import TensorRTBackend
 
         return TensorRTBackend(entry, batch_size=batch, micro_batch=min(batch, 64), precision=precision)
     if name == "torch":
@@ -141,19 +141,19 @@ class TimedBackend:
 
 
 def end_to_end(entry, requested: str, width: int, rows: int) -> dict:
-    from pipeline.scene import SceneOptions, process_scene
-    from pipeline.store import DEFAULT_CRS
+    from pipeline.scene import SceneOptions, detect_cracks
+    from pipeline.stores import DEFAULT_CRS
     from pipeline_throughput import synthetic_scene
 
     name, reason = select_backend(requested)
     backend = TimedBackend(load_backend(entry, requested))
     with tempfile.TemporaryDirectory() as tmp:
         scene = synthetic_scene(Path(tmp) / "scene.tif", width, rows)
-        process_scene(str(scene), backend, entry, Path(tmp) / "warm.tif", DEFAULT_CRS, SceneOptions())
+        detect_cracks(str(scene), backend, entry, Path(tmp) / "warm.tif", DEFAULT_CRS, SceneOptions())
         backend.seconds = 0.0
         with GpuSampler() as gpu:
             started = time.perf_counter()
-            result = process_scene(str(scene), backend, entry, Path(tmp) / "p.tif", DEFAULT_CRS,
+            result = detect_cracks(str(scene), backend, entry, Path(tmp) / "p.tif", DEFAULT_CRS,
                                    SceneOptions())
             seconds = time.perf_counter() - started
     return {"backend": name, "why": reason, "batch": backend.batch_size, "chips": result.chip_count,

@@ -1,7 +1,7 @@
 """Everything but the network: end-to-end chips/s with a zero-cost backend, 1 and 2 workers (a benchmark).
 
-``pipeline.inference.FixedBackend`` returns one fixed chip probability (one short crack per
-chip) instantly, so ``process_scene`` measures reading and decoding, stitching, the probability COG,
+``pipeline.backends.FixedBackend`` returns one fixed chip probability (one short crack per
+chip) instantly, so ``detect_cracks`` measures reading and decoding, stitching, the probability COG,
 vectorizing and measuring: the ceiling a GPU worker process reaches whatever the GPU does.
 Workers are processes, each mapping its own scene (as ``process-scene`` pods or process
 workers do); with 2 workers both run at once and chips/s is their chips over the wall time.
@@ -31,16 +31,16 @@ from pipeline_throughput import machine, synthetic_scene  # noqa: E402
 def child(scene: str, out: str) -> None:
     """In a fresh process: wait for 'go' on stdin (so workers start together), map the scene, print JSON."""
     from models.registry import resolve
-    from pipeline.inference import FixedBackend
-    from pipeline.scene import SceneOptions, process_scene
-    from pipeline.store import DEFAULT_CRS
+    from pipeline.backends import FixedBackend
+    from pipeline.scene import SceneOptions, detect_cracks
+    from pipeline.stores import DEFAULT_CRS
     from pipeline.vectorize import warm_up
 
     warm_up()
     print("ready", flush=True)
     sys.stdin.readline()
     started = time.perf_counter()
-    result = process_scene(scene, FixedBackend(), resolve(), Path(out), DEFAULT_CRS, SceneOptions())
+    result = detect_cracks(scene, FixedBackend(), resolve(), Path(out), DEFAULT_CRS, SceneOptions())
     seconds = time.perf_counter() - started
     print(json.dumps({"chips": result.chip_count, "seconds": seconds, "cracks": len(result.cracks)}),
           flush=True)
@@ -49,9 +49,9 @@ def child(scene: str, out: str) -> None:
 def in_flight_child(scenes: list[str], workdir: str) -> None:
     """In a fresh process: map all scenes in one worker with 1, then len(scenes) in flight; prints JSON."""
     from models.registry import resolve
-    from pipeline.inference import FixedBackend
+    from pipeline.backends import FixedBackend
     from pipeline.sharing import map_scenes
-    from pipeline.store import DEFAULT_CRS
+    from pipeline.stores import DEFAULT_CRS
     from pipeline.vectorize import warm_up
 
     warm_up()

@@ -2,7 +2,7 @@
 
 Measures in one run:
   1. model-only chips/s per backend (onnxruntime, torch), batch 8;
-  2. end-to-end chips/s of `pipeline.scene.process_scene` (read, network,
+  2. end-to-end chips/s of `pipeline.scene.detect_cracks` (read, network,
      stitch, probability COG, vectorize) on a synthetic scene of a few
      thousand chips, with the CPU default backend;
   3. peak memory (max RSS of a fresh process) for a scene and one 4x longer.
@@ -37,7 +37,7 @@ from rasterio.windows import Window
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.registry import resolve  # noqa: E402
-from pipeline.inference import load_backend  # noqa: E402
+from pipeline.backends import load_backend  # noqa: E402
 from pipeline.tiling import chip_windows  # noqa: E402
 
 
@@ -80,8 +80,8 @@ def model_only(spec: str, backend_name: str, batch: int = 8, batches: int = 100)
 
 def end_to_end_child(scene: str, spec: str, out: str) -> None:
     """Run in a fresh process: map one scene, print JSON with chips/s and peak RSS."""
-    from pipeline.scene import SceneOptions, process_scene
-    from pipeline.store import DEFAULT_CRS
+    from pipeline.scene import SceneOptions, detect_cracks
+    from pipeline.stores import DEFAULT_CRS
 
     from pipeline.vectorize import warm_up
 
@@ -90,7 +90,7 @@ def end_to_end_child(scene: str, spec: str, out: str) -> None:
     backend.predict(np.zeros((backend.batch_size, 3, 400, 400), np.uint8))  # warm-ups, as for model-only
     warm_up()
     started = time.perf_counter()
-    result = process_scene(scene, backend, entry, Path(out), DEFAULT_CRS, SceneOptions())
+    result = detect_cracks(scene, backend, entry, Path(out), DEFAULT_CRS, SceneOptions())
     seconds = time.perf_counter() - started
     print(json.dumps({"chips": result.chip_count, "seconds": seconds,
                       "chips_per_s": result.chip_count / seconds, "cracks": len(result.cracks),

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import condition, projection  # noqa: E402
 from pipeline.records import CrackLine, Scene, SceneResult  # noqa: E402
-from pipeline.store import RunInfo, open_store  # noqa: E402
+from pipeline.stores import RunInfo, open_store  # noqa: E402
 
 UTM = "EPSG:32633"
 RUN = RunInfo("bench", "run-1", "bench-model", "1.0.0", "0" * 64)

@@ -35,7 +35,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipeline.postgis import migrate  # noqa: E402
+from pipeline.stores.postgis import migrate  # noqa: E402
 
 ROADS, ROAD_DEG, WEST, SOUTH, GAP_DEG = 100, 0.14, 15.0, 50.0, 0.01  # 0.14° ≈ 10 km at 50° N
 

@@ -26,7 +26,7 @@ from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
 from pipeline.records import CrackLine, Scene, SceneResult
-from pipeline.store import RunInfo, open_store
+from pipeline.stores import RunInfo, open_store
 
 
 def cpu_model() -> str:

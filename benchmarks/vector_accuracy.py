@@ -3,7 +3,7 @@
 Crack lines are what agencies sum per road section, so they are scored as lines,
 not pixels. This script builds georeferenced scenes from val images (several
 images of one dataset tiled edge to edge into one scene), runs the real
-pipeline (``pipeline.scene.process_scene``: chips, network, stitching,
+pipeline (``pipeline.scene.detect_cracks``: chips, network, stitching,
 vectorizing, measuring) with each model asked for, and scores the crack lines
 against the skeletons of the true masks (``pipeline.accuracy``):
 
@@ -60,10 +60,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.registry import resolve  # noqa: E402
 from pipeline.accuracy import score_lines, truth_skeleton  # noqa: E402
-from pipeline.inference import load_backend  # noqa: E402
+from pipeline.backends import load_backend  # noqa: E402
 from pipeline.measure import Georeferencer, Severity  # noqa: E402
 from pipeline.probability import read_rows  # noqa: E402
-from pipeline.scene import SceneOptions, process_scene  # noqa: E402
+from pipeline.scene import SceneOptions, detect_cracks  # noqa: E402
 from pipeline.vectorize import BandVectorizer, VectorizeParams  # noqa: E402
 
 GEOD = Geod(ellps="WGS84")
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         backend = load_backend(entry, "onnxruntime")
         for spec, path, truth, valid in scenes:
             started = time.perf_counter()
-            result = process_scene(str(path), backend, entry, args.out / f"{spec.name}.{entry.version}.prob.tif",
+            result = detect_cracks(str(path), backend, entry, args.out / f"{spec.name}.{entry.version}.prob.tif",
                                    CRS.from_string(spec.crs), SceneOptions())
             base = SceneOptions().vectorize_params(entry)
             for min_length_m, gap_px in itertools.product(args.min_length_m, args.bridge_gap_px):

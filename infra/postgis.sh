@@ -13,7 +13,7 @@
 #   infra/postgis.sh stop DIR                 stop the server and delete DIR
 #
 # The cluster's superuser is "postgres" with a random password (password auth over TCP,
-# so a wrong password is refused).  Migrations run with $PYTHON (default python3) -m pipeline.postgis.
+# so a wrong password is refused).  Migrations run with $PYTHON (default python3) -m pipeline.stores.postgis.
 set -euo pipefail
 
 PG_VERSION=15
@@ -90,7 +90,7 @@ ENV
         . "$dir/env"
         "$BIN/psql" -q -v ON_ERROR_STOP=1 -d postgres -c "CREATE DATABASE crackmap" >&2
         "$BIN/psql" -q -v ON_ERROR_STOP=1 -c "CREATE EXTENSION IF NOT EXISTS postgis" >&2
-        cd "$ROOT" && "$PYTHON" -m pipeline.postgis migrate "$url" >&2
+        cd "$ROOT" && "$PYTHON" -m pipeline.stores.postgis migrate "$url" >&2
     ) || { stop "$dir"; exit 1; }
     print_env "$dir"
 }

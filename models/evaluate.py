@@ -57,7 +57,7 @@ def evaluate_net(net: torch.nn.Module, threshold: float, data_root: Path,
 def evaluate_entry(entry: registry.ModelEntry, data_root: Path,
                    datasets: tuple[str, ...] = DATASETS) -> dict[str, dict]:
     """:func:`evaluate_net` for a registry version, at its card's threshold."""
-    from models.export import load_net
+    from models.onnx_export import load_net
 
     return evaluate_net(load_net(entry.variant, entry.file("weights")), entry.threshold, data_root, datasets)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from models import registry
-from models.export import export_onnx, verify_onnx
+from models.onnx_export import export_onnx, verify_onnx
 from models.hrsegnet import MEAN, STD, avg_pool_name, create, pool_kwargs
 
 DATA_LICENSES = {

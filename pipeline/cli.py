@@ -18,10 +18,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from models import registry
-from models.engine import PRECISIONS
+from models.tensorrt_build import PRECISIONS
 from pipeline.errors import USER_ERRORS
 from pipeline.images import image_files, image_probability, read_rgb
-from pipeline.inference import BACKENDS, load_backend
+from pipeline.backends import BACKENDS, load_backend
 from pipeline.redact import mask_url, redact
 
 model_option = click.option("--model", "model_spec", default=None, metavar="NAME[:VERSION]",
@@ -198,7 +198,7 @@ def models_add(checkpoint: Path, name: str, version: str, root: Path, make_defau
 @model_option
 def models_export(fmt: str, out: Path, model_spec: str | None) -> None:
     """Export a registry model to ONNX (dynamic batch of uint8 400x400 chips), verified against torch."""
-    from models.export import export_onnx, load_net, verify_onnx
+    from models.onnx_export import export_onnx, load_net, verify_onnx
 
     try:
         entry = registry.resolve(model_spec)
@@ -249,7 +249,7 @@ def models_quantize(model_spec: str | None, data_root: Path | None, per_dataset:
                    "else ~/.cache/crackmap/engines).")
 def models_build_engine(model_spec: str | None, precision: str, max_batch: int, cache: str | None) -> None:
     """Build (or find in the cache) the TensorRT engine of a model for this GPU."""
-    from pipeline.engines import EngineCache, Profile, engine_for
+    from pipeline.backends.tensorrt import EngineCache, Profile, engine_for
 
     try:
         entry = registry.resolve(model_spec)
@@ -279,7 +279,7 @@ def query(store: str, bbox: tuple[float, float, float, float] | None, survey_id:
           out: Path | None) -> None:
     """Write the cracks of STORE (a .gpkg path or a postgresql:// URL) that match, streaming."""
     from pipeline import export
-    from pipeline.store import CrackQuery, open_store
+    from pipeline.stores import CrackQuery, open_store
 
     fmt = fmt or (export.SUFFIXES.get(out.suffix.lower(), "geojson") if out else "geojson")
     if fmt in export.FILE_FORMATS and out is None:
@@ -370,7 +370,7 @@ def sections_table(rows: list[dict], level: str = "section") -> str:
 
 def open_existing(store: str):
     """A store that must exist already (a .gpkg file or a PostGIS URL)."""
-    from pipeline.store import open_store
+    from pipeline.stores import open_store
 
     if not str(store).startswith(("postgresql://", "postgres://")) and not Path(store).is_file():
         fail(f"{mask_url(store)}: no such GeoPackage")

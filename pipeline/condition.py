@@ -23,7 +23,7 @@ from pipeline.network import Network, read_network
 from pipeline.records import CrackPositions
 from pipeline.sections import (SUM_FIELDS, ConditionFormula, Located, Pieces, add_up, condition, cut_sections,
                                locate_cracks, rollup_keys, section_sums, split_by_sections, substrings)
-from pipeline.store import CrackStore
+from pipeline.stores import CrackStore
 
 MIN_SECTION_M = 1.0
 

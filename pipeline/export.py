@@ -17,7 +17,7 @@ import shapely
 from rasterio.crs import CRS
 
 from pipeline import gpkg
-from pipeline.store import CRACK_COLUMNS, QUERY_FIELDS
+from pipeline.stores.base import CRACK_COLUMNS, QUERY_FIELDS
 
 FORMATS = ("geojson", "csv", "gpkg", "geoparquet", "flatgeobuf")
 FILE_FORMATS = ("gpkg", "geoparquet", "flatgeobuf")  # written to a file, never to standard output

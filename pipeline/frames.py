@@ -39,7 +39,7 @@ from rasterio.crs import CRS
 from scipy.spatial import cKDTree
 from shapely.geometry import LineString, Polygon
 
-from pipeline import storage
+from pipeline import buckets
 from pipeline.camera import Camera, footprint, ground_points, ground_sampling_m, road_pixels
 from pipeline.errors import FrameError, SceneContentError
 from pipeline.measure import GEOD, LONLAT, Severity, azimuth_deg
@@ -108,7 +108,7 @@ def read_exif(uri: str) -> Image.Exif:
         FrameError: the file is missing or not an image.
     """
     try:
-        with storage.filesystem(uri).open(uri if storage.is_url(uri) else str(uri), "rb") as f, \
+        with buckets.filesystem(uri).open(uri if buckets.is_url(uri) else str(uri), "rb") as f, \
                 Image.open(f) as image:
             return image.getexif()
     except (OSError, UnidentifiedImageError) as exc:
@@ -530,7 +530,7 @@ def survey_frames(found: list, camera_path: str) -> list:
     if not mask:
         return found
     mask_path = (Path(camera_path).parent / str(mask)).resolve()
-    return [s for s in found if storage.is_url(s.uri) or Path(s.uri).resolve() != mask_path]
+    return [s for s in found if buckets.is_url(s.uri) or Path(s.uri).resolve() != mask_path]
 
 
 def frame_identity(frame_sha256: str, *inputs: str | None) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import SceneReadError
-from pipeline.inference import Backend
+from pipeline.backends import Backend
 from pipeline.stitching import StripStitcher
 from pipeline.tiling import chip_windows, mirror_pad
 

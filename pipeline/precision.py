@@ -166,7 +166,7 @@ def val_scores(onnx_path: Path, data_root: Path, datasets: list[str], threshold:
     from models.data import find_pairs
     from models.metrics import PixelCounts
     from pipeline.images import read_rgb
-    from pipeline.inference import OnnxRuntimeBackend
+    from pipeline.backends import OnnxRuntimeBackend
 
     backend = OnnxRuntimeBackend(Path(onnx_path), batch_size=8)
     scores, masks = {}, {}
@@ -199,7 +199,7 @@ def inference_graph(entry: ModelEntry, folder: Path) -> Path:
     if onnx.load(str(path), load_external_data=False).graph.output[0].type.tensor_type.elem_type == \
             onnx.TensorProto.UINT8:
         return path
-    from models.export import export_onnx, load_net, verify_onnx
+    from models.onnx_export import export_onnx, load_net, verify_onnx
     from models.package import MAX_ONNX_DIFF
 
     net = load_net(entry.variant, entry.file("weights"))

@@ -23,7 +23,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
-from pipeline import storage
+from pipeline import buckets
 from pipeline.raster import gdal_env, open_raster
 from pipeline.records import Scene
 
@@ -66,7 +66,7 @@ class ProbabilityWriter:
     """
 
     def __init__(self, path: str | Path, scene: Scene) -> None:
-        self.uri = str(path) if storage.is_url(path) else None
+        self.uri = str(path) if buckets.is_url(path) else None
         self._staging = Path(tempfile.mkdtemp(prefix="crackmap-")) if self.uri else None
         self.path = self._staging / Path(self.uri).name if self.uri else Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +141,7 @@ class ProbabilityWriter:
         if self.uri is None:
             return self.path
         try:
-            storage.upload(self.path, self.uri)
+            buckets.upload(self.path, self.uri)
         finally:
             shutil.rmtree(self._staging, ignore_errors=True)
         return self.uri

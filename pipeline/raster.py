@@ -22,7 +22,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.session import DummySession
 from rasterio.windows import Window
 
-from pipeline import storage
+from pipeline import buckets
 from pipeline.errors import SceneContentError, SceneReadError
 from pipeline.records import ChipBatch, Scene
 from pipeline.tiling import chip_offsets, mirror_pad
@@ -50,7 +50,7 @@ GDAL_OPTIONS = {
 # s3:// COGs; GDAL_SCHEMES are the schemes "gdal" can read, every other scheme uses fsspec.
 GDAL_SCHEMES = ("s3", "gs", "az", "http", "https")
 READ_METHOD = "fsspec"
-READ_AHEAD_BLOCKS = 4  # blocks of storage.S3_BLOCK_BYTES held per open scene, the next one prefetched
+READ_AHEAD_BLOCKS = 4  # blocks of buckets.S3_BLOCK_BYTES held per open scene, the next one prefetched
 # JPEG GeoTIFFs: decode blocks with Pillow's libjpeg-turbo (SIMD) rather than the IJG libjpeg
 # in rasterio's wheels, 2.6x faster (_JpegBlocks); False leaves all decoding to GDAL.
 TURBO_JPEG = features.check_feature("libjpeg_turbo")
@@ -102,12 +102,12 @@ def open_raster(uri: str, method: str | None = None) -> rasterio.DatasetReader:
     schemes GDAL knows) or ``fsspec`` (GDAL reads through fsspec file objects;
     used for every other scheme).  Call inside ``gdal_env()``.
     """
-    if not storage.is_url(uri):
+    if not buckets.is_url(uri):
         return rasterio.open(uri)
     scheme = urlsplit(uri).scheme
     if (method or READ_METHOD) == "gdal" and scheme in GDAL_SCHEMES:
         return rasterio.open(uri)
-    fs, path = storage.filesystem(uri), uri.split("://", 1)[1]
+    fs, path = buckets.filesystem(uri), uri.split("://", 1)[1]
     try:
         return rasterio.open(path, opener=_ReadAhead(fs))
     except RasterioError:
@@ -133,11 +133,10 @@ class _ReadAhead:
 
 
 def read_error(uri: str, exc: BaseException, otherwise: str = "not a readable raster") -> SceneReadError:
-    """A one-line ``SceneReadError``: a storage problem per ``storage.ERROR_POLICY``, or ``otherwise``."""
-    rule = storage.policy(exc) if storage.is_url(uri) else None
-    error = SceneReadError(uri, f"{rule.problem if rule else otherwise} ({storage.first_line(exc)})")
-    error.transient = bool(rule and rule.transient)
-    return error
+    """A one-line ``SceneReadError``: a storage problem per ``buckets.ERROR_POLICY``, or ``otherwise``."""
+    rule = buckets.policy(exc) if buckets.is_url(uri) else None
+    return SceneReadError(uri, f"{rule.problem if rule else otherwise} ({buckets.first_line(exc)})",
+                          transient=bool(rule and rule.transient))
 
 
 class SceneReader:
@@ -268,8 +267,8 @@ class SceneReader:
         """
         if self._frame is None and not self._georeferenced and TURBO_JPEG and self._ds.driver == "JPEG" \
                 and self._ds.dtypes[0] == "uint8" and self._ds.count in (1, 3):
-            fs = storage.filesystem(self.uri)
-            with fs.open(self.uri if storage.is_url(self.uri) else str(self.uri), "rb") as f, \
+            fs = buckets.filesystem(self.uri)
+            with fs.open(self.uri if buckets.is_url(self.uri) else str(self.uri), "rb") as f, \
                     Image.open(f) as image:
                 self._frame = np.ascontiguousarray(np.asarray(image.convert("RGB")).transpose(2, 0, 1))
         return self._frame
@@ -434,12 +433,12 @@ class _JpegBlocks:
             return None  # a mask from a nodata value needs GDAL's pixels anyway
         scheme = urlsplit(uri).scheme
         try:
-            if scheme == "file" or not storage.is_url(uri):
+            if scheme == "file" or not buckets.is_url(uri):
                 if uri.startswith("/vsi"):  # GDAL's virtual file systems: only GDAL reads those
                     return None
                 file = open(urlsplit(uri).path if scheme == "file" else uri, "rb")
             elif all_valid and ((method or READ_METHOD) == "fsspec" or scheme not in GDAL_SCHEMES):
-                file = _ReadAhead(storage.filesystem(uri)).open(uri.split("://", 1)[1])
+                file = _ReadAhead(buckets.filesystem(uri)).open(uri.split("://", 1)[1])
             else:
                 return None
         except OSError as exc:

@@ -19,9 +19,9 @@ import numpy as np
 from rasterio.crs import CRS
 
 from models.registry import ModelEntry
-from pipeline import storage
+from pipeline import buckets
 from pipeline.errors import OptionsError, SceneContentError
-from pipeline.inference import Backend, predictions
+from pipeline.backends import Backend, predictions
 from pipeline import projection
 from pipeline.crack_types import TypeProfile, classify, joint_lines, scene_frame, type_profile
 from pipeline.measure import Georeferencer, Severity
@@ -216,7 +216,7 @@ def run_network(uri: str, scene_id: str, backend: Backend, stitcher: StripStitch
     return chips
 
 
-def process_scene(uri: str, backend: Backend, model: ModelEntry, probability_path: str | Path,
+def detect_cracks(uri: str, backend: Backend, model: ModelEntry, probability_path: str | Path,
                   store_crs: CRS, options: SceneOptions = SceneOptions(),
                   scene_id: str | None = None, progress: Progress | None = None,
                   source_sha256: str | None = None) -> SceneResult:
@@ -225,7 +225,7 @@ def process_scene(uri: str, backend: Backend, model: ModelEntry, probability_pat
     Writes the scene's crack probability COG to ``probability_path`` (a local
     path or a storage URL) and returns its measured crack lines in ``store_crs``.
     ``source_sha256`` is the source identity if the caller already has it
-    (an ETag from a listing); otherwise it is computed (``storage.identity``).
+    (an ETag from a listing); otherwise it is computed (``buckets.identity``).
 
     Raises:
         SceneReadError: the file is missing, not a raster, or truncated.
@@ -260,7 +260,7 @@ def process_scene(uri: str, backend: Backend, model: ModelEntry, probability_pat
     cracks, areas = type_cracks(cracks, footprint, store_crs, options)
     return SceneResult(scene=scene, cracks=cracks, footprint=footprint,
                        chip_count=chips, probability_path=str(probability_path),
-                       seconds=time.perf_counter() - started, sha256=source_sha256 or storage.identity(uri),
+                       seconds=time.perf_counter() - started, sha256=source_sha256 or buckets.identity(uri),
                        stats={"pixel_size_m": geo.pixel_size_m}, pattern_areas=areas)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from rasterio.crs import CRS
 
 from models.registry import ModelEntry
-from pipeline.inference import Backend
+from pipeline.backends import Backend
 
 
 _STOP = object()
@@ -99,9 +99,9 @@ def map_scenes(uris: Sequence[str], backend: Backend, model: ModelEntry,
 
     Returns, in the order of ``uris``, each scene's ``SceneResult`` or the
     exception that stopped it (one failing scene never stops the others).
-    ``scene_kwargs`` go to ``pipeline.scene.process_scene`` (options, ...).
+    ``scene_kwargs`` go to ``pipeline.scene.detect_cracks`` (options, ...).
     """
-    from pipeline.scene import process_scene
+    from pipeline.scene import detect_cracks
 
     if in_flight < 1:
         raise ValueError(f"in_flight must be at least 1, not {in_flight}")
@@ -109,7 +109,7 @@ def map_scenes(uris: Sequence[str], backend: Backend, model: ModelEntry,
 
     def one(uri: str):
         try:
-            return process_scene(uri, shared, model, probability_path(uri), store_crs, **scene_kwargs)
+            return detect_cracks(uri, shared, model, probability_path(uri), store_crs, **scene_kwargs)
         except Exception as exc:  # noqa: BLE001  (returned to the caller, scene by scene)
             return exc
 

@@ -36,7 +36,7 @@ class PostGIS:
         with self.admin() as con:
             con.execute(f"CREATE DATABASE {self.template}")
         with psycopg.connect(self.url_of(self.template), autocommit=True) as con:
-            from pipeline.postgis import migrate
+            from pipeline.stores.postgis import migrate
 
             migrate(con)
 

@@ -17,8 +17,8 @@ from rasterio.transform import from_origin
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from conftest import DarknessBackend, paint_crack, write_scene
-from pipeline.scene import SceneOptions, process_scene
-from pipeline.store import DEFAULT_CRS, RunInfo, open_store
+from pipeline.scene import SceneOptions, detect_cracks
+from pipeline.stores import DEFAULT_CRS, RunInfo, open_store
 
 RUN = RunInfo("survey-a", "run-1", "test-b16", "1.0.0", "abc")
 CRACK_COUNT = 12
@@ -49,7 +49,7 @@ def publish_map(url: str, workdir: Path) -> None:
     # raster lie under them (the web map's raster layers)
     west, north = Transformer.from_crs(4326, 32633, always_xy=True).transform(WEST - STEP_DEG, SOUTH + 0.0004)
     scene = write_scene(workdir / "road-1.tif", pixels, transform=from_origin(west, north, 0.25, 0.25))
-    result = process_scene(str(scene), DarknessBackend(), Model(), workdir / "road-1-probability.tif",
+    result = detect_cracks(str(scene), DarknessBackend(), Model(), workdir / "road-1-probability.tif",
                            DEFAULT_CRS, SceneOptions())
     base = result.cracks[0]
     cracks = tuple(dataclasses.replace(base, geometry=crack_line(i), **expected(i))

@@ -14,12 +14,12 @@ from conftest import levels
 from hypothesis import given
 from hypothesis import strategies as st
 
-from models.engine import Profile, strongly_typed
-from pipeline import inference
+from models.tensorrt_build import Profile, strongly_typed
+from pipeline import backends
 from pipeline.cli import cli
-from pipeline.engines import (BufferPlan, EngineCache, EngineKey, buffer_plan, check_chips,
+from pipeline.backends.tensorrt import (BufferPlan, EngineCache, EngineKey, buffer_plan, check_chips,
                               check_engine_io, engine_name)
-from pipeline.inference import auto_backend, pad_batch, select_backend, split_batches
+from pipeline.backends import auto_backend, pad_batch, select_backend, split_batches
 
 TENSORRT_HERE = all(importlib.util.find_spec(m) for m in ("tensorrt", "pycuda"))
 KEY = EngineKey("ab" * 32, "10.13.0.35", "NVIDIA H200", "9.0", "fp16", Profile())
@@ -33,7 +33,7 @@ def random_chips(n, seed=0):
 
 def test_registry_onnx_matches_torch_at_batch_1_and_5(test_models):
     from models import registry
-    from models.export import load_net, verify_onnx
+    from models.onnx_export import load_net, verify_onnx
     from models.package import MAX_ONNX_DIFF
 
     entry = registry.resolve()
@@ -44,7 +44,7 @@ def test_registry_onnx_matches_torch_at_batch_1_and_5(test_models):
 def test_fp16_onnx_keeps_the_contract_and_matches_torch_at_batch_1_and_5(test_models, tmp_path):
     onnx = pytest.importorskip("onnx")
     from models import registry
-    from models.export import export_onnx, load_net, verify_onnx
+    from models.onnx_export import export_onnx, load_net, verify_onnx
 
     entry = registry.resolve()
     net = load_net(entry.variant, entry.file("weights"))
@@ -64,7 +64,7 @@ def test_dynamic_batch_gives_the_same_per_chip_result_whatever_the_batch(test_mo
     entry = registry.resolve()
     batch_dim = onnx.load(str(entry.file("onnx"))).graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param and not batch_dim.dim_value  # symbolic: any batch
-    backend = inference.load_backend(entry, "onnxruntime")
+    backend = backends.load_backend(entry, "onnxruntime")
     chips = random_chips(4, seed=5)
     whole = backend.predict(chips)
     for size in (1, 3):
@@ -157,7 +157,7 @@ def test_engine_cache_returns_an_engine_only_for_its_key(root, tmp_path, caplog)
     assert cache.get(name, KEY) is None
     cache.put(name, KEY, b"serialized engine")
     assert cache.get(name, KEY) == b"serialized engine"
-    with caplog.at_level(logging.WARNING, logger="pipeline.engines"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.backends.tensorrt"):
         assert cache.get(name, dataclasses.replace(KEY, tensorrt_version="10.14.1")) is None
     assert "was built for TensorRT 10.13.0.35" in caplog.text and "rebuilding it" in caplog.text
     cache.put(name, KEY, b"serialized engine")
@@ -183,7 +183,7 @@ def test_an_unreadable_or_older_cache_entry_is_rebuilt_not_a_crash(tmp_path, cap
     for text in ("{not json", json.dumps({**stored, "key": {**older, "retired_field": 1}}),
                  json.dumps({**stored, "key": "x"}), json.dumps([1])):
         meta.write_text(text)
-        with caplog.at_level(logging.WARNING, logger="pipeline.engines"):
+        with caplog.at_level(logging.WARNING, logger="pipeline.backends.tensorrt"):
             assert cache.get(name, KEY) is None
         assert "unreadable or older key" in caplog.text and "rebuilding it" in caplog.text
         caplog.clear()
@@ -199,7 +199,7 @@ def test_auto_picks_tensorrt_then_torch_then_the_cpu_default():
 
 
 def test_auto_selection_without_a_gpu_picks_onnxruntime(monkeypatch):
-    monkeypatch.setattr(inference, "gpu_present", lambda: False)
+    monkeypatch.setattr(backends, "gpu_present", lambda: False)
     name, reason = select_backend("auto")
     assert name == "onnxruntime" and "no NVIDIA GPU" in reason
 
@@ -207,15 +207,15 @@ def test_auto_selection_without_a_gpu_picks_onnxruntime(monkeypatch):
 def test_load_backend_logs_what_auto_picked_and_why(test_models, monkeypatch, caplog):
     from models import registry
 
-    monkeypatch.setattr(inference, "gpu_present", lambda: False)
-    with caplog.at_level(logging.INFO, logger="pipeline.inference"):
-        backend = inference.load_backend(registry.resolve(), "auto")
+    monkeypatch.setattr(backends, "gpu_present", lambda: False)
+    with caplog.at_level(logging.INFO, logger="pipeline.backends"):
+        backend = backends.load_backend(registry.resolve(), "auto")
     assert backend.name == "onnxruntime" and backend.batch_size == 8
     assert "on backend onnxruntime (no NVIDIA GPU: the CPU default; fp32 graph: no INT8 graph)" in caplog.text
 
 
 def test_backends_are_the_cli_choices():
-    assert inference.BACKENDS == ("auto", "tensorrt", "torch", "onnxruntime")
+    assert backends.BACKENDS == ("auto", "tensorrt", "torch", "onnxruntime")
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         select_backend("cuda")
 
@@ -232,7 +232,7 @@ def test_tensorrt_without_tensorrt_fails_with_the_install_hint(command, test_mod
 
 
 def test_gpu_modules_import_nothing_heavy():
-    code = ("import sys, pipeline.engines, pipeline.inference, models.engine; "
+    code = ("import sys, pipeline.backends.tensorrt, pipeline.backends, models.tensorrt_build; "
             "heavy = {'torch', 'tensorrt', 'pycuda', 'prefect'} & set(sys.modules); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -242,9 +242,9 @@ def test_fixed_backend_returns_its_chip_for_every_chip_at_no_cost(tmp_path):
     from conftest import write_scene
 
     from models import registry
-    from pipeline.inference import FixedBackend, short_crack
-    from pipeline.scene import process_scene
-    from pipeline.store import DEFAULT_CRS
+    from pipeline.backends import FixedBackend, short_crack
+    from pipeline.scene import detect_cracks
+    from pipeline.stores import DEFAULT_CRS
 
     backend = FixedBackend(batch_size=3)
     out = backend.predict(random_chips(5))
@@ -253,6 +253,6 @@ def test_fixed_backend_returns_its_chip_for_every_chip_at_no_cost(tmp_path):
     with pytest.raises(ValueError, match="fixed probability"):
         backend.predict(random_chips(1)[:, :, :200, :200])
     scene = write_scene(tmp_path / "s.tif", np.full((3, 400, 1072), 128, np.uint8))  # 3 chips
-    result = process_scene(str(scene), backend, registry.resolve("hrsegnet-b16:1.0.0"),
+    result = detect_cracks(str(scene), backend, registry.resolve("hrsegnet-b16:1.0.0"),
                            tmp_path / "p.tif", DEFAULT_CRS)
     assert result.chip_count == 3 and len(result.cracks) == 3  # one crack per chip, none joined

@@ -22,8 +22,8 @@ from pipeline.cli import cli
 from pipeline.condition import SectionOptions, run_change, run_sections
 from pipeline.errors import ConditionError, NetworkError
 from pipeline.records import CrackLine, Scene, SceneResult
-from pipeline.scene import SceneOptions, process_scene, type_cracks
-from pipeline.store import DEFAULT_CRS, CrackQuery, RunInfo, open_store
+from pipeline.scene import SceneOptions, detect_cracks, type_cracks
+from pipeline.stores import DEFAULT_CRS, CrackQuery, RunInfo, open_store
 
 UTM = "EPSG:32633"
 R = 100.0
@@ -197,7 +197,7 @@ def test_a_slab_joint_grid_is_typed_joint_and_left_out_of_totals_beside_a_kept_c
     class Model:
         spec, threshold = "test:1", 0.5
 
-    result = process_scene(str(path), darkness, Model(), tmp_path / "p.tif", DEFAULT_CRS, SceneOptions())
+    result = detect_cracks(str(path), darkness, Model(), tmp_path / "p.tif", DEFAULT_CRS, SceneOptions())
     types = [c.crack_type for c in result.cracks]
     assert types.count("diagonal") == 1 and set(types) == {"joint", "diagonal"}, types
     joints = [c for c in result.cracks if c.crack_type == "joint"]

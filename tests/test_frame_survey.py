@@ -113,7 +113,7 @@ def test_frame_mode_publishes_merged_cracks_to_postgis(frame_survey, tmp_path, p
     """The real flow into PostGIS; the darkness stand-in backend gives known cracks."""
     from models.registry import resolve
     from pipeline import survey
-    from pipeline.store import open_store
+    from pipeline.stores import open_store
 
     monkeypatch.setattr(survey, "cached_backend", lambda spec, backend: (resolve(spec), _Darkness()))
     result = run(str(frame_survey), "--store", pg_database, "--output", str(tmp_path / "p"))

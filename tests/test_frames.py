@@ -322,7 +322,7 @@ def test_a_geopackage_from_before_the_frame_columns_gets_them(tmp_path):
     from affine import Affine
 
     from pipeline.records import CrackLine, Scene, SceneResult
-    from pipeline.store import RunInfo, open_store
+    from pipeline.stores import RunInfo, open_store
 
     path = tmp_path / "old.gpkg"
     open_store(path).close()
@@ -351,8 +351,8 @@ def test_a_survey_without_trajectory_is_placed_by_exif_gps(tmp_path, test_models
 
     from pipeline import gpkg
     from pipeline.frames import FrameSurvey
-    from pipeline.store import RunInfo
-    from pipeline.survey import SceneSource, map_frame_survey
+    from pipeline.stores import RunInfo
+    from pipeline.survey import RunSettings, SceneSource, map_frame_survey
 
     camera = tmp_path / "camera.yaml"
     camera.write_text(yaml.safe_dump({
@@ -376,10 +376,10 @@ def test_a_survey_without_trajectory_is_placed_by_exif_gps(tmp_path, test_models
 
     entry = resolve(None)
     run = RunInfo("exif", "r1", entry.name, entry.version, entry.sha256)
-    rows = map_frame_survey(sources, FrameSurvey(str(camera)), store, run, "onnxruntime",
-                            str(tmp_path / "p"))
-    assert [r["status"] for r in rows] == ["done", "done", "done", "failed"]
-    assert "nogps.jpg: has no EXIF GPS position, and there is no trajectory" in rows[3]["error"]
+    settings = RunSettings(store, run, str(tmp_path / "p"), "onnxruntime")
+    rows = map_frame_survey(sources, FrameSurvey(str(camera)), settings)
+    assert [r.status for r in rows] == ["done", "done", "done", "failed"]
+    assert "nogps.jpg: has no EXIF GPS position, and there is no trajectory" in rows[3].error
     with sqlite3.connect(store) as con:
         footprints = {s: gpkg.decode(g) for s, g in con.execute("SELECT scene_id, geom FROM scenes "
                                                                 "WHERE status = 'done'")}

@@ -42,7 +42,7 @@ def test_conv_before_upsample_equals_the_published_order():
 
 
 def test_onnx_matches_torch_at_batch_1_and_5(test_models):
-    from pipeline.inference import load_backend
+    from pipeline.backends import load_backend
 
     entry = registry.resolve()
     onnx, torch_net = load_backend(entry, "onnxruntime"), load_backend(entry, "torch")
@@ -54,7 +54,7 @@ def test_onnx_matches_torch_at_batch_1_and_5(test_models):
 
 
 def test_batch_size_does_not_change_a_chip_result(test_models):
-    from pipeline.inference import load_backend
+    from pipeline.backends import load_backend
 
     entry = registry.resolve()
     chips = np.random.default_rng(3).integers(0, 256, (5, 3, 400, 400), dtype=np.uint8)
@@ -67,7 +67,7 @@ def test_batch_size_does_not_change_a_chip_result(test_models):
 
 
 def test_torch_and_onnxruntime_backends_agree(test_models):
-    from pipeline.inference import load_backend
+    from pipeline.backends import load_backend
 
     entry = registry.resolve()
     chips = np.random.default_rng(4).integers(0, 256, (3, 3, 400, 400), dtype=np.uint8)
@@ -119,7 +119,7 @@ def test_shipped_default_model_loads_and_segments_a_fixture_image():
     card = json.loads((entry.folder / "card.json").read_text())
     assert "non-commercial" in card["license"]["text"].lower()
     from pipeline.images import image_probability
-    from pipeline.inference import load_backend
+    from pipeline.backends import load_backend
 
     rgb = np.full((300, 500, 3), 200, np.uint8)
     rgb[148:153, 20:480] = 30  # a dark crack
@@ -136,7 +136,7 @@ def test_hrsegnet_b16_1_0_0_computes_exactly_what_it_always_did():
     thread. Floating-point kernels differ between CPU kinds (AVX512 vs AVX2), so
     elsewhere the outputs must agree to float32 rounding instead.
     """
-    from models.export import load_net
+    from models.onnx_export import load_net
 
     reference = np.load(Path(__file__).parent / "data" / "hrsegnet_b16_1.0.0_reference.npz")
     entry = registry.resolve("hrsegnet-b16:1.0.0")

@@ -14,9 +14,10 @@ from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
 from pipeline.errors import StoreError
-from pipeline.postgis import migrate, migrations
+from pipeline.stores.base import CRACK_FIELDS, QUERY_FIELDS, REQUIRED_CRACK_FIELDS
+from pipeline.stores.postgis import CRACK_COPY_COLUMNS, migrate, migrations
 from pipeline.records import CrackLine, Scene, SceneResult
-from pipeline.store import RunInfo, open_store
+from pipeline.stores import RunInfo, open_store
 
 RUN = RunInfo("survey-a", "run-1", "test-b16", "1.0.0", "abc")
 
@@ -91,7 +92,7 @@ def test_migrations_apply_to_an_empty_database_and_twice_are_a_no_op(postgis):
     try:
         with psycopg.connect(postgis.url_of(name), autocommit=True) as con:
             versions = [version for version, _ in migrations()]
-            assert versions[:4] == ["0001", "0002", "0003", "0004"]
+            assert versions[:5] == ["0001", "0002", "0003", "0004", "0005"]
             assert migrate(con) == versions
             assert migrate(con) == []
             tables = {r[0] for r in con.execute(
@@ -105,6 +106,23 @@ def test_migrations_apply_to_an_empty_database_and_twice_are_a_no_op(postgis):
                                ).fetchone() == ("LINESTRING", 4326)
             indexes = {r[0] for r in con.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'cracks'")}
             assert {"cracks_geom", "cracks_scene", "cracks_model", "cracks_severity"} <= indexes
+            # the crack columns are declared once (stores.base.CRACK_FIELDS); the migrations agree
+            # ... the road columns in crack_positions (migration 0005), the views show all of them, in order
+            road = {"road_id", "chainage_from_m", "chainage_to_m", "offset_m"}
+            columns = {r[0]: r[1] for r in con.execute(
+                "SELECT column_name, is_nullable FROM information_schema.columns WHERE table_name = 'cracks'")}
+            assert set(columns) == {"geom", *QUERY_FIELDS} - road
+            required = {name for name, _ in CRACK_FIELDS[:REQUIRED_CRACK_FIELDS]}
+            assert {c for c, nullable in columns.items() if nullable == "NO"} - {"geom"} == required
+            for view in ("all_cracks", "current_cracks"):
+                shown = [r[0] for r in con.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = %s "
+                    "ORDER BY ordinal_position", (view,))]
+                assert [c for c in shown if c != "geom"] == list(QUERY_FIELDS), view
+            assert road <= {r[0] for r in con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'crack_positions'")}
+            # the binary COPY writes every column of cracks
+            assert set(CRACK_COPY_COLUMNS) == {"geom", *QUERY_FIELDS} - road
     finally:
         postgis.drop(name)
 
@@ -186,6 +204,7 @@ def test_a_wrong_password_is_refused_without_showing_it(pg_database, postgis):
     assert "password authentication failed" in message and "cannot connect" in message
     assert secret not in message and secret not in repr(error.value.__cause__)
     assert f"postgresql://{postgis.user}@{postgis.host}:{postgis.port}/{dbname}" in message
+    assert error.value.transient is False  # SQLSTATE 28P01: a retry would be refused again
 
 
 def test_an_installed_wheel_opens_postgis_with_its_own_migrations(postgis, tmp_path):
@@ -206,8 +225,8 @@ def test_an_installed_wheel_opens_postgis_with_its_own_migrations(postgis, tmp_p
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(site),
                     str(wheel)], check=True, capture_output=True, timeout=600)
     name = postgis.new_database(empty=True)
-    code = ("import sys, pipeline; from pipeline.store import open_store; "
-            "import pipeline.postgis as p; assert p.__file__.startswith(sys.argv[2]), p.__file__; "
+    code = ("import sys, pipeline; from pipeline.stores import open_store; "
+            "import pipeline.stores.postgis as p; assert p.__file__.startswith(sys.argv[2]), p.__file__; "
             "s = open_store(sys.argv[1]); print(s.crs); s.close()")
     try:
         # run from elsewhere, the installed copy first on the path: no source tree to fall back on

@@ -32,14 +32,14 @@ def run(path, chips):
 def trained_like_net():
     """The shipped hrsegnet-b16 1.0.0 weights: trained, so the probabilities vary across a chip."""
     pytest.importorskip("torch")
-    from models.export import load_net
+    from models.onnx_export import load_net
 
     entry = registry.resolve("hrsegnet-b16:1.0.0")
     return load_net(entry.variant, entry.file("weights"))
 
 
 def test_rewritten_inference_graph_equals_the_published_order(trained_like_net, tmp_path):
-    from models.export import export_onnx
+    from models.onnx_export import export_onnx
 
     fast = export_onnx(trained_like_net, tmp_path / "fast.onnx", output="float")
     literal = export_onnx(trained_like_net, tmp_path / "literal.onnx", output="float", literal=True)
@@ -52,7 +52,7 @@ def test_rewritten_inference_graph_equals_the_published_order(trained_like_net, 
 
 
 def test_uint8_output_stays_within_one_level_of_the_float_probability(trained_like_net, tmp_path):
-    from models.export import export_onnx
+    from models.onnx_export import export_onnx
 
     u8 = export_onnx(trained_like_net, tmp_path / "u8.onnx")
     literal = export_onnx(trained_like_net, tmp_path / "literal.onnx", output="float", literal=True)

@@ -30,8 +30,8 @@ from click.testing import CliRunner
 from conftest import paint_crack, write_scene
 from pipeline.errors import SceneReadError, StorageError
 from pipeline.probability import read_rows
-from pipeline.scene import process_scene
-from pipeline.store import DEFAULT_CRS
+from pipeline.scene import detect_cracks
+from pipeline.stores import DEFAULT_CRS
 from pipeline.survey import discover
 
 pytest.importorskip("prefect")
@@ -130,11 +130,11 @@ def scenes_table(store):
 
 @pytest.fixture
 def storage_log():
-    """Messages of the pipeline.storage logger (however Prefect has configured logging)."""
+    """Messages of the pipeline.buckets logger (however Prefect has configured logging)."""
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = records.append
-    logger = logging.getLogger("pipeline.storage")
+    logger = logging.getLogger("pipeline.buckets")
     logger.addHandler(handler)
     yield records
     logger.removeHandler(handler)
@@ -179,8 +179,8 @@ def test_s3_results_equal_results_from_disk(bucket, tmp_path, darkness, test_mod
     local = cog_scene(tmp_path / "a.tif")
     uri = upload(bucket, "road-7/a.tif", local)
     model = resolve(None)
-    on_disk = process_scene(str(local), darkness, model, tmp_path / "p.tif", DEFAULT_CRS)
-    remote = process_scene(uri, darkness, model, f"s3://{bucket}/maps/a.tif", DEFAULT_CRS)
+    on_disk = detect_cracks(str(local), darkness, model, tmp_path / "p.tif", DEFAULT_CRS)
+    remote = detect_cracks(uri, darkness, model, f"s3://{bucket}/maps/a.tif", DEFAULT_CRS)
     assert len(on_disk.cracks) >= 1
     assert [c.geometry.wkb for c in remote.cracks] == [c.geometry.wkb for c in on_disk.cracks]
     assert remote.chip_count == on_disk.chip_count and remote.footprint.equals(on_disk.footprint)
@@ -296,12 +296,12 @@ def test_a_server_that_fails_some_requests_still_gives_the_full_result(bucket, t
     local = cog_scene(tmp_path / "a.tif")
     upload(bucket, "road-7/a.tif", local)
     model = resolve(None)
-    expected = process_scene(str(local), darkness, model, tmp_path / "p.tif", DEFAULT_CRS)
+    expected = detect_cracks(str(local), darkness, model, tmp_path / "p.tif", DEFAULT_CRS)
     proxy = FlakyProxy(s3_server["url"], fail=lambda n: n <= 2 or n % 4 == 0)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     try:
         (source,) = discover([f"s3://{bucket}/road-7/"])
-        result = process_scene(source.uri, darkness, model, f"s3://{bucket}/maps/a.tif", DEFAULT_CRS,
+        result = detect_cracks(source.uri, darkness, model, f"s3://{bucket}/maps/a.tif", DEFAULT_CRS,
                                scene_id=source.scene_id, source_sha256=source.identity)
     finally:
         proxy.shutdown()
@@ -320,7 +320,7 @@ def test_missing_bucket_and_missing_object_are_clear_errors(bucket, tmp_path, te
     with pytest.raises(StorageError, match="no raster objects"):
         discover([f"s3://{bucket}/empty/"])
     with pytest.raises(SceneReadError, match=rf"^s3://{bucket}/road-7/gone.tif: no such object"):
-        process_scene(f"s3://{bucket}/road-7/gone.tif", None, None, tmp_path / "p.tif", DEFAULT_CRS)
+        detect_cracks(f"s3://{bucket}/road-7/gone.tif", None, None, tmp_path / "p.tif", DEFAULT_CRS)
 
 
 def test_bad_objects_fail_alone(bucket, tmp_path, test_models):
@@ -342,6 +342,6 @@ def test_wrong_credentials_are_clear_errors(bucket, tmp_path, monkeypatch, s3_se
     with pytest.raises(StorageError, match=rf"^s3://{bucket}/road-7/: credentials refused") as listing:
         discover([f"s3://{bucket}/road-7/"])
     with pytest.raises(SceneReadError, match=rf"^{uri}: credentials refused") as reading:
-        process_scene(uri, None, None, tmp_path / "p.tif", DEFAULT_CRS)
+        detect_cracks(uri, None, None, tmp_path / "p.tif", DEFAULT_CRS)
     for error in (listing.value, reading.value):
         assert "wrong-secret-never-shown" not in str(error) and "\n" not in str(error)

@@ -12,10 +12,10 @@ from rasterio.enums import MaskFlags
 
 from conftest import DarknessBackend, paint_crack, write_scene
 from pipeline import vectorize
-from pipeline.inference import predictions
+from pipeline.backends import predictions
 from pipeline.probability import read_rows
-from pipeline.scene import process_scene
-from pipeline.store import DEFAULT_CRS
+from pipeline.scene import detect_cracks
+from pipeline.stores import DEFAULT_CRS
 
 
 class PooledDarkness(DarknessBackend):
@@ -70,8 +70,8 @@ def test_a_pooled_backend_maps_the_same_cracks(scene, tmp_path, test_models):
     from models.registry import resolve
 
     model = resolve(None)
-    plain = process_scene(str(scene), DarknessBackend(), model, tmp_path / "a.tif", DEFAULT_CRS)
-    pooled = process_scene(str(scene), PooledDarkness(), model, tmp_path / "b.tif", DEFAULT_CRS)
+    plain = detect_cracks(str(scene), DarknessBackend(), model, tmp_path / "a.tif", DEFAULT_CRS)
+    pooled = detect_cracks(str(scene), PooledDarkness(), model, tmp_path / "b.tif", DEFAULT_CRS)
     assert len(plain.cracks) == 1
     assert [c.geometry.wkb for c in pooled.cracks] == [c.geometry.wkb for c in plain.cracks]
 
@@ -83,7 +83,7 @@ def test_a_network_failure_is_raised_and_nothing_is_left(scene, tmp_path, test_m
 
     threads = threading.active_count()
     with pytest.raises(RuntimeError, match="network failed on batch 3"):
-        process_scene(str(scene), backend, resolve(None), tmp_path / "p.tif", DEFAULT_CRS)
+        detect_cracks(str(scene), backend, resolve(None), tmp_path / "p.tif", DEFAULT_CRS)
     assert list(tmp_path.glob("p.tif*")) == []
     assert threading.active_count() <= threads + 2  # the pooled backend's own threads at most
 
@@ -103,13 +103,13 @@ def test_a_failure_after_the_network_is_raised_without_blocking_it(scene, tmp_pa
 
     def run():
         with pytest.raises(ValueError, match="vectorizing failed"):
-            process_scene(str(scene), backend, resolve(None), tmp_path / "p.tif", DEFAULT_CRS)
+            detect_cracks(str(scene), backend, resolve(None), tmp_path / "p.tif", DEFAULT_CRS)
         done.append(True)
 
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
     worker.join(60)
-    assert done == [True], "process_scene hung after the stitching thread failed"
+    assert done == [True], "detect_cracks hung after the stitching thread failed"
     assert list(tmp_path.glob("p.tif*")) == []
 
 
@@ -122,7 +122,7 @@ def test_the_probability_cog_masks_exactly_the_pixels_without_data(tmp_path, tes
     with_gap = write_scene(tmp_path / "gap.tif", pixels, nodata=0)
     full = write_scene(tmp_path / "full.tif", np.full((3, 1700, 900), 200, np.uint8))
     for scene, name in ((with_gap, "gap"), (full, "full")):
-        process_scene(str(scene), DarknessBackend(), model, tmp_path / f"{name}-p.tif", DEFAULT_CRS)
+        detect_cracks(str(scene), DarknessBackend(), model, tmp_path / f"{name}-p.tif", DEFAULT_CRS)
     valid = np.concatenate([v for _, _, v in read_rows(tmp_path / "gap-p.tif")])
     expected = np.ones((1700, 900), bool)
     expected[1200:1300, 100:400] = False
@@ -137,10 +137,10 @@ def test_a_float_scene_with_nan_pixels_finds_its_crack(tmp_path, test_models):
 
     pixels = np.random.default_rng(2).normal(1000.0, 20.0, (3, 600, 700)).astype(np.float32)
     paint_crack(pixels, (20, 140), (580, 650), width_px=5, value=300)
-    plain = process_scene(str(write_scene(tmp_path / "plain.tif", pixels)), DarknessBackend(), resolve(None),
+    plain = detect_cracks(str(write_scene(tmp_path / "plain.tif", pixels)), DarknessBackend(), resolve(None),
                           tmp_path / "plain-p.tif", DEFAULT_CRS)
     pixels[:, :, :100] = np.nan  # beside the crack: nodata, not black
-    with_nan = process_scene(str(write_scene(tmp_path / "nan.tif", pixels)), DarknessBackend(), resolve(None),
+    with_nan = detect_cracks(str(write_scene(tmp_path / "nan.tif", pixels)), DarknessBackend(), resolve(None),
                              tmp_path / "nan-p.tif", DEFAULT_CRS)
     assert len(plain.cracks) == len(with_nan.cracks) == 1
     assert with_nan.cracks[0].length_m == pytest.approx(plain.cracks[0].length_m, rel=0.02)
@@ -155,12 +155,12 @@ def test_a_scene_smaller_than_a_chip_finds_the_cracks_the_full_scene_shows(tmp_p
     import shutil
 
     from models.registry import resolve
-    from pipeline.inference import load_backend
+    from pipeline.backends import load_backend
 
     entry = resolve("hrsegnet-b16:1.0.0")
     path = tmp_path / "crop.tif"
     shutil.copyfile(Path(__file__).parent / "data" / "paveseg-crack-crop.tif", path)  # tests/data/README.md
-    result = process_scene(str(path), load_backend(entry, "onnxruntime"), entry, tmp_path / "crop-p.tif",
+    result = detect_cracks(str(path), load_backend(entry, "onnxruntime"), entry, tmp_path / "crop-p.tif",
                            DEFAULT_CRS)
     with rasterio.open(tmp_path / "crop-p.tif") as ds:
         probability = ds.read(1)

@@ -16,7 +16,7 @@ from pipeline import gpkg
 from pipeline.cli import cli
 from pipeline.errors import StoreError
 from pipeline.serve.app import MAX_ITEMS, create_app
-from pipeline.store import QUERY_FIELDS
+from pipeline.stores import QUERY_FIELDS
 from serve_fixtures import (CRACK_COUNT, SOUTH, STEP_DEG, WEST, crack_line, drop_role, expected, login_role,
                             publish_map)
 

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models import registry
-from pipeline.inference import FixedBackend
+from pipeline.backends import FixedBackend
 from pipeline.sharing import SharedBackend, map_scenes
-from pipeline.store import DEFAULT_CRS
+from pipeline.stores import DEFAULT_CRS
 
 
 class RowTagBackend:

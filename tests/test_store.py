@@ -15,8 +15,8 @@ from rasterio.crs import CRS
 from conftest import paint_crack, write_scene
 from pipeline.cli import cli
 from pipeline.errors import StoreError
-from pipeline.scene import SceneOptions, process_scene
-from pipeline.store import DEFAULT_CRS, CrackQuery, RunInfo, open_store
+from pipeline.scene import SceneOptions, detect_cracks
+from pipeline.stores import DEFAULT_CRS, CrackQuery, RunInfo, open_store
 
 RUN = RunInfo("survey-a", "run-1", "test-b16", "1.0.0", "abc")
 V2 = dataclasses.replace(RUN, model_version="2.0.0", run_id="run-2")
@@ -32,7 +32,7 @@ def result(tmp_path, darkness):
     paint_crack(pixels, (50, 50), (650, 850), 5)
     paint_crack(pixels, (600, 100), (600, 500), 3)
     path = write_scene(tmp_path / "scene.tif", pixels)
-    return process_scene(str(path), darkness, Model(), tmp_path / "p.tif", DEFAULT_CRS, SceneOptions())
+    return detect_cracks(str(path), darkness, Model(), tmp_path / "p.tif", DEFAULT_CRS, SceneOptions())
 
 
 def rows(url, sql):
@@ -239,7 +239,7 @@ def test_a_scene_in_a_crs_the_store_cannot_reach_is_refused(store_url, result):
 
 
 def test_scenes_select_by_survey_time_bbox_and_model_version(store_url, result):
-    from pipeline.store import SceneSelection
+    from pipeline.stores import SceneSelection
 
     west = [((15.00, 50.0), (15.01, 50.0))]
     store = open_store(store_url)
@@ -302,7 +302,7 @@ def test_a_foreign_geopackage_is_refused_and_left_byte_identical(tmp_path):
 
 
 def test_a_store_is_created_whole_or_not_at_all(tmp_path, result):
-    from pipeline.store import GeoPackageStore
+    from pipeline.stores import GeoPackageStore
 
     folder = tmp_path / "out"
     ortho = CRS.from_wkt(CRS.from_proj4("+proj=ortho +lat_0=48 +lon_0=16").to_wkt())  # no EPSG code
@@ -322,15 +322,11 @@ def test_a_store_is_created_whole_or_not_at_all(tmp_path, result):
 
 MAP_SURVEY = """
 import sys
-from pipeline.store import RunInfo
-from pipeline.survey import SceneSource, map_scene
-from models.registry import resolve
-entry = resolve("test-b16:1.0.0")
-run = RunInfo("road-4", sys.argv[1], entry.name, entry.version, entry.sha256)
+from pipeline.survey import RunSettings, SceneSource, map_scene
+settings = RunSettings.resolve(sys.argv[3], "road-4", sys.argv[1], "test-b16:1.0.0", "onnxruntime", force=True)
 for scene_id in ("a", "b"):
-    row = map_scene(SceneSource(f"{sys.argv[2]}/{scene_id}.tif", scene_id), sys.argv[3], run, "onnxruntime",
-                    force=True)
-    print(row["status"], row["scene_id"], row["cracks"], flush=True)
+    row = map_scene(SceneSource(f"{sys.argv[2]}/{scene_id}.tif", scene_id), settings)
+    print(row.status, row.scene_id, row.cracks, flush=True)
 """
 
 

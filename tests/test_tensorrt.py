@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.inference import gpu_present
+from pipeline.backends import gpu_present
 from conftest import levels
 
 NO_GPU = not gpu_present()
@@ -48,14 +48,14 @@ def entry(test_models):
 
 @pytest.fixture
 def reference(entry):
-    from pipeline.inference import load_backend
+    from pipeline.backends import load_backend
 
     return load_backend(entry, "onnxruntime")
 
 
 @needs_tensorrt
 def test_fp32_engine_matches_onnxruntime_whatever_the_batch(entry, reference, tmp_path):
-    from pipeline.engines import EngineCache, TensorRTBackend
+    from pipeline.backends.tensorrt import EngineCache, TensorRTBackend
 
     backend = TensorRTBackend(entry, batch_size=70, micro_batch=32, precision="fp32",
                               cache=EngineCache(tmp_path))
@@ -70,7 +70,7 @@ def test_fp32_engine_matches_onnxruntime_whatever_the_batch(entry, reference, tm
 
 @needs_tensorrt
 def test_fp16_engine_is_close_to_fp32(entry, reference, tmp_path):
-    from pipeline.engines import EngineCache, TensorRTBackend
+    from pipeline.backends.tensorrt import EngineCache, TensorRTBackend
 
     backend = TensorRTBackend(entry, precision="fp16", cache=EngineCache(tmp_path))
     chips = random_chips(16, seed=2)
@@ -79,7 +79,7 @@ def test_fp16_engine_is_close_to_fp32(entry, reference, tmp_path):
 
 @needs_tensorrt
 def test_cached_engine_is_reused_and_rebuilt_when_its_key_does_not_match(entry, tmp_path, caplog):
-    from pipeline.engines import EngineCache, Profile, engine_for
+    from pipeline.backends.tensorrt import EngineCache, Profile, engine_for
 
     cache, profile = EngineCache(tmp_path), Profile.for_max_batch(8)
     engine, key, path = engine_for(entry, "fp32", profile, cache)
@@ -88,7 +88,7 @@ def test_cached_engine_is_reused_and_rebuilt_when_its_key_does_not_match(entry, 
     stored = json.loads(meta.read_text())
     stored["key"] = dataclasses.replace(key, tensorrt_version="0.0.0").to_dict()
     meta.write_text(json.dumps(stored))
-    with caplog.at_level(logging.WARNING, logger="pipeline.engines"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.backends.tensorrt"):
         engine_for(entry, "fp32", profile, cache)
     assert "was built for TensorRT 0.0.0" in caplog.text
     assert json.loads(meta.read_text())["key"] == key.to_dict()  # rebuilt and stored again
@@ -96,14 +96,14 @@ def test_cached_engine_is_reused_and_rebuilt_when_its_key_does_not_match(entry, 
 
 @needs_tensorrt
 def test_auto_picks_tensorrt_on_a_gpu_with_tensorrt():
-    from pipeline.inference import select_backend
+    from pipeline.backends import select_backend
 
     assert select_backend("auto")[0] == "tensorrt"
 
 
 @needs_cuda_torch
 def test_torch_cuda_graphs_pad_a_short_batch_and_match_the_cpu(entry, reference):
-    from pipeline.inference import TorchBackend
+    from pipeline.backends.pytorch import TorchBackend
 
     backend = TorchBackend(entry, batch_size=8)
     assert backend.device.type == "cuda"
@@ -120,7 +120,7 @@ def test_tensorrt_from_other_threads_after_a_failed_call_and_closed_from_another
                                                                                  tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.engines import EngineCache, TensorRTBackend
+    from pipeline.backends.tensorrt import EngineCache, TensorRTBackend
 
     backend = TensorRTBackend(entry, precision="fp32", micro_batch=32, cache=EngineCache(tmp_path))
     chips = random_chips(130, seed=3)  # micro-batches 32/32/32/32/2 over two buffer sets

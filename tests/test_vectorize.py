@@ -10,8 +10,8 @@ from shapely.geometry import LineString
 
 from conftest import paint_crack, write_scene
 from pipeline.measure import pixel_to_map
-from pipeline.scene import SceneOptions, process_scene
-from pipeline.store import DEFAULT_CRS
+from pipeline.scene import SceneOptions, detect_cracks
+from pipeline.stores import DEFAULT_CRS
 from pipeline import vectorize
 from pipeline.vectorize import BandVectorizer, Piece, SeamJoiner, VectorizeParams, band_pieces, cut_to_rows
 
@@ -26,7 +26,7 @@ class Model:
 def run_scene(tmp_path, darkness, pixels, crs="EPSG:32633", transform=None, store_crs=DEFAULT_CRS,
               **option_args):
     path = write_scene(tmp_path / "scene.tif", pixels, crs, transform)
-    return process_scene(str(path), darkness, Model(), tmp_path / "p.tif", store_crs,
+    return detect_cracks(str(path), darkness, Model(), tmp_path / "p.tif", store_crs,
                          SceneOptions(**option_args))
 
 
@@ -158,7 +158,7 @@ def test_a_crs_the_store_cannot_reach_fails_before_the_network_runs(tmp_path):
     path = write_scene(tmp_path / "swiss.tif", blank(50, 50), "EPSG:2056",
                        from_origin(2600000, 1200000, 0.002, 0.002))
     with pytest.raises(SceneContentError, match="swiss.tif: its CRS EPSG:2056 cannot be transformed"):
-        process_scene(str(path), Exploding(), Model(), tmp_path / "p.tif", CRS.from_wkt(
+        detect_cracks(str(path), Exploding(), Model(), tmp_path / "p.tif", CRS.from_wkt(
             'GEOGCRS["Mars 2000",DATUM["D_Mars_2000",ELLIPSOID["Mars_2000_IAU_IAG",3396190,169.894447223612]],'
             'CS[ellipsoidal,2],AXIS["lat",north,ANGLEUNIT["degree",0.0174532925199433]],'
             'AXIS["lon",east,ANGLEUNIT["degree",0.0174532925199433]]]'), SceneOptions())

@@ -317,7 +317,7 @@ def run_app(app: FastAPI, store: str, host: str = "127.0.0.1", port: int = 8080,
     """Serve an app with uvicorn until interrupted; what is logged names the store without its password."""
     import uvicorn
 
-    from pipeline.postgis import display_url
+    from pipeline.stores.postgis import display_url
 
     shown = display_url(store) if str(store).startswith(("postgresql://", "postgres://")) else store
     print(f"crackmap serve: {shown} at http://{host}:{port}{root_path}/ (OGC API at {OGC_PREFIX}/)",

@@ -35,7 +35,7 @@ from tipg.errors import (InvalidDatetime, InvalidDatetimeColumnName, InvalidGeom
 from tipg.settings import FeaturesSettings, MVTSettings
 
 from pipeline import gpkg
-from pipeline.store import utc_text
+from pipeline.stores.base import utc_text
 
 # SQLite declared types -> the PostgreSQL type names tipg's Column understands.
 _TYPES = {"TEXT": "text", "REAL": "double precision", "DOUBLE": "double precision",

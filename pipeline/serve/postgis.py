@@ -17,7 +17,7 @@ from tipg.database import connection_factory
 from tipg.settings import DatabaseSettings
 
 from pipeline.errors import StoreError
-from pipeline.postgis import connect, display_url, why
+from pipeline.stores.postgis import connect, display_url, why
 
 SCHEMA = "public"
 

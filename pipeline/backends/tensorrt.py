@@ -35,12 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from models.engine import (BUILD_VERSION, INPUT, OUTPUT, PRECISIONS, TENSORRT_INSTALL, Profile,
+from models.tensorrt_build import (BUILD_VERSION, INPUT, OUTPUT, PRECISIONS, TENSORRT_INSTALL, Profile,
                            strongly_typed)
 from models.registry import ModelEntry
-from pipeline import storage
+from pipeline import buckets
 from pipeline.errors import BackendUnavailableError
-from pipeline.inference import as_uint8, gpu_present, split_batches
+from pipeline.backends.base import as_uint8, gpu_present, split_batches
 
 log = logging.getLogger(__name__)
 # Timing caches and FP16 graphs are local files; engines go to the cache (default_cache()).
@@ -66,7 +66,7 @@ class EngineKey:
     compute_capability: str  # "9.0"
     precision: str
     profile: Profile
-    build: str = BUILD_VERSION  # models.engine.build_engine's settings (workspace, flags)
+    build: str = BUILD_VERSION  # models.tensorrt_build.build_engine's settings (workspace, flags)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,7 +141,7 @@ OUTPUT_DTYPES = {"UINT8": np.uint8, "FLOAT": np.float32}  # this graph's, and be
 
 
 def check_engine_io(inputs: dict[str, str], outputs: dict[str, str]) -> type:
-    """An engine's I/O (tensor name -> dtype name) must be the contract of ``models.export``.
+    """An engine's I/O (tensor name -> dtype name) must be the contract of ``models.onnx_export``.
 
     Returns the numpy dtype of its probability output.
 
@@ -165,13 +165,13 @@ class EngineCache:
         self.root = str(root) if root is not None else default_cache()
 
     def path(self, name: str) -> str:
-        return storage.join(self.root, name)
+        return buckets.join(self.root, name)
 
     def _read(self, name: str) -> bytes | None:
         path = self.path(name)
-        if not storage.is_url(path):
+        if not buckets.is_url(path):
             return Path(path).read_bytes() if Path(path).is_file() else None
-        fs = storage.filesystem(path)
+        fs = buckets.filesystem(path)
         try:
             with fs.open(path, "rb") as f:
                 return f.read()
@@ -180,7 +180,7 @@ class EngineCache:
 
     def _write(self, name: str, data: bytes) -> None:
         path = self.path(name)
-        if not storage.is_url(path):
+        if not buckets.is_url(path):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=Path(path).parent, delete=False) as f:
                 f.write(data)
@@ -189,7 +189,7 @@ class EngineCache:
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / "part"
             local.write_bytes(data)
-            storage.upload(local, path)
+            buckets.upload(local, path)
 
     def get(self, name: str, key: EngineKey) -> bytes | None:
         """The engine stored as ``name`` if its stored key equals ``key`` and its bytes are intact."""
@@ -255,10 +255,10 @@ def engine_onnx(entry: ModelEntry, precision: str, tensorrt_version: str, cache:
     """
     if precision != "fp16" or not strongly_typed(tensorrt_version):
         return entry.file("onnx")
-    local = Path(cache.root) if not storage.is_url(cache.root) else LOCAL_CACHE
+    local = Path(cache.root) if not buckets.is_url(cache.root) else LOCAL_CACHE
     path = local / "onnx" / f"{entry.name}-{entry.version}-{entry.sha256[:16]}-fp16.onnx"
     if not path.is_file():
-        from models.export import export_onnx, load_net
+        from models.onnx_export import export_onnx, load_net
 
         path.parent.mkdir(parents=True, exist_ok=True)
         log.info("exporting the FP16 ONNX graph of %s for strongly typed TensorRT", entry.spec)
@@ -281,7 +281,7 @@ def engine_for(entry: ModelEntry, precision: str = "fp16", profile: Profile | No
     require_tensorrt()
     import tensorrt as trt
 
-    from models.engine import build_engine
+    from models.tensorrt_build import build_engine
     from models.registry import sha256_file
 
     profile = profile or Profile.for_max_batch(64, entry.size_px)
@@ -292,7 +292,7 @@ def engine_for(entry: ModelEntry, precision: str = "fp16", profile: Profile | No
     name = engine_name(entry, key)
     engine = cache.get(name, key)
     if engine is None:
-        timing = (Path(cache.root) if not storage.is_url(cache.root) else LOCAL_CACHE) / (
+        timing = (Path(cache.root) if not buckets.is_url(cache.root) else LOCAL_CACHE) / (
             f"timing-{trt.__version__}-{gpu_name.replace(' ', '_')}-sm{capability}.cache")
         engine = build_engine(onnx_path, precision, profile, timing)
         cache.put(name, key, engine)

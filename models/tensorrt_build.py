@@ -7,7 +7,7 @@ GPU, and the cache of built engines, are ``pipeline.tensorrt``'s business.
 Precision: TensorRT 10 takes the FP32 graph and the ``FP16`` builder flag
 (weak typing: TensorRT picks FP16 kernels where it likes).  TensorRT 11
 removed weak typing; there an FP16 engine comes from an FP16 ONNX graph
-(``models.export.export_onnx(..., half=True)``) built as a strongly typed
+(``models.onnx_export.export_onnx(..., half=True)``) built as a strongly typed
 network, so the graph's types are the engine's types.
 """
 
@@ -21,10 +21,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp16", "fp32")
-INPUT, OUTPUT = "chips", "probability"  # the tensor names of models.export
+INPUT, OUTPUT = "chips", "probability"  # the tensor names of models.onnx_export
 WORKSPACE_BYTES = 4 << 30
 # Bump when build_engine's settings change (workspace, flags, ...): cached engines carry it
-# in their key (pipeline.engines.EngineKey) and are rebuilt.
+# in their key (pipeline.backends.tensorrt.EngineKey) and are rebuilt.
 BUILD_VERSION = "1"
 TENSORRT_INSTALL = ("pip install 'crackmap[gpu]' --extra-index-url https://pypi.nvidia.com "
                     "(tensorrt comes from NVIDIA's package index; pycuda is built from source "

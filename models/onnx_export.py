@@ -12,7 +12,7 @@ convolutions of the fusion paths run before the upsample (~18 % fewer
 multiply-adds), and the two-class softmax is a sigmoid of one upsampled
 margin channel; both exact in real arithmetic, checked against the literal
 order in tests.  Graphs exported before 1.1 (hrsegnet-b16 1.0.0) return
-float32; the backends accept both (``pipeline.inference.as_uint8``).
+float32; the backends accept both (``pipeline.backends.as_uint8``).
 """
 
 from __future__ import annotations

@@ -1,359 +1,27 @@
-"""GIS stores for crack maps.  A GeoPackage file is the embedded default.
-
-Every store publishes a scene atomically: the scene's previous rows for the
-same survey, model name and model version are replaced by the new ones in one
-transaction, so a rerun never duplicates and a failure never leaves half a
-scene.  Rows of other model versions are never touched.
-
-Each scene has at most one *current* model version (``scenes.is_current``):
-publishing makes the version current unless ``promote=False``; ``promote()``
-makes an already published version current later.  The view
-``current_cracks`` shows, per scene, the cracks of its current version, and
-``query()`` reads it unless a model version is asked for.
-"""
+"""The GeoPackage store, the embedded default: one file QGIS opens as it is."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import shapely
-from pyproj import Transformer
-from pyproj.exceptions import CRSError, ProjError
 from rasterio.crs import CRS
 
 from pipeline import gpkg, layers
 from pipeline.errors import StoreError
 from pipeline.records import CrackPositions, SceneResult
-from pipeline.redact import mask_url
-
-DEFAULT_CRS = CRS.from_epsg(4326)
-CURRENT_CRACKS_SQL = """SELECT c.* FROM cracks c JOIN scenes s
-    ON s.survey_id = c.survey_id AND s.scene_id = c.scene_id
-    AND s.model_name = c.model_name AND s.model_version = c.model_version
-    WHERE s.is_current"""
-CURRENT_PATTERN_AREAS_SQL = CURRENT_CRACKS_SQL.replace("c.* FROM cracks c", "c.* FROM pattern_areas c")
-CURRENT_SECTIONS_SQL = "SELECT * FROM sections WHERE is_current"
-NOT_JOINT_SQLITE = "crack_type IS NOT 'joint'"  # concrete joints are kept, typed, and never counted
-CRACK_NAMESPACE = uuid.UUID("6f1c8f4e-2b8a-4c1e-9a55-0c7a2c3d9e10")
-
-# What a crack of a frame survey records besides (migration 0004); NULL for orthophoto scenes but gsd_mm.
-FRAME_CRACK_COLUMNS = (("gsd_mm", "real"), ("range_m", "real"), ("pos_accuracy_m", "real"),
-                       ("source_frames", "text"))
-CRACK_COLUMNS = """crack_id TEXT NOT NULL UNIQUE, survey_id TEXT NOT NULL, scene_id TEXT NOT NULL,
-    model_name TEXT NOT NULL, model_version TEXT NOT NULL, model_sha256 TEXT NOT NULL,
-    run_id TEXT NOT NULL, length_m REAL NOT NULL, width_mean_mm REAL NOT NULL,
-    width_max_mm REAL NOT NULL, orientation_deg REAL NOT NULL, confidence REAL NOT NULL,
-    severity TEXT NOT NULL CHECK (severity IN ('low', 'medium', 'high')),
-    created_at DATETIME NOT NULL, """ + layers.sqlite_columns(layers.CRACK_CONDITION_COLUMNS
-                                                             + FRAME_CRACK_COLUMNS)
-SCENE_COLUMNS = """survey_id TEXT NOT NULL, scene_id TEXT NOT NULL, source_uri TEXT NOT NULL,
-    sha256 TEXT, crs TEXT, width INTEGER, height INTEGER, chip_count INTEGER,
-    crack_count INTEGER, total_length_m REAL, status TEXT NOT NULL, error TEXT,
-    model_name TEXT NOT NULL, model_version TEXT NOT NULL, model_sha256 TEXT NOT NULL,
-    run_id TEXT NOT NULL, probability_uri TEXT, processed_at DATETIME NOT NULL,
-    is_current INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (survey_id, scene_id, model_name, model_version)"""
-
-
-@dataclass(frozen=True, slots=True)
-class RunInfo:
-    """What every published row is tagged with."""
-
-    survey_id: str
-    run_id: str
-    model_name: str
-    model_version: str
-    model_sha256: str
-
-
-# What query() yields for each crack, besides its geometry, in both stores.
-QUERY_FIELDS = ("crack_id", "survey_id", "scene_id", "model_name", "model_version", "model_sha256",
-                "run_id", "length_m", "width_mean_mm", "width_max_mm", "orientation_deg",
-                "confidence", "severity", "created_at", *(c for c, _ in layers.CRACK_CONDITION_COLUMNS),
-                *(c for c, _ in FRAME_CRACK_COLUMNS))
-SEVERITIES = ("low", "medium", "high")
-
-
-@dataclass(frozen=True, slots=True)
-class CrackQuery:
-    """Which cracks ``query()`` returns; every field left None matches everything.
-
-    ``bbox`` (minx, miny, maxx, maxy, in the store CRS) keeps cracks that intersect it.
-    Without ``model_version`` the scenes' current versions are read (restricted to
-    ``model_name`` if given); with it, that version of every scene that has it.
-    """
-
-    bbox: tuple[float, float, float, float] | None = None
-    survey_id: str | None = None
-    scene_id: str | None = None
-    severity: str | None = None
-    model_name: str | None = None
-    model_version: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.severity is not None and self.severity not in SEVERITIES:
-            raise ValueError(f"severity {self.severity!r} is not one of {', '.join(SEVERITIES)}")
-        if self.model_version is not None and self.model_name is None:
-            raise ValueError("a model version needs a model name (NAME:VERSION)")
-        if self.bbox is not None:
-            if len(self.bbox) != 4 or not all(np.isfinite(v) for v in self.bbox):
-                raise ValueError(f"bbox {' '.join(map(str, self.bbox))}: MINX MINY MAXX MAXY must be "
-                                 "four finite numbers in the store CRS")
-            minx, miny, maxx, maxy = self.bbox
-            if not (minx <= maxx and miny <= maxy):
-                raise ValueError(f"bbox {self.bbox} is not MINX MINY MAXX MAXY")
-
-
-# What scenes() returns for each scene row (one per scene and model version), in both stores.
-SCENE_FIELDS = ("survey_id", "scene_id", "model_name", "model_version", "source_uri", "sha256", "status",
-                "error", "is_current", "processed_at", "chip_count", "crack_count", "total_length_m")
-
-
-@dataclass(frozen=True, slots=True)
-class SceneSelection:
-    """Which scene rows ``scenes()`` returns; every field left None matches everything.
-
-    ``since``/``until`` bound ``processed_at`` (inclusive; ISO 8601 text or datetime,
-    UTC unless it says otherwise); ``bbox`` (store CRS) keeps scenes whose footprint
-    intersects it.  With ``current_only`` (the default) only each scene's current
-    version is read, so ``model_version`` selects the scenes currently shown from it.
-    """
-
-    survey_id: str | None = None
-    since: datetime | str | None = None
-    until: datetime | str | None = None
-    bbox: tuple[float, float, float, float] | None = None
-    model_name: str | None = None
-    model_version: str | None = None
-    current_only: bool = True
-
-    def __post_init__(self) -> None:
-        CrackQuery(bbox=self.bbox, model_name=self.model_name, model_version=self.model_version)
-
-    def comparisons(self) -> list[tuple[str, str, str]]:
-        """(column, operator, value) of the plain conditions, in every store's terms.
-
-        ``current_only`` and ``bbox`` are left to each store (a flag, a spatial index).
-
-        >>> SceneSelection(survey_id="road-7", since="2026-03-01").comparisons()
-        [('survey_id', '=', 'road-7'), ('processed_at', '>=', '2026-03-01T00:00:00.000Z')]
-        """
-        found = [(column, "=", value) for column in ("survey_id", "model_name", "model_version")
-                 if (value := getattr(self, column)) is not None]
-        since, until = self.bounds()
-        found += [("processed_at", op, value) for op, value in ((">=", since), ("<=", until))
-                  if value is not None]
-        return found
-
-    def bounds(self) -> tuple[str | None, str | None]:
-        """``since`` and ``until`` as UTC text in the stores' ``processed_at`` format.
-
-        >>> SceneSelection(since="2026-03-01", until="2026-03-01T12:00:00+02:00").bounds()
-        ('2026-03-01T00:00:00.000Z', '2026-03-01T10:00:00.000Z')
-        """
-        return utc_text(self.since), utc_text(self.until)
-
-
-def utc_text(value: datetime | str | None) -> str | None:
-    """A time as ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (naive times are UTC); text is parsed as ISO 8601."""
-    if value is None:
-        return None
-    when = datetime.fromisoformat(value.replace("Z", "+00:00")) if isinstance(value, str) else value
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def empty_summary() -> dict:
-    """A scene version's crack totals before any crack is counted (see ``scene_summaries``)."""
-    return {"status": None, "chip_count": 0, "crack_count": 0, "total_length_m": 0.0,
-            "length_m_by_severity": dict.fromkeys(SEVERITIES, 0.0)}
-
-
-def crack_uuid(run: RunInfo, scene_id: str, index: int) -> uuid.UUID:
-    """A crack's id: the same for the same survey, scene, model version and position.
-
-    An RFC 9562 version-8 UUID: 8 bytes hashed from the scene version, then the crack's
-    index.  A scene's ids are consecutive, so a bulk load appends to one place of the
-    primary-key index instead of touching a random leaf per row.
-    """
-    return uuid.UUID(bytes=_crack_id_prefix(run, scene_id) + _crack_id_tails(index, index + 1))
-
-
-def crack_uuid_bytes(run: RunInfo, scene_id: str, count: int) -> list[bytes]:
-    """The 16 bytes of ``crack_uuid(run, scene_id, i)`` for i in range(count).
-
-    >>> run = RunInfo("s", "r", "m", "1", "x")
-    >>> a = crack_uuid(run, "a", 2)
-    >>> (a.version, a.variant, crack_uuid_bytes(run, "a", 3)[2] == a.bytes)
-    (8, 'specified in RFC 4122', True)
-    >>> crack_uuid(run, "a", 3) > a != crack_uuid(run, "b", 2)
-    True
-    """
-    head, tails = _crack_id_prefix(run, scene_id), _crack_id_tails(0, count)
-    return [head + tails[i:i + 8] for i in range(0, 8 * count, 8)]
-
-
-def _crack_id_prefix(run: RunInfo, scene_id: str) -> bytes:
-    key = f"{run.survey_id}/{scene_id}/{run.model_name}:{run.model_version}".encode()
-    prefix = bytearray(hashlib.sha1(CRACK_NAMESPACE.bytes + key).digest()[:8])
-    prefix[6] = (prefix[6] & 0x0F) | 0x80  # version 8
-    return bytes(prefix)
-
-
-def _crack_id_tails(start: int, stop: int) -> bytes:
-    """Big-endian indexes start..stop-1 with the RFC variant bits on top, 8 bytes each."""
-    return (np.arange(start, stop, dtype=np.uint64) | np.uint64(0b10 << 62)).astype(">u8").tobytes()
-
-
-def frames_text(frames: tuple[str, ...]) -> str | None:
-    """A crack's source frames as stored: a JSON array, or None for a scene's crack.
-
-    >>> frames_text(("f1", "f2")), frames_text(())
-    ('["f1", "f2"]', None)
-    """
-    return json.dumps(list(frames)) if frames else None
-
-
-def check_crs(result: SceneResult, store_crs: CRS, store: str) -> None:
-    """Refuse a scene whose CRS cannot be transformed to the store's, or with non-finite coordinates.
-
-    Raises:
-        StoreError: naming the scene, both CRSs and what to do.
-    """
-    scene = result.scene
-    problem = None
-    try:
-        Transformer.from_crs(scene.crs, store_crs, always_xy=True)
-    except (CRSError, ProjError) as exc:
-        problem = f"there is no transformation ({exc})"
-    else:
-        geometries = [result.footprint, *(c.geometry for c in result.cracks)]
-        if not np.isfinite(shapely.get_coordinates(geometries)).all():
-            problem = "its coordinates do not transform to finite values"
-    if problem:
-        raise StoreError(f"{scene.uri} is in {scene.crs.to_string()}, which cannot be transformed to "
-                         f"{mask_url(store)}'s {store_crs.to_string()}: {problem}. Reproject the scene or "
-                         "publish to a store in a CRS it can reach; nothing was written.")
-
-
-class CrackStore(Protocol):
-    """Where crack maps are published."""
-
-    crs: CRS
-
-    def publish(self, result: SceneResult, run: RunInfo, promote: bool = True) -> None:
-        """Replace the scene's rows for this survey and model version, atomically.
-
-        The version becomes the scene's current one unless ``promote`` is False.
-        """
-
-    def mark_failed(self, uri: str, scene_id: str, run: RunInfo, error: str) -> None:
-        """Record that a scene failed; its published cracks, if any, stay as they were."""
-
-    def published_sha256(self, survey_id: str, scene_id: str, model_name: str,
-                         model_version: str) -> str | None:
-        """The source sha256 (or ETag) a scene was last published from with this model version.
-
-        None if it never was, or if its last attempt failed.
-        """
-
-    def promote(self, survey_id: str, scene_ids: Sequence[str] | None, model_name: str,
-                model_version: str) -> int:
-        """Make a published model version current for these scenes (None: every scene that has it).
-
-        Returns how many scenes were promoted.  Raises StoreError, changing nothing,
-        if a named scene has no successful publication of that version.
-        """
-
-    def query(self, query: CrackQuery = CrackQuery(), batch_size: int = 10_000) -> Iterator[list[dict]]:
-        """The matching cracks in batches of dicts: ``geometry`` (shapely) and QUERY_FIELDS."""
-
-    def scenes(self, selection: SceneSelection = SceneSelection()) -> list[dict]:
-        """The matching scene rows as dicts of SCENE_FIELDS, ordered by survey, scene and version."""
-
-    def scene_summaries(self, survey_id: str, model_name: str, model_version: str,
-                        scene_ids: Sequence[str] | None = None) -> dict[str, dict]:
-        """Per scene published with this version: status, chip_count, crack_count, total_length_m
-        and length_m_by_severity (low/medium/high), counted from its cracks."""
-
-    def crack_columns(self, survey_id: str, fields: Sequence[str]) -> dict[str, np.ndarray]:
-        """A survey's current cracks as columns: ``geometry`` and ``fields`` (of QUERY_FIELDS), one array each."""
-
-    def footprints(self, survey_id: str) -> list[dict]:
-        """The current scene rows of a survey: scene_id, model_name, model_version and ``geometry``."""
-
-    def survey_ids(self) -> list[str]:
-        """Every survey with a published scene, sorted."""
-
-    def read_layer(self, layer: str, where: dict) -> list[dict]:
-        """Rows of a road-condition layer or view (``layers.LAYERS``, ``current_*``) matching ``where``."""
-
-    def replace_layer(self, layer: str, rows: list[dict], where: dict, keep_previous: bool = False,
-                      positions: CrackPositions | None = None,
-                      also: Sequence[tuple[str, list[dict], dict]] = ()) -> None:
-        """In one transaction: drop the rows matching ``where`` (``keep_previous``: mark them not
-        current instead), insert ``rows`` (dicts of the layer's columns and ``geometry``), do the
-        same for each (layer, rows, where) of ``also``, and replace the road columns of the
-        ``positions`` survey's cracks (cracks not in ``positions`` get none)."""
-
-    def close(self) -> None: ...
-
-
-def check_layer(layer: str) -> tuple[str, tuple[str, ...]]:
-    """The geometry type and columns of a layer or its current view; refuses any other name."""
-    base = layer.removeprefix("current_")
-    if base not in layers.LAYERS:
-        raise StoreError(f"{layer!r} is not a road-condition layer; choose one of {', '.join(layers.LAYERS)}")
-    return layers.LAYERS[base][0], layers.columns(base)
-
-
-def check_fields(fields: Sequence[str]) -> list[str]:
-    if unknown := sorted(set(fields) - set(QUERY_FIELDS)):
-        raise StoreError(f"cracks have no field {', '.join(unknown)}")
-    return list(fields)
-
-
-def columns_of(rows: list[tuple], names: Sequence[str], geometries) -> dict[str, np.ndarray]:
-    """Rows of (geometry, *names) as one array per column (``geometries`` decodes the first)."""
-    if not rows:
-        return {n: np.zeros(0, dtype=object) for n in ("geometry", *names)}
-    columns = list(zip(*rows))
-    out = {"geometry": np.asarray(geometries(columns[0]), dtype=object)}
-    for name, values in zip(names, columns[1:]):
-        out[name] = np.array(values, dtype=object)
-    return out
-
-
-def check_column(layer: str, column: str, names: tuple[str, ...]) -> str:
-    if column not in names:
-        raise StoreError(f"{layer} has no column {column!r}")
-    return column
-
-
-def missing_scenes(wanted: Sequence[str] | None, found: Sequence[str], survey_id: str,
-                   model: str) -> None:
-    """Raise StoreError if a scene asked to be promoted has no successful publication."""
-    if wanted is not None and (missing := sorted(set(wanted) - set(found))):
-        raise StoreError(f"cannot promote {model} in survey {survey_id!r}: "
-                         f"{', '.join(missing)} has no successful publication of it; nothing was changed")
-
-
-def own_layers() -> tuple[str, ...]:
-    """The tables and views crackmap writes into a GeoPackage (anything else is another application's)."""
-    return ("cracks", "scenes", "current_cracks", *layers.LAYERS, "current_pattern_areas", "current_sections")
-
-
-class GeoPackageStore:
+from pipeline.stores.base import (CRACK_COLUMNS, CURRENT_CRACKS_SQL, CURRENT_PATTERN_AREAS_SQL,
+                                   CURRENT_SECTIONS_SQL, DEFAULT_CRS, FRAME_CRACK_COLUMNS, NOT_JOINT_SQLITE,
+                                   QUERY_FIELDS, SCENE_COLUMNS, SCENE_FIELDS, CrackQuery, RunInfo, SceneSelection,
+                                   StoreBase, check_column, store_failure, check_crs, check_fields,
+                                   check_layer, columns_of, crack_uuid_bytes, crack_values, empty_summary, frames_text,
+                                   missing_scenes, own_layers)
+
+class GeoPackageStore(StoreBase):
     """Layers ``cracks`` (LineString) and ``scenes`` (footprint Polygon) in one GeoPackage.
 
     A new file is built complete under a temporary name and then linked into place,
@@ -380,7 +48,7 @@ class GeoPackageStore:
         except StoreError:
             raise
         except Exception as exc:  # sqlite3.Error, or a file that is not a GeoPackage
-            raise StoreError(f"{self.path}: cannot open as a crackmap GeoPackage ({exc})") from exc
+            raise store_failure(f"{self.path}: cannot open as a crackmap GeoPackage ({exc})", exc) from exc
         self.crs = CRS.from_epsg(self.srs_id)
         if self.crs != crs:
             raise StoreError(f"{self.path} stores EPSG:{self.srs_id}, not {crs.to_string()}; "
@@ -506,11 +174,7 @@ class GeoPackageStore:
         scene = result.scene
         created = gpkg.now()
         ids = [str(uuid.UUID(bytes=b)) for b in crack_uuid_bytes(run, scene.scene_id, len(result.cracks))]
-        rows = [(gpkg.encode(c.geometry, self.srs_id), crack_id,
-                 run.survey_id, scene.scene_id, run.model_name, run.model_version, run.model_sha256,
-                 run.run_id, c.length_m, c.width_mean_mm, c.width_max_mm, c.orientation_deg,
-                 c.confidence, c.severity, created, c.crack_type, c.theta_deg, c.chord_m, c.tortuosity,
-                 c.span_ratio, c.pattern_no, c.gsd_mm, c.range_m, c.pos_accuracy_m, frames_text(c.source_frames))
+        rows = [(gpkg.encode(c.geometry, self.srs_id), *crack_values(crack_id, run, scene.scene_id, c, created))
                 for crack_id, c in zip(ids, result.cracks)]
         areas = [(gpkg.encode(a.geometry, self.srs_id), run.survey_id, scene.scene_id, run.model_name,
                   run.model_version, no, a.pattern_class, a.area_m2, a.crack_density_m_per_m2,
@@ -525,12 +189,8 @@ class GeoPackageStore:
             self._con.execute("DELETE FROM cracks WHERE survey_id = ? AND scene_id = ? "
                               "AND model_name = ? AND model_version = ?",
                               (run.survey_id, scene.scene_id, run.model_name, run.model_version))
-            self._con.executemany(
-                "INSERT INTO cracks (geom, crack_id, survey_id, scene_id, model_name, model_version, "
-                "model_sha256, run_id, length_m, width_mean_mm, width_max_mm, orientation_deg, "
-                "confidence, severity, created_at, crack_type, theta_deg, chord_m, tortuosity, span_ratio, "
-                f"pattern_no, gsd_mm, range_m, pos_accuracy_m, source_frames) VALUES ({', '.join('?' * 25)})",
-                rows)
+            self._con.executemany(f"INSERT INTO cracks (geom, {', '.join(QUERY_FIELDS)}) "
+                                  f"VALUES (?{', ?' * len(QUERY_FIELDS)})", rows)
             self._con.execute("DELETE FROM pattern_areas WHERE survey_id = ? AND scene_id = ? "
                               "AND model_name = ? AND model_version = ?",
                               (run.survey_id, scene.scene_id, run.model_name, run.model_version))
@@ -755,25 +415,4 @@ class _Transaction:
             self._con.execute("COMMIT")
             return False
         self._con.execute("ROLLBACK")
-        raise StoreError(f"{self._message}; nothing was written ({exc})") from exc
-
-
-def open_store(url: str | Path, crs: CRS = DEFAULT_CRS) -> CrackStore:
-    """Open the store a URL names: a ``.gpkg`` path (created if absent) or a PostGIS URL.
-
-    A PostGIS URL is ``postgresql://user[:password]@host:port/dbname``; libpq's
-    ``PG*`` variables and ``~/.pgpass`` fill in what it leaves out.
-
-    >>> open_store("cracks.shp")
-    Traceback (most recent call last):
-    ...
-    pipeline.errors.StoreError: cracks.shp: a store is a GeoPackage path ending in .gpkg or a postgresql:// URL
-    """
-    text = str(url)
-    if text.startswith(("postgresql://", "postgres://")):
-        from pipeline.postgis import PostGISStore  # psycopg only when PostGIS is used
-
-        return PostGISStore(text, crs)
-    if not text.endswith(".gpkg"):
-        raise StoreError(f"{mask_url(text)}: a store is a GeoPackage path ending in .gpkg or a postgresql:// URL")
-    return GeoPackageStore(text, crs)
+        raise store_failure(f"{self._message}; nothing was written ({exc})", exc) from exc

@@ -1,4 +1,4 @@
-"""Object storage: listing survey prefixes, identifying objects, writing outputs.
+"""Object storage (buckets) and local folders: listing survey prefixes, identifying objects, writing outputs.
 
 Any fsspec URL works (``s3://``, ``gs://``, ``az://``, ``memory://`` ...); a
 path without a scheme is a local file and never goes through fsspec.  S3

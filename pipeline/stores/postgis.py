@@ -1,7 +1,7 @@
 """PostGIS as a crack store: the production store that road-asset managers open in QGIS.
 
 The schema comes from the plain-SQL migrations in ``pipeline/migrations`` (package data; applied
-in order, recorded in ``schema_migrations``; ``python -m pipeline.postgis
+in order, recorded in ``schema_migrations``; ``python -m pipeline.stores.postgis
 migrate URL``).  A scene is published in one transaction: its rows for the same
 survey and model version are deleted and the new ones bulk-loaded with a
 binary COPY of EWKB geometries.  If the connection dies on the way, the server
@@ -30,12 +30,13 @@ from rasterio.crs import CRS
 from pipeline import layers
 from pipeline.errors import StoreError
 from pipeline.records import CrackPositions, SceneResult
-from pipeline.store import (DEFAULT_CRS, QUERY_FIELDS, SCENE_FIELDS, CrackQuery, RunInfo, SceneSelection,
-                            check_column, check_crs, check_fields, check_layer, columns_of,
-                            crack_uuid_bytes, empty_summary, frames_text, missing_scenes)
+from pipeline.stores.base import (DEFAULT_CRS, QUERY_FIELDS, SCENE_FIELDS, CrackQuery, RunInfo, SceneSelection,
+                                   StoreBase, check_column, database_transient, store_failure, check_crs, check_fields,
+                                   check_layer, columns_of, crack_uuid_bytes, empty_summary, frames_text,
+                                   missing_scenes)
 
 # Shipped inside the package (package data), so any install, editable or not, has them.
-MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 MIGRATION_LOCK = 0x6372_6B6D  # "crkm": pg_advisory_xact_lock key, one migrator at a time
 # The binary COPY of a crack row: the fixed-size fields, the scene's constant ones, then the
 # variable ones.  Geometry travels as EWKB, which is the geometry type's binary input.
@@ -193,7 +194,8 @@ def connect(url: str) -> psycopg.Connection:
         if password:
             problem = problem.replace(password, "***")
         raise StoreError(f"{display_url(url)}: cannot connect ({problem}); check the host, port, "
-                         "user and password (the URL, PG* variables or ~/.pgpass)") from None
+                         "user and password (the URL, PG* variables or ~/.pgpass)",
+                         transient=database_transient(exc)) from None
 
 
 def migrations(folder: Path = MIGRATIONS) -> list[tuple[str, Path]]:
@@ -245,7 +247,7 @@ def schema_version(con: psycopg.Connection) -> str | None:
     return con.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
 
 
-class PostGISStore:
+class PostGISStore(StoreBase):
     """Tables ``cracks`` (LineString) and ``scenes`` (footprint Polygon) in a PostGIS database.
 
     Opening a database without the schema (or with an older one) applies the
@@ -262,9 +264,9 @@ class PostGISStore:
             srid = self._con.execute("SELECT Find_SRID('public', 'cracks', 'geom')").fetchone()[0]
         except psycopg.Error as exc:
             self._con.close()
-            raise StoreError(f"{self.name}: cannot open as a crackmap store ({why(exc)}). Apply the "
-                             "migrations as the database owner: python -m pipeline.postgis migrate URL"
-                             ) from exc
+            raise store_failure(f"{self.name}: cannot open as a crackmap store ({why(exc)}). Apply the "
+                             "migrations as the database owner: python -m pipeline.stores.postgis migrate URL",
+                                exc) from exc
         self.srid = int(srid)
         self.crs = CRS.from_epsg(self.srid)
         if self.crs != crs:
@@ -326,12 +328,12 @@ class PostGISStore:
                 self._copy_cracks(con, result, run, ewkb, created)
                 self._put_pattern_areas(con, result, run)
         except psycopg.OperationalError as exc:
-            raise StoreError(f"{self.name}: lost the connection while publishing {scene.uri} ({why(exc)}); "
+            raise store_failure(f"{self.name}: lost the connection while publishing {scene.uri} ({why(exc)}); "
                              "the server rolled the scene back, nothing was written; publish it "
-                             "again") from exc
+                             "again", exc) from exc
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name}: publishing {scene.uri} failed; nothing was written "
-                             f"({why(exc)})") from exc
+            raise store_failure(f"{self.name}: publishing {scene.uri} failed; nothing was written "
+                             f"({why(exc)})", exc) from exc
 
     def _copy_cracks(self, con: psycopg.Connection, result: SceneResult, run: RunInfo,
                      ewkb: np.ndarray, created: datetime) -> None:
@@ -393,7 +395,7 @@ class PostGISStore:
                     (run.survey_id, scene_id, run.model_name, run.model_version, run.model_sha256,
                      run.run_id, uri, error))
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name}: recording {uri} as failed did not work ({why(exc)})") from exc
+            raise store_failure(f"{self.name}: recording {uri} as failed did not work ({why(exc)})", exc) from exc
 
     def published_sha256(self, survey_id: str, scene_id: str, model_name: str,
                          model_version: str) -> str | None:
@@ -421,8 +423,8 @@ class PostGISStore:
                             "AND scene_id = ANY(%s) AND model_name = %s AND model_version = %s",
                             (survey_id, found, model_name, model_version))
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name}: promoting {model} in survey {survey_id!r} failed; nothing "
-                             f"was changed ({why(exc)})") from exc
+            raise store_failure(f"{self.name}: promoting {model} in survey {survey_id!r} failed; nothing "
+                             f"was changed ({why(exc)})", exc) from exc
         return len(found)
 
     def query(self, query: CrackQuery = CrackQuery(), batch_size: int = 10_000) -> Iterator[list[dict]]:
@@ -450,7 +452,7 @@ class PostGISStore:
                     geometries = shapely.from_wkb([r[0] for r in rows])
                     yield [dict(zip(names, r[1:]), geometry=g) for r, g in zip(rows, geometries)]
             except psycopg.Error as exc:
-                raise StoreError(f"{self.name}: the query failed ({why(exc)})") from exc
+                raise store_failure(f"{self.name}: the query failed ({why(exc)})", exc) from exc
 
     def scenes(self, selection: SceneSelection = SceneSelection()) -> list[dict]:
         conditions = selection.comparisons()
@@ -470,7 +472,7 @@ class PostGISStore:
         try:
             rows = self._connection().execute(sql, params).fetchall()
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name}: reading scenes failed ({why(exc)})") from exc
+            raise store_failure(f"{self.name}: reading scenes failed ({why(exc)})", exc) from exc
         return [dict(zip((*fields, "processed_at"), r)) for r in rows]
 
     def scene_summaries(self, survey_id: str, model_name: str, model_version: str,
@@ -489,7 +491,7 @@ class PostGISStore:
                 "AND model_name = %s AND model_version = %s AND crack_type IS DISTINCT FROM 'joint' "
                 "GROUP BY scene_id, severity", key).fetchall()
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name}: reading scene summaries failed ({why(exc)})") from exc
+            raise store_failure(f"{self.name}: reading scene summaries failed ({why(exc)})", exc) from exc
         for scene_id, severity, count, length in rows:
             if (summary := summaries.get(scene_id)) is not None:
                 summary["crack_count"] += count
@@ -505,7 +507,7 @@ class PostGISStore:
                 rows = cur.execute(f"SELECT ST_AsBinary(geom), {selected} FROM current_cracks "
                                    "WHERE survey_id = %s ORDER BY crack_id", (survey_id,)).fetchall()
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name}: reading the cracks of {survey_id!r} failed ({why(exc)})") from exc
+            raise store_failure(f"{self.name}: reading the cracks of {survey_id!r} failed ({why(exc)})", exc) from exc
         return columns_of(rows, names, shapely.from_wkb)
 
     def footprints(self, survey_id: str) -> list[dict]:
@@ -515,7 +517,7 @@ class PostGISStore:
                 "WHERE survey_id = %s AND is_current AND footprint IS NOT NULL ORDER BY scene_id",
                 (survey_id,)).fetchall()
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name}: reading scene footprints failed ({why(exc)})") from exc
+            raise store_failure(f"{self.name}: reading scene footprints failed ({why(exc)})", exc) from exc
         return [{"scene_id": r[1], "model_name": r[2], "model_version": r[3], "geometry": shapely.from_wkb(r[0])}
                 for r in rows]
 
@@ -524,7 +526,7 @@ class PostGISStore:
             return [r[0] for r in self._connection().execute(
                 "SELECT DISTINCT survey_id FROM scenes ORDER BY 1").fetchall()]
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name}: reading surveys failed ({why(exc)})") from exc
+            raise store_failure(f"{self.name}: reading surveys failed ({why(exc)})", exc) from exc
 
     def read_layer(self, layer: str, where: dict) -> list[dict]:
         _, names = check_layer(layer)
@@ -534,7 +536,7 @@ class PostGISStore:
         try:
             rows = self._connection().execute(sql, list(where.values())).fetchall()
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name}: reading {layer} failed ({why(exc)})") from exc
+            raise store_failure(f"{self.name}: reading {layer} failed ({why(exc)})", exc) from exc
         return [dict(zip(names, values), geometry=shapely.from_wkb(geom) if geom else None)
                 for geom, *values in rows]
 
@@ -550,7 +552,7 @@ class PostGISStore:
                 if positions is not None:
                     self._put_positions(cur, positions)
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name}: writing {layer} failed; nothing was written ({why(exc)})") from exc
+            raise store_failure(f"{self.name}: writing {layer} failed; nothing was written ({why(exc)})", exc) from exc
 
     def _replace_rows(self, cur: psycopg.Cursor, layer: str, rows: list[dict], where: dict,
                       keep_previous: bool) -> None:
@@ -605,8 +607,8 @@ def _plain(value):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.postgis migrate URL [--srid N]``: bring a database's schema up to date."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.postgis")
+    """``python -m pipeline.stores.postgis migrate URL [--srid N]``: bring a database's schema up to date."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.stores.postgis")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("migrate", help="apply the migrations shipped in pipeline/migrations not yet applied")
     up.add_argument("url", help="postgresql://user@host:port/dbname (a role that may create tables)")
