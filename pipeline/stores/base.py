@@ -48,7 +48,9 @@ FRAME_CRACK_COLUMNS = (("gsd_mm", "real"), ("range_m", "real"), ("pos_accuracy_m
                        ("source_frames", "text"))
 # Every column of a crack row (its geometry aside), declared once: (name, kind).  The GeoPackage
 # table, query(), the exports and both stores' inserts follow it; the PostGIS migrations declare
-# the same columns (tests/test_postgis.py checks that they agree).  The first REQUIRED are NOT NULL.
+# the same columns (tests/test_postgis.py checks that they agree; the road columns live in
+# crack_positions there, and the views all_cracks / current_cracks show them all, in this order).
+# The first REQUIRED are NOT NULL.
 CRACK_FIELDS = (("crack_id", "text"), ("survey_id", "text"), ("scene_id", "text"), ("model_name", "text"),
                 ("model_version", "text"), ("model_sha256", "text"), ("run_id", "text"), ("length_m", "real"),
                 ("width_mean_mm", "real"), ("width_max_mm", "real"), ("orientation_deg", "real"),
