@@ -131,6 +131,17 @@ def exit_now(status: int) -> None:
     os._exit(status)
 
 
+def warm_up(model_spec: str | None, backend: str) -> None:
+    """What every mapping run needs first, done while Prefect's API starts: the model on its
+    backend (kept for the run's scenes, ``pipeline.survey.cached_backend``) and skan's numba code."""
+    from models.registry import resolve
+    from pipeline.survey import cached_backend
+    from pipeline.vectorize import warm_up as compile_skeleton_code
+
+    cached_backend(resolve(model_spec).spec, backend)
+    compile_skeleton_code()
+
+
 def summary_table(rows: list[SceneRow]) -> str:
     header = f"{'scene':<28} {'status':<7} {'chips':>6} {'cracks':>6} {'length m':>9} {'s':>7}"
     lines = [header, "-" * len(header)]
@@ -249,7 +260,7 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
 
     run_started = datetime.now(timezone.utc)
     try:
-        with interruptible(), orchestration_errors(), prefect_api():
+        with interruptible(), orchestration_errors(), prefect_api(lambda: warm_up(model_spec, backend)):
             try:
                 with progress.listening(show):
                     state = process_survey(list(sources), store, survey_id, model_spec, backend,

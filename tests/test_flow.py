@@ -180,6 +180,16 @@ def run_cli(*args: str, timeout: int = 600):
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def test_an_unknown_model_ends_the_run_in_one_line_while_the_api_starts(survey, tmp_path, test_models):
+    """The model is loaded while Prefect's API server starts (``prefect_api(meanwhile)``): its
+    error still comes as one line, and nothing is written."""
+    result = run_cli("run", str(survey), "--store", str(tmp_path / "m.gpkg"), "--model", "nope:1.0.0")
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: unknown model 'nope'")
+    assert not (tmp_path / "m.gpkg").exists()
+
+
 def test_errors_are_one_line_each_without_tracebacks(survey, tmp_path, test_models):
     missing = run_cli("run", str(tmp_path / "no-such-survey"), "--store", str(tmp_path / "m.gpkg"))
     assert missing.returncode == 2, missing.stderr
