@@ -69,7 +69,7 @@ SCENE_COLUMNS = """survey_id TEXT NOT NULL, scene_id TEXT NOT NULL, source_uri T
     run_id TEXT NOT NULL, probability_uri TEXT, processed_at DATETIME NOT NULL,
     is_current INTEGER NOT NULL DEFAULT 0,
     UNIQUE (survey_id, scene_id, model_name, model_version)"""
-# One row per survey: what reprocessing needs to map it again (migration 0005); NULL for orthophotos.
+# One row per survey: what reprocessing needs to map it again (migration 0006); NULL for orthophotos.
 SURVEY_COLUMNS = "survey_id TEXT NOT NULL UNIQUE, frame_survey TEXT, updated_at DATETIME NOT NULL"
 
 

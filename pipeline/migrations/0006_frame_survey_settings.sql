@@ -1,4 +1,4 @@
--- crackmap schema, version 5: what reprocessing needs to map a frame survey again.
+-- crackmap schema, version 6: what reprocessing needs to map a frame survey again.
 --
 --   surveys.frame_survey  a frame survey's settings, as it was last mapped (JSON): the camera file,
 --                         the trajectory (or null: EXIF GPS), where frame times come from, the
