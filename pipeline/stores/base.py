@@ -222,13 +222,17 @@ def frames_text(frames: tuple[str, ...]) -> str | None:
     return json.dumps(list(frames)) if frames else None
 
 
-def check_crs(result: SceneResult, store_crs: CRS, store: str) -> None:
-    """Refuse a scene whose CRS cannot be transformed to the store's, or with non-finite coordinates.
+def check_crs(result: SceneResult, store_crs: CRS, store: str) -> CRS:
+    """The scene's CRS; refuses one that is missing or cannot be transformed to the store's, or
+    a result with non-finite coordinates.
 
     Raises:
         StoreError: naming the scene, both CRSs and what to do.
     """
     scene = result.scene
+    if scene.crs is None:  # a survey frame's result is placed in the store's CRS before it is published
+        raise StoreError(f"{scene.uri} has no CRS; only map-placed results can be published to "
+                         f"{mask_url(store)}; nothing was written.")
     problem = None
     try:
         Transformer.from_crs(scene.crs, store_crs, always_xy=True)
@@ -242,6 +246,7 @@ def check_crs(result: SceneResult, store_crs: CRS, store: str) -> None:
         raise StoreError(f"{scene.uri} is in {scene.crs.to_string()}, which cannot be transformed to "
                          f"{mask_url(store)}'s {store_crs.to_string()}: {problem}. Reproject the scene or "
                          "publish to a store in a CRS it can reach; nothing was written.")
+    return scene.crs
 
 
 class CrackStore(Protocol):

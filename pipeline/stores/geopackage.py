@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import shapely
@@ -170,7 +171,7 @@ class GeoPackageStore(StoreBase):
         return row[0] if row else None
 
     def publish(self, result: SceneResult, run: RunInfo, promote: bool = True) -> None:
-        check_crs(result, self.crs, str(self.path))
+        scene_crs = check_crs(result, self.crs, str(self.path))
         scene = result.scene
         created = gpkg.now()
         ids = [str(uuid.UUID(bytes=b)) for b in crack_uuid_bytes(run, scene.scene_id, len(result.cracks))]
@@ -185,7 +186,7 @@ class GeoPackageStore(StoreBase):
                   a.width_mean_mm, a.width_max_mm, a.severity, a.piece_m)
                  for no, a in enumerate(result.pattern_areas)]
         scene_row = dict(geom=gpkg.encode(result.footprint, self.srs_id), source_uri=scene.uri,
-                         sha256=result.sha256, crs=scene.crs.to_string(), width=scene.width,
+                         sha256=result.sha256, crs=scene_crs.to_string(), width=scene.width,
                          height=scene.height, chip_count=result.chip_count,
                          crack_count=len(result.counted), total_length_m=result.total_length_m,
                          status="done", error=None, probability_uri=result.probability_path)
@@ -408,7 +409,7 @@ class _Transaction:
     def __enter__(self) -> None:
         self._con.execute("BEGIN IMMEDIATE")
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if exc_type is None:
             self._con.execute("COMMIT")
             return False
