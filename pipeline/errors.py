@@ -15,7 +15,13 @@ class PipelineError(Exception):
 
 
 class SceneError(PipelineError):
-    """A scene cannot be processed; the message names the file and the problem."""
+    """A scene cannot be processed; the message names the file and the problem.
+
+    ``transient`` is True for read errors that may go away (throttling, 5xx; set by
+    ``pipeline.raster.read_error``).
+    """
+
+    transient: bool = False
 
     def __init__(self, uri: str, problem: str) -> None:
         super().__init__(f"{uri}: {problem}")
