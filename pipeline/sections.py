@@ -22,6 +22,7 @@ loop runs per road or per section at most, never per crack).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import shapely
@@ -99,8 +100,9 @@ class RoadSegments:
         cumulative = np.cumsum(length) - length
         first = np.searchsorted(road, road)  # the first segment of each segment's road
         chainage = cumulative - cumulative[first]
+        # (n, 2, 2) coordinates: an array of lines (shapely's stubs say "one line or an array")
         lines = shapely.linestrings(np.stack([start, start + vector], axis=1))
-        return cls(start, vector, length, chainage, road, shapely.STRtree(lines))
+        return cls(start, vector, length, chainage, road, shapely.STRtree(cast(np.ndarray, lines)))
 
 
 def project(xy: np.ndarray, road: np.ndarray, segments: RoadSegments, roads: np.ndarray,
@@ -243,7 +245,8 @@ class ConditionFormula:
         pct = np.asarray(cracked_area_pct, float)
         names = np.array(self.class_names, dtype=object)[np.searchsorted(self.class_limits_pct,
                                                                         np.nan_to_num(pct), side="right")]
-        return np.where(np.isnan(pct), None, names)
+        names[np.isnan(pct)] = None  # names is a new array (fancy indexing)
+        return names
 
 
 # the sums a section row carries; rollups add them, then derive the figures again
@@ -266,7 +269,8 @@ def section_sums(pieces: Pieces, crack_length_m: np.ndarray, crack_type: np.ndar
     per_m = np.divide(crack_length_m, planar, out=np.zeros(len(planar)), where=planar > 0)
     length = located.segment_length_m[pieces.segment] * pieces.share * per_m[pieces.crack]
     kind, sev = crack_type[pieces.crack], severity[pieces.crack]
-    sums = {f"{t}_m": np.bincount(pieces.section, length * (kind == t), n) for t in LENGTH_TYPES}
+    sums: dict[str, np.ndarray] = {f"{t}_m": np.bincount(pieces.section, length * (kind == t), n)
+                                   for t in LENGTH_TYPES}
     linear = kind != "pattern"
     sums |= {f"linear_{s}_m": np.bincount(pieces.section, length * linear * (sev == s), n) for s in SEVERITIES}
     transverse = np.flatnonzero((crack_type == "transverse") & (located.road >= 0))
