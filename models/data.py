@@ -256,7 +256,8 @@ def scaled_window(image: np.ndarray, mask: np.ndarray, scale: float, crop_px: in
     left = _offset(rng, scaled_w, out_w, None if focus is None else focus[1] * scaled_w / width)
     sy, sx = height / scaled_h, width / scaled_w
     box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
-    image_window = np.asarray(Image.fromarray(image).resize((out_w, out_h), Image.Resampling.BILINEAR, box=box))
+    image_window = np.asarray(Image.fromarray(image).resize((out_w, out_h), Image.Resampling.BILINEAR,
+                                                            box=box))
     mask_window = np.asarray(Image.fromarray(mask).resize((out_w, out_h), Image.Resampling.NEAREST, box=box))
     return image_window, mask_window
 

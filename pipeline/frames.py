@@ -356,7 +356,8 @@ def clip_line(line: GroundLine, region: Polygon) -> list[_Part]:
                              np.interp(at, original, line.gsd_m), line.width_mean_px, line.width_max_px,
                              line.confidence)
         ends = (shapely.points(coords[0]), shapely.points(coords[-1]))
-        start_cut, end_cut = (bool(boundary.distance(p) < 1e-6 and xy.boundary.distance(p) > 1e-6) for p in ends)
+        start_cut, end_cut = (bool(boundary.distance(p) < 1e-6 and xy.boundary.distance(p) > 1e-6)
+                              for p in ends)
         parts.append(_Part(clipped, (start_cut, end_cut)))
     return parts
 

@@ -101,7 +101,8 @@ async def catalog(pool: asyncpg.Pool, tables: list[str], keys: dict[str, str]) -
                                 functions=[], exclude_functions=None, only_spatial_tables=True)
     async with pool.acquire() as conn:
         # a pooled connection's proxy is a Connection to asyncpg; tipg annotates only the class itself
-        found = {c.table: c for c in await pg_get_collection_index(conn, settings=settings)}  # type: ignore[arg-type]
+        index = await pg_get_collection_index(conn, settings=settings)  # type: ignore[arg-type]
+        found = {c.table: c for c in index}
     collections: dict[str, Collection] = {}
     for name in tables:
         if (table := found.get(name)) is None:
