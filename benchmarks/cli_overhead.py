@@ -26,13 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = """
 import sys
-from models.registry import resolve
-from pipeline.stores import RunInfo
-from pipeline.survey import SceneSource, map_scene
-entry = resolve(None)
-run = RunInfo("bench", "bench-run", entry.name, entry.version, entry.sha256)
-row = map_scene(SceneSource(sys.argv[1], "scene"), sys.argv[2], run, "onnxruntime")
-print(row["status"], row["chips"], row["cracks"])
+from pipeline.survey import RunSettings, SceneSource, map_scene
+settings = RunSettings.resolve(sys.argv[2], "bench", "bench-run", None, "onnxruntime")
+row = map_scene(SceneSource(sys.argv[1], "scene"), settings)
+print(row.status, row.chips, row.cracks)
 """
 
 

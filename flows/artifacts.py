@@ -9,6 +9,7 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from prefect.states import Completed, Failed
 
 from pipeline.stores import RunInfo
+from pipeline.survey import SceneRow
 
 
 class ArtifactProgress:
@@ -32,28 +33,28 @@ class ArtifactProgress:
         update_progress_artifact(self.artifact_id, 100.0 * scenes_done / max(self.scenes, 1))
 
 
-def summary_markdown(run: RunInfo, rows: list[dict]) -> str:
-    done = [r for r in rows if r["status"] == "done"]
-    failed = [r for r in rows if r["status"] == "failed"]
-    skipped = [r for r in rows if r["status"] == "skipped"]
+def summary_markdown(run: RunInfo, rows: list[SceneRow]) -> str:
+    done = [r for r in rows if r.status == "done"]
+    failed = [r for r in rows if r.status == "failed"]
+    skipped = [r for r in rows if r.status == "skipped"]
     lines = [f"# Survey {run.survey_id}", "",
              f"Model {run.model_name}:{run.model_version}, run {run.run_id}.", "",
              f"- scenes mapped: {len(done)} of {len(rows)}",
              f"- scenes skipped (unchanged since mapped with this model version): {len(skipped)}",
-             f"- cracks: {sum(r['cracks'] for r in done)}",
-             f"- total crack length: {sum(r['length_m'] for r in done):.2f} m"]
-    lines += [f"- FAILED {r['scene_id']}: {r['error']}" for r in failed]
+             f"- cracks: {sum(r.cracks for r in done)}",
+             f"- total crack length: {sum(r.length_m for r in done):.2f} m"]
+    lines += [f"- FAILED {r.scene_id}: {r.error}" for r in failed]
     return "\n".join(lines)
 
 
-def report(run: RunInfo, rows: list[dict], what: str = "survey"):
+def report(run: RunInfo, rows: list[SceneRow], what: str = "survey"):
     """The table and markdown artifacts of a parent run, and its final state (Failed names the failed scenes)."""
-    create_table_artifact(rows, key=f"{what}-scenes", description=f"Scenes of survey {run.survey_id}")
+    create_table_artifact([r.as_dict() for r in rows], key=f"{what}-scenes", description=f"Scenes of survey {run.survey_id}")
     create_markdown_artifact(summary_markdown(run, rows), key=f"{what}-summary")
-    failed = [r["scene_id"] for r in rows if r["status"] == "failed"]
+    failed = [r.scene_id for r in rows if r.status == "failed"]
     if failed:
         return Failed(message=f"{len(failed)} of {len(rows)} scenes failed: {', '.join(failed)}",
                       data=rows)
-    skipped = sum(r["status"] == "skipped" for r in rows)
+    skipped = sum(r.status == "skipped" for r in rows)
     return Completed(message=f"{len(rows) - skipped} scenes mapped, {skipped} unchanged and skipped",
                      data=rows)

@@ -21,7 +21,7 @@ from pipeline.errors import USER_ERRORS
 from pipeline.ids import check_survey_id
 from pipeline.redact import mask_url, password_of, redact, remember, without_password
 from pipeline.scene import SceneOptions
-from pipeline.survey import check_sources_exist, default_survey_id
+from pipeline.survey import SceneRow, check_sources_exist, default_survey_id
 
 
 def verbose() -> bool:
@@ -131,12 +131,12 @@ def exit_now(status: int) -> None:
     os._exit(status)
 
 
-def summary_table(rows: list[dict]) -> str:
+def summary_table(rows: list[SceneRow]) -> str:
     header = f"{'scene':<28} {'status':<7} {'chips':>6} {'cracks':>6} {'length m':>9} {'s':>7}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['scene_id'][:28]:<28} {r['status']:<7} {r['chips']:>6} {r['cracks']:>6} "
-                     f"{r['length_m']:>9.2f} {r['seconds']:>7.1f}")
+        lines.append(f"{r.scene_id[:28]:<28} {r.status:<7} {r.chips:>6} {r.cracks:>6} "
+                     f"{r.length_m:>9.2f} {r.seconds:>7.1f}")
     return "\n".join(lines)
 
 
@@ -265,14 +265,14 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
     rows = state.result(raise_on_failure=False)
     if not isinstance(rows, list):
         fail(str(rows))
-    done = [r for r in rows if r["status"] == "done"]
-    skipped = sum(r["status"] == "skipped" for r in rows)
+    done = [r for r in rows if r.status == "done"]
+    skipped = sum(r.status == "skipped" for r in rows)
     click.echo(summary_table(rows))
     for r in rows:
-        if r["status"] == "failed":
-            click.secho(f"failed: {redact(r['error'])}", fg="red", err=True)
-    click.echo(f"\n{len(done)}/{len(rows)} scenes, {sum(r['cracks'] for r in done)} cracks, "
-               f"{sum(r['length_m'] for r in done):.2f} m of cracks"
+        if r.status == "failed":
+            click.secho(f"failed: {redact(r.error)}", fg="red", err=True)
+    click.echo(f"\n{len(done)}/{len(rows)} scenes, {sum(r.cracks for r in done)} cracks, "
+               f"{sum(r.length_m for r in done):.2f} m of cracks"
                + (f", {skipped} unchanged and skipped" if skipped else "")
                + f" in {time.perf_counter() - started:.1f} s -> {mask_url(store)}")
     if network := network or os.environ.get("CRACKMAP_NETWORK"):

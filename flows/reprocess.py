@@ -22,12 +22,13 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
 from flows.policy import RETRIES, RETRY_DELAYS_S, RETRY_JITTER, retry_transient
-from flows.scene import SCENE_TIMEOUT_S, run_scenes, scene_options
 from flows.artifacts import ArtifactProgress
+from flows.scene import SCENE_TIMEOUT_S, run_scenes, run_settings
 from models.registry import resolve
 from pipeline import progress
 from pipeline.ids import check_survey_id
-from pipeline.stores import SEVERITIES, RunInfo, SceneSelection, open_store
+from pipeline.scene import SceneOptions
+from pipeline.stores import SEVERITIES, SceneSelection, open_store
 from pipeline.survey import SceneSource
 
 STORE_TASK = dict(retries=RETRIES, retry_delay_seconds=RETRY_DELAYS_S, retry_jitter_factor=RETRY_JITTER,
@@ -138,7 +139,7 @@ def reprocess(store: str, model: str, survey_id: str | None = None, since: str |
     Returns the report rows (one per scene); the run fails, naming them, if any scene failed.
     """
     entry = resolve(model)
-    scene_options(options)
+    SceneOptions.from_mapping(options)  # before any work
     old_name, old_version = split_model(from_model) if from_model else (None, None)
     if survey_id is not None:
         check_survey_id(survey_id)
@@ -155,13 +156,12 @@ def reprocess(store: str, model: str, survey_id: str | None = None, since: str |
     report: list[dict] = []
     with progress.listening(bar):
         for survey, scenes in by_survey.items():
-            run = RunInfo(survey, run_id, entry.name, entry.version, entry.sha256)
+            settings = run_settings(store, survey, run_id, entry.spec, backend, output_dir, options, force,
+                                    promote=False)
             sources = [SceneSource(s["source_uri"], s["scene_id"]) for s in scenes]
-            rows = run_scenes(sources, store, run, backend, output_dir, force, promote=False,
-                              scene_deployment=scene_deployment, max_concurrent=max_concurrent,
-                              on_finished=lambda row: bar.scene_finished(), scene_timeout_s=scene_timeout_s,
-                              options=options)
-            ok = [r["scene_id"] for r in rows if r["status"] != "failed"]
+            rows = run_scenes(sources, settings, scene_deployment, max_concurrent,
+                              on_finished=lambda row: bar.scene_finished(), scene_timeout_s=scene_timeout_s)
+            ok = [r.scene_id for r in rows if r.status != "failed"]
             if ok:
                 promote(store, survey, ok, entry.name, entry.version)
             new = summaries(store, survey, entry.name, entry.version, ok)
@@ -173,10 +173,10 @@ def reprocess(store: str, model: str, survey_id: str | None = None, since: str |
                    ).items()}
             for scene, row in zip(scenes, rows):
                 scene_id = scene["scene_id"]
-                report.append({"survey_id": survey, "scene_id": scene_id, "status": row["status"],
+                report.append({"survey_id": survey, "scene_id": scene_id, "status": row.status,
                                "old_model": f"{scene['model_name']}:{scene['model_version']}",
                                "new_model": entry.spec, **change(old.get(scene_id), new.get(scene_id)),
-                               "error": row.get("error", "")})
+                               "error": row.error})
     create_table_artifact(report, key="reprocess-changes", description=f"Scenes reprocessed with {entry.spec}")
     create_markdown_artifact(changes_markdown(entry.spec, report), key="reprocess-summary")
     failed = [f"{r['survey_id']}/{r['scene_id']}" for r in report if r["status"] == "failed"]

@@ -25,13 +25,11 @@ from prefect.states import Completed
 
 from flows.artifacts import ArtifactProgress
 from flows.policy import RETRIES, RETRY_DELAYS_S, RETRY_JITTER, retry_transient
-from models.registry import resolve
-from pipeline import redact
-from pipeline.ids import check_scene_id, check_survey_id
-from pipeline.redact import mask_url, without_password
-from pipeline.scene import SceneOptions
-from pipeline.stores import RunInfo, open_store
-from pipeline.survey import SceneSource, default_output_dir, map_scene, probability_path
+from pipeline import progress, redact
+from pipeline.ids import check_scene_id
+from pipeline.redact import mask_url
+from pipeline.stores import open_store
+from pipeline.survey import RunSettings, SceneRow, SceneSource, map_scene, probability_path
 
 log = logging.getLogger(__name__)
 redact.mask_log_handlers()  # Prefect's console and API handlers: passwords masked in every record
@@ -42,18 +40,19 @@ SCENE_TIMEOUT_S = 6 * 3600.0  # a process-scene run not finished by then (no wor
 @task(name="map-scene", task_run_name="map-scene-{source.scene_id}", retries=RETRIES,
       retry_delay_seconds=RETRY_DELAYS_S, retry_jitter_factor=RETRY_JITTER,
       retry_condition_fn=retry_transient)
-def map_scene_task(source: SceneSource, store: str, run: RunInfo, backend: str,
-                   output_dir: str | None, force: bool = False, promote: bool = True,
-                   options: dict | None = None) -> dict:
-    return map_scene(source, store, run, backend, output_dir, scene_options(options), force=force,
-                     promote=promote)
+def map_scene_task(source: SceneSource, settings: RunSettings) -> SceneRow:
+    return map_scene(source, settings)
 
 
-def scene_options(options: dict | None) -> SceneOptions:
-    """The mapping options of a run (``SceneOptions.MAPPING_OPTIONS``), typed by CRACKMAP_TYPE_PROFILE."""
+def run_settings(store: str, survey_id: str, run_id: str | None, model: str | None = None,
+                 backend: str = "auto", output_dir: str | None = None, options: dict | None = None,
+                 force: bool = False, promote: bool = True) -> RunSettings:
+    """A flow run's settings, resolved once (``RunSettings.resolve``): the run id defaults to this
+    flow run's, the crack-type profile comes from CRACKMAP_TYPE_PROFILE (``flows.settings``)."""
     from flows.settings import Settings
 
-    return SceneOptions.from_mapping(options, Settings().type_profile)
+    return RunSettings.resolve(store, survey_id, run_id or str(flow_run.id or uuid.uuid4()), model, backend,
+                               output_dir, options, Settings().type_profile, force, promote)
 
 
 @flow(name="process-scene", log_prints=True)
@@ -77,30 +76,19 @@ def process_scene(uri: str, scene_id: str, store: str, survey_id: str, model: st
         options: Mapping options (threshold, overlap_px, severity_medium_mm, severity_high_mm,
             min_length_m, bridge_gap_px; ``pipeline.scene.MAPPING_OPTIONS``); default: the defaults.
     """
-    from pipeline import progress
-
-    check_survey_id(survey_id), check_scene_id(scene_id)
-    entry = resolve(model)
-    run = RunInfo(survey_id, run_id or str(flow_run.id or uuid.uuid4()), entry.name, entry.version,
-                  entry.sha256)
+    check_scene_id(scene_id)
+    settings = run_settings(store, survey_id, run_id, model, backend, output_dir, options, force, promote)
     source = SceneSource(uri, scene_id, identity)
     bar = ArtifactProgress(1, key="scene-progress")
     with progress.listening(bar):
-        row = map_scene_task(source, store, run, backend, output_dir, force, promote, options)
+        row = map_scene_task(source, settings)
     bar.scene_finished()
-    return Completed(message=f"{row['status']}: {scene_id}, {row['cracks']} cracks, "
-                             f"{row['length_m']:.2f} m", data=row)
-
-
-def failed_row(scene_id: str, error: str, seconds: float) -> dict:
-    return {"scene_id": scene_id, "chips": 0, "cracks": 0, "length_m": 0.0, "seconds": round(seconds, 2),
-            "probability": "", "status": "failed", "error": redact.redact(error)}
+    return Completed(message=f"{row.status}: {scene_id}, {row.cracks} cracks, {row.length_m:.2f} m", data=row)
 
 
 @task(name="run-process-scene", task_run_name="process-scene-{source.scene_id}")
-def run_scene_deployment(deployment: str, source: SceneSource, store: str, run: RunInfo, backend: str,
-                         output_dir: str, force: bool, promote: bool,
-                         timeout_s: float = SCENE_TIMEOUT_S, options: dict | None = None) -> dict:
+def run_scene_deployment(deployment: str, source: SceneSource, settings: RunSettings,
+                         timeout_s: float = SCENE_TIMEOUT_S) -> SceneRow:
     """One scene as a ``process-scene`` run on the deployment's work pool; its row when it ends.
 
     The row's numbers are read back from the store (the one place every worker
@@ -109,36 +97,34 @@ def run_scene_deployment(deployment: str, source: SceneSource, store: str, run: 
     cancelled and its scene fails with a message saying so.
     """
     started = time.perf_counter()
+    run = settings.run
     child = run_deployment(
         deployment, timeout=timeout_s, poll_interval=min(POLL_S, max(timeout_s / 4, 0.1)),
         flow_run_name=f"{run.survey_id}/{source.scene_id}",
-        parameters={"uri": source.uri, "scene_id": source.scene_id, "store": without_password(store),
-                    "survey_id": run.survey_id, "model": f"{run.model_name}:{run.model_version}",
-                    "run_id": run.run_id, "backend": backend, "output_dir": output_dir, "force": force,
-                    "promote": promote, "identity": source.identity, "options": options})
+        parameters={"uri": source.uri, "scene_id": source.scene_id, "store": settings.store,
+                    "survey_id": run.survey_id, "model": settings.model_spec, "run_id": run.run_id,
+                    "backend": settings.backend, "output_dir": settings.output_dir, "force": settings.force,
+                    "promote": settings.promote, "identity": source.identity,
+                    "options": settings.options_given})
     state = child.state
     seconds = (child.total_run_time.total_seconds() if child.total_run_time
                else time.perf_counter() - started)
     if state is not None and not state.is_final():
-        return failed_row(source.scene_id, timed_out(child, source, timeout_s), seconds)
+        return SceneRow.failed(source.scene_id, timed_out(child, source, timeout_s), seconds)
     if state is None or not state.is_completed():
         message = (state.message if state else None) or f"process-scene run {child.id} did not complete"
-        return failed_row(source.scene_id, f"{source.uri}: {message}", seconds)
-    target = open_store(store)
-    try:
+        return SceneRow.failed(source.scene_id, f"{source.uri}: {message}", seconds)
+    with open_store(settings.store) as target:
         summary = target.scene_summaries(run.survey_id, run.model_name, run.model_version,
                                          [source.scene_id]).get(source.scene_id)
-    finally:
-        target.close()
     if summary is None:
-        return failed_row(source.scene_id, f"{source.uri}: process-scene run {child.id} completed "
-                                           f"but {mask_url(store)} has no row for it", seconds)
+        return SceneRow.failed(source.scene_id, f"{source.uri}: process-scene run {child.id} completed "
+                                                f"but {mask_url(settings.store)} has no row for it", seconds)
     skipped = (state.message or "").startswith("skipped")
-    return {"scene_id": source.scene_id, "status": "skipped" if skipped else "done",  # what is published
-            "chips": summary["chip_count"], "cracks": summary["crack_count"],
-            "length_m": round(summary["total_length_m"], 3),
-            "seconds": 0.0 if skipped else round(seconds, 2), "error": "",
-            "probability": "" if skipped else probability_path(output_dir, run, source.scene_id)}
+    return SceneRow(source.scene_id, "skipped" if skipped else "done",  # what is published
+                    summary["chip_count"], summary["crack_count"], round(summary["total_length_m"], 3),
+                    0.0 if skipped else round(seconds, 2),
+                    "" if skipped else probability_path(settings.output_dir, run, source.scene_id))
 
 
 def timed_out(child, source: SceneSource, timeout_s: float) -> str:
@@ -159,28 +145,24 @@ def timed_out(child, source: SceneSource, timeout_s: float) -> str:
             "run again to map it (the limit: CRACKMAP_SCENE_TIMEOUT_S for deployments, --scene-timeout)")
 
 
-def run_scenes(scenes: list[SceneSource], store: str, run: RunInfo, backend: str,
-               output_dir: str | None, force: bool = False, promote: bool = True,
-               scene_deployment: str | None = None, max_concurrent: int = 4,
-               on_finished: Callable[[dict], None] = lambda row: None,
-               scene_timeout_s: float = SCENE_TIMEOUT_S, options: dict | None = None) -> list[dict]:
+def run_scenes(scenes: list[SceneSource], settings: RunSettings, scene_deployment: str | None = None,
+               max_concurrent: int = 4, on_finished: Callable[[SceneRow], None] = lambda row: None,
+               scene_timeout_s: float = SCENE_TIMEOUT_S) -> list[SceneRow]:
     """Map ``scenes`` in-process or as ``process-scene`` runs; one row per scene, in their order.
 
     Called inside a parent flow.  A failed scene is a row with status ``failed``
     and its error; the others go on.
     """
-    output_dir = output_dir or str(default_output_dir(store))
-    rows: dict[str, dict] = {}
+    rows: dict[str, SceneRow] = {}
     if scene_deployment is None:
         for source in scenes:
             started = time.perf_counter()
-            state = map_scene_task(source, store, run, backend, output_dir, force, promote, options,
-                                   return_state=True)
+            state = map_scene_task(source, settings, return_state=True)
             if state.is_completed():
-                rows[source.scene_id] = {**state.result(), "error": ""}
+                rows[source.scene_id] = state.result()
             else:
-                rows[source.scene_id] = failed_row(source.scene_id, str(state.result(raise_on_failure=False)),
-                                                   time.perf_counter() - started)
+                rows[source.scene_id] = SceneRow.failed(source.scene_id, str(state.result(raise_on_failure=False)),
+                                                        time.perf_counter() - started)
             on_finished(rows[source.scene_id])
         return [rows[s.scene_id] for s in scenes]
     if max_concurrent < 1:
@@ -192,14 +174,13 @@ def run_scenes(scenes: list[SceneSource], store: str, run: RunInfo, backend: str
         try:
             rows[source.scene_id] = future.result()
         except Exception as exc:  # the task's own error (the store unreachable): this scene fails alone
-            rows[source.scene_id] = failed_row(source.scene_id, f"{source.uri}: {exc}", 0.0)
+            rows[source.scene_id] = SceneRow.failed(source.scene_id, f"{source.uri}: {exc}")
         on_finished(rows[source.scene_id])
 
     for source in scenes:
         if len(pending) >= max_concurrent:
             collect(next(as_completed([f for f, _ in pending.values()])).task_run_id)
-        future = run_scene_deployment.submit(scene_deployment, source, store, run, backend,
-                                             str(output_dir), force, promote, scene_timeout_s, options)
+        future = run_scene_deployment.submit(scene_deployment, source, settings, scene_timeout_s)
         pending[future.task_run_id] = (future, source)
     for finished in as_completed([f for f, _ in pending.values()]):
         collect(finished.task_run_id)

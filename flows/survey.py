@@ -10,21 +10,17 @@ The deployment ``scheduled-survey-run`` runs this flow on a cron schedule.
 
 from __future__ import annotations
 
-import uuid
 
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
-from prefect.runtime import flow_run
 
 from flows.artifacts import ArtifactProgress, report
-from flows.scene import SCENE_TIMEOUT_S, map_scene_task, run_scenes, scene_options  # noqa: F401  (map_scene_task: re-exported)
-from models.registry import resolve
+from flows.scene import SCENE_TIMEOUT_S, map_scene_task, run_scenes, run_settings  # noqa: F401  (map_scene_task: re-exported)
 from pipeline import progress, redact
 from pipeline.condition import run_sections
 from pipeline.frames import FRAME_SUFFIXES, FrameSurvey, find_frame_survey, survey_frames
-from pipeline.ids import check_survey_id
-from pipeline.stores import RunInfo, open_store
-from pipeline.survey import default_output_dir, default_survey_id, discover, map_frame_survey
+from pipeline.stores import open_store
+from pipeline.survey import default_survey_id, discover, map_frame_survey
 
 redact.mask_log_handlers()  # Prefect's console and API handlers: passwords masked in every record
 
@@ -82,14 +78,9 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
     """
     from flows.settings import Settings
 
-    check_survey_id(survey_id or default_survey_id(sources))  # before any work
-    scene_options(options)
+    settings = run_settings(store, survey_id or default_survey_id(sources), None, model, backend, output_dir,
+                            options, force)  # checked before any work: a bad store or option fails once
     network = network or Settings().network
-    entry = resolve(model)
-    run = RunInfo(survey_id=survey_id or default_survey_id(sources),
-                  run_id=str(flow_run.id or uuid.uuid4()), model_name=entry.name,
-                  model_version=entry.version, model_sha256=entry.sha256)
-    output_dir = output_dir or str(default_output_dir(store))  # before any scene: a bad store fails once
     frame_inputs = find_frame_survey(sources, camera, trajectory)
     if frame_inputs is not None:
         if scene_deployment is not None:
@@ -99,16 +90,13 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
         survey = FrameSurvey(*frame_inputs, frame_time=frame_time, max_gap_s=max_gap_s)
         bar = ArtifactProgress(len(frames))
         with progress.listening(bar):
-            rows = task(map_frame_survey, name="map-frames")(frames, survey, store, run, backend, output_dir,
-                                                             scene_options(options), force=force)
+            rows = task(map_frame_survey, name="map-frames")(frames, survey, settings)
     else:
         scenes = discover(sources, glob)
         bar = ArtifactProgress(len(scenes))
         with progress.listening(bar):
-            rows = run_scenes(scenes, store, run, backend, output_dir, force,
-                              scene_deployment=scene_deployment, max_concurrent=max_concurrent,
-                              on_finished=lambda row: bar.scene_finished(), scene_timeout_s=scene_timeout_s,
-                              options=options)
-    if network and any(r["status"] != "failed" for r in rows):
-        rate_sections(store, network, run.survey_id)
-    return report(run, rows)
+            rows = run_scenes(scenes, settings, scene_deployment, max_concurrent,
+                              on_finished=lambda row: bar.scene_finished(), scene_timeout_s=scene_timeout_s)
+    if network and any(r.status != "failed" for r in rows):
+        rate_sections(settings.store, network, settings.run.survey_id)
+    return report(settings.run, rows)

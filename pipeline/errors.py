@@ -11,25 +11,36 @@ from models.registry import ModelError  # noqa: F401  (re-exported: raised by th
 
 
 class PipelineError(Exception):
-    """Base class of every error crackmap raises on purpose."""
+    """Base class of every error crackmap raises on purpose.
+
+    ``transient`` is decided where the error is raised, by the code that knows
+    its cause: True when trying again later may succeed (a throttled or 5xx read,
+    a lost database connection, a locked GeoPackage), False for everything a
+    retry would only repeat.  The flows' retry policy reads it (``flows.policy``).
+    """
+
+    def __init__(self, *args: object, transient: bool = False) -> None:
+        super().__init__(*args)
+        self.transient = transient
+
+    def __reduce__(self):  # picklable with its attributes, ``transient`` included: Prefect keeps results
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
+
+
+def _rebuild(cls: type[PipelineError], args: tuple, state: dict) -> PipelineError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
 
 
 class SceneError(PipelineError):
-    """A scene cannot be processed; the message names the file and the problem.
+    """A scene cannot be processed; the message names the file and the problem."""
 
-    ``transient`` is True for read errors that may go away (throttling, 5xx; set by
-    ``pipeline.raster.read_error``).
-    """
-
-    transient: bool = False
-
-    def __init__(self, uri: str, problem: str) -> None:
-        super().__init__(f"{uri}: {problem}")
+    def __init__(self, uri: str, problem: str, transient: bool = False) -> None:
+        super().__init__(f"{uri}: {problem}", transient=transient)
         self.uri = uri
         self.problem = problem
-
-    def __reduce__(self):  # picklable with its attributes (``transient`` included): Prefect keeps results
-        return type(self), (self.uri, self.problem), dict(self.__dict__)
 
 
 class SceneReadError(SceneError, OSError):
@@ -76,13 +87,9 @@ class StorageError(PipelineError, OSError):
     """
 
     def __init__(self, uri: str, problem: str, transient: bool = False) -> None:
-        super().__init__(f"{uri}: {problem}")
+        super().__init__(f"{uri}: {problem}", transient=transient)
         self.uri = uri
         self.problem = problem
-        self.transient = transient
-
-    def __reduce__(self):  # picklable with its arguments (Prefect keeps task results)
-        return type(self), (self.uri, self.problem, self.transient)
 
 
 # Errors whose message is meant for the user: a command prints it on one line and exits.

@@ -41,7 +41,7 @@ LAYERS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
         ("status", "text"), ("length_m", "real"), ("length_delta_m", "real"), ("computed_at", "text"))),
 }
 
-SQLITE_TYPES = {"text": "TEXT", "real": "REAL", "int": "INTEGER"}
+SQLITE_TYPES = {"text": "TEXT", "real": "REAL", "int": "INTEGER", "datetime": "DATETIME"}
 
 
 def columns(layer: str) -> tuple[str, ...]:

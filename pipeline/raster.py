@@ -135,9 +135,8 @@ class _ReadAhead:
 def read_error(uri: str, exc: BaseException, otherwise: str = "not a readable raster") -> SceneReadError:
     """A one-line ``SceneReadError``: a storage problem per ``buckets.ERROR_POLICY``, or ``otherwise``."""
     rule = buckets.policy(exc) if buckets.is_url(uri) else None
-    error = SceneReadError(uri, f"{rule.problem if rule else otherwise} ({buckets.first_line(exc)})")
-    error.transient = bool(rule and rule.transient)
-    return error
+    return SceneReadError(uri, f"{rule.problem if rule else otherwise} ({buckets.first_line(exc)})",
+                          transient=bool(rule and rule.transient))
 
 
 class SceneReader:

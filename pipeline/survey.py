@@ -11,7 +11,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, cast
@@ -22,7 +22,7 @@ from pipeline.errors import PipelineError, SceneContentError, StoreError
 from pipeline.ids import check_scene_id, check_survey_id
 from pipeline.backends import Backend, load_backend
 from pipeline.raster import scene_id_for
-from pipeline.redact import mask_url, redact
+from pipeline.redact import mask_url, redact, without_password
 from pipeline.scene import SceneOptions, detect_cracks
 from pipeline.stores import RunInfo, open_store
 
@@ -45,6 +45,82 @@ class SceneSource:
     uri: str
     scene_id: str
     identity: str | None = None
+
+
+SCENE_STATUSES = ("done", "skipped", "failed")
+
+
+@dataclass(frozen=True, slots=True)
+class SceneRow:
+    """What one scene came to in a run: a row of the run's table (CLI, Prefect artifact).
+
+    ``done``: mapped and published now; ``skipped``: unchanged since published with
+    this model version (its published counts, no new probability raster);
+    ``failed``: ``error`` says why, in one line.
+    """
+
+    scene_id: str
+    status: str
+    chips: int = 0
+    cracks: int = 0
+    length_m: float = 0.0
+    seconds: float = 0.0
+    probability: str = ""
+    error: str = ""
+
+    def __post_init__(self) -> None:
+        if self.status not in SCENE_STATUSES:
+            raise ValueError(f"scene status {self.status!r} is not one of {SCENE_STATUSES}")
+
+    @classmethod
+    def failed(cls, scene_id: str, error: str, seconds: float = 0.0) -> SceneRow:
+        """A failed scene's row; passwords in the error are masked."""
+        return cls(scene_id, "failed", seconds=round(seconds, 2), error=redact(error))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """One survey run's settings, resolved once and passed whole to every step.
+
+    ``store`` is without its password (it travels in flow parameters; the password
+    is in PGPASSWORD or ~/.pgpass), ``output_dir`` is resolved (beside a GeoPackage
+    store unless given), ``options_given`` are the mapping options as the user gave
+    them (the JSON that a ``process-scene`` deployment run receives) and ``options``
+    the same, checked and typed.
+    """
+
+    store: str
+    run: RunInfo
+    output_dir: str
+    backend: str = "auto"
+    options_given: dict | None = None
+    options: SceneOptions = field(default_factory=SceneOptions)
+    force: bool = False
+    promote: bool = True
+
+    @classmethod
+    def resolve(cls, store: str, survey_id: str, run_id: str, model: str | None = None, backend: str = "auto",
+                output_dir: str | None = None, options: dict | None = None, type_profile: str | None = None,
+                force: bool = False, promote: bool = True) -> RunSettings:
+        """Check and resolve a run's settings before any work: the survey id, the mapping options,
+        the model (the registry's default if None) and the output folder.
+
+        Raises:
+            IdError, OptionsError, ModelError, StoreError: naming what is wrong; nothing was done.
+        """
+        check_survey_id(survey_id)
+        typed = SceneOptions.from_mapping(options, type_profile)
+        entry = resolve(model)
+        run = RunInfo(survey_id, run_id, entry.name, entry.version, entry.sha256)
+        return cls(without_password(store), run, output_dir or str(default_output_dir(store)), backend,
+                   dict(options) if options else None, typed, force, promote)
+
+    @property
+    def model_spec(self) -> str:
+        return f"{self.run.model_name}:{self.run.model_version}"
 
 
 def discover(sources: list[str], pattern: str | None = None,
@@ -149,21 +225,17 @@ def cached_backend(spec: str, backend: str) -> tuple[ModelEntry, Backend]:
     return entry, load_backend(entry, backend)
 
 
-def map_scene(source: SceneSource, store: str, run: RunInfo, backend: str = "auto",
-              output_dir: str | None = None, options: SceneOptions = SceneOptions(),
-              force: bool = False, promote: bool = True) -> dict:
+def map_scene(source: SceneSource, settings: RunSettings) -> SceneRow:
     """Process one scene and publish it; on a bad scene, record it as failed and raise.
 
     A scene already published from the same content (ETag or sha256) with the
-    same model version is skipped unless ``force``.  The published version becomes
-    the scene's current one unless ``promote`` is False (reprocessing promotes later).
-
-    Returns a summary: scene_id, status (``done`` or ``skipped``), chips, cracks,
-    length_m, seconds, probability (a skipped scene: its published counts, no probability).
+    same model version is skipped unless ``settings.force``.  The published version
+    becomes the scene's current one unless ``settings.promote`` is False
+    (reprocessing promotes later).  A skipped scene's row has its published counts.
     """
+    run = settings.run
     check_survey_id(run.survey_id), check_scene_id(source.scene_id)  # before anything is written
-    target = open_store(store)
-    try:
+    with open_store(settings.store) as target:
         try:
             identity = source.identity or buckets.identity(source.uri)
         except OSError as exc:  # StorageError, or a local file that vanished
@@ -172,29 +244,25 @@ def map_scene(source: SceneSource, store: str, run: RunInfo, backend: str = "aut
             raise
         published = target.published_sha256(run.survey_id, source.scene_id, run.model_name,
                                              run.model_version)
-        if published == identity and not force:
-            log.info("%s: unchanged since it was mapped with %s:%s; skipped (use --force to redo)",
-                     source.uri, run.model_name, run.model_version)
+        if published == identity and not settings.force:
+            log.info("%s: unchanged since it was mapped with %s; skipped (use --force to redo)",
+                     source.uri, settings.model_spec)
             done = target.scene_summaries(run.survey_id, run.model_name, run.model_version,
                                           [source.scene_id])[source.scene_id]
-            return {"scene_id": source.scene_id, "status": "skipped", "chips": done["chip_count"],
-                    "cracks": done["crack_count"], "length_m": round(done["total_length_m"], 3),
-                    "seconds": 0.0, "probability": ""}
-        entry, net = cached_backend(f"{run.model_name}:{run.model_version}", backend)
-        out = probability_path(output_dir or default_output_dir(store), run, source.scene_id)
+            return SceneRow(source.scene_id, "skipped", done["chip_count"], done["crack_count"],
+                            round(done["total_length_m"], 3))
+        entry, net = cached_backend(settings.model_spec, settings.backend)
+        out = probability_path(settings.output_dir, run, source.scene_id)
         try:
-            result = detect_cracks(source.uri, net, entry, out, target.crs, options,
+            result = detect_cracks(source.uri, net, entry, out, target.crs, settings.options,
                                    source.scene_id, progress.report, identity)
         except (PipelineError, OSError) as exc:
             log.info("%s", exc)  # raised: the caller reports it, once
             target.mark_failed(source.uri, source.scene_id, run, redact(str(exc)))
             raise
-        target.publish(result, run, promote=promote)
-    finally:
-        target.close()
-    return {"scene_id": source.scene_id, "status": "done", "chips": result.chip_count,
-            "cracks": len(result.cracks), "length_m": round(result.total_length_m, 3),
-            "seconds": round(result.seconds, 2), "probability": str(out)}
+        target.publish(result, run, promote=settings.promote)
+    return SceneRow(source.scene_id, "done", result.chip_count, len(result.cracks),
+                    round(result.total_length_m, 3), round(result.seconds, 2), str(out))
 
 
 def observation_path(output_dir: str | Path, run: RunInfo, frame_id: str) -> str:
@@ -234,15 +302,7 @@ def _save_observation(uri: str, obs, origin: tuple[float, float, float]) -> None
         Path(uri).write_text(text)
 
 
-def _frame_row(frame_id: str, status: str, seconds: float = 0.0, error: str = "", chips: int = 0,
-               probability: str = "") -> dict:
-    return {"scene_id": frame_id, "status": status, "chips": chips, "cracks": 0, "length_m": 0.0,
-            "seconds": round(seconds, 2), "probability": probability, "error": error}
-
-
-def map_frame_survey(frames: list[SceneSource], survey, store: str, run: RunInfo, backend: str = "auto",
-                     output_dir: str | None = None, options: SceneOptions = SceneOptions(),
-                     force: bool = False) -> list[dict]:
+def map_frame_survey(frames: list[SceneSource], survey, settings: RunSettings) -> list[SceneRow]:
     """Map a frame survey (``pipeline.frames``) into ``store``: one scene row per frame.
 
     Poses for every frame first (from the trajectory, or EXIF GPS along the track);
@@ -257,8 +317,8 @@ def map_frame_survey(frames: list[SceneSource], survey, store: str, run: RunInfo
         CameraError, TrajectoryError: the camera file or trajectory cannot be used at all.
 
     Returns:
-        One row per frame, in order, as ``map_scene`` returns them (status done,
-        skipped (not segmented again) or failed, with ``error``).
+        One row per frame, in order (status done, skipped (not segmented again) or failed,
+        with ``error``).
     """
     from pipeline.camera import read_camera
     from pipeline.frames import (FrameClock, frame_identity, frame_pose, frame_results, observe_frame,
@@ -269,14 +329,14 @@ def map_frame_survey(frames: list[SceneSource], survey, store: str, run: RunInfo
     limits = TrajectoryLimits(survey.max_gap_s, survey.max_speed_m_s)
     trajectory = read_trajectory(survey.trajectory_path, limits) if survey.trajectory_path else None
     clock = FrameClock.parse(survey.frame_time)
-    output_dir = output_dir or str(default_output_dir(store))
-    target = open_store(store)
-    rows: dict[str, dict] = {}
+    run, output_dir, options = settings.run, settings.output_dir, settings.options
+    target = open_store(settings.store)
+    rows: dict[str, SceneRow] = {}
 
     def failed(source: SceneSource, exc: BaseException) -> None:
         log.error("%s", exc)
         target.mark_failed(source.uri, source.scene_id, run, str(exc))
-        rows[source.scene_id] = _frame_row(source.scene_id, "failed", error=str(exc))
+        rows[source.scene_id] = SceneRow.failed(source.scene_id, str(exc))
 
     try:
         poses: dict[str, Pose] = {}
@@ -318,12 +378,12 @@ def map_frame_survey(frames: list[SceneSource], survey, store: str, run: RunInfo
                 cached = observation_path(output_dir, run, source.scene_id)
                 published = target.published_sha256(run.survey_id, source.scene_id, run.model_name,
                                                      run.model_version)
-                if not force and published == identity and (
+                if not settings.force and published == identity and (
                         obs := _load_observation(cached, origin, identity)) is not None:
                     observations[source.scene_id] = obs
-                    rows[source.scene_id] = _frame_row(source.scene_id, "skipped")
+                    rows[source.scene_id] = SceneRow(source.scene_id, "skipped")
                     continue
-                entry, net = cached_backend(f"{run.model_name}:{run.model_version}", backend)
+                entry, net = cached_backend(settings.model_spec, settings.backend)
                 out = probability_path(output_dir, run, source.scene_id)
                 obs = observe_frame(source.uri, source.scene_id, camera, poses[source.scene_id], origin,
                                     net, entry, out, options, identity, progress.report)
@@ -332,23 +392,24 @@ def map_frame_survey(frames: list[SceneSource], survey, store: str, run: RunInfo
                 failed(source, exc)
                 continue
             observations[source.scene_id] = obs
-            rows[source.scene_id] = _frame_row(source.scene_id, "done", time.perf_counter() - started,
-                                               chips=obs.chip_count, probability=out)
-        if any(r["status"] == "done" for r in rows.values()):
+            rows[source.scene_id] = SceneRow(source.scene_id, "done", chips=obs.chip_count,
+                                             seconds=round(time.perf_counter() - started, 2), probability=out)
+        if any(r.status == "done" for r in rows.values()):
             ordered = [observations[s.scene_id] for s in placed if s.scene_id in observations]
             for result in frame_results(ordered, origin, target.crs, options.severity,
                                         survey.join_tolerance_m, options.vectorize):
                 target.publish(result, run)
-                row = rows[result.scene.scene_id]
-                row.update(cracks=len(result.cracks), length_m=round(result.total_length_m, 3))
+                frame_id = result.scene.scene_id
+                rows[frame_id] = replace(rows[frame_id], cracks=len(result.cracks),
+                                         length_m=round(result.total_length_m, 3))
         else:
             done = target.scene_summaries(run.survey_id, run.model_name, run.model_version,
                                           list(observations))
             for frame_id in observations:
                 summary = done.get(frame_id, {})
-                rows[frame_id].update(cracks=summary.get("crack_count", 0),
-                                      length_m=round(summary.get("total_length_m", 0.0), 3),
-                                      chips=summary.get("chip_count", 0))
+                rows[frame_id] = replace(rows[frame_id], cracks=summary.get("crack_count", 0),
+                                         length_m=round(summary.get("total_length_m", 0.0), 3),
+                                         chips=summary.get("chip_count", 0))
     finally:
         target.close()
     return [rows[s.scene_id] for s in frames]

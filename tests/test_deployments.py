@@ -246,7 +246,7 @@ def test_a_killed_run_resumes_without_duplicates(api, tmp_path, test_models):
     assert before["a"] >= 1 and before["b"] >= 1
     state = process_survey([str(survey)], str(store), model=TRAINED, return_state=True)
     assert state.is_completed(), state
-    assert [(r["scene_id"], r["status"]) for r in state.result()] == [
+    assert [(r.scene_id, r.status) for r in state.result()] == [
         ("a", "skipped"), ("b", "skipped"), ("c", "done")]
     after = crack_counts(store)  # asserts no crack id twice
     assert {k: after.get(k) for k in before} == before
@@ -264,8 +264,8 @@ def test_a_scene_run_no_worker_picks_up_times_out_with_a_clear_state(api, tmp_pa
     assert time.monotonic() - started < 120
     assert state.is_failed() and state.message == "1 of 1 scenes failed: lonely"
     (row,) = state.result(raise_on_failure=False)
-    assert row["status"] == "failed"
-    assert "was still Scheduled after 5 s and was cancelled; is a worker serving crackmap-unserved?" in row["error"]
+    assert row.status == "failed"
+    assert "was still Scheduled after 5 s and was cancelled; is a worker serving crackmap-unserved?" in row.error
     with get_client(sync_client=True) as client:
         (child,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))

@@ -48,18 +48,18 @@ def test_flow_maps_a_survey_and_a_rerun_leaves_the_same_rows(survey, tmp_path, t
         assert state.is_completed()
         runs.append(state.result())
     rows, rerun = runs
-    assert [r["scene_id"] for r in rows] == ["a", "b"] and all(r["chips"] == 4 for r in rows)
-    assert all(r["cracks"] >= 1 for r in rows)  # so that "the same rows" compares real rows
-    assert [r["status"] for r in rerun] == ["skipped", "skipped"]  # unchanged sources
-    published = [(r["chips"], r["cracks"], r["length_m"]) for r in rows]
-    assert [(r["chips"], r["cracks"], r["length_m"]) for r in rerun] == published  # what they hold
+    assert [r.scene_id for r in rows] == ["a", "b"] and all(r.chips == 4 for r in rows)
+    assert all(r.cracks >= 1 for r in rows)  # so that "the same rows" compares real rows
+    assert [r.status for r in rerun] == ["skipped", "skipped"]  # unchanged sources
+    published = [(r.chips, r.cracks, r.length_m) for r in rows]
+    assert [(r.chips, r.cracks, r.length_m) for r in rerun] == published  # what they hold
     assert [s[:2] for s in scenes_table(store)] == [("a", "done"), ("b", "done")]
     with sqlite3.connect(store) as con:
         survey_ids = con.execute("SELECT DISTINCT survey_id, model_name FROM scenes").fetchall()
         total, distinct = con.execute("SELECT count(*), count(DISTINCT crack_id) FROM cracks").fetchone()
-    assert total == distinct == sum(r["cracks"] for r in rows)  # the rerun added no crack twice
+    assert total == distinct == sum(r.cracks for r in rows)  # the rerun added no crack twice
     assert survey_ids == [("road-7", "hrsegnet-b16")]
-    with rasterio.open(rows[0]["probability"]) as cog:
+    with rasterio.open(rows[0].probability) as cog:
         assert cog.dtypes[0] == "uint8" and cog.crs.to_epsg() == 32633
         assert cog.profile["tiled"] and cog.profile["blockxsize"] == cog.profile["blockysize"] == 512
         assert cog.overviews(1) == overview_factors(700, 500) != []  # a COG: overviews included
@@ -157,9 +157,8 @@ def test_a_transient_read_error_is_retried_by_the_flow(survey, tmp_path, test_mo
     def throttled_once(source, *args, **kwargs):
         attempts.append(source.scene_id)
         if attempts.count(source.scene_id) == 1 and source.scene_id == "a":  # as raster.read_error makes it
-            error = SceneReadError(source.uri, "storage temporarily unavailable (retried with backoff) (503)")
-            error.transient = True
-            raise error
+            raise SceneReadError(source.uri, "storage temporarily unavailable (retried with backoff) (503)",
+                                 transient=True)
         return real(source, *args, **kwargs)
 
     monkeypatch.setattr(flows.scene, "map_scene", throttled_once)
@@ -168,7 +167,7 @@ def test_a_transient_read_error_is_retried_by_the_flow(survey, tmp_path, test_mo
     state = process_survey([str(survey)], str(tmp_path / "map.gpkg"), return_state=True)
     assert state.is_completed(), state
     assert attempts == ["a", "a", "b"]  # the policy said transient: the task ran again
-    assert [r["status"] for r in state.result()] == ["done", "done"]
+    assert [r.status for r in state.result()] == ["done", "done"]
 
 
 def run_cli(*args: str, timeout: int = 600):

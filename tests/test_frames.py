@@ -355,7 +355,7 @@ def test_a_survey_without_trajectory_is_placed_by_exif_gps(tmp_path, test_models
     from pipeline import gpkg
     from pipeline.frames import FrameSurvey
     from pipeline.stores import RunInfo
-    from pipeline.survey import SceneSource, map_frame_survey
+    from pipeline.survey import RunSettings, SceneSource, map_frame_survey
 
     camera = tmp_path / "camera.yaml"
     camera.write_text(yaml.safe_dump({
@@ -379,10 +379,10 @@ def test_a_survey_without_trajectory_is_placed_by_exif_gps(tmp_path, test_models
 
     entry = resolve(None)
     run = RunInfo("exif", "r1", entry.name, entry.version, entry.sha256)
-    rows = map_frame_survey(sources, FrameSurvey(str(camera)), store, run, "onnxruntime",
-                            str(tmp_path / "p"))
-    assert [r["status"] for r in rows] == ["done", "done", "done", "failed"]
-    assert "nogps.jpg: has no EXIF GPS position, and there is no trajectory" in rows[3]["error"]
+    settings = RunSettings(store, run, str(tmp_path / "p"), "onnxruntime")
+    rows = map_frame_survey(sources, FrameSurvey(str(camera)), settings)
+    assert [r.status for r in rows] == ["done", "done", "done", "failed"]
+    assert "nogps.jpg: has no EXIF GPS position, and there is no trajectory" in rows[3].error
     with sqlite3.connect(store) as con:
         footprints = {s: gpkg.decode(g) for s, g in con.execute("SELECT scene_id, geom FROM scenes "
                                                                 "WHERE status = 'done'")}

@@ -14,7 +14,8 @@ from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
 from pipeline.errors import StoreError
-from pipeline.stores.postgis import migrate, migrations
+from pipeline.stores.base import CRACK_FIELDS, QUERY_FIELDS, REQUIRED_CRACK_FIELDS
+from pipeline.stores.postgis import CRACK_COPY_COLUMNS, migrate, migrations
 from pipeline.records import CrackLine, Scene, SceneResult
 from pipeline.stores import RunInfo, open_store
 
@@ -105,6 +106,15 @@ def test_migrations_apply_to_an_empty_database_and_twice_are_a_no_op(postgis):
                                ).fetchone() == ("LINESTRING", 4326)
             indexes = {r[0] for r in con.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'cracks'")}
             assert {"cracks_geom", "cracks_scene", "cracks_model", "cracks_severity"} <= indexes
+            # the crack columns are declared once (stores.base.CRACK_FIELDS); the migrations agree
+            columns = {r[0]: r[1] for r in con.execute(
+                "SELECT column_name, is_nullable FROM information_schema.columns WHERE table_name = 'cracks'")}
+            assert set(columns) == {"geom", *QUERY_FIELDS}
+            required = {name for name, _ in CRACK_FIELDS[:REQUIRED_CRACK_FIELDS]}
+            assert {c for c, nullable in columns.items() if nullable == "NO"} - {"geom"} == required
+            # the binary COPY writes them all but road referencing's, which sections sets later
+            assert set(CRACK_COPY_COLUMNS) == {"geom", *QUERY_FIELDS} - {
+                "road_id", "chainage_from_m", "chainage_to_m", "offset_m"}
     finally:
         postgis.drop(name)
 
@@ -186,6 +196,7 @@ def test_a_wrong_password_is_refused_without_showing_it(pg_database, postgis):
     assert "password authentication failed" in message and "cannot connect" in message
     assert secret not in message and secret not in repr(error.value.__cause__)
     assert f"postgresql://{postgis.user}@{postgis.host}:{postgis.port}/{dbname}" in message
+    assert error.value.transient is False  # SQLSTATE 28P01: a retry would be refused again
 
 
 def test_an_installed_wheel_opens_postgis_with_its_own_migrations(postgis, tmp_path):

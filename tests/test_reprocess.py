@@ -123,19 +123,40 @@ def test_a_scene_whose_source_is_gone_fails_alone(mapped, two_versions, tmp_path
                         "ORDER BY 1") == [("a", "1.0.0"), ("b", "2.0.0")]
 
 
-def test_retries_only_transient_errors():
+def test_retries_only_transient_errors(tmp_path):
+    import socket
     import sqlite3 as sq
 
     from flows.policy import is_transient
     from pipeline.errors import SceneReadError, StorageError, StoreError
+    from pipeline.stores import open_store
+    from pipeline.stores.postgis import connect
 
     assert is_transient(StorageError("s3://b/a.tif", "storage temporarily unavailable", transient=True))
     assert is_transient(TimeoutError("read timed out"))
-    assert is_transient(sq.OperationalError("database is locked"))
-    lost = StoreError("postgresql://u@h/db: lost the connection while publishing a.tif (...)")
-    assert is_transient(lost)
-    assert not is_transient(StoreError("postgresql://u@h/db: cannot connect (FATAL: password "
-                                       "authentication failed for user \"u\")"))
     assert not is_transient(SceneReadError("a.tif", "not a readable raster"))
     assert not is_transient(StorageError("s3://b/a.tif", "no such object"))
     assert not is_transient(ValueError("bad bbox"))
+    # A GeoPackage another writer holds: the store's own error says transient, by SQLite's code
+    store = tmp_path / "m.gpkg"
+    open_store(store).close()
+    holder = sq.connect(store, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        waiting = sq.connect(store, timeout=0, isolation_level=None)
+        with pytest.raises(sq.OperationalError) as locked:
+            waiting.execute("BEGIN IMMEDIATE")
+        waiting.close()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert is_transient(locked.value)
+    assert is_transient(StoreError("m.gpkg: publishing failed", transient=True))
+    assert not is_transient(StoreError("m.gpkg: cannot open as a crackmap GeoPackage"))
+    # A closed port on loopback: connection refused, no SQLSTATE, transient
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(StoreError) as refused:
+        connect(f"postgresql://nobody@127.0.0.1:{port}/nothing?connect_timeout=5")
+    assert refused.value.transient and is_transient(refused.value)

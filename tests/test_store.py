@@ -326,15 +326,11 @@ def test_a_store_is_created_whole_or_not_at_all(tmp_path, result):
 
 MAP_SURVEY = """
 import sys
-from pipeline.stores import RunInfo
-from pipeline.survey import SceneSource, map_scene
-from models.registry import resolve
-entry = resolve("test-b16:1.0.0")
-run = RunInfo("road-4", sys.argv[1], entry.name, entry.version, entry.sha256)
+from pipeline.survey import RunSettings, SceneSource, map_scene
+settings = RunSettings.resolve(sys.argv[3], "road-4", sys.argv[1], "test-b16:1.0.0", "onnxruntime", force=True)
 for scene_id in ("a", "b"):
-    row = map_scene(SceneSource(f"{sys.argv[2]}/{scene_id}.tif", scene_id), sys.argv[3], run, "onnxruntime",
-                    force=True)
-    print(row["status"], row["scene_id"], row["cracks"], flush=True)
+    row = map_scene(SceneSource(f"{sys.argv[2]}/{scene_id}.tif", scene_id), settings)
+    print(row.status, row.scene_id, row.cracks, flush=True)
 """
 
 

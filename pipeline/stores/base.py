@@ -30,7 +30,7 @@ from rasterio.crs import CRS
 
 from pipeline import layers
 from pipeline.errors import StoreError
-from pipeline.records import SceneResult
+from pipeline.records import CrackLine, SceneResult
 from pipeline.redact import mask_url
 
 DEFAULT_CRS = CRS.from_epsg(4326)
@@ -46,13 +46,20 @@ CRACK_NAMESPACE = uuid.UUID("6f1c8f4e-2b8a-4c1e-9a55-0c7a2c3d9e10")
 # What a crack of a frame survey records besides (migration 0004); NULL for orthophoto scenes but gsd_mm.
 FRAME_CRACK_COLUMNS = (("gsd_mm", "real"), ("range_m", "real"), ("pos_accuracy_m", "real"),
                        ("source_frames", "text"))
-CRACK_COLUMNS = """crack_id TEXT NOT NULL UNIQUE, survey_id TEXT NOT NULL, scene_id TEXT NOT NULL,
-    model_name TEXT NOT NULL, model_version TEXT NOT NULL, model_sha256 TEXT NOT NULL,
-    run_id TEXT NOT NULL, length_m REAL NOT NULL, width_mean_mm REAL NOT NULL,
-    width_max_mm REAL NOT NULL, orientation_deg REAL NOT NULL, confidence REAL NOT NULL,
-    severity TEXT NOT NULL CHECK (severity IN ('low', 'medium', 'high')),
-    created_at DATETIME NOT NULL, """ + layers.sqlite_columns(layers.CRACK_CONDITION_COLUMNS
-                                                             + FRAME_CRACK_COLUMNS)
+# Every column of a crack row (its geometry aside), declared once: (name, kind).  The GeoPackage
+# table, query(), the exports and both stores' inserts follow it; the PostGIS migrations declare
+# the same columns (tests/test_postgis.py checks that they agree).  The first REQUIRED are NOT NULL.
+CRACK_FIELDS = (("crack_id", "text"), ("survey_id", "text"), ("scene_id", "text"), ("model_name", "text"),
+                ("model_version", "text"), ("model_sha256", "text"), ("run_id", "text"), ("length_m", "real"),
+                ("width_mean_mm", "real"), ("width_max_mm", "real"), ("orientation_deg", "real"),
+                ("confidence", "real"), ("severity", "text"), ("created_at", "datetime"),
+                *layers.CRACK_CONDITION_COLUMNS, *FRAME_CRACK_COLUMNS)
+REQUIRED_CRACK_FIELDS = 14
+CRACK_COLUMNS = ", ".join(
+    f"{name} {layers.SQLITE_TYPES[kind]}" + (" NOT NULL" if i < REQUIRED_CRACK_FIELDS else "")
+    + (" UNIQUE" if name == "crack_id" else "")
+    + (" CHECK (severity IN ('low', 'medium', 'high'))" if name == "severity" else "")
+    for i, (name, kind) in enumerate(CRACK_FIELDS))
 SCENE_COLUMNS = """survey_id TEXT NOT NULL, scene_id TEXT NOT NULL, source_uri TEXT NOT NULL,
     sha256 TEXT, crs TEXT, width INTEGER, height INTEGER, chip_count INTEGER,
     crack_count INTEGER, total_length_m REAL, status TEXT NOT NULL, error TEXT,
@@ -74,10 +81,7 @@ class RunInfo:
 
 
 # What query() yields for each crack, besides its geometry, in both stores.
-QUERY_FIELDS = ("crack_id", "survey_id", "scene_id", "model_name", "model_version", "model_sha256",
-                "run_id", "length_m", "width_mean_mm", "width_max_mm", "orientation_deg",
-                "confidence", "severity", "created_at", *(c for c, _ in layers.CRACK_CONDITION_COLUMNS),
-                *(c for c, _ in FRAME_CRACK_COLUMNS))
+QUERY_FIELDS = tuple(name for name, _ in CRACK_FIELDS)
 SEVERITIES = ("low", "medium", "high")
 
 
@@ -222,6 +226,15 @@ def frames_text(frames: tuple[str, ...]) -> str | None:
     return json.dumps(list(frames)) if frames else None
 
 
+def crack_values(crack_id: str, run: RunInfo, scene_id: str, c: CrackLine, created: str) -> tuple:
+    """A crack's row in ``QUERY_FIELDS`` order (the GeoPackage insert and every export)."""
+    return (crack_id, run.survey_id, scene_id, run.model_name, run.model_version, run.model_sha256, run.run_id,
+            c.length_m, c.width_mean_mm, c.width_max_mm, c.orientation_deg, c.confidence, c.severity, created,
+            c.crack_type, c.theta_deg, c.chord_m, c.tortuosity, c.span_ratio, c.pattern_no,
+            None, None, None, None,  # road_id, chainages and offset: set by road referencing (sections)
+            c.gsd_mm, c.range_m, c.pos_accuracy_m, frames_text(c.source_frames))
+
+
 def check_crs(result: SceneResult, store_crs: CRS, store: str) -> CRS:
     """The scene's CRS; refuses one that is missing or cannot be transformed to the store's, or
     a result with non-finite coordinates.
@@ -327,6 +340,47 @@ class StoreBase:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# SQLSTATE classes and codes after which the same statement may succeed later: connection
+# exceptions (08), the server shutting down or starting (57P01-57P03), serialization failures
+# and deadlocks (40001, 40P01), too many connections (53300).
+TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03", "40001", "40P01", "53300")
+SQLITE_BUSY, SQLITE_LOCKED = 5, 6
+
+
+def database_transient(exc: BaseException) -> bool:
+    """Whether a database error (sqlite3 or psycopg, or one they caused) may go away if tried again.
+
+    Decided by type and code, never by message: SQLite's busy and locked codes; PostgreSQL's
+    SQLSTATE (``TRANSIENT_SQLSTATES``); a psycopg connection-level error without a SQLSTATE
+    (refused, reset, timed out) unless libpq says a password is missing or wrong.
+
+    >>> import sqlite3
+    >>> locked = sqlite3.OperationalError("database is locked"); locked.sqlite_errorcode = SQLITE_BUSY
+    >>> database_transient(locked), database_transient(ValueError("x"))
+    (True, False)
+    """
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if (code := getattr(error, "sqlite_errorcode", None)) is not None:
+            return code & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED)
+        if type(error).__module__.startswith("psycopg"):
+            state = getattr(error, "sqlstate", None)
+            if state is not None:
+                return state.startswith(TRANSIENT_SQLSTATES)
+            # libpq's client-side failures carry no SQLSTATE: a missing password is not transient
+            return type(error).__name__ in ("OperationalError", "InterfaceError", "ConnectionTimeout") \
+                and "password" not in str(error)
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def store_failure(message: str, exc: BaseException) -> StoreError:
+    """A StoreError whose ``transient`` says whether the database error behind it may go away."""
+    return StoreError(message, transient=database_transient(exc))
 
 
 def check_layer(layer: str) -> tuple[str, tuple[str, ...]]:

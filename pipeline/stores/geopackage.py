@@ -18,8 +18,8 @@ from pipeline.records import SceneResult
 from pipeline.stores.base import (CRACK_COLUMNS, CURRENT_CRACKS_SQL, CURRENT_PATTERN_AREAS_SQL,
                                    CURRENT_SECTIONS_SQL, DEFAULT_CRS, FRAME_CRACK_COLUMNS, NOT_JOINT_SQLITE,
                                    QUERY_FIELDS, SCENE_COLUMNS, SCENE_FIELDS, CrackQuery, RunInfo, SceneSelection,
-                                   StoreBase, check_column, check_crack_column, check_crs, check_fields,
-                                   check_layer, columns_of, crack_uuid_bytes, empty_summary, frames_text,
+                                   StoreBase, check_column, store_failure, check_crack_column, check_crs, check_fields,
+                                   check_layer, columns_of, crack_uuid_bytes, crack_values, empty_summary, frames_text,
                                    missing_scenes, own_layers)
 
 class GeoPackageStore(StoreBase):
@@ -49,7 +49,7 @@ class GeoPackageStore(StoreBase):
         except StoreError:
             raise
         except Exception as exc:  # sqlite3.Error, or a file that is not a GeoPackage
-            raise StoreError(f"{self.path}: cannot open as a crackmap GeoPackage ({exc})") from exc
+            raise store_failure(f"{self.path}: cannot open as a crackmap GeoPackage ({exc})", exc) from exc
         self.crs = CRS.from_epsg(self.srs_id)
         if self.crs != crs:
             raise StoreError(f"{self.path} stores EPSG:{self.srs_id}, not {crs.to_string()}; "
@@ -175,11 +175,7 @@ class GeoPackageStore(StoreBase):
         scene = result.scene
         created = gpkg.now()
         ids = [str(uuid.UUID(bytes=b)) for b in crack_uuid_bytes(run, scene.scene_id, len(result.cracks))]
-        rows = [(gpkg.encode(c.geometry, self.srs_id), crack_id,
-                 run.survey_id, scene.scene_id, run.model_name, run.model_version, run.model_sha256,
-                 run.run_id, c.length_m, c.width_mean_mm, c.width_max_mm, c.orientation_deg,
-                 c.confidence, c.severity, created, c.crack_type, c.theta_deg, c.chord_m, c.tortuosity,
-                 c.span_ratio, c.pattern_no, c.gsd_mm, c.range_m, c.pos_accuracy_m, frames_text(c.source_frames))
+        rows = [(gpkg.encode(c.geometry, self.srs_id), *crack_values(crack_id, run, scene.scene_id, c, created))
                 for crack_id, c in zip(ids, result.cracks)]
         areas = [(gpkg.encode(a.geometry, self.srs_id), run.survey_id, scene.scene_id, run.model_name,
                   run.model_version, no, a.pattern_class, a.area_m2, a.crack_density_m_per_m2,
@@ -194,12 +190,8 @@ class GeoPackageStore(StoreBase):
             self._con.execute("DELETE FROM cracks WHERE survey_id = ? AND scene_id = ? "
                               "AND model_name = ? AND model_version = ?",
                               (run.survey_id, scene.scene_id, run.model_name, run.model_version))
-            self._con.executemany(
-                "INSERT INTO cracks (geom, crack_id, survey_id, scene_id, model_name, model_version, "
-                "model_sha256, run_id, length_m, width_mean_mm, width_max_mm, orientation_deg, "
-                "confidence, severity, created_at, crack_type, theta_deg, chord_m, tortuosity, span_ratio, "
-                f"pattern_no, gsd_mm, range_m, pos_accuracy_m, source_frames) VALUES ({', '.join('?' * 25)})",
-                rows)
+            self._con.executemany(f"INSERT INTO cracks (geom, {', '.join(QUERY_FIELDS)}) "
+                                  f"VALUES (?{', ?' * len(QUERY_FIELDS)})", rows)
             self._con.execute("DELETE FROM pattern_areas WHERE survey_id = ? AND scene_id = ? "
                               "AND model_name = ? AND model_version = ?",
                               (run.survey_id, scene.scene_id, run.model_name, run.model_version))
@@ -414,4 +406,4 @@ class _Transaction:
             self._con.execute("COMMIT")
             return False
         self._con.execute("ROLLBACK")
-        raise StoreError(f"{self._message}; nothing was written ({exc})") from exc
+        raise store_failure(f"{self._message}; nothing was written ({exc})", exc) from exc

@@ -32,7 +32,7 @@ from pipeline import layers
 from pipeline.errors import StoreError
 from pipeline.records import SceneResult
 from pipeline.stores.base import (DEFAULT_CRS, QUERY_FIELDS, SCENE_FIELDS, CrackQuery, RunInfo, SceneSelection,
-                                   StoreBase, check_column, check_crack_column, check_crs, check_fields,
+                                   StoreBase, check_column, database_transient, store_failure, check_crack_column, check_crs, check_fields,
                                    check_layer, columns_of, crack_uuid_bytes, empty_summary, frames_text,
                                    missing_scenes)
 
@@ -138,7 +138,8 @@ def connect(url: str) -> psycopg.Connection:
         if password:
             problem = problem.replace(str(password), "***")
         raise StoreError(f"{display_url(url)}: cannot connect ({problem}); check the host, port, "
-                         "user and password (the URL, PG* variables or ~/.pgpass)") from None
+                         "user and password (the URL, PG* variables or ~/.pgpass)",
+                         transient=database_transient(exc)) from None
 
 
 def migrations(folder: Path = MIGRATIONS) -> list[tuple[str, Path]]:
@@ -215,9 +216,9 @@ class PostGISStore(StoreBase):
             srid = scalar(self._con, "SELECT Find_SRID('public', 'cracks', 'geom')")
         except psycopg.Error as exc:
             self._con.close()
-            raise StoreError(f"{self.name}: cannot open as a crackmap store ({why(exc)}). Apply the "
-                             "migrations as the database owner: python -m pipeline.stores.postgis migrate URL"
-                             ) from exc
+            raise store_failure(f"{self.name}: cannot open as a crackmap store ({why(exc)}). Apply the "
+                             "migrations as the database owner: python -m pipeline.stores.postgis migrate URL",
+                                exc) from exc
         self.srid = int(srid)
         self.crs = CRS.from_epsg(self.srid)
         if self.crs != crs:
@@ -279,12 +280,12 @@ class PostGISStore(StoreBase):
                 self._copy_cracks(con, result, run, ewkb, created)
                 self._put_pattern_areas(con, result, run)
         except psycopg.OperationalError as exc:
-            raise StoreError(f"{self.name}: lost the connection while publishing {scene.uri} ({why(exc)}); "
+            raise store_failure(f"{self.name}: lost the connection while publishing {scene.uri} ({why(exc)}); "
                              "the server rolled the scene back, nothing was written; publish it "
-                             "again") from exc
+                             "again", exc) from exc
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name}: publishing {scene.uri} failed; nothing was written "
-                             f"({why(exc)})") from exc
+            raise store_failure(f"{self.name}: publishing {scene.uri} failed; nothing was written "
+                             f"({why(exc)})", exc) from exc
 
     def _copy_cracks(self, con: psycopg.Connection, result: SceneResult, run: RunInfo,
                      ewkb: np.ndarray, created: datetime) -> None:
@@ -346,7 +347,7 @@ class PostGISStore(StoreBase):
                     (run.survey_id, scene_id, run.model_name, run.model_version, run.model_sha256,
                      run.run_id, uri, error))
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name}: recording {uri} as failed did not work ({why(exc)})") from exc
+            raise store_failure(f"{self.name}: recording {uri} as failed did not work ({why(exc)})", exc) from exc
 
     def published_sha256(self, survey_id: str, scene_id: str, model_name: str,
                          model_version: str) -> str | None:
@@ -374,8 +375,8 @@ class PostGISStore(StoreBase):
                             "AND scene_id = ANY(%s) AND model_name = %s AND model_version = %s",
                             (survey_id, found, model_name, model_version))
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name}: promoting {model} in survey {survey_id!r} failed; nothing "
-                             f"was changed ({why(exc)})") from exc
+            raise store_failure(f"{self.name}: promoting {model} in survey {survey_id!r} failed; nothing "
+                             f"was changed ({why(exc)})", exc) from exc
         return len(found)
 
     def query(self, query: CrackQuery = CrackQuery(), batch_size: int = 10_000) -> Iterator[list[dict]]:
@@ -403,7 +404,7 @@ class PostGISStore(StoreBase):
                     geometries = shapely.from_wkb([r[0] for r in rows])
                     yield [dict(zip(names, r[1:]), geometry=g) for r, g in zip(rows, geometries)]
             except psycopg.Error as exc:
-                raise StoreError(f"{self.name}: the query failed ({why(exc)})") from exc
+                raise store_failure(f"{self.name}: the query failed ({why(exc)})", exc) from exc
 
     def scenes(self, selection: SceneSelection = SceneSelection()) -> list[dict]:
         conditions = selection.comparisons()
@@ -423,7 +424,7 @@ class PostGISStore(StoreBase):
         try:
             rows = self._connection().execute(sql, params).fetchall()
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name}: reading scenes failed ({why(exc)})") from exc
+            raise store_failure(f"{self.name}: reading scenes failed ({why(exc)})", exc) from exc
         return [dict(zip((*fields, "processed_at"), r)) for r in rows]
 
     def scene_summaries(self, survey_id: str, model_name: str, model_version: str,
@@ -442,7 +443,7 @@ class PostGISStore(StoreBase):
                 "AND model_name = %s AND model_version = %s AND crack_type IS DISTINCT FROM 'joint' "
                 "GROUP BY scene_id, severity", key).fetchall()
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name}: reading scene summaries failed ({why(exc)})") from exc
+            raise store_failure(f"{self.name}: reading scene summaries failed ({why(exc)})", exc) from exc
         for scene_id, severity, count, length in rows:
             if (summary := summaries.get(scene_id)) is not None:
                 summary["crack_count"] += count
@@ -458,7 +459,7 @@ class PostGISStore(StoreBase):
                 rows = cur.execute(f"SELECT ST_AsBinary(geom), {selected} FROM current_cracks "
                                    "WHERE survey_id = %s ORDER BY crack_id", (survey_id,)).fetchall()
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name}: reading the cracks of {survey_id!r} failed ({why(exc)})") from exc
+            raise store_failure(f"{self.name}: reading the cracks of {survey_id!r} failed ({why(exc)})", exc) from exc
         return columns_of(rows, names, shapely.from_wkb)
 
     def footprints(self, survey_id: str) -> list[dict]:
@@ -468,7 +469,7 @@ class PostGISStore(StoreBase):
                 "WHERE survey_id = %s AND is_current AND footprint IS NOT NULL ORDER BY scene_id",
                 (survey_id,)).fetchall()
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name}: reading scene footprints failed ({why(exc)})") from exc
+            raise store_failure(f"{self.name}: reading scene footprints failed ({why(exc)})", exc) from exc
         return [{"scene_id": r[1], "model_name": r[2], "model_version": r[3], "geometry": shapely.from_wkb(r[0])}
                 for r in rows]
 
@@ -477,7 +478,7 @@ class PostGISStore(StoreBase):
             return [r[0] for r in self._connection().execute(
                 "SELECT DISTINCT survey_id FROM scenes ORDER BY 1").fetchall()]
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name}: reading surveys failed ({why(exc)})") from exc
+            raise store_failure(f"{self.name}: reading surveys failed ({why(exc)})", exc) from exc
 
     def read_layer(self, layer: str, where: dict) -> list[dict]:
         _, names = check_layer(layer)
@@ -487,7 +488,7 @@ class PostGISStore(StoreBase):
         try:
             rows = self._connection().execute(sql, list(where.values())).fetchall()
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name}: reading {layer} failed ({why(exc)})") from exc
+            raise store_failure(f"{self.name}: reading {layer} failed ({why(exc)})", exc) from exc
         return [dict(zip(names, values), geometry=shapely.from_wkb(geom) if geom else None)
                 for geom, *values in rows]
 
@@ -503,7 +504,7 @@ class PostGISStore(StoreBase):
                 if crack_updates is not None:
                     self._update_cracks(cur, *crack_updates)
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name}: writing {layer} failed; nothing was written ({why(exc)})") from exc
+            raise store_failure(f"{self.name}: writing {layer} failed; nothing was written ({why(exc)})", exc) from exc
 
     def _replace_rows(self, cur: psycopg.Cursor, layer: str, rows: list[dict], where: dict,
                       keep_previous: bool) -> None:
