@@ -9,7 +9,7 @@ pytest.importorskip("prefect")
 
 from flows.deployments import deployments  # noqa: E402
 from flows.settings import Settings  # noqa: E402
-from pipeline.engines import EngineCache  # noqa: E402
+from pipeline.backends.tensorrt import EngineCache  # noqa: E402
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "infra" / "k8s" / "gpu-work-pool.json"
 
