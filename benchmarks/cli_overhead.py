@@ -8,8 +8,13 @@ Each round runs, in fresh interpreters, side by side:
   plus Prefect: its import, the embedded API server, flow and task runs, artifacts).
 
 Wall seconds of each, medians over the rounds, and their difference: the CLI's fixed cost.
+With ``--baseline TREE`` (a checkout of an earlier commit, e.g. ``git worktree add /tmp/base
+HEAD~1``) each round also runs that tree's ``crackmap run``, for a side-by-side comparison.
 
-    python benchmarks/cli_overhead.py [--rounds 3] [--scene examples/sample-survey/road-0001.tif]
+    python benchmarks/cli_overhead.py [--rounds 3] [--scene SCENE.tif]
+
+Without ``--scene`` it maps a GeoTIFF made from the sample survey's first frame
+(1920 x 1080 px, EPSG:32633 at 1 mm per pixel: 24 chips).
 """
 
 from __future__ import annotations
@@ -39,25 +44,51 @@ def timed(command: list[str], env: dict) -> float:
     return time.perf_counter() - started
 
 
+def sample_scene(folder: Path) -> str:
+    """A one-scene survey: the sample survey's first frame as a north-up GeoTIFF in UTM."""
+    import numpy as np
+    import rasterio
+    from PIL import Image
+    from rasterio.transform import from_origin
+
+    frame = sorted((ROOT / "examples" / "sample-survey").glob("frame-*.jpg"))[0]
+    pixels = np.asarray(Image.open(frame).convert("RGB")).transpose(2, 0, 1)
+    path = folder / "scene.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=pixels.shape[2], height=pixels.shape[1], count=3,
+                       dtype="uint8", crs="EPSG:32633", transform=from_origin(500000, 5000000, 0.001, 0.001),
+                       tiled=True, blockxsize=512, blockysize=512) as ds:
+        ds.write(pixels)
+    return str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--scene", default=str(ROOT / "examples" / "sample-survey" / "road-0001.tif"))
+    parser.add_argument("--baseline", default=None, help="another checkout whose crackmap run to time too")
+    parser.add_argument("--scene", default=None, help="a GeoTIFF (default: made from the sample survey)")
     args = parser.parse_args()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    times: dict[str, list[float]] = {"pipeline": [], "cli": []}
+    times: dict[str, list[float]] = {"pipeline": [], "cli": [], "baseline": []}
     with tempfile.TemporaryDirectory() as tmp:
         env["PREFECT_HOME"] = str(Path(tmp) / "prefect")  # a warm database after the first round
+        scene = args.scene or sample_scene(Path(tmp))
         for i in range(args.rounds):
             pipeline_store, cli_store = Path(tmp) / f"p{i}.gpkg", Path(tmp) / f"c{i}.gpkg"
-            times["pipeline"].append(timed([sys.executable, "-c", PIPELINE, args.scene, str(pipeline_store)], env))
+            times["pipeline"].append(timed([sys.executable, "-c", PIPELINE, scene, str(pipeline_store)], env))
             times["cli"].append(timed([sys.executable, "-c", "from flows.cli import main; main()", "run",
-                                       args.scene, "--store", str(cli_store), "--backend", "onnxruntime"], env))
-            print(f"round {i + 1}: pipeline {times['pipeline'][-1]:.1f} s, cli {times['cli'][-1]:.1f} s",
-                  flush=True)
+                                       scene, "--store", str(cli_store), "--backend", "onnxruntime"], env))
+            if args.baseline:
+                base_env = dict(env, PYTHONPATH=str(Path(args.baseline).resolve()))
+                times["baseline"].append(timed([sys.executable, "-c", "from flows.cli import main; main()", "run",
+                                                scene, "--store", str(Path(tmp) / f"b{i}.gpkg"),
+                                                "--backend", "onnxruntime"], base_env))
+            print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items() if v), flush=True)
     p, c = statistics.median(times["pipeline"]), statistics.median(times["cli"])
     print(f"median: pipeline {p:.1f} s, crackmap run {c:.1f} s, fixed cost {c - p:.1f} s "
           f"({args.rounds} rounds, {os.cpu_count()} CPUs)")
+    if times["baseline"]:
+        b = statistics.median(times["baseline"])
+        print(f"baseline ({args.baseline}): crackmap run {b:.1f} s, fixed cost {b - p:.1f} s")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ UTM 33N, one scene per ``--scene-m`` of road (a 4 m wide footprint), and
 ``--cracks`` random cracks (0.3-2 m, 2-4 vertices, any direction) inside the
 scenes, published through the store as the pipeline publishes them (typed
 against the scene axis).  Then times ``pipeline.condition.run_sections`` on
-it, split into its steps, over ``--rounds`` rounds (median reported).
+it over ``--rounds`` rounds (median reported), with the CPU time of this process and of the
+store's PostgreSQL backend (from /proc, a server on this machine) beside the wall time: on a
+shared machine the wall time follows the load, the CPU time much less.  ``--profile`` splits the
+last round into its steps (cProfile).
 
 Run (a throwaway PostGIS from infra/postgis.sh, then):
     eval "$(infra/postgis.sh start /tmp/pg-bench)"
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import statistics
 import sys
@@ -104,7 +108,8 @@ def build(url: str, km: float, road_count: int, total: int, scene_m: float, fold
     for i, (footprint, cracks) in enumerate(zip(footprints, crack_lines(footprints, total, rng))):
         lonlat = projection.transform(cracks, UTM, "EPSG:4326")
         length = shapely.length(cracks)
-        records = tuple(CrackLine(g, float(m), 3.0, 5.0, 0.0, 0.8, "low", "diagonal", 45.0, float(m), 1.0)
+        records = tuple(CrackLine(g, float(m), 3.0, 5.0, 0.0, 0.8, "low", crack_type="diagonal", theta_deg=45.0,
+                                   chord_m=float(m), tortuosity=1.0)
                         for g, m in zip(lonlat, length))
         scene = Scene(f"bench/{i}.tif", f"s{i:05d}", 1000, 1000, 3, "uint8", CRS.from_string(UTM), Affine.identity())
         store.publish(SceneResult(scene, records, projection.transform([footprint], UTM, "EPSG:4326")[0], 1,
@@ -114,6 +119,16 @@ def build(url: str, km: float, road_count: int, total: int, scene_m: float, fold
     print(f"built: {km:g} km in {road_count} roads, {len(footprints)} scenes, {published} cracks "
           f"({time.perf_counter() - started:.0f} s to publish)")
     return network
+
+
+def server_cpu_s(store) -> float | None:
+    """CPU seconds of the store connection's PostgreSQL backend so far (a server on this machine), else None."""
+    pid = store._con.info.backend_pid  # the store's one connection (private: a benchmark may look)
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -137,6 +152,7 @@ def main() -> None:
         for k in range(args.rounds):
             store = open_store(args.url)
             profile = cProfile.Profile() if args.profile and k == args.rounds - 1 else None
+            load, server = os.getloadavg()[0], server_cpu_s(store)
             started, cpu = time.perf_counter(), time.process_time()
             if profile:
                 profile.enable()
@@ -145,9 +161,11 @@ def main() -> None:
                 profile.disable()
             times.append(time.perf_counter() - started)
             cpu = time.process_time() - cpu
+            server = None if server is None else server_cpu_s(store) - server
             store.close()
-            print(f"round {k + 1}: {times[-1]:.1f} s wall, {cpu:.1f} s CPU in this process (PostGIS's own "
-                  f"work not counted), {sum(r['level'] == 'section' for r in report.rows)} "
+            print(f"round {k + 1}: {times[-1]:.1f} s wall, {cpu:.1f} s CPU in this process, "
+                  + ("PostGIS backend CPU not readable" if server is None else f"{server:.1f} s CPU in PostGIS")
+                  + f", load average {load:.1f}, {sum(r['level'] == 'section' for r in report.rows)} "
                   f"sections, {report.located} of {report.cracks} cracks located")
             if profile:
                 pstats.Stats(profile).sort_stats("cumulative").print_stats(25)

@@ -131,6 +131,17 @@ def exit_now(status: int) -> None:
     os._exit(status)
 
 
+def warm_up(model_spec: str | None, backend: str) -> None:
+    """What every mapping run needs first, done while Prefect's API starts: the model on its
+    backend (kept for the run's scenes, ``pipeline.survey.cached_backend``) and skan's numba code."""
+    from models.registry import resolve
+    from pipeline.survey import cached_backend
+    from pipeline.vectorize import warm_up as compile_skeleton_code
+
+    cached_backend(resolve(model_spec).spec, backend)
+    compile_skeleton_code()
+
+
 def summary_table(rows: list[SceneRow]) -> str:
     header = f"{'scene':<28} {'status':<7} {'chips':>6} {'cracks':>6} {'length m':>9} {'s':>7}"
     lines = [header, "-" * len(header)]
@@ -149,7 +160,7 @@ def checked_inputs(store: str, survey_id: str | None, options: dict | None, sour
     try:
         if survey_id is not None:
             check_survey_id(survey_id)
-        SceneOptions.from_mapping(options)
+        SceneOptions.from_mapping(options, os.environ.get("CRACKMAP_TYPE_PROFILE"))
         check_sources_exist(list(sources))
         return hand_over_password(store)
     except USER_ERRORS as exc:
@@ -158,16 +169,16 @@ def checked_inputs(store: str, survey_id: str | None, options: dict | None, sour
 
 
 def mapping_options(command):
-    """--threshold, --overlap-px, --severity-mm, --min-length-m, --bridge-gap-px, as one ``options`` dict.
+    """--threshold, --overlap-px, --severity-mm, --min-length-m, --bridge-gap-px, --profile: one ``options`` dict.
 
     Only the options given go into the dict (the flow parameters stay short); the
     others keep their defaults (``pipeline.scene.MAPPING_OPTIONS``).
     """
     @functools.wraps(command)
     def wrapper(*args, threshold=None, overlap_px=None, severity_mm=None, min_length_m=None,
-                bridge_gap_px=None, **kwargs):
+                bridge_gap_px=None, type_profile=None, **kwargs):
         given = {"threshold": threshold, "overlap_px": overlap_px, "min_length_m": min_length_m,
-                 "bridge_gap_px": bridge_gap_px}
+                 "bridge_gap_px": bridge_gap_px, "type_profile": type_profile}
         if severity_mm:
             given |= {"severity_medium_mm": severity_mm[0], "severity_high_mm": severity_mm[1]}
         options = {k: v for k, v in given.items() if v is not None}
@@ -183,6 +194,9 @@ def mapping_options(command):
                      help="Drop isolated lines shorter than this (default 0.025; 0 keeps all)."),
         click.option("--bridge-gap-px", type=float, default=None,
                      help="Join lines facing each other across a gap up to this (default 12; 0: off)."),
+        click.option("--profile", "type_profile", default=None, metavar="NAME",
+                     help="Crack-type angle profile: aashto-r85, strict-10 or loose-30 (default: "
+                          "$CRACKMAP_TYPE_PROFILE, else aashto-r85); the sections step uses it too."),
     ]):
         wrapper = option(wrapper)
     return wrapper
@@ -246,7 +260,7 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
 
     run_started = datetime.now(timezone.utc)
     try:
-        with interruptible(), orchestration_errors(), prefect_api():
+        with interruptible(), orchestration_errors(), prefect_api(lambda: warm_up(model_spec, backend)):
             try:
                 with progress.listening(show):
                     state = process_survey(list(sources), store, survey_id, model_spec, backend,

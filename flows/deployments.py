@@ -76,13 +76,16 @@ def deployments(config: Settings, with_schedule: bool | None = None) -> list[Run
                              "the workers PGPASSWORD or a ~/.pgpass file")
         if config.survey_id:
             check_survey_id(config.survey_id)
-        SceneOptions.from_mapping(config.mapping_options)  # refused now, not at 2 a.m.
+        options = dict(config.mapping_options)
+        if "type_profile" in config.model_fields_set:  # CRACKMAP_TYPE_PROFILE: the runs' crack-type profile
+            options["type_profile"] = config.type_profile
+        SceneOptions.from_mapping(options)  # refused now, not at 2 a.m.
         parameters = {"sources": config.survey_sources, "store": config.store,
                       "scene_deployment": SCENE_DEPLOYMENT, "max_concurrent": config.scene_concurrency,
                       "scene_timeout_s": config.scene_timeout_s}
         parameters |= {k: v for k, v in (("output_dir", config.output), ("survey_id", config.survey_id),
                                          ("model", config.model), ("network", config.network),
-                                         ("options", config.mapping_options)) if v}
+                                         ("options", options)) if v}
         found.append(process_survey.to_deployment(
             "scheduled-survey-run", work_pool_name=config.cpu_pool, entrypoint_type=module,
             schedules=[Cron(config.schedule_cron, timezone=config.schedule_timezone)],

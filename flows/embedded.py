@@ -24,7 +24,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 
 PR_SET_PDEATHSIG = 1
 STARTUP_TIMEOUT_S = 180  # a first start migrates its database; a loaded machine needed over 20 s
@@ -60,18 +61,43 @@ def _server_class():
 
 
 @contextlib.contextmanager
-def prefect_api() -> Iterator[str | None]:
-    """The API for this block: ``PREFECT_API_URL`` if set (None), else a server this process owns (its URL)."""
+def prefect_api(meanwhile: Callable[[], object] | None = None) -> Iterator[str | None]:
+    """The API for this block: ``PREFECT_API_URL`` if set (None), else a server this process owns (its URL).
+
+    ``meanwhile`` runs in a thread while the server starts in its own process (loading
+    the model, compiling numba code): the run's fixed cost is then the longer of the
+    two, not their sum.  Its exceptions stop the server and propagate.
+    """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
+        if meanwhile is not None:
+            meanwhile()
         yield None
         return
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
     server = _server_class()(port=None)
-    server.start(timeout=max(STARTUP_TIMEOUT_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+    timeout = max(STARTUP_TIMEOUT_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    failed: list[BaseException] = []
+
+    def prepare() -> None:
+        try:
+            meanwhile()
+        except BaseException as exc:  # re-raised in the caller's thread
+            failed.append(exc)
+
+    # The server starts from this thread: its parent-death signal fires when the thread that
+    # started it ends, so that must be the thread that lives as long as the run.
+    helper = threading.Thread(target=prepare, name="crackmap-warm-up", daemon=True) if meanwhile else None
+    if helper is not None:
+        helper.start()
     try:
+        server.start(timeout=timeout)
+        if helper is not None:
+            helper.join()
+        if failed:
+            raise failed[0]
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             try:
                 yield server.api_url

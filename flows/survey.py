@@ -17,7 +17,8 @@ from prefect.artifacts import create_table_artifact
 from flows.artifacts import ArtifactProgress, report
 from flows.scene import SCENE_TIMEOUT_S, map_scene_task, run_scenes, run_settings  # noqa: F401  (map_scene_task: re-exported)
 from pipeline import progress, redact
-from pipeline.condition import run_sections
+from pipeline.condition import SectionOptions, run_sections
+from pipeline.crack_types import TypeProfile
 from pipeline.frames import FRAME_SUFFIXES, FrameSurvey, find_frame_survey, survey_frames
 from pipeline.stores import open_store
 from pipeline.survey import default_survey_id, discover, map_frame_survey
@@ -26,10 +27,10 @@ redact.mask_log_handlers()  # Prefect's console and API handlers: passwords mask
 
 
 @task(name="rate-sections", task_run_name="rate-sections-{survey_id}")
-def rate_sections(store: str, network: str, survey_id: str) -> dict:
+def rate_sections(store: str, network: str, survey_id: str, types: TypeProfile = TypeProfile()) -> dict:
     """The survey's sections along the network (``pipeline.condition.run_sections``); a summary."""
     with open_store(store) as target:
-        found = run_sections(target, network, survey_id)
+        found = run_sections(target, network, survey_id, SectionOptions(types=types))
     sections = [r for r in found.rows if r["level"] == "section"]
     create_table_artifact([{k: r[k] for k in ("road_id", "from_m", "to_m", "longitudinal_m", "transverse_m",
                                               "diagonal_m", "pattern_m", "cracked_area_pct", "crack_index",
@@ -74,7 +75,9 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
         scene_timeout_s: With a deployment, a scene run not finished after this long (no worker
             serves its pool?) is cancelled and the scene fails, saying so.
         options: Mapping options (threshold, overlap_px, severity_medium_mm, severity_high_mm,
-            min_length_m, bridge_gap_px; ``pipeline.scene.MAPPING_OPTIONS``), checked before any work.
+            min_length_m, bridge_gap_px; ``pipeline.scene.MAPPING_OPTIONS``) and ``type_profile`` (the
+            crack-type profile of the scenes and the sections; default CRACKMAP_TYPE_PROFILE), checked
+            before any work.
     """
     from flows.settings import Settings
 
@@ -97,6 +100,6 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
         with progress.listening(bar):
             rows = run_scenes(scenes, settings, scene_deployment, max_concurrent,
                               on_finished=lambda row: bar.scene_finished(), scene_timeout_s=scene_timeout_s)
-    if network and any(r.status != "failed" for r in rows):
-        rate_sections(settings.store, network, settings.run.survey_id)
+    if network and any(r.status != "failed" for r in rows):  # typed with the scenes' profile
+        rate_sections(settings.store, network, settings.run.survey_id, settings.options.types)
     return report(settings.run, rows)

@@ -382,13 +382,14 @@ def open_existing(store: str):
         fail(str(exc))
 
 
-def section_options(section_m: float, rollup_m: float, corridor_m: float, id_field: str, profile: str):
+def section_options(section_m: float, rollup_m: float, corridor_m: float, id_field: str, profile: str,
+                    direction_field: str = "direction"):
     from pipeline.condition import SectionOptions
     from pipeline.crack_types import type_profile
 
     try:
         return SectionOptions(section_m=section_m, rollup_m=rollup_m, corridor_m=corridor_m, id_field=id_field,
-                              types=type_profile(profile))
+                              direction_field=direction_field, types=type_profile(profile))
     except ValueError as exc:
         fail(str(exc))
 
@@ -399,6 +400,8 @@ network_options = [
     click.option("--corridor-m", default=5.0, show_default=True,
                  help="A crack belongs to a road within this distance of its centreline (m)."),
     click.option("--id-field", default="road_id", show_default=True, help="The network's road id field."),
+    click.option("--direction-field", default="direction", show_default=True,
+                 help="The network's optional one-way field: chainage runs with the traffic (README)."),
     click.option("--profile", default="aashto-r85", show_default=True,
                  help="Crack type angles: aashto-r85, strict-10 or loose-30."),
 ]
@@ -417,7 +420,7 @@ def with_network_options(command):
 @click.option("--survey", "survey_id", default=None, help="Survey (default: the store's only survey).")
 @with_network_options
 def sections(store: str, network: str, survey_id: str | None, section_m: float, rollup_m: float,
-             corridor_m: float, id_field: str, profile: str) -> None:
+             corridor_m: float, id_field: str, direction_field: str, profile: str) -> None:
     """Rate the sections of a road network from the cracks of a survey in STORE.
 
     Writes the layer ``sections`` (sections, rollups and whole roads) and each crack's
@@ -425,7 +428,7 @@ def sections(store: str, network: str, survey_id: str | None, section_m: float, 
     """
     from pipeline.condition import run_sections
 
-    options = section_options(section_m, rollup_m, corridor_m, id_field, profile)
+    options = section_options(section_m, rollup_m, corridor_m, id_field, profile, direction_field)
     target = open_existing(store)
     try:
         if survey_id is None:
@@ -455,7 +458,8 @@ def sections(store: str, network: str, survey_id: str | None, section_m: float, 
 @click.option("--angle-deg", default=20.0, show_default=True, help="... and this difference in direction.")
 @with_network_options
 def change(store: str, from_survey: str, to_survey: str, network: str | None, buffer_m: float, angle_deg: float,
-           section_m: float, rollup_m: float, corridor_m: float, id_field: str, profile: str) -> None:
+           section_m: float, rollup_m: float, corridor_m: float, id_field: str, direction_field: str,
+           profile: str) -> None:
     """Change between two surveys in STORE: new, grown, unchanged and gone cracks, and per-section deltas.
 
     Writes the layers ``crack_changes`` and ``section_changes``.
@@ -463,7 +467,7 @@ def change(store: str, from_survey: str, to_survey: str, network: str | None, bu
     from pipeline.change import MatchParams
     from pipeline.condition import run_change
 
-    options = section_options(section_m, rollup_m, corridor_m, id_field, profile)
+    options = section_options(section_m, rollup_m, corridor_m, id_field, profile, direction_field)
     try:
         match = MatchParams(buffer_m=buffer_m, angle_deg=angle_deg)
     except ValueError as exc:

@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import shapely
-from shapely.ops import substring
 
 from pipeline import gpkg, projection
 from pipeline.change import MatchParams, crack_status, match_cracks, section_deltas
 from pipeline.crack_types import RoadFrame, TypeProfile, classify, line_shapes
 from pipeline.errors import ConditionError, NetworkError
 from pipeline.network import Network, read_network
+from pipeline.records import CrackPositions
 from pipeline.sections import (SUM_FIELDS, ConditionFormula, Located, Pieces, add_up, condition, cut_sections,
-                               locate_cracks, rollup_keys, section_sums, split_by_sections)
+                               locate_cracks, rollup_keys, section_sums, split_by_sections, substrings)
 from pipeline.stores import CrackStore
 
 MIN_SECTION_M = 1.0
@@ -40,6 +40,7 @@ class SectionOptions:
     rollup_m: float = 100.0
     corridor_m: float = 5.0
     id_field: str = "road_id"
+    direction_field: str = "direction"
     formula: ConditionFormula = field(default_factory=ConditionFormula)
     types: TypeProfile = field(default_factory=TypeProfile)
 
@@ -75,10 +76,11 @@ def check_survey(store: CrackStore, survey_id: str) -> None:
         raise ConditionError(f"unknown survey {survey_id!r}; the store has {', '.join(known) or 'no surveys'}")
 
 
-def survey_cracks(store: CrackStore, survey_id: str) -> dict[str, np.ndarray]:
-    """The current cracks of a survey as arrays (one store query), in crack_id order."""
-    names = ("crack_id", "scene_id", "model_name", "model_version", "length_m", "width_mean_mm",
-             "width_max_mm", "severity", "crack_type")
+def survey_cracks(store: CrackStore, survey_id: str, models: bool = False) -> dict[str, np.ndarray]:
+    """The current cracks of a survey as arrays (one store query), in crack_id order; ``models``: with
+    their model_name and model_version (a million cracks' worth of strings, read only where needed)."""
+    names = ("crack_id", "scene_id", "length_m", "width_mean_mm", "width_max_mm", "severity", "crack_type",
+             *(("model_name", "model_version") if models else ()))
     out = store.crack_columns(survey_id, names)
     for n in ("length_m", "width_mean_mm", "width_max_mm"):
         out[n] = out[n].astype(float)
@@ -99,19 +101,19 @@ def run_sections(store: CrackStore, network_path: str, survey_id: str,
         raise ConditionError(f"survey {survey_id!r} has no mapped scene with a footprint")
     footprints = np.array([s["geometry"] for s in scenes], dtype=object)
     metric = projection.metric_crs(store.crs, shapely.total_bounds(footprints))
-    network = read_network(network_path, metric, options.id_field)
+    network = read_network(network_path, metric, options.id_field, direction_field=options.direction_field)
     imaged = projection.transform(footprints, store.crs, metric)
-    covered = shapely.union_all(imaged)
-    if not shapely.intersects(shapely.buffer(network.geometry, options.corridor_m), covered).any():
+    scene_tree = shapely.STRtree(imaged)
+    if not len(scene_tree.query(network.geometry, predicate="dwithin", distance=options.corridor_m)[0]):
         raise NetworkError(f"{network_path}: no road comes within {options.corridor_m} m of survey "
                            f"{survey_id!r}'s scenes; is it the right network (and CRS)?; nothing was written")
     cracks = survey_cracks(store, survey_id)
     lines = projection.transform(cracks["geometry"], store.crs, metric)
     located = locate_cracks(lines, network.geometry, options.corridor_m)
     sections = cut_sections(network.geometry, network.width_m, options.section_m)
-    coverage = shapely.area(shapely.intersection(sections.polygon, covered))
+    coverage = imaged_area_m2(sections.polygon, imaged, scene_tree)
     typed = retype(lines, cracks, located, network, imaged, [s["scene_id"] for s in scenes], sections, coverage,
-                   options.section_m, options.types)
+                   options.section_m, options.types, scene_tree)
     counted = typed.crack_type != "joint"
     counted_located = only(located, counted)
     pieces = split_by_sections(counted_located, sections, options.section_m)
@@ -125,10 +127,42 @@ def run_sections(store: CrackStore, network_path: str, survey_id: str,
              "network": network.source, "models": ", ".join(models), "computed_at": gpkg.now(), "is_current": 1}
     rows = [dict(r, **stamp) for r in rows]
     store.replace_layer("sections", rows, {"survey_id": survey_id}, keep_previous=True,
-                        crack_updates=crack_updates(cracks, located, network, typed))
+                        positions=crack_positions(survey_id, cracks, located, network, typed))
     inside = int((located.road >= 0).sum())
     return SectionReport(survey_id, run_id, rows, len(lines), inside, len(lines) - inside,
                          int((~counted).sum()), models)
+
+
+def imaged_area_m2(polygons: np.ndarray, imaged: np.ndarray, tree: shapely.STRtree | None = None) -> np.ndarray:
+    """Per polygon: the area of it that at least one scene footprint covers.
+
+    Pairwise intersections with the footprints a spatial index finds; where
+    several footprints overlap one polygon, the union of its pieces (one
+    ``union_all`` over a padded array, not a loop).  Never against the union of all
+    footprints: one overlay per section with a whole survey's outline was slow.
+
+    >>> square = shapely.box(0, 0, 10, 10)
+    >>> imaged_area_m2(np.array([square, shapely.box(20, 0, 30, 10)]),
+    ...                np.array([shapely.box(-5, 0, 4, 10), shapely.box(2, 0, 6, 10)])).tolist()
+    [60.0, 0.0]
+    """
+    tree = tree or shapely.STRtree(imaged)
+    polygon, scene = tree.query(polygons, predicate="intersects")
+    order = np.argsort(polygon, kind="stable")
+    polygon, scene = polygon[order], scene[order]
+    pieces = shapely.intersection(polygons[polygon], imaged[scene])
+    count = np.bincount(polygon, minlength=len(polygons))
+    area = np.zeros(len(polygons))
+    single = count[polygon] == 1
+    area[polygon[single]] = shapely.area(pieces[single])
+    several = np.flatnonzero(count > 1)
+    if len(several):
+        rank = np.searchsorted(several, polygon[~single])
+        column = np.arange(len(rank)) - np.searchsorted(rank, rank)
+        grid = np.full((len(several), count.max()), None, dtype=object)
+        grid[rank, column] = pieces[~single]
+        area[several] = shapely.area(shapely.union_all(grid, axis=1))
+    return area
 
 
 def only(located: Located, keep: np.ndarray) -> Located:
@@ -140,7 +174,8 @@ def only(located: Located, keep: np.ndarray) -> Located:
 
 
 def retype(lines: np.ndarray, cracks: dict, located: Located, network: Network, imaged: np.ndarray,
-           scene_ids: list[str], sections, coverage_m2: np.ndarray, section_m: float, profile: TypeProfile):
+           scene_ids: list[str], sections, coverage_m2: np.ndarray, section_m: float, profile: TypeProfile,
+           scene_tree: shapely.STRtree | None = None):
     """Type the cracks again against the road direction of the network.
 
     Pattern members stay ``pattern`` and joints stay ``joint`` (both decided per scene
@@ -153,12 +188,13 @@ def retype(lines: np.ndarray, cracks: dict, located: Located, network: Network, 
     scene_no = {s: i for i, s in enumerate(scene_ids)}
     scene = np.array([scene_no.get(s, -1) for s in cracks["scene_id"]], dtype=int)
     road = np.maximum(located.road, 0)
-    # length of each road inside each scene that it crosses
-    road_idx, scene_idx = shapely.STRtree(imaged).query(network.geometry, predicate="intersects")
-    pair_key = scene_idx * n_roads + road_idx
-    order = np.argsort(pair_key)
-    pair_key, pair_length = pair_key[order], shapely.length(
-        shapely.intersection(network.geometry[road_idx], imaged[scene_idx]))[order]
+    # length of each road inside each scene that it crosses: its sections' pieces (short lines) added up
+    section_idx, scene_idx = (scene_tree or shapely.STRtree(imaged)).query(sections.centreline,
+                                                                           predicate="intersects")
+    piece_key = scene_idx * n_roads + sections.road[section_idx]
+    pair_key, at_pair = np.unique(piece_key, return_inverse=True)
+    pair_length = np.bincount(at_pair.ravel(), shapely.length(
+        shapely.intersection(sections.centreline[section_idx], imaged[scene_idx])), len(pair_key))
     crack_key = scene * n_roads + road
     imaged_length = np.full(n, np.nan)
     if len(pair_key):
@@ -182,15 +218,12 @@ def retype(lines: np.ndarray, cracks: dict, located: Located, network: Network, 
     return typed
 
 
-def crack_updates(cracks: dict, located: Located, network: Network, typed) -> tuple[tuple[str, ...], list[tuple]]:
-    """The cracks' road columns and new typing, as rows for ``replace_layer``."""
-    inside = located.road >= 0
-    road_id = np.where(inside, network.road_id[np.maximum(located.road, 0)], None)
-    span = np.where(np.isnan(typed.span_ratio), None, typed.span_ratio)
-    columns = ("road_id", "chainage_from_m", "chainage_to_m", "offset_m", "crack_type", "theta_deg", "span_ratio")
-    values = list(zip(road_id, located.chainage_from_m, located.chainage_to_m, located.offset_m,
-                      typed.crack_type, np.where(inside, typed.theta_deg, np.nan), span, cracks["crack_id"]))
-    return columns, values
+def crack_positions(survey_id: str, cracks: dict, located: Located, network: Network, typed) -> CrackPositions:
+    """The located cracks' road columns and typing against the road, for ``replace_layer``."""
+    inside = np.flatnonzero(located.road >= 0)
+    return CrackPositions(survey_id, cracks["crack_id"][inside], network.road_id[located.road[inside]],
+                          located.chainage_from_m[inside], located.chainage_to_m[inside], located.offset_m[inside],
+                          typed.crack_type[inside], typed.theta_deg[inside], typed.span_ratio[inside])
 
 
 def pattern_pairs(store: CrackStore, survey_id: str, sections, metric
@@ -225,9 +258,8 @@ def section_rows(sums: dict, sections, network: Network, options: SectionOptions
         if level == "section":
             polygons = sections.polygon
         else:
-            polygons = shapely.buffer(np.array([substring(network.geometry[r], a, b)
-                                                for r, a, b in zip(road, start, stop)], dtype=object),
-                                      network.width_m[road] / 2, cap_style="flat")
+            polygons = shapely.buffer(substrings(network.geometry, road, start, stop), network.width_m[road] / 2,
+                                      cap_style="flat")
         figures = condition(group, options.formula)
         geometry = projection.transform(polygons, metric, store_crs)
         for i in range(len(road)):  # one row per section or rollup, never per crack
@@ -279,7 +311,7 @@ def run_change(store: CrackStore, from_survey: str, to_survey: str, network_path
         missing = from_survey if not before else to_survey
         raise ConditionError(f"survey {missing!r} has no sections yet; run crackmap sections STORE --network "
                              "ROADS --survey ID first, or pass --network")
-    a, b = survey_cracks(store, from_survey), survey_cracks(store, to_survey)
+    a, b = survey_cracks(store, from_survey, models=True), survey_cracks(store, to_survey, models=True)
     a = {k: v[a["crack_type"] != "joint"] for k, v in a.items()}
     b = {k: v[b["crack_type"] != "joint"] for k, v in b.items()}
     footprints = [s["geometry"] for s in store.footprints(to_survey)]

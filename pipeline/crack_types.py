@@ -123,7 +123,10 @@ def line_shapes(lines: np.ndarray) -> LineShapes:
     c = np.bincount(owner, d[:, 1] * d[:, 1] * w, n)
     axis = np.round(np.degrees(0.5 * np.arctan2(2 * b, a - c)) % 180.0, 9) % 180.0
     length = np.bincount(owner, seg, n)
-    chord = shapely.distance(shapely.get_point(lines, 0), shapely.get_point(lines, -1))
+    first = np.searchsorted(index, np.arange(n))
+    last = np.r_[first[1:], len(index)] - 1
+    ends = coords[last] - coords[first] if len(coords) else np.zeros((n, 2))
+    chord = np.hypot(ends[:, 0], ends[:, 1])
     tortuosity = np.where(chord > 0, length / np.where(chord > 0, chord, 1.0), np.inf)
     return LineShapes(axis, chord, length, tortuosity)
 

@@ -2,14 +2,16 @@
 
 Each column is (name, kind) with kind ``text``, ``real`` or ``int``.  The
 GeoPackage store creates tables from these; the PostGIS migration
-``pipeline/migrations/0003_road_condition.sql`` declares the same columns.
+``pipeline/migrations/0003_road_condition.sql`` declares the same columns (the
+road columns of cracks live in ``crack_positions`` there, migration 0005, and the
+``current_cracks`` view shows them in the same places).
 """
 
 from __future__ import annotations
 
 from pipeline.sections import SUM_FIELDS
 
-# added to every crack row: typing at mapping time, road referencing by `crackmap sections`
+# crack columns: typing at mapping time, road referencing (and typing against the road) by `crackmap sections`
 CRACK_CONDITION_COLUMNS = (
     ("crack_type", "text"), ("theta_deg", "real"), ("chord_m", "real"), ("tortuosity", "real"),
     ("span_ratio", "real"), ("pattern_no", "int"), ("road_id", "text"), ("chainage_from_m", "real"),

@@ -6,8 +6,23 @@ unique and non-empty, every feature is a single line of non-zero length (a
 multi-part line that merges into one is accepted), and the CRS can be
 transformed to the metric CRS sections are measured in.  Optional fields:
 ``width_m`` (road width) or ``lanes`` (times ``lane_width_m``); else
-``default_width_m``.  A ``direction`` field, if any, is not needed: chainage
-runs in the direction the line is digitized.
+``default_width_m``.
+
+``direction`` (optional; ``direction_field``) says which way traffic runs,
+relative to the direction the line is digitized in.  Chainage runs in the
+direction of travel, and ``offset_m`` is positive to the left of it:
+
+* two-way (also when there is no field, or the value is empty): chainage runs
+  in the digitized direction;
+* one-way, with the digitized direction: the same;
+* one-way, against the digitized direction: the line is reversed, so chainage 0
+  is where traffic enters the road and a crack left of the traffic has a
+  positive offset.  A dual carriageway digitized as two lines, each with its
+  direction, gets chainages that run with the traffic on both.
+
+The values of the common network formats are understood (case aside):
+``DIRECTION_VALUES`` (OSM ``oneway``, HERE ``DIR_TRAVEL``, TomTom ``ONEWAY``,
+OS MasterMap Highways ``directionality``, plain words); any other value is refused.
 """
 
 from __future__ import annotations
@@ -23,15 +38,30 @@ from pipeline import projection
 from pipeline.errors import NetworkError
 
 
+# What a direction field may hold -> which way chainage runs: both (two-way), forward (one-way
+# with the digitized direction) or backward (one-way against it: the line is reversed).
+DIRECTION_VALUES = {
+    **dict.fromkeys(("", "both", "b", "n", "no", "0", "two-way", "twoway", "two way", "bothdirections",
+                     "bidirectional"), "both"),
+    **dict.fromkeys(("forward", "f", "ft", "yes", "y", "1", "true", "one-way", "oneway", "indirection",
+                     "with"), "forward"),
+    **dict.fromkeys(("backward", "t", "tf", "-1", "reverse", "inoppositedirection", "against"), "backward"),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Network:
-    """Road centrelines in a metric CRS, with their ids and widths."""
+    """Road centrelines in a metric CRS, with their ids and widths.
+
+    ``geometry`` runs in the direction chainage runs (see the module docstring).
+    """
 
     source: str
     road_id: np.ndarray  # object array of str
-    geometry: np.ndarray  # LineString, metric CRS
+    geometry: np.ndarray  # LineString, metric CRS, oriented for chainage
     width_m: np.ndarray
     crs: object  # pyproj CRS of ``geometry``
+    direction: np.ndarray  # object array: "both", "forward" or "backward" (as digitized: reversed)
 
 
 def _fail(path, problem: str) -> NetworkError:
@@ -39,7 +69,7 @@ def _fail(path, problem: str) -> NetworkError:
 
 
 def read_network(path: str | Path, metric_crs, id_field: str = "road_id", lane_width_m: float = 3.5,
-                 default_width_m: float = 7.0) -> Network:
+                 default_width_m: float = 7.0, direction_field: str = "direction") -> Network:
     """Read and check a road network, in ``metric_crs``.
 
     Raises:
@@ -58,7 +88,9 @@ def read_network(path: str | Path, metric_crs, id_field: str = "road_id", lane_w
                           "pass --id-field NAME")
     if not info["crs"]:
         raise _fail(path, "has no CRS; set one (e.g. ogr2ogr -a_srs EPSG:...)")
-    wanted = [f for f in (id_field, "width_m", "lanes") if f in fields]
+    if direction_field != "direction" and direction_field not in fields:
+        raise _fail(path, f"has no direction field {direction_field!r} (fields: {', '.join(fields)})")
+    wanted = [f for f in (id_field, "width_m", "lanes", direction_field) if f in fields]
     _, _, wkb, values = pyogrio.raw.read(path, columns=wanted)
     data = dict(zip(wanted, values))
     ids = np.array([None if v is None else str(v) for v in data[id_field]], dtype=object)
@@ -80,6 +112,8 @@ def read_network(path: str | Path, metric_crs, id_field: str = "road_id", lane_w
         raise _fail(path, f"its CRS {info['crs']} cannot be transformed to {metric_crs}")
     if (bad := ids[shapely.length(metric) <= 0]).size:
         raise _fail(path, f"has zero-length lines: {', '.join(bad[:5])}")
+    direction = directions(path, data.get(direction_field, [None] * len(ids)), direction_field)
+    metric = np.where(direction == "backward", shapely.reverse(metric), metric)
     width = np.full(len(ids), default_width_m)
     if "lanes" in data:
         lanes = np.array([np.nan if v is None else float(v) for v in data["lanes"]])
@@ -87,7 +121,32 @@ def read_network(path: str | Path, metric_crs, id_field: str = "road_id", lane_w
     if "width_m" in data:
         given = np.array([np.nan if v is None else float(v) for v in data["width_m"]])
         width = np.where(given > 0, given, width)
-    return Network(str(path), ids, metric, width, metric_crs)
+    return Network(str(path), ids, metric, width, metric_crs, direction)
+
+
+def directions(path, values, field: str = "direction") -> np.ndarray:
+    """A direction field's values as ``both``, ``forward`` or ``backward`` (``DIRECTION_VALUES``).
+
+    >>> directions("roads.gpkg", ["FT", None, -1, "inOppositeDirection", 1.0]).tolist()
+    ['forward', 'both', 'backward', 'backward', 'forward']
+    >>> directions("roads.gpkg", ["north"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pipeline.errors.NetworkError: roads.gpkg: its direction field holds 'north', which is not a direction ...
+    """
+    def key(v) -> str:
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return ""
+        if isinstance(v, (int, float, np.integer, np.floating)) and float(v).is_integer():
+            return str(int(v))
+        return str(v).strip().lower()
+
+    keys = [key(v) for v in values]
+    if bad := sorted({str(v) for v, k in zip(values, keys) if k not in DIRECTION_VALUES}):
+        raise _fail(path, f"its {field} field holds {', '.join(map(repr, bad[:5]))}, which is not a direction "
+                          "(two-way: both, B, N, no, 0; one-way as digitized: forward, F, FT, yes, 1; "
+                          "one-way against it: backward, T, TF, -1, reverse)")
+    return np.array([DIRECTION_VALUES[k] for k in keys], dtype=object)
 
 
 def _single_lines(path, geometries: np.ndarray, ids: np.ndarray) -> np.ndarray:

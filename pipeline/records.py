@@ -95,3 +95,22 @@ class SceneResult:
     def total_length_m(self) -> float:
         """Length of the cracks that count (joints left out; pattern members are cracks)."""
         return float(sum(c.length_m for c in self.counted))
+
+
+@dataclass(frozen=True, slots=True)
+class CrackPositions:
+    """Where a survey's cracks lie on the road network (``crackmap sections``): arrays of equal length.
+
+    One entry per crack inside a road corridor; a crack outside every corridor has
+    none (its road columns stay null, its typing is the one from mapping time).
+    """
+
+    survey_id: str
+    crack_id: np.ndarray  # str (a UUID)
+    road_id: np.ndarray  # str
+    chainage_from_m: np.ndarray
+    chainage_to_m: np.ndarray
+    offset_m: np.ndarray  # of the midpoint: positive left of the direction chainage runs in
+    crack_type: np.ndarray  # str: the typing against the road
+    theta_deg: np.ndarray
+    span_ratio: np.ndarray  # NaN unless transverse

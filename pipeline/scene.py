@@ -62,18 +62,28 @@ class SceneOptions:
     def from_mapping(cls, mapping: dict | None, type_profile_name: str | None = None) -> SceneOptions:
         """Options from the user-settable ``MAPPING_OPTIONS`` (CLI, flow and deployment parameters).
 
+        The crack-type profile is the mapping's ``type_profile``, else ``type_profile_name``
+        (CRACKMAP_TYPE_PROFILE where flows call this), else the default (aashto-r85).
+
         >>> options = SceneOptions.from_mapping({"threshold": 0.4, "min_length_m": 0.05})
         >>> options.threshold, options.vectorize.min_length_m, options.overlap_px
         (0.4, 0.05, 64)
+        >>> SceneOptions.from_mapping({"type_profile": "strict-10"}, "loose-30").types.name
+        'strict-10'
 
         Raises:
             OptionsError: Naming an unknown key or a value out of range.
         """
         mapping = dict(mapping or {})
-        unknown = sorted(set(mapping) - set(MAPPING_OPTIONS))
+        unknown = sorted(set(mapping) - set(MAPPING_OPTIONS) - {PROFILE_OPTION})
         if unknown:
             raise OptionsError(f"unknown mapping option(s) {', '.join(unknown)}; "
-                               f"choose from {', '.join(MAPPING_OPTIONS)}")
+                               f"choose from {', '.join([*MAPPING_OPTIONS, PROFILE_OPTION])}")
+        profile_name = mapping.pop(PROFILE_OPTION, None) or type_profile_name
+        try:
+            types = type_profile(profile_name) if profile_name else cls().types
+        except (ValueError, TypeError) as exc:
+            raise OptionsError(str(exc)) from None
         for key, value in mapping.items():
             low, high, text = MAPPING_OPTIONS[key]
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
@@ -89,14 +99,15 @@ class SceneOptions:
         overlap = int(mapping.get("overlap_px", defaults.overlap_px))
         try:
             return cls(overlap_px=overlap, threshold=mapping.get("threshold"), vectorize=vectorize,
-                       severity=severity, types=type_profile(type_profile_name) if type_profile_name
-                       else defaults.types)
+                       severity=severity, types=types)
         except ValueError as exc:
             raise OptionsError(f"overlap_px {overlap}: {exc}") from exc
 
 
 # Options a user may set for a run (crackmap run / reprocess --option, flow and deployment
-# parameters): name -> (lowest, highest, how to say the range).
+# parameters): name -> (lowest, highest, how to say the range).  Besides these numbers,
+# PROFILE_OPTION names the crack-type profile (pipeline.crack_types.PROFILES; --profile).
+PROFILE_OPTION = "type_profile"
 MAPPING_OPTIONS = {
     "threshold": (1e-6, 1.0 - 1e-6, "between 0 and 1 (crack probability)"),
     "overlap_px": (32, 200, "of pixels from 32 to 200"),

@@ -1,18 +1,19 @@
 """Road sections by chainage, cracks linearly referenced to them, and per-section condition.
 
-Everything here is planar, in a metric CRS, and vectorized over cracks (shapely 2
-``line_locate_point`` / ``line_interpolate_point`` on whole arrays; a Python
-loop runs per road or per section at most, never per crack).
+Everything here is planar, in a metric CRS, and vectorized over cracks and sections
+(numpy on coordinate arrays; no Python loop per crack or per section).
 
-* A road's sections are cut by chainage with ``shapely.ops.substring``: [0, s),
-  [s, 2s), ... and a shorter last one.  A section's polygon is its centreline
-  buffered by half the road width with flat ends, so neighbouring sections meet
-  at the normal through their common chainage.
+* A road's sections are cut by chainage (``substrings``, a vectorized
+  ``shapely.ops.substring``): [0, s), [s, 2s), ... and a shorter last one.  Chainage
+  runs in the direction the road line runs (``pipeline.network`` turns one-way
+  roads digitized against the traffic around).  A section's polygon is its
+  centreline buffered by half the road width with flat ends, so neighbouring
+  sections meet at the normal through their common chainage.
 * A crack belongs to the road nearest its midpoint, if within the corridor
   (``corridor_m`` each side).  Its vertices are located on that road: chainage
-  and signed offset (positive left of the road's digitized direction), by
+  and signed offset (positive left of the direction chainage runs in), by
   projecting on the road's nearest segment (``project``: ``line_locate_point``
-  restricted to the candidate segments a spatial index finds, so the cost does
+  restricted to the candidate segments a grid index finds, so the cost does
   not grow with the road's vertex count).  A crack outside every corridor keeps nulls.
 * Cracks are split at section boundaries by chainage, not clipped by buffers:
   each segment's length is shared among the sections its chainage interval
@@ -22,11 +23,9 @@ loop runs per road or per section at most, never per crack).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
 
 import numpy as np
 import shapely
-from shapely.ops import substring
 
 SEVERITIES = ("low", "medium", "high")
 LENGTH_TYPES = ("longitudinal", "transverse", "diagonal", "pattern")
@@ -59,9 +58,49 @@ def cut_sections(roads: np.ndarray, width_m: np.ndarray, section_m: float) -> Se
     j = np.arange(len(road)) - first[road]
     from_m = j * section_m
     to_m = np.minimum(from_m + section_m, lengths[road])
-    centreline = np.array([substring(roads[r], a, b) for r, a, b in zip(road, from_m, to_m)], dtype=object)
+    centreline = substrings(roads, road, from_m, to_m)
     polygon = shapely.buffer(centreline, width_m[road] / 2, cap_style="flat")
     return Sections(road, from_m.astype(float), to_m.astype(float), centreline, polygon, first, count)
+
+
+def substrings(roads: np.ndarray, road: np.ndarray, from_m: np.ndarray, to_m: np.ndarray) -> np.ndarray:
+    """The part of ``roads[road]`` from chainage ``from_m`` to ``to_m``, for many parts at once.
+
+    What ``shapely.ops.substring`` gives for ``from_m < to_m`` within the road, without a
+    Python call per part (that was most of the time of cutting 10,000 sections).
+
+    >>> line = shapely.LineString([(0, 0), (10, 0), (10, 10)])
+    >>> [p.wkt for p in substrings(np.array([line]), np.array([0, 0]), np.array([5.0, 0.0]), np.array([15.0, 20.0]))]
+    ['LINESTRING (5 0, 10 0, 10 5)', 'LINESTRING (0 0, 10 0, 10 10)']
+    """
+    coords, index = shapely.get_coordinates(roads, return_index=True)
+    step = np.r_[0.0, np.hypot(*np.diff(coords, axis=0).T)]
+    step[np.r_[True, index[1:] != index[:-1]]] = 0.0
+    first = np.searchsorted(index, np.arange(len(roads)))
+    chain = np.cumsum(step)
+    chain -= chain[first[index]]  # chainage of each vertex along its road
+    last = np.r_[first[1:], len(chain)] - 1
+    gap = np.r_[0.0, np.cumsum(chain[last][:-1] + 1.0)]  # the roads one after another, 1 m apart
+    along = chain + gap[index]
+
+    def point(m: np.ndarray) -> np.ndarray:
+        g = m + gap[road]
+        j = np.clip(np.searchsorted(along, g, "right") - 1, first[road], np.maximum(last[road] - 1, first[road]))
+        span = along[j + 1] - along[j]
+        t = np.clip(np.divide(g - along[j], span, out=np.zeros(len(g)), where=span > 0), 0.0, 1.0)
+        return coords[j] + t[:, None] * (coords[j + 1] - coords[j])
+
+    lo = np.searchsorted(along, from_m + gap[road], "right")  # vertices strictly inside
+    hi = np.searchsorted(along, to_m + gap[road], "left")
+    inner = np.maximum(hi - lo, 0)
+    count = inner + 2
+    part = np.repeat(np.arange(len(road)), count)
+    k = np.arange(len(part)) - np.repeat(np.cumsum(count) - count, count)
+    xy = coords[np.clip(lo[part] + k - 1, 0, len(coords) - 1)]
+    at_start, at_end = k == 0, k == count[part] - 1
+    xy[at_start] = point(np.asarray(from_m, float))
+    xy[at_end] = point(np.asarray(to_m, float))
+    return shapely.linestrings(xy, indices=part)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,17 +120,28 @@ class Located:
 
 @dataclass(frozen=True, slots=True)
 class RoadSegments:
-    """The straight segments of all roads, with a spatial index: projection is done per segment."""
+    """The straight segments of all roads, with a grid index: projection is done per segment.
+
+    The index is a uniform grid of ``cell_m`` cells in numpy (no tree: a tree query
+    per point cost more than everything else on a million cracks).  Each segment is
+    listed in every cell within ``reach_m`` of it (long segments in pieces of one
+    cell), so a point's cell lists every segment within ``reach_m`` of the point.
+    """
 
     start: np.ndarray  # (n, 2)
     vector: np.ndarray  # (n, 2) end - start
     length: np.ndarray
     chainage: np.ndarray  # chainage of the start along its road
     road: np.ndarray
-    tree: shapely.STRtree
+    reach_m: float
+    cell_m: float
+    origin: np.ndarray  # (2,) lower left corner of cell (0, 0)
+    rows: int  # cells along y
+    cell_key: np.ndarray  # sorted: the cells that list a segment (ix * rows + iy) ...
+    cell_segment: np.ndarray  # ... and the segment each lists
 
     @classmethod
-    def of(cls, roads: np.ndarray) -> RoadSegments:
+    def of(cls, roads: np.ndarray, reach_m: float) -> RoadSegments:
         coords, index = shapely.get_coordinates(roads, return_index=True)
         same = np.flatnonzero(index[1:] == index[:-1])
         start, vector = coords[same], coords[same + 1] - coords[same]
@@ -100,43 +150,93 @@ class RoadSegments:
         cumulative = np.cumsum(length) - length
         first = np.searchsorted(road, road)  # the first segment of each segment's road
         chainage = cumulative - cumulative[first]
-        # (n, 2, 2) coordinates: an array of lines (shapely's stubs say "one line or an array")
-        lines = shapely.linestrings(np.stack([start, start + vector], axis=1))
-        return cls(start, vector, length, chainage, road, shapely.STRtree(cast(np.ndarray, lines)))
+        cell = max(float(reach_m), 0.5)
+        pieces = np.maximum(np.ceil(length / cell), 1).astype(np.int64)
+        seg = np.repeat(np.arange(len(length)), pieces)
+        k = (np.arange(len(seg)) - np.repeat(np.cumsum(pieces) - pieces, pieces))[:, None]
+        a = start[seg] + vector[seg] * k / pieces[seg, None]
+        b = start[seg] + vector[seg] * (k + 1) / pieces[seg, None]
+        origin = coords.min(axis=0) - reach_m - cell
+        lo = np.floor((np.minimum(a, b) - reach_m - origin) / cell).astype(np.int64)
+        hi = np.floor((np.maximum(a, b) + reach_m - origin) / cell).astype(np.int64)
+        rows = int(hi[:, 1].max(initial=0)) + 2
+        span = hi - lo + 1
+        count = span[:, 0] * span[:, 1]
+        owner = np.repeat(np.arange(len(seg)), count)
+        j = np.arange(len(owner)) - np.repeat(np.cumsum(count) - count, count)
+        key = (lo[owner, 0] + j // span[owner, 1]) * rows + lo[owner, 1] + j % span[owner, 1]
+        pair = np.unique(key * len(length) + seg[owner])  # sorted by cell, then segment; no repeats
+        return cls(start, vector, length, chainage, road, float(reach_m), cell, origin, rows,
+                   pair // max(len(length), 1), pair % max(len(length), 1))
+
+    def nearest(self, xy: np.ndarray, road: np.ndarray | None = None,
+                chunk: int = 200_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per point: its nearest segment within ``reach_m`` (of its ``road``, if given; -1: none),
+        the position ``t`` (0..1) of the foot on it, and the signed distance (positive left).
+
+        >>> s = RoadSegments.of(np.array([shapely.LineString([(0, 0), (10, 0), (10, 10)])]), 5.0)
+        >>> seg, t, d = s.nearest(np.array([[4.0, 1.0], [11.0, 6.0], [30.0, 0.0]]))
+        >>> seg.tolist(), t.tolist(), d.tolist()
+        ([0, 1, -1], [0.4, 0.6, nan], [1.0, -1.0, nan])
+        """
+        out = np.full(len(xy), -1), np.full(len(xy), np.nan), np.full(len(xy), np.nan)
+        for begin in range(0, len(xy), chunk):
+            part = slice(begin, begin + chunk)
+            self._nearest(xy[part], None if road is None else road[part], *(o[part] for o in out))
+        return out
+
+    def _nearest(self, xy, road, seg_out, t_out, d_out) -> None:
+        cell = np.floor((xy - self.origin) / self.cell_m).astype(np.int64)
+        inside = (cell >= 0).all(axis=1) & (cell[:, 1] < self.rows - 1)
+        key = np.where(inside, cell[:, 0] * self.rows + cell[:, 1], -1)
+        lo = np.searchsorted(self.cell_key, key, "left")
+        count = np.searchsorted(self.cell_key, key, "right") - lo
+        point = np.repeat(np.arange(len(xy)), count)
+        seg = self.cell_segment[np.repeat(lo - np.cumsum(count) + count, count) + np.arange(len(point))]
+        if road is not None:
+            keep = self.road[seg] == road[point]
+            point, seg = point[keep], seg[keep]
+        rel = xy[point] - self.start[seg]
+        v, length = self.vector[seg], self.length[seg]
+        t = np.clip((rel[:, 0] * v[:, 0] + rel[:, 1] * v[:, 1]) / np.where(length > 0, length ** 2, 1.0), 0, 1)
+        distance = np.hypot(rel[:, 0] - t * v[:, 0], rel[:, 1] - t * v[:, 1])
+        keep = distance <= self.reach_m
+        point, seg, t, distance, rel, v = point[keep], seg[keep], t[keep], distance[keep], rel[keep], v[keep]
+        if not len(point):
+            return
+        starts = np.flatnonzero(np.r_[True, point[1:] != point[:-1]])  # pairs come grouped by point
+        least = np.minimum.reduceat(distance, starts)
+        best = np.flatnonzero(distance == np.repeat(least, np.diff(np.r_[starts, len(point)])))
+        best = best[np.r_[True, point[best][1:] != point[best][:-1]]]  # the first of equals
+        p = point[best]
+        side = np.sign(v[best, 0] * rel[best, 1] - v[best, 1] * rel[best, 0])
+        seg_out[p], t_out[p] = seg[best], t[best]
+        d_out[p] = np.where(side == 0, 1.0, side) * distance[best]
 
 
-def project(xy: np.ndarray, road: np.ndarray, segments: RoadSegments, roads: np.ndarray,
-            search_m: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def project(xy: np.ndarray, road: np.ndarray, segments: RoadSegments,
+            roads: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Chainage, signed offset (positive left) and road tangent angle of points on given roads.
 
-    The candidate segments of the point's road within ``search_m`` come from the
-    spatial index; the nearest one is projected on analytically (what
-    ``line_locate_point`` does, on one segment instead of the whole road).  Points
-    farther than ``search_m`` from their road fall back to ``shapely.line_locate_point``.
+    The nearest segment of the point's road within ``segments.reach_m`` comes from the
+    grid; the point is projected on it analytically (what ``line_locate_point`` does,
+    on one segment instead of the whole road).  Points farther than that from their
+    road fall back to ``shapely.line_locate_point`` on the whole road.
 
     >>> road = np.array([shapely.LineString([(0, 0), (10, 0), (10, 10)])])
-    >>> c, o, a = project(np.array([[4.0, 1.0], [11.0, 6.0]]), np.array([0, 0]), RoadSegments.of(road), road, 5)
+    >>> c, o, a = project(np.array([[4.0, 1.0], [11.0, 6.0]]), np.array([0, 0]), RoadSegments.of(road, 5), road)
     >>> c.tolist(), o.tolist(), a.tolist()
     ([4.0, 16.0], [1.0, -1.0], [0.0, 90.0])
+    >>> project(np.array([[-3.0, 4.0]]), np.array([0]), RoadSegments.of(road, 1), road)  # beyond reach, before 0
+    (array([0.]), array([5.]), array([0.]))
     """
-    n = len(xy)
-    point, seg = segments.tree.query(shapely.points(xy), predicate="dwithin", distance=search_m)
-    keep = segments.road[seg] == road[point]
-    point, seg = point[keep], seg[keep]
-    rel = xy[point] - segments.start[seg]
-    v, length = segments.vector[seg], segments.length[seg]
-    t = np.clip(np.einsum("ij,ij->i", rel, v) / np.where(length > 0, length ** 2, 1.0), 0.0, 1.0)
-    away = rel - t[:, None] * v
-    distance = np.hypot(away[:, 0], away[:, 1])
-    order = np.lexsort((distance, point))
-    best = order[np.r_[True, point[order][1:] != point[order][:-1]]] if len(order) else order
-    chain, offset, angle = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
-    p, b = point[best], best
-    chain[p] = segments.chainage[seg[b]] + t[b] * length[b]
-    side = np.sign(v[b, 0] * rel[b, 1] - v[b, 1] * rel[b, 0])
-    offset[p] = np.where(side == 0, 1.0, side) * distance[b]
-    angle[p] = np.degrees(np.arctan2(v[b, 1], v[b, 0])) % 180.0
-    if (missing := np.flatnonzero(np.isnan(chain))).size:  # farther than search_m: the whole road
+    seg, t, offset = segments.nearest(xy, road)
+    found = seg >= 0
+    chain, angle = np.full(len(xy), np.nan), np.full(len(xy), np.nan)
+    s = seg[found]
+    chain[found] = segments.chainage[s] + t[found] * segments.length[s]
+    angle[found] = np.degrees(np.arctan2(segments.vector[s, 1], segments.vector[s, 0])) % 180.0
+    if (missing := np.flatnonzero(~found)).size:  # farther than reach_m: the whole road
         chain[missing], offset[missing], angle[missing] = _project_on_roads(xy[missing], roads[road[missing]])
     return chain, offset, angle
 
@@ -144,8 +244,9 @@ def project(xy: np.ndarray, road: np.ndarray, segments: RoadSegments, roads: np.
 def _project_on_roads(xy: np.ndarray, roads: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     points = shapely.points(xy)
     chain = shapely.line_locate_point(roads, points)
-    a = shapely.get_coordinates(shapely.line_interpolate_point(roads, chain - 0.05))
-    b = shapely.get_coordinates(shapely.line_interpolate_point(roads, chain + 0.05))
+    length = shapely.length(roads)  # a negative distance would count from the far end
+    a = shapely.get_coordinates(shapely.line_interpolate_point(roads, np.clip(chain - 0.05, 0, length)))
+    b = shapely.get_coordinates(shapely.line_interpolate_point(roads, np.clip(chain + 0.05, 0, length)))
     d = b - a
     foot = shapely.get_coordinates(shapely.line_interpolate_point(roads, chain))
     side = np.sign(d[:, 0] * (xy[:, 1] - foot[:, 1]) - d[:, 1] * (xy[:, 0] - foot[:, 0]))
@@ -153,27 +254,53 @@ def _project_on_roads(xy: np.ndarray, roads: np.ndarray) -> tuple[np.ndarray, np
     return chain, offset, np.degrees(np.arctan2(d[:, 1], d[:, 0])) % 180.0
 
 
+def _midpoints(coords: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
+    """The point halfway along each line (what ``line_interpolate_point(lines, 0.5, normalized=True)`` gives).
+
+    >>> _midpoints(np.array([[0.0, 0], [2, 0], [2, 2], [5, 5], [5, 6]]), np.array([0, 0, 0, 1, 1]), 2).tolist()
+    [[2.0, 0.0], [5.0, 5.5]]
+    """
+    same = np.flatnonzero(index[1:] == index[:-1])
+    d = coords[same + 1] - coords[same]
+    step = np.hypot(d[:, 0], d[:, 1])
+    owner = index[same]
+    total = np.bincount(owner, step, n)
+    before = np.cumsum(step) - step
+    before -= before[np.searchsorted(owner, owner)]  # length before each segment, within its line
+    half = total[owner] / 2
+    holds = np.flatnonzero((before <= half) & ((before + step >= half) | (step == 0)))
+    holds = holds[np.r_[True, owner[holds][1:] != owner[holds][:-1]]] if len(holds) else holds
+    mid = coords[np.searchsorted(index, np.arange(n))].astype(float)  # a zero-length line: its first vertex
+    s = same[holds]
+    f = np.divide(half[holds] - before[holds], step[holds], out=np.zeros(len(holds)), where=step[holds] > 0)
+    mid[owner[holds]] = coords[s] + f[:, None] * d[holds]
+    return mid
+
+
 def locate_cracks(lines: np.ndarray, roads: np.ndarray, corridor_m: float) -> Located:
     """Reference every crack to its nearest road within ``corridor_m`` (see the module docstring)."""
     n = len(lines)
-    segments = RoadSegments.of(roads)
-    mids = shapely.line_interpolate_point(lines, 0.5, normalized=True)
-    hit_crack, hit_segment = segments.tree.query_nearest(mids, max_distance=corridor_m, all_matches=False)
-    road = np.full(n, -1)
-    road[hit_crack] = segments.road[hit_segment]
+    segments = RoadSegments.of(roads, corridor_m)  # vertices beyond it (long cracks at the edge): whole roads
+    coords, index = shapely.get_coordinates(lines, return_index=True)
+    mids = _midpoints(coords, index, n)
+    seg, t, offset_mid = segments.nearest(mids)  # the nearest road, within the corridor
+    hit = seg >= 0
+    road = np.where(hit, segments.road[np.maximum(seg, 0)], -1)
     located = np.flatnonzero(road >= 0)
-    coords, index = shapely.get_coordinates(lines[located], return_index=True)
-    crack_of_vertex = located[index]
-    chain, offset, _ = project(coords, road[crack_of_vertex], segments, roads, 2 * corridor_m)
+    offset_mid[~hit] = np.nan
+    road_deg = np.full(n, np.nan)
+    s = seg[located]
+    road_deg[located] = np.degrees(np.arctan2(segments.vector[s, 1], segments.vector[s, 0])) % 180.0
+    keep = hit[index]
+    coords, index = coords[keep], index[keep]
+    crack_of_vertex = index
+    chain, offset, _ = project(coords, road[crack_of_vertex], segments, roads)
     seg_from = np.flatnonzero(index[1:] == index[:-1])
     chain_from, chain_to = np.full(n, np.nan), np.full(n, np.nan)
-    starts = np.searchsorted(index, np.arange(len(located)))
+    starts = np.flatnonzero(np.r_[True, index[1:] != index[:-1]]) if len(index) else np.zeros(0, int)
     if len(chain):
         chain_from[located] = np.minimum.reduceat(chain, starts)
         chain_to[located] = np.maximum.reduceat(chain, starts)
-    offset_mid, road_deg = np.full(n, np.nan), np.full(n, np.nan)
-    _, offset_mid[located], road_deg[located] = project(shapely.get_coordinates(mids[located]), road[located],
-                                                         segments, roads, corridor_m)
     d = coords[seg_from + 1] - coords[seg_from]
     return Located(road, chain_from, chain_to, offset_mid, road_deg, crack_of_vertex[seg_from],
                    np.column_stack([chain[seg_from], chain[seg_from + 1]]),

@@ -60,10 +60,12 @@ CRACKS_A = {"long": along(15, 27, 1.0), "trans": across(35, -2.5, 2.5), "diag": 
             "outside": along(45, 47, 8.0, 3), **{f"grid{i}": g for i, g in enumerate(grid())}}
 
 
-def write_network(path, roads=(("R1", ROAD),), crs=UTM, id_field="road_id"):
+def write_network(path, roads=(("R1", ROAD),), crs=UTM, id_field="road_id", direction=None):
     ids = np.array([r for r, _ in roads], dtype=object)
+    extra = {} if direction is None else {"direction": np.array(direction, dtype=object)}
     pyogrio.raw.write(str(path), shapely.to_wkb(np.array([g for _, g in roads], dtype=object)),
-                      field_data=[ids], fields=[id_field], crs=crs, geometry_type="LineString",
+                      field_data=[ids, *extra.values()], fields=[id_field, *extra], crs=crs,
+                      geometry_type="LineString",
                       driver="GPKG" if str(path).endswith(".gpkg") else "GeoJSON")
     return str(path)
 
@@ -247,6 +249,50 @@ def test_bad_networks_and_requests_are_refused_and_nothing_is_written(store_url,
         run_change(store, "survey-a", "survey-a")
     with pytest.raises(ConditionError, match="unknown survey 'nope'"):
         run_change(store, "survey-a", "nope")
+    store.close()
+
+
+def test_publishing_a_scene_again_drops_its_cracks_road_columns(mapped):
+    """The same run publishes the scene again (same crack ids): the new rows have no road columns until
+    sections run again, in PostGIS (crack_positions, a trigger) as in GeoPackage (the rows themselves)."""
+    store, _, network = mapped
+    assert cracks_by_name(store, "survey-a", list(CRACKS_A))["long"]["road_id"] == "R1"
+    store.publish(scene_result("s1", CRACKS_A), RUN)
+    cracks = cracks_by_name(store, "survey-a", list(CRACKS_A))
+    assert {c["road_id"] for c in cracks.values()} == {None}
+    assert {c["chainage_from_m"] for c in cracks.values()} == {None}
+    run_sections(store, network, "survey-a")
+    assert cracks_by_name(store, "survey-a", list(CRACKS_A))["long"]["road_id"] == "R1"
+    versions = [r for b in store.query(CrackQuery(model_name=RUN.model_name, model_version=RUN.model_version))
+                for r in b]  # every version of the cracks (all_cracks in PostGIS) shows them too
+    assert sum(r["road_id"] == "R1" for r in versions) == len(CRACKS_A) - 1
+
+
+def test_chainage_runs_with_the_traffic_on_one_way_roads(store_url, tmp_path):
+    """The road digitized backwards: two-way, chainage and offsets follow the line; one-way against
+    the line (TF, -1, backward), they follow the traffic; a value that is no direction is refused."""
+    store = open_store(store_url)
+    store.publish(scene_result("s1", CRACKS_A), RUN)
+    backwards = (("R1", ROAD.reverse()),)
+    length = ROAD.length
+    for direction, along_traffic in (("B", False), (None, False), ("TF", True), ("-1", True), ("backward", True),
+                                     ("FT", False)):
+        network = write_network(tmp_path / f"roads-{direction}.gpkg", backwards,
+                                direction=None if direction is None else [direction])
+        run_sections(store, network, "survey-a")
+        long = cracks_by_name(store, "survey-a", list(CRACKS_A))["long"]  # chainage 15-27, offset +1 on ROAD
+        expected = (15.0, 27.0, 1.0) if along_traffic else (length - 27.0, length - 15.0, -1.0)
+        assert (long["chainage_from_m"], long["chainage_to_m"], long["offset_m"]) == tuple(
+            pytest.approx(v, abs=0.01) for v in expected), direction
+        sections = store.read_layer("current_sections", {"survey_id": "survey-a", "level": "section"})
+        first = min(sections, key=lambda r: r["from_m"])  # section 0-10 m: where traffic enters
+        entry = projection.transform([shapely.Point(at(0, 0) if along_traffic else at(length, 0))], UTM,
+                                     "EPSG:4326")[0]
+        assert first["geometry"].distance(entry) < 1e-7, direction  # touches the road's entry end
+    network = write_network(tmp_path / "north.gpkg", backwards, direction=["north"])
+    with pytest.raises(NetworkError, match="north.gpkg: its direction field holds 'north', which is not a "
+                                           "direction .*nothing was written"):
+        run_sections(store, network, "survey-a")
     store.close()
 
 

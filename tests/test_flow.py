@@ -180,6 +180,16 @@ def run_cli(*args: str, timeout: int = 600):
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def test_an_unknown_model_ends_the_run_in_one_line_while_the_api_starts(survey, tmp_path, test_models):
+    """The model is loaded while Prefect's API server starts (``prefect_api(meanwhile)``): its
+    error still comes as one line, and nothing is written."""
+    result = run_cli("run", str(survey), "--store", str(tmp_path / "m.gpkg"), "--model", "nope:1.0.0")
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: unknown model 'nope'")
+    assert not (tmp_path / "m.gpkg").exists()
+
+
 def test_errors_are_one_line_each_without_tracebacks(survey, tmp_path, test_models):
     missing = run_cli("run", str(tmp_path / "no-such-survey"), "--store", str(tmp_path / "m.gpkg"))
     assert missing.returncode == 2, missing.stderr
@@ -246,3 +256,61 @@ def test_mapping_options_reach_the_scenes_and_bad_ones_are_refused_before_any_wo
     assert not (tmp_path / "bad.gpkg").exists()
     result = CliRunner().invoke(cli, ["run", str(survey), "--store", bad, "--min-length-m", "-1"])
     assert result.exit_code != 0 and "min_length_m must be a number of metres from 0 to 10" in result.output
+
+
+def test_the_crack_type_profile_reaches_scenes_and_sections_and_an_unknown_one_is_refused(tmp_path, test_models,
+                                                                                          monkeypatch):
+    """Two cracks 15 degrees off a road along x: longitudinal under aashto-r85 (within 20), diagonal under
+    strict-10 (within 10).  One is inside the road's corridor (typed by the sections step), one outside
+    (keeps the type the scene gave it)."""
+    import pyogrio
+    import shapely
+
+    from flows.cli import cli
+    from flows.deployments import deployments
+    from flows.settings import Settings
+    from flows.survey import process_survey
+    from pipeline.errors import OptionsError
+    from pipeline.stores import CrackQuery, open_store
+
+    folder = tmp_path / "road-9"
+    folder.mkdir()
+    pixels = np.random.default_rng(1).integers(150, 220, (3, 500, 700), dtype=np.uint8)
+    rise = 600 * np.tan(np.radians(15.0))
+    paint_crack(pixels, (20, 50), (20 + rise, 650), 6)  # mid 4.6 m from the road: inside its corridor
+    paint_crack(pixels, (320, 50), (320 + rise, 650), 6)  # mid 5.2 m away: outside
+    write_scene(folder / "a.tif", pixels)  # 1.4 m x 1.0 m, top edge at y = 5600000
+    network = tmp_path / "roads.geojson"
+    road = shapely.LineString([(499990.0, 5600004.4), (500010.0, 5600004.4)])
+    pyogrio.raw.write(str(network), shapely.to_wkb(np.array([road], dtype=object)),
+                      field_data=[np.array(["R9"], dtype=object)], fields=["road_id"], crs="EPSG:32633",
+                      geometry_type="LineString", driver="GeoJSON")
+
+    def types(options):
+        store = str(tmp_path / f"{(options or {}).get('type_profile', 'default')}.gpkg")
+        state = process_survey([str(folder)], store, model=TRAINED, network=str(network), options=options,
+                               return_state=True)
+        assert state.is_completed(), state.message
+        target = open_store(store)
+        cracks = [c for batch in target.query(CrackQuery()) for c in batch if c["length_m"] > 0.5]
+        target.close()
+        return sorted((c["road_id"] or "-", c["crack_type"], round(c["theta_deg"])) for c in cracks)
+
+    assert types(None) == [("-", "longitudinal", 15), ("R9", "longitudinal", 15)]
+    assert types({"type_profile": "strict-10"}) == [("-", "diagonal", 15), ("R9", "diagonal", 15)]
+
+    known = "unknown crack type profile 'pci'; choose one of aashto-r85, loose-30, strict-10"
+    bad = tmp_path / "bad.gpkg"
+    result = CliRunner().invoke(cli, ["run", str(folder), "--store", str(bad), "--profile", "pci"])
+    assert result.exit_code != 0 and known in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not bad.exists()
+    monkeypatch.setenv("CRACKMAP_TYPE_PROFILE", "pci")
+    result = CliRunner().invoke(cli, ["run", str(folder), "--store", str(bad)])
+    assert result.exit_code != 0 and known in result.output and not bad.exists()
+    monkeypatch.delenv("CRACKMAP_TYPE_PROFILE")
+
+    scheduled = {d.name: d for d in deployments(Settings(survey_sources=[str(folder)], store=str(bad),
+                                                         type_profile="strict-10"))}["scheduled-survey-run"]
+    assert scheduled.parameters["options"] == {"type_profile": "strict-10"}
+    with pytest.raises(OptionsError, match=known):
+        deployments(Settings(survey_sources=[str(folder)], store=str(bad), type_profile="pci"))

@@ -92,7 +92,7 @@ def test_migrations_apply_to_an_empty_database_and_twice_are_a_no_op(postgis):
     try:
         with psycopg.connect(postgis.url_of(name), autocommit=True) as con:
             versions = [version for version, _ in migrations()]
-            assert versions[:4] == ["0001", "0002", "0003", "0004"]
+            assert versions[:5] == ["0001", "0002", "0003", "0004", "0005"]
             assert migrate(con) == versions
             assert migrate(con) == []
             tables = {r[0] for r in con.execute(
@@ -107,14 +107,22 @@ def test_migrations_apply_to_an_empty_database_and_twice_are_a_no_op(postgis):
             indexes = {r[0] for r in con.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'cracks'")}
             assert {"cracks_geom", "cracks_scene", "cracks_model", "cracks_severity"} <= indexes
             # the crack columns are declared once (stores.base.CRACK_FIELDS); the migrations agree
+            # ... the road columns in crack_positions (migration 0005), the views show all of them, in order
+            road = {"road_id", "chainage_from_m", "chainage_to_m", "offset_m"}
             columns = {r[0]: r[1] for r in con.execute(
                 "SELECT column_name, is_nullable FROM information_schema.columns WHERE table_name = 'cracks'")}
-            assert set(columns) == {"geom", *QUERY_FIELDS}
+            assert set(columns) == {"geom", *QUERY_FIELDS} - road
             required = {name for name, _ in CRACK_FIELDS[:REQUIRED_CRACK_FIELDS]}
             assert {c for c, nullable in columns.items() if nullable == "NO"} - {"geom"} == required
-            # the binary COPY writes them all but road referencing's, which sections sets later
-            assert set(CRACK_COPY_COLUMNS) == {"geom", *QUERY_FIELDS} - {
-                "road_id", "chainage_from_m", "chainage_to_m", "offset_m"}
+            for view in ("all_cracks", "current_cracks"):
+                shown = [r[0] for r in con.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = %s "
+                    "ORDER BY ordinal_position", (view,))]
+                assert [c for c in shown if c != "geom"] == list(QUERY_FIELDS), view
+            assert road <= {r[0] for r in con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'crack_positions'")}
+            # the binary COPY writes every column of cracks
+            assert set(CRACK_COPY_COLUMNS) == {"geom", *QUERY_FIELDS} - road
     finally:
         postgis.drop(name)
 

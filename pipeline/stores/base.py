@@ -30,7 +30,7 @@ from rasterio.crs import CRS
 
 from pipeline import layers
 from pipeline.errors import StoreError
-from pipeline.records import CrackLine, SceneResult
+from pipeline.records import CrackLine, CrackPositions, SceneResult
 from pipeline.redact import mask_url
 
 DEFAULT_CRS = CRS.from_epsg(4326)
@@ -48,7 +48,9 @@ FRAME_CRACK_COLUMNS = (("gsd_mm", "real"), ("range_m", "real"), ("pos_accuracy_m
                        ("source_frames", "text"))
 # Every column of a crack row (its geometry aside), declared once: (name, kind).  The GeoPackage
 # table, query(), the exports and both stores' inserts follow it; the PostGIS migrations declare
-# the same columns (tests/test_postgis.py checks that they agree).  The first REQUIRED are NOT NULL.
+# the same columns (tests/test_postgis.py checks that they agree; the road columns live in
+# crack_positions there, and the views all_cracks / current_cracks show them all, in this order).
+# The first REQUIRED are NOT NULL.
 CRACK_FIELDS = (("crack_id", "text"), ("survey_id", "text"), ("scene_id", "text"), ("model_name", "text"),
                 ("model_version", "text"), ("model_sha256", "text"), ("run_id", "text"), ("length_m", "real"),
                 ("width_mean_mm", "real"), ("width_max_mm", "real"), ("orientation_deg", "real"),
@@ -315,12 +317,12 @@ class CrackStore(Protocol):
         """Rows of a road-condition layer or view (``layers.LAYERS``, ``current_*``) matching ``where``."""
 
     def replace_layer(self, layer: str, rows: list[dict], where: dict, keep_previous: bool = False,
-                      crack_updates: tuple[tuple[str, ...], list[tuple]] | None = None,
+                      positions: CrackPositions | None = None,
                       also: Sequence[tuple[str, list[dict], dict]] = ()) -> None:
         """In one transaction: drop the rows matching ``where`` (``keep_previous``: mark them not
         current instead), insert ``rows`` (dicts of the layer's columns and ``geometry``), do the
-        same for each (layer, rows, where) of ``also``, and set ``crack_updates`` (column names;
-        rows of their values then the crack_id) on cracks."""
+        same for each (layer, rows, where) of ``also``, and replace the road columns of the
+        ``positions`` survey's cracks (cracks not in ``positions`` get none)."""
 
     def close(self) -> None: ...
 
@@ -411,13 +413,6 @@ def columns_of(rows: list[tuple], names: Sequence[str], geometries) -> dict[str,
 def check_column(layer: str, column: str, names: tuple[str, ...]) -> str:
     if column not in names:
         raise StoreError(f"{layer} has no column {column!r}")
-    return column
-
-
-def check_crack_column(column: str) -> str:
-    """A crack column that road referencing may set; refuses any other name."""
-    if column not in dict(layers.CRACK_CONDITION_COLUMNS):
-        raise StoreError(f"crack column {column!r} cannot be set by road referencing")
     return column
 
 

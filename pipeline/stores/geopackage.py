@@ -14,11 +14,11 @@ from rasterio.crs import CRS
 
 from pipeline import gpkg, layers
 from pipeline.errors import StoreError
-from pipeline.records import SceneResult
+from pipeline.records import CrackPositions, SceneResult
 from pipeline.stores.base import (CRACK_COLUMNS, CURRENT_CRACKS_SQL, CURRENT_PATTERN_AREAS_SQL,
                                    CURRENT_SECTIONS_SQL, DEFAULT_CRS, FRAME_CRACK_COLUMNS, NOT_JOINT_SQLITE,
                                    QUERY_FIELDS, SCENE_COLUMNS, SCENE_FIELDS, CrackQuery, RunInfo, SceneSelection,
-                                   StoreBase, check_column, store_failure, check_crack_column, check_crs, check_fields,
+                                   StoreBase, check_column, store_failure, check_crs, check_fields,
                                    check_layer, columns_of, crack_uuid_bytes, crack_values, empty_summary, frames_text,
                                    missing_scenes, own_layers)
 
@@ -362,23 +362,34 @@ class GeoPackageStore(StoreBase):
                 for geom, *values in self._con.execute(sql, list(where.values()))]
 
     def replace_layer(self, layer: str, rows: list[dict], where: dict, keep_previous: bool = False,
-                      crack_updates: tuple[tuple[str, ...], list[tuple]] | None = None,
+                      positions: CrackPositions | None = None,
                       also: Sequence[tuple[str, list[dict], dict]] = ()) -> None:
         with _Transaction(self._con, f"{self.path}: writing {layer} failed"):
             for target, target_rows, target_where, keep in ((layer, rows, where, keep_previous),
                                                               *((*a, False) for a in also)):
                 self._replace_rows(target, target_rows, target_where, keep)
-            if crack_updates is not None:
-                columns, values = crack_updates
-                assignments = ", ".join(f"{check_crack_column(c)} = ?" for c in columns)
-                self._con.executemany(f"UPDATE cracks SET {assignments} WHERE crack_id = ?", values)
+            if positions is not None:
+                self._put_positions(positions)
+
+    def _put_positions(self, p: CrackPositions) -> None:
+        """The road columns on the crack rows themselves (a survey's cracks; SQLite updates in place)."""
+        self._con.execute("UPDATE cracks SET road_id = NULL, chainage_from_m = NULL, chainage_to_m = NULL, "
+                          "offset_m = NULL WHERE survey_id = ? AND road_id IS NOT NULL", (p.survey_id,))
+        span = np.asarray(p.span_ratio, dtype=float).astype(object)
+        span[np.isnan(p.span_ratio)] = None  # NaN -> NULL (numpy's stubs refuse None in np.where)
+        self._con.executemany(
+            "UPDATE cracks SET road_id = ?, chainage_from_m = ?, chainage_to_m = ?, offset_m = ?, crack_type = ?, "
+            "theta_deg = ?, span_ratio = ? WHERE crack_id = ?",
+            zip(p.road_id, p.chainage_from_m.tolist(), p.chainage_to_m.tolist(), p.offset_m.tolist(),
+                p.crack_type, p.theta_deg.tolist(), span.tolist(), p.crack_id))
 
     def _replace_rows(self, layer: str, rows: list[dict], where: dict, keep_previous: bool) -> None:
         _, names = check_layer(layer)
         condition = " AND ".join(f'"{check_column(layer, k, names)}" = ?' for k in where) or "1"
         quoted = ", ".join(f'"{n}"' for n in names)
         if keep_previous:
-            self._con.execute(f'UPDATE "{layer}" SET is_current = 0 WHERE {condition}', list(where.values()))
+            self._con.execute(f'UPDATE "{layer}" SET is_current = 0 WHERE {condition} AND is_current <> 0',
+                              list(where.values()))
         else:
             self._con.execute(f'DELETE FROM "{layer}" WHERE {condition}', list(where.values()))
         self._con.executemany(

@@ -30,9 +30,9 @@ from rasterio.crs import CRS
 
 from pipeline import layers
 from pipeline.errors import StoreError
-from pipeline.records import SceneResult
+from pipeline.records import CrackPositions, SceneResult
 from pipeline.stores.base import (DEFAULT_CRS, QUERY_FIELDS, SCENE_FIELDS, CrackQuery, RunInfo, SceneSelection,
-                                   StoreBase, check_column, database_transient, store_failure, check_crack_column, check_crs, check_fields,
+                                   StoreBase, check_column, database_transient, store_failure, check_crs, check_fields,
                                    check_layer, columns_of, crack_uuid_bytes, empty_summary, frames_text,
                                    missing_scenes)
 
@@ -72,6 +72,63 @@ def _typing(c) -> bytes:
 def _optional(value: float | None) -> bytes:
     """A nullable float8 field of a binary COPY row."""
     return _NULL if value is None else struct.pack(">id", 8, value)
+
+
+def binary_copy(columns: Sequence[tuple[str, np.ndarray]]) -> bytes:
+    """Rows of equal-length column arrays as one binary COPY stream, built with numpy (no loop per row).
+
+    Kinds: ``uuid`` (str), ``text`` (str; None is NULL) and ``float8`` (NaN is NULL).
+    Rows are grouped by their fields' byte lengths; each group is one structured
+    array, so a million rows take a few array operations, not a million ``struct`` calls.
+    Rows come out grouped, not in input order.
+
+    >>> data = binary_copy([("text", np.array(["a", None], dtype=object)), ("float8", np.array([1.0, np.nan]))])
+    >>> len(data), data[19:29].hex(" "), data[29:36].hex(" ")  # the NULL row's group sorts first
+    (50, '00 02 ff ff ff ff ff ff ff ff', '00 02 00 00 00 01 61')
+    """
+    n = len(columns[0][1])
+    sizes, payloads = [], []  # per column: each row's field length (-1: NULL), and the values
+    for kind, values in columns:
+        if kind == "uuid":
+            hexed = "".join(values).replace("-", "")
+            payloads.append(np.frombuffer(bytes.fromhex(hexed), dtype="V16") if n else np.zeros(0, "V16"))
+            sizes.append(np.full(n, 16))
+        elif kind == "float8":
+            values = np.asarray(values, dtype=float)
+            payloads.append(values.astype(">f8"))
+            sizes.append(np.where(np.isnan(values), -1, 8))
+        else:  # text: few distinct values (ids, classes), encoded once each
+            distinct = list(dict.fromkeys(values))
+            code = {v: i for i, v in enumerate(distinct)}
+            codes = np.fromiter((code[v] for v in values), dtype=np.int64, count=n)
+            encoded = [b"" if v is None else v.encode() for v in distinct]
+            payloads.append(np.array(encoded, dtype=object)[codes])
+            sizes.append(np.array([-1 if v is None else len(e) for v, e in zip(distinct, encoded)])[codes])
+    key = np.zeros(n, dtype=np.int64)  # rows with the same field lengths share a key
+    for size in sizes:
+        values, inverse = np.unique(size, return_inverse=True)
+        key = key * len(values) + inverse.ravel()
+    order = np.argsort(key, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1], True])
+    chunks = [_COPY_SIGNATURE]
+    for begin, end in zip(bounds[:-1], bounds[1:]):
+        rows = order[begin:end]
+        shape = [int(size[rows[0]]) for size in sizes]
+        fields = [("count", ">i2")]
+        for i, ((kind, _), length) in enumerate(zip(columns, shape)):
+            fields.append((f"n{i}", ">i4"))
+            if length > 0:  # NULL (-1) and '' (0) have no bytes
+                fields.append((f"v{i}", {"uuid": "V16", "float8": ">f8"}.get(kind, f"S{length}")))
+        block = np.zeros(len(rows), dtype=np.dtype(fields))
+        block["count"] = len(columns)
+        for i, length in enumerate(shape):
+            block[f"n{i}"] = length
+            if length > 0:
+                values = payloads[i][rows]
+                block[f"v{i}"] = values if values.dtype != object else values.astype(f"S{length}")
+        chunks.append(block.tobytes())
+    chunks.append(_COPY_TRAILER)
+    return b"".join(chunks)
 
 
 def copy_payload(result: SceneResult, run: RunInfo, ewkb: np.ndarray, created: datetime,
@@ -388,7 +445,7 @@ class PostGISStore(StoreBase):
         if query.bbox is not None:
             where.append("ST_Intersects(geom, ST_MakeEnvelope(%s, %s, %s, %s, %s))")
             params += [*query.bbox, self.srid]
-        table = "cracks" if query.model_version is not None else "current_cracks"
+        table = "all_cracks" if query.model_version is not None else "current_cracks"
         fields = [f for f in QUERY_FIELDS if f not in ("crack_id", "created_at")]
         sql = (f"SELECT ST_AsBinary(geom), crack_id::text, {', '.join(fields)}, "
                """to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') """
@@ -493,7 +550,7 @@ class PostGISStore(StoreBase):
                 for geom, *values in rows]
 
     def replace_layer(self, layer: str, rows: list[dict], where: dict, keep_previous: bool = False,
-                      crack_updates: tuple[tuple[str, ...], list[tuple]] | None = None,
+                      positions: CrackPositions | None = None,
                       also: Sequence[tuple[str, list[dict], dict]] = ()) -> None:
         con = self._connection()
         try:
@@ -501,8 +558,8 @@ class PostGISStore(StoreBase):
                 for target, target_rows, target_where, keep in ((layer, rows, where, keep_previous),
                                                                   *((*a, False) for a in also)):
                     self._replace_rows(cur, target, target_rows, target_where, keep)
-                if crack_updates is not None:
-                    self._update_cracks(cur, *crack_updates)
+                if positions is not None:
+                    self._put_positions(cur, positions)
         except psycopg.Error as exc:
             raise store_failure(f"{self.name}: writing {layer} failed; nothing was written ({why(exc)})", exc) from exc
 
@@ -513,7 +570,8 @@ class PostGISStore(StoreBase):
         geometries = shapely.to_wkb(shapely.set_srid(np.array([r.get("geometry") for r in rows], dtype=object),
                                                      self.srid), include_srid=True, hex=True)
         if keep_previous:
-            cur.execute(f"UPDATE {layer} SET is_current = 0 WHERE {condition}", list(where.values()))
+            cur.execute(f"UPDATE {layer} SET is_current = 0 WHERE {condition} AND is_current <> 0",
+                        list(where.values()))
         else:
             cur.execute(f"DELETE FROM {layer} WHERE {condition}", list(where.values()))
         quoted = ", ".join(f'"{n}"' for n in names)
@@ -522,25 +580,25 @@ class PostGISStore(StoreBase):
                 copy.write_row([*(_plain(row.get(n)) for n in names), geometry])
 
     @staticmethod
-    def _update_cracks(cur: psycopg.Cursor, columns: tuple[str, ...], values: list[tuple]) -> None:
-        """Set columns of many cracks in one statement: arrays of the new values, unnested and joined."""
-        if not values:
+    def _put_positions(cur: psycopg.Cursor, positions: CrackPositions) -> None:
+        """Replace the survey's rows of ``crack_positions``: one DELETE and one binary COPY.
+
+        Not an UPDATE of the crack rows: that writes a new version of every row and
+        of its entries in every index of ``cracks`` (migration 0005).
+        """
+        cur.execute("DELETE FROM crack_positions p USING cracks c WHERE c.survey_id = %s AND p.crack_id = c.crack_id",
+                    (positions.survey_id,))
+        if not len(positions.crack_id):
             return
-        kinds = dict(layers.CRACK_CONDITION_COLUMNS)
-        pg = {"text": "text", "real": "float8", "int": "int4"}
-        arrays = [list(column) for column in zip(*values)]
-        for i, column in enumerate(columns):
-            if kinds[check_crack_column(column)] == "real":
-                numbers = np.asarray(arrays[i], dtype=float)  # None -> NaN
-                nullable = numbers.astype(object)
-                nullable[np.isnan(numbers)] = None  # NaN -> NULL
-                arrays[i] = nullable.tolist()
-        names = ", ".join(columns)
-        casts = ", ".join(f"%b::{pg[kinds[c]]}[]" for c in columns)  # binary parameters: no text parsing
-        cur.execute(f"UPDATE cracks c SET {', '.join(f'{col} = u.{col}' for col in columns)} "
-                    f"FROM unnest({casts}, %b::text[]::uuid[]) AS u({names}, crack_id) "
-                    "WHERE c.crack_id = u.crack_id",
-                    arrays)
+        p = positions
+        payload = binary_copy([
+            ("uuid", p.crack_id), ("text", np.full(len(p.crack_id), p.survey_id, dtype=object)),
+            ("text", p.road_id), ("float8", p.chainage_from_m), ("float8", p.chainage_to_m),
+            ("float8", p.offset_m), ("text", p.crack_type), ("float8", p.theta_deg), ("float8", p.span_ratio)])
+        with cur.copy("COPY crack_positions (crack_id, survey_id, road_id, chainage_from_m, chainage_to_m, "
+                      "offset_m, crack_type, theta_deg, span_ratio) FROM STDIN (FORMAT BINARY)") as copy:
+            for start in range(0, len(payload), 1 << 24):
+                copy.write(payload[start:start + (1 << 24)])
 
     def close(self) -> None:
         self._con.close()
