@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 CORE   := $(VENV)/.installed-core
 FULL   := $(VENV)/.installed-full
 
-.PHONY: demo test install bench clean maplibre
+.PHONY: demo test lint install bench clean maplibre
 
 # The demo needs only the core (ONNX Runtime runs the model); tests also need
 # torch (export, training, the torch backend) and the test tools.
@@ -39,6 +39,10 @@ test: $(FULL)
 	infra/chromium.sh || export CRACKMAP_CHROMIUM_UNAVAILABLE="infra/chromium.sh failed (see above)"; \
 	$(PY) -m pytest
 
+# Static checks of pipeline/ and models/ (mypy: [tool.mypy] in pyproject.toml); CI runs it before the tests.
+lint: $(FULL)
+	$(PY) -m mypy
+
 bench: $(FULL)
 	$(PY) benchmarks/pipeline_throughput.py
 
@@ -47,4 +51,4 @@ maplibre:
 	infra/vendor-maplibre.sh $(MAPLIBRE_VERSION)
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache .mypy_cache

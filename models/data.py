@@ -256,8 +256,9 @@ def scaled_window(image: np.ndarray, mask: np.ndarray, scale: float, crop_px: in
     left = _offset(rng, scaled_w, out_w, None if focus is None else focus[1] * scaled_w / width)
     sy, sx = height / scaled_h, width / scaled_w
     box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
-    image_window = np.asarray(Image.fromarray(image).resize((out_w, out_h), Image.BILINEAR, box=box))
-    mask_window = np.asarray(Image.fromarray(mask).resize((out_w, out_h), Image.NEAREST, box=box))
+    image_window = np.asarray(Image.fromarray(image).resize((out_w, out_h), Image.Resampling.BILINEAR,
+                                                            box=box))
+    mask_window = np.asarray(Image.fromarray(mask).resize((out_w, out_h), Image.Resampling.NEAREST, box=box))
     return image_window, mask_window
 
 
@@ -307,10 +308,10 @@ def jitter_colour(image: np.ndarray, rng: np.random.Generator, augment: Augment)
     if draws[0]:
         pixels *= 1.0 + augment.brightness * factors[0]
     if draws[1]:
-        grey_mean = float((pixels @ np.float32([0.299, 0.587, 0.114])).mean())
+        grey_mean = float((pixels @ np.array([0.299, 0.587, 0.114], np.float32)).mean())
         pixels = grey_mean + (pixels - grey_mean) * (1.0 + augment.contrast * factors[1])
     if draws[2]:
-        grey = (pixels @ np.float32([0.299, 0.587, 0.114]))[..., None]
+        grey = (pixels @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
         pixels = grey + (pixels - grey) * (1.0 + augment.saturation * factors[2])
     return np.clip(pixels, 0.0, 255.0).astype(np.uint8)
 

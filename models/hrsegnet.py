@@ -35,7 +35,7 @@ def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def upsample(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
@@ -95,6 +95,9 @@ class HrSegNet(nn.Module):
     input size; in eval mode only the main logits.
     """
 
+    mean: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    std: torch.Tensor
+
     def __init__(self, base: int = 16, num_classes: int = 2, in_channels: int = 3,
                  conv_before_upsample: bool = True, exclusive_pool: bool = True) -> None:
         super().__init__()
@@ -145,6 +148,9 @@ class CrackProbability(nn.Module):
     published order (softmax of the upsampled logits): the reference in tests.
     """
 
+    scale: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    shift: torch.Tensor
+
     def __init__(self, net: HrSegNet, literal: bool = False) -> None:
         super().__init__()
         self.net = net.eval()
@@ -153,10 +159,14 @@ class CrackProbability(nn.Module):
         self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
         self.register_buffer("shift", -net.mean.detach().clone() / std, persistent=False)
         final = net.head.layers[-1]
+        if not isinstance(final, nn.Conv2d) or final.bias is None:
+            raise TypeError(f"the head must end in a 1x1 convolution with bias, not {final}")
         self.margin = nn.Conv2d(final.in_channels, 1, 1).to(final.weight.dtype)
+        margin_bias = self.margin.bias
+        assert margin_bias is not None  # Conv2d's default bias=True
         with torch.no_grad():
             self.margin.weight.copy_(final.weight[1:2] - final.weight[0:1])
-            self.margin.bias.copy_(final.bias[1:2] - final.bias[0:1])
+            margin_bias.copy_(final.bias[1:2] - final.bias[0:1])
 
     def forward(self, chips: torch.Tensor) -> torch.Tensor:
         if self.literal:

@@ -51,13 +51,13 @@ class ChipsToProbability(torch.nn.Module):
         super().__init__()
         if output not in ("uint8", "float"):
             raise ValueError(f"output must be 'uint8' or 'float', not {output!r}")
-        self.half, self.output = half, output
+        self.fp16, self.output = half, output  # not self.half: that would hide nn.Module.half()
         self.probability = CrackProbability(net, literal=literal)
         if half:
             self.probability.half()
 
     def forward(self, chips: torch.Tensor) -> torch.Tensor:
-        probability = self.probability(chips.half() if self.half else chips.float())
+        probability = self.probability(chips.half() if self.fp16 else chips.float())
         if self.output == "uint8":
             return probability_to_uint8(probability)
         return probability.float()

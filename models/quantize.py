@@ -67,13 +67,13 @@ def calibration_chips(data_root: Path, datasets: list[str], split: str = "val",
     """
     from PIL import Image
 
-    picked = []
+    picked: list[np.ndarray] = []
     for name in datasets:
         folder = Path(data_root) / name / split
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder} does not exist: calibration reads the {split} images "
                                     f"of every dataset the model was trained on; pass --data-root")
-        chips = []
+        chips: list[np.ndarray] = []
         for image_path, _ in find_pairs(folder):
             with Image.open(image_path) as image:
                 chips.extend(image_chips(np.asarray(image.convert("RGB")), size_px))

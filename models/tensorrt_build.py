@@ -61,7 +61,8 @@ class Profile:
 
     def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """(min, opt, max) input shapes, as ``IOptimizationProfile.set_shape`` takes them."""
-        return tuple(self.input_shape(b) for b in (self.min_batch, self.opt_batch, self.max_batch))
+        return (self.input_shape(self.min_batch), self.input_shape(self.opt_batch),
+                self.input_shape(self.max_batch))
 
 
 def strongly_typed(tensorrt_version: str) -> bool:

@@ -236,13 +236,14 @@ def total_loss(outputs: list[torch.Tensor], target: torch.Tensor, config: TrainC
         raise ValueError(f"ohem_heads must be 'main' or 'all', not {config.ohem_heads!r}")
     min_kept = int(target.numel() * config.ohem_min_kept_fraction)
     weights = (1.0, *config.aux_weights)
-    total = 0.0
+    total: torch.Tensor | float = 0.0
     for head, (weight, logits) in enumerate(zip(weights, outputs)):
         logits = logits.float()
         if head == 0 or config.ohem_heads == "all":
             total = total + weight * ohem_cross_entropy(logits, target, config.ohem_thresh, min_kept)
         else:
             total = total + weight * plain_cross_entropy(logits, target)
+    assert isinstance(total, torch.Tensor)  # the main head's loss at least
     return total
 
 
@@ -502,7 +503,8 @@ class Trainer:
         self.channels_last = self.device.type == "cpu"
         self.model = hrsegnet.create(config.variant, **hrsegnet.pool_kwargs(config.avg_pool)).to(self.device)
         if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            # nn.Module.to documents memory_format=; torch's overloads leave it out
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.optimizer = make_optimizer(self.model, config)
         self.state = RunState()
         started = time.monotonic()

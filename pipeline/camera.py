@@ -29,6 +29,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -250,7 +251,11 @@ def project(camera: Camera, points: np.ndarray) -> np.ndarray:
 CAMERA_KEYS = {"image", "intrinsics", "distortion", "mounting", "max_range_m", "mask"}
 
 
-def _section(data: dict, key: str, names: tuple[str, ...], source: str) -> list[float]:
+_LIST_KEYS = {"lever_arm_m"}  # the only camera value that is a list of numbers
+
+
+def _section(data: dict, key: str, names: tuple[str, ...], source: str) -> list[Any]:
+    """The section's values in ``names`` order: numbers, and lists of numbers for ``_LIST_KEYS``."""
     part = data.get(key)
     if not isinstance(part, dict):
         raise CameraError(source, f"missing section {key!r} with {', '.join(names)}")
@@ -259,8 +264,8 @@ def _section(data: dict, key: str, names: tuple[str, ...], source: str) -> list[
     if extra := sorted(set(part) - set(names)):
         raise CameraError(source, f"{key} has unknown keys {extra}; expected {', '.join(names)}")
     try:
-        return [float(part[n]) if not isinstance(part[n], list) else [float(v) for v in part[n]]
-                for n in names]
+        return [[float(v) for v in part[n]] if n in _LIST_KEYS and isinstance(part[n], list)
+                else float(part[n]) for n in names]
     except (TypeError, ValueError) as exc:
         raise CameraError(source, f"{key} holds a value that is not a number ({exc})") from exc
 

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 import numpy as np
@@ -42,7 +43,7 @@ def cli(verbose: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Print one line (passwords masked) and exit with status 2."""
     click.secho(f"error: {redact(message)}", fg="red", err=True)
     sys.exit(2)
@@ -299,6 +300,7 @@ def query(store: str, bbox: tuple[float, float, float, float] | None, survey_id:
     try:
         batches = target.query(selection)
         if fmt in export.FILE_FORMATS:
+            assert out is not None  # refused above
             writer = {"gpkg": export.write_gpkg, "geoparquet": export.write_geoparquet,
                       "flatgeobuf": export.write_flatgeobuf}[fmt]
             count = writer(batches, out, target.crs)

@@ -226,7 +226,8 @@ def crack_positions(survey_id: str, cracks: dict, located: Located, network: Net
                           typed.crack_type[inside], typed.theta_deg[inside], typed.span_ratio[inside])
 
 
-def pattern_pairs(store: CrackStore, survey_id: str, sections, metric) -> tuple[np.ndarray, ...]:
+def pattern_pairs(store: CrackStore, survey_id: str, sections, metric
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(section, class, severity, area m2) for every piece of a current pattern area inside a section."""
     rows = store.read_layer("current_pattern_areas", {"survey_id": survey_id})
     if not rows:

@@ -36,6 +36,7 @@ network types the other cracks again.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import shapely
@@ -299,7 +300,7 @@ def straight_runs(lines: np.ndarray, turn_deg: float = 30.0) -> tuple[np.ndarray
     key = np.concatenate([2 * np.arange(len(start)), 2 * np.flatnonzero(last) + 1])
     order = np.argsort(key, kind="stable")
     runs = shapely.linestrings(xy[order], indices=np.concatenate([run, run[last]])[order])
-    return runs, owner[new_run]
+    return cast(np.ndarray, runs), owner[new_run]  # with indices: always an array of lines
 
 
 def joint_lines(lines: np.ndarray, road_deg: float, footprint: shapely.Polygon, width_mean_mm: np.ndarray,

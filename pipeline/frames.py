@@ -86,7 +86,10 @@ def _degrees(value) -> float:
     return d + m / 60.0 + s / 3600.0
 
 
-def exif_gps(exif: Image.Exif) -> tuple[float, float, float, float | None] | None:
+GpsFix = tuple[float, float, float, float | None]  # lat, lon, height, horizontal accuracy (m) or None
+
+
+def exif_gps(exif: Image.Exif) -> GpsFix | None:
     """(lat, lon, height, horizontal accuracy or None) of an EXIF GPS block, or None without one."""
     gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
     tags = ExifTags.GPS
@@ -394,8 +397,9 @@ def clip_line(line: GroundLine, region: Polygon) -> list[_Part]:
                              np.interp(at, original, line.gsd_m), line.width_mean_px, line.width_max_px,
                              line.confidence)
         ends = (shapely.points(coords[0]), shapely.points(coords[-1]))
-        parts.append(_Part(clipped, tuple(bool(boundary.distance(p) < 1e-6 and
-                                               xy.boundary.distance(p) > 1e-6) for p in ends)))
+        start_cut, end_cut = (bool(boundary.distance(p) < 1e-6 and xy.boundary.distance(p) > 1e-6)
+                              for p in ends)
+        parts.append(_Part(clipped, (start_cut, end_cut)))
     return parts
 
 
@@ -432,6 +436,13 @@ class MergedCrack:
     @property
     def enu_m(self) -> np.ndarray:
         return np.concatenate([p.enu_m for p in self.pieces])
+
+
+def _gsd_mm(line: CrackLine) -> float:
+    """A merged frame crack's mean GSD (``crack_from_merged`` always measures it)."""
+    if line.gsd_mm is None:
+        raise ValueError("a merged frame crack without a GSD (crack_from_merged sets it)")
+    return line.gsd_mm
 
 
 def merge_observations(observations: list[FrameObservation], tolerance_m: float = 0.1) -> list[MergedCrack]:
@@ -505,12 +516,12 @@ def frame_results(observations: list[FrameObservation], origin: tuple[float, flo
     owned: dict[str, list[CrackLine]] = {o.frame_id: [] for o in observations}
     found = [(crack, line) for crack in merge_observations(observations, tolerance_m)
              if (line := crack_from_merged(crack, origin, to_store, accuracy, options.severity)).length_m
-             >= params.min_length_px * line.gsd_mm / 1000.0]
+             >= params.min_length_px * _gsd_mm(line) / 1000.0]
     shapes = [LineString(crack.enu_m[:, :2]) for crack, _ in found]
     tree = shapely.STRtree(shapes)
     for i, (crack, line) in enumerate(found):
         if line.length_m < params.min_length_m:
-            reach_m = params.isolation_px * line.gsd_mm / 1000.0
+            reach_m = params.isolation_px * _gsd_mm(line) / 1000.0
             near = tree.query(shapes[i], predicate="dwithin", distance=reach_m)
             if not (near != i).any():
                 continue
@@ -692,25 +703,26 @@ Progress = Callable[[str, int, int], None]
 
 
 def frame_pose(uri: str, clock: FrameClock,
-               trajectory: Trajectory | None) -> tuple[Pose | None, tuple | None, float | None]:
+               trajectory: Trajectory | None) -> tuple[Pose | None, GpsFix | None, float | None]:
     """(pose from the trajectory, EXIF GPS fix, time) of a frame; one of the first two is set.
 
     Raises:
         FrameError: no time where needed, a time outside the trajectory, or no EXIF GPS
             when there is no trajectory.
     """
-    exif = read_exif(uri) if clock.spec == "exif" or trajectory is None else None
     if trajectory is not None:
-        t = clock.time_s(uri, exif)
+        t = clock.time_s(uri, read_exif(uri) if clock.spec == "exif" else None)
         return pose_at(trajectory, t, uri), None, t
+    exif = read_exif(uri)
     fix = exif_gps(exif)
     if fix is None:
         raise FrameError(uri, "has no EXIF GPS position, and there is no trajectory (--trajectory)")
+    time_s: float | None
     try:
-        t = clock.time_s(uri, exif)
+        time_s = clock.time_s(uri, exif)
     except FrameError:
-        t = None
-    return None, fix, t
+        time_s = None
+    return None, fix, time_s
 
 
 

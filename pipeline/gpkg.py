@@ -17,6 +17,7 @@ from pathlib import Path
 
 import shapely
 from rasterio.crs import CRS
+from shapely.geometry.base import BaseGeometry
 
 APPLICATION_ID = 0x47504B47  # "GPKG"
 USER_VERSION = 10400  # GeoPackage 1.4
@@ -25,7 +26,7 @@ _FLAGS_LE_XY_ENVELOPE = 0b0000_0011
 _FLAG_EMPTY = 0b0001_0000
 
 
-def encode(geometry: shapely.Geometry, srs_id: int) -> bytes:
+def encode(geometry: BaseGeometry, srs_id: int) -> bytes:
     """GeoPackage binary of a geometry: header with its xy envelope, then little-endian WKB.
 
     >>> decode(encode(shapely.Point(1, 2), 4326)).wkt
@@ -46,7 +47,7 @@ def wkb(blob: bytes) -> bytes:
     return blob[8 + 8 * envelope_doubles:]
 
 
-def decode(blob: bytes) -> shapely.Geometry:
+def decode(blob: bytes) -> BaseGeometry:
     """The geometry of a GeoPackage binary (any envelope type)."""
     return shapely.from_wkb(wkb(blob))
 

@@ -50,7 +50,8 @@ def pixel_to_map(transform: Affine, rc: np.ndarray) -> tuple[np.ndarray, np.ndar
     >>> pixel_to_map(Affine(0.5, 0, 100, 0, -0.5, 200), np.array([[0.0, 0.0], [2.0, 4.0]]))
     (array([100.25, 102.25]), array([199.75, 198.75]))
     """
-    return transform @ (rc[:, 1] + 0.5, rc[:, 0] + 0.5)
+    # affine applies itself to arrays of x and y; its annotations only admit float tuples
+    return transform @ (rc[:, 1] + 0.5, rc[:, 0] + 0.5)  # type: ignore[operator, return-value]
 
 
 def azimuth_deg(lon: np.ndarray, lat: np.ndarray) -> float:
@@ -92,13 +93,16 @@ class Georeferencer:
     def for_scene(cls, scene: Scene, store_crs: CRS, params: VectorizeParams,
                   severity: Severity) -> Georeferencer:
         """The georeferencer of a scene; a CRS that cannot reach ``store_crs`` is a scene error."""
+        crs = scene.crs
+        if crs is None:  # SceneReader refuses such a scene first; a survey frame is placed otherwise
+            raise SceneContentError(scene.uri, "has no CRS; crackmap needs a georeferenced scene")
         try:
-            geo = cls(scene.crs, scene.transform, scene.width, scene.height, store_crs, params, severity)
+            geo = cls(crs, scene.transform, scene.width, scene.height, store_crs, params, severity)
         except ProjError as exc:
-            raise SceneContentError(scene.uri, f"its CRS {scene.crs.to_string()} cannot be transformed "
+            raise SceneContentError(scene.uri, f"its CRS {crs.to_string()} cannot be transformed "
                                                f"to the store's {store_crs.to_string()} ({exc})") from exc
         if not np.isfinite(geo.pixel_size_m) or geo.pixel_size_m <= 0:
-            raise SceneContentError(scene.uri, f"its CRS {scene.crs.to_string()} cannot be transformed "
+            raise SceneContentError(scene.uri, f"its CRS {crs.to_string()} cannot be transformed "
                                                f"to the store's {store_crs.to_string()}")
         return geo
 

@@ -101,6 +101,8 @@ def read_network(path: str | Path, metric_crs, id_field: str = "road_id", lane_w
     if len(set(ids)) < len(ids):
         dupes = sorted({i for i in ids if (ids == i).sum() > 1})
         raise _fail(path, f"has several roads with {id_field} {', '.join(dupes[:5])}")
+    if wkb is None:
+        raise _fail(path, "has no geometry column")
     lines = _single_lines(path, shapely.from_wkb(wkb), ids)
     try:
         metric = projection.transform(lines, info["crs"], metric_crs)

@@ -169,7 +169,8 @@ def val_scores(onnx_path: Path, data_root: Path, datasets: list[str], threshold:
     from pipeline.backends import OnnxRuntimeBackend
 
     backend = OnnxRuntimeBackend(Path(onnx_path), batch_size=8)
-    scores, masks = {}, {}
+    scores: dict[str, dict] = {}
+    masks: dict[str, list[np.ndarray]] = {}
     for name in datasets:
         counts, masks[name] = PixelCounts(), []
         for image_path, mask_path in find_pairs(Path(data_root) / name / split):

@@ -21,6 +21,7 @@ import rasterio
 import rasterio.shutil
 from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
+from rasterio.io import DatasetWriter
 from rasterio.windows import Window
 
 from pipeline import buckets
@@ -72,8 +73,12 @@ class ProbabilityWriter:
 
     def __init__(self, path: str | Path, scene: Scene, overviews: bool = True) -> None:
         self.uri = str(path) if buckets.is_url(path) else None
-        self._staging = Path(tempfile.mkdtemp(prefix="crackmap-")) if self.uri else None
-        self.path = self._staging / Path(self.uri).name if self.uri else Path(path)
+        self._staging: Path | None = None  # a URL is written here first, then uploaded
+        if self.uri is not None:
+            self._staging = Path(tempfile.mkdtemp(prefix="crackmap-"))
+            self.path = self._staging / Path(self.uri).name
+        else:
+            self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # unique per writer: two runs of one survey at once never share a temporary file
         tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -81,7 +86,7 @@ class ProbabilityWriter:
         self._staged = self.path.with_name(f"{self.path.name}.{tag}.cog.tif")
         self._scene = scene
         self._overviews = overviews
-        self._ds = None
+        self._ds: DatasetWriter | None = None
         self._rows: list[tuple[np.ndarray, np.ndarray]] = []
         self._buffered = 0
         self._written = 0  # rows on disk; always a multiple of STRIP_ROWS until the end
@@ -112,12 +117,12 @@ class ProbabilityWriter:
             window = Window(0, self._written, probability.shape[1], rows)
             self._ds.write(probability[:rows], 1, window=window)
             if self._masked or not valid[:rows].all():
-                self._write_mask(valid[:rows], window)
+                self._write_mask(self._ds, valid[:rows], window)
         self._rows = [(probability[rows:], valid[rows:])] if rows < len(probability) else []
         self._written += rows
         self._buffered -= rows
 
-    def _write_mask(self, valid: np.ndarray, window: Window) -> None:
+    def _write_mask(self, ds: DatasetWriter, valid: np.ndarray, window: Window) -> None:
         """Write mask rows; the first time, also mark every row written so far valid.
 
         A scene whose pixels are all valid gets no mask band at all: it would only
@@ -128,19 +133,21 @@ class ProbabilityWriter:
             width = self._scene.width
             for row in range(0, self._written, STRIP_ROWS):
                 rows = min(STRIP_ROWS, self._written - row)
-                self._ds.write_mask(np.ones((rows, width), bool), window=Window(0, row, width, rows))
-        self._ds.write_mask(valid, window=window)
+                ds.write_mask(np.ones((rows, width), bool), window=Window(0, row, width, rows))
+        ds.write_mask(valid, window=window)
 
     def finish(self) -> str | Path:
         """Close, convert to COG, move (or upload) into place; returns the path or URL."""
         if self._buffered or self._ds is None:
             self._write(self._buffered)
+        ds = self._ds
+        assert ds is not None  # _write opened it
         staged = self._staged
         with gdal_env():
             scene = self._scene
             if self._overviews:
-                self._ds.build_overviews(overview_factors(scene.width, scene.height), Resampling.average)
-            self._ds.close()
+                ds.build_overviews(overview_factors(scene.width, scene.height), Resampling.average)
+            ds.close()
             rasterio.shutil.copy(self._partial, staged, driver="COG", compress="deflate", level=1,
                                  num_threads="ALL_CPUS", blocksize=512, overview_resampling="average",
                                  overviews="AUTO" if self._overviews else "NONE")
@@ -151,7 +158,8 @@ class ProbabilityWriter:
         try:
             buckets.upload(self.path, self.uri)
         finally:
-            shutil.rmtree(self._staging, ignore_errors=True)
+            if self._staging is not None:
+                shutil.rmtree(self._staging, ignore_errors=True)
         return self.uri
 
     def abort(self) -> None:

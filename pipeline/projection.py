@@ -7,6 +7,8 @@ own CRS; one in degrees (EPSG:4326, the default) in the UTM zone of the data.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import shapely
 from pyproj import CRS as ProjCRS
@@ -33,7 +35,7 @@ def utm_crs(lon: float, lat: float) -> ProjCRS:
     return ProjCRS.from_epsg((32600 if lat >= 0 else 32700) + zone)
 
 
-def metric_crs(crs, bounds: tuple[float, float, float, float]) -> ProjCRS:
+def metric_crs(crs, bounds: Sequence[float] | np.ndarray) -> ProjCRS:
     """``crs`` itself if it is metric, else the UTM zone of the centre of ``bounds`` (in ``crs``)."""
     if is_metric(crs):
         return ProjCRS.from_user_input(crs if isinstance(crs, str) else crs.to_wkt())

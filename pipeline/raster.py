@@ -10,7 +10,7 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import PurePath
 from urllib.parse import urlsplit
 
@@ -67,7 +67,7 @@ def scene_id_for(uri: str) -> str:
     return PurePath(uri.rstrip("/")).stem
 
 
-def endpoint_options(environ: dict | None = None) -> dict:
+def endpoint_options(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """GDAL's S3 endpoint options, derived from ``AWS_ENDPOINT_URL`` (botocore's variable).
 
     GDAL reads credentials and profiles (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``,
@@ -230,8 +230,9 @@ class SceneReader:
 
     def close(self) -> None:
         try:
-            if getattr(self, "_jpeg", None) is not None:
-                self._jpeg.close()
+            jpeg = getattr(self, "_jpeg", None)  # absent when __init__ failed before setting it
+            if jpeg is not None:
+                jpeg.close()
         finally:
             self._jpeg = None
             if self._ds is not None:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import shapely
@@ -94,7 +95,8 @@ class SceneOptions:
         if severity.medium_mm >= severity.high_mm:
             raise OptionsError(f"severity_medium_mm ({severity.medium_mm}) must be below "
                                f"severity_high_mm ({severity.high_mm})")
-        vectorize = replace(defaults.vectorize, **{k: float(mapping[k]) for k in VECTORIZE_OPTIONS if k in mapping})
+        changes: dict[str, Any] = {k: float(mapping[k]) for k in VECTORIZE_OPTIONS if k in mapping}
+        vectorize = replace(defaults.vectorize, **changes)
         overlap = int(mapping.get("overlap_px", defaults.overlap_px))
         try:
             return cls(overlap_px=overlap, threshold=mapping.get("threshold"), vectorize=vectorize,
@@ -123,7 +125,8 @@ class _Worker(threading.Thread):
 
     def __init__(self, target: Callable[[], None], name: str, stop: threading.Event) -> None:
         super().__init__(name=name, daemon=True)
-        self._work, self._halt, self.error = target, stop, None
+        self._work, self._halt = target, stop
+        self.error: BaseException | None = None
 
     def run(self) -> None:
         try:

@@ -372,7 +372,8 @@ class ConditionFormula:
         pct = np.asarray(cracked_area_pct, float)
         names = np.array(self.class_names, dtype=object)[np.searchsorted(self.class_limits_pct,
                                                                         np.nan_to_num(pct), side="right")]
-        return np.where(np.isnan(pct), None, names)
+        names[np.isnan(pct)] = None  # names is a new array (fancy indexing)
+        return names
 
 
 # the sums a section row carries; rollups add them, then derive the figures again
@@ -395,7 +396,8 @@ def section_sums(pieces: Pieces, crack_length_m: np.ndarray, crack_type: np.ndar
     per_m = np.divide(crack_length_m, planar, out=np.zeros(len(planar)), where=planar > 0)
     length = located.segment_length_m[pieces.segment] * pieces.share * per_m[pieces.crack]
     kind, sev = crack_type[pieces.crack], severity[pieces.crack]
-    sums = {f"{t}_m": np.bincount(pieces.section, length * (kind == t), n) for t in LENGTH_TYPES}
+    sums: dict[str, np.ndarray] = {f"{t}_m": np.bincount(pieces.section, length * (kind == t), n)
+                                   for t in LENGTH_TYPES}
     linear = kind != "pattern"
     sums |= {f"linear_{s}_m": np.bincount(pieces.section, length * linear * (sev == s), n) for s in SEVERITIES}
     transverse = np.flatnonzero((crack_type == "transverse") & (located.road >= 0))

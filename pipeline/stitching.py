@@ -58,7 +58,9 @@ class StripStitcher:
         along_rows = blend_weights(height, size_px, overlap_px, border_px)
         along_cols = blend_weights(width, size_px, overlap_px, border_px)
         # chips share a few distinct 1-D profiles (first, inner, last); their products are cached
-        self._row_profile, self._col_profile, profiles = {}, {}, {}
+        self._row_profile: dict[int, tuple[int, np.ndarray]] = {}
+        self._col_profile: dict[int, tuple[int, np.ndarray]] = {}
+        profiles: dict[bytes, tuple[int, np.ndarray]] = {}
         for offsets, weights in ((self._row_profile, along_rows), (self._col_profile, along_cols)):
             for offset, w in weights.items():
                 offsets[offset] = profiles.setdefault(w.tobytes(), (len(profiles), w))

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, cast
 
 from models.registry import ModelEntry, resolve
 from pipeline import buckets, progress
@@ -25,6 +26,10 @@ from pipeline.raster import scene_id_for
 from pipeline.redact import mask_url, redact, without_password
 from pipeline.scene import SceneOptions, detect_cracks
 from pipeline.stores import RunInfo, open_store
+
+if TYPE_CHECKING:
+    from pipeline.frames import GpsFix
+    from pipeline.trajectory import Pose
 
 log = logging.getLogger(__name__)
 RASTER_SUFFIXES = buckets.RASTER_SUFFIXES
@@ -399,7 +404,8 @@ def map_frame_survey(frames: list[SceneSource], survey, settings: RunSettings,
 
     try:
         target.set_frame_survey(run.survey_id, survey.to_record())
-        poses, fixes = {}, []
+        poses: dict[str, Pose] = {}
+        fixes: list[tuple[SceneSource, GpsFix, float | None]] = []
         for source in frames:
             try:
                 pose, fix, t = frame_pose(source.uri, clock, trajectory)
@@ -408,18 +414,18 @@ def map_frame_survey(frames: list[SceneSource], survey, settings: RunSettings,
                 continue
             if pose is not None:
                 poses[source.scene_id] = pose
-            else:
+            elif fix is not None:  # frame_pose sets one of the two
                 fixes.append((source, fix, t))
         if fixes:  # EXIF GPS: in time order where every frame has a time, else in name order
             if all(t is not None for _, _, t in fixes):
-                fixes.sort(key=lambda item: item[2])
+                fixes.sort(key=lambda item: cast(float, item[2]))  # every time is set (checked above)
             found = track_poses([s.uri for s, _, _ in fixes], [f for _, f, _ in fixes],
                                 [t for _, _, t in fixes])
-            for (source, _, _), pose in zip(fixes, found):
-                if isinstance(pose, PipelineError):
-                    failed(source, pose)
+            for (source, _, _), pose_or_error in zip(fixes, found):
+                if isinstance(pose_or_error, PipelineError):
+                    failed(source, pose_or_error)
                 else:
-                    poses[source.scene_id] = pose
+                    poses[source.scene_id] = pose_or_error
             if len(fixes) > 1:
                 log.warning("%s frames placed by EXIF GPS: heading from the track, roll and pitch taken "
                             "as zero (lower accuracy than a GNSS/IMU trajectory)", len(fixes))

@@ -202,7 +202,8 @@ def track_poses(frames: list[str], fixes: list[tuple[float, float, float, float 
                                                "along the track is undefined (give a trajectory file)"))
             continue
         azimuth = GEOD.inv(a[1], a[0], b[1], b[0])[0]
-        poses.append(Pose(times_s[k] if times_s[k] is not None else float(k), lat, lon, height, 0.0, 0.0,
+        time_s = times_s[k]
+        poses.append(Pose(time_s if time_s is not None else float(k), lat, lon, height, 0.0, 0.0,
                           float(azimuth % 360.0),
                           accuracy if accuracy is not None else EXIF_POS_ACCURACY_M, True))
     return poses

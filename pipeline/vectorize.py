@@ -19,7 +19,9 @@ are bridged into one line (``bridge_gaps``).  Isolated fragments shorter than
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, Self, TypeVar
 
 import numpy as np
 from scipy import ndimage
@@ -149,7 +151,7 @@ def above_low(probability: np.ndarray, valid: np.ndarray, params: VectorizeParam
 
 
 def crack_regions(probability: np.ndarray, valid: np.ndarray,
-                  params: VectorizeParams) -> tuple[np.ndarray, list[tuple[slice, slice]]]:
+                  params: VectorizeParams) -> tuple[np.ndarray, list[tuple[slice, ...]]]:
     """Crack regions of a uint8 probability array: hysteresis threshold, then speck removal.
 
     Regions above the low threshold (8-connected, so thin diagonal cracks
@@ -192,7 +194,7 @@ def crack_mask(probability: np.ndarray, valid: np.ndarray, params: VectorizePara
 
 
 def centrelines(mask: np.ndarray, labels: np.ndarray | None = None,
-                boxes: list[tuple[slice, slice]] | None = None,
+                boxes: list[tuple[slice, ...]] | None = None,
                 column_spacing: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Skeleton of a mask and its distance transform, computed region by region.
 
@@ -295,14 +297,14 @@ def band_pieces(probability: np.ndarray, valid: np.ndarray, row_off: int, first:
     columns = crack_columns(above_low(probability, valid, params))
     if not columns:  # the seeds were all nodata
         return []
-    probability, valid, columns = pack_columns(columns, probability, valid)
+    probability, valid, scene_column = pack_columns(columns, probability, valid)
     labels, boxes = crack_regions(probability, valid, params)
     if not boxes:
         return []
     skeleton, half_width = centrelines(labels > 0, labels, boxes, params.column_spacing)
     pieces = []
     for path in skeleton_paths(skeleton, params.spur_px):
-        absolute = np.column_stack([path[:, 0] + row_off, columns[path[:, 1]]])
+        absolute = np.column_stack([path[:, 0] + row_off, scene_column[path[:, 1]]])
         for vertices, inside, seams in cut_to_rows(absolute, first, stop):
             rows, cols = path[inside, 0], path[inside, 1]
             hw = half_width[rows, cols]
@@ -369,7 +371,16 @@ def _extremity(start: int, links: Links) -> tuple[int, int]:
     return node, entry
 
 
-def chains(pieces: list[Piece], links: Links) -> list[list[Piece]]:
+class Orientable(Protocol):
+    """Something with a direction that ``chains`` can turn around: a Piece, a frame's GroundLine."""
+
+    def reversed(self) -> Self: ...
+
+
+O = TypeVar("O", bound=Orientable)
+
+
+def chains(pieces: Sequence[O], links: Links) -> list[list[O]]:
     """Group linked pieces into chains, each piece oriented along its chain.
 
     >>> a = Piece(np.array([[0., 0], [0, 4]]), (None, None), 5, 5.0, 1.0, 900.0)
@@ -378,12 +389,12 @@ def chains(pieces: list[Piece], links: Links) -> list[list[Piece]]:
     [[[0.0, 0.0], [0.0, 6.0]]]
     """
     done: set[int] = set()
-    groups = []
+    groups: list[list[O]] = []
     for start in range(len(pieces)):
         if start in done:
             continue
         node, entry = _extremity(start, links)
-        chain = []
+        chain: list[O] = []
         while node not in done:
             done.add(node)
             chain.append(pieces[node] if entry == 0 else pieces[node].reversed())
@@ -527,7 +538,8 @@ class BandVectorizer:
             if self._loaded < min(stop + halo, self.height) and not final:
                 return
             if len(self._held) > 1:
-                self._held = [tuple(np.concatenate(parts) for parts in zip(*self._held))]
+                probability, valid = (np.concatenate(parts) for parts in zip(*self._held))
+                self._held = [(probability, valid)]
             probability, valid = self._held[0]
             lo = max(self._next - halo, self._buf_top) - self._buf_top
             hi = min(stop + halo, self._loaded) - self._buf_top

@@ -125,7 +125,10 @@ def test_absurd_camera_values_are_one_line_naming_the_file(tmp_path):
     assert read_camera(path).fx == 900
     cases = {"fx": ("intrinsics", "fx", -900, "focal lengths"),
              "below": ("mounting", "height_m", -0.5, "above the road"),
-             "sky": ("mounting", "pitch_deg", 30, "degenerate")}
+             "sky": ("mounting", "pitch_deg", 30, "degenerate"),
+             # a list where a number belongs (only the lever arm is a list) was a traceback
+             "list width": ("image", "width", [960, 961], "image holds a value that is not a number"),
+             "list fx": ("intrinsics", "fx", [900], "intrinsics holds a value that is not a number")}
     for section, key, value, words in cases.values():
         bad = json.loads(json.dumps(good))
         bad[section][key] = value

@@ -25,6 +25,14 @@ def test_training_mode_returns_main_and_two_auxiliary_logits_at_input_size():
     assert [tuple(o.shape) for o in out] == [(2, 2, 96, 128)] * 3
 
 
+def test_the_exported_module_converts_with_module_methods():
+    from models.onnx_export import ChipsToProbability
+
+    module = ChipsToProbability(create("b16"))
+    module.half()  # nn.Module.half(), once hidden by a bool attribute of the same name
+    assert module.probability.margin.weight.dtype == torch.float16 and not module.fp16
+
+
 def test_conv_before_upsample_equals_the_published_order():
     torch.manual_seed(1)
     fast = HrSegNet(16).eval()

@@ -236,6 +236,10 @@ def test_a_scene_in_a_crs_the_store_cannot_reach_is_refused(store_url, result):
         store.publish(alien, RUN)
     store.close()
     assert crack_rows(store_url) == []
+    unplaced = dataclasses.replace(result, scene=dataclasses.replace(result.scene, crs=None))  # a frame's own
+    with open_store(store_url) as store, pytest.raises(StoreError, match="has no CRS; .*nothing was written"):
+        store.publish(unplaced, RUN)
+    assert crack_rows(store_url) == []
 
 
 def test_scenes_select_by_survey_time_bbox_and_model_version(store_url, result):

@@ -103,6 +103,7 @@ def load_backend(entry: ModelEntry, requested: str = "auto", batch_size: int | N
             the message says how to install it.
     """
     name, reason = select_backend(requested)
+    backend: Backend
     if name == "tensorrt":
         from pipeline.backends.tensorrt import TensorRTBackend, require_tensorrt
 
@@ -118,8 +119,9 @@ def load_backend(entry: ModelEntry, requested: str = "auto", batch_size: int | N
         from pipeline.precision import cpu_graph
 
         graph, precision, why = cpu_graph(entry, cpu_precision)
-        backend = OnnxRuntimeBackend(graph, batch_size or 8)
-        backend.precision = precision
+        onnx = OnnxRuntimeBackend(graph, batch_size or 8)
+        onnx.precision = precision
+        backend = onnx
         reason = f"{reason}; {precision} graph: {why}"
     log.info("model %s on backend %s (%s)", entry.spec, name, reason)
     return backend

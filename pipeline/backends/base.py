@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -58,6 +59,16 @@ class Backend(Protocol):
         """uint8 (N, 3, H, W) RGB chips -> uint8 (N, H, W) crack probability x 255."""
 
 
+@runtime_checkable
+class SubmittingBackend(Backend, Protocol):
+    """A backend that also runs batches asynchronously, up to ``threads`` at once."""
+
+    threads: int
+
+    def submit(self, chips: np.ndarray) -> Future[np.ndarray]:
+        """``predict(chips)`` started in the background."""
+
+
 def predictions(backend: Backend, items: Iterable[T], chips: Callable[[T], np.ndarray]
                 ) -> Iterator[tuple[T, np.ndarray]]:
     """``(item, backend.predict(chips(item)))`` for each item, in order.
@@ -65,14 +76,13 @@ def predictions(backend: Backend, items: Iterable[T], chips: Callable[[T], np.nd
     A backend with ``submit(chips) -> Future`` keeps up to ``backend.threads``
     batches in flight, so the next batch starts while one is still running.
     """
-    submit = getattr(backend, "submit", None)
-    if submit is None:
+    if not isinstance(backend, SubmittingBackend):
         for item in items:
             yield item, backend.predict(chips(item))
         return
-    pending: deque = deque()
+    pending: deque[tuple[T, Future[np.ndarray]]] = deque()
     for item in items:
-        pending.append((item, submit(chips(item))))
+        pending.append((item, backend.submit(chips(item))))
         if len(pending) >= backend.threads:
             item, future = pending.popleft()
             yield item, future.result()

@@ -37,7 +37,8 @@ class TorchBackend:
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple[int, ...], tuple] = {}  # input shape -> (graph, input, output, pinned)
         if self.device.type == "cuda":
-            self._module.to(memory_format=torch.channels_last)
+            # nn.Module.to documents memory_format=; torch's overloads leave it out
+            self._module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def predict(self, chips: np.ndarray) -> np.ndarray:
         torch = self._torch
@@ -56,9 +57,9 @@ class TorchBackend:
         torch = self._torch
         out = np.empty((len(chips), *chips.shape[2:]), np.uint8)
         with torch.inference_mode():
-            for part in split_batches(len(chips), self.batch_size):
-                start, n = part.start, part.stop - part.start
-                part = chips[part]
+            for rows in split_batches(len(chips), self.batch_size):
+                start, n = rows.start, rows.stop - rows.start
+                part = chips[rows]
                 if not self.cuda_graphs:
                     x = torch.from_numpy(part).to(self.device, non_blocking=True)
                     out[start:start + n] = self._forward(

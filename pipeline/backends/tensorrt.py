@@ -32,6 +32,7 @@ import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -313,6 +314,7 @@ class _Slot:
         # the host waits on this one: block in the driver rather than spin a core
         self.copied_out = cuda.Event(untimed | cuda.event_flags.BLOCKING_SYNC)
         self.shape: tuple | None = None  # the input shape set on this slot's context
+        self.execution: Any = None  # its TensorRT execution context, made by the backend
 
 
 class TensorRTBackend:
@@ -411,7 +413,8 @@ class TensorRTBackend:
             self._context.detach()
 
     def _run(self, chips: np.ndarray, out: np.ndarray) -> None:
-        cuda, pending = self._cuda, []
+        cuda = self._cuda
+        pending: list[tuple[_Slot, slice]] = []
         for k, part in enumerate(split_batches(len(chips), self.micro_batch)):
             slot, n = self._slots[k % 2], part.stop - part.start
             if len(pending) == 2:  # this slot's previous batch: wait for it, hand it out

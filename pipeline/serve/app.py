@@ -19,7 +19,7 @@ import sqlite3
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
 # tipg reads its settings from the environment when first imported: the caps below are
 # this app's, whatever the environment says, and tile layers are named after their table.
@@ -135,6 +135,8 @@ def bbox_param(bbox: Annotated[str | None, Query(description="minx,miny,maxx,max
         raise HTTPException(status_code=400, detail=f"bbox {bbox!r} is not comma-separated numbers "
                                                     "minx,miny,maxx,maxy") from None
     checked = tipg_dependencies.bbox_query(",".join(map(repr, values)))
+    if checked is None:  # tipg returns None only for no bbox, handled above
+        return None
     west, south, east, north = (checked[0], checked[1], checked[-3 if len(checked) == 6 else 2],
                                 checked[-2 if len(checked) == 6 else 3])
     if west > east or south > north:
@@ -160,13 +162,16 @@ def datetime_param(datetime: Annotated[str | None, Query(description="instant or
     return parts
 
 
+FilterLang = Literal["cql2-text", "cql2-json"] | None
+
+
 def filter_param(query: Annotated[str | None, Query(description="CQL2 filter", alias="filter")] = None,
                  filter_lang: Annotated[str | None, Query(alias="filter-lang")] = None) -> Expr | None:
     """tipg's CQL2 filter parameter, with a 400 for a filter that does not parse."""
     if filter_lang not in (None, "cql2-text", "cql2-json"):
         raise HTTPException(status_code=400, detail="filter-lang is cql2-text or cql2-json")
     try:
-        return tipg_dependencies.filter_query(query, filter_lang)
+        return tipg_dependencies.filter_query(query, cast(FilterLang, filter_lang))  # checked above
     except Exception as exc:  # noqa: BLE001  (cql2 raises a bare Exception with the parser's report)
         first = " ".join(str(exc).split())[:300]
         raise HTTPException(status_code=400, detail=f"filter {query!r} is not valid CQL2: {first}") from None
@@ -268,8 +273,10 @@ def create_app(store: str, *, allow_write_role: bool = False, title: str = "crac
     for error in BAD_REQUEST:
         app.add_exception_handler(error, _bad_request)
     app.add_exception_handler(tipg_errors.NotFound, _not_found)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _invalid_request)
+    # Starlette calls a handler with the class it is registered for; its annotation admits only
+    # handlers of any Exception
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _server_error)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -302,7 +302,8 @@ class GeoPackageCollection(Collection):
 def _bbox4(bbox: list[float]) -> tuple[float, float, float, float]:
     if len(bbox) == 6:
         return bbox[0], bbox[1], bbox[3], bbox[4]
-    return tuple(bbox)
+    west, south, east, north = bbox
+    return west, south, east, north
 
 
 def _box(bbox: list[float]) -> shapely.Geometry:
@@ -386,8 +387,8 @@ def catalog(path: Path, tables: list[str], keys: dict[str, str]) -> Catalog:
     con = gpkg.connect(str(path), read_only=True)
     try:
         found = {row[0]: row for row in layers(con)}
-        collections = {name: collection(con, path, *found[name], key=keys.get(name))
-                       for name in tables if name in found}
+        collections: dict[str, Collection] = {name: collection(con, path, *found[name], key=keys.get(name))
+                                              for name in tables if name in found}
     finally:
         con.close()
     return Catalog(collections=collections, last_updated=datetime.datetime.now())

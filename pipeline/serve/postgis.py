@@ -17,7 +17,7 @@ from tipg.database import connection_factory
 from tipg.settings import DatabaseSettings
 
 from pipeline.errors import StoreError
-from pipeline.stores.postgis import connect, display_url, why
+from pipeline.stores.postgis import connect, display_url, scalar, why
 
 SCHEMA = "public"
 
@@ -25,7 +25,7 @@ SCHEMA = "public"
 def write_privileges(con: psycopg.Connection) -> list[str]:
     """What the connected role could change in the store; empty for a read-only role."""
     found = []
-    if con.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
+    if scalar(con, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
         found.append("it is a superuser")
     tables = [r[0] for r in con.execute(
         "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -35,7 +35,7 @@ def write_privileges(con: psycopg.Connection) -> list[str]:
         "ORDER BY 1", (SCHEMA,))]
     if tables:
         found.append(f"it may change {', '.join(tables[:5])}" + (" and more" if len(tables) > 5 else ""))
-    if con.execute("SELECT has_schema_privilege(%s, 'CREATE')", (SCHEMA,)).fetchone()[0]:
+    if scalar(con, "SELECT has_schema_privilege(%s, 'CREATE')", (SCHEMA,)):
         found.append(f"it may create tables in schema {SCHEMA}")
     return found
 
@@ -49,7 +49,7 @@ def inspect_store(url: str, allow_write_role: bool) -> tuple[list[str], dict[str
     """
     with connect(url) as con:
         try:
-            user = con.execute("SELECT current_user").fetchone()[0]
+            user = scalar(con, "SELECT current_user")
             if (problems := write_privileges(con)) and not allow_write_role:
                 raise StoreError(
                     f"{display_url(url)}: role {user} can write ({'; '.join(problems)}). crackmap serve "
@@ -59,7 +59,7 @@ def inspect_store(url: str, allow_write_role: bool) -> tuple[list[str], dict[str
                 "SELECT DISTINCT f_table_name FROM geometry_columns WHERE f_table_schema = %s "
                 "AND has_table_privilege(format('%%I.%%I', f_table_schema, f_table_name), 'SELECT')",
                 (SCHEMA,))]
-            keys = dict(con.execute(
+            keys: dict[str, str] = dict(con.execute(
                 "SELECT c.relname, a.attname FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
                 "JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_attribute a "
                 "ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] "
@@ -100,7 +100,9 @@ async def catalog(pool: asyncpg.Pool, tables: list[str], keys: dict[str, str]) -
     settings = DatabaseSettings(schemas=[SCHEMA], tables=[f"{SCHEMA}.{t}" for t in tables],
                                 functions=[], exclude_functions=None, only_spatial_tables=True)
     async with pool.acquire() as conn:
-        found = {c.table: c for c in await pg_get_collection_index(conn, settings=settings)}
+        # a pooled connection's proxy is a Connection to asyncpg; tipg annotates only the class itself
+        index = await pg_get_collection_index(conn, settings=settings)  # type: ignore[arg-type]
+        found = {c.table: c for c in index}
     collections: dict[str, Collection] = {}
     for name in tables:
         if (table := found.get(name)) is None:

@@ -239,13 +239,17 @@ def crack_values(crack_id: str, run: RunInfo, scene_id: str, c: CrackLine, creat
             c.gsd_mm, c.range_m, c.pos_accuracy_m, frames_text(c.source_frames))
 
 
-def check_crs(result: SceneResult, store_crs: CRS, store: str) -> None:
-    """Refuse a scene whose CRS cannot be transformed to the store's, or with non-finite coordinates.
+def check_crs(result: SceneResult, store_crs: CRS, store: str) -> CRS:
+    """The scene's CRS; refuses one that is missing or cannot be transformed to the store's, or
+    a result with non-finite coordinates.
 
     Raises:
         StoreError: naming the scene, both CRSs and what to do.
     """
     scene = result.scene
+    if scene.crs is None:  # a survey frame's result is placed in the store's CRS before it is published
+        raise StoreError(f"{scene.uri} has no CRS; only map-placed results can be published to "
+                         f"{mask_url(store)}; nothing was written.")
     problem = None
     try:
         Transformer.from_crs(scene.crs, store_crs, always_xy=True)
@@ -259,6 +263,7 @@ def check_crs(result: SceneResult, store_crs: CRS, store: str) -> None:
         raise StoreError(f"{scene.uri} is in {scene.crs.to_string()}, which cannot be transformed to "
                          f"{mask_url(store)}'s {store_crs.to_string()}: {problem}. Reproject the scene or "
                          "publish to a store in a CRS it can reach; nothing was written.")
+    return scene.crs
 
 
 class CrackStore(Protocol):
@@ -370,8 +375,8 @@ def database_transient(exc: BaseException) -> bool:
     error: BaseException | None = exc
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if getattr(error, "sqlite_errorcode", None) is not None:
-            return error.sqlite_errorcode & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED)
+        if (code := getattr(error, "sqlite_errorcode", None)) is not None:
+            return code & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED)
         if type(error).__module__.startswith("psycopg"):
             state = getattr(error, "sqlstate", None)
             if state is not None:

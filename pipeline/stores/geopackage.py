@@ -7,6 +7,7 @@ import os
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import shapely
@@ -172,7 +173,7 @@ class GeoPackageStore(StoreBase):
         return row[0] if row else None
 
     def publish(self, result: SceneResult, run: RunInfo, promote: bool = True) -> None:
-        check_crs(result, self.crs, str(self.path))
+        scene_crs = check_crs(result, self.crs, str(self.path))
         scene = result.scene
         created = gpkg.now()
         ids = [str(uuid.UUID(bytes=b)) for b in crack_uuid_bytes(run, scene.scene_id, len(result.cracks))]
@@ -183,7 +184,7 @@ class GeoPackageStore(StoreBase):
                   a.width_mean_mm, a.width_max_mm, a.severity, a.piece_m)
                  for no, a in enumerate(result.pattern_areas)]
         scene_row = dict(geom=gpkg.encode(result.footprint, self.srs_id), source_uri=scene.uri,
-                         sha256=result.sha256, crs=scene.crs.to_string(), width=scene.width,
+                         sha256=result.sha256, crs=scene_crs.to_string(), width=scene.width,
                          height=scene.height, chip_count=result.chip_count,
                          crack_count=len(result.counted), total_length_m=result.total_length_m,
                          status="done", error=None, probability_uri=result.probability_path)
@@ -376,7 +377,8 @@ class GeoPackageStore(StoreBase):
         """The road columns on the crack rows themselves (a survey's cracks; SQLite updates in place)."""
         self._con.execute("UPDATE cracks SET road_id = NULL, chainage_from_m = NULL, chainage_to_m = NULL, "
                           "offset_m = NULL WHERE survey_id = ? AND road_id IS NOT NULL", (p.survey_id,))
-        span = np.where(np.isnan(p.span_ratio), None, p.span_ratio)
+        span = np.asarray(p.span_ratio, dtype=float).astype(object)
+        span[np.isnan(p.span_ratio)] = None  # NaN -> NULL (numpy's stubs refuse None in np.where)
         self._con.executemany(
             "UPDATE cracks SET road_id = ?, chainage_from_m = ?, chainage_to_m = ?, offset_m = ?, crack_type = ?, "
             "theta_deg = ?, span_ratio = ? WHERE crack_id = ?",
@@ -424,7 +426,7 @@ class _Transaction:
     def __enter__(self) -> None:
         self._con.execute("BEGIN IMMEDIATE")
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if exc_type is None:
             self._con.execute("COMMIT")
             return False

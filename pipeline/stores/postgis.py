@@ -20,6 +20,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -193,7 +194,7 @@ def connect(url: str) -> psycopg.Connection:
         problem = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         password = conninfo_to_dict(url).get("password") if "://" in url else None
         if password:
-            problem = problem.replace(password, "***")
+            problem = problem.replace(str(password), "***")
         raise StoreError(f"{display_url(url)}: cannot connect ({problem}); check the host, port, "
                          "user and password (the URL, PG* variables or ~/.pgpass)",
                          transient=database_transient(exc)) from None
@@ -241,11 +242,19 @@ def migrate(con: psycopg.Connection, srid: int = 4326, folder: Path = MIGRATIONS
     return applied
 
 
+def scalar(con: psycopg.Connection, query: str, params: Sequence[Any] = ()) -> Any:
+    """The value of a query that returns one row of one column (an aggregate, a function call)."""
+    row = con.execute(query, params).fetchone()
+    if row is None:
+        raise StoreError(f"{query.split()[0]} returned no row")
+    return row[0]
+
+
 def schema_version(con: psycopg.Connection) -> str | None:
     """The newest applied migration, or None on a database without the schema."""
-    if not con.execute("SELECT to_regclass('schema_migrations')").fetchone()[0]:
+    if not scalar(con, "SELECT to_regclass('schema_migrations')"):
         return None
-    return con.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
+    return scalar(con, "SELECT max(version) FROM schema_migrations")
 
 
 class PostGISStore(StoreBase):
@@ -262,7 +271,7 @@ class PostGISStore(StoreBase):
         self._con = connect(url)
         try:
             self._ensure_schema(crs)
-            srid = self._con.execute("SELECT Find_SRID('public', 'cracks', 'geom')").fetchone()[0]
+            srid = scalar(self._con, "SELECT Find_SRID('public', 'cracks', 'geom')")
         except psycopg.Error as exc:
             self._con.close()
             raise store_failure(f"{self.name}: cannot open as a crackmap store ({why(exc)}). Apply the "
@@ -291,7 +300,7 @@ class PostGISStore(StoreBase):
         return self._con
 
     def publish(self, result: SceneResult, run: RunInfo, promote: bool = True) -> None:
-        check_crs(result, self.crs, self.name)
+        scene_crs = check_crs(result, self.crs, self.name)
         scene = result.scene
         geometries = shapely.set_srid(np.array([c.geometry for c in result.cracks], dtype=object),
                                       self.srid)
@@ -321,7 +330,7 @@ class PostGISStore(StoreBase):
                     "processed_at = excluded.processed_at, footprint = excluded.footprint, "
                     "is_current = excluded.is_current OR scenes.is_current",
                     (*key, run.model_sha256, run.run_id, scene.uri, result.sha256,
-                     scene.crs.to_string(), scene.width, scene.height, result.chip_count,
+                     scene_crs.to_string(), scene.width, scene.height, result.chip_count,
                      len(result.counted), result.total_length_m, result.probability_path, created,
                      promote, footprint))
                 con.execute("DELETE FROM cracks WHERE survey_id = %s AND scene_id = %s "
@@ -361,10 +370,10 @@ class PostGISStore(StoreBase):
     @staticmethod
     def _put_run(con: psycopg.Connection, run: RunInfo) -> None:
         con.execute("INSERT INTO surveys (survey_id) VALUES (%s) ON CONFLICT DO NOTHING", (run.survey_id,))
-        sha256 = con.execute(
-            "INSERT INTO models (model_name, model_version, model_sha256) VALUES (%s, %s, %s) "
+        sha256 = scalar(
+            con, "INSERT INTO models (model_name, model_version, model_sha256) VALUES (%s, %s, %s) "
             "ON CONFLICT (model_name, model_version) DO UPDATE SET model_sha256 = models.model_sha256 "
-            "RETURNING model_sha256", (run.model_name, run.model_version, run.model_sha256)).fetchone()[0]
+            "RETURNING model_sha256", (run.model_name, run.model_version, run.model_sha256))
         if sha256 != run.model_sha256:
             raise StoreError(f"model {run.model_name}:{run.model_version} was published with sha256 "
                              f"{sha256}, now {run.model_sha256}; versions are immutable: publish the "
