@@ -41,6 +41,8 @@ test: $(FULL)
 
 # Static checks of pipeline/ and models/ (mypy: [tool.mypy] in pyproject.toml); CI runs it before the tests.
 lint: $(FULL)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m mypy
 
 bench: $(FULL)

@@ -40,7 +40,9 @@ print(row.status, row.chips, row.cracks)
 
 def timed(command: list[str], env: dict) -> float:
     started = time.perf_counter()
-    subprocess.run(command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     return time.perf_counter() - started
 
 
@@ -54,9 +56,20 @@ def sample_scene(folder: Path) -> str:
     frame = sorted((ROOT / "examples" / "sample-survey").glob("frame-*.jpg"))[0]
     pixels = np.asarray(Image.open(frame).convert("RGB")).transpose(2, 0, 1)
     path = folder / "scene.tif"
-    with rasterio.open(path, "w", driver="GTiff", width=pixels.shape[2], height=pixels.shape[1], count=3,
-                       dtype="uint8", crs="EPSG:32633", transform=from_origin(500000, 5000000, 0.001, 0.001),
-                       tiled=True, blockxsize=512, blockysize=512) as ds:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=pixels.shape[2],
+        height=pixels.shape[1],
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(500000, 5000000, 0.001, 0.001),
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+    ) as ds:
         ds.write(pixels)
     return str(path)
 
@@ -75,17 +88,49 @@ def main() -> None:
         for i in range(args.rounds):
             pipeline_store, cli_store = Path(tmp) / f"p{i}.gpkg", Path(tmp) / f"c{i}.gpkg"
             times["pipeline"].append(timed([sys.executable, "-c", PIPELINE, scene, str(pipeline_store)], env))
-            times["cli"].append(timed([sys.executable, "-c", "from flows.cli import main; main()", "run",
-                                       scene, "--store", str(cli_store), "--backend", "onnxruntime"], env))
+            times["cli"].append(
+                timed(
+                    [
+                        sys.executable,
+                        "-c",
+                        "from flows.cli import main; main()",
+                        "run",
+                        scene,
+                        "--store",
+                        str(cli_store),
+                        "--backend",
+                        "onnxruntime",
+                    ],
+                    env,
+                )
+            )
             if args.baseline:
                 base_env = dict(env, PYTHONPATH=str(Path(args.baseline).resolve()))
-                times["baseline"].append(timed([sys.executable, "-c", "from flows.cli import main; main()", "run",
-                                                scene, "--store", str(Path(tmp) / f"b{i}.gpkg"),
-                                                "--backend", "onnxruntime"], base_env))
-            print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items() if v), flush=True)
+                times["baseline"].append(
+                    timed(
+                        [
+                            sys.executable,
+                            "-c",
+                            "from flows.cli import main; main()",
+                            "run",
+                            scene,
+                            "--store",
+                            str(Path(tmp) / f"b{i}.gpkg"),
+                            "--backend",
+                            "onnxruntime",
+                        ],
+                        base_env,
+                    )
+                )
+            print(
+                f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items() if v),
+                flush=True,
+            )
     p, c = statistics.median(times["pipeline"]), statistics.median(times["cli"])
-    print(f"median: pipeline {p:.1f} s, crackmap run {c:.1f} s, fixed cost {c - p:.1f} s "
-          f"({args.rounds} rounds, {os.cpu_count()} CPUs)")
+    print(
+        f"median: pipeline {p:.1f} s, crackmap run {c:.1f} s, fixed cost {c - p:.1f} s "
+        f"({args.rounds} rounds, {os.cpu_count()} CPUs)"
+    )
     if times["baseline"]:
         b = statistics.median(times["baseline"])
         print(f"baseline ({args.baseline}): crackmap run {b:.1f} s, fixed cost {b - p:.1f} s")

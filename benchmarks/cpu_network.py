@@ -39,8 +39,13 @@ from pipeline.backends import OnnxRuntimeBackend  # noqa: E402
 from pipeline.precision import cpu_flags, cpu_name  # noqa: E402
 
 SETTINGS = {  # name -> (runs at once, intra-op threads, chips per run, spinning)
-    "split": (2, 1, 4, False), "2x1": (2, 1, 8, False), "2x1-b4": (2, 1, 4, False),
-    "2x1-b16": (2, 1, 16, False), "1x2": (1, 2, 8, False), "2x1-spin": (2, 1, 8, True)}
+    "split": (2, 1, 4, False),
+    "2x1": (2, 1, 8, False),
+    "2x1-b4": (2, 1, 4, False),
+    "2x1-b16": (2, 1, 16, False),
+    "1x2": (1, 2, 8, False),
+    "2x1-spin": (2, 1, 8, True),
+}
 
 
 def session(path: Path, threads: int, spin: bool):
@@ -78,8 +83,9 @@ class Case:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=None)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.5)
@@ -96,8 +102,9 @@ def main() -> None:
             try:
                 from models.onnx_export import export_onnx, load_net
 
-                graphs["float"] = export_onnx(load_net(entry.variant, entry.file("weights")),
-                                              Path(tmp) / "float.onnx", entry.size_px)
+                graphs["float"] = export_onnx(
+                    load_net(entry.variant, entry.file("weights")), Path(tmp) / "float.onnx", entry.size_px
+                )
             except ImportError:
                 print("torch is not installed: no fresh float inference graph", file=sys.stderr)
         else:
@@ -114,11 +121,15 @@ def main() -> None:
     base = "old split" if "old split" in rates else "float split"
     medians = {name: statistics.median(r) for name, r in rates.items()}
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile"})
-    report = {"machine": f"{cpu_name()}, {os.cpu_count()} cores, flags {' '.join(flags)}",
-              "model": entry.spec, "rounds": args.rounds, "seconds_per_case": args.seconds,
-              "chips_per_s": {n: round(m, 1) for n, m in medians.items()},
-              f"over_{base.replace(' ', '_')}": {n: round(m / medians[base], 2) for n, m in medians.items()},
-              "per_round": {n: [round(v, 1) for v in r] for n, r in rates.items()}}
+    report = {
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, flags {' '.join(flags)}",
+        "model": entry.spec,
+        "rounds": args.rounds,
+        "seconds_per_case": args.seconds,
+        "chips_per_s": {n: round(m, 1) for n, m in medians.items()},
+        f"over_{base.replace(' ', '_')}": {n: round(m / medians[base], 2) for n, m in medians.items()},
+        "per_round": {n: [round(v, 1) for v in r] for n, r in rates.items()},
+    }
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

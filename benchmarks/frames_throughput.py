@@ -38,8 +38,8 @@ from rasterio.transform import from_origin
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.registry import resolve  # noqa: E402
-from pipeline.camera import Camera  # noqa: E402
 from pipeline.backends import load_backend  # noqa: E402
+from pipeline.camera import Camera  # noqa: E402
 from pipeline.frames import frame_results, ground_lines, observe_frame  # noqa: E402
 from pipeline.scene import SceneOptions, detect_cracks  # noqa: E402
 from pipeline.stores import DEFAULT_CRS  # noqa: E402
@@ -48,8 +48,21 @@ from pipeline.trajectory import Pose  # noqa: E402
 
 WIDTH, HEIGHT = 1920, 1080
 ORIGIN = (51.0107, 14.0339, 150.0)
-CAMERA = Camera(WIDTH, HEIGHT, 1400.0, 1400.0, 959.5, 539.5, (-0.12, 0.03, 0.0, 0.0, 0.0), (1.5, 0.0, -1.6),
-                0.0, -20.0, 0.0, 1.6, max_range_m=20.0)
+CAMERA = Camera(
+    WIDTH,
+    HEIGHT,
+    1400.0,
+    1400.0,
+    959.5,
+    539.5,
+    (-0.12, 0.03, 0.0, 0.0, 0.0),
+    (1.5, 0.0, -1.6),
+    0.0,
+    -20.0,
+    0.0,
+    1.6,
+    max_range_m=20.0,
+)
 
 
 def pavement(seed: int) -> np.ndarray:
@@ -61,7 +74,7 @@ def pavement(seed: int) -> np.ndarray:
         for _ in range(600):
             col = float(np.clip(col + rng.normal(0, 1.5), 2, WIDTH - 3))
             row = float(np.clip(row - abs(rng.normal(0.6, 0.5)), 2, HEIGHT - 3))
-            grey[int(row) - 1:int(row) + 2, int(col) - 1:int(col) + 2] = 30
+            grey[int(row) - 1 : int(row) + 2, int(col) - 1 : int(col) + 2] = 30
     return np.repeat(grey.astype(np.uint8)[:, :, None], 3, axis=2)
 
 
@@ -72,10 +85,23 @@ def write_inputs(folder: Path, count: int) -> tuple[list[Path], list[Path]]:
         frames.append(folder / f"f{k:03d}.jpg")
         Image.fromarray(pixels).save(frames[-1], quality=90)
         scenes.append(folder / f"s{k:03d}.tif")
-        with rasterio.open(scenes[-1], "w", driver="GTiff", width=WIDTH, height=HEIGHT, count=3, dtype="uint8",
-                           crs="EPSG:32633", transform=from_origin(431250, 5652300 - k * 2.0, 0.0015, 0.0015),
-                           tiled=True, blockxsize=512, blockysize=512, compress="jpeg", photometric="ycbcr",
-                           jpeg_quality=90) as ds:
+        with rasterio.open(
+            scenes[-1],
+            "w",
+            driver="GTiff",
+            width=WIDTH,
+            height=HEIGHT,
+            count=3,
+            dtype="uint8",
+            crs="EPSG:32633",
+            transform=from_origin(431250, 5652300 - k * 2.0, 0.0015, 0.0015),
+            tiled=True,
+            blockxsize=512,
+            blockysize=512,
+            compress="jpeg",
+            photometric="ycbcr",
+            jpeg_quality=90,
+        ) as ds:
             ds.write(pixels.transpose(2, 0, 1))
     return frames, scenes
 
@@ -100,16 +126,30 @@ def geotiff_pass(scenes, backend, entry, out: Path) -> tuple[float, float]:
     """Wall and CPU seconds (this process, all its threads) of the GeoTIFF path on every scene."""
     started, cpu = time.perf_counter(), time.process_time()
     for k, scene in enumerate(scenes):
-        detect_cracks(str(scene), backend, entry, out / f"g{k}.tif", DEFAULT_CRS, scene_id=f"s{k}",
-                      source_sha256="x")
+        detect_cracks(
+            str(scene), backend, entry, out / f"g{k}.tif", DEFAULT_CRS, scene_id=f"s{k}", source_sha256="x"
+        )
     return time.perf_counter() - started, time.process_time() - cpu
 
 
 def frame_pass(frames, backend, entry, out: Path) -> tuple[float, float, list]:
     """Wall and CPU seconds of frame mode on every frame (merging included), and the observations."""
     started, cpu = time.perf_counter(), time.process_time()
-    observations = [observe_frame(str(f), f"f{k}", CAMERA, pose(k), ORIGIN, backend, entry, str(out / f"p{k}.tif"),
-                                  SceneOptions(), "x") for k, f in enumerate(frames)]
+    observations = [
+        observe_frame(
+            str(f),
+            f"f{k}",
+            CAMERA,
+            pose(k),
+            ORIGIN,
+            backend,
+            entry,
+            str(out / f"p{k}.tif"),
+            SceneOptions(),
+            "x",
+        )
+        for k, f in enumerate(frames)
+    ]
     frame_results(observations, ORIGIN, DEFAULT_CRS)
     return time.perf_counter() - started, time.process_time() - cpu, observations
 
@@ -147,7 +187,9 @@ def vectorized_pieces(observations) -> list[list]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--model", default=None)
@@ -174,19 +216,27 @@ def main() -> None:
     median = {k: statistics.median(v) for k, v in times.items()}
     cpu_median = {k: statistics.median(v) for k, v in cpu.items()}
     n = args.frames
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, {platform.system()}, backend {backend.name}, "
-          f"model {entry.name}:{entry.version}; load average {load_before[0]:.1f} before, "
-          f"{os.getloadavg()[0]:.1f} after")
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} cores, {platform.system()}, backend {backend.name}, "
+        f"model {entry.name}:{entry.version}; load average {load_before[0]:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after"
+    )
     print(f"{n} frames of {WIDTH}x{HEIGHT} ({chips} chips each), {args.rounds} interleaved rounds, medians")
     for key in ("geotiff", "frames"):
-        print(f"{key:>8}: {n / median[key]:6.2f} frames/s  {n * chips / median[key]:6.1f} chips/s  "
-              f"(rounds: {', '.join(f'{t:.2f}' for t in times[key])} s); "
-              f"CPU {cpu_median[key] / n * 1000:.0f} ms per frame")
-    print(f"frame mode / GeoTIFF path: {median['geotiff'] / median['frames']:.2f}x chips/s (wall clock), "
-          f"{cpu_median['geotiff'] / cpu_median['frames']:.2f}x chips per CPU-second")
-    print(f"geometry alone (ground mapping + merging, {sum(len(o.lines) for o in observations)} lines): "
-          f"{median['geometry'] / n * 1000:.1f} ms per frame, "
-          f"{median['geometry'] / median['frames'] * 100:.1f} % of frame mode's time")
+        print(
+            f"{key:>8}: {n / median[key]:6.2f} frames/s  {n * chips / median[key]:6.1f} chips/s  "
+            f"(rounds: {', '.join(f'{t:.2f}' for t in times[key])} s); "
+            f"CPU {cpu_median[key] / n * 1000:.0f} ms per frame"
+        )
+    print(
+        f"frame mode / GeoTIFF path: {median['geotiff'] / median['frames']:.2f}x chips/s (wall clock), "
+        f"{cpu_median['geotiff'] / cpu_median['frames']:.2f}x chips per CPU-second"
+    )
+    print(
+        f"geometry alone (ground mapping + merging, {sum(len(o.lines) for o in observations)} lines): "
+        f"{median['geometry'] / n * 1000:.1f} ms per frame, "
+        f"{median['geometry'] / median['frames'] * 100:.1f} % of frame mode's time"
+    )
 
 
 if __name__ == "__main__":

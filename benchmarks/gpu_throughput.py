@@ -36,17 +36,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from models.registry import resolve  # noqa: E402
-from pipeline.errors import BackendUnavailableError  # noqa: E402
 from pipeline.backends import OnnxRuntimeBackend, gpu_present, load_backend, select_backend  # noqa: E402
 from pipeline.backends.pytorch import TorchBackend  # noqa: E402
+from pipeline.errors import BackendUnavailableError  # noqa: E402
 
 
 def gpu_info() -> dict:
     """GPU name and driver from nvidia-smi, and library versions; empty GPU fields without one."""
     info = {"gpu": None, "driver": None, "cpu": platform.processor() or platform.machine()}
     if shutil.which("nvidia-smi"):
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader",
-                              "-i", "0"], capture_output=True, text=True).stdout.strip()
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader", "-i", "0"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         if out:
             info["gpu"], info["driver"] = (s.strip() for s in out.split(",", 1))
     for module in ("tensorrt", "torch", "onnxruntime"):
@@ -105,9 +108,19 @@ class GpuSampler:
 
     def __enter__(self) -> GpuSampler:
         if shutil.which("nvidia-smi") and gpu_present():
-            self._proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "-i", "0",
-                                           "--format=csv,noheader,nounits", "-lms", "100"],
-                                          stdout=subprocess.PIPE, text=True)
+            self._proc = subprocess.Popen(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=utilization.gpu",
+                    "-i",
+                    "0",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    "100",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             threading.Thread(target=self._read, daemon=True).start()
         return self
 
@@ -130,7 +143,12 @@ class TimedBackend:
     """A backend that adds up the time spent in ``predict`` (the network thread's busy time)."""
 
     def __init__(self, backend) -> None:
-        self.backend, self.name, self.batch_size, self.seconds = backend, backend.name, backend.batch_size, 0.0
+        self.backend, self.name, self.batch_size, self.seconds = (
+            backend,
+            backend.name,
+            backend.batch_size,
+            0.0,
+        )
 
     def predict(self, chips: np.ndarray) -> np.ndarray:
         started = time.perf_counter()
@@ -141,9 +159,10 @@ class TimedBackend:
 
 
 def end_to_end(entry, requested: str, width: int, rows: int) -> dict:
+    from pipeline_throughput import synthetic_scene
+
     from pipeline.scene import SceneOptions, detect_cracks
     from pipeline.stores import DEFAULT_CRS
-    from pipeline_throughput import synthetic_scene
 
     name, reason = select_backend(requested)
     backend = TimedBackend(load_backend(entry, requested))
@@ -153,13 +172,20 @@ def end_to_end(entry, requested: str, width: int, rows: int) -> dict:
         backend.seconds = 0.0
         with GpuSampler() as gpu:
             started = time.perf_counter()
-            result = detect_cracks(str(scene), backend, entry, Path(tmp) / "p.tif", DEFAULT_CRS,
-                                   SceneOptions())
+            result = detect_cracks(
+                str(scene), backend, entry, Path(tmp) / "p.tif", DEFAULT_CRS, SceneOptions()
+            )
             seconds = time.perf_counter() - started
-    return {"backend": name, "why": reason, "batch": backend.batch_size, "chips": result.chip_count,
-            "seconds": round(seconds, 3), "chips_per_s": round(result.chip_count / seconds, 1),
-            "network_thread_busy": round(backend.seconds / seconds, 3),
-            "gpu_busy": None if gpu.busy is None else round(gpu.busy, 3)}
+    return {
+        "backend": name,
+        "why": reason,
+        "batch": backend.batch_size,
+        "chips": result.chip_count,
+        "seconds": round(seconds, 3),
+        "chips_per_s": round(result.chip_count / seconds, 1),
+        "network_thread_busy": round(backend.seconds / seconds, 3),
+        "gpu_busy": None if gpu.busy is None else round(gpu.busy, 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -167,8 +193,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default=None)
     parser.add_argument("--backends", default="tensorrt,torch,onnxruntime")
     parser.add_argument("--batches", default="1,8,32,64")
-    parser.add_argument("--precision", default="fp16", choices=["fp16", "fp32"],
-                        help="TensorRT precision (torch on CUDA always uses FP16 autocast).")
+    parser.add_argument(
+        "--precision",
+        default="fp16",
+        choices=["fp16", "fp32"],
+        help="TensorRT precision (torch on CUDA always uses FP16 autocast).",
+    )
     parser.add_argument("--seconds", type=float, default=5.0, help="Minimum time per case.")
     parser.add_argument("--end-to-end", default="auto", help="Backend for the scene run; 'none' skips it.")
     parser.add_argument("--scene-width", type=int, default=16384)
@@ -177,8 +207,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     entry = resolve(args.model)
-    report = {"model": entry.spec, "precision": args.precision, **gpu_info(), "network": [],
-              "skipped": {}, "end_to_end": None}
+    report = {
+        "model": entry.spec,
+        "precision": args.precision,
+        **gpu_info(),
+        "network": [],
+        "skipped": {},
+        "end_to_end": None,
+    }
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}))
     for name in args.backends.split(","):
         if why := unavailable(name):

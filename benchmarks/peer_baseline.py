@@ -67,8 +67,9 @@ def peer_child(scene: str, spec: str) -> None:
             chip = ds.read(window=Window(w.col_off, w.row_off, 400, 400))
             p = session.run(None, {"chips": chip[None]})[0][0]
             p = p / np.float32(255.0) if p.dtype == np.uint8 else p
-            probability[int(w.row_off):int(w.row_off) + 400, int(w.col_off):int(w.col_off) + 400] = \
-                p[:min(400, ds.height - int(w.row_off)), :min(400, ds.width - int(w.col_off))]
+            probability[int(w.row_off) : int(w.row_off) + 400, int(w.col_off) : int(w.col_off) + 400] = p[
+                : min(400, ds.height - int(w.row_off)), : min(400, ds.width - int(w.col_off))
+            ]
         transform = ds.transform
     skeleton = skeletonize(probability >= entry.threshold)
     lines = []
@@ -80,9 +81,18 @@ def peer_child(scene: str, spec: str) -> None:
                 xs, ys = transform * (rc[:, 1] + 0.5, rc[:, 0] + 0.5)
                 lines.append(LineString(np.column_stack([xs, ys])))
     seconds = time.perf_counter() - started
-    print(json.dumps({"chips": len(windows), "seconds": seconds, "chips_per_s": len(windows) / seconds,
-                      "lines": len(lines), "graph": precision,
-                      "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "chips": len(windows),
+                "seconds": seconds,
+                "chips_per_s": len(windows) / seconds,
+                "lines": len(lines),
+                "graph": precision,
+                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def peer(scene: Path, spec: str) -> dict:
@@ -91,8 +101,9 @@ def peer(scene: Path, spec: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=None)
     parser.add_argument("--width", type=int, default=4096)
     parser.add_argument("--rows", type=int, default=6000, help="rows of the smaller scene")
@@ -108,21 +119,30 @@ def main() -> None:
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        scenes = {label: synthetic_scene(workdir / f"{label}.tif", args.width, rows)
-                  for label, rows in (("small", args.rows), ("large", 4 * args.rows))}
+        scenes = {
+            label: synthetic_scene(workdir / f"{label}.tif", args.width, rows)
+            for label, rows in (("small", args.rows), ("large", 4 * args.rows))
+        }
         for number in range(1, args.rounds + 1):  # interleaved: a slow spell lands on both
             for label, scene in scenes.items():
-                for who, run in (("crackmap", lambda s: end_to_end(s, spec, workdir)),
-                                 ("peer", lambda s: peer(s, spec))):
+                for who, run in (
+                    ("crackmap", lambda s: end_to_end(s, spec, workdir)),
+                    ("peer", lambda s: peer(s, spec)),
+                ):
                     result = run(scene)
                     runs.setdefault(f"{who} {label}", []).append(result)
-                    print(f"round {number}: {who} {label}: {result['chips_per_s']:.1f} chips/s, "
-                          f"{result['max_rss_mb']:.0f} MB", flush=True)
+                    print(
+                        f"round {number}: {who} {label}: {result['chips_per_s']:.1f} chips/s, "
+                        f"{result['max_rss_mb']:.0f} MB",
+                        flush=True,
+                    )
     for name, results in runs.items():
-        report[name] = {"chips": results[0]["chips"],
-                        "chips_per_s": round(statistics.median(r["chips_per_s"] for r in results), 1),
-                        "max_rss_mb": round(max(r["max_rss_mb"] for r in results)),
-                        "lines": results[0].get("cracks", results[0].get("lines"))}
+        report[name] = {
+            "chips": results[0]["chips"],
+            "chips_per_s": round(statistics.median(r["chips_per_s"] for r in results), 1),
+            "max_rss_mb": round(max(r["max_rss_mb"] for r in results)),
+            "lines": results[0].get("cracks", results[0].get("lines")),
+        }
     for label in ("small", "large"):
         c, p = report[f"crackmap {label}"], report[f"peer {label}"]
         report[f"{label}_speed_crackmap_over_peer"] = round(c["chips_per_s"] / p["chips_per_s"], 2)

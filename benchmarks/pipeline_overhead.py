@@ -42,8 +42,9 @@ def child(scene: str, out: str) -> None:
     started = time.perf_counter()
     result = detect_cracks(scene, FixedBackend(), resolve(), Path(out), DEFAULT_CRS, SceneOptions())
     seconds = time.perf_counter() - started
-    print(json.dumps({"chips": result.chip_count, "seconds": seconds, "cracks": len(result.cracks)}),
-          flush=True)
+    print(
+        json.dumps({"chips": result.chip_count, "seconds": seconds, "cracks": len(result.cracks)}), flush=True
+    )
 
 
 def in_flight_child(scenes: list[str], workdir: str) -> None:
@@ -58,18 +59,28 @@ def in_flight_child(scenes: list[str], workdir: str) -> None:
     rates = {}
     for in_flight in (1, len(scenes)):
         started = time.perf_counter()
-        results = map_scenes(scenes, FixedBackend(), resolve(),
-                             lambda uri, n=in_flight: Path(workdir) / f"f{n}-{Path(uri).stem}.tif",
-                             DEFAULT_CRS, in_flight=in_flight)
+        results = map_scenes(
+            scenes,
+            FixedBackend(),
+            resolve(),
+            lambda uri, n=in_flight: Path(workdir) / f"f{n}-{Path(uri).stem}.tif",
+            DEFAULT_CRS,
+            in_flight=in_flight,
+        )
         rates[in_flight] = sum(r.chip_count for r in results) / (time.perf_counter() - started)
     print(json.dumps(rates), flush=True)
 
 
 def run_workers(scenes: list[Path], workdir: Path) -> dict:
-    procs = [subprocess.Popen([sys.executable, __file__, "--child", str(scene),
-                               "--out", str(workdir / f"p{i}.tif")],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-             for i, scene in enumerate(scenes)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--child", str(scene), "--out", str(workdir / f"p{i}.tif")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i, scene in enumerate(scenes)
+    ]
     for p in procs:
         assert p.stdout.readline().strip() == "ready"
     started = time.perf_counter()
@@ -81,13 +92,19 @@ def run_workers(scenes: list[Path], workdir: Path) -> dict:
     for p in procs:
         p.wait()
     chips = sum(r["chips"] for r in results)
-    return {"workers": len(scenes), "chips": chips, "wall_s": wall, "chips_per_s": chips / wall,
-            "cracks": [r["cracks"] for r in results]}
+    return {
+        "workers": len(scenes),
+        "chips": chips,
+        "wall_s": wall,
+        "chips_per_s": chips / wall,
+        "cracks": [r["cracks"] for r in results],
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--width", type=int, default=4096)
     parser.add_argument("--rows", type=int, default=24000)
     parser.add_argument("--rounds", type=int, default=3)
@@ -111,21 +128,38 @@ def main() -> None:
             for workers in (1, 2):
                 result = run_workers(scenes[:workers], workdir)
                 rates[workers].append(result["chips_per_s"])
-                print(f"round {number}: {workers} worker(s): {result['chips_per_s']:.0f} chips/s "
-                      f"({result['chips']} chips in {result['wall_s']:.1f} s)", flush=True)
-            out = subprocess.run([sys.executable, __file__, "--in-flight-child", *map(str, scenes),
-                                  "--out", str(workdir)], check=True, capture_output=True, text=True)
+                print(
+                    f"round {number}: {workers} worker(s): {result['chips_per_s']:.0f} chips/s "
+                    f"({result['chips']} chips in {result['wall_s']:.1f} s)",
+                    flush=True,
+                )
+            out = subprocess.run(
+                [sys.executable, __file__, "--in-flight-child", *map(str, scenes), "--out", str(workdir)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             for key, rate in json.loads(out.stdout.splitlines()[-1]).items():
                 flights[key].append(rate)
-            print(f"round {number}: one worker, scenes in flight 1 / 2: "
-                  f"{flights['1'][-1]:.0f} / {flights['2'][-1]:.0f} chips/s", flush=True)
-    report = {"machine": machine(), "scene": {"width": args.width, "height": args.rows},
-              "rounds": args.rounds,
-              "chips_per_s": {f"{w}_workers": round(statistics.median(r), 1) for w, r in rates.items()},
-              "per_round": {f"{w}_workers": [round(v, 1) for v in r] for w, r in rates.items()}}
+            print(
+                f"round {number}: one worker, scenes in flight 1 / 2: "
+                f"{flights['1'][-1]:.0f} / {flights['2'][-1]:.0f} chips/s",
+                flush=True,
+            )
+    report = {
+        "machine": machine(),
+        "scene": {"width": args.width, "height": args.rows},
+        "rounds": args.rounds,
+        "chips_per_s": {f"{w}_workers": round(statistics.median(r), 1) for w, r in rates.items()},
+        "per_round": {f"{w}_workers": [round(v, 1) for v in r] for w, r in rates.items()},
+    }
     report["two_over_one"] = round(statistics.median(rates[2]) / statistics.median(rates[1]), 2)
-    report["one_worker_in_flight_chips_per_s"] = {k: round(statistics.median(v), 1) for k, v in flights.items()}
-    report["in_flight_two_over_one"] = round(statistics.median(flights["2"]) / statistics.median(flights["1"]), 2)
+    report["one_worker_in_flight_chips_per_s"] = {
+        k: round(statistics.median(v), 1) for k, v in flights.items()
+    }
+    report["in_flight_two_over_one"] = round(
+        statistics.median(flights["2"]) / statistics.median(flights["1"]), 2
+    )
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

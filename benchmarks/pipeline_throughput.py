@@ -21,8 +21,8 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,11 +48,24 @@ def synthetic_scene(path: Path, width: int, height: int, seed: int = 0, compress
     shows how much of the end-to-end time is decoding.
     """
     rng = np.random.default_rng(seed)
-    codec = {"jpeg": dict(compress="jpeg", photometric="ycbcr"), "deflate": dict(compress="deflate"),
-             "none": {}}[compress]
-    profile = dict(driver="GTiff", width=width, height=height, count=3, dtype="uint8",
-                   crs="EPSG:32633", transform=from_origin(431250, 5652300, 0.0015, 0.0015),
-                   tiled=True, blockxsize=512, blockysize=512, **codec)
+    codec = {
+        "jpeg": dict(compress="jpeg", photometric="ycbcr"),
+        "deflate": dict(compress="deflate"),
+        "none": {},
+    }[compress]
+    profile = dict(
+        driver="GTiff",
+        width=width,
+        height=height,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(431250, 5652300, 0.0015, 0.0015),
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        **codec,
+    )
     with rasterio.open(path, "w", **profile) as ds:
         for row in range(0, height, 1024):
             rows = min(1024, height - row)
@@ -61,7 +74,7 @@ def synthetic_scene(path: Path, width: int, height: int, seed: int = 0, compress
                 col = rng.integers(100, width - 100)
                 offsets = np.cumsum(rng.integers(-1, 2, rows)) + col
                 for r, c in enumerate(np.clip(offsets, 2, width - 3)):
-                    grey[r, c - 2:c + 2] = 35
+                    grey[r, c - 2 : c + 2] = 35
             ds.write(np.repeat(grey.astype(np.uint8)[None], 3, axis=0), window=Window(0, row, width, rows))
     return path
 
@@ -82,7 +95,6 @@ def end_to_end_child(scene: str, spec: str, out: str) -> None:
     """Run in a fresh process: map one scene, print JSON with chips/s and peak RSS."""
     from pipeline.scene import SceneOptions, detect_cracks
     from pipeline.stores import DEFAULT_CRS
-
     from pipeline.vectorize import warm_up
 
     entry = resolve(spec)
@@ -92,31 +104,56 @@ def end_to_end_child(scene: str, spec: str, out: str) -> None:
     started = time.perf_counter()
     result = detect_cracks(scene, backend, entry, Path(out), DEFAULT_CRS, SceneOptions())
     seconds = time.perf_counter() - started
-    print(json.dumps({"chips": result.chip_count, "seconds": seconds,
-                      "chips_per_s": result.chip_count / seconds, "cracks": len(result.cracks),
-                      "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "chips": result.chip_count,
+                "seconds": seconds,
+                "chips_per_s": result.chip_count / seconds,
+                "cracks": len(result.cracks),
+                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def end_to_end(scene: Path, spec: str, workdir: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(scene), "--model", spec,
-           "--out", str(workdir / f"{scene.stem}-probability.tif")]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(scene),
+        "--model",
+        spec,
+        "--out",
+        str(workdir / f"{scene.stem}-probability.tif"),
+    ]
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
+    with open("/proc/cpuinfo") as info:
+        cpu = next(
+            (line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
+            platform.processor(),
+        )
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=None)
     parser.add_argument("--width", type=int, default=4096)
     parser.add_argument("--rows", type=int, default=12000, help="rows of the smaller scene")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of all measurements (medians)")
-    parser.add_argument("--compress", choices=("jpeg", "deflate", "none"), default="jpeg",
-                        help="compression of the synthetic scenes")
+    parser.add_argument(
+        "--compress",
+        choices=("jpeg", "deflate", "none"),
+        default="jpeg",
+        help="compression of the synthetic scenes",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -127,13 +164,20 @@ def main() -> None:
         return
     from pipeline.precision import cpu_graph
 
-    report = {"machine": machine(), "model": spec, "rounds": args.rounds, "scene_compression": args.compress,
-              "onnxruntime_graph": cpu_graph(resolve(spec))[1]}  # fp32 or int8, as the backend picks
+    report = {
+        "machine": machine(),
+        "model": spec,
+        "rounds": args.rounds,
+        "scene_compression": args.compress,
+        "onnxruntime_graph": cpu_graph(resolve(spec))[1],
+    }  # fp32 or int8, as the backend picks
     rounds: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        scenes = {label: synthetic_scene(workdir / f"{label}.tif", args.width, rows, compress=args.compress)
-                  for label, rows in (("small", args.rows), ("large", 4 * args.rows))}
+        scenes = {
+            label: synthetic_scene(workdir / f"{label}.tif", args.width, rows, compress=args.compress)
+            for label, rows in (("small", args.rows), ("large", 4 * args.rows))
+        }
         # Rounds alternate model-only and end-to-end runs, so that a slow spell of a shared
         # machine lands on both; figures are medians over the rounds.
         for number in range(1, args.rounds + 1):
@@ -141,25 +185,36 @@ def main() -> None:
             for label, scene in scenes.items():
                 result[label] = end_to_end(scene, spec, workdir)
             result["ratio"] = result["large"]["chips_per_s"] / result["model_only"]["onnxruntime"]
-            print(f"round {number}: model only {result['model_only']}, small "
-                  f"{result['small']['chips_per_s']:.1f}, large {result['large']['chips_per_s']:.1f} "
-                  f"chips/s, ratio {result['ratio']:.3f}", flush=True)
+            print(
+                f"round {number}: model only {result['model_only']}, small "
+                f"{result['small']['chips_per_s']:.1f}, large {result['large']['chips_per_s']:.1f} "
+                f"chips/s, ratio {result['ratio']:.3f}",
+                flush=True,
+            )
             rounds.append(result)
     report["model_only_chips_per_s"] = {
         name: round(statistics.median(r["model_only"][name] for r in rounds), 1)
-        for name in ("onnxruntime", "torch")}
+        for name in ("onnxruntime", "torch")
+    }
     for label, rows in (("small", args.rows), ("large", 4 * args.rows)):
         runs = [r[label] for r in rounds]
-        report[label] = {"width": args.width, "height": rows,
-                         "chip_windows": len(chip_windows(args.width, rows)), "chips": runs[0]["chips"],
-                         "chips_per_s": round(statistics.median(r["chips_per_s"] for r in runs), 1),
-                         "cracks": runs[0]["cracks"],
-                         "max_rss_mb": round(max(r["max_rss_mb"] for r in runs), 1)}
+        report[label] = {
+            "width": args.width,
+            "height": rows,
+            "chip_windows": len(chip_windows(args.width, rows)),
+            "chips": runs[0]["chips"],
+            "chips_per_s": round(statistics.median(r["chips_per_s"] for r in runs), 1),
+            "cracks": runs[0]["cracks"],
+            "max_rss_mb": round(max(r["max_rss_mb"] for r in runs), 1),
+        }
     default = max(report["model_only_chips_per_s"], key=report["model_only_chips_per_s"].get)
     report["end_to_end_over_model_only"] = round(
-        report["large"]["chips_per_s"] / report["model_only_chips_per_s"]["onnxruntime"], 3)
+        report["large"]["chips_per_s"] / report["model_only_chips_per_s"]["onnxruntime"], 3
+    )
     report["ratio_per_round"] = [round(r["ratio"], 3) for r in rounds]
-    report["memory_large_over_small"] = round(report["large"]["max_rss_mb"] / report["small"]["max_rss_mb"], 3)
+    report["memory_large_over_small"] = round(
+        report["large"]["max_rss_mb"] / report["small"]["max_rss_mb"], 3
+    )
     report["fastest_cpu_backend"] = default
     print(json.dumps(report, indent=2))
     if args.json:

@@ -42,8 +42,11 @@ def start_server() -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(300):
         try:
             socket.create_connection(("127.0.0.1", port), 0.2).close()
@@ -57,8 +60,17 @@ def make_scene(folder: Path, width: int, height: int) -> Path:
     rng = np.random.default_rng(0)
     pixels = rng.integers(90, 200, (3, height, width), dtype=np.uint8)
     plain, cog = folder / "plain.tif", folder / "scene.tif"
-    with rasterio.open(plain, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(5e5, 5.6e6, 0.002, 0.002)) as ds:
+    with rasterio.open(
+        plain,
+        "w",
+        driver="GTiff",
+        width=width,
+        height=height,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(5e5, 5.6e6, 0.002, 0.002),
+    ) as ds:
         ds.write(pixels)
     rasterio.shutil.copy(plain, cog, driver="COG", compress="deflate", blocksize=512)
     return cog
@@ -89,8 +101,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     server, url = start_server()
-    os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                      AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ENDPOINT_URL=url,
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     try:
         with tempfile.TemporaryDirectory() as tmp:
             scene = make_scene(Path(tmp), args.width, args.height)
@@ -101,13 +117,16 @@ def main() -> None:
             local_s, chips = best_of(args.repeat, str(scene), None)
             rows = [("local disk", local_s)]
             for method in ("gdal", "fsspec"):
-                rows.append((f"s3:// via {method}", best_of(args.repeat, "s3://bench/survey/scene.tif",
-                                                             method)[0]))
+                rows.append(
+                    (f"s3:// via {method}", best_of(args.repeat, "s3://bench/survey/scene.tif", method)[0])
+                )
     finally:
         server.terminate()
         server.wait(10)
-    print(f"{args.width}x{args.height} RGB COG (deflate, 512 px blocks, {size_mb:.1f} MB), {chips} chips "
-          f"of 400 px; {cpu_model()}, {os.cpu_count()} cores; best of {args.repeat}")
+    print(
+        f"{args.width}x{args.height} RGB COG (deflate, 512 px blocks, {size_mb:.1f} MB), {chips} chips "
+        f"of 400 px; {cpu_model()}, {os.cpu_count()} cores; best of {args.repeat}"
+    )
     print("| source | seconds | vs local |")
     print("|---|---|---|")
     for name, seconds in rows:

@@ -51,13 +51,18 @@ def roads(km: float, count: int) -> list[shapely.LineString]:
     """``count`` roads of ``km / count`` each, gently curved (a 200 m sine), 1 km apart."""
     length = km * 1000 / count
     x = np.linspace(0, length, max(int(length / 5), 2))
-    return [shapely.LineString(np.column_stack([500000 + x, 5500000 + 1000 * i + 20 * np.sin(x / 200)]))
-            for i in range(count)]
+    return [
+        shapely.LineString(np.column_stack([500000 + x, 5500000 + 1000 * i + 20 * np.sin(x / 200)]))
+        for i in range(count)
+    ]
 
 
 def scenes(lines: list[shapely.LineString], scene_m: float) -> list[shapely.Polygon]:
-    return [shapely.buffer(substring(line, a, min(a + scene_m, line.length)), 2.0, cap_style="flat")
-            for line in lines for a in np.arange(0, line.length, scene_m)]
+    return [
+        shapely.buffer(substring(line, a, min(a + scene_m, line.length)), 2.0, cap_style="flat")
+        for line in lines
+        for a in np.arange(0, line.length, scene_m)
+    ]
 
 
 def crack_lines(footprints: list[shapely.Polygon], total: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -80,7 +85,10 @@ def crack_lines(footprints: list[shapely.Polygon], total: int, rng: np.random.Ge
             pick = vertices == k
             t = np.arange(k)[None, :, None] * step[pick, None, None]
             wiggle = rng.normal(0, 0.02, (pick.sum(), k, 2))
-            xy = start[pick, None, :] + t * np.stack([np.cos(angle[pick]), np.sin(angle[pick])], -1)[:, None, :]
+            xy = (
+                start[pick, None, :]
+                + t * np.stack([np.cos(angle[pick]), np.sin(angle[pick])], -1)[:, None, :]
+            )
             coords.append(xy + wiggle)
             parts.append(k)
         out.append(np.concatenate([shapely.linestrings(c) for c in coords]))
@@ -89,9 +97,15 @@ def crack_lines(footprints: list[shapely.Polygon], total: int, rng: np.random.Ge
 
 def write_network(lines: list[shapely.LineString], folder: Path) -> str:
     network = folder / "roads.gpkg"
-    pyogrio.raw.write(str(network), shapely.to_wkb(np.array(lines, dtype=object)),
-                      field_data=[np.array([f"R{i:03d}" for i in range(len(lines))], dtype=object)],
-                      fields=["road_id"], crs=UTM, geometry_type="LineString", driver="GPKG")
+    pyogrio.raw.write(
+        str(network),
+        shapely.to_wkb(np.array(lines, dtype=object)),
+        field_data=[np.array([f"R{i:03d}" for i in range(len(lines))], dtype=object)],
+        fields=["road_id"],
+        crs=UTM,
+        geometry_type="LineString",
+        driver="GPKG",
+    )
     return str(network)
 
 
@@ -108,16 +122,37 @@ def build(url: str, km: float, road_count: int, total: int, scene_m: float, fold
     for i, (footprint, cracks) in enumerate(zip(footprints, crack_lines(footprints, total, rng))):
         lonlat = projection.transform(cracks, UTM, "EPSG:4326")
         length = shapely.length(cracks)
-        records = tuple(CrackLine(g, float(m), 3.0, 5.0, 0.0, 0.8, "low", crack_type="diagonal", theta_deg=45.0,
-                                   chord_m=float(m), tortuosity=1.0)
-                        for g, m in zip(lonlat, length))
-        scene = Scene(f"bench/{i}.tif", f"s{i:05d}", 1000, 1000, 3, "uint8", CRS.from_string(UTM), Affine.identity())
-        store.publish(SceneResult(scene, records, projection.transform([footprint], UTM, "EPSG:4326")[0], 1,
-                                  "p.tif", 0.0, "x"), RUN)
+        records = tuple(
+            CrackLine(
+                g,
+                float(m),
+                3.0,
+                5.0,
+                0.0,
+                0.8,
+                "low",
+                crack_type="diagonal",
+                theta_deg=45.0,
+                chord_m=float(m),
+                tortuosity=1.0,
+            )
+            for g, m in zip(lonlat, length)
+        )
+        scene = Scene(
+            f"bench/{i}.tif", f"s{i:05d}", 1000, 1000, 3, "uint8", CRS.from_string(UTM), Affine.identity()
+        )
+        store.publish(
+            SceneResult(
+                scene, records, projection.transform([footprint], UTM, "EPSG:4326")[0], 1, "p.tif", 0.0, "x"
+            ),
+            RUN,
+        )
         published += len(records)
     store.close()
-    print(f"built: {km:g} km in {road_count} roads, {len(footprints)} scenes, {published} cracks "
-          f"({time.perf_counter() - started:.0f} s to publish)")
+    print(
+        f"built: {km:g} km in {road_count} roads, {len(footprints)} scenes, {published} cracks "
+        f"({time.perf_counter() - started:.0f} s to publish)"
+    )
     return network
 
 
@@ -139,9 +174,14 @@ def main() -> None:
     parser.add_argument("--cracks", type=int, default=1_000_000)
     parser.add_argument("--scene-m", type=float, default=50.0)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--profile", action="store_true", help="print the slowest functions of the last round")
-    parser.add_argument("--reuse", action="store_true",
-                        help="use the survey an earlier run with the same --km/--roads/--cracks left in --url")
+    parser.add_argument(
+        "--profile", action="store_true", help="print the slowest functions of the last round"
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="use the survey an earlier run with the same --km/--roads/--cracks left in --url",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.reuse:
@@ -163,14 +203,18 @@ def main() -> None:
             cpu = time.process_time() - cpu
             server = None if server is None else server_cpu_s(store) - server
             store.close()
-            print(f"round {k + 1}: {times[-1]:.1f} s wall, {cpu:.1f} s CPU in this process, "
-                  + ("PostGIS backend CPU not readable" if server is None else f"{server:.1f} s CPU in PostGIS")
-                  + f", load average {load:.1f}, {sum(r['level'] == 'section' for r in report.rows)} "
-                  f"sections, {report.located} of {report.cracks} cracks located")
+            print(
+                f"round {k + 1}: {times[-1]:.1f} s wall, {cpu:.1f} s CPU in this process, "
+                + ("PostGIS backend CPU not readable" if server is None else f"{server:.1f} s CPU in PostGIS")
+                + f", load average {load:.1f}, {sum(r['level'] == 'section' for r in report.rows)} "
+                f"sections, {report.located} of {report.cracks} cracks located"
+            )
             if profile:
                 pstats.Stats(profile).sort_stats("cumulative").print_stats(25)
-    print(f"sections, {args.km:g} km, {args.cracks} cracks, PostGIS: median {statistics.median(times):.1f} s "
-          f"over {len(times)} rounds (target 60 s)")
+    print(
+        f"sections, {args.km:g} km, {args.cracks} cracks, PostGIS: median {statistics.median(times):.1f} s "
+        f"over {len(times)} rounds (target 60 s)"
+    )
 
 
 if __name__ == "__main__":

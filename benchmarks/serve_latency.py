@@ -46,8 +46,10 @@ def load(url: str, cracks: int) -> float:
         migrate(con)
         con.execute("INSERT INTO surveys VALUES ('bench') ON CONFLICT DO NOTHING")
         con.execute("INSERT INTO models VALUES ('bench-model', '1.0.0', 'x') ON CONFLICT DO NOTHING")
-        con.execute("INSERT INTO runs (run_id, survey_id, model_name, model_version) "
-                    "VALUES ('run-1', 'bench', 'bench-model', '1.0.0') ON CONFLICT DO NOTHING")
+        con.execute(
+            "INSERT INTO runs (run_id, survey_id, model_name, model_version) "
+            "VALUES ('run-1', 'bench', 'bench-model', '1.0.0') ON CONFLICT DO NOTHING"
+        )
         con.execute(f"""INSERT INTO scenes (survey_id, scene_id, model_name, model_version, model_sha256,
                 run_id,
                 source_uri, status, processed_at, is_current, footprint)
@@ -100,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     admin = os.environ.get("CRACKMAP_PG_URL")
     if not admin:
-        sys.exit("start PostGIS first: eval \"$(infra/postgis.sh start /tmp/pg-bench)\"")
+        sys.exit('start PostGIS first: eval "$(infra/postgis.sh start /tmp/pg-bench)"')
     parts = conninfo_to_dict(admin)
     name = f"crackmap_bench_{secrets.token_hex(4)}"
     role, password = f"bench_viewer_{secrets.token_hex(4)}", secrets.token_hex(12)
@@ -116,9 +118,12 @@ def main() -> None:
         port = free_port()
         store = f"postgresql://{role}:{password}@{parts['host']}:{parts.get('port', 5432)}/{name}"
         started = time.perf_counter()
-        server = subprocess.Popen([sys.executable, "-c", "from flows.cli import main; main()", "serve", store,
-                                   "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [sys.executable, "-c", "from flows.cli import main; main()", "serve", store, "--port", str(port)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         root = f"http://127.0.0.1:{port}"
         while True:
             try:
@@ -148,19 +153,24 @@ def main() -> None:
             x, y = road_point()
             kind = kinds[i % len(kinds)]
             if kind == "items":
-                url = (f"{root}/ogc/collections/current_cracks/items?limit=100"
-                       f"&bbox={x},{y - 0.0002},{x + box_deg},{y + 0.0002}")
+                url = (
+                    f"{root}/ogc/collections/current_cracks/items?limit=100"
+                    f"&bbox={x},{y - 0.0002},{x + box_deg},{y + 0.0002}"
+                )
             else:
-                tile = tms.tile(x, y, int(kind[len("tiles z"):]))
-                url = (f"{root}/ogc/collections/current_cracks/tiles/WebMercatorQuad/"
-                       f"{tile.z}/{tile.x}/{tile.y}")
+                tile = tms.tile(x, y, int(kind[len("tiles z") :]))
+                url = (
+                    f"{root}/ogc/collections/current_cracks/tiles/WebMercatorQuad/{tile.z}/{tile.x}/{tile.y}"
+                )
             ms, size = timed(url)
             results[kind].append(ms)
             sizes[kind].append(size)
         for kind, values in results.items():
-            print(f"{kind:<9} n={len(values)}  p50 {statistics.median(values):6.1f} ms  "
-                  f"p95 {percentile(values, 0.95):6.1f} ms  max {max(values):6.1f} ms  "
-                  f"median size {statistics.median(sizes[kind]) / 1024:.1f} KiB")
+            print(
+                f"{kind:<9} n={len(values)}  p50 {statistics.median(values):6.1f} ms  "
+                f"p95 {percentile(values, 0.95):6.1f} ms  max {max(values):6.1f} ms  "
+                f"median size {statistics.median(sizes[kind]) / 1024:.1f} KiB"
+            )
     finally:
         if server is not None:
             server.terminate()

@@ -45,11 +45,27 @@ def scenes(count: int, cracks: int, vertices: int, seed: int = 0) -> list[SceneR
         walks = start + np.cumsum(rng.normal(0, 2e-6, (cracks, vertices, 2)), axis=1)
         lines = shapely.linestrings(walks)
         severity = rng.choice(["low", "medium", "high"], cracks)
-        scene = Scene(f"/bench/s{s}.tif", f"s{s}", 9000, 9000, 3, "uint8", CRS.from_epsg(32633),
-                      from_origin(500000.0, 5600000.0, 0.002, 0.002))
-        out.append(SceneResult(scene, tuple(CrackLine(g, 0.5, 4.0, 7.0, 33.0, 0.8, str(v))
-                                            for g, v in zip(lines, severity)),
-                               shapely.box(15.0, 50.0, 15.01, 50.01), 500, "/bench/p.tif", 0.0, "0" * 64))
+        scene = Scene(
+            f"/bench/s{s}.tif",
+            f"s{s}",
+            9000,
+            9000,
+            3,
+            "uint8",
+            CRS.from_epsg(32633),
+            from_origin(500000.0, 5600000.0, 0.002, 0.002),
+        )
+        out.append(
+            SceneResult(
+                scene,
+                tuple(CrackLine(g, 0.5, 4.0, 7.0, 33.0, 0.8, str(v)) for g, v in zip(lines, severity)),
+                shapely.box(15.0, 50.0, 15.01, 50.01),
+                500,
+                "/bench/p.tif",
+                0.0,
+                "0" * 64,
+            )
+        )
     return out
 
 
@@ -64,8 +80,13 @@ def load(url: str, results: list[SceneResult], label: str) -> dict:
             store.publish(r, run)
         timings.append(time.perf_counter() - started)
     store.close()
-    return {"store": label, "scenes": len(results), "crack_lines": lines,
-            "insert_lines_per_s": round(lines / timings[0]), "replace_lines_per_s": round(lines / timings[1])}
+    return {
+        "store": label,
+        "scenes": len(results),
+        "crack_lines": lines,
+        "insert_lines_per_s": round(lines / timings[0]),
+        "replace_lines_per_s": round(lines / timings[1]),
+    }
 
 
 def main() -> None:
@@ -80,7 +101,7 @@ def main() -> None:
     if admin := os.environ.get("CRACKMAP_PG_URL"):
         print(json.dumps({**machine, **load_postgis(admin, results)}))
     else:
-        print("CRACKMAP_PG_URL is not set: PostGIS skipped (eval \"$(infra/postgis.sh start)\")")
+        print('CRACKMAP_PG_URL is not set: PostGIS skipped (eval "$(infra/postgis.sh start)")')
 
 
 def load_gpkg(results: list[SceneResult]) -> dict:

@@ -73,18 +73,19 @@ GEOD = Geod(ellps="WGS84")
 class SceneSpec:
     name: str
     dataset: str
-    grid: tuple[int, int]          # rows, columns of images
+    grid: tuple[int, int]  # rows, columns of images
     crs: str
     pixel_m: float
-    origin: tuple[float, float]    # upper-left corner in the CRS (metres, or lon/lat for 4326)
-    collar_px: int = 0             # nodata border around the tiled images
+    origin: tuple[float, float]  # upper-left corner in the CRS (metres, or lon/lat for 4326)
+    collar_px: int = 0  # nodata border around the tiled images
 
 
 SCENES = (
     SceneSpec("paveseg-utm", "paveseg_preview", (2, 2), "EPSG:32633", 0.001, (431250.0, 5652300.0)),
     SceneSpec("gaps384-wgs84", "gaps384", (6, 6), "EPSG:4326", 0.001, (13.40, 52.52)),
-    SceneSpec("uav_crackx-nodata", "uav_crackx", (3, 3), "EPSG:32632", 0.0015, (690000.0, 5335000.0),
-              collar_px=120),
+    SceneSpec(
+        "uav_crackx-nodata", "uav_crackx", (3, 3), "EPSG:32632", 0.0015, (690000.0, 5335000.0), collar_px=120
+    ),
     SceneSpec("crack500-webmerc", "crack500", (5, 8), "EPSG:3857", 0.0008, (-8575000.0, 4705000.0)),
     SceneSpec("aiglern-lambert93", "aiglern", (3, 6), "EPSG:2154", 0.001, (652000.0, 6862000.0)),
 )
@@ -120,10 +121,10 @@ def build_scene(spec: SceneSpec, root: Path, out: Path) -> tuple[Path, np.ndarra
     truth = np.zeros(image.shape[:2], bool)
     for k, (pixels, mask) in enumerate(pairs):
         r, q = divmod(k, cols)
-        image[c + r * h:c + (r + 1) * h, c + q * w:c + (q + 1) * w] = pixels
-        truth[c + r * h:c + (r + 1) * h, c + q * w:c + (q + 1) * w] = mask
+        image[c + r * h : c + (r + 1) * h, c + q * w : c + (q + 1) * w] = pixels
+        truth[c + r * h : c + (r + 1) * h, c + q * w : c + (q + 1) * w] = mask
     valid = np.zeros(truth.shape, bool)
-    valid[c:truth.shape[0] - c, c:truth.shape[1] - c] = True
+    valid[c : truth.shape[0] - c, c : truth.shape[1] - c] = True
     if spec.crs == "EPSG:4326":
         lon, lat = spec.origin
         _, lat2, _ = GEOD.fwd(lon, lat, 180.0, spec.pixel_m)
@@ -139,9 +140,19 @@ def build_scene(spec: SceneSpec, root: Path, out: Path) -> tuple[Path, np.ndarra
             factor = np.cos(np.radians(lat))
         spacing = (spec.pixel_m * factor, spec.pixel_m * factor)
     path = out / f"{spec.name}.tif"
-    profile = dict(driver="GTiff", width=image.shape[1], height=image.shape[0], count=3, dtype="uint8",
-                   crs=spec.crs, transform=transform, tiled=True, blockxsize=256, blockysize=256,
-                   compress="deflate")
+    profile = dict(
+        driver="GTiff",
+        width=image.shape[1],
+        height=image.shape[0],
+        count=3,
+        dtype="uint8",
+        crs=spec.crs,
+        transform=transform,
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+        compress="deflate",
+    )
     with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", **profile) as ds:
         ds.write(np.moveaxis(image, 2, 0))
         if c:
@@ -172,9 +183,12 @@ def revectorize(result, params: VectorizeParams) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-root", type=Path,
-                        default=Path(os.environ.get("CRACKMAP_DATA", "../shared/data/cracks")))
-    parser.add_argument("--model", nargs="+", default=[None], help="NAME[:VERSION] (default: the default model)")
+    parser.add_argument(
+        "--data-root", type=Path, default=Path(os.environ.get("CRACKMAP_DATA", "../shared/data/cracks"))
+    )
+    parser.add_argument(
+        "--model", nargs="+", default=[None], help="NAME[:VERSION] (default: the default model)"
+    )
     parser.add_argument("--min-length-m", nargs="+", type=float, default=[0.0])
     parser.add_argument("--bridge-gap-px", nargs="+", type=float, default=[0.0])
     parser.add_argument("--tolerance-px", type=float, default=5.0)
@@ -195,21 +209,45 @@ def main(argv: list[str] | None = None) -> int:
         backend = load_backend(entry, "onnxruntime")
         for spec, path, truth, valid in scenes:
             started = time.perf_counter()
-            result = detect_cracks(str(path), backend, entry, args.out / f"{spec.name}.{entry.version}.prob.tif",
-                                   CRS.from_string(spec.crs), SceneOptions())
+            result = detect_cracks(
+                str(path),
+                backend,
+                entry,
+                args.out / f"{spec.name}.{entry.version}.prob.tif",
+                CRS.from_string(spec.crs),
+                SceneOptions(),
+            )
             base = SceneOptions().vectorize_params(entry)
             for min_length_m, gap_px in itertools.product(args.min_length_m, args.bridge_gap_px):
                 params = replace(base, min_length_m=min_length_m, bridge_gap_px=gap_px)
                 cracks = revectorize(result, params)
-                score = score_lines(lines_in_pixels(cracks, result.scene.transform),
-                                    sum(c.length_m for c in cracks), truth, args.tolerance_px, valid)
-                results.append({"model": entry.spec, "scene": spec.name, "min_length_m": min_length_m,
-                                "bridge_gap_px": gap_px, "cracks": len(cracks), **score.as_dict()})
-            print(f"{entry.spec} {spec.name}: {result.chip_count} chips in "
-                  f"{time.perf_counter() - started:.1f} s", flush=True)
+                score = score_lines(
+                    lines_in_pixels(cracks, result.scene.transform),
+                    sum(c.length_m for c in cracks),
+                    truth,
+                    args.tolerance_px,
+                    valid,
+                )
+                results.append(
+                    {
+                        "model": entry.spec,
+                        "scene": spec.name,
+                        "min_length_m": min_length_m,
+                        "bridge_gap_px": gap_px,
+                        "cracks": len(cracks),
+                        **score.as_dict(),
+                    }
+                )
+            print(
+                f"{entry.spec} {spec.name}: {result.chip_count} chips in "
+                f"{time.perf_counter() - started:.1f} s",
+                flush=True,
+            )
 
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"tolerance {args.tolerance_px:g} px\n")
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"tolerance {args.tolerance_px:g} px\n"
+    )
     print("| model | scene | min length m | bridge px | F1 | P | R | length ratio | thin | medium | wide |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
 
@@ -218,9 +256,11 @@ def main(argv: list[str] | None = None) -> int:
 
     for row in results:
         widths = row["length_ratio_by_width"]
-        print(f"| {row['model']} | {row['scene']} | {row['min_length_m']:g} | {row['bridge_gap_px']:g} | "
-              f"{row['f1']:.3f} | {row['precision']:.3f} | {row['recall']:.3f} | {row['length_ratio']:.2f} | "
-              f"{fmt(widths['thin'])} | {fmt(widths['medium'])} | {fmt(widths['wide'])} |")
+        print(
+            f"| {row['model']} | {row['scene']} | {row['min_length_m']:g} | {row['bridge_gap_px']:g} | "
+            f"{row['f1']:.3f} | {row['precision']:.3f} | {row['recall']:.3f} | {row['length_ratio']:.2f} | "
+            f"{fmt(widths['thin'])} | {fmt(widths['medium'])} | {fmt(widths['wide'])} |"
+        )
     setting = lambda row: (row["model"], row["min_length_m"], row["bridge_gap_px"])  # noqa: E731
     for key, group in itertools.groupby(sorted(results, key=setting), key=setting):
         group = list(group)

@@ -26,10 +26,16 @@ def main() -> None:
     lat, lon, _ = pymap3d.enu2geodetic(np.zeros(5), north, np.zeros(5), *START)
     road = shapely.LineString(np.column_stack([lon, lat]))
     OUT.unlink(missing_ok=True)
-    pyogrio.raw.write(str(OUT), shapely.to_wkb(np.array([road], dtype=object)),
-                      field_data=[np.array(["sample-road"], dtype=object), np.array([3.5]), np.array([1])],
-                      fields=["road_id", "width_m", "lanes"], crs="EPSG:4326", geometry_type="LineString",
-                      driver="GeoJSON", layer_options={"COORDINATE_PRECISION": 9})
+    pyogrio.raw.write(
+        str(OUT),
+        shapely.to_wkb(np.array([road], dtype=object)),
+        field_data=[np.array(["sample-road"], dtype=object), np.array([3.5]), np.array([1])],
+        fields=["road_id", "width_m", "lanes"],
+        crs="EPSG:4326",
+        geometry_type="LineString",
+        driver="GeoJSON",
+        layer_options={"COORDINATE_PRECISION": 9},
+    )
     print(f"{OUT}: {road.length:.6f} degrees")
 
 

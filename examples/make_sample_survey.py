@@ -38,8 +38,13 @@ CAMERA = {
     "image": {"width": 1280, "height": 1080},
     "intrinsics": {"fx": 1000.0, "fy": 1000.0, "cx": 639.5, "cy": 539.5},
     "distortion": [0.0, 0.0, 0.0, 0.0, 0.0],
-    "mounting": {"lever_arm_m": [0.0, 0.0, -1.5], "roll_deg": 0.0, "pitch_deg": -50.0, "yaw_deg": 0.0,
-                 "height_m": 1.5},
+    "mounting": {
+        "lever_arm_m": [0.0, 0.0, -1.5],
+        "roll_deg": 0.0,
+        "pitch_deg": -50.0,
+        "yaw_deg": 0.0,
+        "height_m": 1.5,
+    },
     "max_range_m": 12.0,
     "mask": "hood-mask.png",
 }
@@ -49,7 +54,8 @@ def exif_time(seconds: float) -> Image.Exif:
     exif = Image.Exif()
     ifd = exif.get_ifd(ExifTags.IFD.Exif)
     ifd[ExifTags.Base.DateTimeOriginal] = datetime.fromtimestamp(int(seconds), UTC).strftime(
-        "%Y:%m:%d %H:%M:%S")
+        "%Y:%m:%d %H:%M:%S"
+    )
     ifd[ExifTags.Base.SubsecTimeOriginal] = f"{round((seconds % 1) * 1000):03d}"
     return exif
 
@@ -58,8 +64,9 @@ def main(source: Path) -> None:
     OUT.mkdir(exist_ok=True)
     for old in OUT.glob("*.tif"):
         old.unlink()
-    (OUT / "camera.yaml").write_text("# NOMINAL camera model: see README.md in this folder.\n"
-                                     + yaml.safe_dump(CAMERA, sort_keys=False))
+    (OUT / "camera.yaml").write_text(
+        "# NOMINAL camera model: see README.md in this folder.\n" + yaml.safe_dump(CAMERA, sort_keys=False)
+    )
     mask = np.zeros((1080, 1280), np.uint8)
     mask[:HOOD_ROW] = 255
     Image.fromarray(mask).save(OUT / "hood-mask.png", optimize=True)

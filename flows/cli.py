@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import click
 from tqdm import tqdm
@@ -74,8 +74,10 @@ def orchestration_errors(*also: type[BaseException]):
         if verbose():
             traceback.print_exc()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        fail(f"the run could not be orchestrated ({type(exc).__name__}: {first}); "
-             "nothing was lost: run the same command again (crackmap -v shows the details)")
+        fail(
+            f"the run could not be orchestrated ({type(exc).__name__}: {first}); "
+            "nothing was lost: run the same command again (crackmap -v shows the details)"
+        )
 
 
 @contextlib.contextmanager
@@ -104,17 +106,32 @@ def interrupted(store: str, survey_id: str, model_spec: str | None, since: datet
         entry = resolve(model_spec)
         target = open_store(store)
         try:
-            rows = target.scenes(SceneSelection(survey_id=survey_id, since=since, model_name=entry.name,
-                                                model_version=entry.version, current_only=False))
+            rows = target.scenes(
+                SceneSelection(
+                    survey_id=survey_id,
+                    since=since,
+                    model_name=entry.name,
+                    model_version=entry.version,
+                    current_only=False,
+                )
+            )
         finally:
             target.close()
         finished = [r["scene_id"] for r in rows if r["status"] == "done"]
-        what = (f"{len(finished)} scenes finished in this run ({', '.join(finished[:10])}"
-                f"{', ...' if len(finished) > 10 else ''})" if finished else "no scene finished in this run")
+        what = (
+            f"{len(finished)} scenes finished in this run ({', '.join(finished[:10])}"
+            f"{', ...' if len(finished) > 10 else ''})"
+            if finished
+            else "no scene finished in this run"
+        )
     except Exception:  # the store itself is what failed: say what we can
         what = "the scenes finished so far are in the store"
-    click.secho(f"interrupted: {what}; nothing half-written was kept. Run the same command again to "
-                "resume (finished scenes are skipped).", fg="yellow", err=True)
+    click.secho(
+        f"interrupted: {what}; nothing half-written was kept. Run the same command again to "
+        "resume (finished scenes are skipped).",
+        fg="yellow",
+        err=True,
+    )
     raise Interrupted()
 
 
@@ -146,8 +163,10 @@ def summary_table(rows: list[SceneRow]) -> str:
     header = f"{'scene':<28} {'status':<7} {'chips':>6} {'cracks':>6} {'length m':>9} {'s':>7}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r.scene_id[:28]:<28} {r.status:<7} {r.chips:>6} {r.cracks:>6} "
-                     f"{r.length_m:>9.2f} {r.seconds:>7.1f}")
+        lines.append(
+            f"{r.scene_id[:28]:<28} {r.status:<7} {r.chips:>6} {r.cracks:>6} "
+            f"{r.length_m:>9.2f} {r.seconds:>7.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -174,65 +193,147 @@ def mapping_options(command):
     Only the options given go into the dict (the flow parameters stay short); the
     others keep their defaults (``pipeline.scene.MAPPING_OPTIONS``).
     """
+
     @functools.wraps(command)
-    def wrapper(*args, threshold=None, overlap_px=None, severity_mm=None, min_length_m=None,
-                bridge_gap_px=None, type_profile=None, **kwargs):
-        given = {"threshold": threshold, "overlap_px": overlap_px, "min_length_m": min_length_m,
-                 "bridge_gap_px": bridge_gap_px, "type_profile": type_profile}
+    def wrapper(
+        *args,
+        threshold=None,
+        overlap_px=None,
+        severity_mm=None,
+        min_length_m=None,
+        bridge_gap_px=None,
+        type_profile=None,
+        **kwargs,
+    ):
+        given = {
+            "threshold": threshold,
+            "overlap_px": overlap_px,
+            "min_length_m": min_length_m,
+            "bridge_gap_px": bridge_gap_px,
+            "type_profile": type_profile,
+        }
         if severity_mm:
             given |= {"severity_medium_mm": severity_mm[0], "severity_high_mm": severity_mm[1]}
         options = {k: v for k, v in given.items() if v is not None}
         return command(*args, options=options or None, **kwargs)
 
-    for option in reversed([
-        click.option("--threshold", type=float, default=None,
-                     help="Crack probability that seeds a crack (default: the model's calibrated threshold)."),
-        click.option("--overlap-px", type=int, default=None, help="Overlap of neighbouring chips (default 64)."),
-        click.option("--severity-mm", type=float, nargs=2, default=None, metavar="MEDIUM HIGH",
-                     help="Mean widths where severity becomes medium and high (default 6 19)."),
-        click.option("--min-length-m", type=float, default=None,
-                     help="Drop isolated lines shorter than this (default 0.025; 0 keeps all)."),
-        click.option("--bridge-gap-px", type=float, default=None,
-                     help="Join lines facing each other across a gap up to this (default 12; 0: off)."),
-        click.option("--profile", "type_profile", default=None, metavar="NAME",
-                     help="Crack-type angle profile: aashto-r85, strict-10 or loose-30 (default: "
-                          "$CRACKMAP_TYPE_PROFILE, else aashto-r85); the sections step uses it too."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--threshold",
+                type=float,
+                default=None,
+                help="Crack probability that seeds a crack (default: the model's calibrated threshold).",
+            ),
+            click.option(
+                "--overlap-px", type=int, default=None, help="Overlap of neighbouring chips (default 64)."
+            ),
+            click.option(
+                "--severity-mm",
+                type=float,
+                nargs=2,
+                default=None,
+                metavar="MEDIUM HIGH",
+                help="Mean widths where severity becomes medium and high (default 6 19).",
+            ),
+            click.option(
+                "--min-length-m",
+                type=float,
+                default=None,
+                help="Drop isolated lines shorter than this (default 0.025; 0 keeps all).",
+            ),
+            click.option(
+                "--bridge-gap-px",
+                type=float,
+                default=None,
+                help="Join lines facing each other across a gap up to this (default 12; 0: off).",
+            ),
+            click.option(
+                "--profile",
+                "type_profile",
+                default=None,
+                metavar="NAME",
+                help="Crack-type angle profile: aashto-r85, strict-10 or loose-30 (default: "
+                "$CRACKMAP_TYPE_PROFILE, else aashto-r85); the sections step uses it too.",
+            ),
+        ]
+    ):
         wrapper = option(wrapper)
     return wrapper
 
 
 @cli.command()
 @click.argument("sources", nargs=-1, required=True)
-@click.option("--store", required=True, help="GIS store for the crack map: a .gpkg path or a postgresql:// URL.")
+@click.option(
+    "--store", required=True, help="GIS store for the crack map: a .gpkg path or a postgresql:// URL."
+)
 @click.option("--survey", "survey_id", default=None, help="Survey id (default: the source folder name).")
-@click.option("--output", "output_dir", default=None,
-              help="Folder or storage URL prefix (s3://...) for probability rasters "
-                   "(default: beside a .gpkg store; required with PostGIS).")
-@click.option("--glob", "pattern", default=None,
-              help="Only scenes whose path under a folder or prefix matches, e.g. '**/*_rgb.tif'.")
-@click.option("--force", is_flag=True, help="Map scenes again even if unchanged since mapped "
-                                            "with this model version.")
-@click.option("--camera", default=None,
-              help="Camera file (YAML/JSON): SOURCES are survey frames (JPEG/PNG), not orthophotos. "
-                   "A source folder holding camera.yaml is a frame survey too.")
-@click.option("--trajectory", default=None,
-              help="Frame surveys: GNSS/IMU trajectory CSV (default: trajectory.csv in the source "
-                   "folder, else EXIF GPS in the frames).")
-@click.option("--frame-time", default="exif", show_default=True,
-              help="Frame surveys: where frame times come from: exif, name:REGEX (group t) or index:CSV.")
-@click.option("--max-gap-s", default=1.0, show_default=True,
-              help="Frame surveys: the longest trajectory gap a frame may fall in, seconds.")
-@click.option("--network", default=None, metavar="ROADS",
-              help="Road centrelines (any vector file pyogrio reads, field road_id): rate the survey's "
-                   "sections after mapping (default: $CRACKMAP_NETWORK).")
+@click.option(
+    "--output",
+    "output_dir",
+    default=None,
+    help="Folder or storage URL prefix (s3://...) for probability rasters "
+    "(default: beside a .gpkg store; required with PostGIS).",
+)
+@click.option(
+    "--glob",
+    "pattern",
+    default=None,
+    help="Only scenes whose path under a folder or prefix matches, e.g. '**/*_rgb.tif'.",
+)
+@click.option(
+    "--force", is_flag=True, help="Map scenes again even if unchanged since mapped with this model version."
+)
+@click.option(
+    "--camera",
+    default=None,
+    help="Camera file (YAML/JSON): SOURCES are survey frames (JPEG/PNG), not orthophotos. "
+    "A source folder holding camera.yaml is a frame survey too.",
+)
+@click.option(
+    "--trajectory",
+    default=None,
+    help="Frame surveys: GNSS/IMU trajectory CSV (default: trajectory.csv in the source "
+    "folder, else EXIF GPS in the frames).",
+)
+@click.option(
+    "--frame-time",
+    default="exif",
+    show_default=True,
+    help="Frame surveys: where frame times come from: exif, name:REGEX (group t) or index:CSV.",
+)
+@click.option(
+    "--max-gap-s",
+    default=1.0,
+    show_default=True,
+    help="Frame surveys: the longest trajectory gap a frame may fall in, seconds.",
+)
+@click.option(
+    "--network",
+    default=None,
+    metavar="ROADS",
+    help="Road centrelines (any vector file pyogrio reads, field road_id): rate the survey's "
+    "sections after mapping (default: $CRACKMAP_NETWORK).",
+)
 @model_option
 @backend_option
 @mapping_options
-def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir: str | None,
-        pattern: str | None, force: bool, camera: str | None, trajectory: str | None, frame_time: str,
-        max_gap_s: float, network: str | None, model_spec: str | None, backend: str,
-        options: dict | None = None) -> None:
+def run(
+    sources: tuple[str, ...],
+    store: str,
+    survey_id: str | None,
+    output_dir: str | None,
+    pattern: str | None,
+    force: bool,
+    camera: str | None,
+    trajectory: str | None,
+    frame_time: str,
+    max_gap_s: float,
+    network: str | None,
+    model_spec: str | None,
+    backend: str,
+    options: dict | None = None,
+) -> None:
     """Map the cracks of SOURCES into STORE.
 
     SOURCES are raster files, folders, globs or storage URL prefixes such as
@@ -258,15 +359,28 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
             bar = bars[scene_id] = tqdm(total=total, desc=scene_id[-24:], unit="chip")
         bar.update(done - bar.n)
 
-    run_started = datetime.now(timezone.utc)
+    run_started = datetime.now(UTC)
     try:
         with interruptible(), orchestration_errors(), prefect_api(lambda: warm_up(model_spec, backend)):
             try:
                 with progress.listening(show):
-                    state = process_survey(list(sources), store, survey_id, model_spec, backend,
-                                           output_dir, force, pattern, network=network, camera=camera,
-                                           trajectory=trajectory, frame_time=frame_time, max_gap_s=max_gap_s,
-                                           options=options, return_state=True)
+                    state = process_survey(
+                        list(sources),
+                        store,
+                        survey_id,
+                        model_spec,
+                        backend,
+                        output_dir,
+                        force,
+                        pattern,
+                        network=network,
+                        camera=camera,
+                        trajectory=trajectory,
+                        frame_time=frame_time,
+                        max_gap_s=max_gap_s,
+                        options=options,
+                        return_state=True,
+                    )
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report while the API still answers
                 for bar in bars.values():
                     bar.close()
@@ -285,10 +399,12 @@ def run(sources: tuple[str, ...], store: str, survey_id: str | None, output_dir:
     for r in rows:
         if r.status == "failed":
             click.secho(f"failed: {redact(r.error)}", fg="red", err=True)
-    click.echo(f"\n{len(done)}/{len(rows)} scenes, {sum(r.cracks for r in done)} cracks, "
-               f"{sum(r.length_m for r in done):.2f} m of cracks"
-               + (f", {skipped} unchanged and skipped" if skipped else "")
-               + f" in {time.perf_counter() - started:.1f} s -> {mask_url(store)}")
+    click.echo(
+        f"\n{len(done)}/{len(rows)} scenes, {sum(r.cracks for r in done)} cracks, "
+        f"{sum(r.length_m for r in done):.2f} m of cracks"
+        + (f", {skipped} unchanged and skipped" if skipped else "")
+        + f" in {time.perf_counter() - started:.1f} s -> {mask_url(store)}"
+    )
     if network := network or os.environ.get("CRACKMAP_NETWORK"):
         print_sections(store, survey_id or default_survey_id(list(sources)), network)
     sys.exit(0 if len(done) + skipped == len(rows) else 1)
@@ -308,14 +424,18 @@ def print_sections(store: str, survey_id: str, network: str) -> None:
 
 
 def changes_table(rows: list[dict]) -> str:
-    header = (f"{'scene':<28} {'status':<7} {'cracks old':>10} {'new':>6} {'length m old':>12} {'new':>9} "
-              f"{'low m':>13} {'medium m':>13} {'high m':>13}")
+    header = (
+        f"{'scene':<28} {'status':<7} {'cracks old':>10} {'new':>6} {'length m old':>12} {'new':>9} "
+        f"{'low m':>13} {'medium m':>13} {'high m':>13}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         by = "".join(f" {r[f'{s}_m_old']:>6.2f}>{r[f'{s}_m_new']:<6.2f}" for s in ("low", "medium", "high"))
-        lines.append(f"{(r['survey_id'] + '/' + r['scene_id'])[:28]:<28} {r['status']:<7} "
-                     f"{r['cracks_old']:>10} {r['cracks_new']:>6} {r['length_m_old']:>12.2f} "
-                     f"{r['length_m_new']:>9.2f}{by}")
+        lines.append(
+            f"{(r['survey_id'] + '/' + r['scene_id'])[:28]:<28} {r['status']:<7} "
+            f"{r['cracks_old']:>10} {r['cracks_new']:>6} {r['length_m_old']:>12.2f} "
+            f"{r['length_m_new']:>9.2f}{by}"
+        )
     return "\n".join(lines)
 
 
@@ -325,26 +445,62 @@ def changes_table(rows: list[dict]) -> str:
 @click.option("--survey", "survey_id", default=None, help="Only this survey's scenes.")
 @click.option("--since", default=None, help="Only scenes processed at or after this time (ISO 8601, UTC).")
 @click.option("--until", default=None, help="Only scenes processed at or before this time (ISO 8601, UTC).")
-@click.option("--bbox", nargs=4, type=float, default=None, metavar="MINX MINY MAXX MAXY",
-              help="Only scenes whose footprint intersects this box (store CRS).")
-@click.option("--from-model", default=None, metavar="NAME:VERSION",
-              help="Only scenes that currently show this model version.")
-@click.option("--output", "output_dir", default=None,
-              help="Folder or storage URL prefix for probability rasters (required with PostGIS).")
-@click.option("--deployment", "scene_deployment", default=None,
-              help="Run each scene as a run of this deployment (process-scene/process-scene) on its "
-                   "work pool (needs PREFECT_API_URL); default: in this process.")
+@click.option(
+    "--bbox",
+    nargs=4,
+    type=float,
+    default=None,
+    metavar="MINX MINY MAXX MAXY",
+    help="Only scenes whose footprint intersects this box (store CRS).",
+)
+@click.option(
+    "--from-model",
+    default=None,
+    metavar="NAME:VERSION",
+    help="Only scenes that currently show this model version.",
+)
+@click.option(
+    "--output",
+    "output_dir",
+    default=None,
+    help="Folder or storage URL prefix for probability rasters (required with PostGIS).",
+)
+@click.option(
+    "--deployment",
+    "scene_deployment",
+    default=None,
+    help="Run each scene as a run of this deployment (process-scene/process-scene) on its "
+    "work pool (needs PREFECT_API_URL); default: in this process.",
+)
 @click.option("--max-concurrent", default=4, show_default=True, help="Scene runs at once with --deployment.")
-@click.option("--scene-timeout", "scene_timeout_s", default=6 * 3600.0, show_default=True, metavar="SECONDS",
-              help="With --deployment, a scene run not finished after this long (no worker serving the "
-                   "pool?) is cancelled and the scene fails.")
+@click.option(
+    "--scene-timeout",
+    "scene_timeout_s",
+    default=6 * 3600.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --deployment, a scene run not finished after this long (no worker serving the "
+    "pool?) is cancelled and the scene fails.",
+)
 @click.option("--force", is_flag=True, help="Map scenes again even if already published with --model.")
 @backend_option
 @mapping_options
-def reprocess(store: str, model_spec: str, survey_id: str | None, since: str | None, until: str | None,
-              bbox: tuple[float, ...] | None, from_model: str | None, output_dir: str | None,
-              scene_deployment: str | None, max_concurrent: int, scene_timeout_s: float, force: bool,
-              backend: str, options: dict | None = None) -> None:
+def reprocess(
+    store: str,
+    model_spec: str,
+    survey_id: str | None,
+    since: str | None,
+    until: str | None,
+    bbox: tuple[float, ...] | None,
+    from_model: str | None,
+    output_dir: str | None,
+    scene_deployment: str | None,
+    max_concurrent: int,
+    scene_timeout_s: float,
+    force: bool,
+    backend: str,
+    options: dict | None = None,
+) -> None:
     """Map scenes already in STORE again with another model version and make it current.
 
     The old results stay in the store (crackmap query --model NAME:VERSION reads them);
@@ -366,13 +522,31 @@ def reprocess(store: str, model_spec: str, survey_id: str | None, since: str | N
 
     try:
         with interruptible(), orchestration_errors(ValueError), prefect_api(), progress.listening(show):
-            state = reprocess_flow(store, model_spec, survey_id, since, until, list(bbox) if bbox else None,
-                                   from_model, backend, output_dir, scene_deployment, max_concurrent, force,
-                                   scene_timeout_s, options, return_state=True)
+            state = reprocess_flow(
+                store,
+                model_spec,
+                survey_id,
+                since,
+                until,
+                list(bbox) if bbox else None,
+                from_model,
+                backend,
+                output_dir,
+                scene_deployment,
+                max_concurrent,
+                force,
+                scene_timeout_s,
+                options,
+                return_state=True,
+            )
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: scenes published so far stay unpromoted
         bar.close()
-        click.secho("interrupted: nothing half-written was kept; run the same command again to resume "
-                    "(scenes already mapped with the new version are skipped).", fg="yellow", err=True)
+        click.secho(
+            "interrupted: nothing half-written was kept; run the same command again to resume "
+            "(scenes already mapped with the new version are skipped).",
+            fg="yellow",
+            err=True,
+        )
         sys.exit(130)
     finally:
         bar.close()
@@ -384,16 +558,20 @@ def reprocess(store: str, model_spec: str, survey_id: str | None, since: str | N
         if r["status"] == "failed":
             click.secho(f"failed: {redact(r['error'])}", fg="red", err=True)
     ok = [r for r in rows if r["status"] != "failed"]
-    click.echo(f"\n{len(ok)}/{len(rows)} scenes now show {rows[0]['new_model'] if rows else model_spec}; "
-               f"cracks {sum(r['cracks_old'] for r in ok)} -> {sum(r['cracks_new'] for r in ok)}, "
-               f"{sum(r['length_m_old'] for r in ok):.2f} m -> {sum(r['length_m_new'] for r in ok):.2f} m")
+    click.echo(
+        f"\n{len(ok)}/{len(rows)} scenes now show {rows[0]['new_model'] if rows else model_spec}; "
+        f"cracks {sum(r['cracks_old'] for r in ok)} -> {sum(r['cracks_new'] for r in ok)}, "
+        f"{sum(r['length_m_old'] for r in ok):.2f} m -> {sum(r['length_m_new'] for r in ok):.2f} m"
+    )
     sys.exit(0 if len(ok) == len(rows) else 1)
 
 
 @cli.command()
-@click.option("--schedule/--no-schedule", default=None,
-              help="Register scheduled-survey-run (default: when CRACKMAP_SURVEY_SOURCES and CRACKMAP_STORE "
-                   "are set).")
+@click.option(
+    "--schedule/--no-schedule",
+    default=None,
+    help="Register scheduled-survey-run (default: when CRACKMAP_SURVEY_SOURCES and CRACKMAP_STORE are set).",
+)
 def deploy(schedule: bool | None) -> None:
     """Register the deployments with the Prefect server PREFECT_API_URL names.
 

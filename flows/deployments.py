@@ -25,8 +25,8 @@ from prefect.schedules import Cron
 
 from flows.settings import Settings
 from pipeline.ids import check_survey_id
-from pipeline.scene import SceneOptions
 from pipeline.redact import mask_url, password_of
+from pipeline.scene import SceneOptions
 
 SCENE_DEPLOYMENT = "process-scene/process-scene"
 
@@ -57,42 +57,76 @@ def deployments(config: Settings, with_schedule: bool | None = None) -> list[Run
     scene_job = scene_job_variables(config)
     found = [
         process_scene.to_deployment(
-            "process-scene", work_pool_name=config.gpu_pool, entrypoint_type=module,
-            job_variables=scene_job, tags=["crackmap", "gpu"],
-            description="Map one scene (the unit of work); GPU pool in production."),
+            "process-scene",
+            work_pool_name=config.gpu_pool,
+            entrypoint_type=module,
+            job_variables=scene_job,
+            tags=["crackmap", "gpu"],
+            description="Map one scene (the unit of work); GPU pool in production.",
+        ),
         reprocess.to_deployment(
-            "reprocess", work_pool_name=config.cpu_pool, entrypoint_type=module, tags=["crackmap"],
-            parameters={"scene_deployment": SCENE_DEPLOYMENT, "max_concurrent": config.scene_concurrency,
-                        "scene_timeout_s": config.scene_timeout_s, **({"output_dir": config.output} if config.output else {})},
-            description="Map selected scenes with another model version, promote it, report the changes."),
+            "reprocess",
+            work_pool_name=config.cpu_pool,
+            entrypoint_type=module,
+            tags=["crackmap"],
+            parameters={
+                "scene_deployment": SCENE_DEPLOYMENT,
+                "max_concurrent": config.scene_concurrency,
+                "scene_timeout_s": config.scene_timeout_s,
+                **({"output_dir": config.output} if config.output else {}),
+            },
+            description="Map selected scenes with another model version, promote it, report the changes.",
+        ),
     ]
     if with_schedule is None:
         with_schedule = bool(config.survey_sources and config.store)
     if with_schedule:
         if not (config.survey_sources and config.store):
-            raise ValueError("scheduled-survey-run needs CRACKMAP_SURVEY_SOURCES (a JSON list of folders "
-                             "or s3:// prefixes) and CRACKMAP_STORE")
+            raise ValueError(
+                "scheduled-survey-run needs CRACKMAP_SURVEY_SOURCES (a JSON list of folders "
+                "or s3:// prefixes) and CRACKMAP_STORE"
+            )
         if password_of(config.store):
-            raise ValueError(f"CRACKMAP_STORE {mask_url(config.store)} holds a password: deployment "
-                             "parameters are stored in Prefect's database. Remove it from the URL and give "
-                             "the workers PGPASSWORD or a ~/.pgpass file")
+            raise ValueError(
+                f"CRACKMAP_STORE {mask_url(config.store)} holds a password: deployment "
+                "parameters are stored in Prefect's database. Remove it from the URL and give "
+                "the workers PGPASSWORD or a ~/.pgpass file"
+            )
         if config.survey_id:
             check_survey_id(config.survey_id)
         options = dict(config.mapping_options)
         if "type_profile" in config.model_fields_set:  # CRACKMAP_TYPE_PROFILE: the runs' crack-type profile
             options["type_profile"] = config.type_profile
         SceneOptions.from_mapping(options)  # refused now, not at 2 a.m.
-        parameters = {"sources": config.survey_sources, "store": config.store,
-                      "scene_deployment": SCENE_DEPLOYMENT, "max_concurrent": config.scene_concurrency,
-                      "scene_timeout_s": config.scene_timeout_s}
-        parameters |= {k: v for k, v in (("output_dir", config.output), ("survey_id", config.survey_id),
-                                         ("model", config.model), ("network", config.network),
-                                         ("options", options)) if v}
-        found.append(process_survey.to_deployment(
-            "scheduled-survey-run", work_pool_name=config.cpu_pool, entrypoint_type=module,
-            schedules=[Cron(config.schedule_cron, timezone=config.schedule_timezone)],
-            parameters=parameters, tags=["crackmap"],
-            description="Discover new or changed scenes and map them (unchanged ones are skipped)."))
+        parameters = {
+            "sources": config.survey_sources,
+            "store": config.store,
+            "scene_deployment": SCENE_DEPLOYMENT,
+            "max_concurrent": config.scene_concurrency,
+            "scene_timeout_s": config.scene_timeout_s,
+        }
+        parameters |= {
+            k: v
+            for k, v in (
+                ("output_dir", config.output),
+                ("survey_id", config.survey_id),
+                ("model", config.model),
+                ("network", config.network),
+                ("options", options),
+            )
+            if v
+        }
+        found.append(
+            process_survey.to_deployment(
+                "scheduled-survey-run",
+                work_pool_name=config.cpu_pool,
+                entrypoint_type=module,
+                schedules=[Cron(config.schedule_cron, timezone=config.schedule_timezone)],
+                parameters=parameters,
+                tags=["crackmap"],
+                description="Discover new or changed scenes and map them (unchanged ones are skipped).",
+            )
+        )
     return found
 
 

@@ -49,13 +49,35 @@ def _server_class():
             import prefect
             from prefect.settings import get_current_settings
 
-            env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
-                   "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+            env = {
+                **os.environ,
+                **get_current_settings().to_environment_variables(exclude_unset=True),
+                "PREFECT_UI_ENABLED": "0",
+                "PREFECT__SERVER_EPHEMERAL": "1",
+                "PREFECT__SERVER_FINAL": "1",
+            }
             return subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
-                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--log-level", "error", "--lifespan", "on"],
-                env=env, start_new_session=True, preexec_fn=_die_with_parent)
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "--app-dir",
+                    str(prefect.__module_path__.parent),
+                    "--factory",
+                    "prefect.server.api.server:create_app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--log-level",
+                    "error",
+                    "--lifespan",
+                    "on",
+                ],
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
 
     return OwnedServer
 
@@ -119,7 +141,6 @@ def _drain_to(api_url: str) -> None:
     from prefect.logging.handlers import APILogWorker
 
     for service in (EventsWorker, APILogWorker):
-        try:
+        # best effort: what is left is Prefect's own bookkeeping, never a result
+        with contextlib.suppress(Exception):
             service.drain_all(timeout=DRAIN_TIMEOUT_S)
-        except Exception:  # best effort: what is left is Prefect's own bookkeeping, never a result
-            pass

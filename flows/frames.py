@@ -21,25 +21,45 @@ from flows.scene import SCENE_TIMEOUT_S, run_scenes
 from pipeline.errors import FrameError, PipelineError
 from pipeline.frames import FrameJob, FrameSurvey
 from pipeline.stores import SceneSelection, open_store
-from pipeline.survey import (RunSettings, SceneRow, SceneSource, load_frame_observation, map_frame_survey,
-                             observe_frame_job)
+from pipeline.survey import (
+    RunSettings,
+    SceneRow,
+    SceneSource,
+    load_frame_observation,
+    map_frame_survey,
+    observe_frame_job,
+)
 
-STORE_TASK = dict(retries=RETRIES, retry_delay_seconds=RETRY_DELAYS_S, retry_jitter_factor=RETRY_JITTER,
-                  retry_condition_fn=retry_transient)
+STORE_TASK = dict(
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS_S,
+    retry_jitter_factor=RETRY_JITTER,
+    retry_condition_fn=retry_transient,
+)
 
 
 @task(name="observe-frame", task_run_name="observe-frame-{job.frame_id}", **STORE_TASK)
 def observe_frame_task(job: FrameJob, settings: RunSettings) -> SceneRow:
     """One frame segmented and put on the ground (``pipeline.survey.observe_frame_job``); its row."""
     obs = observe_frame_job(job, settings)
-    return SceneRow(job.frame_id, "done", chips=obs.chip_count, seconds=round(obs.seconds, 2),
-                    probability=obs.probability_path)
+    return SceneRow(
+        job.frame_id,
+        "done",
+        chips=obs.chip_count,
+        seconds=round(obs.seconds, 2),
+        probability=obs.probability_path,
+    )
 
 
-def map_frames(frames: list[SceneSource], survey: FrameSurvey, settings: RunSettings,
-               scene_deployment: str | None = None, max_concurrent: int = 4,
-               on_finished: Callable[[SceneRow], None] = lambda row: None,
-               scene_timeout_s: float = SCENE_TIMEOUT_S) -> list[SceneRow]:
+def map_frames(
+    frames: list[SceneSource],
+    survey: FrameSurvey,
+    settings: RunSettings,
+    scene_deployment: str | None = None,
+    max_concurrent: int = 4,
+    on_finished: Callable[[SceneRow], None] = lambda row: None,
+    scene_timeout_s: float = SCENE_TIMEOUT_S,
+) -> list[SceneRow]:
     """Map a frame survey into ``settings.store`` (``pipeline.survey.map_frame_survey``); one row per frame.
 
     Called inside a parent flow.  With ``scene_deployment`` every frame that needs
@@ -52,9 +72,15 @@ def map_frames(frames: list[SceneSource], survey: FrameSurvey, settings: RunSett
         return task(map_frame_survey, name="map-frames")(frames, survey, settings)
 
     def observe(jobs: list[FrameJob]) -> Iterator[tuple[FrameJob, object]]:
-        rows = run_scenes([SceneSource(j.uri, j.frame_id, j.identity) for j in jobs], settings, scene_deployment,
-                          max_concurrent, on_finished=on_finished, scene_timeout_s=scene_timeout_s,
-                          frames={j.frame_id: j.parameters() for j in jobs})
+        rows = run_scenes(
+            [SceneSource(j.uri, j.frame_id, j.identity) for j in jobs],
+            settings,
+            scene_deployment,
+            max_concurrent,
+            on_finished=on_finished,
+            scene_timeout_s=scene_timeout_s,
+            frames={j.frame_id: j.parameters() for j in jobs},
+        )
         for job, row in zip(jobs, rows):
             if row.status == "failed":
                 yield job, PipelineError(row.error)  # it names the frame already

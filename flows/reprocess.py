@@ -26,9 +26,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
+from flows.artifacts import ArtifactProgress
 from flows.frames import map_frames, stored_frame_survey
 from flows.policy import RETRIES, RETRY_DELAYS_S, RETRY_JITTER, retry_transient
-from flows.artifacts import ArtifactProgress
 from flows.scene import SCENE_TIMEOUT_S, run_scenes, run_settings
 from models.registry import resolve
 from pipeline import progress
@@ -37,8 +37,12 @@ from pipeline.scene import SceneOptions
 from pipeline.stores import SEVERITIES, SceneSelection, open_store
 from pipeline.survey import SceneSource
 
-STORE_TASK = dict(retries=RETRIES, retry_delay_seconds=RETRY_DELAYS_S, retry_jitter_factor=RETRY_JITTER,
-                  retry_condition_fn=retry_transient)
+STORE_TASK = dict(
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS_S,
+    retry_jitter_factor=RETRY_JITTER,
+    retry_condition_fn=retry_transient,
+)
 
 
 def split_model(spec: str) -> tuple[str, str]:
@@ -72,8 +76,9 @@ def promote(store: str, survey_id: str, scene_ids: list[str], model_name: str, m
 
 
 @task(name="scene-summaries", **STORE_TASK)
-def summaries(store: str, survey_id: str, model_name: str, model_version: str,
-              scene_ids: list[str]) -> dict[str, dict]:
+def summaries(
+    store: str, survey_id: str, model_name: str, model_version: str, scene_ids: list[str]
+) -> dict[str, dict]:
     target = open_store(store)
     try:
         return target.scene_summaries(survey_id, model_name, model_version, scene_ids)
@@ -102,28 +107,48 @@ def change(old: dict | None, new: dict | None) -> dict:
 
 def changes_markdown(model: str, rows: list[dict]) -> str:
     done = [r for r in rows if r["status"] != "failed"]
-    lines = [f"# Reprocessed with {model}", "",
-             f"- scenes: {len(done)} of {len(rows)} now show {model}",
-             f"- cracks: {sum(r['cracks_old'] for r in done)} -> {sum(r['cracks_new'] for r in done)}",
-             f"- total crack length: {sum(r['length_m_old'] for r in done):.2f} m -> "
-             f"{sum(r['length_m_new'] for r in done):.2f} m", "",
-             "| survey | scene | from | cracks | length m | low m | medium m | high m |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Reprocessed with {model}",
+        "",
+        f"- scenes: {len(done)} of {len(rows)} now show {model}",
+        f"- cracks: {sum(r['cracks_old'] for r in done)} -> {sum(r['cracks_new'] for r in done)}",
+        f"- total crack length: {sum(r['length_m_old'] for r in done):.2f} m -> "
+        f"{sum(r['length_m_new'] for r in done):.2f} m",
+        "",
+        "| survey | scene | from | cracks | length m | low m | medium m | high m |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in done:
-        lines.append(f"| {r['survey_id']} | {r['scene_id']} | {r['old_model']} | "
-                     f"{r['cracks_old']} -> {r['cracks_new']} | {r['length_m_old']:.2f} -> "
-                     f"{r['length_m_new']:.2f} | " + " | ".join(
-                         f"{r[f'{s}_m_old']:.2f} -> {r[f'{s}_m_new']:.2f}" for s in SEVERITIES) + " |")
-    lines += [f"- FAILED {r['survey_id']}/{r['scene_id']}: {r['error']}" for r in rows if r["status"] == "failed"]
+        lines.append(
+            f"| {r['survey_id']} | {r['scene_id']} | {r['old_model']} | "
+            f"{r['cracks_old']} -> {r['cracks_new']} | {r['length_m_old']:.2f} -> "
+            f"{r['length_m_new']:.2f} | "
+            + " | ".join(f"{r[f'{s}_m_old']:.2f} -> {r[f'{s}_m_new']:.2f}" for s in SEVERITIES)
+            + " |"
+        )
+    lines += [
+        f"- FAILED {r['survey_id']}/{r['scene_id']}: {r['error']}" for r in rows if r["status"] == "failed"
+    ]
     return "\n".join(lines)
 
 
 @flow(name="reprocess", log_prints=True)
-def reprocess(store: str, model: str, survey_id: str | None = None, since: str | None = None,
-              until: str | None = None, bbox: list[float] | None = None, from_model: str | None = None,
-              backend: str = "auto", output_dir: str | None = None, scene_deployment: str | None = None,
-              max_concurrent: int = 4, force: bool = False, scene_timeout_s: float = SCENE_TIMEOUT_S,
-              options: dict | None = None):
+def reprocess(
+    store: str,
+    model: str,
+    survey_id: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    bbox: list[float] | None = None,
+    from_model: str | None = None,
+    backend: str = "auto",
+    output_dir: str | None = None,
+    scene_deployment: str | None = None,
+    max_concurrent: int = 4,
+    force: bool = False,
+    scene_timeout_s: float = SCENE_TIMEOUT_S,
+    options: dict | None = None,
+):
     """Map the selected scenes of ``store`` with ``model``, promote it, and report what changed.
 
     Args:
@@ -149,11 +174,19 @@ def reprocess(store: str, model: str, survey_id: str | None = None, since: str |
     old_name, old_version = split_model(from_model) if from_model else (None, None)
     if survey_id is not None:
         check_survey_id(survey_id)
-    selection = SceneSelection(survey_id=survey_id, since=since, until=until,
-                               bbox=tuple(bbox) if bbox else None, model_name=old_name,
-                               model_version=old_version)
-    selected = [s for s in select_scenes(store, selection) if s["status"] == "done"
-                and (s["model_name"], s["model_version"]) != (entry.name, entry.version)]
+    selection = SceneSelection(
+        survey_id=survey_id,
+        since=since,
+        until=until,
+        bbox=tuple(bbox) if bbox else None,
+        model_name=old_name,
+        model_version=old_version,
+    )
+    selected = [
+        s
+        for s in select_scenes(store, selection)
+        if s["status"] == "done" and (s["model_name"], s["model_version"]) != (entry.name, entry.version)
+    ]
     by_survey: dict[str, list[dict]] = defaultdict(list)
     for scene in selected:
         by_survey[scene["survey_id"]].append(scene)
@@ -162,37 +195,72 @@ def reprocess(store: str, model: str, survey_id: str | None = None, since: str |
     report: list[dict] = []
     with progress.listening(bar):
         for survey, scenes in by_survey.items():
-            settings = run_settings(store, survey, run_id, entry.spec, backend, output_dir, options, force,
-                                    promote=False)
+            settings = run_settings(
+                store, survey, run_id, entry.spec, backend, output_dir, options, force, promote=False
+            )
             frame_survey, frames = stored_frame_survey(store, survey)
             if frame_survey is not None:  # mapped whole: its frames' views of a crack are merged
                 scenes = frames
             sources = [SceneSource(s["source_uri"], s["scene_id"]) for s in scenes]
             if frame_survey is not None:
-                rows = map_frames(sources, frame_survey, settings, scene_deployment, max_concurrent,
-                                  on_finished=lambda row: bar.scene_finished(), scene_timeout_s=scene_timeout_s)
+                rows = map_frames(
+                    sources,
+                    frame_survey,
+                    settings,
+                    scene_deployment,
+                    max_concurrent,
+                    on_finished=lambda row: bar.scene_finished(),
+                    scene_timeout_s=scene_timeout_s,
+                )
             else:
-                rows = run_scenes(sources, settings, scene_deployment, max_concurrent,
-                                  on_finished=lambda row: bar.scene_finished(), scene_timeout_s=scene_timeout_s)
+                rows = run_scenes(
+                    sources,
+                    settings,
+                    scene_deployment,
+                    max_concurrent,
+                    on_finished=lambda row: bar.scene_finished(),
+                    scene_timeout_s=scene_timeout_s,
+                )
             ok = [r.scene_id for r in rows if r.status != "failed"]
             if ok:
                 promote(store, survey, ok, entry.name, entry.version)
             new = summaries(store, survey, entry.name, entry.version, ok)
             old_models = {(s["model_name"], s["model_version"]) for s in scenes}
-            old = {scene_id: summary for name, version in sorted(old_models)
-                   for scene_id, summary in summaries(
-                       store, survey, name, version,
-                       [s["scene_id"] for s in scenes if (s["model_name"], s["model_version"]) == (name, version)]
-                   ).items()}
+            old = {
+                scene_id: summary
+                for name, version in sorted(old_models)
+                for scene_id, summary in summaries(
+                    store,
+                    survey,
+                    name,
+                    version,
+                    [
+                        s["scene_id"]
+                        for s in scenes
+                        if (s["model_name"], s["model_version"]) == (name, version)
+                    ],
+                ).items()
+            }
             for scene, row in zip(scenes, rows):
                 scene_id = scene["scene_id"]
-                report.append({"survey_id": survey, "scene_id": scene_id, "status": row.status,
-                               "old_model": f"{scene['model_name']}:{scene['model_version']}",
-                               "new_model": entry.spec, **change(old.get(scene_id), new.get(scene_id)),
-                               "error": row.error})
-    create_table_artifact(report, key="reprocess-changes", description=f"Scenes reprocessed with {entry.spec}")
+                report.append(
+                    {
+                        "survey_id": survey,
+                        "scene_id": scene_id,
+                        "status": row.status,
+                        "old_model": f"{scene['model_name']}:{scene['model_version']}",
+                        "new_model": entry.spec,
+                        **change(old.get(scene_id), new.get(scene_id)),
+                        "error": row.error,
+                    }
+                )
+    create_table_artifact(
+        report, key="reprocess-changes", description=f"Scenes reprocessed with {entry.spec}"
+    )
     create_markdown_artifact(changes_markdown(entry.spec, report), key="reprocess-summary")
     failed = [f"{r['survey_id']}/{r['scene_id']}" for r in report if r["status"] == "failed"]
     if failed:
-        return Failed(message=f"{len(failed)} of {len(report)} scenes failed: {', '.join(failed)}", data=report)
+        return Failed(
+            message=f"{len(failed)} of {len(report)} scenes failed: {', '.join(failed)}", data=report
+        )
     return Completed(message=f"{len(report)} scenes now show {entry.spec}", data=report)

@@ -37,29 +37,63 @@ POLL_S = 2.0  # how often a parent looks at its process-scene runs
 SCENE_TIMEOUT_S = 6 * 3600.0  # a process-scene run not finished by then (no worker?) fails its scene
 
 
-@task(name="map-scene", task_run_name="map-scene-{source.scene_id}", retries=RETRIES,
-      retry_delay_seconds=RETRY_DELAYS_S, retry_jitter_factor=RETRY_JITTER,
-      retry_condition_fn=retry_transient)
+@task(
+    name="map-scene",
+    task_run_name="map-scene-{source.scene_id}",
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS_S,
+    retry_jitter_factor=RETRY_JITTER,
+    retry_condition_fn=retry_transient,
+)
 def map_scene_task(source: SceneSource, settings: RunSettings) -> SceneRow:
     return map_scene(source, settings)
 
 
-def run_settings(store: str, survey_id: str, run_id: str | None, model: str | None = None,
-                 backend: str = "auto", output_dir: str | None = None, options: dict | None = None,
-                 force: bool = False, promote: bool = True) -> RunSettings:
+def run_settings(
+    store: str,
+    survey_id: str,
+    run_id: str | None,
+    model: str | None = None,
+    backend: str = "auto",
+    output_dir: str | None = None,
+    options: dict | None = None,
+    force: bool = False,
+    promote: bool = True,
+) -> RunSettings:
     """A flow run's settings, resolved once (``RunSettings.resolve``): the run id defaults to this
     flow run's, the crack-type profile comes from CRACKMAP_TYPE_PROFILE (``flows.settings``)."""
     from flows.settings import Settings
 
-    return RunSettings.resolve(store, survey_id, run_id or str(flow_run.id or uuid.uuid4()), model, backend,
-                               output_dir, options, Settings().type_profile, force, promote)
+    return RunSettings.resolve(
+        store,
+        survey_id,
+        run_id or str(flow_run.id or uuid.uuid4()),
+        model,
+        backend,
+        output_dir,
+        options,
+        Settings().type_profile,
+        force,
+        promote,
+    )
 
 
 @flow(name="process-scene", log_prints=True)
-def process_scene(uri: str, scene_id: str, store: str, survey_id: str, model: str | None = None,
-                  run_id: str | None = None, backend: str = "auto", output_dir: str | None = None,
-                  force: bool = False, promote: bool = True, identity: str | None = None,
-                  options: dict | None = None, frame: dict | None = None):
+def process_scene(
+    uri: str,
+    scene_id: str,
+    store: str,
+    survey_id: str,
+    model: str | None = None,
+    run_id: str | None = None,
+    backend: str = "auto",
+    output_dir: str | None = None,
+    force: bool = False,
+    promote: bool = True,
+    identity: str | None = None,
+    options: dict | None = None,
+    frame: dict | None = None,
+):
     """Map one scene into ``store``: the unit of work, on whatever work pool runs it.
 
     Args:
@@ -90,8 +124,9 @@ def process_scene(uri: str, scene_id: str, store: str, survey_id: str, model: st
         with progress.listening(bar):
             row = observe_frame_task(FrameJob.from_parameters(uri, scene_id, identity, frame), settings)
         bar.scene_finished()
-        return Completed(message=f"observed: {scene_id}, {row.chips} chips (published by its survey run)",
-                         data=row)
+        return Completed(
+            message=f"observed: {scene_id}, {row.chips} chips (published by its survey run)", data=row
+        )
     with progress.listening(bar):
         row = map_scene_task(source, settings)
     bar.scene_finished()
@@ -99,8 +134,13 @@ def process_scene(uri: str, scene_id: str, store: str, survey_id: str, model: st
 
 
 @task(name="run-process-scene", task_run_name="process-scene-{source.scene_id}")
-def run_scene_deployment(deployment: str, source: SceneSource, settings: RunSettings,
-                         timeout_s: float = SCENE_TIMEOUT_S, frame: dict | None = None) -> SceneRow:
+def run_scene_deployment(
+    deployment: str,
+    source: SceneSource,
+    settings: RunSettings,
+    timeout_s: float = SCENE_TIMEOUT_S,
+    frame: dict | None = None,
+) -> SceneRow:
     """One scene as a ``process-scene`` run on the deployment's work pool; its row when it ends.
 
     The row's numbers are read back from the store (the one place every worker
@@ -112,16 +152,28 @@ def run_scene_deployment(deployment: str, source: SceneSource, settings: RunSett
     started = time.perf_counter()
     run = settings.run
     child = run_deployment(
-        deployment, timeout=timeout_s, poll_interval=min(POLL_S, max(timeout_s / 4, 0.1)),
+        deployment,
+        timeout=timeout_s,
+        poll_interval=min(POLL_S, max(timeout_s / 4, 0.1)),
         flow_run_name=f"{run.survey_id}/{source.scene_id}",
-        parameters={"uri": source.uri, "scene_id": source.scene_id, "store": settings.store,
-                    "survey_id": run.survey_id, "model": settings.model_spec, "run_id": run.run_id,
-                    "backend": settings.backend, "output_dir": settings.output_dir, "force": settings.force,
-                    "promote": settings.promote, "identity": source.identity,
-                    "options": settings.options_given, **({"frame": frame} if frame is not None else {})})
+        parameters={
+            "uri": source.uri,
+            "scene_id": source.scene_id,
+            "store": settings.store,
+            "survey_id": run.survey_id,
+            "model": settings.model_spec,
+            "run_id": run.run_id,
+            "backend": settings.backend,
+            "output_dir": settings.output_dir,
+            "force": settings.force,
+            "promote": settings.promote,
+            "identity": source.identity,
+            "options": settings.options_given,
+            **({"frame": frame} if frame is not None else {}),
+        },
+    )
     state = child.state
-    seconds = (child.total_run_time.total_seconds() if child.total_run_time
-               else time.perf_counter() - started)
+    seconds = child.total_run_time.total_seconds() if child.total_run_time else time.perf_counter() - started
     if state is not None and not state.is_final():
         return SceneRow.failed(source.scene_id, timed_out(child, source, timeout_s), seconds)
     if state is None or not state.is_completed():
@@ -130,16 +182,26 @@ def run_scene_deployment(deployment: str, source: SceneSource, settings: RunSett
     if frame is not None:
         return SceneRow(source.scene_id, "done", seconds=round(seconds, 2))
     with open_store(settings.store) as target:
-        summary = target.scene_summaries(run.survey_id, run.model_name, run.model_version,
-                                         [source.scene_id]).get(source.scene_id)
+        summary = target.scene_summaries(
+            run.survey_id, run.model_name, run.model_version, [source.scene_id]
+        ).get(source.scene_id)
     if summary is None:
-        return SceneRow.failed(source.scene_id, f"{source.uri}: process-scene run {child.id} completed "
-                                                f"but {mask_url(settings.store)} has no row for it", seconds)
+        return SceneRow.failed(
+            source.scene_id,
+            f"{source.uri}: process-scene run {child.id} completed "
+            f"but {mask_url(settings.store)} has no row for it",
+            seconds,
+        )
     skipped = (state.message or "").startswith("skipped")
-    return SceneRow(source.scene_id, "skipped" if skipped else "done",  # what is published
-                    summary["chip_count"], summary["crack_count"], round(summary["total_length_m"], 3),
-                    0.0 if skipped else round(seconds, 2),
-                    "" if skipped else probability_path(settings.output_dir, run, source.scene_id))
+    return SceneRow(
+        source.scene_id,
+        "skipped" if skipped else "done",  # what is published
+        summary["chip_count"],
+        summary["crack_count"],
+        round(summary["total_length_m"], 3),
+        0.0 if skipped else round(seconds, 2),
+        "" if skipped else probability_path(settings.output_dir, run, source.scene_id),
+    )
 
 
 def timed_out(child, source: SceneSource, timeout_s: float) -> str:
@@ -150,19 +212,28 @@ def timed_out(child, source: SceneSource, timeout_s: float) -> str:
     was = child.state.name if child.state else "unknown"
     try:
         with get_client(sync_client=True) as client:
-            client.set_flow_run_state(child.id, Cancelled(message=f"not finished after {timeout_s:g} s"),
-                                      force=True)
+            client.set_flow_run_state(
+                child.id, Cancelled(message=f"not finished after {timeout_s:g} s"), force=True
+            )
     except Exception as exc:  # the message below still says what happened
         log.warning("could not cancel process-scene run %s: %s", child.id, exc)
     pool = child.work_pool_name or "its work pool"
-    return (f"{source.uri}: process-scene run {child.name} was still {was} after {timeout_s:g} s and was "
-            f"cancelled; is a worker serving {pool}? (prefect worker start --pool {pool}); "
-            "run again to map it (the limit: CRACKMAP_SCENE_TIMEOUT_S for deployments, --scene-timeout)")
+    return (
+        f"{source.uri}: process-scene run {child.name} was still {was} after {timeout_s:g} s and was "
+        f"cancelled; is a worker serving {pool}? (prefect worker start --pool {pool}); "
+        "run again to map it (the limit: CRACKMAP_SCENE_TIMEOUT_S for deployments, --scene-timeout)"
+    )
 
 
-def run_scenes(scenes: list[SceneSource], settings: RunSettings, scene_deployment: str | None = None,
-               max_concurrent: int = 4, on_finished: Callable[[SceneRow], None] = lambda row: None,
-               scene_timeout_s: float = SCENE_TIMEOUT_S, frames: dict[str, dict] | None = None) -> list[SceneRow]:
+def run_scenes(
+    scenes: list[SceneSource],
+    settings: RunSettings,
+    scene_deployment: str | None = None,
+    max_concurrent: int = 4,
+    on_finished: Callable[[SceneRow], None] = lambda row: None,
+    scene_timeout_s: float = SCENE_TIMEOUT_S,
+    frames: dict[str, dict] | None = None,
+) -> list[SceneRow]:
     """Map ``scenes`` in-process or as ``process-scene`` runs; one row per scene, in their order.
 
     Called inside a parent flow.  A failed scene is a row with status ``failed``
@@ -177,8 +248,9 @@ def run_scenes(scenes: list[SceneSource], settings: RunSettings, scene_deploymen
             if state.is_completed():
                 rows[source.scene_id] = state.result()
             else:
-                rows[source.scene_id] = SceneRow.failed(source.scene_id, str(state.result(raise_on_failure=False)),
-                                                        time.perf_counter() - started)
+                rows[source.scene_id] = SceneRow.failed(
+                    source.scene_id, str(state.result(raise_on_failure=False)), time.perf_counter() - started
+                )
             on_finished(rows[source.scene_id])
         return [rows[s.scene_id] for s in scenes]
     if max_concurrent < 1:
@@ -196,8 +268,9 @@ def run_scenes(scenes: list[SceneSource], settings: RunSettings, scene_deploymen
     for source in scenes:
         if len(pending) >= max_concurrent:
             collect(next(as_completed([f for f, _ in pending.values()])).task_run_id)
-        future = run_scene_deployment.submit(scene_deployment, source, settings, scene_timeout_s,
-                                             (frames or {}).get(source.scene_id))
+        future = run_scene_deployment.submit(
+            scene_deployment, source, settings, scene_timeout_s, (frames or {}).get(source.scene_id)
+        )
         pending[future.task_run_id] = (future, source)
     for finished in as_completed([f for f, _ in pending.values()]):
         collect(finished.task_run_id)

@@ -10,7 +10,6 @@ The deployment ``scheduled-survey-run`` runs this flow on a cron schedule.
 
 from __future__ import annotations
 
-
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 
@@ -33,22 +32,57 @@ def rate_sections(store: str, network: str, survey_id: str, types: TypeProfile =
     with open_store(store) as target:
         found = run_sections(target, network, survey_id, SectionOptions(types=types))
     sections = [r for r in found.rows if r["level"] == "section"]
-    create_table_artifact([{k: r[k] for k in ("road_id", "from_m", "to_m", "longitudinal_m", "transverse_m",
-                                              "diagonal_m", "pattern_m", "cracked_area_pct", "crack_index",
-                                              "condition_class")} for r in sections],
-                          key="survey-sections", description=f"Sections of survey {survey_id}")
-    return {"sections": len(sections), "cracks": found.cracks, "located": found.located,
-            "outside": found.outside, "joints": found.joints}
+    create_table_artifact(
+        [
+            {
+                k: r[k]
+                for k in (
+                    "road_id",
+                    "from_m",
+                    "to_m",
+                    "longitudinal_m",
+                    "transverse_m",
+                    "diagonal_m",
+                    "pattern_m",
+                    "cracked_area_pct",
+                    "crack_index",
+                    "condition_class",
+                )
+            }
+            for r in sections
+        ],
+        key="survey-sections",
+        description=f"Sections of survey {survey_id}",
+    )
+    return {
+        "sections": len(sections),
+        "cracks": found.cracks,
+        "located": found.located,
+        "outside": found.outside,
+        "joints": found.joints,
+    }
 
 
 @flow(name="process-survey", log_prints=True)
-def process_survey(sources: list[str], store: str, survey_id: str | None = None,
-                   model: str | None = None, backend: str = "auto",
-                   output_dir: str | None = None, force: bool = False, glob: str | None = None,
-                   scene_deployment: str | None = None, max_concurrent: int = 4, network: str | None = None,
-                   camera: str | None = None, trajectory: str | None = None, frame_time: str = "exif",
-                   max_gap_s: float = 1.0, scene_timeout_s: float = SCENE_TIMEOUT_S,
-                   options: dict | None = None):
+def process_survey(
+    sources: list[str],
+    store: str,
+    survey_id: str | None = None,
+    model: str | None = None,
+    backend: str = "auto",
+    output_dir: str | None = None,
+    force: bool = False,
+    glob: str | None = None,
+    scene_deployment: str | None = None,
+    max_concurrent: int = 4,
+    network: str | None = None,
+    camera: str | None = None,
+    trajectory: str | None = None,
+    frame_time: str = "exif",
+    max_gap_s: float = 1.0,
+    scene_timeout_s: float = SCENE_TIMEOUT_S,
+    options: dict | None = None,
+):
     """Map every scene of a survey into ``store``; with a road network, rate its sections too.
 
     Args:
@@ -82,8 +116,9 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
     """
     from flows.settings import Settings
 
-    settings = run_settings(store, survey_id or default_survey_id(sources), None, model, backend, output_dir,
-                            options, force)  # checked before any work: a bad store or option fails once
+    settings = run_settings(
+        store, survey_id or default_survey_id(sources), None, model, backend, output_dir, options, force
+    )  # checked before any work: a bad store or option fails once
     network = network or Settings().network
     frame_inputs = find_frame_survey(sources, camera, trajectory)
     if frame_inputs is not None:
@@ -91,14 +126,27 @@ def process_survey(sources: list[str], store: str, survey_id: str | None = None,
         survey = FrameSurvey(*frame_inputs, frame_time=frame_time, max_gap_s=max_gap_s)
         bar = ArtifactProgress(len(frames))
         with progress.listening(bar):
-            rows = map_frames(frames, survey, settings, scene_deployment, max_concurrent,
-                              on_finished=lambda row: bar.scene_finished(), scene_timeout_s=scene_timeout_s)
+            rows = map_frames(
+                frames,
+                survey,
+                settings,
+                scene_deployment,
+                max_concurrent,
+                on_finished=lambda row: bar.scene_finished(),
+                scene_timeout_s=scene_timeout_s,
+            )
     else:
         scenes = discover(sources, glob)
         bar = ArtifactProgress(len(scenes))
         with progress.listening(bar):
-            rows = run_scenes(scenes, settings, scene_deployment, max_concurrent,
-                              on_finished=lambda row: bar.scene_finished(), scene_timeout_s=scene_timeout_s)
+            rows = run_scenes(
+                scenes,
+                settings,
+                scene_deployment,
+                max_concurrent,
+                on_finished=lambda row: bar.scene_finished(),
+                scene_timeout_s=scene_timeout_s,
+            )
     if network and any(r.status != "failed" for r in rows):  # typed with the scenes' profile
         rate_sections(settings.store, network, settings.run.survey_id, settings.options.types)
     return report(settings.run, rows)

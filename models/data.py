@@ -31,15 +31,15 @@ from PIL import Image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IGNORE_INDEX = 255
-MAX_FOCUS_POINTS = 2048   # crack / hard-negative pixel positions kept per image for centred crops
+MAX_FOCUS_POINTS = 2048  # crack / hard-negative pixel positions kept per image for centred crops
 
 
 @dataclass(frozen=True, slots=True)
 class MulticlassRule:
     """How a dataset's ``masks_multiclass/`` values refine its binary masks."""
 
-    ignore: tuple[int, ...] = ()          # original classes left unlabelled in training
-    hard_negative: tuple[int, ...] = ()   # original classes that are not cracks but look like them
+    ignore: tuple[int, ...] = ()  # original classes left unlabelled in training
+    hard_negative: tuple[int, ...] = ()  # original classes that are not cracks but look like them
 
 
 MULTICLASS = {
@@ -55,10 +55,10 @@ MULTICLASS = {
 class Sample:
     """One decoded image and its mask."""
 
-    name: str           # file stem
-    image: np.ndarray   # (H, W, 3) uint8 RGB
-    mask: np.ndarray    # (H, W) uint8, 0 = background, 1 = crack, IGNORE_INDEX = unlabelled
-    crack_points: np.ndarray | None = None          # (K, 2) int32 (row, col) of some crack pixels
+    name: str  # file stem
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    mask: np.ndarray  # (H, W) uint8, 0 = background, 1 = crack, IGNORE_INDEX = unlabelled
+    crack_points: np.ndarray | None = None  # (K, 2) int32 (row, col) of some crack pixels
     hard_negative_points: np.ndarray | None = None  # (K, 2) int32 (row, col) of some hard negatives
 
 
@@ -66,8 +66,8 @@ class Sample:
 class CrackSplit:
     """All samples of one split of one dataset, decoded."""
 
-    name: str                    # dataset name, e.g. "deepcrack"
-    root: Path                   # the split folder
+    name: str  # dataset name, e.g. "deepcrack"
+    root: Path  # the split folder
     samples: tuple[Sample, ...]
 
     def __len__(self) -> int:
@@ -93,9 +93,9 @@ class Augment:
     brightness: float = 0.4
     contrast: float = 0.4
     saturation: float = 0.4
-    focus_crack: float = 0.0          # probability that a crop is centred on a crack pixel
+    focus_crack: float = 0.0  # probability that a crop is centred on a crack pixel
     focus_hard_negative: float = 0.0  # probability that a crop is centred on a hard negative
-    mosaic_below_px: int = 0          # datasets whose median long side is below this are mosaics
+    mosaic_below_px: int = 0  # datasets whose median long side is below this are mosaics
 
 
 def find_pairs(split_dir: Path) -> list[tuple[Path, Path]]:
@@ -121,15 +121,20 @@ def find_pairs(split_dir: Path) -> list[tuple[Path, Path]]:
     for path in sorted(image_dir.iterdir()):
         if path.suffix.lower() in IMAGE_SUFFIXES:
             if path.stem in images:
-                raise ValueError(f"{images[path.stem].name} and {path.name} in {image_dir} share a stem; "
-                                 "keep one image per mask")
+                raise ValueError(
+                    f"{images[path.stem].name} and {path.name} in {image_dir} share a stem; "
+                    "keep one image per mask"
+                )
             images[path.stem] = path
     masks = {p.stem: p for p in sorted(mask_dir.iterdir()) if p.suffix.lower() == ".png"}
-    unpaired = ([f"images/{images[s].name}" for s in sorted(images.keys() - masks.keys())]
-                + [f"masks/{masks[s].name}" for s in sorted(masks.keys() - images.keys())])
+    unpaired = [f"images/{images[s].name}" for s in sorted(images.keys() - masks.keys())] + [
+        f"masks/{masks[s].name}" for s in sorted(masks.keys() - images.keys())
+    ]
     if unpaired:
-        raise ValueError(f"unpaired files in {split_dir} (every image needs masks/<stem>.png and "
-                         f"every mask an image): {', '.join(unpaired)}")
+        raise ValueError(
+            f"unpaired files in {split_dir} (every image needs masks/<stem>.png and "
+            f"every mask an image): {', '.join(unpaired)}"
+        )
     if not images:
         raise ValueError(f"no images (.jpg/.png) in {image_dir}")
     return [(images[s], masks[s]) for s in sorted(images)]
@@ -149,12 +154,16 @@ def load_pair(image_path: Path, mask_path: Path) -> Sample:
             raise ValueError(f"{mask_path} has mode {mask_file.mode}; masks must be single-channel PNG")
         mask = np.asarray(mask_file.convert("L") if mask_file.mode == "1" else mask_file)
     if mask.shape != image.shape[:2]:
-        raise ValueError(f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} px but {image_path} is "
-                         f"{image.shape[1]}x{image.shape[0]} px; a mask must match its image's size")
+        raise ValueError(
+            f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} px but {image_path} is "
+            f"{image.shape[1]}x{image.shape[0]} px; a mask must match its image's size"
+        )
     values = np.unique(mask)
     if not set(values.tolist()) <= {0, 255}:
-        raise ValueError(f"{mask_path} is not binary: it holds values {values[:10].tolist()}; "
-                         "masks must be 0 (background) and 255 (crack)")
+        raise ValueError(
+            f"{mask_path} is not binary: it holds values {values[:10].tolist()}; "
+            "masks must be 0 (background) and 255 (crack)"
+        )
     return Sample(name=image_path.stem, image=image, mask=(mask == 255).astype(np.uint8))
 
 
@@ -163,20 +172,25 @@ def _points(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
     rows, cols = np.nonzero(mask)
     if rows.size == 0:
         return None
-    keep = rng.choice(rows.size, MAX_FOCUS_POINTS, replace=False) if rows.size > MAX_FOCUS_POINTS else slice(None)
+    keep = (
+        rng.choice(rows.size, MAX_FOCUS_POINTS, replace=False)
+        if rows.size > MAX_FOCUS_POINTS
+        else slice(None)
+    )
     return np.stack([rows[keep], cols[keep]], axis=1).astype(np.int32)
 
 
-def apply_multiclass(sample: Sample, multiclass: np.ndarray, rule: MulticlassRule,
-                     path: Path) -> Sample:
+def apply_multiclass(sample: Sample, multiclass: np.ndarray, rule: MulticlassRule, path: Path) -> Sample:
     """Refine ``sample`` with its original class mask: unlabelled areas and hard negatives.
 
     Raises:
         ValueError: If the class mask's size differs from the image's.
     """
     if multiclass.shape != sample.mask.shape:
-        raise ValueError(f"{path} is {multiclass.shape[1]}x{multiclass.shape[0]} px but its image is "
-                         f"{sample.mask.shape[1]}x{sample.mask.shape[0]} px")
+        raise ValueError(
+            f"{path} is {multiclass.shape[1]}x{multiclass.shape[0]} px but its image is "
+            f"{sample.mask.shape[1]}x{sample.mask.shape[0]} px"
+        )
     mask = sample.mask.copy()
     mask[np.isin(multiclass, rule.ignore) & (mask == 0)] = IGNORE_INDEX
     hard = np.isin(multiclass, rule.hard_negative) & (mask == 0)
@@ -228,9 +242,14 @@ def _scale(rng: np.random.Generator, augment: Augment) -> float:
     return augment.scale_min + augment.scale_step * int(rng.integers(0, steps + 1))
 
 
-def scaled_window(image: np.ndarray, mask: np.ndarray, scale: float, crop_px: int,
-                  rng: np.random.Generator,
-                  focus: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def scaled_window(
+    image: np.ndarray,
+    mask: np.ndarray,
+    scale: float,
+    crop_px: int,
+    rng: np.random.Generator,
+    focus: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Scale by ``scale`` and take a random window of up to ``crop_px`` square (no padding).
 
     Only the window is resampled (PIL ``resize(box=...)``), so large scales of
@@ -256,8 +275,9 @@ def scaled_window(image: np.ndarray, mask: np.ndarray, scale: float, crop_px: in
     left = _offset(rng, scaled_w, out_w, None if focus is None else focus[1] * scaled_w / width)
     sy, sx = height / scaled_h, width / scaled_w
     box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
-    image_window = np.asarray(Image.fromarray(image).resize((out_w, out_h), Image.Resampling.BILINEAR,
-                                                            box=box))
+    image_window = np.asarray(
+        Image.fromarray(image).resize((out_w, out_h), Image.Resampling.BILINEAR, box=box)
+    )
     mask_window = np.asarray(Image.fromarray(mask).resize((out_w, out_h), Image.Resampling.NEAREST, box=box))
     return image_window, mask_window
 
@@ -281,8 +301,9 @@ def pad_to(image: np.ndarray, mask: np.ndarray, crop_px: int) -> tuple[np.ndarra
     return image_out, mask_out
 
 
-def scaled_crop(image: np.ndarray, mask: np.ndarray, scale: float, crop_px: int,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def scaled_crop(
+    image: np.ndarray, mask: np.ndarray, scale: float, crop_px: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Scale by ``scale``, then take a random ``crop_px`` crop, padding where too small.
 
     Returns:
@@ -331,8 +352,9 @@ def focus_point(sample: Sample, rng: np.random.Generator, augment: Augment) -> t
     return int(row), int(col)
 
 
-def augment_window(sample: Sample, rng: np.random.Generator, augment: Augment,
-                   crop_px: int) -> tuple[np.ndarray, np.ndarray]:
+def augment_window(
+    sample: Sample, rng: np.random.Generator, augment: Augment, crop_px: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Scale, focus, crop and flip one sample into a window of up to ``crop_px`` (unpadded)."""
     focus = focus_point(sample, rng, augment)
     image, mask = scaled_window(sample.image, sample.mask, _scale(rng, augment), crop_px, rng, focus)
@@ -341,8 +363,9 @@ def augment_window(sample: Sample, rng: np.random.Generator, augment: Augment,
     return image, mask
 
 
-def augment_sample(sample: Sample, rng: np.random.Generator,
-                   augment: Augment) -> tuple[np.ndarray, np.ndarray]:
+def augment_sample(
+    sample: Sample, rng: np.random.Generator, augment: Augment
+) -> tuple[np.ndarray, np.ndarray]:
     """One augmented training crop of a sample: scale, crop, flip, jitter, then pad.
 
     Returns:
@@ -362,8 +385,9 @@ def mosaic_cells(typical_px: float, scale: float, crop_px: int) -> int:
     return int(np.clip(np.floor(crop_px / max(1.0, typical_px * scale) + 0.5), 1, 4))
 
 
-def mosaic_crop(split: CrackSplit, first: int, rng: np.random.Generator, augment: Augment,
-                typical_px: float) -> tuple[np.ndarray, np.ndarray]:
+def mosaic_crop(
+    split: CrackSplit, first: int, rng: np.random.Generator, augment: Augment, typical_px: float
+) -> tuple[np.ndarray, np.ndarray]:
     """A crop made of a grid of augmented tiles of one dataset; the first tile is ``first``.
 
     Every tile has the same scale (so crack widths stay consistent within a
@@ -383,8 +407,8 @@ def mosaic_crop(split: CrackSplit, first: int, rng: np.random.Generator, augment
         index = first if cell == 0 else int(rng.integers(0, len(split)))
         tile, tile_mask = augment_window(split.samples[index], rng, fixed, cell_px)
         top, left = (cell // cells) * cell_px, (cell % cells) * cell_px
-        image[top:top + tile.shape[0], left:left + tile.shape[1]] = tile
-        mask[top:top + tile.shape[0], left:left + tile.shape[1]] = tile_mask
+        image[top : top + tile.shape[0], left : left + tile.shape[1]] = tile
+        mask[top : top + tile.shape[0], left : left + tile.shape[1]] = tile_mask
     return jitter_colour(image, rng, augment), mask
 
 
@@ -423,9 +447,9 @@ class BalancedSampler:
     one), and the whole stream is a pure function of ``(seed, n)``.
     """
 
-    sizes: tuple[int, ...]             # number of samples per dataset
+    sizes: tuple[int, ...]  # number of samples per dataset
     seed: int = 0
-    counts: tuple[int, ...] | None = None   # draws per round of each dataset (default: 1 each)
+    counts: tuple[int, ...] | None = None  # draws per round of each dataset (default: 1 each)
 
     def draw(self, number: int) -> tuple[int, int]:
         """The (dataset index, sample index) of sample number ``number``."""
@@ -441,8 +465,13 @@ class BalancedSampler:
         return np.random.default_rng([self.seed, 2, number])
 
 
-def training_batch(splits: tuple[CrackSplit, ...], sampler: BalancedSampler, iteration: int,
-                   batch_size: int, augment: Augment) -> tuple[np.ndarray, np.ndarray]:
+def training_batch(
+    splits: tuple[CrackSplit, ...],
+    sampler: BalancedSampler,
+    iteration: int,
+    batch_size: int,
+    augment: Augment,
+) -> tuple[np.ndarray, np.ndarray]:
     """The augmented batch of one training iteration.
 
     Datasets whose median long side is below ``augment.mosaic_below_px`` give
@@ -459,7 +488,7 @@ def training_batch(splits: tuple[CrackSplit, ...], sampler: BalancedSampler, ite
         ``(images, masks)``: (N, crop, crop, 3) uint8 and (N, crop, crop) uint8.
     """
     images, masks = [], []
-    typical: dict[int, float] = {}   # per dataset, computed once per batch
+    typical: dict[int, float] = {}  # per dataset, computed once per batch
     for number in range(iteration * batch_size, (iteration + 1) * batch_size):
         dataset, index = sampler.draw(number)
         split, rng = splits[dataset], sampler.rng(number)
@@ -472,4 +501,3 @@ def training_batch(splits: tuple[CrackSplit, ...], sampler: BalancedSampler, ite
         images.append(image)
         masks.append(mask)
     return np.stack(images), np.stack(masks)
-

@@ -29,8 +29,13 @@ from models.train import DATASETS, crack_probability, default_data_root, load_sp
 SURVEY_LIKE = ("paveseg_preview", "gaps384", "aiglern", "uav_crackx", "crack500")
 
 
-def evaluate_net(net: torch.nn.Module, threshold: float, data_root: Path,
-                 datasets: tuple[str, ...] = DATASETS, tolerance_px: float = 2.0) -> dict[str, dict]:
+def evaluate_net(
+    net: torch.nn.Module,
+    threshold: float,
+    data_root: Path,
+    datasets: tuple[str, ...] = DATASETS,
+    tolerance_px: float = 2.0,
+) -> dict[str, dict]:
     """Crack scores per dataset's val split at ``threshold``.
 
     Returns:
@@ -47,23 +52,33 @@ def evaluate_net(net: torch.nn.Module, threshold: float, data_root: Path,
             exact.add(pred, truth)
             tolerant.add(pred, truth)
         e, t = exact.scores(), tolerant.scores()
-        scores[split.name] = {"f1": e["f1"], "precision": e["precision"], "recall": e["recall"],
-                              "miou": e["miou"], "crack_iou": e["crack_iou"], "f1_tol": t["f1"],
-                              "precision_tol": t["precision"], "recall_tol": t["recall"],
-                              "tolerance_px": tolerance_px, "images": len(split)}
+        scores[split.name] = {
+            "f1": e["f1"],
+            "precision": e["precision"],
+            "recall": e["recall"],
+            "miou": e["miou"],
+            "crack_iou": e["crack_iou"],
+            "f1_tol": t["f1"],
+            "precision_tol": t["precision"],
+            "recall_tol": t["recall"],
+            "tolerance_px": tolerance_px,
+            "images": len(split),
+        }
     return scores
 
 
-def evaluate_entry(entry: registry.ModelEntry, data_root: Path,
-                   datasets: tuple[str, ...] = DATASETS) -> dict[str, dict]:
+def evaluate_entry(
+    entry: registry.ModelEntry, data_root: Path, datasets: tuple[str, ...] = DATASETS
+) -> dict[str, dict]:
     """:func:`evaluate_net` for a registry version, at its card's threshold."""
     from models.onnx_export import load_net
 
     return evaluate_net(load_net(entry.variant, entry.file("weights")), entry.threshold, data_root, datasets)
 
 
-def beats(candidate: dict[str, dict], current: dict[str, dict],
-          survey_like: tuple[str, ...] = SURVEY_LIKE) -> tuple[bool, str]:
+def beats(
+    candidate: dict[str, dict], current: dict[str, dict], survey_like: tuple[str, ...] = SURVEY_LIKE
+) -> tuple[bool, str]:
     """The release rule: higher mean val F1 over the common datasets and higher on every survey-like one.
 
     >>> beats({"a": {"f1": .6}, "gaps384": {"f1": .5}}, {"a": {"f1": .5}, "gaps384": {"f1": .4}})
@@ -76,8 +91,10 @@ def beats(candidate: dict[str, dict], current: dict[str, dict],
     mean_old = float(np.mean([current[n]["f1"] for n in common]))
     survey = [n for n in survey_like if n in common]
     ok = mean_new > mean_old and all(candidate[n]["f1"] > current[n]["f1"] for n in survey)
-    detail = "; ".join([f"mean F1 {mean_new:.3f} vs {mean_old:.3f}"]
-                       + [f"{n} {candidate[n]['f1']:.3f} vs {current[n]['f1']:.3f}" for n in survey])
+    detail = "; ".join(
+        [f"mean F1 {mean_new:.3f} vs {mean_old:.3f}"]
+        + [f"{n} {candidate[n]['f1']:.3f} vs {current[n]['f1']:.3f}" for n in survey]
+    )
     return ok, detail
 
 
@@ -87,11 +104,21 @@ def table(results: dict[str, dict[str, dict]]) -> str:
     datasets = list(next(iter(results.values())))
     head = "| dataset | " + " | ".join(f"{m} F1 | {m} F1 @2px" for m in models) + " |"
     rule = "|---|" + "---|---|" * len(models)
-    rows = [f"| {d} | " + " | ".join(f"{results[m][d]['f1']:.3f} | {results[m][d]['f1_tol']:.3f}" for m in models)
-            + " |" for d in datasets]
-    means = ("| **mean** | " + " | ".join(
-        f"{np.mean([results[m][d]['f1'] for d in datasets]):.3f} | "
-        f"{np.mean([results[m][d]['f1_tol'] for d in datasets]):.3f}" for m in models) + " |")
+    rows = [
+        f"| {d} | "
+        + " | ".join(f"{results[m][d]['f1']:.3f} | {results[m][d]['f1_tol']:.3f}" for m in models)
+        + " |"
+        for d in datasets
+    ]
+    means = (
+        "| **mean** | "
+        + " | ".join(
+            f"{np.mean([results[m][d]['f1'] for d in datasets]):.3f} | "
+            f"{np.mean([results[m][d]['f1_tol'] for d in datasets]):.3f}"
+            for m in models
+        )
+        + " |"
+    )
     return "\n".join([head, rule, *rows, means])
 
 

@@ -42,8 +42,9 @@ def upsample(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tenso
 class SegBlock(nn.Module):
     """A high-resolution path (base channels, constant size) guided by a low-resolution one."""
 
-    def __init__(self, base: int, stage: int, conv_before_upsample: bool = True,
-                 exclusive_pool: bool = True) -> None:
+    def __init__(
+        self, base: int, stage: int, conv_before_upsample: bool = True, exclusive_pool: bool = True
+    ) -> None:
         super().__init__()
         low = base * 2**stage
         self.conv_before_upsample = conv_before_upsample
@@ -54,10 +55,14 @@ class SegBlock(nn.Module):
         elif stage == 2:
             first = [pool, *conv_bn_relu(base, low, stride=2)]
         else:
-            first = [pool, *conv_bn_relu(base, low, stride=2),
-                     *conv_bn_relu(low, low, stride=2)]
-        self.l_conv = nn.ModuleList([nn.Sequential(*first), nn.Sequential(*conv_bn_relu(low, low)),
-                                     nn.Sequential(*conv_bn_relu(low, low))])
+            first = [pool, *conv_bn_relu(base, low, stride=2), *conv_bn_relu(low, low, stride=2)]
+        self.l_conv = nn.ModuleList(
+            [
+                nn.Sequential(*first),
+                nn.Sequential(*conv_bn_relu(low, low)),
+                nn.Sequential(*conv_bn_relu(low, low)),
+            ]
+        )
         self.l2h_conv = nn.ModuleList(nn.Conv2d(low, base, 1) for _ in range(3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,11 +83,19 @@ class SegHead(nn.Module):
 
     def __init__(self, base: int, num_classes: int, aux: bool = False) -> None:
         super().__init__()
-        middle = (nn.Conv2d(base, base, 3, 1, 1) if aux
-                  else nn.ConvTranspose2d(base, base, 3, stride=2, padding=1, output_padding=1))
-        self.layers = nn.Sequential(nn.BatchNorm2d(base), nn.ReLU(inplace=True), middle,
-                                    nn.BatchNorm2d(base), nn.ReLU(inplace=True),
-                                    nn.Conv2d(base, num_classes, 1))
+        middle = (
+            nn.Conv2d(base, base, 3, 1, 1)
+            if aux
+            else nn.ConvTranspose2d(base, base, 3, stride=2, padding=1, output_padding=1)
+        )
+        self.layers = nn.Sequential(
+            nn.BatchNorm2d(base),
+            nn.ReLU(inplace=True),
+            middle,
+            nn.BatchNorm2d(base),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(base, num_classes, 1),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -98,14 +111,23 @@ class HrSegNet(nn.Module):
     mean: torch.Tensor  # buffers (register_buffer), declared for the type checker
     std: torch.Tensor
 
-    def __init__(self, base: int = 16, num_classes: int = 2, in_channels: int = 3,
-                 conv_before_upsample: bool = True, exclusive_pool: bool = True) -> None:
+    def __init__(
+        self,
+        base: int = 16,
+        num_classes: int = 2,
+        in_channels: int = 3,
+        conv_before_upsample: bool = True,
+        exclusive_pool: bool = True,
+    ) -> None:
         super().__init__()
         self.base = base
         self.exclusive_pool = exclusive_pool
-        self.stem = nn.Sequential(*conv_bn_relu(in_channels, base // 2, stride=2),
-                                  *conv_bn_relu(base // 2, base, stride=2))
-        self.blocks = nn.ModuleList(SegBlock(base, stage, conv_before_upsample, exclusive_pool) for stage in (1, 2, 3))
+        self.stem = nn.Sequential(
+            *conv_bn_relu(in_channels, base // 2, stride=2), *conv_bn_relu(base // 2, base, stride=2)
+        )
+        self.blocks = nn.ModuleList(
+            SegBlock(base, stage, conv_before_upsample, exclusive_pool) for stage in (1, 2, 3)
+        )
         self.head = SegHead(base, num_classes)
         self.aux_heads = nn.ModuleList(SegHead(base, num_classes, aux=True) for _ in range(2))
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)

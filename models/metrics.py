@@ -40,11 +40,15 @@ def _ratio(numerator: int, denominator: int, empty: float) -> float:
 
 def _check_pair(pred: np.ndarray, truth: np.ndarray, pred_name: str) -> None:
     if pred.shape != truth.shape:
-        raise ValueError(f"{pred_name} has shape {pred.shape} but truth has shape {truth.shape}; "
-                         "they must match pixel for pixel.")
+        raise ValueError(
+            f"{pred_name} has shape {pred.shape} but truth has shape {truth.shape}; "
+            "they must match pixel for pixel."
+        )
     if truth.dtype != np.bool_:
-        raise ValueError(f"truth must be a bool array (crack = True), got dtype {truth.dtype}; "
-                         "convert a 0/255 mask with `mask > 0`.")
+        raise ValueError(
+            f"truth must be a bool array (crack = True), got dtype {truth.dtype}; "
+            "convert a 0/255 mask with `mask > 0`."
+        )
 
 
 @dataclass
@@ -77,8 +81,10 @@ class PixelCounts:
         pred, truth = np.asarray(pred), np.asarray(truth)
         _check_pair(pred, truth, "pred")
         if pred.dtype != np.bool_:
-            raise ValueError(f"pred must be a bool array, got dtype {pred.dtype}; "
-                             "threshold probabilities first, e.g. `prob >= threshold`.")
+            raise ValueError(
+                f"pred must be a bool array, got dtype {pred.dtype}; "
+                "threshold probabilities first, e.g. `prob >= threshold`."
+            )
         tp = int(np.count_nonzero(pred & truth))
         positives = int(np.count_nonzero(pred))
         crack = int(np.count_nonzero(truth))
@@ -88,8 +94,7 @@ class PixelCounts:
         self.tn += truth.size - positives - crack + tp
 
     def __add__(self, other: PixelCounts) -> PixelCounts:
-        return PixelCounts(self.tp + other.tp, self.fp + other.fp,
-                           self.fn + other.fn, self.tn + other.tn)
+        return PixelCounts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.tn + other.tn)
 
     def scores(self) -> dict:
         """Scores of the counts so far (see the module docstring for empty cases).
@@ -136,11 +141,14 @@ def probability_bins(prob: np.ndarray) -> np.ndarray:
     if prob.dtype == np.uint8:
         return prob
     if not np.issubdtype(prob.dtype, np.floating):
-        raise ValueError(f"crack probability must be uint8 (0..255) or float in [0, 1], "
-                         f"got dtype {prob.dtype}")
+        raise ValueError(
+            f"crack probability must be uint8 (0..255) or float in [0, 1], got dtype {prob.dtype}"
+        )
     if prob.size and (np.nanmin(prob) < 0.0 or np.nanmax(prob) > 1.0 or np.isnan(prob).any()):
-        raise ValueError("float crack probability must lie in [0, 1] (no NaN); "
-                         f"got range [{np.nanmin(prob)}, {np.nanmax(prob)}]")
+        raise ValueError(
+            "float crack probability must lie in [0, 1] (no NaN); "
+            f"got range [{np.nanmin(prob)}, {np.nanmax(prob)}]"
+        )
     bins = np.floor(prob.astype(np.float64) * (BINS - 1) + 1e-6)
     return np.clip(bins, 0, BINS - 1).astype(np.uint8)
 
@@ -251,10 +259,10 @@ class ToleranceCounts:
     """
 
     tolerance_px: float = 2.0
-    predicted: int = 0          # predicted crack pixels
-    predicted_near: int = 0     # ... within the tolerance of a true crack pixel
-    true: int = 0               # true crack pixels
-    true_near: int = 0          # ... within the tolerance of a predicted crack pixel
+    predicted: int = 0  # predicted crack pixels
+    predicted_near: int = 0  # ... within the tolerance of a true crack pixel
+    true: int = 0  # true crack pixels
+    true_near: int = 0  # ... within the tolerance of a predicted crack pixel
 
     def add(self, pred: np.ndarray, truth: np.ndarray) -> None:
         """Count one predicted bool mask against its bool truth (same shape)."""
@@ -265,7 +273,9 @@ class ToleranceCounts:
         self.predicted += int(pred.sum())
         self.true += int(truth.sum())
         if pred.any() and truth.any():
-            self.predicted_near += int((ndimage.distance_transform_edt(~truth)[pred] <= self.tolerance_px).sum())
+            self.predicted_near += int(
+                (ndimage.distance_transform_edt(~truth)[pred] <= self.tolerance_px).sum()
+            )
             self.true_near += int((ndimage.distance_transform_edt(~pred)[truth] <= self.tolerance_px).sum())
 
     def scores(self) -> dict:

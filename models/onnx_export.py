@@ -46,8 +46,9 @@ class ChipsToProbability(torch.nn.Module):
     ``literal=True`` computes the published order (see ``CrackProbability``).
     """
 
-    def __init__(self, net: HrSegNet, half: bool = False, output: str = "uint8",
-                 literal: bool = False) -> None:
+    def __init__(
+        self, net: HrSegNet, half: bool = False, output: str = "uint8", literal: bool = False
+    ) -> None:
         super().__init__()
         if output not in ("uint8", "float"):
             raise ValueError(f"output must be 'uint8' or 'float', not {output!r}")
@@ -71,8 +72,14 @@ def load_net(variant: str, weights: Path) -> HrSegNet:
     return net.eval()
 
 
-def export_onnx(net: HrSegNet, out: Path, size_px: int = 400, half: bool = False,
-                output: str = "uint8", literal: bool = False) -> Path:
+def export_onnx(
+    net: HrSegNet,
+    out: Path,
+    size_px: int = 400,
+    half: bool = False,
+    output: str = "uint8",
+    literal: bool = False,
+) -> Path:
     """Write the ONNX graph of ``net`` for (N, 3, size_px, size_px) uint8 chips.
 
     ``half=True`` writes the FP16 graph (see ``ChipsToProbability``) for
@@ -87,15 +94,24 @@ def export_onnx(net: HrSegNet, out: Path, size_px: int = 400, half: bool = False
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), str(out), input_names=["chips"],
-                          output_names=["probability"], opset_version=OPSET, dynamo=True,
-                          dynamic_shapes={"chips": {0: batch}}, verbose=False,
-                          external_data=False)
+        torch.onnx.export(
+            module,
+            (example,),
+            str(out),
+            input_names=["chips"],
+            output_names=["probability"],
+            opset_version=OPSET,
+            dynamo=True,
+            dynamic_shapes={"chips": {0: batch}},
+            verbose=False,
+            external_data=False,
+        )
     return Path(out)
 
 
-def verify_onnx(net: HrSegNet, onnx_path: Path, batch_sizes=(1, 5), size_px: int = 400,
-                seed: int = 0) -> float:
+def verify_onnx(
+    net: HrSegNet, onnx_path: Path, batch_sizes=(1, 5), size_px: int = 400, seed: int = 0
+) -> float:
     """Max abs difference of probabilities (0-1) between ONNX Runtime and PyTorch on random chips.
 
     PyTorch computes the literal published order in float32; a uint8 graph's

@@ -29,8 +29,12 @@ log = logging.getLogger(__name__)
 INT8_FILE = "model-int8.onnx"
 # ONNX Runtime's quantizer supports these in QDQ form on CPUs; the rest stay float.
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Add", "Mul", "Relu", "AveragePool", "Resize", "Concat")
-CALIBRATION = {"method": "MinMax", "format": "QDQ", "weights": "int8, per output channel",
-               "activations": "uint8, per tensor"}
+CALIBRATION = {
+    "method": "MinMax",
+    "format": "QDQ",
+    "weights": "int8, per output channel",
+    "activations": "uint8, per tensor",
+}
 
 
 def chip_offsets(length_px: int, size_px: int, stride_px: int) -> list[int]:
@@ -53,13 +57,18 @@ def image_chips(rgb: np.ndarray, size_px: int = 400, overlap_px: int = 64) -> np
     padded = np.zeros((3, max(height, size_px), max(width, size_px)), np.uint8)
     padded[:, :height, :width] = rgb.transpose(2, 0, 1)
     stride = size_px - overlap_px
-    return np.stack([padded[:, r:r + size_px, c:c + size_px]
-                     for r in chip_offsets(height, size_px, stride)
-                     for c in chip_offsets(width, size_px, stride)])
+    return np.stack(
+        [
+            padded[:, r : r + size_px, c : c + size_px]
+            for r in chip_offsets(height, size_px, stride)
+            for c in chip_offsets(width, size_px, stride)
+        ]
+    )
 
 
-def calibration_chips(data_root: Path, datasets: list[str], split: str = "val",
-                      per_dataset: int = 16, size_px: int = 400) -> np.ndarray:
+def calibration_chips(
+    data_root: Path, datasets: list[str], split: str = "val", per_dataset: int = 16, size_px: int = 400
+) -> np.ndarray:
     """Chips for calibration: ``per_dataset`` from each dataset's split, spread evenly over its chips.
 
     Raises:
@@ -71,8 +80,10 @@ def calibration_chips(data_root: Path, datasets: list[str], split: str = "val",
     for name in datasets:
         folder = Path(data_root) / name / split
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} does not exist: calibration reads the {split} images "
-                                    f"of every dataset the model was trained on; pass --data-root")
+            raise FileNotFoundError(
+                f"{folder} does not exist: calibration reads the {split} images "
+                f"of every dataset the model was trained on; pass --data-root"
+            )
         chips: list[np.ndarray] = []
         for image_path, _ in find_pairs(folder):
             with Image.open(image_path) as image:
@@ -108,8 +119,13 @@ def float_tail(model) -> list[str]:
 def quantize_onnx(fp32_onnx: Path, out: Path, chips: np.ndarray, batch: int = 8) -> Path:
     """Write the INT8 (QDQ) graph of ``fp32_onnx`` to ``out``, calibrated on ``chips``."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Chips(CalibrationDataReader):
@@ -124,10 +140,18 @@ def quantize_onnx(fp32_onnx: Path, out: Path, chips: np.ndarray, batch: int = 8)
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_onnx), str(prepared), skip_symbolic_shape=True)
         exclude = float_tail(onnx.load(str(prepared)))
-        quantize_static(str(prepared), str(out), Chips(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS),
-                        nodes_to_exclude=exclude, calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"CalibTensorRangeSymmetric": False})
+        quantize_static(
+            str(prepared),
+            str(out),
+            Chips(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            nodes_to_exclude=exclude,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"CalibTensorRangeSymmetric": False},
+        )
     log.info("INT8 graph %s calibrated on %d chips; float tail: %s", out, len(chips), exclude)
     return Path(out)

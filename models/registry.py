@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 
@@ -98,8 +98,10 @@ class ModelEntry:
             raise ModelError(f"{self.spec}: {path} is missing")
         stat = path.stat()
         if not _verified(path, stat.st_size, stat.st_mtime_ns, files[role]["sha256"]):
-            raise ModelError(f"{self.spec}: {path} does not match the sha256 in its model card; "
-                             "refusing to load it (the file was changed or damaged)")
+            raise ModelError(
+                f"{self.spec}: {path} does not match the sha256 in its model card; "
+                "refusing to load it (the file was changed or damaged)"
+            )
         return path
 
 
@@ -157,16 +159,21 @@ def add(root: Path, card: dict, files: dict[str, Path], default: bool = False) -
     version_key(card["version"])
     folder = Path(root) / card["name"] / card["version"]
     if folder.exists():
-        raise ModelError(f"{card['name']}:{card['version']} already exists in {root}; "
-                         "versions are immutable, add a new version instead")
+        raise ModelError(
+            f"{card['name']}:{card['version']} already exists in {root}; "
+            "versions are immutable, add a new version instead"
+        )
     folder.mkdir(parents=True)
-    card = dict(card, created=card.get("created") or datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    card = dict(card, created=card.get("created") or datetime.now(UTC).isoformat(timespec="seconds"))
     card["files"] = {}
     for role, source in files.items():
         target = folder / {"weights": "weights.pt", "onnx": "model.onnx"}.get(role, Path(source).name)
         shutil.copyfile(source, target)
-        card["files"][role] = {"path": target.name, "sha256": sha256_file(target),
-                               "bytes": target.stat().st_size}
+        card["files"][role] = {
+            "path": target.name,
+            "sha256": sha256_file(target),
+            "bytes": target.stat().st_size,
+        }
     (folder / CARD).write_text(json.dumps(card, indent=2) + "\n")
     (folder / "MODEL_CARD.md").write_text(render_card(card))
     if default:
@@ -186,8 +193,10 @@ def add_derived(entry: ModelEntry, role: str, source: Path, section: str, record
     target = entry.folder / Path(source).name
     shutil.copyfile(source, target)
     card = dict(entry.card)
-    card["files"] = {**card["files"], role: {"path": target.name, "sha256": sha256_file(target),
-                                             "bytes": target.stat().st_size}}
+    card["files"] = {
+        **card["files"],
+        role: {"path": target.name, "sha256": sha256_file(target), "bytes": target.stat().st_size},
+    }
     card[section] = record
     (entry.folder / CARD).write_text(json.dumps(card, indent=2) + "\n")
     (entry.folder / "MODEL_CARD.md").write_text(render_card(card))
@@ -196,23 +205,40 @@ def add_derived(entry: ModelEntry, role: str, source: Path, section: str, record
 
 def render_card(card: dict) -> str:
     """The human-readable model card."""
-    lines = [f"# {card['name']} {card['version']}", "", card.get("summary", ""), "",
-             "| | |", "|---|---|",
-             f"| variant | HrSegNet-{card['variant'].upper()} |",
-             f"| created | {card['created']} |",
-             f"| input | {card['input']['size_px']}x{card['input']['size_px']} RGB chips, "
-             f"0-255, scaled to [0,1], normalized with mean {card['input']['mean']}, "
-             f"std {card['input']['std']} |",
-             f"| threshold | {card['threshold']:.3f} (crack probability; F1-optimal on validation) |",
-             "", "## Files", "", "| file | sha256 | bytes |", "|---|---|---|"]
+    lines = [
+        f"# {card['name']} {card['version']}",
+        "",
+        card.get("summary", ""),
+        "",
+        "| | |",
+        "|---|---|",
+        f"| variant | HrSegNet-{card['variant'].upper()} |",
+        f"| created | {card['created']} |",
+        f"| input | {card['input']['size_px']}x{card['input']['size_px']} RGB chips, "
+        f"0-255, scaled to [0,1], normalized with mean {card['input']['mean']}, "
+        f"std {card['input']['std']} |",
+        f"| threshold | {card['threshold']:.3f} (crack probability; F1-optimal on validation) |",
+        "",
+        "## Files",
+        "",
+        "| file | sha256 | bytes |",
+        "|---|---|---|",
+    ]
     lines += [f"| {f['path']} | `{f['sha256']}` | {f['bytes']} |" for f in card["files"].values()]
     metrics = card.get("metrics") or {}
     if metrics:
-        lines += ["", "## Validation metrics", "",
-                  "| dataset | mIoU (2-class) | crack IoU | F1 | precision | recall |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {name} | {m['miou']:.3f} | {m['crack_iou']:.3f} | {m['f1']:.3f} | "
-                  f"{m['precision']:.3f} | {m['recall']:.3f} |" for name, m in metrics.items()]
+        lines += [
+            "",
+            "## Validation metrics",
+            "",
+            "| dataset | mIoU (2-class) | crack IoU | F1 | precision | recall |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {m['miou']:.3f} | {m['crack_iou']:.3f} | {m['f1']:.3f} | "
+            f"{m['precision']:.3f} | {m['recall']:.3f} |"
+            for name, m in metrics.items()
+        ]
     if card.get("int8"):
         lines += ["", "## INT8 graph (CPUs)", "", render_int8(card["int8"])]
     for title, key in (("Training data", "data"), ("Training recipe", "recipe")):
@@ -224,19 +250,31 @@ def render_card(card: dict) -> str:
 
 def render_int8(record: dict) -> str:
     """The INT8 section of the human-readable model card."""
-    verdict = ("passes the gate: CPUs run it where it measures faster than the float graph"
-               if record["accepted"] else "fails the gate: CPUs run the float graph")
-    lines = [f"`{record['path']}`: static INT8 quantization ({record['calibration']['format']}, "
-             f"{record['calibration']['chips']} calibration chips from the {record['calibration']['split']} "
-             f"splits). Mean val crack F1 {record['mean_f1']:.4f} against {record['fp32_mean_f1']:.4f} "
-             f"for the float graph (drop {record['f1_drop']:.4f}; gate {record['max_f1_drop']}): "
-             f"{verdict}. Masks agree with the float graph's on {record['mask_agreement']:.4%} "
-             "of val pixels.",
-             "", "| dataset | F1 float | F1 INT8 |", "|---|---|---|"]
-    lines += [f"| {name} | {record['fp32_metrics'][name]['f1']:.4f} | {m['f1']:.4f} |"
-              for name, m in record["metrics"].items()]
+    verdict = (
+        "passes the gate: CPUs run it where it measures faster than the float graph"
+        if record["accepted"]
+        else "fails the gate: CPUs run the float graph"
+    )
+    lines = [
+        f"`{record['path']}`: static INT8 quantization ({record['calibration']['format']}, "
+        f"{record['calibration']['chips']} calibration chips from the {record['calibration']['split']} "
+        f"splits). Mean val crack F1 {record['mean_f1']:.4f} against {record['fp32_mean_f1']:.4f} "
+        f"for the float graph (drop {record['f1_drop']:.4f}; gate {record['max_f1_drop']}): "
+        f"{verdict}. Masks agree with the float graph's on {record['mask_agreement']:.4%} "
+        "of val pixels.",
+        "",
+        "| dataset | F1 float | F1 INT8 |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {record['fp32_metrics'][name]['f1']:.4f} | {m['f1']:.4f} |"
+        for name, m in record["metrics"].items()
+    ]
     if record.get("speed"):
         speed = record["speed"]
-        lines += ["", f"Measured when quantized ({speed['machine']}): float {speed['fp32_chips_per_s']} "
-                      f"chips/s, INT8 {speed['int8_chips_per_s']} chips/s, one thread."]
+        lines += [
+            "",
+            f"Measured when quantized ({speed['machine']}): float {speed['fp32_chips_per_s']} "
+            f"chips/s, INT8 {speed['int8_chips_per_s']} chips/s, one thread.",
+        ]
     return "\n".join(lines)

@@ -26,9 +26,11 @@ WORKSPACE_BYTES = 4 << 30
 # Bump when build_engine's settings change (workspace, flags, ...): cached engines carry it
 # in their key (pipeline.backends.tensorrt.EngineKey) and are rebuilt.
 BUILD_VERSION = "1"
-TENSORRT_INSTALL = ("pip install 'crackmap[gpu]' --extra-index-url https://pypi.nvidia.com "
-                    "(tensorrt comes from NVIDIA's package index; pycuda is built from source "
-                    "and needs the CUDA toolkit's nvcc on PATH)")
+TENSORRT_INSTALL = (
+    "pip install 'crackmap[gpu]' --extra-index-url https://pypi.nvidia.com "
+    "(tensorrt comes from NVIDIA's package index; pycuda is built from source "
+    "and needs the CUDA toolkit's nvcc on PATH)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +50,10 @@ class Profile:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
-            raise ValueError(f"an optimization profile needs 1 <= min <= opt <= max batch, "
-                             f"got {self.min_batch}/{self.opt_batch}/{self.max_batch}")
+            raise ValueError(
+                f"an optimization profile needs 1 <= min <= opt <= max batch, "
+                f"got {self.min_batch}/{self.opt_batch}/{self.max_batch}"
+            )
 
     @classmethod
     def for_max_batch(cls, max_batch: int = 64, size_px: int = 400) -> Profile:
@@ -61,8 +65,11 @@ class Profile:
 
     def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """(min, opt, max) input shapes, as ``IOptimizationProfile.set_shape`` takes them."""
-        return (self.input_shape(self.min_batch), self.input_shape(self.opt_batch),
-                self.input_shape(self.max_batch))
+        return (
+            self.input_shape(self.min_batch),
+            self.input_shape(self.opt_batch),
+            self.input_shape(self.max_batch),
+        )
 
 
 def strongly_typed(tensorrt_version: str) -> bool:
@@ -74,8 +81,9 @@ def strongly_typed(tensorrt_version: str) -> bool:
     return int(tensorrt_version.split(".")[0]) >= 11
 
 
-def build_engine(onnx_path: Path, precision: str, profile: Profile,
-                 timing_cache: Path | None = None) -> bytes:
+def build_engine(
+    onnx_path: Path, precision: str, profile: Profile, timing_cache: Path | None = None
+) -> bytes:
     """Serialized TensorRT engine of an ONNX graph with one optimization profile.
 
     Args:
@@ -120,13 +128,19 @@ def build_engine(onnx_path: Path, precision: str, profile: Profile,
     if timings is None:  # none yet, or unreadable: start afresh
         timings = config.create_timing_cache(b"")
     config.set_timing_cache(timings, ignore_mismatch=False)
-    log.info("building a %s TensorRT %s engine from %s (batch %d/%d/%d)%s", precision,
-             trt.__version__, onnx_path, profile.min_batch, profile.opt_batch, profile.max_batch,
-             ", strongly typed" if typed else "")
+    log.info(
+        "building a %s TensorRT %s engine from %s (batch %d/%d/%d)%s",
+        precision,
+        trt.__version__,
+        onnx_path,
+        profile.min_batch,
+        profile.opt_batch,
+        profile.max_batch,
+        ", strongly typed" if typed else "",
+    )
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}; "
-                           "rerun with -v for its log")
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}; rerun with -v for its log")
     if timing_cache:  # replaced whole, so that a worker sharing the folder never reads half of it
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=timing_cache.parent, delete=False) as f:

@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -58,19 +58,65 @@ from models.metrics import PixelCounts, ThresholdSweep
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("deepcrack", "crackforest_cfd", "paveseg_preview", "uav75", "gaps384", "aiglern", "crack500",
-            "shadowcrack", "uav_crackx", "uav_kaggle", "sut_crack", "crack_sc")
+DATASETS = (
+    "deepcrack",
+    "crackforest_cfd",
+    "paveseg_preview",
+    "uav75",
+    "gaps384",
+    "aiglern",
+    "crack500",
+    "shadowcrack",
+    "uav_crackx",
+    "uav_kaggle",
+    "sut_crack",
+    "crack_sc",
+)
 # Crops per sampling round of each dataset: balanced by domain, survey-like data (vehicle and
 # drone views of real roads) weighted up, the concrete-structure set (not pavement) down.
-DATASET_WEIGHTS = {"paveseg_preview": 3, "gaps384": 3, "aiglern": 3, "uav_crackx": 3, "crack500": 3,
-                   "deepcrack": 2, "shadowcrack": 2, "uav_kaggle": 2, "crackforest_cfd": 1, "sut_crack": 1,
-                   "crack_sc": 1, "uav75": 1}
+DATASET_WEIGHTS = {
+    "paveseg_preview": 3,
+    "gaps384": 3,
+    "aiglern": 3,
+    "uav_crackx": 3,
+    "crack500": 3,
+    "deepcrack": 2,
+    "shadowcrack": 2,
+    "uav_kaggle": 2,
+    "crackforest_cfd": 1,
+    "sut_crack": 1,
+    "crack_sc": 1,
+    "uav75": 1,
+}
 CHECKPOINT_FORMAT = "crackmap-hrsegnet-checkpoint/1"
 # Config fields that change the training trajectory; a resume must not change them.
-RECIPE_FIELDS = ("variant", "datasets", "dataset_weights", "iters", "batch_size", "crop_px", "scale_min",
-                 "scale_max", "scale_step", "jitter", "focus_crack", "focus_hard_negative", "mosaic_below_px",
-                 "lr", "momentum", "weight_decay", "warmup_fraction", "power", "ohem_thresh",
-                 "ohem_min_kept_fraction", "ohem_heads", "aux_weights", "avg_pool", "precision", "seed")
+RECIPE_FIELDS = (
+    "variant",
+    "datasets",
+    "dataset_weights",
+    "iters",
+    "batch_size",
+    "crop_px",
+    "scale_min",
+    "scale_max",
+    "scale_step",
+    "jitter",
+    "focus_crack",
+    "focus_hard_negative",
+    "mosaic_below_px",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "warmup_fraction",
+    "power",
+    "ohem_thresh",
+    "ohem_min_kept_fraction",
+    "ohem_heads",
+    "aux_weights",
+    "avg_pool",
+    "precision",
+    "seed",
+)
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -83,7 +129,9 @@ def cpu_has_bf16() -> bool:
         text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
     except OSError:
         return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
+    )
     return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
@@ -112,7 +160,7 @@ class TrainConfig:
     out: Path
     data_root: Path = field(default_factory=default_data_root)
     datasets: tuple[str, ...] = DATASETS
-    dataset_weights: tuple[int, ...] | None = None   # None: DATASET_WEIGHTS (1 where absent)
+    dataset_weights: tuple[int, ...] | None = None  # None: DATASET_WEIGHTS (1 where absent)
     variant: str = "b16"
     iters: int = 10_000
     batch_size: int = 8
@@ -131,18 +179,18 @@ class TrainConfig:
     power: float = 0.9
     ohem_thresh: float = 0.7
     ohem_min_kept_fraction: float = 1 / 16
-    ohem_heads: str = "main"            # "main" or "all"
+    ohem_heads: str = "main"  # "main" or "all"
     aux_weights: tuple[float, float] = (0.5, 0.5)
-    avg_pool: str = "exclusive"         # "exclusive" as the reference; "inclusive" as 1.0.0
-    precision: str = "auto"             # auto | bf16 | fp32; resolved when the run starts
+    avg_pool: str = "exclusive"  # "exclusive" as the reference; "inclusive" as 1.0.0
+    precision: str = "auto"  # auto | bf16 | fp32; resolved when the run starts
     seed: int = 0
-    val_every: int | None = None        # None: every 10 % of iters
+    val_every: int | None = None  # None: every 10 % of iters
     checkpoint_every: int = 250
     log_every: int = 50
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_minutes: float | None = None
     resume: Path | None = None
-    stop_at: int | None = None          # stop after this iteration (schedule unchanged)
+    stop_at: int | None = None  # stop after this iteration (schedule unchanged)
     device: str = "auto"
 
     def validation_interval(self) -> int:
@@ -151,33 +199,48 @@ class TrainConfig:
 
     def augment(self) -> crackdata.Augment:
         """The augmentation settings of this run."""
-        return crackdata.Augment(crop_px=self.crop_px, scale_min=self.scale_min,
-                                 scale_max=self.scale_max, scale_step=self.scale_step,
-                                 brightness=self.jitter, contrast=self.jitter, saturation=self.jitter,
-                                 focus_crack=self.focus_crack, focus_hard_negative=self.focus_hard_negative,
-                                 mosaic_below_px=self.mosaic_below_px)
+        return crackdata.Augment(
+            crop_px=self.crop_px,
+            scale_min=self.scale_min,
+            scale_max=self.scale_max,
+            scale_step=self.scale_step,
+            brightness=self.jitter,
+            contrast=self.jitter,
+            saturation=self.jitter,
+            focus_crack=self.focus_crack,
+            focus_hard_negative=self.focus_hard_negative,
+            mosaic_below_px=self.mosaic_below_px,
+        )
 
     def weights(self) -> tuple[int, ...]:
         """Crops per sampling round of each dataset."""
         weights = self.dataset_weights or tuple(DATASET_WEIGHTS.get(name, 1) for name in self.datasets)
         if len(weights) != len(self.datasets) or min(weights) < 1:
-            raise ValueError(f"dataset_weights {weights} must be one whole number >= 1 per dataset "
-                             f"({len(self.datasets)})")
+            raise ValueError(
+                f"dataset_weights {weights} must be one whole number >= 1 per dataset ({len(self.datasets)})"
+            )
         return tuple(int(w) for w in weights)
 
     def recipe(self) -> dict:
         """All hyperparameters, JSON-ready (``precision`` as resolved for this machine)."""
         recipe = {name: _jsonable(getattr(self, name)) for name in RECIPE_FIELDS}
-        recipe.update(dataset_weights=list(self.weights()),
-                      precision=resolve_precision(self.precision, resolve_device(self.device).type))
+        recipe.update(
+            dataset_weights=list(self.weights()),
+            precision=resolve_precision(self.precision, resolve_device(self.device).type),
+        )
         heads = "main head" if self.ohem_heads == "main" else "main + 2 aux heads"
-        recipe.update(optimizer="SGD", lr_schedule="linear warm-up, then poly decay to 0",
-                      warmup_iters=warmup_iters(self),
-                      loss=f"OHEM cross-entropy on the {heads}, plain cross-entropy on the others; "
-                           "weights 1 + aux_weights",
-                      ignore_index=crackdata.IGNORE_INDEX, flip=True, pad_image=0,
-                      sampling="by domain: dataset_weights crops of each dataset per round",
-                      validation="whole images, val split; threshold F1-optimal on pooled val pixels")
+        recipe.update(
+            optimizer="SGD",
+            lr_schedule="linear warm-up, then poly decay to 0",
+            warmup_iters=warmup_iters(self),
+            loss=f"OHEM cross-entropy on the {heads}, plain cross-entropy on the others; "
+            "weights 1 + aux_weights",
+            ignore_index=crackdata.IGNORE_INDEX,
+            flip=True,
+            pad_image=0,
+            sampling="by domain: dataset_weights crops of each dataset per round",
+            validation="whole images, val split; threshold F1-optimal on pooled val pixels",
+        )
         return recipe
 
 
@@ -191,8 +254,14 @@ def _jsonable(value):
 
 # --------------------------------------------------------------------------- loss and schedule
 
-def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, thresh: float = 0.7,
-                       min_kept: int = 100_000, ignore_index: int = crackdata.IGNORE_INDEX) -> torch.Tensor:
+
+def ohem_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    thresh: float = 0.7,
+    min_kept: int = 100_000,
+    ignore_index: int = crackdata.IGNORE_INDEX,
+) -> torch.Tensor:
     """Online hard example mining cross-entropy (PaddleSeg ``OhemCrossEntropyLoss``).
 
     Keeps the pixels whose probability of the true class is below ``thresh``;
@@ -268,12 +337,14 @@ def learning_rate(iteration: int, config: TrainConfig) -> float:
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.SGD:
     """SGD with momentum and weight decay on all parameters."""
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
 
 
-def to_tensors(images: np.ndarray, masks: np.ndarray, device: torch.device,
-               channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def to_tensors(
+    images: np.ndarray, masks: np.ndarray, device: torch.device, channels_last: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, H, W, 3) uint8 and (N, H, W) uint8 -> float [0, 1] NCHW and int64 NHW."""
     x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255.0)
     y = torch.from_numpy(masks).to(device).long()
@@ -286,8 +357,15 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-               masks: torch.Tensor, iteration: int, config: TrainConfig, precision: str = "fp32") -> float:
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    iteration: int,
+    config: TrainConfig,
+    precision: str = "fp32",
+) -> float:
     """One SGD step at the scheduled learning rate; returns the loss.
 
     ``precision="bf16"`` runs forward and backward under bf16 autocast; the
@@ -300,8 +378,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
         outputs = model(images)
     loss = total_loss(outputs, masks, config)
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"training loss is {loss.item()} at iteration {iteration}; "
-                                 "lower --lr or check the data")
+        raise FloatingPointError(
+            f"training loss is {loss.item()} at iteration {iteration}; lower --lr or check the data"
+        )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -310,8 +389,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
 
 # --------------------------------------------------------------------------- data
 
-def load_splits(root: Path, names: tuple[str, ...], split: str,
-                refine: bool = True) -> tuple[crackdata.CrackSplit, ...]:
+
+def load_splits(
+    root: Path, names: tuple[str, ...], split: str, refine: bool = True
+) -> tuple[crackdata.CrackSplit, ...]:
     """Decode ``root/<name>/<split>`` for every dataset name (``refine``: see ``load_split``).
 
     Raises:
@@ -321,8 +402,10 @@ def load_splits(root: Path, names: tuple[str, ...], split: str,
     for name in names:
         folder = Path(root) / name / split
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} does not exist; set --data-root (or $CRACKMAP_DATA) "
-                                    f"to the folder holding {', '.join(names)}")
+            raise FileNotFoundError(
+                f"{folder} does not exist; set --data-root (or $CRACKMAP_DATA) "
+                f"to the folder holding {', '.join(names)}"
+            )
         splits.append(crackdata.load_split(folder, name, refine=refine))
     return tuple(splits)
 
@@ -338,15 +421,22 @@ def dataset_licences(root: Path, names: tuple[str, ...]) -> dict[str, str | None
 
 def data_summary(config: TrainConfig, train: tuple, val: tuple) -> dict:
     """Dataset names, splits, image counts and licences, for the checkpoint."""
-    return {"root": str(config.data_root), "splits": {"train": "train", "val": "val"},
-            "datasets": {t.name: {"train": len(t), "val": len(v)} for t, v in zip(train, val)},
-            "sampling": "by domain: " + ", ".join(f"{n} x{w}" for n, w in zip(config.datasets, config.weights())),
-            "hard_negatives": {name: {"ignore": list(rule.ignore), "hard_negative": list(rule.hard_negative)}
-                               for name, rule in crackdata.MULTICLASS.items() if name in config.datasets},
-            "licences": dataset_licences(config.data_root, config.datasets)}
+    return {
+        "root": str(config.data_root),
+        "splits": {"train": "train", "val": "val"},
+        "datasets": {t.name: {"train": len(t), "val": len(v)} for t, v in zip(train, val)},
+        "sampling": "by domain: " + ", ".join(f"{n} x{w}" for n, w in zip(config.datasets, config.weights())),
+        "hard_negatives": {
+            name: {"ignore": list(rule.ignore), "hard_negative": list(rule.hard_negative)}
+            for name, rule in crackdata.MULTICLASS.items()
+            if name in config.datasets
+        },
+        "licences": dataset_licences(config.data_root, config.datasets),
+    }
 
 
 # --------------------------------------------------------------------------- validation
+
 
 @torch.inference_mode()
 def crack_probability(model: torch.nn.Module, image: np.ndarray, device: torch.device) -> np.ndarray:
@@ -355,8 +445,9 @@ def crack_probability(model: torch.nn.Module, image: np.ndarray, device: torch.d
     return torch.softmax(model(x), dim=1)[0, 1].float().cpu().numpy()
 
 
-def validate(model: torch.nn.Module, splits: tuple[crackdata.CrackSplit, ...],
-             device: torch.device) -> dict[str, tuple[PixelCounts, ThresholdSweep]]:
+def validate(
+    model: torch.nn.Module, splits: tuple[crackdata.CrackSplit, ...], device: torch.device
+) -> dict[str, tuple[PixelCounts, ThresholdSweep]]:
     """Counts at probability 0.5 and a threshold sweep per dataset (eval mode, no grad)."""
     was_training = model.training
     model.eval()
@@ -392,31 +483,48 @@ def summarise_validation(results: dict[str, tuple[PixelCounts, ThresholdSweep]])
         at_threshold = sweep.scores_at(threshold)
         val_metrics[name] = {key: at_threshold[key] for key in SCORE_KEYS}
         own_threshold, own_scores = sweep.best_f1()
-        diagnostics[name] = {"at_0.5": {key: counts.scores()[key] for key in SCORE_KEYS},
-                             "own_best_threshold": own_threshold, "own_best_f1": own_scores["f1"]}
+        diagnostics[name] = {
+            "at_0.5": {key: counts.scores()[key] for key in SCORE_KEYS},
+            "own_best_threshold": own_threshold,
+            "own_best_f1": own_scores["f1"],
+        }
     score = float(np.mean([m["f1"] for m in val_metrics.values()]))
-    return {"threshold": threshold, "score": score, "pooled_f1": pooled_scores["f1"],
-            "val_metrics": val_metrics, "diagnostics": diagnostics}
+    return {
+        "threshold": threshold,
+        "score": score,
+        "pooled_f1": pooled_scores["f1"],
+        "val_metrics": val_metrics,
+        "diagnostics": diagnostics,
+    }
 
 
 # --------------------------------------------------------------------------- checkpoints
+
 
 def model_card(config: TrainConfig, model: hrsegnet.HrSegNet, device: torch.device) -> dict:
     """Git-free metadata for a model card."""
     return {
         "architecture": "HrSegNet (Li et al., Automation in Construction 2023)",
-        "variant": config.variant, "base_channels": model.base, "avg_pool": config.avg_pool,
+        "variant": config.variant,
+        "base_channels": model.base,
+        "avg_pool": config.avg_pool,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "in_channels": 3, "classes": ["background", "crack"],
+        "in_channels": 3,
+        "classes": ["background", "crack"],
         "input": "RGB float32 NCHW in [0, 1]; normalised inside the model",
-        "mean": list(hrsegnet.MEAN), "std": list(hrsegnet.STD),
+        "mean": list(hrsegnet.MEAN),
+        "std": list(hrsegnet.STD),
         "output": "class logits at input size; crack probability = softmax(logits, 1)[:, 1]",
         "decision": "crack where crack probability >= threshold",
         "selection": "highest mean over val datasets of crack F1 at the pooled F1-optimal threshold",
-        "software": {"python": platform.python_version(), "torch": str(torch.__version__),
-                     "numpy": np.__version__},
-        "device": str(device), "threads": torch.get_num_threads(),
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "software": {
+            "python": platform.python_version(),
+            "torch": str(torch.__version__),
+            "numpy": np.__version__,
+        },
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -449,10 +557,14 @@ def check_resumable(payload: dict, config: TrainConfig, path: Path) -> None:
         ValueError: Naming the checkpoint and every changed hyperparameter.
     """
     saved, current = payload["recipe"], config.recipe()
-    changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in RECIPE_FIELDS if saved.get(k) != current[k]]
+    changed = [
+        f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in RECIPE_FIELDS if saved.get(k) != current[k]
+    ]
     if changed:
-        raise ValueError(f"cannot resume from {path}: the recipe changed ({'; '.join(changed)}). "
-                         "Resume with the original options or start a new --out folder.")
+        raise ValueError(
+            f"cannot resume from {path}: the recipe changed ({'; '.join(changed)}). "
+            "Resume with the original options or start a new --out folder."
+        )
 
 
 @dataclass
@@ -467,6 +579,7 @@ class RunState:
 
 
 # --------------------------------------------------------------------------- the run
+
 
 class _StopFlag:
     """Set by SIGTERM/SIGINT so the loop can save and stop cleanly."""
@@ -510,10 +623,15 @@ class Trainer:
         started = time.monotonic()
         self.train_splits = load_splits(config.data_root, config.datasets, "train")
         self.val_splits = load_splits(config.data_root, config.datasets, "val", refine=False)
-        log.info("decoded %d train and %d val images in %.1f s",
-                 sum(map(len, self.train_splits)), sum(map(len, self.val_splits)), time.monotonic() - started)
-        self.sampler = crackdata.BalancedSampler(tuple(len(s) for s in self.train_splits), config.seed,
-                                                 config.weights())
+        log.info(
+            "decoded %d train and %d val images in %.1f s",
+            sum(map(len, self.train_splits)),
+            sum(map(len, self.val_splits)),
+            time.monotonic() - started,
+        )
+        self.sampler = crackdata.BalancedSampler(
+            tuple(len(s) for s in self.train_splits), config.seed, config.weights()
+        )
         self.augment = config.augment()
         self.data = data_summary(config, self.train_splits, self.val_splits)
         if config.resume is not None:
@@ -527,9 +645,13 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         torch.set_rng_state(payload["rng"]["torch"])
         run = payload["run"]
-        self.state = RunState(iteration=payload["iteration"], train_seconds=payload["train_seconds"],
-                              best_score=run["best_score"], best_iteration=run["best_iteration"],
-                              last_validation=run["last_validation"])
+        self.state = RunState(
+            iteration=payload["iteration"],
+            train_seconds=payload["train_seconds"],
+            best_score=run["best_score"],
+            best_iteration=run["best_iteration"],
+            last_validation=run["last_validation"],
+        )
         log.info("resumed from %s at iteration %d", path, self.state.iteration)
 
     def payload(self, validation: dict | None) -> dict:
@@ -537,32 +659,48 @@ class Trainer:
         validation = validation or {}
         return {
             "format": CHECKPOINT_FORMAT,
-            "state_dict": self.model.state_dict(), "variant": self.config.variant,
-            "avg_pool": self.config.avg_pool, "precision": self.precision,
-            "threshold": validation.get("threshold"), "val_metrics": validation.get("val_metrics"),
-            "val_score": validation.get("score"), "iteration": self.state.iteration,
+            "state_dict": self.model.state_dict(),
+            "variant": self.config.variant,
+            "avg_pool": self.config.avg_pool,
+            "precision": self.precision,
+            "threshold": validation.get("threshold"),
+            "val_metrics": validation.get("val_metrics"),
+            "val_score": validation.get("score"),
+            "iteration": self.state.iteration,
             "optimizer": self.optimizer.state_dict(),
             "rng": {"torch": torch.get_rng_state()},
-            "data_order": {"sampler": "BalancedSampler", "seed": self.config.seed,
-                           "next_sample": self.state.iteration * self.config.batch_size},
-            "run": {"best_score": self.state.best_score, "best_iteration": self.state.best_iteration,
-                    "last_validation": self.state.last_validation},
-            "recipe": self.config.recipe(), "data": self.data,
+            "data_order": {
+                "sampler": "BalancedSampler",
+                "seed": self.config.seed,
+                "next_sample": self.state.iteration * self.config.batch_size,
+            },
+            "run": {
+                "best_score": self.state.best_score,
+                "best_iteration": self.state.best_iteration,
+                "last_validation": self.state.last_validation,
+            },
+            "recipe": self.config.recipe(),
+            "data": self.data,
             "train_seconds": self.state.train_seconds,
             "model_card": model_card(self.config, self.model, self.device),
         }
 
     def log_event(self, event: str, **fields) -> None:
         """Append one JSON line to ``metrics.jsonl``."""
-        record = {"event": event, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "iteration": self.state.iteration, **fields}
+        record = {
+            "event": event,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "iteration": self.state.iteration,
+            **fields,
+        }
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as stream:
             stream.write(json.dumps(record) + "\n")
 
     def step(self) -> float:
         """Train one iteration."""
-        images, masks = crackdata.training_batch(self.train_splits, self.sampler, self.state.iteration,
-                                                 self.config.batch_size, self.augment)
+        images, masks = crackdata.training_batch(
+            self.train_splits, self.sampler, self.state.iteration, self.config.batch_size, self.augment
+        )
         x, y = to_tensors(images, masks, self.device, self.channels_last)
         loss = train_step(self.model, self.optimizer, x, y, self.state.iteration, self.config, self.precision)
         self.state.iteration += 1
@@ -578,10 +716,15 @@ class Trainer:
         if improved:
             self.state.best_score, self.state.best_iteration = summary["score"], self.state.iteration
         self.log_event("val", best=improved, **summary)
-        log.info("val @%d: mean F1 %.4f (threshold %.3f, pooled F1 %.4f) %s in %.1f s",
-                 self.state.iteration, summary["score"], summary["threshold"], summary["pooled_f1"],
-                 {k: round(v["f1"], 3) for k, v in summary["val_metrics"].items()},
-                 summary["seconds"])
+        log.info(
+            "val @%d: mean F1 %.4f (threshold %.3f, pooled F1 %.4f) %s in %.1f s",
+            self.state.iteration,
+            summary["score"],
+            summary["threshold"],
+            summary["pooled_f1"],
+            {k: round(v["f1"], 3) for k, v in summary["val_metrics"].items()},
+            summary["seconds"],
+        )
         if improved:
             save_checkpoint(self.out / "best.pt", self.payload(summary))
         return summary
@@ -627,8 +770,13 @@ def _loop(trainer: Trainer, config: TrainConfig, clock: _Clock, stop: _StopFlag)
     """Run iterations until done, stopped or out of time; returns why it ended."""
     end = min(config.iters, config.stop_at or config.iters)
     interval, losses = config.validation_interval(), []
-    bar = tqdm(total=config.iters, initial=trainer.state.iteration, desc="train", dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    bar = tqdm(
+        total=config.iters,
+        initial=trainer.state.iteration,
+        desc="train",
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
     try:
         while trainer.state.iteration < end:
             upcoming = trainer.state.iteration + 1
@@ -650,8 +798,12 @@ def _after_step(trainer: Trainer, config: TrainConfig, clock: _Clock, losses: li
     if iteration % config.log_every == 0 or iteration == config.iters:
         mean_loss = float(np.mean(losses))
         bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
-        trainer.log_event("train", loss=mean_loss, lr=learning_rate(iteration - 1, config),
-                          step_seconds=round(clock.step_seconds, 4))
+        trainer.log_event(
+            "train",
+            loss=mean_loss,
+            lr=learning_rate(iteration - 1, config),
+            step_seconds=round(clock.step_seconds, 4),
+        )
         losses.clear()
     if iteration % config.validation_interval() == 0 or iteration == config.iters:
         started = time.monotonic()
@@ -681,30 +833,58 @@ def train(config: TrainConfig) -> Path:
     clock = _Clock(config.max_minutes)
     trainer = Trainer(config)
     _write_config(config)
-    trainer.log_event("resume" if config.resume else "start", recipe=config.recipe(), data=trainer.data,
-                      device=str(trainer.device), threads=config.threads, precision=trainer.precision)
+    trainer.log_event(
+        "resume" if config.resume else "start",
+        recipe=config.recipe(),
+        data=trainer.data,
+        device=str(trainer.device),
+        threads=config.threads,
+        precision=trainer.precision,
+    )
     with _StopFlag() as stop:
         reason = _loop(trainer, config, clock, stop)
     trainer.save_last()
-    trainer.log_event("end", reason=reason, train_seconds=round(trainer.state.train_seconds, 1),
-                      best_score=trainer.state.best_score, best_iteration=trainer.state.best_iteration)
-    log.info("%s at iteration %d; best mean F1 %.4f at iteration %s; checkpoints in %s", reason,
-             trainer.state.iteration, trainer.state.best_score, trainer.state.best_iteration, trainer.out)
+    trainer.log_event(
+        "end",
+        reason=reason,
+        train_seconds=round(trainer.state.train_seconds, 1),
+        best_score=trainer.state.best_score,
+        best_iteration=trainer.state.best_iteration,
+    )
+    log.info(
+        "%s at iteration %d; best mean F1 %.4f at iteration %s; checkpoints in %s",
+        reason,
+        trainer.state.iteration,
+        trainer.state.best_score,
+        trainer.state.best_iteration,
+        trainer.out,
+    )
     if not (trainer.out / "best.pt").is_file():
-        log.warning("no validation has run yet, so %s/best.pt does not exist; resume to continue",
-                    trainer.out)
+        log.warning(
+            "no validation has run yet, so %s/best.pt does not exist; resume to continue", trainer.out
+        )
     return trainer.out / "best.pt"
 
 
 # --------------------------------------------------------------------------- command line
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the training options to ``parser`` (shared with ``crackmap train``)."""
     defaults = TrainConfig(out=Path("runs/b16"))
-    parser.add_argument("--data-root", type=Path, default=None,
-                        help="folder with the datasets (default: $CRACKMAP_DATA or ../shared/data/cracks)")
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), metavar="NAME",
-                        help=f"datasets to train and validate on (default: {' '.join(DATASETS)})")
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="folder with the datasets (default: $CRACKMAP_DATA or ../shared/data/cracks)",
+    )
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=list(DATASETS),
+        metavar="NAME",
+        help=f"datasets to train and validate on (default: {' '.join(DATASETS)})",
+    )
     parser.add_argument("--variant", default="b16", choices=sorted(hrsegnet.VARIANTS))
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<variant>)")
     parser.add_argument("--iters", type=int, default=defaults.iters, help="total iterations of the schedule")
@@ -712,36 +892,82 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop-px", type=int, default=defaults.crop_px, help="training crop side")
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--val-every", type=int, default=None, help="iterations between validations "
-                        "(default: 10 %% of --iters)")
+    parser.add_argument(
+        "--val-every",
+        type=int,
+        default=None,
+        help="iterations between validations (default: 10 %% of --iters)",
+    )
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     parser.add_argument("--log-every", type=int, default=defaults.log_every)
-    parser.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
-                        help="resume from CHECKPOINT (default: <out>/last.pt)")
-    parser.add_argument("--stop-at", type=int, default=None, help="stop after this iteration, schedule unchanged")
-    parser.add_argument("--threads", type=int, default=defaults.threads,
-                        help="torch CPU threads (default: all cores)")
-    parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
-                        help="auto: bf16 autocast on CPUs with AVX512-BF16/AMX, else fp32")
-    parser.add_argument("--ohem-heads", choices=("main", "all"), default=defaults.ohem_heads,
-                        help="heads with OHEM; the others get plain cross-entropy")
-    parser.add_argument("--avg-pool", choices=hrsegnet.AVG_POOL, default=defaults.avg_pool,
-                        help="exclusive: padding left out of border averages (as the reference)")
-    parser.add_argument("--max-minutes", type=float, default=None,
-                        help="stop cleanly (saving last.pt) before this wall-clock budget runs out")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
+        metavar="CHECKPOINT",
+        help="resume from CHECKPOINT (default: <out>/last.pt)",
+    )
+    parser.add_argument(
+        "--stop-at", type=int, default=None, help="stop after this iteration, schedule unchanged"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=defaults.threads, help="torch CPU threads (default: all cores)"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=defaults.precision,
+        help="auto: bf16 autocast on CPUs with AVX512-BF16/AMX, else fp32",
+    )
+    parser.add_argument(
+        "--ohem-heads",
+        choices=("main", "all"),
+        default=defaults.ohem_heads,
+        help="heads with OHEM; the others get plain cross-entropy",
+    )
+    parser.add_argument(
+        "--avg-pool",
+        choices=hrsegnet.AVG_POOL,
+        default=defaults.avg_pool,
+        help="exclusive: padding left out of border averages (as the reference)",
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop cleanly (saving last.pt) before this wall-clock budget runs out",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Build a :class:`TrainConfig` from parsed :func:`add_arguments` options."""
     out = args.out or Path("runs") / args.variant
-    resume = None if args.resume is None else (out / "last.pt" if args.resume == "last" else Path(args.resume))
-    config = TrainConfig(out=out, datasets=tuple(args.datasets), variant=args.variant, iters=args.iters,
-                         batch_size=args.batch_size, crop_px=args.crop_px, lr=args.lr, seed=args.seed,
-                         val_every=args.val_every, checkpoint_every=args.checkpoint_every,
-                         log_every=args.log_every, threads=args.threads, max_minutes=args.max_minutes,
-                         resume=resume, stop_at=args.stop_at, device=args.device, precision=args.precision,
-                         ohem_heads=args.ohem_heads, avg_pool=args.avg_pool)
+    resume = (
+        None if args.resume is None else (out / "last.pt" if args.resume == "last" else Path(args.resume))
+    )
+    config = TrainConfig(
+        out=out,
+        datasets=tuple(args.datasets),
+        variant=args.variant,
+        iters=args.iters,
+        batch_size=args.batch_size,
+        crop_px=args.crop_px,
+        lr=args.lr,
+        seed=args.seed,
+        val_every=args.val_every,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        threads=args.threads,
+        max_minutes=args.max_minutes,
+        resume=resume,
+        stop_at=args.stop_at,
+        device=args.device,
+        precision=args.precision,
+        ohem_heads=args.ohem_heads,
+        avg_pool=args.avg_pool,
+    )
     if args.data_root is not None:
         config = replace(config, data_root=args.data_root)
     return config

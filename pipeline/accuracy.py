@@ -25,7 +25,7 @@ from scipy import ndimage
 from skan import Skeleton
 from skimage.morphology import skeletonize
 
-WIDTH_CLASSES_PX = (3.0, 8.0)   # thin < 3 px <= medium < 8 px <= wide (true width in pixels)
+WIDTH_CLASSES_PX = (3.0, 8.0)  # thin < 3 px <= medium < 8 px <= wide (true width in pixels)
 CLASS_NAMES = ("thin", "medium", "wide")
 
 
@@ -33,9 +33,9 @@ CLASS_NAMES = ("thin", "medium", "wide")
 class TruthSkeleton:
     """Centrelines of a true crack mask, with their true widths and lengths."""
 
-    skeleton: np.ndarray        # (H, W) bool
-    width_px: np.ndarray        # (H, W) float32: true width at skeleton pixels (2 d - 1), 0 elsewhere
-    paths_rc: tuple[np.ndarray, ...]   # skeleton paths as (row, col) vertices
+    skeleton: np.ndarray  # (H, W) bool
+    width_px: np.ndarray  # (H, W) float32: true width at skeleton pixels (2 d - 1), 0 elsewhere
+    paths_rc: tuple[np.ndarray, ...]  # skeleton paths as (row, col) vertices
     length_m: float
 
 
@@ -49,13 +49,18 @@ class VectorScore:
     length_ratio: float
     true_length_m: float
     predicted_length_m: float
-    length_ratio_by_width: dict = field(default_factory=dict)   # class -> ratio (None: no truth)
+    length_ratio_by_width: dict = field(default_factory=dict)  # class -> ratio (None: no truth)
 
     def as_dict(self) -> dict:
-        return {"f1": self.f1, "precision": self.precision, "recall": self.recall,
-                "length_ratio": self.length_ratio, "true_length_m": self.true_length_m,
-                "predicted_length_m": self.predicted_length_m,
-                "length_ratio_by_width": dict(self.length_ratio_by_width)}
+        return {
+            "f1": self.f1,
+            "precision": self.precision,
+            "recall": self.recall,
+            "length_ratio": self.length_ratio,
+            "true_length_m": self.true_length_m,
+            "predicted_length_m": self.predicted_length_m,
+            "length_ratio_by_width": dict(self.length_ratio_by_width),
+        }
 
 
 def truth_skeleton(mask: np.ndarray, spacing_m: tuple[float, float]) -> TruthSkeleton:
@@ -104,9 +109,14 @@ def sample_lines(lines_rc: list[np.ndarray], step_px: float = 0.5) -> tuple[np.n
     return np.concatenate(points), np.concatenate(weights)
 
 
-def score_lines(lines_rc: list[np.ndarray], predicted_length_m: float, truth: TruthSkeleton,
-                tolerance_px: float = 5.0, valid: np.ndarray | None = None,
-                width_classes_px: tuple[float, float] = WIDTH_CLASSES_PX) -> VectorScore:
+def score_lines(
+    lines_rc: list[np.ndarray],
+    predicted_length_m: float,
+    truth: TruthSkeleton,
+    tolerance_px: float = 5.0,
+    valid: np.ndarray | None = None,
+    width_classes_px: tuple[float, float] = WIDTH_CLASSES_PX,
+) -> VectorScore:
     """Score predicted lines (scene pixel coordinates) against a truth skeleton.
 
     Args:
@@ -123,8 +133,12 @@ def score_lines(lines_rc: list[np.ndarray], predicted_length_m: float, truth: Tr
     shape = truth.skeleton.shape
     skeleton = truth.skeleton if valid is None else truth.skeleton & valid
     points, weights = sample_lines(lines_rc)
-    inside = ((points[:, 0] > -0.5) & (points[:, 0] < shape[0] - 0.5)
-              & (points[:, 1] > -0.5) & (points[:, 1] < shape[1] - 0.5))
+    inside = (
+        (points[:, 0] > -0.5)
+        & (points[:, 0] < shape[0] - 0.5)
+        & (points[:, 1] > -0.5)
+        & (points[:, 1] < shape[1] - 0.5)
+    )
     points, weights = points[inside], weights[inside]
     cells = np.clip(np.rint(points).astype(np.int64), 0, np.array(shape) - 1)
     to_truth, nearest = ndimage.distance_transform_edt(~skeleton, return_indices=True)
@@ -133,27 +147,44 @@ def score_lines(lines_rc: list[np.ndarray], predicted_length_m: float, truth: Tr
     drawn[cells[:, 0], cells[:, 1]] = True
     to_line = ndimage.distance_transform_edt(~drawn) if drawn.any() else np.full(shape, np.inf)
     true_count = int(skeleton.sum())
-    precision = float(weights[near_truth].sum() / weights.sum()) if weights.size else (1.0 if not true_count else 0.0)
+    precision = (
+        float(weights[near_truth].sum() / weights.sum()) if weights.size else (1.0 if not true_count else 0.0)
+    )
     recall = float((to_line[skeleton] <= tolerance_px).sum() / true_count) if true_count else 1.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    true_length = truth.length_m if valid is None else truth.length_m * true_count / max(1, truth.skeleton.sum())
-    by_width = _length_ratio_by_width(truth, skeleton, to_truth, nearest, cells[near_truth], weights[near_truth],
-                                      width_classes_px)
-    return VectorScore(precision, recall, f1,
-                       predicted_length_m / true_length if true_length else float("inf"),
-                       true_length, predicted_length_m, by_width)
+    true_length = (
+        truth.length_m if valid is None else truth.length_m * true_count / max(1, truth.skeleton.sum())
+    )
+    by_width = _length_ratio_by_width(
+        truth, skeleton, to_truth, nearest, cells[near_truth], weights[near_truth], width_classes_px
+    )
+    return VectorScore(
+        precision,
+        recall,
+        f1,
+        predicted_length_m / true_length if true_length else float("inf"),
+        true_length,
+        predicted_length_m,
+        by_width,
+    )
 
 
-def _length_ratio_by_width(truth: TruthSkeleton, skeleton: np.ndarray, to_skeleton: np.ndarray,
-                           nearest: np.ndarray,
-                           cells: np.ndarray, weights: np.ndarray,
-                           bounds: tuple[float, float]) -> dict[str, float | None]:
+def _length_ratio_by_width(
+    truth: TruthSkeleton,
+    skeleton: np.ndarray,
+    to_skeleton: np.ndarray,
+    nearest: np.ndarray,
+    cells: np.ndarray,
+    weights: np.ndarray,
+    bounds: tuple[float, float],
+) -> dict[str, float | None]:
     """Matched predicted length over true length, per true width class (both in pixel lengths).
 
     The true length of a class is measured on the truth's own skeleton paths,
     sampled like the predicted lines; every sample takes the class of its
     nearest counted skeleton pixel, so the two sides are measured alike.
     """
+
     def classes(sample_cells: np.ndarray) -> np.ndarray:
         rows = nearest[0][sample_cells[:, 0], sample_cells[:, 1]]
         cols = nearest[1][sample_cells[:, 0], sample_cells[:, 1]]

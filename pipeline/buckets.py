@@ -53,20 +53,52 @@ class ErrorRule:
 # GDAL (GDAL_HTTP_MAX_RETRY) first; a flow may retry them once more.
 ERROR_POLICY = (
     ErrorRule((), ("NoSuchBucket", "bucket does not exist"), False, "no such bucket"),
-    ErrorRule((), ("InvalidAccessKeyId", "SignatureDoesNotMatch", "Access Key Id",
-                   "AWS_SECRET_ACCESS_KEY", "security token", "ExpiredToken"), False,
-              "credentials refused or missing; check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-              "or AWS_PROFILE"),
-    ErrorRule((PermissionError,), ("AccessDenied", "Access Denied", "HTTP response code: 403"),
-              False, "access denied; check the credentials' permissions on it"),
-    ErrorRule((TimeoutError, ConnectionError), ("SlowDown", "Throttl", "RequestTimeout",
-                                                "ServiceUnavailable", "InternalError",
-                                                "HTTP response code: 5", "Timeout was reached",
-                                                "Could not connect", "Connection refused"),
-              True, "storage temporarily unavailable (retried with backoff); run again later"),
-    ErrorRule((FileNotFoundError,), ("NoSuchKey", "specified key does not exist",
-                                     "does not exist in the file system",
-                                     "HTTP response code: 404"), False, "no such object"),
+    ErrorRule(
+        (),
+        (
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "Access Key Id",
+            "AWS_SECRET_ACCESS_KEY",
+            "security token",
+            "ExpiredToken",
+        ),
+        False,
+        "credentials refused or missing; check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE",
+    ),
+    ErrorRule(
+        (PermissionError,),
+        ("AccessDenied", "Access Denied", "HTTP response code: 403"),
+        False,
+        "access denied; check the credentials' permissions on it",
+    ),
+    ErrorRule(
+        (TimeoutError, ConnectionError),
+        (
+            "SlowDown",
+            "Throttl",
+            "RequestTimeout",
+            "ServiceUnavailable",
+            "InternalError",
+            "HTTP response code: 5",
+            "Timeout was reached",
+            "Could not connect",
+            "Connection refused",
+        ),
+        True,
+        "storage temporarily unavailable (retried with backoff); run again later",
+    ),
+    ErrorRule(
+        (FileNotFoundError,),
+        (
+            "NoSuchKey",
+            "specified key does not exist",
+            "does not exist in the file system",
+            "HTTP response code: 404",
+        ),
+        False,
+        "no such object",
+    ),
 )
 
 
@@ -98,8 +130,9 @@ def storage_error(uri: str, exc: BaseException) -> StorageError:
     """A one-line ``StorageError`` naming ``uri`` and what went wrong, per ``ERROR_POLICY``."""
     rule = policy(exc)
     problem = rule.problem if rule else "storage request failed"
-    return StorageError(uri, f"{problem} ({type(exc).__name__}: {first_line(exc)})",
-                        transient=bool(rule and rule.transient))
+    return StorageError(
+        uri, f"{problem} ({type(exc).__name__}: {first_line(exc)})", transient=bool(rule and rule.transient)
+    )
 
 
 def first_line(exc: BaseException) -> str:
@@ -129,9 +162,19 @@ def join(prefix: str | Path, relative: str) -> str:
 
 # What an S3 filesystem is built from, besides the protocol: a change in any of these gets a
 # new instance (rotated keys, another profile or endpoint), the same values reuse one.
-_S3_ENVIRONMENT = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                   "AWS_DEFAULT_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
-                   "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+_S3_ENVIRONMENT = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+)
 
 
 def filesystem(uri: str):
@@ -145,8 +188,9 @@ def filesystem(uri: str):
     try:
         return _filesystem(protocol, environment)
     except (ImportError, ValueError) as exc:
-        raise StorageError(uri, f"no filesystem for {protocol}:// ({exc}); "
-                                "pip install the fsspec implementation for it") from exc
+        raise StorageError(
+            uri, f"no filesystem for {protocol}:// ({exc}); pip install the fsspec implementation for it"
+        ) from exc
 
 
 @functools.lru_cache(maxsize=16)
@@ -167,8 +211,9 @@ def _strip_protocol(uri: str) -> str:
     return uri.split("://", 1)[1] if "://" in uri else uri
 
 
-def list_scenes(prefix: str, pattern: str | None = None,
-                suffixes: tuple[str, ...] = RASTER_SUFFIXES) -> list[StoredObject]:
+def list_scenes(
+    prefix: str, pattern: str | None = None, suffixes: tuple[str, ...] = RASTER_SUFFIXES
+) -> list[StoredObject]:
     """The raster objects under a URL prefix (recursive), sorted; other objects are logged and skipped.
 
     Args:
@@ -192,7 +237,7 @@ def list_scenes(prefix: str, pattern: str | None = None,
     for path, info in sorted(found.items()):
         if info.get("type") == "directory" or path.endswith("/"):
             continue
-        relative = PurePosixPath(path).name if path == root else path[len(root):].lstrip("/")
+        relative = PurePosixPath(path).name if path == root else path[len(root) :].lstrip("/")
         if pattern and not matches_glob(relative, pattern):
             continue
         uri = f"{protocol}://{path}"
@@ -201,8 +246,11 @@ def list_scenes(prefix: str, pattern: str | None = None,
             continue
         objects.append(StoredObject(uri, relative, _etag(info)))
     if not objects:
-        raise StorageError(prefix, f"no raster objects ({', '.join(suffixes)}) found"
-                                   + (f" matching {pattern!r}" if pattern else ""))
+        raise StorageError(
+            prefix,
+            f"no raster objects ({', '.join(suffixes)}) found"
+            + (f" matching {pattern!r}" if pattern else ""),
+        )
     return objects
 
 

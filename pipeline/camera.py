@@ -113,23 +113,29 @@ def check_camera(camera: Camera, source: str) -> None:
     if not camera.height_m > 0:
         problems.append(f"height_m={camera.height_m}: the camera must be above the road (height_m > 0)")
     if len(camera.distortion) not in (4, 5, 8, 12, 14) or not np.isfinite(camera.distortion).all():
-        problems.append(f"distortion must be 4, 5, 8, 12 or 14 finite OpenCV coefficients, "
-                        f"got {list(camera.distortion)}")
+        problems.append(
+            f"distortion must be 4, 5, 8, 12 or 14 finite OpenCV coefficients, got {list(camera.distortion)}"
+        )
     if camera.max_range_m is not None and not camera.max_range_m > 0:
         problems.append(f"max_range_m={camera.max_range_m} must be positive")
     if not all(map(math.isfinite, (*camera.lever_arm_m, camera.roll_deg, camera.pitch_deg, camera.yaw_deg))):
         problems.append("the lever arm and mounting angles must be finite numbers")
     if camera.road_mask is not None and camera.road_mask.shape != (camera.height_px, camera.width_px):
-        problems.append(f"the road mask is {camera.road_mask.shape[1]}x{camera.road_mask.shape[0]}, "
-                        f"the image {camera.width_px}x{camera.height_px}")
+        problems.append(
+            f"the road mask is {camera.road_mask.shape[1]}x{camera.road_mask.shape[0]}, "
+            f"the image {camera.width_px}x{camera.height_px}"
+        )
     if problems:
         raise CameraError(source, "; ".join(problems))
     hits = road_pixels(camera, with_mask=False)
     if camera.road_mask is not None and (above := camera.road_mask & ~hits).any():
         rows = np.flatnonzero(above.any(axis=1))
-        raise CameraError(source, f"the horizon (or max_range_m) lies inside the road mask: mask rows "
-                                  f"{rows[0]}-{rows[-1]} are marked road but see no road; fix the mask "
-                                  "or the mounting angles")
+        raise CameraError(
+            source,
+            f"the horizon (or max_range_m) lies inside the road mask: mask rows "
+            f"{rows[0]}-{rows[-1]} are marked road but see no road; fix the mask "
+            "or the mounting angles",
+        )
     footprint(camera, hits if camera.road_mask is None else hits & camera.road_mask, source)
 
 
@@ -197,7 +203,9 @@ def road_pixels(camera: Camera, with_mask: bool = True, stride_px: int = 4) -> n
     """
     key = (id(camera), stride_px)
     if key not in _HITS:  # checking a camera traces them too: once per camera and process
-        rows, cols = np.mgrid[0:camera.height_px + stride_px:stride_px, 0:camera.width_px + stride_px:stride_px]
+        rows, cols = np.mgrid[
+            0 : camera.height_px + stride_px : stride_px, 0 : camera.width_px + stride_px : stride_px
+        ]
         uv = np.column_stack([cols.ravel(), rows.ravel()]).astype(float)
         _, distance = ground_points(camera, uv)
         hits = np.isfinite(distance)
@@ -234,8 +242,11 @@ def footprint(camera: Camera, road: np.ndarray | None = None, source: str = "cam
         hull = shapely.MultiPoint(points[:, :2]).convex_hull
         if isinstance(hull, shapely.Polygon) and hull.area > 1e-4:
             return hull
-    raise CameraError(source, "the ground footprint is degenerate (the camera sees no road: "
-                                "it looks at the sky or the mask hides the road)")
+    raise CameraError(
+        source,
+        "the ground footprint is degenerate (the camera sees no road: "
+        "it looks at the sky or the mask hides the road)",
+    )
 
 
 def project(camera: Camera, points: np.ndarray) -> np.ndarray:
@@ -243,8 +254,9 @@ def project(camera: Camera, points: np.ndarray) -> np.ndarray:
     to_camera = camera.rotation.T
     rvec, _ = cv2.Rodrigues(to_camera)
     tvec = -to_camera @ np.asarray(camera.lever_arm_m, dtype=float)
-    uv, _ = cv2.projectPoints(np.asarray(points, dtype=np.float64).reshape(-1, 1, 3), rvec, tvec,
-                              camera.matrix, camera.dist)
+    uv, _ = cv2.projectPoints(
+        np.asarray(points, dtype=np.float64).reshape(-1, 1, 3), rvec, tvec, camera.matrix, camera.dist
+    )
     return uv.reshape(-1, 2)
 
 
@@ -264,8 +276,10 @@ def _section(data: dict, key: str, names: tuple[str, ...], source: str) -> list[
     if extra := sorted(set(part) - set(names)):
         raise CameraError(source, f"{key} has unknown keys {extra}; expected {', '.join(names)}")
     try:
-        return [[float(v) for v in part[n]] if n in _LIST_KEYS and isinstance(part[n], list)
-                else float(part[n]) for n in names]
+        return [
+            [float(v) for v in part[n]] if n in _LIST_KEYS and isinstance(part[n], list) else float(part[n])
+            for n in names
+        ]
     except (TypeError, ValueError) as exc:
         raise CameraError(source, f"{key} holds a value that is not a number ({exc})") from exc
 
@@ -279,14 +293,28 @@ def camera_from_dict(data: dict, source: str, mask: np.ndarray | None = None) ->
     width, height = _section(data, "image", ("width", "height"), source)
     fx, fy, cx, cy = _section(data, "intrinsics", ("fx", "fy", "cx", "cy"), source)
     lever, roll, pitch, yaw, height_m = _section(
-        data, "mounting", ("lever_arm_m", "roll_deg", "pitch_deg", "yaw_deg", "height_m"), source)
+        data, "mounting", ("lever_arm_m", "roll_deg", "pitch_deg", "yaw_deg", "height_m"), source
+    )
     distortion = data.get("distortion", [0.0, 0.0, 0.0, 0.0])
     if not isinstance(distortion, list) or not isinstance(lever, list) or len(lever) != 3:
         raise CameraError(source, "distortion must be a list of numbers and lever_arm_m a list of three")
     max_range = data.get("max_range_m")
-    camera = Camera(int(width), int(height), fx, fy, cx, cy, tuple(float(d) for d in distortion),
-                    tuple(lever), roll, pitch, yaw, height_m,
-                    float(max_range) if max_range is not None else None, mask)
+    camera = Camera(
+        int(width),
+        int(height),
+        fx,
+        fy,
+        cx,
+        cy,
+        tuple(float(d) for d in distortion),
+        tuple(lever),
+        roll,
+        pitch,
+        yaw,
+        height_m,
+        float(max_range) if max_range is not None else None,
+        mask,
+    )
     check_camera(camera, source)
     return camera
 

@@ -38,12 +38,19 @@ class MatchParams:
 
     def __post_init__(self) -> None:
         if self.buffer_m <= 0 or not 0 < self.angle_deg <= 90:
-            raise ValueError(f"matching needs buffer_m > 0 and 0 < angle_deg <= 90, got {self.buffer_m} "
-                             f"and {self.angle_deg}")
+            raise ValueError(
+                f"matching needs buffer_m > 0 and 0 < angle_deg <= 90, got {self.buffer_m} "
+                f"and {self.angle_deg}"
+            )
 
 
-def match_cracks(a_lines: np.ndarray, a_axis_deg: np.ndarray, b_lines: np.ndarray, b_axis_deg: np.ndarray,
-                 params: MatchParams = MatchParams()) -> tuple[np.ndarray, np.ndarray]:
+def match_cracks(
+    a_lines: np.ndarray,
+    a_axis_deg: np.ndarray,
+    b_lines: np.ndarray,
+    b_axis_deg: np.ndarray,
+    params: MatchParams = MatchParams(),
+) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (index in A, index in B) of cracks within ``buffer_m`` and ``angle_deg`` of each other.
 
     >>> a = np.array([shapely.LineString([(0, 0), (1, 0)])])
@@ -56,9 +63,14 @@ def match_cracks(a_lines: np.ndarray, a_axis_deg: np.ndarray, b_lines: np.ndarra
     return a_idx[keep], b_idx[keep]
 
 
-def crack_status(pairs: tuple[np.ndarray, np.ndarray], a_length_m: np.ndarray, a_width_mm: np.ndarray,
-                 b_length_m: np.ndarray, b_width_mm: np.ndarray,
-                 params: MatchParams = MatchParams()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def crack_status(
+    pairs: tuple[np.ndarray, np.ndarray],
+    a_length_m: np.ndarray,
+    a_width_mm: np.ndarray,
+    b_length_m: np.ndarray,
+    b_width_mm: np.ndarray,
+    params: MatchParams = MatchParams(),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Status of every crack of B, whether each crack of A is gone, and B's length growth (m).
 
     >>> pairs = (np.array([0, 1]), np.array([0, 1]))
@@ -74,15 +86,27 @@ def crack_status(pairs: tuple[np.ndarray, np.ndarray], a_length_m: np.ndarray, a
     np.maximum.at(widest, b_idx, a_width_mm[a_idx])
     matched = np.bincount(b_idx, minlength=nb) > 0
     grew = b_length_m - matched_length
-    grown = matched & ((grew > np.maximum(params.grown_length_m, params.grown_ratio * matched_length))
-                       | (b_width_mm > widest + params.grown_width_mm))
+    grown = matched & (
+        (grew > np.maximum(params.grown_length_m, params.grown_ratio * matched_length))
+        | (b_width_mm > widest + params.grown_width_mm)
+    )
     status = np.where(~matched, "new", np.where(grown, "grown", "unchanged")).astype(object)
     gone = np.bincount(a_idx, minlength=len(a_length_m)) == 0
     return status, gone, grew
 
 
-DELTA_FIELDS = ("longitudinal_m", "transverse_m", "diagonal_m", "pattern_m", "alligator_m2", "block_m2",
-                "transverse_count", "cracked_area_pct", "cracked_cells_pct", "crack_index")
+DELTA_FIELDS = (
+    "longitudinal_m",
+    "transverse_m",
+    "diagonal_m",
+    "pattern_m",
+    "alligator_m2",
+    "block_m2",
+    "transverse_count",
+    "cracked_area_pct",
+    "cracked_cells_pct",
+    "crack_index",
+)
 
 
 def section_deltas(a_rows: list[dict], b_rows: list[dict]) -> list[dict]:
@@ -95,6 +119,7 @@ def section_deltas(a_rows: list[dict], b_rows: list[dict]) -> list[dict]:
     >>> d["crack_index_delta"], d["class_from"], d["class_to"], d["class_changed"]
     (-0.5, 'Good', 'Fair', 1)
     """
+
     def key(r: dict) -> tuple:
         return r["road_id"], r["level"], round(r["from_m"], 3), round(r["to_m"], 3)
 
@@ -105,15 +130,28 @@ def section_deltas(a_rows: list[dict], b_rows: list[dict]) -> list[dict]:
         if old is None:
             continue
         delta = {f"{f}_delta": _minus(row[f], old[f]) for f in DELTA_FIELDS}
-        out.append({"road_id": row["road_id"], "level": row["level"], "from_m": row["from_m"],
-                    "to_m": row["to_m"], "geometry": row.get("geometry"), **delta,
-                    "class_from": old["condition_class"], "class_to": row["condition_class"],
-                    "class_changed": int(old["condition_class"] != row["condition_class"])})
+        out.append(
+            {
+                "road_id": row["road_id"],
+                "level": row["level"],
+                "from_m": row["from_m"],
+                "to_m": row["to_m"],
+                "geometry": row.get("geometry"),
+                **delta,
+                "class_from": old["condition_class"],
+                "class_to": row["condition_class"],
+                "class_changed": int(old["condition_class"] != row["condition_class"]),
+            }
+        )
     return out
 
 
 def _minus(new, old) -> float | None:
-    if new is None or old is None or (isinstance(new, float) and np.isnan(new)) \
-            or (isinstance(old, float) and np.isnan(old)):
+    if (
+        new is None
+        or old is None
+        or (isinstance(new, float) and np.isnan(new))
+        or (isinstance(old, float) and np.isnan(old))
+    ):
         return None
     return float(new) - float(old)

@@ -21,8 +21,19 @@ from pipeline.crack_types import RoadFrame, TypeProfile, classify, line_shapes
 from pipeline.errors import ConditionError, NetworkError
 from pipeline.network import Network, read_network
 from pipeline.records import CrackPositions
-from pipeline.sections import (SUM_FIELDS, ConditionFormula, Located, Pieces, add_up, condition, cut_sections,
-                               locate_cracks, rollup_keys, section_sums, split_by_sections, substrings)
+from pipeline.sections import (
+    SUM_FIELDS,
+    ConditionFormula,
+    Located,
+    add_up,
+    condition,
+    cut_sections,
+    locate_cracks,
+    rollup_keys,
+    section_sums,
+    split_by_sections,
+    substrings,
+)
 from pipeline.stores import CrackStore
 
 MIN_SECTION_M = 1.0
@@ -46,12 +57,15 @@ class SectionOptions:
 
     def __post_init__(self) -> None:
         if not self.section_m >= MIN_SECTION_M:
-            raise ConditionError(f"--section-m {self.section_m} is too small: sections must be at least "
-                                 f"{MIN_SECTION_M} m (10 m is the usual raw length)")
+            raise ConditionError(
+                f"--section-m {self.section_m} is too small: sections must be at least "
+                f"{MIN_SECTION_M} m (10 m is the usual raw length)"
+            )
         ratio = self.rollup_m / self.section_m
         if self.rollup_m < self.section_m or abs(ratio - round(ratio)) > 1e-9:
-            raise ConditionError(f"--rollup-m {self.rollup_m} must be a whole multiple of --section-m "
-                                 f"{self.section_m}")
+            raise ConditionError(
+                f"--rollup-m {self.rollup_m} must be a whole multiple of --section-m {self.section_m}"
+            )
         if self.corridor_m <= 0:
             raise ConditionError(f"the corridor half-width must be positive, got {self.corridor_m}")
 
@@ -73,22 +87,33 @@ class SectionReport:
 def check_survey(store: CrackStore, survey_id: str) -> None:
     known = store.survey_ids()
     if survey_id not in known:
-        raise ConditionError(f"unknown survey {survey_id!r}; the store has {', '.join(known) or 'no surveys'}")
+        raise ConditionError(
+            f"unknown survey {survey_id!r}; the store has {', '.join(known) or 'no surveys'}"
+        )
 
 
 def survey_cracks(store: CrackStore, survey_id: str, models: bool = False) -> dict[str, np.ndarray]:
     """The current cracks of a survey as arrays (one store query), in crack_id order; ``models``: with
     their model_name and model_version (a million cracks' worth of strings, read only where needed)."""
-    names = ("crack_id", "scene_id", "length_m", "width_mean_mm", "width_max_mm", "severity", "crack_type",
-             *(("model_name", "model_version") if models else ()))
+    names = (
+        "crack_id",
+        "scene_id",
+        "length_m",
+        "width_mean_mm",
+        "width_max_mm",
+        "severity",
+        "crack_type",
+        *(("model_name", "model_version") if models else ()),
+    )
     out = store.crack_columns(survey_id, names)
     for n in ("length_m", "width_mean_mm", "width_max_mm"):
         out[n] = out[n].astype(float)
     return out
 
 
-def run_sections(store: CrackStore, network_path: str, survey_id: str,
-                 options: SectionOptions = SectionOptions()) -> SectionReport:
+def run_sections(
+    store: CrackStore, network_path: str, survey_id: str, options: SectionOptions = SectionOptions()
+) -> SectionReport:
     """Sections of ``survey_id`` along the network: write the ``sections`` layer and the cracks' road columns.
 
     Raises:
@@ -105,35 +130,72 @@ def run_sections(store: CrackStore, network_path: str, survey_id: str,
     imaged = projection.transform(footprints, store.crs, metric)
     scene_tree = shapely.STRtree(imaged)
     if not len(scene_tree.query(network.geometry, predicate="dwithin", distance=options.corridor_m)[0]):
-        raise NetworkError(f"{network_path}: no road comes within {options.corridor_m} m of survey "
-                           f"{survey_id!r}'s scenes; is it the right network (and CRS)?; nothing was written")
+        raise NetworkError(
+            f"{network_path}: no road comes within {options.corridor_m} m of survey "
+            f"{survey_id!r}'s scenes; is it the right network (and CRS)?; nothing was written"
+        )
     cracks = survey_cracks(store, survey_id)
     lines = projection.transform(cracks["geometry"], store.crs, metric)
     located = locate_cracks(lines, network.geometry, options.corridor_m)
     sections = cut_sections(network.geometry, network.width_m, options.section_m)
     coverage = imaged_area_m2(sections.polygon, imaged, scene_tree)
-    typed = retype(lines, cracks, located, network, imaged, [s["scene_id"] for s in scenes], sections, coverage,
-                   options.section_m, options.types, scene_tree)
+    typed = retype(
+        lines,
+        cracks,
+        located,
+        network,
+        imaged,
+        [s["scene_id"] for s in scenes],
+        sections,
+        coverage,
+        options.section_m,
+        options.types,
+        scene_tree,
+    )
     counted = typed.crack_type != "joint"
     counted_located = only(located, counted)
     pieces = split_by_sections(counted_located, sections, options.section_m)
-    sums = section_sums(pieces, np.where(counted, cracks["length_m"], 0.0), typed.crack_type, cracks["severity"],
-                        counted_located, sections, coverage,
-                        pattern_pairs(store, survey_id, sections, metric), options.formula, options.section_m)
+    sums = section_sums(
+        pieces,
+        np.where(counted, cracks["length_m"], 0.0),
+        typed.crack_type,
+        cracks["severity"],
+        counted_located,
+        sections,
+        coverage,
+        pattern_pairs(store, survey_id, sections, metric),
+        options.formula,
+        options.section_m,
+    )
     run_id = str(uuid.uuid4())
     models = tuple(sorted({f"{s['model_name']}:{s['model_version']}" for s in scenes}))
     rows = section_rows(sums, sections, network, options, metric, store.crs)
-    stamp = {"survey_id": survey_id, "sections_run_id": run_id, "section_m": options.section_m,
-             "network": network.source, "models": ", ".join(models), "computed_at": gpkg.now(), "is_current": 1}
+    stamp = {
+        "survey_id": survey_id,
+        "sections_run_id": run_id,
+        "section_m": options.section_m,
+        "network": network.source,
+        "models": ", ".join(models),
+        "computed_at": gpkg.now(),
+        "is_current": 1,
+    }
     rows = [dict(r, **stamp) for r in rows]
-    store.replace_layer("sections", rows, {"survey_id": survey_id}, keep_previous=True,
-                        positions=crack_positions(survey_id, cracks, located, network, typed))
+    store.replace_layer(
+        "sections",
+        rows,
+        {"survey_id": survey_id},
+        keep_previous=True,
+        positions=crack_positions(survey_id, cracks, located, network, typed),
+    )
     inside = int((located.road >= 0).sum())
-    return SectionReport(survey_id, run_id, rows, len(lines), inside, len(lines) - inside,
-                         int((~counted).sum()), models)
+    return SectionReport(
+        survey_id, run_id, rows, len(lines), inside, len(lines) - inside, int((~counted).sum()), models
+    )
 
 
-def imaged_area_m2(polygons: np.ndarray, imaged: np.ndarray, tree: shapely.STRtree | None = None) -> np.ndarray:
+def imaged_area_m2(
+    polygons: np.ndarray, imaged: np.ndarray, tree: shapely.STRtree | None = None
+) -> np.ndarray:
     """Per polygon: the area of it that at least one scene footprint covers.
 
     Pairwise intersections with the footprints a spatial index finds; where
@@ -168,14 +230,32 @@ def imaged_area_m2(polygons: np.ndarray, imaged: np.ndarray, tree: shapely.STRtr
 def only(located: Located, keep: np.ndarray) -> Located:
     """``located`` with the segments of the cracks not kept taken out (per-crack arrays stay)."""
     seg = keep[located.segment_crack]
-    return Located(np.where(keep, located.road, -1), located.chainage_from_m, located.chainage_to_m,
-                   located.offset_m, located.road_deg, located.segment_crack[seg], located.segment_chainage[seg],
-                   located.segment_offset[seg], located.segment_length_m[seg])
+    return Located(
+        np.where(keep, located.road, -1),
+        located.chainage_from_m,
+        located.chainage_to_m,
+        located.offset_m,
+        located.road_deg,
+        located.segment_crack[seg],
+        located.segment_chainage[seg],
+        located.segment_offset[seg],
+        located.segment_length_m[seg],
+    )
 
 
-def retype(lines: np.ndarray, cracks: dict, located: Located, network: Network, imaged: np.ndarray,
-           scene_ids: list[str], sections, coverage_m2: np.ndarray, section_m: float, profile: TypeProfile,
-           scene_tree: shapely.STRtree | None = None):
+def retype(
+    lines: np.ndarray,
+    cracks: dict,
+    located: Located,
+    network: Network,
+    imaged: np.ndarray,
+    scene_ids: list[str],
+    sections,
+    coverage_m2: np.ndarray,
+    section_m: float,
+    profile: TypeProfile,
+    scene_tree: shapely.STRtree | None = None,
+):
     """Type the cracks again against the road direction of the network.
 
     Pattern members stay ``pattern`` and joints stay ``joint`` (both decided per scene
@@ -189,12 +269,16 @@ def retype(lines: np.ndarray, cracks: dict, located: Located, network: Network, 
     scene = np.array([scene_no.get(s, -1) for s in cracks["scene_id"]], dtype=int)
     road = np.maximum(located.road, 0)
     # length of each road inside each scene that it crosses: its sections' pieces (short lines) added up
-    section_idx, scene_idx = (scene_tree or shapely.STRtree(imaged)).query(sections.centreline,
-                                                                           predicate="intersects")
+    section_idx, scene_idx = (scene_tree or shapely.STRtree(imaged)).query(
+        sections.centreline, predicate="intersects"
+    )
     piece_key = scene_idx * n_roads + sections.road[section_idx]
     pair_key, at_pair = np.unique(piece_key, return_inverse=True)
-    pair_length = np.bincount(at_pair.ravel(), shapely.length(
-        shapely.intersection(sections.centreline[section_idx], imaged[scene_idx])), len(pair_key))
+    pair_length = np.bincount(
+        at_pair.ravel(),
+        shapely.length(shapely.intersection(sections.centreline[section_idx], imaged[scene_idx])),
+        len(pair_key),
+    )
     crack_key = scene * n_roads + road
     imaged_length = np.full(n, np.nan)
     if len(pair_key):
@@ -208,26 +292,52 @@ def retype(lines: np.ndarray, cracks: dict, located: Located, network: Network, 
     lo, hi = np.full(n, np.inf), np.full(n, -np.inf)
     np.minimum.at(lo, located.segment_crack, located.segment_offset.min(axis=1))
     np.maximum.at(hi, located.segment_crack, located.segment_offset.max(axis=1))
-    frame = RoadFrame(mid, located.offset_m, located.chainage_to_m - located.chainage_from_m, hi - lo,
-                      imaged_length, imaged_width, np.where(inside, scene * (n_roads + 1) + located.road, -1))
+    frame = RoadFrame(
+        mid,
+        located.offset_m,
+        located.chainage_to_m - located.chainage_from_m,
+        hi - lo,
+        imaged_length,
+        imaged_width,
+        np.where(inside, scene * (n_roads + 1) + located.road, -1),
+    )
     pattern = cracks["crack_type"] == "pattern"
-    typed = classify(lines, np.where(inside, located.road_deg, 0.0), frame, cracks["width_mean_mm"],
-                     cracks["width_max_mm"], pattern, profile, joint=cracks["crack_type"] == "joint")
+    typed = classify(
+        lines,
+        np.where(inside, located.road_deg, 0.0),
+        frame,
+        cracks["width_mean_mm"],
+        cracks["width_max_mm"],
+        pattern,
+        profile,
+        joint=cracks["crack_type"] == "joint",
+    )
     keep_old = ~inside & (cracks["crack_type"] != None)  # noqa: E711  (object array)
     typed.crack_type[keep_old] = cracks["crack_type"][keep_old]
     return typed
 
 
-def crack_positions(survey_id: str, cracks: dict, located: Located, network: Network, typed) -> CrackPositions:
+def crack_positions(
+    survey_id: str, cracks: dict, located: Located, network: Network, typed
+) -> CrackPositions:
     """The located cracks' road columns and typing against the road, for ``replace_layer``."""
     inside = np.flatnonzero(located.road >= 0)
-    return CrackPositions(survey_id, cracks["crack_id"][inside], network.road_id[located.road[inside]],
-                          located.chainage_from_m[inside], located.chainage_to_m[inside], located.offset_m[inside],
-                          typed.crack_type[inside], typed.theta_deg[inside], typed.span_ratio[inside])
+    return CrackPositions(
+        survey_id,
+        cracks["crack_id"][inside],
+        network.road_id[located.road[inside]],
+        located.chainage_from_m[inside],
+        located.chainage_to_m[inside],
+        located.offset_m[inside],
+        typed.crack_type[inside],
+        typed.theta_deg[inside],
+        typed.span_ratio[inside],
+    )
 
 
-def pattern_pairs(store: CrackStore, survey_id: str, sections, metric
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def pattern_pairs(
+    store: CrackStore, survey_id: str, sections, metric
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(section, class, severity, area m2) for every piece of a current pattern area inside a section."""
     rows = store.read_layer("current_pattern_areas", {"survey_id": survey_id})
     if not rows:
@@ -240,7 +350,9 @@ def pattern_pairs(store: CrackStore, survey_id: str, sections, metric
     return section_idx, kinds[area_idx], severity[area_idx], piece
 
 
-def section_rows(sums: dict, sections, network: Network, options: SectionOptions, metric, store_crs) -> list[dict]:
+def section_rows(
+    sums: dict, sections, network: Network, options: SectionOptions, metric, store_crs
+) -> list[dict]:
     """Rows of the sections layer: the sections, their rollups to ``rollup_m`` and whole roads."""
     rows = []
     for level, rollup in (("section", None), ("rollup", options.rollup_m), ("road", None)):
@@ -258,15 +370,23 @@ def section_rows(sums: dict, sections, network: Network, options: SectionOptions
         if level == "section":
             polygons = sections.polygon
         else:
-            polygons = shapely.buffer(substrings(network.geometry, road, start, stop), network.width_m[road] / 2,
-                                      cap_style="flat")
+            polygons = shapely.buffer(
+                substrings(network.geometry, road, start, stop), network.width_m[road] / 2, cap_style="flat"
+            )
         figures = condition(group, options.formula)
         geometry = projection.transform(polygons, metric, store_crs)
         for i in range(len(road)):  # one row per section or rollup, never per crack
-            rows.append({"road_id": network.road_id[road[i]], "level": level, "from_m": float(start[i]),
-                         "to_m": float(stop[i]), "geometry": geometry[i],
-                         **{f: float(group[f][i]) for f in SUM_FIELDS},
-                         **{f: _value(v[i]) for f, v in figures.items()}})
+            rows.append(
+                {
+                    "road_id": network.road_id[road[i]],
+                    "level": level,
+                    "from_m": float(start[i]),
+                    "to_m": float(stop[i]),
+                    "geometry": geometry[i],
+                    **{f: float(group[f][i]) for f in SUM_FIELDS},
+                    **{f: _value(v[i]) for f, v in figures.items()},
+                }
+            )
     return rows
 
 
@@ -287,8 +407,14 @@ class ChangeReport:
     warning: str | None  # different model versions
 
 
-def run_change(store: CrackStore, from_survey: str, to_survey: str, network_path: str | None = None,
-               options: SectionOptions = SectionOptions(), match: MatchParams = MatchParams()) -> ChangeReport:
+def run_change(
+    store: CrackStore,
+    from_survey: str,
+    to_survey: str,
+    network_path: str | None = None,
+    options: SectionOptions = SectionOptions(),
+    match: MatchParams = MatchParams(),
+) -> ChangeReport:
     """Compare two surveys: crack statuses into ``crack_changes``, section deltas into ``section_changes``.
 
     With ``network_path`` both surveys' sections are computed first; without it, their
@@ -298,8 +424,10 @@ def run_change(store: CrackStore, from_survey: str, to_survey: str, network_path
         ConditionError: the same survey twice, an unknown survey, or no sections to compare.
     """
     if from_survey == to_survey:
-        raise ConditionError(f"--from and --to are both {from_survey!r}; compare two different surveys "
-                             f"(the store has {', '.join(store.survey_ids())})")
+        raise ConditionError(
+            f"--from and --to are both {from_survey!r}; compare two different surveys "
+            f"(the store has {', '.join(store.survey_ids())})"
+        )
     for survey in (from_survey, to_survey):
         check_survey(store, survey)
     if network_path is not None:
@@ -309,8 +437,10 @@ def run_change(store: CrackStore, from_survey: str, to_survey: str, network_path
     after = store.read_layer("current_sections", {"survey_id": to_survey})
     if not before or not after:
         missing = from_survey if not before else to_survey
-        raise ConditionError(f"survey {missing!r} has no sections yet; run crackmap sections STORE --network "
-                             "ROADS --survey ID first, or pass --network")
+        raise ConditionError(
+            f"survey {missing!r} has no sections yet; run crackmap sections STORE --network "
+            "ROADS --survey ID first, or pass --network"
+        )
     a, b = survey_cracks(store, from_survey, models=True), survey_cracks(store, to_survey, models=True)
     a = {k: v[a["crack_type"] != "joint"] for k, v in a.items()}
     b = {k: v[b["crack_type"] != "joint"] for k, v in b.items()}
@@ -318,25 +448,49 @@ def run_change(store: CrackStore, from_survey: str, to_survey: str, network_path
     metric = projection.metric_crs(store.crs, shapely.total_bounds(footprints))
     a_lines = projection.transform(a["geometry"], store.crs, metric)
     b_lines = projection.transform(b["geometry"], store.crs, metric)
-    pairs = match_cracks(a_lines, line_shapes(a_lines).axis_deg, b_lines, line_shapes(b_lines).axis_deg, match)
-    status, gone, grew = crack_status(pairs, a["length_m"], a["width_mean_mm"], b["length_m"],
-                                      b["width_mean_mm"], match)
+    pairs = match_cracks(
+        a_lines, line_shapes(a_lines).axis_deg, b_lines, line_shapes(b_lines).axis_deg, match
+    )
+    status, gone, grew = crack_status(
+        pairs, a["length_m"], a["width_mean_mm"], b["length_m"], b["width_mean_mm"], match
+    )
     stamp = {"from_survey": from_survey, "to_survey": to_survey, "computed_at": gpkg.now()}
-    crack_rows = [dict(stamp, crack_id=str(i), survey_id=to_survey, status=s, length_m=float(l),
-                       length_delta_m=float(g), geometry=geom)
-                  for i, s, l, g, geom in zip(b["crack_id"], status, b["length_m"], grew, b["geometry"])]
-    crack_rows += [dict(stamp, crack_id=str(i), survey_id=from_survey, status="gone", length_m=float(l),
-                        length_delta_m=-float(l), geometry=geom)
-                   for i, l, geom in zip(a["crack_id"][gone], a["length_m"][gone], a["geometry"][gone])]
+    crack_rows = [
+        dict(
+            stamp,
+            crack_id=str(i),
+            survey_id=to_survey,
+            status=s,
+            length_m=float(length),
+            length_delta_m=float(g),
+            geometry=geom,
+        )
+        for i, s, length, g, geom in zip(b["crack_id"], status, b["length_m"], grew, b["geometry"])
+    ]
+    crack_rows += [
+        dict(
+            stamp,
+            crack_id=str(i),
+            survey_id=from_survey,
+            status="gone",
+            length_m=float(length),
+            length_delta_m=-float(length),
+            geometry=geom,
+        )
+        for i, length, geom in zip(a["crack_id"][gone], a["length_m"][gone], a["geometry"][gone])
+    ]
     deltas = [dict(r, **stamp) for r in section_deltas(before, after)]
     pair = {"from_survey": from_survey, "to_survey": to_survey}
     store.replace_layer("crack_changes", crack_rows, pair, also=[("section_changes", deltas, pair)])
     counts = {s: int((status == s).sum()) for s in ("new", "grown", "unchanged")} | {"gone": int(gone.sum())}
-    models_a, models_b = (sorted({f"{n}:{v}" for n, v in zip(c["model_name"], c["model_version"])})
-                          for c in (a, b))
+    models_a, models_b = (
+        sorted({f"{n}:{v}" for n, v in zip(c["model_name"], c["model_version"])}) for c in (a, b)
+    )
     warning = None
     if models_a != models_b:
-        warning = (f"the surveys were mapped with different models ({', '.join(models_a) or 'none'} vs "
-                   f"{', '.join(models_b) or 'none'}): part of the change may be the model, not the road "
-                   "(a better model is not a worse road); reprocess both with one model version to compare")
+        warning = (
+            f"the surveys were mapped with different models ({', '.join(models_a) or 'none'} vs "
+            f"{', '.join(models_b) or 'none'}): part of the change may be the model, not the road "
+            "(a better model is not a worse road); reprocess both with one model version to compare"
+        )
     return ChangeReport(from_survey, to_survey, deltas, counts, warning)

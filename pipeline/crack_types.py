@@ -63,11 +63,16 @@ class TypeProfile:
     joint_grid_min_spacing_m: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (0 < self.longitudinal_deg and 0 < self.transverse_deg
-                and self.longitudinal_deg + self.transverse_deg <= 90):
-            raise ValueError(f"type profile {self.name!r}: longitudinal_deg and transverse_deg must be "
-                             f"positive and add up to at most 90, got {self.longitudinal_deg} and "
-                             f"{self.transverse_deg}")
+        if not (
+            self.longitudinal_deg > 0
+            and self.transverse_deg > 0
+            and self.longitudinal_deg + self.transverse_deg <= 90
+        ):
+            raise ValueError(
+                f"type profile {self.name!r}: longitudinal_deg and transverse_deg must be "
+                f"positive and add up to at most 90, got {self.longitudinal_deg} and "
+                f"{self.transverse_deg}"
+            )
 
 
 # Named profiles.  aashto-r85: the AASHTO R 85 orientation classes as crackmap reads them
@@ -150,8 +155,11 @@ def linear_types(theta_deg: np.ndarray, profile: TypeProfile = TypeProfile()) ->
     ['longitudinal', 'longitudinal', 'diagonal', 'transverse']
     """
     theta = np.asarray(theta_deg)
-    return np.where(theta <= profile.longitudinal_deg, "longitudinal",
-                    np.where(theta >= 90.0 - profile.transverse_deg, "transverse", "diagonal")).astype(object)
+    return np.where(
+        theta <= profile.longitudinal_deg,
+        "longitudinal",
+        np.where(theta >= 90.0 - profile.transverse_deg, "transverse", "diagonal"),
+    ).astype(object)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,8 +181,9 @@ class RoadFrame:
     group: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
 
 
-def scene_frame(lines: np.ndarray, footprint: shapely.Polygon,
-                road_deg: float | None = None) -> tuple[float, RoadFrame]:
+def scene_frame(
+    lines: np.ndarray, footprint: shapely.Polygon, road_deg: float | None = None
+) -> tuple[float, RoadFrame]:
     """The scene's road direction (degrees, as ``axis_deg``) and every line's place in that frame.
 
     ``road_deg`` when known (a survey frame: the vehicle's direction), else the
@@ -202,16 +211,24 @@ def _project(xy: np.ndarray, road_deg: np.ndarray | float) -> tuple[np.ndarray, 
     return xy[:, 0] * ux + xy[:, 1] * uy, -xy[:, 0] * uy + xy[:, 1] * ux
 
 
-def _frame_from_points(lines: np.ndarray, road_deg: float, imaged_length_m: float,
-                       imaged_width_m: float) -> RoadFrame:
+def _frame_from_points(
+    lines: np.ndarray, road_deg: float, imaged_length_m: float, imaged_width_m: float
+) -> RoadFrame:
     n = len(lines)
     coords, index = shapely.get_coordinates(lines, return_index=True)
     along, across = _project(coords, road_deg)
     starts = np.searchsorted(index, np.arange(n))
     lo_a, hi_a = np.minimum.reduceat(along, starts), np.maximum.reduceat(along, starts)
     lo_c, hi_c = np.minimum.reduceat(across, starts), np.maximum.reduceat(across, starts)
-    return RoadFrame((lo_a + hi_a) / 2, (lo_c + hi_c) / 2, hi_a - lo_a, hi_c - lo_c,
-                     np.full(n, imaged_length_m), np.full(n, imaged_width_m), np.zeros(n, int))
+    return RoadFrame(
+        (lo_a + hi_a) / 2,
+        (lo_c + hi_c) / 2,
+        hi_a - lo_a,
+        hi_c - lo_c,
+        np.full(n, imaged_length_m),
+        np.full(n, imaged_width_m),
+        np.zeros(n, int),
+    )
 
 
 def span_ratio(types: np.ndarray, frame: RoadFrame) -> np.ndarray:
@@ -220,15 +237,24 @@ def span_ratio(types: np.ndarray, frame: RoadFrame) -> np.ndarray:
     return np.where(np.asarray(types) == "transverse", np.minimum(ratio, 1.0), np.nan)
 
 
-def joint_mask(shapes: LineShapes, theta_deg: np.ndarray, width_mean_mm: np.ndarray,
-               width_max_mm: np.ndarray, frame: RoadFrame, profile: TypeProfile = TypeProfile()) -> np.ndarray:
+def joint_mask(
+    shapes: LineShapes,
+    theta_deg: np.ndarray,
+    width_mean_mm: np.ndarray,
+    width_max_mm: np.ndarray,
+    frame: RoadFrame,
+    profile: TypeProfile = TypeProfile(),
+) -> np.ndarray:
     """Which lines are concrete joints, by the conservative rule of the module docstring."""
     p = profile
     theta = np.asarray(theta_deg)
     across = theta >= 90.0 - p.joint_axis_deg  # a transverse joint: its position is along the road
-    candidate = ((shapes.tortuosity <= p.joint_tortuosity_max) & (shapes.chord_m >= p.joint_min_chord_m)
-                 & (np.asarray(width_max_mm) <= p.joint_width_ratio_max * np.asarray(width_mean_mm))
-                 & ((theta <= p.joint_axis_deg) | across))
+    candidate = (
+        (shapes.tortuosity <= p.joint_tortuosity_max)
+        & (shapes.chord_m >= p.joint_min_chord_m)
+        & (np.asarray(width_max_mm) <= p.joint_width_ratio_max * np.asarray(width_mean_mm))
+        & ((theta <= p.joint_axis_deg) | across)
+    )
     found = np.zeros(len(theta), bool)
     if not candidate.any():
         return found
@@ -251,8 +277,9 @@ def joint_mask(shapes: LineShapes, theta_deg: np.ndarray, width_mean_mm: np.ndar
     return found
 
 
-def _regular_families(position: np.ndarray, family: np.ndarray, cover: np.ndarray,
-                      p: TypeProfile) -> np.ndarray:
+def _regular_families(
+    position: np.ndarray, family: np.ndarray, cover: np.ndarray, p: TypeProfile
+) -> np.ndarray:
     """Per joint line: does its family hold enough lines on a regular grid?"""
     regular = np.zeros(len(position), bool)
     for f in np.unique(family):  # a handful of families per scene, never one per crack
@@ -260,8 +287,10 @@ def _regular_families(position: np.ndarray, family: np.ndarray, cover: np.ndarra
         if len(members) < p.joint_grid_min_lines:
             continue
         spacing = np.diff(np.sort(position[members]))
-        if spacing.min() >= p.joint_grid_min_spacing_m and \
-                spacing.std() <= p.joint_grid_spacing_cv_max * spacing.mean():
+        if (
+            spacing.min() >= p.joint_grid_min_spacing_m
+            and spacing.std() <= p.joint_grid_spacing_cv_max * spacing.mean()
+        ):
             regular[members] = True
     return regular
 
@@ -303,23 +332,45 @@ def straight_runs(lines: np.ndarray, turn_deg: float = 30.0) -> tuple[np.ndarray
     return cast(np.ndarray, runs), owner[new_run]  # with indices: always an array of lines
 
 
-def joint_lines(lines: np.ndarray, road_deg: float, footprint: shapely.Polygon, width_mean_mm: np.ndarray,
-                width_max_mm: np.ndarray, profile: TypeProfile = TypeProfile(), share: float = 0.9) -> np.ndarray:
+def joint_lines(
+    lines: np.ndarray,
+    road_deg: float,
+    footprint: shapely.Polygon,
+    width_mean_mm: np.ndarray,
+    width_max_mm: np.ndarray,
+    profile: TypeProfile = TypeProfile(),
+    share: float = 0.9,
+) -> np.ndarray:
     """Which lines of a scene are joints: at least ``share`` of their length in straight runs the rule accepts."""
     if len(lines) == 0:
         return np.zeros(0, bool)
     runs, owner = straight_runs(lines)
     _, frame = scene_frame(runs, footprint, road_deg)
     shapes = line_shapes(runs)
-    joint = joint_mask(shapes, angle_to_axis_deg(shapes.axis_deg, road_deg), np.asarray(width_mean_mm)[owner],
-                       np.asarray(width_max_mm)[owner], frame, profile)
+    joint = joint_mask(
+        shapes,
+        angle_to_axis_deg(shapes.axis_deg, road_deg),
+        np.asarray(width_mean_mm)[owner],
+        np.asarray(width_max_mm)[owner],
+        frame,
+        profile,
+    )
     length = np.bincount(owner, shapes.length_m, len(lines))
-    return np.bincount(owner, shapes.length_m * joint, len(lines)) >= share * np.where(length > 0, length, np.inf)
+    return np.bincount(owner, shapes.length_m * joint, len(lines)) >= share * np.where(
+        length > 0, length, np.inf
+    )
 
 
-def classify(lines: np.ndarray, road_deg: np.ndarray | float, frame: RoadFrame, width_mean_mm: np.ndarray,
-             width_max_mm: np.ndarray, pattern: np.ndarray | None = None,
-             profile: TypeProfile = TypeProfile(), joint: np.ndarray | None = None) -> CrackTypes:
+def classify(
+    lines: np.ndarray,
+    road_deg: np.ndarray | float,
+    frame: RoadFrame,
+    width_mean_mm: np.ndarray,
+    width_max_mm: np.ndarray,
+    pattern: np.ndarray | None = None,
+    profile: TypeProfile = TypeProfile(),
+    joint: np.ndarray | None = None,
+) -> CrackTypes:
     """Type every line (metric CRS): pattern members stay ``pattern``, joints are ``joint``, the rest by angle.
 
     ``joint`` (from ``joint_lines``, or kept from mapping time) marks the joints; None applies
@@ -333,5 +384,6 @@ def classify(lines: np.ndarray, road_deg: np.ndarray | float, frame: RoadFrame, 
     types[np.asarray(joint, bool)] = "joint"
     if pattern is not None:
         types[np.asarray(pattern, bool)] = "pattern"
-    return CrackTypes(types, theta, shapes.chord_m, np.minimum(shapes.tortuosity, 1e6),
-                      span_ratio(types, frame))
+    return CrackTypes(
+        types, theta, shapes.chord_m, np.minimum(shapes.tortuosity, 1e6), span_ratio(types, frame)
+    )

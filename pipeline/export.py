@@ -21,8 +21,15 @@ from pipeline.stores.base import CRACK_COLUMNS, QUERY_FIELDS
 
 FORMATS = ("geojson", "csv", "gpkg", "geoparquet", "flatgeobuf")
 FILE_FORMATS = ("gpkg", "geoparquet", "flatgeobuf")  # written to a file, never to standard output
-SUFFIXES = {".geojson": "geojson", ".json": "geojson", ".csv": "csv", ".gpkg": "gpkg",
-            ".parquet": "geoparquet", ".geoparquet": "geoparquet", ".fgb": "flatgeobuf"}
+SUFFIXES = {
+    ".geojson": "geojson",
+    ".json": "geojson",
+    ".csv": "csv",
+    ".gpkg": "gpkg",
+    ".parquet": "geoparquet",
+    ".geoparquet": "geoparquet",
+    ".fgb": "flatgeobuf",
+}
 
 
 def write_geojson(batches: Iterable[list[dict]], out: TextIO, crs: CRS) -> int:
@@ -46,8 +53,14 @@ def write_geojson(batches: Iterable[list[dict]], out: TextIO, crs: CRS) -> int:
         geometries = shapely.to_geojson([row["geometry"] for row in batch])
         for row, geometry in zip(batch, geometries):
             properties = {k: v for k, v in row.items() if k != "geometry"}
-            out.write(("," if count else "") + '{"type": "Feature", "geometry": ' + geometry
-                      + ', "properties": ' + json.dumps(properties) + "}\n")
+            out.write(
+                ("," if count else "")
+                + '{"type": "Feature", "geometry": '
+                + geometry
+                + ', "properties": '
+                + json.dumps(properties)
+                + "}\n"
+            )
             count += 1
     out.write("]}\n")
     return count
@@ -78,8 +91,10 @@ def write_gpkg(batches: Iterable[list[dict]], path: Path, crs: CRS) -> int:
         count = 0
         for batch in batches:
             con.execute("BEGIN")
-            con.executemany(sql, ((gpkg.encode(row["geometry"], srs_id), *(row[f] for f in QUERY_FIELDS))
-                                  for row in batch))
+            con.executemany(
+                sql,
+                ((gpkg.encode(row["geometry"], srs_id), *(row[f] for f in QUERY_FIELDS)) for row in batch),
+            )
             con.execute("COMMIT")
             count += len(batch)
         gpkg.update_extent(con, "cracks")
@@ -130,9 +145,17 @@ def write_geoparquet(batches: Iterable[list[dict]], path: Path, crs: CRS) -> int
     from pyproj import CRS as ProjCRS
 
     schema, record_batches = _arrow_batches(batches)
-    geo = {"version": "1.1.0", "primary_column": "geometry",
-           "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["LineString"],
-                                    "crs": ProjCRS.from_user_input(crs.to_wkt()).to_json_dict()}}}
+    geo = {
+        "version": "1.1.0",
+        "primary_column": "geometry",
+        "columns": {
+            "geometry": {
+                "encoding": "WKB",
+                "geometry_types": ["LineString"],
+                "crs": ProjCRS.from_user_input(crs.to_wkt()).to_json_dict(),
+            }
+        },
+    }
     schema = schema.with_metadata({"geo": json.dumps(geo)})
     count = 0
     path.unlink(missing_ok=True)
@@ -161,6 +184,13 @@ def write_flatgeobuf(batches: Iterable[list[dict]], path: Path, crs: CRS) -> int
 
     path.unlink(missing_ok=True)
     reader = pa.RecordBatchReader.from_batches(schema, counting())
-    write_arrow(reader, str(path), layer="cracks", driver="FlatGeobuf", geometry_name="geometry",
-                geometry_type="LineString", crs=crs.to_wkt())
+    write_arrow(
+        reader,
+        str(path),
+        layer="cracks",
+        driver="FlatGeobuf",
+        geometry_name="geometry",
+        geometry_type="LineString",
+        crs=crs.to_wkt(),
+    )
     return counted["rows"]

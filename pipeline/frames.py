@@ -40,7 +40,7 @@ from scipy.spatial import cKDTree
 from shapely.geometry import LineString, Polygon
 
 from pipeline import buckets
-from pipeline.camera import Camera, footprint, ground_points, ground_sampling_m, road_pixels
+from pipeline.camera import Camera, footprint, ground_points, road_pixels
 from pipeline.errors import FrameError, SceneContentError
 from pipeline.measure import GEOD, LONLAT, Severity, azimuth_deg
 from pipeline.records import CrackLine, Scene, SceneResult
@@ -111,8 +111,10 @@ def read_exif(uri: str) -> Image.Exif:
         FrameError: the file is missing or not an image.
     """
     try:
-        with buckets.filesystem(uri).open(uri if buckets.is_url(uri) else str(uri), "rb") as f, \
-                Image.open(f) as image:
+        with (
+            buckets.filesystem(uri).open(uri if buckets.is_url(uri) else str(uri), "rb") as f,
+            Image.open(f) as image,
+        ):
             return image.getexif()
     except (OSError, UnidentifiedImageError) as exc:
         raise FrameError(uri, f"cannot read it as an image ({exc})") from exc
@@ -165,8 +167,9 @@ class FrameClock:
         if self.spec == "exif":
             found = exif_time_s(exif) if exif is not None else None
             if found is None:
-                raise FrameError(uri, "has no EXIF DateTimeOriginal; give --frame-time name:REGEX "
-                                      "or index:CSV")
+                raise FrameError(
+                    uri, "has no EXIF DateTimeOriginal; give --frame-time name:REGEX or index:CSV"
+                )
             return found
         if self.spec.startswith("name:"):
             m = re.search(self.spec[5:], name)
@@ -194,8 +197,15 @@ class GroundLine:
     confidence: float
 
     def reversed(self) -> GroundLine:
-        return GroundLine(self.frame_id, self.enu_m[::-1], self.range_m[::-1], self.gsd_m[::-1],
-                          self.width_mean_px, self.width_max_px, self.confidence)
+        return GroundLine(
+            self.frame_id,
+            self.enu_m[::-1],
+            self.range_m[::-1],
+            self.gsd_m[::-1],
+            self.width_mean_px,
+            self.width_max_px,
+            self.confidence,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,26 +228,66 @@ class FrameObservation:
 
 
 def observation_to_json(obs: FrameObservation) -> str:
-    lines = [dict(frame_id=g.frame_id, enu_m=g.enu_m.tolist(), range_m=g.range_m.tolist(),
-                  gsd_m=g.gsd_m.tolist(), width_mean_px=g.width_mean_px, width_max_px=g.width_max_px,
-                  confidence=g.confidence) for g in obs.lines]
-    return json.dumps(dict(frame_id=obs.frame_id, uri=obs.uri, sha256=obs.sha256,
-                           camera_enu_m=list(obs.camera_enu_m), footprint_wkt=obs.footprint_enu.wkt,
-                           pos_accuracy_m=obs.pos_accuracy_m, lines=lines, chip_count=obs.chip_count,
-                           width_px=obs.width_px, height_px=obs.height_px,
-                           probability_path=obs.probability_path, seconds=obs.seconds,
-                           forward_enu=list(obs.forward_enu) if obs.forward_enu else None))
+    lines = [
+        dict(
+            frame_id=g.frame_id,
+            enu_m=g.enu_m.tolist(),
+            range_m=g.range_m.tolist(),
+            gsd_m=g.gsd_m.tolist(),
+            width_mean_px=g.width_mean_px,
+            width_max_px=g.width_max_px,
+            confidence=g.confidence,
+        )
+        for g in obs.lines
+    ]
+    return json.dumps(
+        dict(
+            frame_id=obs.frame_id,
+            uri=obs.uri,
+            sha256=obs.sha256,
+            camera_enu_m=list(obs.camera_enu_m),
+            footprint_wkt=obs.footprint_enu.wkt,
+            pos_accuracy_m=obs.pos_accuracy_m,
+            lines=lines,
+            chip_count=obs.chip_count,
+            width_px=obs.width_px,
+            height_px=obs.height_px,
+            probability_path=obs.probability_path,
+            seconds=obs.seconds,
+            forward_enu=list(obs.forward_enu) if obs.forward_enu else None,
+        )
+    )
 
 
 def observation_from_json(text: str) -> FrameObservation:
     d = json.loads(text)
-    lines = tuple(GroundLine(g["frame_id"], np.array(g["enu_m"]).reshape(-1, 3), np.array(g["range_m"]),
-                             np.array(g["gsd_m"]), g["width_mean_px"], g["width_max_px"], g["confidence"])
-                  for g in d["lines"])
-    return FrameObservation(d["frame_id"], d["uri"], d["sha256"], tuple(d["camera_enu_m"]),
-                            shapely.from_wkt(d["footprint_wkt"]), d["pos_accuracy_m"], lines,
-                            d["chip_count"], d["width_px"], d["height_px"], d["probability_path"],
-                            d["seconds"], tuple(d["forward_enu"]) if d["forward_enu"] else None)
+    lines = tuple(
+        GroundLine(
+            g["frame_id"],
+            np.array(g["enu_m"]).reshape(-1, 3),
+            np.array(g["range_m"]),
+            np.array(g["gsd_m"]),
+            g["width_mean_px"],
+            g["width_max_px"],
+            g["confidence"],
+        )
+        for g in d["lines"]
+    )
+    return FrameObservation(
+        d["frame_id"],
+        d["uri"],
+        d["sha256"],
+        tuple(d["camera_enu_m"]),
+        shapely.from_wkt(d["footprint_wkt"]),
+        d["pos_accuracy_m"],
+        lines,
+        d["chip_count"],
+        d["width_px"],
+        d["height_px"],
+        d["probability_path"],
+        d["seconds"],
+        tuple(d["forward_enu"]) if d["forward_enu"] else None,
+    )
 
 
 # ---------------------------------------------------------------- one frame: pixels -> ground
@@ -268,27 +318,42 @@ def smooth_path(rc: np.ndarray, window: int = SMOOTH_PX) -> np.ndarray:
     return smooth
 
 
-def ground_line(camera: Camera, pose: Pose, origin: tuple[float, float, float], frame_id: str,
-                piece: Piece, params: VectorizeParams) -> GroundLine | None:
+def ground_line(
+    camera: Camera,
+    pose: Pose,
+    origin: tuple[float, float, float],
+    frame_id: str,
+    piece: Piece,
+    params: VectorizeParams,
+) -> GroundLine | None:
     """A vectorized piece (frame pixels) as a ground line, or None if too short or off the road."""
     return ground_lines(camera, pose, origin, frame_id, [piece], params)[0]
 
 
-def ground_lines(camera: Camera, pose: Pose, origin: tuple[float, float, float], frame_id: str,
-                 pieces: list[Piece], params: VectorizeParams) -> list[GroundLine | None]:
+def ground_lines(
+    camera: Camera,
+    pose: Pose,
+    origin: tuple[float, float, float],
+    frame_id: str,
+    pieces: list[Piece],
+    params: VectorizeParams,
+) -> list[GroundLine | None]:
     """Vectorized pieces (frame pixels) as ground lines (None where too short or off the road).
 
     The vertices of all pieces go to the ground together: one undistortion of every
     vertex and its two half-pixel neighbours (for the GSD), one rotation and one
     pymap3d transform for the frame, whatever the number of lines.
     """
-    rcs = [shapely.get_coordinates(shapely.simplify(LineString(smooth_path(piece.rc)), params.simplify_px))
-           if piece.length_px() >= params.min_length_px and piece.n_px > 0 else np.zeros((0, 2))
-           for piece in pieces]
+    rcs = [
+        shapely.get_coordinates(shapely.simplify(LineString(smooth_path(piece.rc)), params.simplify_px))
+        if piece.length_px() >= params.min_length_px and piece.n_px > 0
+        else np.zeros((0, 2))
+        for piece in pieces
+    ]
     uv = np.concatenate([rc[:, ::-1] for rc in rcs] + [np.zeros((0, 2))])
     n = len(uv)
     points, distance = ground_points(camera, np.concatenate([uv, uv + [0.5, 0.0], uv + [0.0, 0.5]]))
-    p0, p1, p2 = points[:n], points[n:2 * n], points[2 * n:]
+    p0, p1, p2 = points[:n], points[n : 2 * n], points[2 * n :]
     distance = distance[:n]
     gsd = np.sqrt(np.linalg.norm(np.cross(p1 - p0, p2 - p0), axis=1) * 4.0)  # as ground_sampling_m
     keep = np.isfinite(distance)
@@ -304,15 +369,23 @@ def ground_lines(camera: Camera, pose: Pose, origin: tuple[float, float, float],
         if k.sum() < 2:
             found.append(None)
             continue
-        found.append(GroundLine(frame_id, enu[part][k], distance[part][k], gsd[part][k],
-                                max(2.0 * piece.half_width_sum / piece.n_px - 1.0, 1.0),
-                                max(2.0 * piece.half_width_max - 1.0, 1.0),
-                                piece.probability_sum / piece.n_px / 255.0))
+        found.append(
+            GroundLine(
+                frame_id,
+                enu[part][k],
+                distance[part][k],
+                gsd[part][k],
+                max(2.0 * piece.half_width_sum / piece.n_px - 1.0, 1.0),
+                max(2.0 * piece.half_width_max - 1.0, 1.0),
+                piece.probability_sum / piece.n_px / 255.0,
+            )
+        )
     return found
 
 
-def frame_footprint_enu(camera: Camera, pose: Pose, origin: tuple[float, float, float],
-                        road: np.ndarray, frame: str) -> Polygon:
+def frame_footprint_enu(
+    camera: Camera, pose: Pose, origin: tuple[float, float, float], road: np.ndarray, frame: str
+) -> Polygon:
     """A frame's ground trapezoid in survey ENU (x, y)."""
     outline = np.asarray(footprint(camera, road, frame).exterior.coords)
     points = np.column_stack([outline, np.full(len(outline), camera.road_z_m)])
@@ -367,8 +440,14 @@ def ownership(observations: list[FrameObservation]) -> list[Polygon]:
             u = d / np.hypot(*d)
             n = np.array([-u[1], u[0]])
             mid = (ca + cb) / 2
-            closer_to_b = Polygon([mid + n * HALF_PLANE_M, mid + n * HALF_PLANE_M + u * HALF_PLANE_M,
-                                   mid - n * HALF_PLANE_M + u * HALF_PLANE_M, mid - n * HALF_PLANE_M])
+            closer_to_b = Polygon(
+                [
+                    mid + n * HALF_PLANE_M,
+                    mid + n * HALF_PLANE_M + u * HALF_PLANE_M,
+                    mid - n * HALF_PLANE_M + u * HALF_PLANE_M,
+                    mid - n * HALF_PLANE_M,
+                ]
+            )
             region = region.difference(closer_to_b.intersection(b.footprint_enu))
         regions.append(region)
     return regions
@@ -393,20 +472,31 @@ def clip_line(line: GroundLine, region: Polygon) -> list[_Part]:
         coords = np.asarray(geom.coords)
         at = shapely.line_locate_point(xy, shapely.points(coords))
         enu = np.column_stack([coords, np.interp(at, original, line.enu_m[:, 2])])
-        clipped = GroundLine(line.frame_id, enu, np.interp(at, original, line.range_m),
-                             np.interp(at, original, line.gsd_m), line.width_mean_px, line.width_max_px,
-                             line.confidence)
+        clipped = GroundLine(
+            line.frame_id,
+            enu,
+            np.interp(at, original, line.range_m),
+            np.interp(at, original, line.gsd_m),
+            line.width_mean_px,
+            line.width_max_px,
+            line.confidence,
+        )
         ends = (shapely.points(coords[0]), shapely.points(coords[-1]))
-        start_cut, end_cut = (bool(boundary.distance(p) < 1e-6 and xy.boundary.distance(p) > 1e-6)
-                              for p in ends)
+        start_cut, end_cut = (
+            bool(boundary.distance(p) < 1e-6 and xy.boundary.distance(p) > 1e-6) for p in ends
+        )
         parts.append(_Part(clipped, (start_cut, end_cut)))
     return parts
 
 
 def _links(parts: list[_Part], tolerance_m: float) -> Links:
     """Cut ends of parts that meet: mutual nearest, of different frames, within ``tolerance_m``."""
-    ends = [(k, side, parts[k].line.enu_m[0 if side == 0 else -1, :2])
-            for k, p in enumerate(parts) for side in (0, 1) if p.cut[side]]
+    ends = [
+        (k, side, parts[k].line.enu_m[0 if side == 0 else -1, :2])
+        for k, p in enumerate(parts)
+        for side in (0, 1)
+        if p.cut[side]
+    ]
     if not ends:
         return {}
     tree = cKDTree(np.array([e[2] for e in ends]))
@@ -421,8 +511,7 @@ def _links(parts: list[_Part], tolerance_m: float) -> Links:
                     best, best_d = f, d
         return best
 
-    return {(e[0], e[1]): (f[0], f[1]) for e in ends
-            if (f := nearest(e)) is not None and nearest(f) is e}
+    return {(e[0], e[1]): (f[0], f[1]) for e in ends if (f := nearest(e)) is not None and nearest(f) is e}
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,8 +537,12 @@ def _gsd_mm(line: CrackLine) -> float:
 def merge_observations(observations: list[FrameObservation], tolerance_m: float = 0.1) -> list[MergedCrack]:
     """One line per crack across overlapping frames: best-resolved parts, joined across frame boundaries."""
     order = {o.frame_id: i for i, o in enumerate(observations)}
-    parts = [part for obs, region in zip(observations, ownership(observations))
-             for line in obs.lines for part in clip_line(line, region)]
+    parts = [
+        part
+        for obs, region in zip(observations, ownership(observations))
+        for line in obs.lines
+        for part in clip_line(line, region)
+    ]
     merged = []
     for chain in chains([p.line for p in parts], _links(parts, tolerance_m)):
         pieces = tuple(chain)
@@ -470,8 +563,13 @@ def _weights(line: GroundLine) -> np.ndarray:
     return w if w.sum() > 0 else np.ones(len(w))
 
 
-def crack_from_merged(crack: MergedCrack, origin: tuple[float, float, float], to_store: Transformer,
-                      accuracy: dict[str, float | None], severity: Severity) -> CrackLine:
+def crack_from_merged(
+    crack: MergedCrack,
+    origin: tuple[float, float, float],
+    to_store: Transformer,
+    accuracy: dict[str, float | None],
+    severity: Severity,
+) -> CrackLine:
     """The measured crack line of a merged crack: widths from each vertex's GSD, in the store CRS."""
     lon, lat = enu_to_geodetic(crack.enu_m, origin)
     keep = np.concatenate([[True], (np.diff(lon) != 0) | (np.diff(lat) != 0)])
@@ -482,21 +580,33 @@ def crack_from_merged(crack: MergedCrack, origin: tuple[float, float, float], to
     px_mean = np.concatenate([np.full(len(p.gsd_m), p.width_mean_px) for p in crack.pieces])
     width_mean = float(np.sum(w * px_mean * gsd) / w.sum()) * 1000.0
     width_max = max(p.width_max_px * float(np.average(p.gsd_m, weights=_weights(p))) for p in crack.pieces)
-    confidence = float(np.sum(w * np.concatenate([np.full(len(p.gsd_m), p.confidence)
-                                                  for p in crack.pieces])) / w.sum())
+    confidence = float(
+        np.sum(w * np.concatenate([np.full(len(p.gsd_m), p.confidence) for p in crack.pieces])) / w.sum()
+    )
     known = [a for f in crack.frames if (a := accuracy.get(f)) is not None]
     sx, sy = to_store.transform(lon, lat)
-    return CrackLine(geometry=LineString(np.column_stack([sx, sy])),
-                     length_m=float(GEOD.line_length(lon, lat)), width_mean_mm=width_mean,
-                     width_max_mm=width_max * 1000.0, orientation_deg=azimuth_deg(lon, lat),
-                     confidence=confidence, severity=severity.classify(width_mean),
-                     gsd_mm=float(np.sum(w * gsd) / w.sum()) * 1000.0,
-                     range_m=float(np.sum(w * rng) / w.sum()),
-                     pos_accuracy_m=max(known) if known else None, source_frames=crack.frames)
+    return CrackLine(
+        geometry=LineString(np.column_stack([sx, sy])),
+        length_m=float(GEOD.line_length(lon, lat)),
+        width_mean_mm=width_mean,
+        width_max_mm=width_max * 1000.0,
+        orientation_deg=azimuth_deg(lon, lat),
+        confidence=confidence,
+        severity=severity.classify(width_mean),
+        gsd_mm=float(np.sum(w * gsd) / w.sum()) * 1000.0,
+        range_m=float(np.sum(w * rng) / w.sum()),
+        pos_accuracy_m=max(known) if known else None,
+        source_frames=crack.frames,
+    )
 
 
-def frame_results(observations: list[FrameObservation], origin: tuple[float, float, float],
-                  store_crs: CRS, options=None, tolerance_m: float = 0.1) -> list[SceneResult]:
+def frame_results(
+    observations: list[FrameObservation],
+    origin: tuple[float, float, float],
+    store_crs: CRS,
+    options=None,
+    tolerance_m: float = 0.1,
+) -> list[SceneResult]:
     """One SceneResult per frame (its ground trapezoid and the merged cracks it owns, typed), in order.
 
     Short lines go as a scene's do: a merged crack shorter than ``min_length_px``
@@ -514,9 +624,12 @@ def frame_results(observations: list[FrameObservation], origin: tuple[float, flo
     to_store = Transformer.from_crs(LONLAT, store_crs, always_xy=True)
     accuracy = {o.frame_id: o.pos_accuracy_m for o in observations}
     owned: dict[str, list[CrackLine]] = {o.frame_id: [] for o in observations}
-    found = [(crack, line) for crack in merge_observations(observations, tolerance_m)
-             if (line := crack_from_merged(crack, origin, to_store, accuracy, options.severity)).length_m
-             >= params.min_length_px * _gsd_mm(line) / 1000.0]
+    found = [
+        (crack, line)
+        for crack in merge_observations(observations, tolerance_m)
+        if (line := crack_from_merged(crack, origin, to_store, accuracy, options.severity)).length_m
+        >= params.min_length_px * _gsd_mm(line) / 1000.0
+    ]
     shapes = [LineString(crack.enu_m[:, :2]) for crack, _ in found]
     tree = shapely.STRtree(shapes)
     for i, (crack, line) in enumerate(found):
@@ -531,17 +644,28 @@ def frame_results(observations: list[FrameObservation], origin: tuple[float, flo
         ring = np.asarray(o.footprint_enu.exterior.coords)
         lon, lat = enu_to_geodetic(np.column_stack([ring, np.zeros(len(ring))]), origin)
         outline = Polygon(np.column_stack(to_store.transform(lon, lat)))
-        cracks, areas = type_cracks(tuple(owned[o.frame_id]), outline, store_crs, options,
-                                    road_axis=_road_axis(o, origin, to_store))
+        cracks, areas = type_cracks(
+            tuple(owned[o.frame_id]), outline, store_crs, options, road_axis=_road_axis(o, origin, to_store)
+        )
         scene = Scene(o.uri, o.frame_id, o.width_px, o.height_px, 3, "uint8", store_crs, Affine.identity())
-        results.append(SceneResult(scene=scene, cracks=cracks, footprint=outline, chip_count=o.chip_count,
-                                   probability_path=o.probability_path, seconds=o.seconds, sha256=o.sha256,
-                                   pattern_areas=areas))
+        results.append(
+            SceneResult(
+                scene=scene,
+                cracks=cracks,
+                footprint=outline,
+                chip_count=o.chip_count,
+                probability_path=o.probability_path,
+                seconds=o.seconds,
+                sha256=o.sha256,
+                pattern_areas=areas,
+            )
+        )
     return results
 
 
-def _road_axis(obs: FrameObservation, origin: tuple[float, float, float],
-               to_store: Transformer) -> LineString | None:
+def _road_axis(
+    obs: FrameObservation, origin: tuple[float, float, float], to_store: Transformer
+) -> LineString | None:
     """The vehicle's forward axis through the frame's camera, 1 m long, in the store CRS (None if unknown)."""
     if obs.forward_enu is None:
         return None
@@ -575,10 +699,14 @@ class FrameSurvey:
         frame_time = self.frame_time
         if frame_time.startswith("index:"):
             frame_time = "index:" + str(Path(frame_time[6:]).resolve())
-        return {"camera": str(Path(self.camera_path).resolve()),
-                "trajectory": str(Path(self.trajectory_path).resolve()) if self.trajectory_path else None,
-                "frame_time": frame_time, "max_gap_s": self.max_gap_s, "max_speed_m_s": self.max_speed_m_s,
-                "join_tolerance_m": self.join_tolerance_m}
+        return {
+            "camera": str(Path(self.camera_path).resolve()),
+            "trajectory": str(Path(self.trajectory_path).resolve()) if self.trajectory_path else None,
+            "frame_time": frame_time,
+            "max_gap_s": self.max_gap_s,
+            "max_speed_m_s": self.max_speed_m_s,
+            "join_tolerance_m": self.join_tolerance_m,
+        }
 
     @classmethod
     def from_record(cls, record: dict) -> FrameSurvey:
@@ -588,9 +716,14 @@ class FrameSurvey:
         >>> FrameSurvey.from_record(s.to_record()) == s
         True
         """
-        return cls(record["camera"], record.get("trajectory"), record.get("frame_time", "exif"),
-                   float(record.get("max_gap_s", 1.0)), float(record.get("max_speed_m_s", 70.0)),
-                   float(record.get("join_tolerance_m", 0.1)))
+        return cls(
+            record["camera"],
+            record.get("trajectory"),
+            record.get("frame_time", "exif"),
+            float(record.get("max_gap_s", 1.0)),
+            float(record.get("max_speed_m_s", 70.0)),
+            float(record.get("join_tolerance_m", 0.1)),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -627,14 +760,15 @@ class FrameJob:
             FrameError: the parameters lack the camera, pose or origin.
         """
         try:
-            return cls(uri, frame_id, identity, str(frame["camera"]), Pose(**frame["pose"]),
-                       tuple(float(v) for v in frame["origin"]))
+            x, y, z = (float(v) for v in frame["origin"])
+            return cls(uri, frame_id, identity, str(frame["camera"]), Pose(**frame["pose"]), (x, y, z))
         except (KeyError, TypeError, ValueError) as exc:
             raise FrameError(uri, f"the frame parameters need camera, pose and origin ({exc})") from exc
 
 
-def find_frame_survey(sources: list[str], camera: str | None,
-                      trajectory: str | None) -> tuple[str, str | None] | None:
+def find_frame_survey(
+    sources: list[str], camera: str | None, trajectory: str | None
+) -> tuple[str, str | None] | None:
     """(camera file, trajectory file or None) if ``sources`` are a frame survey, else None.
 
     ``--camera`` chooses frame mode; so does a single source folder holding ``camera.yaml``
@@ -702,8 +836,9 @@ def frame_road(camera: Camera) -> np.ndarray:
 Progress = Callable[[str, int, int], None]
 
 
-def frame_pose(uri: str, clock: FrameClock,
-               trajectory: Trajectory | None) -> tuple[Pose | None, GpsFix | None, float | None]:
+def frame_pose(
+    uri: str, clock: FrameClock, trajectory: Trajectory | None
+) -> tuple[Pose | None, GpsFix | None, float | None]:
     """(pose from the trajectory, EXIF GPS fix, time) of a frame; one of the first two is set.
 
     Raises:
@@ -725,10 +860,19 @@ def frame_pose(uri: str, clock: FrameClock,
     return None, fix, time_s
 
 
-
-def observe_frame(uri: str, frame_id: str, camera: Camera, pose: Pose, origin: tuple[float, float, float],
-                  backend, model, probability_path: str, options, sha256: str,
-                  progress: Progress | None = None) -> FrameObservation:
+def observe_frame(
+    uri: str,
+    frame_id: str,
+    camera: Camera,
+    pose: Pose,
+    origin: tuple[float, float, float],
+    backend,
+    model,
+    probability_path: str,
+    options,
+    sha256: str,
+    progress: Progress | None = None,
+) -> FrameObservation:
     """Segment one frame with the scene chips and stitching, and put its crack lines on the ground.
 
     Pixels outside the camera's road (above the horizon, beyond ``max_range_m``, under
@@ -749,8 +893,11 @@ def observe_frame(uri: str, frame_id: str, camera: Camera, pose: Pose, origin: t
     with SceneReader(uri, frame_id, georeferenced=False) as reader:
         scene = reader.scene
     if (scene.width, scene.height) != (camera.width_px, camera.height_px):
-        raise FrameError(uri, f"is {scene.width}x{scene.height} px, but the camera file is for "
-                              f"{camera.width_px}x{camera.height_px}")
+        raise FrameError(
+            uri,
+            f"is {scene.width}x{scene.height} px, but the camera file is for "
+            f"{camera.width_px}x{camera.height_px}",
+        )
     road = frame_road(camera)
     outline = frame_footprint_enu(camera, pose, origin, road, uri)
     params = options.vectorize_params(model)
@@ -758,22 +905,35 @@ def observe_frame(uri: str, frame_id: str, camera: Camera, pose: Pose, origin: t
     probability = ProbabilityWriter(probability_path, scene, overviews=False)  # frame pixels: no map to zoom
 
     def sink(row_off, p, valid):
-        valid = valid & road[row_off:row_off + len(p)]
+        valid = valid & road[row_off : row_off + len(p)]
         probability(row_off, p, valid)
         vectorizer(row_off, p, valid)
 
-    stitcher = StripStitcher(scene.width, scene.height, sink, options.size_px, options.border_px,
-                             options.overlap_px)
+    stitcher = StripStitcher(
+        scene.width, scene.height, sink, options.size_px, options.border_px, options.overlap_px
+    )
     try:
-        chips = run_network(uri, frame_id, backend, stitcher, options, progress, georeferenced=False,
-                            road=road)
+        chips = run_network(
+            uri, frame_id, backend, stitcher, options, progress, georeferenced=False, road=road
+        )
         pieces = vectorizer.finish()
         probability.finish()
     except BaseException:
         probability.abort()
         raise
     lines = tuple(g for g in ground_lines(camera, pose, origin, frame_id, pieces, params) if g is not None)
-    return FrameObservation(frame_id, uri, sha256, camera_enu(camera, pose, origin), outline,
-                            pose.pos_accuracy_m, lines, chips, scene.width, scene.height,
-                            str(probability_path), time.perf_counter() - started,
-                            forward_enu(camera, pose, origin))
+    return FrameObservation(
+        frame_id,
+        uri,
+        sha256,
+        camera_enu(camera, pose, origin),
+        outline,
+        pose.pos_accuracy_m,
+        lines,
+        chips,
+        scene.width,
+        scene.height,
+        str(probability_path),
+        time.perf_counter() - started,
+        forward_enu(camera, pose, origin),
+    )

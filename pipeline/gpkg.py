@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 import struct
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import shapely
@@ -44,7 +44,7 @@ def wkb(blob: bytes) -> bytes:
     True
     """
     envelope_doubles = (0, 4, 6, 6, 8)[(blob[3] >> 1) & 0b111]
-    return blob[8 + 8 * envelope_doubles:]
+    return blob[8 + 8 * envelope_doubles :]
 
 
 def decode(blob: bytes) -> BaseGeometry:
@@ -72,21 +72,29 @@ def connect(path: str, read_only: bool = False) -> sqlite3.Connection:
     connection, not even a journal), usable from any thread.
     """
     if read_only:
-        con = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
-                              isolation_level=None, check_same_thread=False)
+        con = sqlite3.connect(
+            f"{Path(path).resolve().as_uri()}?mode=ro",
+            uri=True,
+            timeout=BUSY_TIMEOUT_S,
+            isolation_level=None,
+            check_same_thread=False,
+        )
     else:
         con = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)  # explicit BEGIN/COMMIT
     for i, name in enumerate(("ST_MinX", "ST_MaxX", "ST_MinY", "ST_MaxY")):
         con.create_function(name, 1, lambda blob, i=i: _envelope(blob, i), deterministic=True)
-    con.create_function("ST_IsEmpty", 1,
-                        lambda blob: None if blob is None else int(bool(blob[3] & _FLAG_EMPTY)),
-                        deterministic=True)
+    con.create_function(
+        "ST_IsEmpty",
+        1,
+        lambda blob: None if blob is None else int(bool(blob[3] & _FLAG_EMPTY)),
+        deterministic=True,
+    )
     return con
 
 
 def now() -> str:
     """The current UTC time as a GeoPackage DATETIME."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
 
 
 def run_script(con: sqlite3.Connection, sql: str) -> None:
@@ -111,7 +119,9 @@ def init(con: sqlite3.Connection) -> None:
     """Create the GeoPackage metadata tables if absent (in the caller's transaction, if any)."""
     con.execute(f"PRAGMA application_id = {APPLICATION_ID}")
     con.execute(f"PRAGMA user_version = {USER_VERSION}")
-    run_script(con, """
+    run_script(
+        con,
+        """
     CREATE TABLE IF NOT EXISTS gpkg_spatial_ref_sys (
         srs_name TEXT NOT NULL, srs_id INTEGER PRIMARY KEY, organization TEXT NOT NULL,
         organization_coordsys_id INTEGER NOT NULL, definition TEXT NOT NULL, description TEXT);
@@ -131,7 +141,8 @@ def init(con: sqlite3.Connection) -> None:
     INSERT OR IGNORE INTO gpkg_spatial_ref_sys VALUES
         ('Undefined cartesian SRS', -1, 'NONE', -1, 'undefined', 'undefined cartesian coordinate reference system'),
         ('Undefined geographic SRS', 0, 'NONE', 0, 'undefined', 'undefined geographic coordinate reference system');
-    """)
+    """,
+    )
 
 
 def add_srs(con: sqlite3.Connection, crs: CRS) -> int:
@@ -139,18 +150,21 @@ def add_srs(con: sqlite3.Connection, crs: CRS) -> int:
     epsg = crs.to_epsg()
     if epsg is None:
         raise ValueError(f"the store CRS must have an EPSG code, got {crs.to_string()!r}")
-    con.execute("INSERT OR IGNORE INTO gpkg_spatial_ref_sys VALUES (?, ?, 'EPSG', ?, ?, NULL)",
-                (crs.to_string(), epsg, epsg, crs.to_wkt()))
+    con.execute(
+        "INSERT OR IGNORE INTO gpkg_spatial_ref_sys VALUES (?, ?, 'EPSG', ?, ?, NULL)",
+        (crs.to_string(), epsg, epsg, crs.to_wkt()),
+    )
     return epsg
 
 
-def add_layer(con: sqlite3.Connection, table: str, geometry_type: str, srs_id: int,
-              columns: str) -> None:
+def add_layer(con: sqlite3.Connection, table: str, geometry_type: str, srs_id: int, columns: str) -> None:
     """Create a feature table with a ``geom`` column and its R-tree, if absent."""
     if con.execute("SELECT 1 FROM gpkg_contents WHERE table_name = ?", (table,)).fetchone():
         return
     rtree = f"rtree_{table}_geom"
-    run_script(con, f"""
+    run_script(
+        con,
+        f"""
     CREATE TABLE "{table}" (fid INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL,
                             geom {geometry_type}, {columns});
     CREATE VIRTUAL TABLE "{rtree}" USING rtree(id, minx, maxx, miny, maxy);
@@ -167,13 +181,20 @@ def add_layer(con: sqlite3.Connection, table: str, geometry_type: str, srs_id: i
       BEGIN DELETE FROM "{rtree}" WHERE id = OLD.fid; END;
     CREATE TRIGGER "{rtree}_delete" AFTER DELETE ON "{table}" WHEN old.geom NOT NULL
       BEGIN DELETE FROM "{rtree}" WHERE id = OLD.fid; END;
-    """)
-    con.execute("INSERT INTO gpkg_contents (table_name, data_type, identifier, srs_id) "
-                "VALUES (?, 'features', ?, ?)", (table, table, srs_id))
-    con.execute("INSERT INTO gpkg_geometry_columns VALUES (?, 'geom', ?, ?, 0, 0)",
-                (table, geometry_type, srs_id))
-    con.execute("INSERT INTO gpkg_extensions VALUES (?, 'geom', 'gpkg_rtree_index', "
-                "'http://www.geopackage.org/spec120/#extension_rtree', 'write-only')", (table,))
+    """,
+    )
+    con.execute(
+        "INSERT INTO gpkg_contents (table_name, data_type, identifier, srs_id) VALUES (?, 'features', ?, ?)",
+        (table, table, srs_id),
+    )
+    con.execute(
+        "INSERT INTO gpkg_geometry_columns VALUES (?, 'geom', ?, ?, 0, 0)", (table, geometry_type, srs_id)
+    )
+    con.execute(
+        "INSERT INTO gpkg_extensions VALUES (?, 'geom', 'gpkg_rtree_index', "
+        "'http://www.geopackage.org/spec120/#extension_rtree', 'write-only')",
+        (table,),
+    )
 
 
 def add_table(con: sqlite3.Connection, table: str, columns: str) -> None:
@@ -181,8 +202,10 @@ def add_table(con: sqlite3.Connection, table: str, columns: str) -> None:
     if con.execute("SELECT 1 FROM gpkg_contents WHERE table_name = ?", (table,)).fetchone():
         return
     con.execute(f'CREATE TABLE "{table}" (fid INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL, {columns})')
-    con.execute("INSERT INTO gpkg_contents (table_name, data_type, identifier) VALUES (?, 'attributes', ?)",
-                (table, table))
+    con.execute(
+        "INSERT INTO gpkg_contents (table_name, data_type, identifier) VALUES (?, 'attributes', ?)",
+        (table, table),
+    )
 
 
 def add_view(con: sqlite3.Connection, view: str, select: str, geometry_type: str, srs_id: int) -> None:
@@ -190,15 +213,21 @@ def add_view(con: sqlite3.Connection, view: str, select: str, geometry_type: str
     if con.execute("SELECT 1 FROM gpkg_contents WHERE table_name = ?", (view,)).fetchone():
         return
     con.execute(f'CREATE VIEW IF NOT EXISTS "{view}" AS {select}')
-    con.execute("INSERT INTO gpkg_contents (table_name, data_type, identifier, srs_id) "
-                "VALUES (?, 'features', ?, ?)", (view, view, srs_id))
-    con.execute("INSERT INTO gpkg_geometry_columns VALUES (?, 'geom', ?, ?, 0, 0)",
-                (view, geometry_type, srs_id))
+    con.execute(
+        "INSERT INTO gpkg_contents (table_name, data_type, identifier, srs_id) VALUES (?, 'features', ?, ?)",
+        (view, view, srs_id),
+    )
+    con.execute(
+        "INSERT INTO gpkg_geometry_columns VALUES (?, 'geom', ?, ?, 0, 0)", (view, geometry_type, srs_id)
+    )
 
 
 def update_extent(con: sqlite3.Connection, table: str) -> None:
     """Refresh a layer's extent in gpkg_contents from its R-tree."""
-    con.execute(f"""UPDATE gpkg_contents SET last_change = ?,
+    con.execute(
+        f"""UPDATE gpkg_contents SET last_change = ?,
         (min_x, max_x, min_y, max_y) = (SELECT min(minx), max(maxx), min(miny), max(maxy)
                                         FROM "rtree_{table}_geom")
-        WHERE table_name = ?""", (now(), table))
+        WHERE table_name = ?""",
+        (now(), table),
+    )

@@ -20,9 +20,11 @@ from pipeline.errors import IdError
 MAX_COMPONENT_BYTES = 100  # a file name adds ".<model>-<version>.tif" and must stay under 255 bytes
 MAX_ID_BYTES = 200
 FORBIDDEN = '\\/:*?"<>|'
-RULE = (f"ids are 1-{MAX_COMPONENT_BYTES} bytes of letters, digits, spaces and punctuation except "
-        f"{' '.join(FORBIDDEN)} (scene ids may have sub-folders separated by /, {MAX_ID_BYTES} bytes "
-        "in all), not '.' or '..', without leading or trailing spaces")
+RULE = (
+    f"ids are 1-{MAX_COMPONENT_BYTES} bytes of letters, digits, spaces and punctuation except "
+    f"{' '.join(FORBIDDEN)} (scene ids may have sub-folders separated by /, {MAX_ID_BYTES} bytes "
+    "in all), not '.' or '..', without leading or trailing spaces"
+)
 _BAD_CHARACTER = re.compile(r'[\\/:*?"<>|\x00-\x1f\x7f]')
 
 
@@ -66,8 +68,11 @@ def check_scene_id(scene_id: str, source: str | None = None) -> str:
     ...
     pipeline.errors.IdError: scene id 'a/../../b' has '..' as a name; ids are 1-100 bytes ...
     """
-    problem = (f"{len(scene_id.encode())} bytes" if len(str(scene_id).encode()) > MAX_ID_BYTES else
-               next(filter(None, map(_component_problem, str(scene_id).split("/"))), None))
+    problem = (
+        f"{len(scene_id.encode())} bytes"
+        if len(str(scene_id).encode()) > MAX_ID_BYTES
+        else next(filter(None, map(_component_problem, str(scene_id).split("/"))), None)
+    )
     if problem:
         where = f" (from {source})" if source else ""
         raise IdError(f"scene id {_shown(scene_id)}{where} has {problem}; {RULE}")

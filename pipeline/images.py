@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import SceneReadError
 from pipeline.backends import Backend
+from pipeline.errors import SceneReadError
 from pipeline.stitching import StripStitcher
 from pipeline.tiling import chip_windows, mirror_pad
 
@@ -28,8 +28,9 @@ def read_rgb(path: Path) -> np.ndarray:
         raise SceneReadError(str(path), f"not a readable image ({exc})") from exc
 
 
-def image_probability(rgb: np.ndarray, backend: Backend, size_px: int = 400,
-                      overlap_px: int = 64, border_px: int = 16) -> np.ndarray:
+def image_probability(
+    rgb: np.ndarray, backend: Backend, size_px: int = 400, overlap_px: int = 64, border_px: int = 16
+) -> np.ndarray:
     """Crack probability (H, W) uint8 of an (H, W, 3) uint8 image."""
     height, width = rgb.shape[:2]
     padded = mirror_pad(rgb.transpose(2, 0, 1), max(height, size_px), max(width, size_px))
@@ -38,14 +39,16 @@ def image_probability(rgb: np.ndarray, backend: Backend, size_px: int = 400,
     out = np.zeros((height, width), dtype=np.uint8)
 
     def sink(row_off: int, probability: np.ndarray, valid: np.ndarray) -> None:
-        out[row_off:row_off + len(probability)] = probability
+        out[row_off : row_off + len(probability)] = probability
 
     stitcher = StripStitcher(width, height, sink, size_px, border_px, overlap_px)
     windows = chip_windows(width, height, size_px, overlap_px)
     for start in range(0, len(windows), backend.batch_size):
-        batch = windows[start:start + backend.batch_size]
-        slices = [(slice(int(w.row_off), int(w.row_off) + size_px),
-                   slice(int(w.col_off), int(w.col_off) + size_px)) for w in batch]
+        batch = windows[start : start + backend.batch_size]
+        slices = [
+            (slice(int(w.row_off), int(w.row_off) + size_px), slice(int(w.col_off), int(w.col_off) + size_px))
+            for w in batch
+        ]
         probability = backend.predict(np.stack([padded[:, r, c] for r, c in slices]))
         for window, p, (r, c) in zip(batch, probability, slices):
             stitcher.add(window, p, inside[r, c])

@@ -70,8 +70,9 @@ def azimuth_deg(lon: np.ndarray, lat: np.ndarray) -> float:
     if not keep.any():
         return 0.0
     ue, un, w = east[keep] / length[keep], north[keep] / length[keep], length[keep]
-    tensor = np.array([[np.sum(w * ue * ue), np.sum(w * ue * un)],
-                       [np.sum(w * ue * un), np.sum(w * un * un)]])
+    tensor = np.array(
+        [[np.sum(w * ue * ue), np.sum(w * ue * un)], [np.sum(w * ue * un), np.sum(w * un * un)]]
+    )
     _, vectors = np.linalg.eigh(tensor)
     e, n = vectors[:, -1]
     return round(float(np.degrees(np.arctan2(e, n)) % 180.0), 6) % 180.0
@@ -80,8 +81,16 @@ def azimuth_deg(lon: np.ndarray, lat: np.ndarray) -> float:
 class Georeferencer:
     """Turns pieces in scene pixels into measured crack lines in the store CRS."""
 
-    def __init__(self, crs: CRS, transform: Affine, width: int, height: int,
-                 store_crs: CRS, params: VectorizeParams, severity: Severity) -> None:
+    def __init__(
+        self,
+        crs: CRS,
+        transform: Affine,
+        width: int,
+        height: int,
+        store_crs: CRS,
+        params: VectorizeParams,
+        severity: Severity,
+    ) -> None:
         self.transform = transform
         self.params, self.severity = params, severity
         self.to_store = Transformer.from_crs(crs, store_crs, always_xy=True)
@@ -90,8 +99,9 @@ class Georeferencer:
         self.pixel_size_m = float(np.sqrt(self.spacing_m[0] * self.spacing_m[1]))
 
     @classmethod
-    def for_scene(cls, scene: Scene, store_crs: CRS, params: VectorizeParams,
-                  severity: Severity) -> Georeferencer:
+    def for_scene(
+        cls, scene: Scene, store_crs: CRS, params: VectorizeParams, severity: Severity
+    ) -> Georeferencer:
         """The georeferencer of a scene; a CRS that cannot reach ``store_crs`` is a scene error."""
         crs = scene.crs
         if crs is None:  # SceneReader refuses such a scene first; a survey frame is placed otherwise
@@ -99,11 +109,16 @@ class Georeferencer:
         try:
             geo = cls(crs, scene.transform, scene.width, scene.height, store_crs, params, severity)
         except ProjError as exc:
-            raise SceneContentError(scene.uri, f"its CRS {crs.to_string()} cannot be transformed "
-                                               f"to the store's {store_crs.to_string()} ({exc})") from exc
+            raise SceneContentError(
+                scene.uri,
+                f"its CRS {crs.to_string()} cannot be transformed "
+                f"to the store's {store_crs.to_string()} ({exc})",
+            ) from exc
         if not np.isfinite(geo.pixel_size_m) or geo.pixel_size_m <= 0:
-            raise SceneContentError(scene.uri, f"its CRS {crs.to_string()} cannot be transformed "
-                                               f"to the store's {store_crs.to_string()}")
+            raise SceneContentError(
+                scene.uri,
+                f"its CRS {crs.to_string()} cannot be transformed to the store's {store_crs.to_string()}",
+            )
         return geo
 
     def _spacing_m(self, width: int, height: int) -> tuple[float, float]:
@@ -182,11 +197,13 @@ class Georeferencer:
         short = [i for i, (_, line) in enumerate(measured) if line.length_m < self.params.min_length_m]
         if not short:
             return tuple(line for _, line in measured)
-        shapes = [LineString(piece.rc) if len(piece.rc) > 1 else shapely.Point(piece.rc[0])
-                  for piece, _ in measured]
+        shapes = [
+            LineString(piece.rc) if len(piece.rc) > 1 else shapely.Point(piece.rc[0]) for piece, _ in measured
+        ]
         short_index = np.asarray(short)
-        which, other = shapely.STRtree(shapes).query([shapes[i] for i in short], predicate="dwithin",
-                                                     distance=self.params.isolation_px)
+        which, other = shapely.STRtree(shapes).query(
+            [shapes[i] for i in short], predicate="dwithin", distance=self.params.isolation_px
+        )
         accompanied = set(short_index[which[other != short_index[which]]].tolist())
         dropped = set(short) - accompanied
         return tuple(line for i, (_, line) in enumerate(measured) if i not in dropped)

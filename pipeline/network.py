@@ -37,14 +37,16 @@ from pyproj.exceptions import CRSError, ProjError
 from pipeline import projection
 from pipeline.errors import NetworkError
 
-
 # What a direction field may hold -> which way chainage runs: both (two-way), forward (one-way
 # with the digitized direction) or backward (one-way against it: the line is reversed).
 DIRECTION_VALUES = {
-    **dict.fromkeys(("", "both", "b", "n", "no", "0", "two-way", "twoway", "two way", "bothdirections",
-                     "bidirectional"), "both"),
-    **dict.fromkeys(("forward", "f", "ft", "yes", "y", "1", "true", "one-way", "oneway", "indirection",
-                     "with"), "forward"),
+    **dict.fromkeys(
+        ("", "both", "b", "n", "no", "0", "two-way", "twoway", "two way", "bothdirections", "bidirectional"),
+        "both",
+    ),
+    **dict.fromkeys(
+        ("forward", "f", "ft", "yes", "y", "1", "true", "one-way", "oneway", "indirection", "with"), "forward"
+    ),
     **dict.fromkeys(("backward", "t", "tf", "-1", "reverse", "inoppositedirection", "against"), "backward"),
 }
 
@@ -68,8 +70,14 @@ def _fail(path, problem: str) -> NetworkError:
     return NetworkError(f"{path}: {problem}; nothing was written")
 
 
-def read_network(path: str | Path, metric_crs, id_field: str = "road_id", lane_width_m: float = 3.5,
-                 default_width_m: float = 7.0, direction_field: str = "direction") -> Network:
+def read_network(
+    path: str | Path,
+    metric_crs,
+    id_field: str = "road_id",
+    lane_width_m: float = 3.5,
+    default_width_m: float = 7.0,
+    direction_field: str = "direction",
+) -> Network:
     """Read and check a road network, in ``metric_crs``.
 
     Raises:
@@ -84,8 +92,11 @@ def read_network(path: str | Path, metric_crs, id_field: str = "road_id", lane_w
         raise _fail(path, f"cannot be read as a vector file ({' '.join(str(exc).split())})") from None
     fields = list(info["fields"])
     if id_field not in fields:
-        raise _fail(path, f"has no road id field {id_field!r} (fields: {', '.join(fields) or 'none'}); "
-                          "pass --id-field NAME")
+        raise _fail(
+            path,
+            f"has no road id field {id_field!r} (fields: {', '.join(fields) or 'none'}); "
+            "pass --id-field NAME",
+        )
     if not info["crs"]:
         raise _fail(path, "has no CRS; set one (e.g. ogr2ogr -a_srs EPSG:...)")
     if direction_field != "direction" and direction_field not in fields:
@@ -134,6 +145,7 @@ def directions(path, values, field: str = "direction") -> np.ndarray:
     ...
     pipeline.errors.NetworkError: roads.gpkg: its direction field holds 'north', which is not a direction ...
     """
+
     def key(v) -> str:
         if v is None or (isinstance(v, float) and np.isnan(v)):
             return ""
@@ -143,9 +155,12 @@ def directions(path, values, field: str = "direction") -> np.ndarray:
 
     keys = [key(v) for v in values]
     if bad := sorted({str(v) for v, k in zip(values, keys) if k not in DIRECTION_VALUES}):
-        raise _fail(path, f"its {field} field holds {', '.join(map(repr, bad[:5]))}, which is not a direction "
-                          "(two-way: both, B, N, no, 0; one-way as digitized: forward, F, FT, yes, 1; "
-                          "one-way against it: backward, T, TF, -1, reverse)")
+        raise _fail(
+            path,
+            f"its {field} field holds {', '.join(map(repr, bad[:5]))}, which is not a direction "
+            "(two-way: both, B, N, no, 0; one-way as digitized: forward, F, FT, yes, 1; "
+            "one-way against it: backward, T, TF, -1, reverse)",
+        )
     return np.array([DIRECTION_VALUES[k] for k in keys], dtype=object)
 
 
@@ -159,9 +174,11 @@ def _single_lines(path, geometries: np.ndarray, ids: np.ndarray) -> np.ndarray:
     geometries[multi] = shapely.line_merge(geometries[multi])
     kinds = shapely.get_type_id(geometries)
     if (parts := ids[multi & (kinds != shapely.GeometryType.LINESTRING)]).size:
-        raise _fail(path, f"has multi-part lines that do not join into one: {', '.join(parts[:5])}; "
-                          "split them into roads of their own")
+        raise _fail(
+            path,
+            f"has multi-part lines that do not join into one: {', '.join(parts[:5])}; "
+            "split them into roads of their own",
+        )
     if (other := ids[kinds != shapely.GeometryType.LINESTRING]).size:
         raise _fail(path, f"has features that are not lines: {', '.join(other[:5])}")
     return shapely.force_2d(geometries)
-

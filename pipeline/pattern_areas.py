@@ -48,8 +48,9 @@ class PatternParams:
 
     def __post_init__(self) -> None:
         if self.cell_m <= 0 or self.window_cells < 1:
-            raise ValueError(f"pattern cells must be positive, got cell_m={self.cell_m}, "
-                             f"window_cells={self.window_cells}")
+            raise ValueError(
+                f"pattern cells must be positive, got cell_m={self.cell_m}, window_cells={self.window_cells}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +67,9 @@ class PatternArea:
     members: np.ndarray
 
 
-def cell_grid(lines: np.ndarray, cell_m: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
-                                                          tuple[int, int]]:
+def cell_grid(
+    lines: np.ndarray, cell_m: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
     """Segments of all lines (at most half a cell long) binned to cells.
 
     Returns per segment: its line, its cell (flat index), its length and its doubled
@@ -82,18 +84,24 @@ def cell_grid(lines: np.ndarray, cell_m: float) -> tuple[np.ndarray, np.ndarray,
     col = ((mid[:, 0] - origin[0]) // cell_m).astype(np.int64)
     row = ((mid[:, 1] - origin[1]) // cell_m).astype(np.int64)
     shape = (int(row.max(initial=0)) + 1, int(col.max(initial=0)) + 1)
-    return index[:-1][same], row * shape[1] + col, np.hypot(d[:, 0], d[:, 1]), \
-        2 * np.arctan2(d[:, 1], d[:, 0]), shape
+    return (
+        index[:-1][same],
+        row * shape[1] + col,
+        np.hypot(d[:, 0], d[:, 1]),
+        2 * np.arctan2(d[:, 1], d[:, 0]),
+        shape,
+    )
 
 
-def networked_cells(cell: np.ndarray, length: np.ndarray, angle2: np.ndarray, shape: tuple[int, int],
-                    params: PatternParams) -> np.ndarray:
+def networked_cells(
+    cell: np.ndarray, length: np.ndarray, angle2: np.ndarray, shape: tuple[int, int], params: PatternParams
+) -> np.ndarray:
     """Labels (0: none) of connected cells whose window is dense and mixed in orientation."""
     size = shape[0] * shape[1]
 
     def window_sum(weights: np.ndarray) -> np.ndarray:
         grid = np.bincount(cell, weights, size).reshape(shape)
-        return ndimage.uniform_filter(grid, params.window_cells, mode="constant") * params.window_cells ** 2
+        return ndimage.uniform_filter(grid, params.window_cells, mode="constant") * params.window_cells**2
 
     total = window_sum(length)
     cos, sin = window_sum(length * np.cos(angle2)), window_sum(length * np.sin(angle2))
@@ -108,12 +116,16 @@ def networked_cells(cell: np.ndarray, length: np.ndarray, angle2: np.ndarray, sh
 def pieces(members: np.ndarray, gap_m: float) -> np.ndarray:
     """Longest sides of the pavement pieces the member cracks enclose (gaps up to ``gap_m`` closed)."""
     net = shapely.union_all(shapely.buffer(members, gap_m / 2, quad_segs=2))
-    holes = [shapely.Polygon(ring) for part in getattr(net, "geoms", [net])
-             for ring in getattr(part, "interiors", [])]
+    holes = [
+        shapely.Polygon(ring)
+        for part in getattr(net, "geoms", [net])
+        for ring in getattr(part, "interiors", [])
+    ]
     if not holes:
         return np.zeros(0)
-    ring = shapely.get_coordinates(shapely.oriented_envelope(np.array(holes, dtype=object)),
-                                   return_index=True)
+    ring = shapely.get_coordinates(
+        shapely.oriented_envelope(np.array(holes, dtype=object)), return_index=True
+    )
     xy, index = ring
     d = np.hypot(*np.diff(xy, axis=0).T)[index[1:] == index[:-1]]
     return np.maximum.reduceat(d, np.arange(0, len(d), 4)) if len(d) else np.zeros(0)
@@ -130,8 +142,9 @@ def find_pattern_areas(lines: np.ndarray, params: PatternParams = PatternParams(
     if not inside.any():
         return []
     # per (line, label): length inside; each line goes to its label with the most length
-    key, where = np.unique(owner[inside].astype(np.int64) * (labels.max() + 1) + labels[inside],
-                           return_inverse=True)
+    key, where = np.unique(
+        owner[inside].astype(np.int64) * (labels.max() + 1) + labels[inside], return_inverse=True
+    )
     got = np.bincount(where, length[inside])
     line, label = key // (labels.max() + 1), key % (labels.max() + 1)
     best = np.lexsort((-got, line))
@@ -160,12 +173,16 @@ def _area(member_lines: np.ndarray, members: np.ndarray, params: PatternParams) 
         kind = "block"
     else:
         return None
-    closed = shapely.buffer(shapely.union_all(shapely.buffer(member_lines, params.cell_m, quad_segs=4)),
-                            -params.cell_m, quad_segs=4)
+    closed = shapely.buffer(
+        shapely.union_all(shapely.buffer(member_lines, params.cell_m, quad_segs=4)),
+        -params.cell_m,
+        quad_segs=4,
+    )
     parts = [shapely.Polygon(p.exterior) for p in getattr(closed, "geoms", [closed]) if not p.is_empty]
     if not parts:
         return None
     geometry = shapely.MultiPolygon(parts)
     length = float(shapely.length(member_lines).sum())
-    return PatternArea(geometry, kind, float(geometry.area), length, length / geometry.area, piece_m,
-                       len(sizes), members)
+    return PatternArea(
+        geometry, kind, float(geometry.area), length, length / geometry.area, piece_m, len(sizes), members
+    )

@@ -24,7 +24,7 @@ import platform
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +43,10 @@ def cpu_name() -> str:
     """The CPU's model name, as the kernel reports it."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                        platform.processor())
+            return next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                platform.processor(),
+            )
     except OSError:
         return platform.processor() or platform.machine()
 
@@ -96,8 +98,9 @@ def chips_per_s(paths: dict[str, Path], batch: int = 8, rounds: int = 3) -> dict
     return {name: round(batch / statistics.median(t), 1) for name, t in seconds.items()}
 
 
-def cpu_graph(entry: ModelEntry, requested: str = "auto", choices: Path | None = None
-              ) -> tuple[Path, str, str]:
+def cpu_graph(
+    entry: ModelEntry, requested: str = "auto", choices: Path | None = None
+) -> tuple[Path, str, str]:
     """(graph, "fp32" or "int8", why) for ONNX Runtime on this CPU.
 
     ``requested`` "fp32" or "int8" takes that graph (int8 only if the version
@@ -111,32 +114,45 @@ def cpu_graph(entry: ModelEntry, requested: str = "auto", choices: Path | None =
     if requested == "fp32" or (requested == "auto" and not record):
         return entry.file("onnx"), "fp32", "asked for" if requested == "fp32" else "no INT8 graph"
     if not record:
-        raise registry.ModelError(f"{entry.spec} has no INT8 graph; add one with "
-                                  f"`crackmap models quantize --model {entry.spec}`")
+        raise registry.ModelError(
+            f"{entry.spec} has no INT8 graph; add one with `crackmap models quantize --model {entry.spec}`"
+        )
     if requested == "int8":
         return entry.file("onnx_int8"), "int8", "asked for"
     if not record["accepted"]:
-        return entry.file("onnx"), "fp32", (f"the INT8 graph lost {record['f1_drop']:.4f} mean val F1 "
-                                            f"(more than {record['max_f1_drop']})")
+        return (
+            entry.file("onnx"),
+            "fp32",
+            (f"the INT8 graph lost {record['f1_drop']:.4f} mean val F1 (more than {record['max_f1_drop']})"),
+        )
     if not int8_supported(platform.machine(), cpu_flags()):
         return entry.file("onnx"), "fp32", "this x86 CPU has no VNNI: INT8 kernels may saturate"
     import onnxruntime as ort
 
     paths = {"fp32": entry.file("onnx"), "int8": entry.file("onnx_int8")}
     choices = choices or CHOICES
-    key = "|".join([entry.spec, entry.card["files"]["onnx"]["sha256"][:16],
-                    entry.card["files"]["onnx_int8"]["sha256"][:16], cpu_name(), ort.__version__])
+    key = "|".join(
+        [
+            entry.spec,
+            entry.card["files"]["onnx"]["sha256"][:16],
+            entry.card["files"]["onnx_int8"]["sha256"][:16],
+            cpu_name(),
+            ort.__version__,
+        ]
+    )
     known = _read_choices(choices)
     if key not in known:
         speed = chips_per_s(paths)
-        known[key] = {"chips_per_s": speed,
-                      "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        known[key] = {"chips_per_s": speed, "measured": datetime.now(UTC).isoformat(timespec="seconds")}
         _write_choices(choices, known)
         log.info("measured %s on %s: %s chips/s (one thread)", entry.spec, cpu_name(), speed)
     speed = known[key]["chips_per_s"]
     choice = "int8" if speed["int8"] > speed["fp32"] else "fp32"
-    return paths[choice], choice, (f"measured on this CPU: INT8 {speed['int8']} vs float {speed['fp32']} "
-                                   "chips/s per thread")
+    return (
+        paths[choice],
+        choice,
+        (f"measured on this CPU: INT8 {speed['int8']} vs float {speed['fp32']} chips/s per thread"),
+    )
 
 
 def _read_choices(path: Path) -> dict:
@@ -158,15 +174,17 @@ def _write_choices(path: Path, known: dict) -> None:
 
 # --- the accuracy gate ---------------------------------------------------------------------------
 
-def val_scores(onnx_path: Path, data_root: Path, datasets: list[str], threshold: float,
-               split: str = "val") -> tuple[dict[str, dict], dict[str, list[np.ndarray]]]:
+
+def val_scores(
+    onnx_path: Path, data_root: Path, datasets: list[str], threshold: float, split: str = "val"
+) -> tuple[dict[str, dict], dict[str, list[np.ndarray]]]:
     """Scores of a graph on each dataset's split (as ``crackmap eval``), and its masks per dataset."""
     from PIL import Image
 
     from models.data import find_pairs
     from models.metrics import PixelCounts
-    from pipeline.images import read_rgb
     from pipeline.backends import OnnxRuntimeBackend
+    from pipeline.images import read_rgb
 
     backend = OnnxRuntimeBackend(Path(onnx_path), batch_size=8)
     scores: dict[str, dict] = {}
@@ -197,8 +215,10 @@ def inference_graph(entry: ModelEntry, folder: Path) -> Path:
     import onnx
 
     path = entry.file("onnx")
-    if onnx.load(str(path), load_external_data=False).graph.output[0].type.tensor_type.elem_type == \
-            onnx.TensorProto.UINT8:
+    if (
+        onnx.load(str(path), load_external_data=False).graph.output[0].type.tensor_type.elem_type
+        == onnx.TensorProto.UINT8
+    ):
         return path
     from models.onnx_export import export_onnx, load_net, verify_onnx
     from models.package import MAX_ONNX_DIFF
@@ -235,16 +255,30 @@ def add_int8(entry: ModelEntry, data_root: Path, per_dataset: int = 16, split: s
         drop = mean_f1(fp32_scores) - mean_f1(int8_scores)
         record = {
             "path": INT8_FILE,
-            "calibration": {**CALIBRATION, "chips": len(chips), "per_dataset": per_dataset,
-                            "split": split, "datasets": datasets},
-            "quantized_from": "model.onnx" if source == entry.file("onnx") else
-                              "the inference graph exported from weights.pt (uint8 output)",
-            "metrics": int8_scores, "fp32_metrics": fp32_scores,
-            "mean_f1": mean_f1(int8_scores), "fp32_mean_f1": mean_f1(fp32_scores),
-            "f1_drop": round(drop, 6), "max_f1_drop": MAX_F1_DROP, "accepted": drop <= MAX_F1_DROP,
+            "calibration": {
+                **CALIBRATION,
+                "chips": len(chips),
+                "per_dataset": per_dataset,
+                "split": split,
+                "datasets": datasets,
+            },
+            "quantized_from": "model.onnx"
+            if source == entry.file("onnx")
+            else "the inference graph exported from weights.pt (uint8 output)",
+            "metrics": int8_scores,
+            "fp32_metrics": fp32_scores,
+            "mean_f1": mean_f1(int8_scores),
+            "fp32_mean_f1": mean_f1(fp32_scores),
+            "f1_drop": round(drop, 6),
+            "max_f1_drop": MAX_F1_DROP,
+            "accepted": drop <= MAX_F1_DROP,
             "mask_agreement": same / total,
-            "speed": {"machine": f"{cpu_name()}, {os.cpu_count()} cores",
-                      **{f"{k}_chips_per_s": v for k, v in
-                         chips_per_s({"fp32": entry.file("onnx"), "int8": int8}).items()}},
+            "speed": {
+                "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+                **{
+                    f"{k}_chips_per_s": v
+                    for k, v in chips_per_s({"fp32": entry.file("onnx"), "int8": int8}).items()
+                },
+            },
         }
         return registry.add_derived(entry, "onnx_int8", int8, "int8", record)

@@ -94,8 +94,9 @@ class ProbabilityWriter:
 
     def __call__(self, row_off: int, probability: np.ndarray, valid: np.ndarray) -> None:
         if row_off != self._written + self._buffered:
-            raise ValueError(f"rows must arrive in order: expected row {self._written + self._buffered}, "
-                             f"got {row_off}")
+            raise ValueError(
+                f"rows must arrive in order: expected row {self._written + self._buffered}, got {row_off}"
+            )
         self._rows.append((probability, valid))
         self._buffered += len(probability)
         if self._buffered >= STRIP_ROWS:
@@ -110,10 +111,20 @@ class ProbabilityWriter:
                 with warnings.catch_warnings():  # a survey frame has frame pixels, no map: no CRS, on purpose
                     if scene.crs is None:
                         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                    self._ds = rasterio.open(self._partial, "w", driver="GTiff", width=scene.width,
-                                             height=scene.height, count=1, dtype="uint8", crs=scene.crs,
-                                             transform=scene.transform, tiled=True, blockxsize=STRIP_ROWS,
-                                             blockysize=STRIP_ROWS)
+                    self._ds = rasterio.open(
+                        self._partial,
+                        "w",
+                        driver="GTiff",
+                        width=scene.width,
+                        height=scene.height,
+                        count=1,
+                        dtype="uint8",
+                        crs=scene.crs,
+                        transform=scene.transform,
+                        tiled=True,
+                        blockxsize=STRIP_ROWS,
+                        blockysize=STRIP_ROWS,
+                    )
             window = Window(0, self._written, probability.shape[1], rows)
             self._ds.write(probability[:rows], 1, window=window)
             if self._masked or not valid[:rows].all():
@@ -148,9 +159,17 @@ class ProbabilityWriter:
             if self._overviews:
                 ds.build_overviews(overview_factors(scene.width, scene.height), Resampling.average)
             ds.close()
-            rasterio.shutil.copy(self._partial, staged, driver="COG", compress="deflate", level=1,
-                                 num_threads="ALL_CPUS", blocksize=512, overview_resampling="average",
-                                 overviews="AUTO" if self._overviews else "NONE")
+            rasterio.shutil.copy(
+                self._partial,
+                staged,
+                driver="COG",
+                compress="deflate",
+                level=1,
+                num_threads="ALL_CPUS",
+                blocksize=512,
+                overview_resampling="average",
+                overviews="AUTO" if self._overviews else "NONE",
+            )
         os.replace(staged, self.path)
         self._partial.unlink()
         if self.uri is None:

@@ -81,9 +81,11 @@ def endpoint_options(environ: Mapping[str, str] | None = None) -> dict[str, str]
     if not url:
         return {}
     parts = urlsplit(url)
-    return {"AWS_S3_ENDPOINT": parts.netloc + parts.path.rstrip("/"),
-            "AWS_HTTPS": "NO" if parts.scheme == "http" else "YES",
-            "AWS_VIRTUAL_HOSTING": "FALSE"}
+    return {
+        "AWS_S3_ENDPOINT": parts.netloc + parts.path.rstrip("/"),
+        "AWS_HTTPS": "NO" if parts.scheme == "http" else "YES",
+        "AWS_VIRTUAL_HOSTING": "FALSE",
+    }
 
 
 def gdal_env() -> rasterio.Env:
@@ -125,8 +127,9 @@ class _ReadAhead:
         self._fs = fs
 
     def open(self, path: str, mode: str = "rb", **kwargs):
-        return self._fs.open(path, "rb", cache_type="background",
-                             cache_options={"maxblocks": READ_AHEAD_BLOCKS})
+        return self._fs.open(
+            path, "rb", cache_type="background", cache_options={"maxblocks": READ_AHEAD_BLOCKS}
+        )
 
     def __getattr__(self, name: str):  # isfile, isdir, ls, size, mtime: the filesystem's own
         return getattr(self._fs, name)
@@ -135,8 +138,11 @@ class _ReadAhead:
 def read_error(uri: str, exc: BaseException, otherwise: str = "not a readable raster") -> SceneReadError:
     """A one-line ``SceneReadError``: a storage problem per ``buckets.ERROR_POLICY``, or ``otherwise``."""
     rule = buckets.policy(exc) if buckets.is_url(uri) else None
-    return SceneReadError(uri, f"{rule.problem if rule else otherwise} ({buckets.first_line(exc)})",
-                          transient=bool(rule and rule.transient))
+    return SceneReadError(
+        uri,
+        f"{rule.problem if rule else otherwise} ({buckets.first_line(exc)})",
+        transient=bool(rule and rule.transient),
+    )
 
 
 class SceneReader:
@@ -148,8 +154,14 @@ class SceneReader:
     stretched linearly between the 0.5 and 99.5 percentiles of a preview.
     """
 
-    def __init__(self, uri: str, scene_id: str | None = None, method: str | None = None,
-                 georeferenced: bool = True, road: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        scene_id: str | None = None,
+        method: str | None = None,
+        georeferenced: bool = True,
+        road: np.ndarray | None = None,
+    ) -> None:
         self.uri = uri
         self._georeferenced = georeferenced  # False: a survey frame (JPEG/PNG), no CRS needed
         self._road = road  # a frame's (height, width) road pixels: the rest counts as nodata
@@ -183,15 +195,34 @@ class SceneReader:
     def _describe(self, scene_id: str) -> Scene:
         ds = self._ds
         if not self._georeferenced:
-            return Scene(uri=self.uri, scene_id=scene_id, width=ds.width, height=ds.height,
-                         band_count=ds.count, dtype=ds.dtypes[0], crs=None, transform=ds.transform)
+            return Scene(
+                uri=self.uri,
+                scene_id=scene_id,
+                width=ds.width,
+                height=ds.height,
+                band_count=ds.count,
+                dtype=ds.dtypes[0],
+                crs=None,
+                transform=ds.transform,
+            )
         if ds.crs is None:
-            raise SceneContentError(self.uri, "has no CRS; crackmap needs a georeferenced scene "
-                                              "(assign one, e.g. gdal_edit.py -a_srs EPSG:xxxx)")
+            raise SceneContentError(
+                self.uri,
+                "has no CRS; crackmap needs a georeferenced scene "
+                "(assign one, e.g. gdal_edit.py -a_srs EPSG:xxxx)",
+            )
         if ds.transform.is_identity:
             raise SceneContentError(self.uri, "has a CRS but no geotransform")
-        return Scene(uri=self.uri, scene_id=scene_id, width=ds.width, height=ds.height,
-                     band_count=ds.count, dtype=ds.dtypes[0], crs=ds.crs, transform=ds.transform)
+        return Scene(
+            uri=self.uri,
+            scene_id=scene_id,
+            width=ds.width,
+            height=ds.height,
+            band_count=ds.count,
+            dtype=ds.dtypes[0],
+            crs=ds.crs,
+            transform=ds.transform,
+        )
 
     def _rgb_bands(self) -> list[int]:
         ds = self._ds
@@ -215,8 +246,11 @@ class SceneReader:
         all_valid = all(MaskFlags.all_valid in flags for flags in ds.mask_flag_enums)
         try:
             valid = np.ones(shape, bool) if all_valid else ds.dataset_mask(out_shape=shape) > 0
-            preview = None if ds.dtypes[0] == "uint8" else ds.read(
-                sorted(set(self._bands)), out_shape=(len(set(self._bands)), *shape))
+            preview = (
+                None
+                if ds.dtypes[0] == "uint8"
+                else ds.read(sorted(set(self._bands)), out_shape=(len(set(self._bands)), *shape))
+            )
         except (RasterioError, OSError) as exc:
             raise read_error(self.uri, exc, "truncated or corrupt") from exc
         if preview is not None and np.issubdtype(preview.dtype, np.floating):
@@ -266,11 +300,19 @@ class SceneReader:
         GDAL's JPEG driver uses the IJG libjpeg of rasterio's wheels (no SIMD): twice the time
         for a 1920 x 1080 frame, the same pixels.  None for every other raster.
         """
-        if self._frame is None and not self._georeferenced and TURBO_JPEG and self._ds.driver == "JPEG" \
-                and self._ds.dtypes[0] == "uint8" and self._ds.count in (1, 3):
+        if (
+            self._frame is None
+            and not self._georeferenced
+            and TURBO_JPEG
+            and self._ds.driver == "JPEG"
+            and self._ds.dtypes[0] == "uint8"
+            and self._ds.count in (1, 3)
+        ):
             fs = buckets.filesystem(self.uri)
-            with fs.open(self.uri if buckets.is_url(self.uri) else str(self.uri), "rb") as f, \
-                    Image.open(f) as image:
+            with (
+                fs.open(self.uri if buckets.is_url(self.uri) else str(self.uri), "rb") as f,
+                Image.open(f) as image,
+            ):
                 self._frame = np.ascontiguousarray(np.asarray(image.convert("RGB")).transpose(2, 0, 1))
         return self._frame
 
@@ -290,10 +332,10 @@ class SceneReader:
         stop = row_off + min(height, ds.height - row_off)
         for start, data, mask in self._decoded_runs(row_off, stop):
             a, b = max(row_off, start), min(stop, start + len(mask))
-            rgb[:, a - row_off:b - row_off, :ds.width] = data[:, a - start:b - start]
-            valid[a - row_off:b - row_off, :ds.width] = mask[a - start:b - start]
+            rgb[:, a - row_off : b - row_off, : ds.width] = data[:, a - start : b - start]
+            valid[a - row_off : b - row_off, : ds.width] = mask[a - start : b - start]
         if stop - row_off < height or width > ds.width:
-            rgb = mirror_pad(rgb[:, :stop - row_off, :ds.width], height, width)
+            rgb = mirror_pad(rgb[:, : stop - row_off, : ds.width], height, width)
         return rgb, valid
 
     def _decoded_runs(self, first: int, stop: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -321,7 +363,7 @@ class SceneReader:
             return np.zeros((3, rows, ds.width), np.uint8), np.zeros((rows, ds.width), bool)
         try:
             if (frame := self._whole_frame()) is not None:
-                data = frame[:, row_off:row_off + rows].copy()
+                data = frame[:, row_off : row_off + rows].copy()
             elif blocks := self._blocks():
                 data = blocks.read(row_off, rows)
             else:
@@ -339,7 +381,7 @@ class SceneReader:
             offset, scale = self._scale
             data = np.clip((data.astype(np.float32) - offset) * scale + 0.5, 0, 255).astype(np.uint8)
         if self._road is not None:
-            mask &= self._road[row_off:row_off + rows]
+            mask &= self._road[row_off : row_off + rows]
         if not mask.all():
             data *= mask
         return data, mask
@@ -358,14 +400,18 @@ class SceneReader:
         band = self._bands[0]
         first, last = row_off // block_rows, (row_off + rows - 1) // block_rows
         across = -(-ds.width // block_cols)
-        absent = [(x, y) for y in range(first, last + 1) for x in range(across)
-                  if not int(ds.get_tag_item(f"BLOCK_OFFSET_{x}_{y}", "TIFF", bidx=band) or 0)]
+        absent = [
+            (x, y)
+            for y in range(first, last + 1)
+            for x in range(across)
+            if not int(ds.get_tag_item(f"BLOCK_OFFSET_{x}_{y}", "TIFF", bidx=band) or 0)
+        ]
         if not absent:
             return None
         present = np.ones((rows, ds.width), bool)
         for x, y in absent:
             top, bottom = max(y * block_rows - row_off, 0), min((y + 1) * block_rows - row_off, rows)
-            present[top:bottom, x * block_cols:(x + 1) * block_cols] = False
+            present[top:bottom, x * block_cols : (x + 1) * block_cols] = False
         return present
 
     def chip_batches(self, size_px: int, overlap_px: int, batch_size: int) -> Iterator[ChipBatch]:
@@ -376,11 +422,11 @@ class SceneReader:
         for row in chip_offsets(scene.height, size_px, overlap_px):
             rgb, valid = self.read_strip(row, size_px)
             for col in cols:
-                chip_valid = valid[:, col:col + size_px]
+                chip_valid = valid[:, col : col + size_px]
                 if not chip_valid.any():
                     continue
                 windows.append(Window(col, row, size_px, size_px))
-                pixels.append(rgb[:, :, col:col + size_px])
+                pixels.append(rgb[:, :, col : col + size_px])
                 valids.append(chip_valid)
                 if len(windows) == batch_size:
                     yield ChipBatch(tuple(windows), np.stack(pixels), np.stack(valids))
@@ -419,25 +465,32 @@ class _JpegBlocks:
         self._tables = bytes.fromhex(tables)[:-2] if tables else None  # without its end marker
 
     @classmethod
-    def attach(cls, ds: rasterio.DatasetReader, uri: str, bands: list[int], method: str | None
-               ) -> _JpegBlocks | None:
+    def attach(
+        cls, ds: rasterio.DatasetReader, uri: str, bands: list[int], method: str | None
+    ) -> _JpegBlocks | None:
         """A decoder for ``ds``'s blocks, or None where GDAL should decode them."""
         structure = ds.tags(ns="IMAGE_STRUCTURE")
         masks = [set(flags) for flags in ds.mask_flag_enums]
         all_valid = all(MaskFlags.all_valid in flags for flags in masks)
-        if (ds.driver != "GTiff" or structure.get("COMPRESSION") not in ("JPEG", "YCbCr JPEG")
-                or structure.get("INTERLEAVE") != "PIXEL" or bands != [1, 2, 3] or ds.count != 3
-                or tuple(ds.colorinterp) != (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
-                or ds.dtypes[0] != "uint8" or ds.block_shapes[0][0] > 1024
-                or ds.block_shapes[0][0] * ds.block_shapes[0][1] > cls.MAX_BLOCK_PIXELS
-                or not all(flags & {MaskFlags.all_valid, MaskFlags.per_dataset} for flags in masks)):
+        if (
+            ds.driver != "GTiff"
+            or structure.get("COMPRESSION") not in ("JPEG", "YCbCr JPEG")
+            or structure.get("INTERLEAVE") != "PIXEL"
+            or bands != [1, 2, 3]
+            or ds.count != 3
+            or tuple(ds.colorinterp) != (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
+            or ds.dtypes[0] != "uint8"
+            or ds.block_shapes[0][0] > 1024
+            or ds.block_shapes[0][0] * ds.block_shapes[0][1] > cls.MAX_BLOCK_PIXELS
+            or not all(flags & {MaskFlags.all_valid, MaskFlags.per_dataset} for flags in masks)
+        ):
             return None  # a mask from a nodata value needs GDAL's pixels anyway
         scheme = urlsplit(uri).scheme
         try:
             if scheme == "file" or not buckets.is_url(uri):
                 if uri.startswith("/vsi"):  # GDAL's virtual file systems: only GDAL reads those
                     return None
-                file = open(urlsplit(uri).path if scheme == "file" else uri, "rb")
+                file = open(urlsplit(uri).path if scheme == "file" else uri, "rb")  # noqa: SIM115  (the reader owns it)
             elif all_valid and ((method or READ_METHOD) == "fsspec" or scheme not in GDAL_SCHEMES):
                 file = _ReadAhead(buckets.filesystem(uri)).open(uri.split("://", 1)[1])
             else:
@@ -486,8 +539,9 @@ class _JpegBlocks:
                 width = min(self.block_cols, ds.width - left)
                 pixels = self._block(block_x, block_y)
                 if pixels is not None:
-                    out[:, top - row_off:top - row_off + height, left:left + width] = (
-                        pixels[:height, :width].transpose(2, 0, 1))
+                    out[:, top - row_off : top - row_off + height, left : left + width] = pixels[
+                        :height, :width
+                    ].transpose(2, 0, 1)
         return out
 
     def _block(self, x: int, y: int) -> np.ndarray | None:
@@ -511,8 +565,10 @@ class _JpegBlocks:
             with Image.open(io.BytesIO(stream), formats=["JPEG"]) as image:
                 width, height = image.size
                 if image.mode != "RGB" or width != self.block_cols or not rows[0] <= height <= rows[1]:
-                    raise OSError(f"is a {width} x {height} {image.mode} JPEG in a "
-                                  f"{self.block_cols} x {self.block_rows} RGB block")
+                    raise OSError(
+                        f"is a {width} x {height} {image.mode} JPEG in a "
+                        f"{self.block_cols} x {self.block_rows} RGB block"
+                    )
                 return np.asarray(image)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise OSError(f"JPEG block {x},{y} {exc}") from exc

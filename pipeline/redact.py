@@ -16,7 +16,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 MASK = "***"
 # scheme://user:password@ : the password is everything between the first ':' after '//' and the last '@'
-_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):(?P<password>[^\s/]*?)@(?=[^@\s/]*(?:[/\s?#]|$))")
+_USERINFO = re.compile(
+    r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):(?P<password>[^\s/]*?)@(?=[^@\s/]*(?:[/\s?#]|$))"
+)
 _QUERY_PASSWORD = re.compile(r"(?i)(?P<head>[?&](?:password|passwd|pwd|secret|token)=)(?P<password>[^&\s#]*)")
 
 
@@ -106,8 +108,14 @@ class RedactingFilter(logging.Filter):
 
 def mask_log_handlers() -> None:
     """Add a ``RedactingFilter`` to every handler configured so far (root, Prefect's console and API)."""
-    loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
-                                      if isinstance(logger, logging.Logger))]
+    loggers = [
+        logging.getLogger(),
+        *(
+            logger
+            for logger in logging.Logger.manager.loggerDict.values()
+            if isinstance(logger, logging.Logger)
+        ),
+    ]
     for logger in loggers:
         for handler in logger.handlers:
             if not any(isinstance(f, RedactingFilter) for f in handler.filters):

@@ -17,15 +17,13 @@ from typing import Any
 
 import numpy as np
 import shapely
-
 from rasterio.crs import CRS
 
 from models.registry import ModelEntry
-from pipeline import buckets
-from pipeline.errors import OptionsError, SceneContentError
+from pipeline import buckets, projection
 from pipeline.backends import Backend, predictions
-from pipeline import projection
 from pipeline.crack_types import TypeProfile, classify, joint_lines, scene_frame, type_profile
+from pipeline.errors import OptionsError, SceneContentError
 from pipeline.measure import Georeferencer, Severity
 from pipeline.pattern_areas import PatternParams, find_pattern_areas
 from pipeline.probability import ProbabilityWriter
@@ -78,8 +76,10 @@ class SceneOptions:
         mapping = dict(mapping or {})
         unknown = sorted(set(mapping) - set(MAPPING_OPTIONS) - {PROFILE_OPTION})
         if unknown:
-            raise OptionsError(f"unknown mapping option(s) {', '.join(unknown)}; "
-                               f"choose from {', '.join([*MAPPING_OPTIONS, PROFILE_OPTION])}")
+            raise OptionsError(
+                f"unknown mapping option(s) {', '.join(unknown)}; "
+                f"choose from {', '.join([*MAPPING_OPTIONS, PROFILE_OPTION])}"
+            )
         profile_name = mapping.pop(PROFILE_OPTION, None) or type_profile_name
         try:
             types = type_profile(profile_name) if profile_name else cls().types
@@ -90,17 +90,26 @@ class SceneOptions:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
                 raise OptionsError(f"{key} must be a number {text}, not {value!r}")
         defaults = cls()
-        severity = Severity(mapping.get("severity_medium_mm", defaults.severity.medium_mm),
-                            mapping.get("severity_high_mm", defaults.severity.high_mm))
+        severity = Severity(
+            mapping.get("severity_medium_mm", defaults.severity.medium_mm),
+            mapping.get("severity_high_mm", defaults.severity.high_mm),
+        )
         if severity.medium_mm >= severity.high_mm:
-            raise OptionsError(f"severity_medium_mm ({severity.medium_mm}) must be below "
-                               f"severity_high_mm ({severity.high_mm})")
+            raise OptionsError(
+                f"severity_medium_mm ({severity.medium_mm}) must be below "
+                f"severity_high_mm ({severity.high_mm})"
+            )
         changes: dict[str, Any] = {k: float(mapping[k]) for k in VECTORIZE_OPTIONS if k in mapping}
         vectorize = replace(defaults.vectorize, **changes)
         overlap = int(mapping.get("overlap_px", defaults.overlap_px))
         try:
-            return cls(overlap_px=overlap, threshold=mapping.get("threshold"), vectorize=vectorize,
-                       severity=severity, types=types)
+            return cls(
+                overlap_px=overlap,
+                threshold=mapping.get("threshold"),
+                vectorize=vectorize,
+                severity=severity,
+                types=types,
+            )
         except ValueError as exc:
             raise OptionsError(f"overlap_px {overlap}: {exc}") from exc
 
@@ -136,9 +145,16 @@ class _Worker(threading.Thread):
             self._halt.set()
 
 
-def run_network(uri: str, scene_id: str, backend: Backend, stitcher: StripStitcher,
-                options: SceneOptions, progress: Progress | None = None,
-                georeferenced: bool = True, road: np.ndarray | None = None) -> int:
+def run_network(
+    uri: str,
+    scene_id: str,
+    backend: Backend,
+    stitcher: StripStitcher,
+    options: SceneOptions,
+    progress: Progress | None = None,
+    georeferenced: bool = True,
+    road: np.ndarray | None = None,
+) -> int:
     """Stream a scene's chips through ``backend`` into ``stitcher``; returns the chips run.
 
     Three threads: reading (``crackmap-read``), the network (the caller's),
@@ -152,8 +168,7 @@ def run_network(uri: str, scene_id: str, backend: Backend, stitcher: StripStitch
     def read() -> None:
         try:
             with SceneReader(uri, scene_id, georeferenced=georeferenced, road=road) as reader:
-                for batch in reader.chip_batches(options.size_px, options.overlap_px,
-                                                 backend.batch_size):
+                for batch in reader.chip_batches(options.size_px, options.overlap_px, backend.batch_size):
                     if stop.is_set():
                         return
                     batches.put(batch)
@@ -220,10 +235,17 @@ def run_network(uri: str, scene_id: str, backend: Backend, stitcher: StripStitch
     return chips
 
 
-def detect_cracks(uri: str, backend: Backend, model: ModelEntry, probability_path: str | Path,
-                  store_crs: CRS, options: SceneOptions = SceneOptions(),
-                  scene_id: str | None = None, progress: Progress | None = None,
-                  source_sha256: str | None = None) -> SceneResult:
+def detect_cracks(
+    uri: str,
+    backend: Backend,
+    model: ModelEntry,
+    probability_path: str | Path,
+    store_crs: CRS,
+    options: SceneOptions = SceneOptions(),
+    scene_id: str | None = None,
+    progress: Progress | None = None,
+    source_sha256: str | None = None,
+) -> SceneResult:
     """Map the cracks of one scene.
 
     Writes the scene's crack probability COG to ``probability_path`` (a local
@@ -247,8 +269,9 @@ def detect_cracks(uri: str, backend: Backend, model: ModelEntry, probability_pat
         probability(row_off, p, valid)
         vectorizer(row_off, p, valid)
 
-    stitcher = StripStitcher(scene.width, scene.height, sink, options.size_px, options.border_px,
-                             options.overlap_px)
+    stitcher = StripStitcher(
+        scene.width, scene.height, sink, options.size_px, options.border_px, options.overlap_px
+    )
     probability = ProbabilityWriter(probability_path, scene)  # last: it stages files, abort() removes them
     try:
         chips = run_network(uri, scene.scene_id, backend, stitcher, options, progress)
@@ -262,14 +285,26 @@ def detect_cracks(uri: str, backend: Backend, model: ModelEntry, probability_pat
     cracks = geo.crack_lines(pieces)
     footprint = geo.footprint(scene.width, scene.height)
     cracks, areas = type_cracks(cracks, footprint, store_crs, options)
-    return SceneResult(scene=scene, cracks=cracks, footprint=footprint,
-                       chip_count=chips, probability_path=str(probability_path),
-                       seconds=time.perf_counter() - started, sha256=source_sha256 or buckets.identity(uri),
-                       stats={"pixel_size_m": geo.pixel_size_m}, pattern_areas=areas)
+    return SceneResult(
+        scene=scene,
+        cracks=cracks,
+        footprint=footprint,
+        chip_count=chips,
+        probability_path=str(probability_path),
+        seconds=time.perf_counter() - started,
+        sha256=source_sha256 or buckets.identity(uri),
+        stats={"pixel_size_m": geo.pixel_size_m},
+        pattern_areas=areas,
+    )
 
 
-def type_cracks(cracks: tuple[CrackLine, ...], footprint, store_crs: CRS, options: SceneOptions = SceneOptions(),
-                road_axis=None) -> tuple[tuple[CrackLine, ...], tuple[PatternAreaRecord, ...]]:
+def type_cracks(
+    cracks: tuple[CrackLine, ...],
+    footprint,
+    store_crs: CRS,
+    options: SceneOptions = SceneOptions(),
+    road_axis=None,
+) -> tuple[tuple[CrackLine, ...], tuple[PatternAreaRecord, ...]]:
     """Type a scene's cracks against the road direction: ``road_axis`` or else the scene's long axis.
 
     Joints first (pipeline.crack_types), then pattern areas among the other cracks
@@ -285,7 +320,9 @@ def type_cracks(cracks: tuple[CrackLine, ...], footprint, store_crs: CRS, option
     outline = projection.transform([footprint], store_crs, metric)[0]
     road_deg = None
     if road_axis is not None:
-        (x0, y0), (x1, y1) = shapely.get_coordinates(projection.transform([road_axis], store_crs, metric)[0])[[0, -1]]
+        (x0, y0), (x1, y1) = shapely.get_coordinates(projection.transform([road_axis], store_crs, metric)[0])[
+            [0, -1]
+        ]
         road_deg = float(np.degrees(np.arctan2(y1 - y0, x1 - x0)) % 180.0)
     road_deg, frame = scene_frame(lines, outline, road_deg)
     width_mean = np.array([c.width_mean_mm for c in cracks])
@@ -297,20 +334,44 @@ def type_cracks(cracks: tuple[CrackLine, ...], footprint, store_crs: CRS, option
     for no, area in enumerate(found):
         pattern_no[candidates[area.members]] = no
     typed = classify(lines, road_deg, frame, width_mean, width_max, pattern_no >= 0, options.types, joint)
-    areas = tuple(pattern_record(area, width_mean[candidates[area.members]], width_max[candidates[area.members]],
-                                 options.severity, metric, store_crs) for area in found)
-    out = tuple(replace(c, crack_type=str(typed.crack_type[i]), theta_deg=float(typed.theta_deg[i]),
-                        chord_m=float(typed.chord_m[i]), tortuosity=float(typed.tortuosity[i]),
-                        span_ratio=None if np.isnan(typed.span_ratio[i]) else float(typed.span_ratio[i]),
-                        pattern_no=int(pattern_no[i]) if pattern_no[i] >= 0 else None)
-                for i, c in enumerate(cracks))
+    areas = tuple(
+        pattern_record(
+            area,
+            width_mean[candidates[area.members]],
+            width_max[candidates[area.members]],
+            options.severity,
+            metric,
+            store_crs,
+        )
+        for area in found
+    )
+    out = tuple(
+        replace(
+            c,
+            crack_type=str(typed.crack_type[i]),
+            theta_deg=float(typed.theta_deg[i]),
+            chord_m=float(typed.chord_m[i]),
+            tortuosity=float(typed.tortuosity[i]),
+            span_ratio=None if np.isnan(typed.span_ratio[i]) else float(typed.span_ratio[i]),
+            pattern_no=int(pattern_no[i]) if pattern_no[i] >= 0 else None,
+        )
+        for i, c in enumerate(cracks)
+    )
     return out, areas
 
 
-def pattern_record(area, width_mean_mm: np.ndarray, width_max_mm: np.ndarray, severity: Severity,
-                   metric, store_crs: CRS) -> PatternAreaRecord:
+def pattern_record(
+    area, width_mean_mm: np.ndarray, width_max_mm: np.ndarray, severity: Severity, metric, store_crs: CRS
+) -> PatternAreaRecord:
     """A found area as a record in the store CRS; severity from its members' mean width."""
     mean = float(width_mean_mm.mean())
-    return PatternAreaRecord(projection.transform([area.geometry], metric, store_crs)[0], area.pattern_class,
-                             area.area_m2, area.crack_density_m_per_m2, mean, float(width_max_mm.max()),
-                             severity.classify(mean), area.piece_m)
+    return PatternAreaRecord(
+        projection.transform([area.geometry], metric, store_crs)[0],
+        area.pattern_class,
+        area.area_m2,
+        area.crack_density_m_per_m2,
+        mean,
+        float(width_max_mm.max()),
+        severity.classify(mean),
+        area.piece_m,
+    )

@@ -85,7 +85,9 @@ def substrings(roads: np.ndarray, road: np.ndarray, from_m: np.ndarray, to_m: np
 
     def point(m: np.ndarray) -> np.ndarray:
         g = m + gap[road]
-        j = np.clip(np.searchsorted(along, g, "right") - 1, first[road], np.maximum(last[road] - 1, first[road]))
+        j = np.clip(
+            np.searchsorted(along, g, "right") - 1, first[road], np.maximum(last[road] - 1, first[road])
+        )
         span = along[j + 1] - along[j]
         t = np.clip(np.divide(g - along[j], span, out=np.zeros(len(g)), where=span > 0), 0.0, 1.0)
         return coords[j] + t[:, None] * (coords[j + 1] - coords[j])
@@ -166,11 +168,23 @@ class RoadSegments:
         j = np.arange(len(owner)) - np.repeat(np.cumsum(count) - count, count)
         key = (lo[owner, 0] + j // span[owner, 1]) * rows + lo[owner, 1] + j % span[owner, 1]
         pair = np.unique(key * len(length) + seg[owner])  # sorted by cell, then segment; no repeats
-        return cls(start, vector, length, chainage, road, float(reach_m), cell, origin, rows,
-                   pair // max(len(length), 1), pair % max(len(length), 1))
+        return cls(
+            start,
+            vector,
+            length,
+            chainage,
+            road,
+            float(reach_m),
+            cell,
+            origin,
+            rows,
+            pair // max(len(length), 1),
+            pair % max(len(length), 1),
+        )
 
-    def nearest(self, xy: np.ndarray, road: np.ndarray | None = None,
-                chunk: int = 200_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def nearest(
+        self, xy: np.ndarray, road: np.ndarray | None = None, chunk: int = 200_000
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per point: its nearest segment within ``reach_m`` (of its ``road``, if given; -1: none),
         the position ``t`` (0..1) of the foot on it, and the signed distance (positive left).
 
@@ -198,7 +212,7 @@ class RoadSegments:
             point, seg = point[keep], seg[keep]
         rel = xy[point] - self.start[seg]
         v, length = self.vector[seg], self.length[seg]
-        t = np.clip((rel[:, 0] * v[:, 0] + rel[:, 1] * v[:, 1]) / np.where(length > 0, length ** 2, 1.0), 0, 1)
+        t = np.clip((rel[:, 0] * v[:, 0] + rel[:, 1] * v[:, 1]) / np.where(length > 0, length**2, 1.0), 0, 1)
         distance = np.hypot(rel[:, 0] - t * v[:, 0], rel[:, 1] - t * v[:, 1])
         keep = distance <= self.reach_m
         point, seg, t, distance, rel, v = point[keep], seg[keep], t[keep], distance[keep], rel[keep], v[keep]
@@ -214,8 +228,9 @@ class RoadSegments:
         d_out[p] = np.where(side == 0, 1.0, side) * distance[best]
 
 
-def project(xy: np.ndarray, road: np.ndarray, segments: RoadSegments,
-            roads: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def project(
+    xy: np.ndarray, road: np.ndarray, segments: RoadSegments, roads: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Chainage, signed offset (positive left) and road tangent angle of points on given roads.
 
     The nearest segment of the point's road within ``segments.reach_m`` comes from the
@@ -302,9 +317,17 @@ def locate_cracks(lines: np.ndarray, roads: np.ndarray, corridor_m: float) -> Lo
         chain_from[located] = np.minimum.reduceat(chain, starts)
         chain_to[located] = np.maximum.reduceat(chain, starts)
     d = coords[seg_from + 1] - coords[seg_from]
-    return Located(road, chain_from, chain_to, offset_mid, road_deg, crack_of_vertex[seg_from],
-                   np.column_stack([chain[seg_from], chain[seg_from + 1]]),
-                   np.column_stack([offset[seg_from], offset[seg_from + 1]]), np.hypot(d[:, 0], d[:, 1]))
+    return Located(
+        road,
+        chain_from,
+        chain_to,
+        offset_mid,
+        road_deg,
+        crack_of_vertex[seg_from],
+        np.column_stack([chain[seg_from], chain[seg_from + 1]]),
+        np.column_stack([offset[seg_from], offset[seg_from + 1]]),
+        np.hypot(d[:, 0], d[:, 1]),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,8 +381,10 @@ class ConditionFormula:
 
     def __post_init__(self) -> None:
         if len(self.class_names) != len(self.class_limits_pct) + 1:
-            raise ValueError(f"{len(self.class_names)} condition classes need {len(self.class_names) - 1} "
-                             f"limits, got {len(self.class_limits_pct)}")
+            raise ValueError(
+                f"{len(self.class_names)} condition classes need {len(self.class_names) - 1} "
+                f"limits, got {len(self.class_limits_pct)}"
+            )
         if list(self.class_limits_pct) != sorted(self.class_limits_pct):
             raise ValueError(f"condition class limits must increase, got {self.class_limits_pct}")
 
@@ -370,22 +395,39 @@ class ConditionFormula:
         ['Good', 'Fair', 'Poor', None]
         """
         pct = np.asarray(cracked_area_pct, float)
-        names = np.array(self.class_names, dtype=object)[np.searchsorted(self.class_limits_pct,
-                                                                        np.nan_to_num(pct), side="right")]
+        names = np.array(self.class_names, dtype=object)[
+            np.searchsorted(self.class_limits_pct, np.nan_to_num(pct), side="right")
+        ]
         names[np.isnan(pct)] = None  # names is a new array (fancy indexing)
         return names
 
 
 # the sums a section row carries; rollups add them, then derive the figures again
-SUM_FIELDS = (*(f"{t}_m" for t in LENGTH_TYPES), *(f"linear_{s}_m" for s in SEVERITIES), "transverse_count",
-              "alligator_m2", "block_m2", *(f"pattern_{s}_m2" for s in SEVERITIES), "section_area_m2",
-              "imaged_area_m2", "cracked_cells")
+SUM_FIELDS = (
+    *(f"{t}_m" for t in LENGTH_TYPES),
+    *(f"linear_{s}_m" for s in SEVERITIES),
+    "transverse_count",
+    "alligator_m2",
+    "block_m2",
+    *(f"pattern_{s}_m2" for s in SEVERITIES),
+    "section_area_m2",
+    "imaged_area_m2",
+    "cracked_cells",
+)
 
 
-def section_sums(pieces: Pieces, crack_length_m: np.ndarray, crack_type: np.ndarray, severity: np.ndarray,
-                 located: Located, sections: Sections, coverage_area_m2: np.ndarray,
-                 pattern_pairs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-                 formula: ConditionFormula, section_m: float) -> dict[str, np.ndarray]:
+def section_sums(
+    pieces: Pieces,
+    crack_length_m: np.ndarray,
+    crack_type: np.ndarray,
+    severity: np.ndarray,
+    located: Located,
+    sections: Sections,
+    coverage_area_m2: np.ndarray,
+    pattern_pairs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    formula: ConditionFormula,
+    section_m: float,
+) -> dict[str, np.ndarray]:
     """Per section: crack length by type and severity, pattern area, imaged area, cracked cells.
 
     ``crack_length_m`` is shared among sections by planar segment length;
@@ -396,10 +438,13 @@ def section_sums(pieces: Pieces, crack_length_m: np.ndarray, crack_type: np.ndar
     per_m = np.divide(crack_length_m, planar, out=np.zeros(len(planar)), where=planar > 0)
     length = located.segment_length_m[pieces.segment] * pieces.share * per_m[pieces.crack]
     kind, sev = crack_type[pieces.crack], severity[pieces.crack]
-    sums: dict[str, np.ndarray] = {f"{t}_m": np.bincount(pieces.section, length * (kind == t), n)
-                                   for t in LENGTH_TYPES}
+    sums: dict[str, np.ndarray] = {
+        f"{t}_m": np.bincount(pieces.section, length * (kind == t), n) for t in LENGTH_TYPES
+    }
     linear = kind != "pattern"
-    sums |= {f"linear_{s}_m": np.bincount(pieces.section, length * linear * (sev == s), n) for s in SEVERITIES}
+    sums |= {
+        f"linear_{s}_m": np.bincount(pieces.section, length * linear * (sev == s), n) for s in SEVERITIES
+    }
     transverse = np.flatnonzero((crack_type == "transverse") & (located.road >= 0))
     mid = (located.chainage_from_m[transverse] + located.chainage_to_m[transverse]) / 2
     road = located.road[transverse]
@@ -416,8 +461,9 @@ def section_sums(pieces: Pieces, crack_length_m: np.ndarray, crack_type: np.ndar
     return sums
 
 
-def cracked_cells(located: Located, pieces: Pieces, sections: Sections, cell_m: float,
-                  section_m: float) -> np.ndarray:
+def cracked_cells(
+    located: Located, pieces: Pieces, sections: Sections, cell_m: float, section_m: float
+) -> np.ndarray:
     """Per section: how many ``cell_m`` cells (chainage x offset) a crack passes through.
 
     Sample points every ``cell_m / 3`` along each segment, interpolated in (chainage, offset).
@@ -434,10 +480,14 @@ def cracked_cells(located: Located, pieces: Pieces, sections: Sections, cell_m: 
     along = np.maximum(np.floor((chain - sections.from_m[section]) / cell_m), 0).astype(np.int64)
     side = np.floor(offset / cell_m).astype(np.int64)
     across = side - side.min(initial=0)
-    key = (section.astype(np.int64) * (along.max(initial=0) + 1) + along) * (across.max(initial=0) + 1) + across
+    key = (section.astype(np.int64) * (along.max(initial=0) + 1) + along) * (
+        across.max(initial=0) + 1
+    ) + across
     key = np.sort(key)
     first = key[np.r_[True, key[1:] != key[:-1]]] if len(key) else key
-    return np.bincount(first // ((along.max(initial=0) + 1) * (across.max(initial=0) + 1)), minlength=n).astype(float)
+    return np.bincount(
+        first // ((along.max(initial=0) + 1) * (across.max(initial=0) + 1)), minlength=n
+    ).astype(float)
 
 
 def condition(sums: dict[str, np.ndarray], formula: ConditionFormula) -> dict[str, np.ndarray]:
@@ -459,14 +509,19 @@ def condition(sums: dict[str, np.ndarray], formula: ConditionFormula) -> dict[st
     cracked = np.minimum(sum(by_severity), 100.0)
     weighted = sum(wt * pct for wt, pct in zip(formula.severity_weights, by_severity))
     length = sum(sums[f"{t}_m"] for t in LENGTH_TYPES)
-    cells = imaged / formula.cell_m ** 2
-    return {"coverage": np.minimum(imaged / np.where(sums["section_area_m2"] > 0, sums["section_area_m2"], np.nan),
-                                   1.0),
-            "crack_density_m_per_m2": length / safe,
-            "cracked_area_pct": cracked,
-            "cracked_cells_pct": np.minimum(sums["cracked_cells"] / np.where(cells > 0, cells, np.nan) * 100, 100.0),
-            "crack_index": np.clip(100.0 - formula.scale * weighted, 0.0, 100.0),
-            "condition_class": formula.classify(cracked)}
+    cells = imaged / formula.cell_m**2
+    return {
+        "coverage": np.minimum(
+            imaged / np.where(sums["section_area_m2"] > 0, sums["section_area_m2"], np.nan), 1.0
+        ),
+        "crack_density_m_per_m2": length / safe,
+        "cracked_area_pct": cracked,
+        "cracked_cells_pct": np.minimum(
+            sums["cracked_cells"] / np.where(cells > 0, cells, np.nan) * 100, 100.0
+        ),
+        "crack_index": np.clip(100.0 - formula.scale * weighted, 0.0, 100.0),
+        "condition_class": formula.classify(cracked),
+    }
 
 
 def rollup_keys(road: np.ndarray, from_m: np.ndarray, rollup_m: float | None) -> np.ndarray:

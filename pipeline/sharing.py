@@ -23,7 +23,6 @@ from rasterio.crs import CRS
 from models.registry import ModelEntry
 from pipeline.backends import Backend
 
-
 _STOP = object()
 
 
@@ -88,13 +87,19 @@ class SharedBackend:
             return
         start = 0
         for chips, future in group:
-            future.set_result(out[start:start + len(chips)])
+            future.set_result(out[start : start + len(chips)])
             start += len(chips)
 
 
-def map_scenes(uris: Sequence[str], backend: Backend, model: ModelEntry,
-               probability_path: Callable[[str], str | Path], store_crs: CRS,
-               in_flight: int = 2, **scene_kwargs) -> list:
+def map_scenes(
+    uris: Sequence[str],
+    backend: Backend,
+    model: ModelEntry,
+    probability_path: Callable[[str], str | Path],
+    store_crs: CRS,
+    in_flight: int = 2,
+    **scene_kwargs,
+) -> list:
     """Map ``uris`` with up to ``in_flight`` scenes at once over one shared backend.
 
     Returns, in the order of ``uris``, each scene's ``SceneResult`` or the

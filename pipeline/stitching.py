@@ -50,8 +50,15 @@ class StripStitcher:
     normalized weights still sum to 1.
     """
 
-    def __init__(self, width: int, height: int, sink: RowSink, size_px: int = 400,
-                 border_px: int = 16, overlap_px: int = 64) -> None:
+    def __init__(
+        self,
+        width: int,
+        height: int,
+        sink: RowSink,
+        size_px: int = 400,
+        border_px: int = 16,
+        overlap_px: int = 64,
+    ) -> None:
         self.width, self.height = width, height
         self.size_px, self.border_px = size_px, border_px
         self._sink = sink
@@ -78,22 +85,26 @@ class StripStitcher:
         """
         row, col = int(window.row_off), int(window.col_off)
         if row < self._top:
-            raise ValueError(f"chip at row {row} arrived after rows up to {self._top} were emitted; "
-                             "chips must come in row-major order")
+            raise ValueError(
+                f"chip at row {row} arrived after rows up to {self._top} were emitted; "
+                "chips must come in row-major order"
+            )
         weights = self._chip_weights(row, col, probability.dtype == np.uint8)
         self._emit_until(row)
         size, r = self.size_px, row - self._top
         np.multiply(probability, weights, out=self._product)
-        self._sum[r:r + size, col:col + size] += self._product
+        self._sum[r : r + size, col : col + size] += self._product
         if valid.all():
-            self._valid[r:r + size, col:col + size] = True
+            self._valid[r : r + size, col : col + size] = True
         else:
-            self._valid[r:r + size, col:col + size] |= valid
+            self._valid[r : r + size, col : col + size] |= valid
 
     def _chip_weights(self, row: int, col: int, uint8: bool = False) -> np.ndarray:
         if row not in self._row_profile or col not in self._col_profile:
-            raise ValueError(f"chip at row {row}, column {col} is not on the chip grid "
-                             f"({self.size_px} px chips over {self.width} x {self.height} px)")
+            raise ValueError(
+                f"chip at row {row}, column {col} is not on the chip grid "
+                f"({self.size_px} px chips over {self.width} x {self.height} px)"
+            )
         (row_id, along_y), (col_id, along_x) = self._row_profile[row], self._col_profile[col]
         if (weights := self._weights.get((row_id, col_id, uint8))) is None:
             weights = np.outer(along_y, along_x)
@@ -109,8 +120,8 @@ class StripStitcher:
     def _emit_until(self, row: int) -> None:
         while self._top < min(row, self.height):
             n = min(row, self.height, self._top + self.size_px) - self._top
-            valid = self._valid[:n, :self.width].copy()
-            probability = to_uint8(self._sum[:n, :self.width])
+            valid = self._valid[:n, : self.width].copy()
+            probability = to_uint8(self._sum[:n, : self.width])
             if not valid.all():
                 probability *= valid  # what the network said about nodata is not kept
             self._sink(self._top, probability, valid)

@@ -10,7 +10,6 @@ import glob
 import json
 import logging
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
@@ -19,9 +18,9 @@ from typing import TYPE_CHECKING, cast
 
 from models.registry import ModelEntry, resolve
 from pipeline import buckets, progress
+from pipeline.backends import Backend, load_backend
 from pipeline.errors import PipelineError, SceneContentError, StoreError
 from pipeline.ids import check_scene_id, check_survey_id
-from pipeline.backends import Backend, load_backend
 from pipeline.raster import scene_id_for
 from pipeline.redact import mask_url, redact, without_password
 from pipeline.scene import SceneOptions, detect_cracks
@@ -103,9 +102,19 @@ class RunSettings:
     promote: bool = True
 
     @classmethod
-    def resolve(cls, store: str, survey_id: str, run_id: str, model: str | None = None, backend: str = "auto",
-                output_dir: str | None = None, options: dict | None = None, type_profile: str | None = None,
-                force: bool = False, promote: bool = True) -> RunSettings:
+    def resolve(
+        cls,
+        store: str,
+        survey_id: str,
+        run_id: str,
+        model: str | None = None,
+        backend: str = "auto",
+        output_dir: str | None = None,
+        options: dict | None = None,
+        type_profile: str | None = None,
+        force: bool = False,
+        promote: bool = True,
+    ) -> RunSettings:
         """Check and resolve a run's settings before any work: the survey id, the mapping options,
         the model (the registry's default if None) and the output folder.
 
@@ -116,16 +125,25 @@ class RunSettings:
         typed = SceneOptions.from_mapping(options, type_profile)
         entry = resolve(model)
         run = RunInfo(survey_id, run_id, entry.name, entry.version, entry.sha256)
-        return cls(without_password(store), run, output_dir or str(default_output_dir(store)), backend,
-                   dict(options) if options else None, typed, force, promote)
+        return cls(
+            without_password(store),
+            run,
+            output_dir or str(default_output_dir(store)),
+            backend,
+            dict(options) if options else None,
+            typed,
+            force,
+            promote,
+        )
 
     @property
     def model_spec(self) -> str:
         return f"{self.run.model_name}:{self.run.model_version}"
 
 
-def discover(sources: list[str], pattern: str | None = None,
-             suffixes: tuple[str, ...] = RASTER_SUFFIXES) -> list[SceneSource]:
+def discover(
+    sources: list[str], pattern: str | None = None, suffixes: tuple[str, ...] = RASTER_SUFFIXES
+) -> list[SceneSource]:
     """The scenes named by ``sources``: raster files, folders (searched recursively), globs or URLs.
 
     A file is taken as given; in a folder or under a URL prefix (``s3://bucket/survey/``
@@ -144,13 +162,20 @@ def discover(sources: list[str], pattern: str | None = None,
     for source in sources:
         path = Path(source)
         if buckets.is_url(source):
-            found += [SceneSource(o.uri, str(PurePosixPath(o.relative).with_suffix("")), o.etag)
-                      for o in buckets.list_scenes(source, pattern, suffixes)]
+            found += [
+                SceneSource(o.uri, str(PurePosixPath(o.relative).with_suffix("")), o.etag)
+                for o in buckets.list_scenes(source, pattern, suffixes)
+            ]
         elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes and (
-                pattern is None or buckets.matches_glob(p.relative_to(path).as_posix(), pattern)))
-            found += [SceneSource(str(p), str(PurePosixPath(p.relative_to(path).with_suffix(""))))
-                      for p in files]
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.suffix.lower() in suffixes
+                and (pattern is None or buckets.matches_glob(p.relative_to(path).as_posix(), pattern))
+            )
+            found += [
+                SceneSource(str(p), str(PurePosixPath(p.relative_to(path).with_suffix("")))) for p in files
+            ]
         elif path.exists():
             found.append(SceneSource(str(path), scene_id_for(str(path))))
         else:
@@ -159,8 +184,10 @@ def discover(sources: list[str], pattern: str | None = None,
         check_scene_id(scene.scene_id, scene.uri)
     ids = [s.scene_id for s in found]
     if dupes := sorted({i for i in ids if ids.count(i) > 1}):
-        raise SceneContentError(", ".join(sources), f"several scenes would share the ids {dupes}; "
-                                                    "give their folder instead of single files")
+        raise SceneContentError(
+            ", ".join(sources),
+            f"several scenes would share the ids {dupes}; give their folder instead of single files",
+        )
     return found
 
 
@@ -213,8 +240,10 @@ def default_output_dir(store: str) -> Path:
     'out/map-probability'
     """
     if "://" in str(store):
-        raise StoreError(f"{mask_url(store)}: probability rasters need a place: pass --output "
-                         "(a folder or an s3:// prefix) with a database store")
+        raise StoreError(
+            f"{mask_url(store)}: probability rasters need a place: pass --output "
+            "(a folder or an s3:// prefix) with a database store"
+        )
     path = Path(store)
     return path.with_name(path.stem + "-probability")
 
@@ -243,27 +272,51 @@ def map_scene(source: SceneSource, settings: RunSettings) -> SceneRow:
             log.info("%s", exc)  # raised: the caller reports it, once
             target.mark_failed(source.uri, source.scene_id, run, redact(str(exc)))
             raise
-        published = target.published_sha256(run.survey_id, source.scene_id, run.model_name,
-                                             run.model_version)
+        published = target.published_sha256(run.survey_id, source.scene_id, run.model_name, run.model_version)
         if published == identity and not settings.force:
-            log.info("%s: unchanged since it was mapped with %s; skipped (use --force to redo)",
-                     source.uri, settings.model_spec)
-            done = target.scene_summaries(run.survey_id, run.model_name, run.model_version,
-                                          [source.scene_id])[source.scene_id]
-            return SceneRow(source.scene_id, "skipped", done["chip_count"], done["crack_count"],
-                            round(done["total_length_m"], 3))
+            log.info(
+                "%s: unchanged since it was mapped with %s; skipped (use --force to redo)",
+                source.uri,
+                settings.model_spec,
+            )
+            done = target.scene_summaries(
+                run.survey_id, run.model_name, run.model_version, [source.scene_id]
+            )[source.scene_id]
+            return SceneRow(
+                source.scene_id,
+                "skipped",
+                done["chip_count"],
+                done["crack_count"],
+                round(done["total_length_m"], 3),
+            )
         entry, net = cached_backend(settings.model_spec, settings.backend)
         out = probability_path(settings.output_dir, run, source.scene_id)
         try:
-            result = detect_cracks(source.uri, net, entry, out, target.crs, settings.options,
-                                   source.scene_id, progress.report, identity)
+            result = detect_cracks(
+                source.uri,
+                net,
+                entry,
+                out,
+                target.crs,
+                settings.options,
+                source.scene_id,
+                progress.report,
+                identity,
+            )
         except (PipelineError, OSError) as exc:
             log.info("%s", exc)  # raised: the caller reports it, once
             target.mark_failed(source.uri, source.scene_id, run, redact(str(exc)))
             raise
         target.publish(result, run, promote=settings.promote)
-    return SceneRow(source.scene_id, "done", result.chip_count, len(result.cracks),
-                    round(result.total_length_m, 3), round(result.seconds, 2), str(out))
+    return SceneRow(
+        source.scene_id,
+        "done",
+        result.chip_count,
+        len(result.cracks),
+        round(result.total_length_m, 3),
+        round(result.seconds, 2),
+        str(out),
+    )
 
 
 def observation_path(output_dir: str | Path, run: RunInfo, frame_id: str) -> str:
@@ -273,7 +326,7 @@ def observation_path(output_dir: str | Path, run: RunInfo, frame_id: str) -> str
     >>> observation_path("out/p", run, "f0007")
     'out/p/road-12/f0007.hrsegnet_b16-1.0.0.frame.json'
     """
-    return probability_path(output_dir, run, frame_id)[:-len(".tif")] + ".frame.json"
+    return probability_path(output_dir, run, frame_id)[: -len(".tif")] + ".frame.json"
 
 
 def _load_observation(uri: str, origin: tuple[float, float, float], identity: str):
@@ -321,9 +374,19 @@ def observe_frame_job(job, settings: RunSettings):
     check_survey_id(run.survey_id), check_scene_id(job.frame_id)
     camera = cached_camera(job.camera_path)
     entry, net = cached_backend(settings.model_spec, settings.backend)
-    obs = observe_frame(job.uri, job.frame_id, camera, job.pose, job.origin, net, entry,
-                        probability_path(settings.output_dir, run, job.frame_id), settings.options, job.identity,
-                        progress.report)
+    obs = observe_frame(
+        job.uri,
+        job.frame_id,
+        camera,
+        job.pose,
+        job.origin,
+        net,
+        entry,
+        probability_path(settings.output_dir, run, job.frame_id),
+        settings.options,
+        job.identity,
+        progress.report,
+    )
     _save_observation(observation_path(settings.output_dir, run, job.frame_id), obs, job.origin)
     return obs
 
@@ -340,8 +403,11 @@ def load_frame_observation(job, settings: RunSettings):
     path = observation_path(settings.output_dir, settings.run, job.frame_id)
     found = _load_observation(path, job.origin, job.identity)
     if found is None:
-        raise FrameError(job.uri, f"its ground lines are not at {mask_url(path)} after its scene run; "
-                                  "the survey and its process-scene runs need one shared --output")
+        raise FrameError(
+            job.uri,
+            f"its ground lines are not at {mask_url(path)} after its scene run; "
+            "the survey and its process-scene runs need one shared --output",
+        )
     return found
 
 
@@ -350,17 +416,20 @@ FrameObserver = Callable[[list], Iterable[tuple]]
 
 def observe_here(settings: RunSettings) -> FrameObserver:
     """Map frame jobs one after the other in this process: (job, observation or error) for each."""
+
     def observe(jobs: list) -> Iterator[tuple]:
         for job in jobs:
             try:
                 yield job, observe_frame_job(job, settings)
             except (PipelineError, OSError) as exc:
                 yield job, exc
+
     return observe
 
 
-def map_frame_survey(frames: list[SceneSource], survey, settings: RunSettings,
-                     observe: FrameObserver | None = None) -> list[SceneRow]:
+def map_frame_survey(
+    frames: list[SceneSource], survey, settings: RunSettings, observe: FrameObserver | None = None
+) -> list[SceneRow]:
     """Map a frame survey (``pipeline.frames``) into ``store``: one scene row per frame.
 
     Poses for every frame first (from the trajectory, or EXIF GPS along the track);
@@ -419,62 +488,87 @@ def map_frame_survey(frames: list[SceneSource], survey, settings: RunSettings,
         if fixes:  # EXIF GPS: in time order where every frame has a time, else in name order
             if all(t is not None for _, _, t in fixes):
                 fixes.sort(key=lambda item: cast(float, item[2]))  # every time is set (checked above)
-            found = track_poses([s.uri for s, _, _ in fixes], [f for _, f, _ in fixes],
-                                [t for _, _, t in fixes])
+            found = track_poses(
+                [s.uri for s, _, _ in fixes], [f for _, f, _ in fixes], [t for _, _, t in fixes]
+            )
             for (source, _, _), pose_or_error in zip(fixes, found):
                 if isinstance(pose_or_error, PipelineError):
                     failed(source, pose_or_error)
                 else:
                     poses[source.scene_id] = pose_or_error
             if len(fixes) > 1:
-                log.warning("%s frames placed by EXIF GPS: heading from the track, roll and pitch taken "
-                            "as zero (lower accuracy than a GNSS/IMU trajectory)", len(fixes))
+                log.warning(
+                    "%s frames placed by EXIF GPS: heading from the track, roll and pitch taken "
+                    "as zero (lower accuracy than a GNSS/IMU trajectory)",
+                    len(fixes),
+                )
         placed = [s for s in frames if s.scene_id in poses]
         if not placed:
             return [rows[s.scene_id] for s in frames]
-        origin = (trajectory_origin(trajectory) if trajectory is not None  # stable across reruns
-                  else survey_origin([poses[placed[0].scene_id]]))
+        origin = (
+            trajectory_origin(trajectory)
+            if trajectory is not None  # stable across reruns
+            else survey_origin([poses[placed[0].scene_id]])
+        )
         camera_path = str(Path(survey.camera_path).resolve())
         observations, jobs = {}, []
         for source in placed:
             try:
-                identity = frame_identity(source.identity or buckets.identity(source.uri),
-                                          survey.camera_path, survey.trajectory_path)
+                identity = frame_identity(
+                    source.identity or buckets.identity(source.uri),
+                    survey.camera_path,
+                    survey.trajectory_path,
+                )
                 cached = observation_path(output_dir, run, source.scene_id)
-                published = target.published_sha256(run.survey_id, source.scene_id, run.model_name,
-                                                     run.model_version)
-                if not settings.force and published == identity and (
-                        obs := _load_observation(cached, origin, identity)) is not None:
+                published = target.published_sha256(
+                    run.survey_id, source.scene_id, run.model_name, run.model_version
+                )
+                if (
+                    not settings.force
+                    and published == identity
+                    and (obs := _load_observation(cached, origin, identity)) is not None
+                ):
                     observations[source.scene_id] = obs
                     rows[source.scene_id] = SceneRow(source.scene_id, "skipped")
                     continue
             except (PipelineError, OSError) as exc:
                 failed(source, exc)
                 continue
-            jobs.append(FrameJob(source.uri, source.scene_id, identity, camera_path, poses[source.scene_id],
-                                 origin))
+            jobs.append(
+                FrameJob(source.uri, source.scene_id, identity, camera_path, poses[source.scene_id], origin)
+            )
         for job, found in observe(jobs):
             if isinstance(found, BaseException):
                 failed(by_id[job.frame_id], found)
                 continue
             observations[job.frame_id] = found
-            rows[job.frame_id] = SceneRow(job.frame_id, "done", chips=found.chip_count,
-                                          seconds=round(found.seconds, 2), probability=found.probability_path)
+            rows[job.frame_id] = SceneRow(
+                job.frame_id,
+                "done",
+                chips=found.chip_count,
+                seconds=round(found.seconds, 2),
+                probability=found.probability_path,
+            )
         if any(r.status == "done" for r in rows.values()):
             ordered = [observations[s.scene_id] for s in placed if s.scene_id in observations]
             for result in frame_results(ordered, origin, target.crs, options, survey.join_tolerance_m):
                 target.publish(result, run, promote=settings.promote)
                 frame_id = result.scene.scene_id
-                rows[frame_id] = replace(rows[frame_id], cracks=len(result.cracks),
-                                         length_m=round(result.total_length_m, 3))
+                rows[frame_id] = replace(
+                    rows[frame_id], cracks=len(result.cracks), length_m=round(result.total_length_m, 3)
+                )
         else:
-            done = target.scene_summaries(run.survey_id, run.model_name, run.model_version,
-                                          list(observations))
+            done = target.scene_summaries(
+                run.survey_id, run.model_name, run.model_version, list(observations)
+            )
             for frame_id in observations:
                 summary = done.get(frame_id, {})
-                rows[frame_id] = replace(rows[frame_id], cracks=summary.get("crack_count", 0),
-                                         length_m=round(summary.get("total_length_m", 0.0), 3),
-                                         chips=summary.get("chip_count", 0))
+                rows[frame_id] = replace(
+                    rows[frame_id],
+                    cracks=summary.get("crack_count", 0),
+                    length_m=round(summary.get("total_length_m", 0.0), 3),
+                    chips=summary.get("chip_count", 0),
+                )
     finally:
         target.close()
     return [rows[s.scene_id] for s in frames]

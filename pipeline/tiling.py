@@ -21,8 +21,10 @@ def check_grid(size_px: int, overlap_px: int, border_px: int = 0) -> None:
     if size_px <= 0 or not 0 <= overlap_px < size_px:
         raise ValueError(f"need size_px > 0 and 0 <= overlap_px < size_px, got {size_px}, {overlap_px}")
     if not 0 <= border_px <= overlap_px // 2:
-        raise ValueError(f"a border of {border_px} px needs chips overlapping by at least "
-                         f"{2 * border_px} px, not {overlap_px}")
+        raise ValueError(
+            f"a border of {border_px} px needs chips overlapping by at least "
+            f"{2 * border_px} px, not {overlap_px}"
+        )
 
 
 def chip_offsets(length_px: int, size_px: int = 400, overlap_px: int = 64) -> list[int]:
@@ -55,9 +57,11 @@ def chip_windows(width: int, height: int, size_px: int = 400, overlap_px: int = 
     >>> [(w.col_off, w.row_off) for w in chip_windows(900, 400)]
     [(0, 0), (336, 0), (500, 0)]
     """
-    return [Window(col, row, size_px, size_px)
-            for row in chip_offsets(height, size_px, overlap_px)
-            for col in chip_offsets(width, size_px, overlap_px)]
+    return [
+        Window(col, row, size_px, size_px)
+        for row in chip_offsets(height, size_px, overlap_px)
+        for col in chip_offsets(width, size_px, overlap_px)
+    ]
 
 
 def blend_profile(size_px: int, border_px: int, drop_start: bool, drop_end: bool) -> np.ndarray:
@@ -78,12 +82,13 @@ def blend_profile(size_px: int, border_px: int, drop_start: bool, drop_end: bool
     for dropped, view in ((drop_start, weights), (drop_end, weights[::-1])):
         if dropped:
             view[:border_px] = 0.0
-            view[border_px:2 * border_px] = np.minimum(view[border_px:2 * border_px], ramp)
+            view[border_px : 2 * border_px] = np.minimum(view[border_px : 2 * border_px], ramp)
     return weights
 
 
-def blend_weights(length_px: int, size_px: int = 400, overlap_px: int = 64,
-                  border_px: int = 16) -> dict[int, np.ndarray]:
+def blend_weights(
+    length_px: int, size_px: int = 400, overlap_px: int = 64, border_px: int = 16
+) -> dict[int, np.ndarray]:
     """Each chip offset's 1-D blending weights along one axis, normalized to sum to 1.
 
     ``blend_profile`` weights, divided by the sum of the weights of all chips
@@ -97,12 +102,14 @@ def blend_weights(length_px: int, size_px: int = 400, overlap_px: int = 64,
     """
     check_grid(size_px, overlap_px, border_px)
     offsets = chip_offsets(length_px, size_px, overlap_px)
-    profiles = {offset: blend_profile(size_px, border_px, offset > 0, offset + size_px < length_px)
-                for offset in offsets}
+    profiles = {
+        offset: blend_profile(size_px, border_px, offset > 0, offset + size_px < length_px)
+        for offset in offsets
+    }
     total = np.zeros(max(length_px, size_px), dtype=np.float32)
     for offset, profile in profiles.items():
-        total[offset:offset + size_px] += profile
-    return {offset: profile / total[offset:offset + size_px] for offset, profile in profiles.items()}
+        total[offset : offset + size_px] += profile
+    return {offset: profile / total[offset : offset + size_px] for offset, profile in profiles.items()}
 
 
 def mirror_pad(pixels: np.ndarray, height: int, width: int) -> np.ndarray:

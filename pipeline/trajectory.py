@@ -89,8 +89,18 @@ def attitude(roll_deg, pitch_deg, heading_deg) -> Rotation:
     return Rotation.from_euler("ZYX", np.column_stack([heading_deg, pitch_deg, roll_deg]), degrees=True)
 
 
-def make_trajectory(source: str, time_s, lat, lon, height, roll, pitch, heading,
-                    pos_accuracy_m=None, limits: TrajectoryLimits = TrajectoryLimits()) -> Trajectory:
+def make_trajectory(
+    source: str,
+    time_s,
+    lat,
+    lon,
+    height,
+    roll,
+    pitch,
+    heading,
+    pos_accuracy_m=None,
+    limits: TrajectoryLimits = TrajectoryLimits(),
+) -> Trajectory:
     """A checked Trajectory from per-epoch arrays.
 
     Raises:
@@ -104,10 +114,14 @@ def make_trajectory(source: str, time_s, lat, lon, height, roll, pitch, heading,
     if bad := np.flatnonzero(~np.isfinite(values).all(axis=1)).tolist():
         raise TrajectoryError(source, f"row {bad[0] + 1} holds a value that is not a finite number")
     if bad := np.flatnonzero(np.diff(time_s) <= 0).tolist():
-        raise TrajectoryError(source, f"time is not increasing at row {bad[0] + 2} ({time_s[bad[0]]} then "
-                                      f"{time_s[bad[0] + 1]}); sort it and drop repeats")
-    ecef = np.column_stack(pymap3d.geodetic2ecef(np.asarray(lat, float), np.asarray(lon, float),
-                                                 np.asarray(height, float)))
+        raise TrajectoryError(
+            source,
+            f"time is not increasing at row {bad[0] + 2} ({time_s[bad[0]]} then "
+            f"{time_s[bad[0] + 1]}); sort it and drop repeats",
+        )
+    ecef = np.column_stack(
+        pymap3d.geodetic2ecef(np.asarray(lat, float), np.asarray(lon, float), np.asarray(height, float))
+    )
     accuracy = None if pos_accuracy_m is None else np.asarray(pos_accuracy_m, float)
     return Trajectory(source, time_s, ecef, attitude(roll, pitch, heading), accuracy, limits)
 
@@ -124,15 +138,16 @@ def read_trajectory(path: str, limits: TrajectoryLimits = TrajectoryLimits()) ->
             reader = csv.DictReader(f)
             header = [h.strip() for h in reader.fieldnames or []]
             if missing := [c for c in COLUMNS if c not in header]:
-                raise TrajectoryError(path, f"lacks the columns {', '.join(missing)} "
-                                            f"(it has {', '.join(header) or 'none'})")
+                raise TrajectoryError(
+                    path, f"lacks the columns {', '.join(missing)} (it has {', '.join(header) or 'none'})"
+                )
             rows = [{k.strip(): v for k, v in row.items() if k} for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise TrajectoryError(path, f"cannot read the trajectory ({exc})") from exc
     try:
         time_s = [parse_time(r["time"]) for r in rows]
         numbers = {c: [float(r[c]) for r in rows] for c in COLUMNS[1:]}
-        accuracy = ([float(r["pos_accuracy_m"]) for r in rows] if "pos_accuracy_m" in header else None)
+        accuracy = [float(r["pos_accuracy_m"]) for r in rows] if "pos_accuracy_m" in header else None
     except (TypeError, ValueError) as exc:
         raise TrajectoryError(path, f"holds a value that is not a number or time ({exc})") from exc
     return make_trajectory(path, time_s, **numbers, pos_accuracy_m=accuracy, limits=limits)
@@ -153,31 +168,48 @@ def pose_at(trajectory: Trajectory, time_s: float, frame: str) -> Pose:
     """
     t, limits = trajectory.time_s, trajectory.limits
     if not t[0] <= time_s <= t[-1]:
-        raise FrameError(frame, f"its time {time_s:.3f} s is outside the trajectory "
-                                f"{trajectory.source} ({t[0]:.3f} to {t[-1]:.3f} s)")
+        raise FrameError(
+            frame,
+            f"its time {time_s:.3f} s is outside the trajectory "
+            f"{trajectory.source} ({t[0]:.3f} to {t[-1]:.3f} s)",
+        )
     i = int(np.clip(np.searchsorted(t, time_s, side="right") - 1, 0, len(t) - 2))
     dt = t[i + 1] - t[i]
     if dt > limits.max_gap_s:
-        raise FrameError(frame, f"its time {time_s:.3f} s falls in a {dt:.2f} s gap of {trajectory.source} "
-                                f"(limit {limits.max_gap_s} s; --max-gap-s allows more)")
+        raise FrameError(
+            frame,
+            f"its time {time_s:.3f} s falls in a {dt:.2f} s gap of {trajectory.source} "
+            f"(limit {limits.max_gap_s} s; --max-gap-s allows more)",
+        )
     speed = np.linalg.norm(trajectory.ecef_m[i + 1] - trajectory.ecef_m[i]) / dt
     if speed > limits.max_speed_m_s:
-        raise FrameError(frame, f"{trajectory.source} has an impossible speed of {speed:.0f} m/s between "
-                                f"rows {i + 1} and {i + 2} around its time {time_s:.3f} s "
-                                f"(limit {limits.max_speed_m_s} m/s)")
+        raise FrameError(
+            frame,
+            f"{trajectory.source} has an impossible speed of {speed:.0f} m/s between "
+            f"rows {i + 1} and {i + 2} around its time {time_s:.3f} s "
+            f"(limit {limits.max_speed_m_s} m/s)",
+        )
     w = (time_s - t[i]) / dt
     x, y, z = (1 - w) * trajectory.ecef_m[i] + w * trajectory.ecef_m[i + 1]
     lat, lon, height = pymap3d.ecef2geodetic(x, y, z)
-    slerp = Slerp(t[i:i + 2], trajectory.attitude[i:i + 2])
+    slerp = Slerp(t[i : i + 2], trajectory.attitude[i : i + 2])
     heading, pitch, roll = slerp([time_s]).as_euler("ZYX", degrees=True)[0]
     accuracy = trajectory.pos_accuracy_m
-    return Pose(time_s, float(lat), float(lon), float(height), float(roll), float(pitch),
-                float(heading % 360.0),
-                None if accuracy is None else float((1 - w) * accuracy[i] + w * accuracy[i + 1]))
+    return Pose(
+        time_s,
+        float(lat),
+        float(lon),
+        float(height),
+        float(roll),
+        float(pitch),
+        float(heading % 360.0),
+        None if accuracy is None else float((1 - w) * accuracy[i] + w * accuracy[i + 1]),
+    )
 
 
-def track_poses(frames: list[str], fixes: list[tuple[float, float, float, float | None]],
-                times_s: list[float | None]) -> list[Pose | FrameError]:
+def track_poses(
+    frames: list[str], fixes: list[tuple[float, float, float, float | None]], times_s: list[float | None]
+) -> list[Pose | FrameError]:
     """Poses of frames from their GPS fixes (lat, lon, height, accuracy), heading along the track.
 
     Each frame's heading is the azimuth from the nearest earlier fix at another place to
@@ -186,6 +218,7 @@ def track_poses(frames: list[str], fixes: list[tuple[float, float, float, float 
     in driving order.  A frame with no other place before or after it gets a FrameError
     instead of a pose (the others go on).
     """
+
     def elsewhere(k: int, step: int) -> int:
         j = k + step
         while 0 <= j < len(fixes):
@@ -198,14 +231,29 @@ def track_poses(frames: list[str], fixes: list[tuple[float, float, float, float 
     for k, (lat, lon, height, accuracy) in enumerate(fixes):
         a, b = fixes[elsewhere(k, -1)], fixes[elsewhere(k, 1)]
         if a is b:
-            poses.append(FrameError(frames[k], "has no neighbouring frame at another GPS position; its heading "
-                                               "along the track is undefined (give a trajectory file)"))
+            poses.append(
+                FrameError(
+                    frames[k],
+                    "has no neighbouring frame at another GPS position; its heading "
+                    "along the track is undefined (give a trajectory file)",
+                )
+            )
             continue
         azimuth = GEOD.inv(a[1], a[0], b[1], b[0])[0]
         time_s = times_s[k]
-        poses.append(Pose(time_s if time_s is not None else float(k), lat, lon, height, 0.0, 0.0,
-                          float(azimuth % 360.0),
-                          accuracy if accuracy is not None else EXIF_POS_ACCURACY_M, True))
+        poses.append(
+            Pose(
+                time_s if time_s is not None else float(k),
+                lat,
+                lon,
+                height,
+                0.0,
+                0.0,
+                float(azimuth % 360.0),
+                accuracy if accuracy is not None else EXIF_POS_ACCURACY_M,
+                True,
+            )
+        )
     return poses
 
 
@@ -220,8 +268,9 @@ def vehicle_to_enu(pose: Pose, points_m: np.ndarray, origin: tuple[float, float,
     [[10.0, 0.0, -0.0]]
     """
     ned = attitude([pose.roll_deg], [pose.pitch_deg], [pose.heading_deg]).apply(points_m)
-    lat, lon, height = pymap3d.ned2geodetic(ned[:, 0], ned[:, 1], ned[:, 2],
-                                            pose.lat_deg, pose.lon_deg, pose.height_m)
+    lat, lon, height = pymap3d.ned2geodetic(
+        ned[:, 0], ned[:, 1], ned[:, 2], pose.lat_deg, pose.lon_deg, pose.height_m
+    )
     return np.column_stack(pymap3d.geodetic2enu(lat, lon, height, *origin))
 
 
@@ -229,4 +278,3 @@ def enu_to_geodetic(enu: np.ndarray, origin: tuple[float, float, float]) -> tupl
     """(lon, lat) in degrees of local east/north/up points (n, 3) around ``origin``."""
     lat, lon, _ = pymap3d.enu2geodetic(enu[:, 0], enu[:, 1], enu[:, 2], *origin)
     return np.asarray(lon, float), np.asarray(lat, float)
-

@@ -59,7 +59,7 @@ class VectorizeParams:
     min_area_px: int = 30
     spur_px: float = 10.0
     min_length_px: float = 12.0
-    min_length_m: float = 0.025   # R 85 practice; chosen on the val scenes (docs/benchmarks.md)
+    min_length_m: float = 0.025  # R 85 practice; chosen on the val scenes (docs/benchmarks.md)
     isolation_px: float = 24.0
     bridge_gap_px: float = 12.0
     bridge_angle_deg: float = 30.0
@@ -86,8 +86,14 @@ class Piece:
     probability_sum: float  # sum of uint8 probability at centreline pixels
 
     def reversed(self) -> Piece:
-        return Piece(self.rc[::-1], self.seams[::-1], self.n_px, self.half_width_sum,
-                     self.half_width_max, self.probability_sum)
+        return Piece(
+            self.rc[::-1],
+            self.seams[::-1],
+            self.n_px,
+            self.half_width_sum,
+            self.half_width_max,
+            self.probability_sum,
+        )
 
     def length_px(self) -> float:
         return float(np.hypot(*np.diff(self.rc, axis=0).T).sum())
@@ -150,8 +156,9 @@ def above_low(probability: np.ndarray, valid: np.ndarray, params: VectorizeParam
     return low
 
 
-def crack_regions(probability: np.ndarray, valid: np.ndarray,
-                  params: VectorizeParams) -> tuple[np.ndarray, list[tuple[slice, ...]]]:
+def crack_regions(
+    probability: np.ndarray, valid: np.ndarray, params: VectorizeParams
+) -> tuple[np.ndarray, list[tuple[slice, ...]]]:
     """Crack regions of a uint8 probability array: hysteresis threshold, then speck removal.
 
     Regions above the low threshold (8-connected, so thin diagonal cracks
@@ -193,9 +200,12 @@ def crack_mask(probability: np.ndarray, valid: np.ndarray, params: VectorizePara
     return crack_regions(probability, valid, params)[0] > 0
 
 
-def centrelines(mask: np.ndarray, labels: np.ndarray | None = None,
-                boxes: list[tuple[slice, ...]] | None = None,
-                column_spacing: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def centrelines(
+    mask: np.ndarray,
+    labels: np.ndarray | None = None,
+    boxes: list[tuple[slice, ...]] | None = None,
+    column_spacing: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Skeleton of a mask and its distance transform, computed region by region.
 
     Returns ``(skeleton, half_width)``: ``skeletonize(mask)`` and
@@ -222,7 +232,8 @@ def centrelines(mask: np.ndarray, labels: np.ndarray | None = None,
         region = labels[grown] == index
         skeleton[grown] |= skeletonize(region)
         half_width[grown] += ndimage.distance_transform_edt(
-            region, sampling=None if column_spacing == 1.0 else (1.0, column_spacing)).astype(np.float32)
+            region, sampling=None if column_spacing == 1.0 else (1.0, column_spacing)
+        ).astype(np.float32)
     return skeleton, half_width
 
 
@@ -246,8 +257,9 @@ def skeleton_paths(skeleton: np.ndarray, spur_px: float) -> list[np.ndarray]:
     for _ in range(2):  # pruning can expose a new spur once
         degrees, lengths = graph.degrees, graph.path_lengths()
         ends = [(degrees[graph.path(i)[0]], degrees[graph.path(i)[-1]]) for i in range(graph.n_paths)]
-        spurs = [i for i, (a, b) in enumerate(ends)
-                 if lengths[i] < spur_px and min(a, b) == 1 and max(a, b) >= 3]
+        spurs = [
+            i for i, (a, b) in enumerate(ends) if lengths[i] < spur_px and min(a, b) == 1 and max(a, b) >= 3
+        ]
         if not spurs:
             break
         graph = graph.prune_paths(spurs)
@@ -274,17 +286,18 @@ def cut_to_rows(rc: np.ndarray, first: int, stop: int) -> list[tuple[np.ndarray,
         vertices = [rc[a:b].astype(np.float64)]
         seams: list[int | None] = [None, None]
         if a > 0:
-            vertices.insert(0, (rc[a - 1:a] + rc[a:a + 1]) / 2.0)
+            vertices.insert(0, (rc[a - 1 : a] + rc[a : a + 1]) / 2.0)
             seams[0] = first if rc[a - 1, 0] < first else stop
         if b < len(rc):
-            vertices.append((rc[b - 1:b] + rc[b:b + 1]) / 2.0)
+            vertices.append((rc[b - 1 : b] + rc[b : b + 1]) / 2.0)
             seams[1] = first if rc[b, 0] < first else stop
         runs.append((np.concatenate(vertices), slice(a, b), tuple(seams)))
     return runs
 
 
-def band_pieces(probability: np.ndarray, valid: np.ndarray, row_off: int, first: int, stop: int,
-                params: VectorizeParams) -> list[Piece]:
+def band_pieces(
+    probability: np.ndarray, valid: np.ndarray, row_off: int, first: int, stop: int, params: VectorizeParams
+) -> list[Piece]:
     """Crack pieces whose pixels lie in scene rows ``[first, stop)``.
 
     ``probability`` and ``valid`` hold scene rows from ``row_off`` on,
@@ -308,8 +321,16 @@ def band_pieces(probability: np.ndarray, valid: np.ndarray, row_off: int, first:
         for vertices, inside, seams in cut_to_rows(absolute, first, stop):
             rows, cols = path[inside, 0], path[inside, 1]
             hw = half_width[rows, cols]
-            pieces.append(Piece(vertices, seams, len(rows), float(hw.sum()), float(hw.max()),
-                                float(probability[rows, cols].sum(dtype=np.int64))))
+            pieces.append(
+                Piece(
+                    vertices,
+                    seams,
+                    len(rows),
+                    float(hw.sum()),
+                    float(hw.max()),
+                    float(probability[rows, cols].sum(dtype=np.int64)),
+                )
+            )
     return pieces
 
 
@@ -346,8 +367,12 @@ class SeamJoiner:
         for candidates in ends.values():
             uppers = [c for c in candidates if c[3]]
             lowers = [c for c in candidates if not c[3]]
-            pairs = sorted((abs(u[0] - v[0]), u, v) for u in uppers for v in lowers
-                           if abs(u[0] - v[0]) <= self.tolerance_px)
+            pairs = sorted(
+                (abs(u[0] - v[0]), u, v)
+                for u in uppers
+                for v in lowers
+                if abs(u[0] - v[0]) <= self.tolerance_px
+            )
             for _, u, v in pairs:
                 if (u[1], u[2]) not in links and (v[1], v[2]) not in links:
                     links[(u[1], u[2])] = (v[1], v[2])
@@ -355,8 +380,7 @@ class SeamJoiner:
         return links
 
 
-
-Links = dict[tuple[int, int], tuple[int, int]]   # (piece, end) <-> (piece, end); end 0 = start, 1 = end
+Links = dict[tuple[int, int], tuple[int, int]]  # (piece, end) <-> (piece, end); end 0 = start, 1 = end
 
 
 def _extremity(start: int, links: Links) -> tuple[int, int]:
@@ -377,10 +401,10 @@ class Orientable(Protocol):
     def reversed(self) -> Self: ...
 
 
-O = TypeVar("O", bound=Orientable)
+PieceT = TypeVar("PieceT", bound=Orientable)
 
 
-def chains(pieces: Sequence[O], links: Links) -> list[list[O]]:
+def chains(pieces: Sequence[PieceT], links: Links) -> list[list[PieceT]]:
     """Group linked pieces into chains, each piece oriented along its chain.
 
     >>> a = Piece(np.array([[0., 0], [0, 4]]), (None, None), 5, 5.0, 1.0, 900.0)
@@ -389,12 +413,12 @@ def chains(pieces: Sequence[O], links: Links) -> list[list[O]]:
     [[[0.0, 0.0], [0.0, 6.0]]]
     """
     done: set[int] = set()
-    groups: list[list[O]] = []
+    groups: list[list[PieceT]] = []
     for start in range(len(pieces)):
         if start in done:
             continue
         node, entry = _extremity(start, links)
-        chain: list[O] = []
+        chain: list[PieceT] = []
         while node not in done:
             done.add(node)
             chain.append(pieces[node] if entry == 0 else pieces[node].reversed())
@@ -422,9 +446,14 @@ def join(chain: list[Piece], bridged: bool = False) -> Piece:
         joint = (parts[-1][-1] + piece.rc[0]) / 2.0
         parts[-1] = np.vstack([parts[-1][:-1], joint])
         parts.append(piece.rc[1:])
-    return Piece(np.vstack(parts), (chain[0].seams[0], chain[-1].seams[1]),
-                 sum(p.n_px for p in chain), sum(p.half_width_sum for p in chain),
-                 max(p.half_width_max for p in chain), sum(p.probability_sum for p in chain))
+    return Piece(
+        np.vstack(parts),
+        (chain[0].seams[0], chain[-1].seams[1]),
+        sum(p.n_px for p in chain),
+        sum(p.half_width_sum for p in chain),
+        max(p.half_width_max for p in chain),
+        sum(p.probability_sum for p in chain),
+    )
 
 
 def end_directions(pieces: list[Piece], tangent_px: float = 8.0) -> tuple[np.ndarray, np.ndarray]:
@@ -478,8 +507,9 @@ def bridge_gaps(pieces: list[Piece], gap_px: float, max_angle_deg: float = 30.0)
     distance = np.linalg.norm(gap, axis=1)
     unit = np.divide(gap, distance[:, None], out=np.zeros_like(gap), where=distance[:, None] > 0)
     cos_limit = np.cos(np.radians(max_angle_deg))
-    facing = ((np.einsum("ij,ij->i", directions[pairs[:, 0]], unit) >= cos_limit)
-              & (np.einsum("ij,ij->i", directions[pairs[:, 1]], -unit) >= cos_limit))
+    facing = (np.einsum("ij,ij->i", directions[pairs[:, 0]], unit) >= cos_limit) & (
+        np.einsum("ij,ij->i", directions[pairs[:, 1]], -unit) >= cos_limit
+    )
     facing |= distance < 1.0  # ends that touch need no direction
     links: Links = {}
     group = list(range(len(pieces)))
@@ -543,8 +573,9 @@ class BandVectorizer:
             probability, valid = self._held[0]
             lo = max(self._next - halo, self._buf_top) - self._buf_top
             hi = min(stop + halo, self._loaded) - self._buf_top
-            for piece in band_pieces(probability[lo:hi], valid[lo:hi], self._buf_top + lo, self._next, stop,
-                                     self.params):
+            for piece in band_pieces(
+                probability[lo:hi], valid[lo:hi], self._buf_top + lo, self._next, stop, self.params
+            ):
                 whole = self.joiner.add(piece)
                 if whole is not None:
                     self.pieces.append(whole)

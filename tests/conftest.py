@@ -14,8 +14,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 FIXTURES = Path(__file__).parent / "data"
 
 
-def paint_crack(pixels: np.ndarray, start: tuple[float, float], end: tuple[float, float],
-                width_px: float, value: int = 20) -> None:
+def paint_crack(
+    pixels: np.ndarray, start: tuple[float, float], end: tuple[float, float], width_px: float, value: int = 20
+) -> None:
     """Paint a straight dark crack of ``width_px`` from ``start`` to ``end`` ((row, col)) into (bands, H, W)."""
     rows, cols = np.indices(pixels.shape[1:])
     p0, p1 = np.array(start, float), np.array(end, float)
@@ -26,12 +27,20 @@ def paint_crack(pixels: np.ndarray, start: tuple[float, float], end: tuple[float
     pixels[:, (across <= width_px / 2) & (along >= 0) & (along <= length)] = value
 
 
-def write_scene(path: Path, pixels: np.ndarray, crs: str = "EPSG:32633", transform=None,
-                **profile) -> Path:
+def write_scene(path: Path, pixels: np.ndarray, crs: str = "EPSG:32633", transform=None, **profile) -> Path:
     transform = transform or from_origin(500000.0, 5600000.0, 0.002, 0.002)
-    with rasterio.open(path, "w", driver="GTiff", width=pixels.shape[2], height=pixels.shape[1],
-                       count=pixels.shape[0], dtype=pixels.dtype, crs=crs, transform=transform,
-                       **profile) as ds:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=pixels.shape[2],
+        height=pixels.shape[1],
+        count=pixels.shape[0],
+        dtype=pixels.dtype,
+        crs=crs,
+        transform=transform,
+        **profile,
+    ) as ds:
         ds.write(pixels)
     return path
 
@@ -72,16 +81,24 @@ def darkness() -> DarknessBackend:
 def model_root(tmp_path_factory) -> Path:
     """A registry with an untrained (seeded) HrSegNet-B16, made like every real version."""
     torch = pytest.importorskip("torch")
-    from models.package import package
-
     from models.hrsegnet import create
+    from models.package import package
 
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     net = create("b16")
     checkpoint = root / "untrained.pt"
-    torch.save({"state_dict": net.state_dict(), "variant": "b16", "threshold": 0.5,
-                "val_metrics": {}, "data": {"datasets": []}, "recipe": {"untrained": True}}, checkpoint)
+    torch.save(
+        {
+            "state_dict": net.state_dict(),
+            "variant": "b16",
+            "threshold": 0.5,
+            "val_metrics": {},
+            "data": {"datasets": []},
+            "recipe": {"untrained": True},
+        },
+        checkpoint,
+    )
     package(checkpoint, "test-b16", "1.0.0", root, default=True, summary="untrained, for tests")
     return root
 

@@ -65,8 +65,9 @@ class PostGIS:
 
 def _start_with_script(folder: Path) -> dict[str, str]:
     env = dict(os.environ, PYTHON=sys.executable)
-    done = subprocess.run([str(SCRIPT), "start", str(folder)], env=env, capture_output=True,
-                          text=True, timeout=900)
+    done = subprocess.run(
+        [str(SCRIPT), "start", str(folder)], env=env, capture_output=True, text=True, timeout=900
+    )
     if done.returncode != 0:
         raise RuntimeError(f"infra/postgis.sh start failed: {done.stderr.strip()[-2000:]}")
     return dict(re.findall(r"^export (\w+)=(.*)$", done.stdout, re.M))

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import shapely
+from conftest import DarknessBackend, paint_crack, write_scene
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pyproj import Transformer
 from rasterio.transform import from_origin
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from conftest import DarknessBackend, paint_crack, write_scene
 from pipeline.scene import SceneOptions, detect_cracks
 from pipeline.stores import DEFAULT_CRS, RunInfo, open_store
 
@@ -49,15 +49,24 @@ def publish_map(url: str, workdir: Path) -> None:
     # raster lie under them (the web map's raster layers)
     west, north = Transformer.from_crs(4326, 32633, always_xy=True).transform(WEST - STEP_DEG, SOUTH + 0.0004)
     scene = write_scene(workdir / "road-1.tif", pixels, transform=from_origin(west, north, 0.25, 0.25))
-    result = detect_cracks(str(scene), DarknessBackend(), Model(), workdir / "road-1-probability.tif",
-                           DEFAULT_CRS, SceneOptions())
+    result = detect_cracks(
+        str(scene),
+        DarknessBackend(),
+        Model(),
+        workdir / "road-1-probability.tif",
+        DEFAULT_CRS,
+        SceneOptions(),
+    )
     base = result.cracks[0]
-    cracks = tuple(dataclasses.replace(base, geometry=crack_line(i), **expected(i))
-                   for i in range(CRACK_COUNT))
-    footprint = shapely.box(WEST - STEP_DEG, SOUTH - STEP_DEG, WEST + (CRACK_COUNT + 1) * STEP_DEG,
-                            SOUTH + 0.0004)
-    result = dataclasses.replace(result, scene=dataclasses.replace(result.scene, scene_id="road-1"),
-                                 cracks=cracks, footprint=footprint)
+    cracks = tuple(
+        dataclasses.replace(base, geometry=crack_line(i), **expected(i)) for i in range(CRACK_COUNT)
+    )
+    footprint = shapely.box(
+        WEST - STEP_DEG, SOUTH - STEP_DEG, WEST + (CRACK_COUNT + 1) * STEP_DEG, SOUTH + 0.0004
+    )
+    result = dataclasses.replace(
+        result, scene=dataclasses.replace(result.scene, scene_id="road-1"), cracks=cracks, footprint=footprint
+    )
     store = open_store(url)
     try:
         store.publish(result, RUN)
@@ -73,8 +82,11 @@ def login_role(url: str, group: str) -> tuple[str, str, str]:
         con.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}' IN ROLE {group}")
     parts = conninfo_to_dict(url)
     parts.update(user=name, password=password)
-    return (f"postgresql://{name}:{password}@{parts['host']}:{parts.get('port', 5432)}/{parts['dbname']}",
-            name, password)
+    return (
+        f"postgresql://{name}:{password}@{parts['host']}:{parts.get('port', 5432)}/{parts['dbname']}",
+        name,
+        password,
+    )
 
 
 def drop_role(url: str, name: str) -> None:

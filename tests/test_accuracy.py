@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from conftest import paint_crack
+
 from pipeline.accuracy import score_lines, truth_skeleton
 
 SPACING = (0.002, 0.002)
@@ -11,9 +11,9 @@ SPACING = (0.002, 0.002)
 
 def drawn_mask(shape=(300, 400)) -> np.ndarray:
     pixels = np.zeros((1,) + shape, np.uint8)
-    paint_crack(pixels, (20, 20), (280, 380), width_px=2, value=1)     # thin
-    paint_crack(pixels, (250, 30), (250, 200), width_px=10, value=1)   # wide
-    paint_crack(pixels, (40, 300), (150, 320), width_px=5, value=1)    # medium
+    paint_crack(pixels, (20, 20), (280, 380), width_px=2, value=1)  # thin
+    paint_crack(pixels, (250, 30), (250, 200), width_px=10, value=1)  # wide
+    paint_crack(pixels, (40, 300), (150, 320), width_px=5, value=1)  # medium
     return pixels[0].astype(bool)
 
 
@@ -32,10 +32,10 @@ def test_missing_and_invented_lines_lower_recall_and_precision():
     others = [p for p in truth.paths_rc if p is not longest]
     missing = score_lines(others, truth.length_m / 2, truth)
     assert missing.precision == 1.0 and missing.recall < 0.7 and missing.length_ratio == pytest.approx(0.5)
-    invented = [np.array([[150.0, 100.0], [240.0, 100.0]])]            # far from every crack
+    invented = [np.array([[150.0, 100.0], [240.0, 100.0]])]  # far from every crack
     extra = score_lines(list(truth.paths_rc) + invented, truth.length_m * 1.2, truth)
     assert extra.recall == 1.0 and extra.precision < 0.9
-    shifted = [p + [7, -7] for p in truth.paths_rc]                    # beyond the 5 px tolerance
+    shifted = [p + [7, -7] for p in truth.paths_rc]  # beyond the 5 px tolerance
     assert score_lines(shifted, truth.length_m, truth).f1 < 0.3
     assert score_lines(shifted, truth.length_m, truth, tolerance_px=11).f1 > 0.9
 

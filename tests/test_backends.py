@@ -16,10 +16,17 @@ from hypothesis import strategies as st
 
 from models.tensorrt_build import Profile, strongly_typed
 from pipeline import backends
-from pipeline.cli import cli
-from pipeline.backends.tensorrt import (BufferPlan, EngineCache, EngineKey, buffer_plan, check_chips,
-                              check_engine_io, engine_name)
 from pipeline.backends import auto_backend, pad_batch, select_backend, split_batches
+from pipeline.backends.tensorrt import (
+    BufferPlan,
+    EngineCache,
+    EngineKey,
+    buffer_plan,
+    check_chips,
+    check_engine_io,
+    engine_name,
+)
+from pipeline.cli import cli
 
 TENSORRT_HERE = all(importlib.util.find_spec(m) for m in ("tensorrt", "pycuda"))
 KEY = EngineKey("ab" * 32, "10.13.0.35", "NVIDIA H200", "9.0", "fp16", Profile())
@@ -30,6 +37,7 @@ def random_chips(n, seed=0):
 
 
 # --- ONNX export and the dynamic batch -------------------------------------------------------
+
 
 def test_registry_onnx_matches_torch_at_batch_1_and_5(test_models):
     from models import registry
@@ -51,9 +59,12 @@ def test_fp16_onnx_keeps_the_contract_and_matches_torch_at_batch_1_and_5(test_mo
     path = export_onnx(net, tmp_path / "fp16.onnx", half=True)
     assert next(net.parameters()).dtype.is_floating_point and next(net.parameters()).element_size() == 4
     graph = onnx.load(str(path)).graph
-    assert [(i.name, i.type.tensor_type.elem_type) for i in graph.input] == [("chips", onnx.TensorProto.UINT8)]
+    assert [(i.name, i.type.tensor_type.elem_type) for i in graph.input] == [
+        ("chips", onnx.TensorProto.UINT8)
+    ]
     assert [(o.name, o.type.tensor_type.elem_type) for o in graph.output] == [
-        ("probability", onnx.TensorProto.UINT8)]
+        ("probability", onnx.TensorProto.UINT8)
+    ]
     assert verify_onnx(net, path, batch_sizes=(1, 5)) < 1e-2
 
 
@@ -75,6 +86,7 @@ def test_dynamic_batch_gives_the_same_per_chip_result_whatever_the_batch(test_mo
 
 # --- batching helpers --------------------------------------------------------------------------
 
+
 @given(st.integers(0, 500), st.integers(1, 64))
 def test_split_batches_covers_every_chip_once_in_order(n, batch):
     slices = split_batches(n, batch)
@@ -94,14 +106,23 @@ def test_pad_batch_appends_zero_chips_and_keeps_the_real_ones():
 
 # --- engine cache keys, profiles, buffers, contract ----------------------------------------------
 
+
 def test_engine_cache_key_changes_with_each_of_its_parts():
-    changes = {"onnx_sha256": "cd" * 32, "tensorrt_version": "10.14.1", "gpu_name": "NVIDIA A100",
-               "compute_capability": "8.0", "precision": "fp32", "build": "0"}
+    changes = {
+        "onnx_sha256": "cd" * 32,
+        "tensorrt_version": "10.14.1",
+        "gpu_name": "NVIDIA A100",
+        "compute_capability": "8.0",
+        "precision": "fp32",
+        "build": "0",
+    }
     digests = {KEY.digest()}
     for field, value in changes.items():
         digests.add(dataclasses.replace(KEY, **{field: value}).digest())
     for field, value in {"min_batch": 2, "opt_batch": 16, "max_batch": 128, "size_px": 512}.items():
-        digests.add(dataclasses.replace(KEY, profile=dataclasses.replace(Profile(), **{field: value})).digest())
+        digests.add(
+            dataclasses.replace(KEY, profile=dataclasses.replace(Profile(), **{field: value})).digest()
+        )
     assert len(digests) == 1 + len(changes) + 4
     assert dataclasses.replace(KEY).digest() == KEY.digest()  # and only with them
     assert EngineKey.from_dict(json.loads(json.dumps(KEY.to_dict()))) == KEY
@@ -125,7 +146,12 @@ def test_profile_is_min_1_opt_32_max_64_and_checked():
 
 def test_strong_typing_from_tensorrt_11():
     assert [strongly_typed(v) for v in ("8.6.1", "10.0.1", "10.13.0.35", "11.0.0", "12.1")] == [
-        False, False, False, True, True]
+        False,
+        False,
+        False,
+        True,
+        True,
+    ]
 
 
 def test_buffers_are_sized_for_the_profile_maximum():
@@ -180,8 +206,12 @@ def test_an_unreadable_or_older_cache_entry_is_rebuilt_not_a_crash(tmp_path, cap
     meta = tmp_path / f"{name}.json"
     stored = json.loads(meta.read_text())
     older = {k: v for k, v in stored["key"].items() if k != "build"}  # written before "build" existed
-    for text in ("{not json", json.dumps({**stored, "key": {**older, "retired_field": 1}}),
-                 json.dumps({**stored, "key": "x"}), json.dumps([1])):
+    for text in (
+        "{not json",
+        json.dumps({**stored, "key": {**older, "retired_field": 1}}),
+        json.dumps({**stored, "key": "x"}),
+        json.dumps([1]),
+    ):
         meta.write_text(text)
         with caplog.at_level(logging.WARNING, logger="pipeline.backends.tensorrt"):
             assert cache.get(name, KEY) is None
@@ -190,6 +220,7 @@ def test_an_unreadable_or_older_cache_entry_is_rebuilt_not_a_crash(tmp_path, cap
 
 
 # --- backend selection ---------------------------------------------------------------------------
+
 
 def test_auto_picks_tensorrt_then_torch_then_the_cpu_default():
     assert auto_backend(True, True, True)[0] == "tensorrt"
@@ -221,8 +252,13 @@ def test_backends_are_the_cli_choices():
 
 
 @pytest.mark.skipif(TENSORRT_HERE, reason="tensorrt and pycuda are installed here")
-@pytest.mark.parametrize("command", [["segment", "{images}", "{out}", "--backend", "tensorrt"],
-                                     ["models", "build-engine", "--cache", "{out}"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["segment", "{images}", "{out}", "--backend", "tensorrt"],
+        ["models", "build-engine", "--cache", "{out}"],
+    ],
+)
 def test_tensorrt_without_tensorrt_fails_with_the_install_hint(command, test_models, tmp_path):
     (tmp_path / "images").mkdir()
     args = [a.format(images=tmp_path / "images", out=tmp_path / "out") for a in command]
@@ -232,9 +268,11 @@ def test_tensorrt_without_tensorrt_fails_with_the_install_hint(command, test_mod
 
 
 def test_gpu_modules_import_nothing_heavy():
-    code = ("import sys, pipeline.backends.tensorrt, pipeline.backends, models.tensorrt_build; "
-            "heavy = {'torch', 'tensorrt', 'pycuda', 'prefect'} & set(sys.modules); "
-            "assert not heavy, heavy")
+    code = (
+        "import sys, pipeline.backends.tensorrt, pipeline.backends, models.tensorrt_build; "
+        "heavy = {'torch', 'tensorrt', 'pycuda', 'prefect'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -253,6 +291,7 @@ def test_fixed_backend_returns_its_chip_for_every_chip_at_no_cost(tmp_path):
     with pytest.raises(ValueError, match="fixed probability"):
         backend.predict(random_chips(1)[:, :, :200, :200])
     scene = write_scene(tmp_path / "s.tif", np.full((3, 400, 1072), 128, np.uint8))  # 3 chips
-    result = detect_cracks(str(scene), backend, registry.resolve("hrsegnet-b16:1.0.0"),
-                           tmp_path / "p.tif", DEFAULT_CRS)
+    result = detect_cracks(
+        str(scene), backend, registry.resolve("hrsegnet-b16:1.0.0"), tmp_path / "p.tif", DEFAULT_CRS
+    )
     assert result.chip_count == 3 and len(result.cracks) == 3  # one crack per chip, none joined

@@ -13,10 +13,10 @@ def make_images(folder, sizes):
     (folder / "masks").mkdir()
     for i, (h, w) in enumerate(sizes):
         rgb = np.full((h, w, 3), 200, np.uint8)
-        rgb[h // 2:h // 2 + 3] = 40
+        rgb[h // 2 : h // 2 + 3] = 40
         Image.fromarray(rgb).save(folder / "images" / f"im{i}.jpg")
         mask = np.zeros((h, w), np.uint8)
-        mask[h // 2:h // 2 + 3] = 255
+        mask[h // 2 : h // 2 + 3] = 255
         Image.fromarray(mask).save(folder / "masks" / f"im{i}.png")
 
 
@@ -35,7 +35,7 @@ def test_eval_prints_pixel_metrics(tmp_path):
     model = ["--model", "hrsegnet-b16:1.0.0"]
     result = CliRunner().invoke(cli, ["eval", str(tmp_path / "images"), str(tmp_path / "masks"), *model])
     assert result.exit_code == 0, result.output
-    scores = json.loads(result.output[result.output.index("{"):])
+    scores = json.loads(result.output[result.output.index("{") :])
     assert scores["model"] == "hrsegnet-b16:1.0.0" and scores["images"] == 1
     segmented = CliRunner().invoke(cli, ["segment", str(tmp_path / "images"), str(tmp_path / "pred"), *model])
     assert segmented.exit_code == 0, segmented.output
@@ -76,6 +76,7 @@ def test_models_export_reports_the_difference_to_torch(tmp_path, test_models):
 
 def test_an_unknown_model_is_one_line_not_a_traceback(tmp_path, test_models):
     (tmp_path / "images").mkdir()
-    result = CliRunner().invoke(cli, ["segment", str(tmp_path / "images"), str(tmp_path / "out"),
-                                      "--model", "nope:1.0.0"])
+    result = CliRunner().invoke(
+        cli, ["segment", str(tmp_path / "images"), str(tmp_path / "out"), "--model", "nope:1.0.0"]
+    )
     assert result.exit_code == 2 and "error: unknown model 'nope'" in result.output

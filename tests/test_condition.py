@@ -13,10 +13,10 @@ import pytest
 import shapely
 from affine import Affine
 from click.testing import CliRunner
+from conftest import paint_crack, write_scene
 from pyproj import Geod
 from rasterio.crs import CRS
 
-from conftest import paint_crack, write_scene
 from pipeline import projection
 from pipeline.cli import cli
 from pipeline.condition import SectionOptions, run_change, run_sections
@@ -56,17 +56,27 @@ def grid(s0=72.0, o0=-1.0):
     return lines + [along(s0, s0 + 2.0, o0 + 0.25 * j, 9) for j in range(7)]
 
 
-CRACKS_A = {"long": along(15, 27, 1.0), "trans": across(35, -2.5, 2.5), "diag": [at(54, -1), at(56, 1)],
-            "outside": along(45, 47, 8.0, 3), **{f"grid{i}": g for i, g in enumerate(grid())}}
+CRACKS_A = {
+    "long": along(15, 27, 1.0),
+    "trans": across(35, -2.5, 2.5),
+    "diag": [at(54, -1), at(56, 1)],
+    "outside": along(45, 47, 8.0, 3),
+    **{f"grid{i}": g for i, g in enumerate(grid())},
+}
 
 
 def write_network(path, roads=(("R1", ROAD),), crs=UTM, id_field="road_id", direction=None):
     ids = np.array([r for r, _ in roads], dtype=object)
     extra = {} if direction is None else {"direction": np.array(direction, dtype=object)}
-    pyogrio.raw.write(str(path), shapely.to_wkb(np.array([g for _, g in roads], dtype=object)),
-                      field_data=[ids, *extra.values()], fields=[id_field, *extra], crs=crs,
-                      geometry_type="LineString",
-                      driver="GPKG" if str(path).endswith(".gpkg") else "GeoJSON")
+    pyogrio.raw.write(
+        str(path),
+        shapely.to_wkb(np.array([g for _, g in roads], dtype=object)),
+        field_data=[ids, *extra.values()],
+        fields=[id_field, *extra],
+        crs=crs,
+        geometry_type="LineString",
+        driver="GPKG" if str(path).endswith(".gpkg") else "GeoJSON",
+    )
     return str(path)
 
 
@@ -74,12 +84,23 @@ def scene_result(scene_id: str, cracks: dict, shift_m=(0.0, 0.0)) -> SceneResult
     """A mapped scene covering the road, with cracks drawn in UTM, typed as the pipeline types them."""
     lines = [shapely.LineString(np.array(c) + shift_m) for c in cracks.values()]
     lonlat = projection.transform(lines, UTM, "EPSG:4326")
-    records = tuple(CrackLine(geometry=g, length_m=float(GEOD.geometry_length(g)), width_mean_mm=3.0,
-                              width_max_mm=4.0, orientation_deg=0.0, confidence=0.9, severity="low")
-                    for g in lonlat)
+    records = tuple(
+        CrackLine(
+            geometry=g,
+            length_m=float(GEOD.geometry_length(g)),
+            width_mean_mm=3.0,
+            width_max_mm=4.0,
+            orientation_deg=0.0,
+            confidence=0.9,
+            severity="low",
+        )
+        for g in lonlat
+    )
     footprint = projection.transform([ROAD.buffer(4.5)], UTM, "EPSG:4326")[0]
     typed, areas = type_cracks(records, footprint, DEFAULT_CRS)
-    scene = Scene(f"/surveys/{scene_id}.tif", scene_id, 1000, 1000, 3, "uint8", CRS.from_string(UTM), Affine.identity())
+    scene = Scene(
+        f"/surveys/{scene_id}.tif", scene_id, 1000, 1000, 3, "uint8", CRS.from_string(UTM), Affine.identity()
+    )
     return SceneResult(scene, typed, footprint, 9, "p.tif", 0.1, "sha", pattern_areas=areas)
 
 
@@ -120,7 +141,9 @@ def test_section_lengths_add_up_to_the_total_inside_the_corridor(mapped):
     sections = [r for r in report.rows if r["level"] == "section"]
     total = sum(r[f"{t}_m"] for r in sections for t in ("longitudinal", "transverse", "diagonal", "pattern"))
     assert total == pytest.approx(inside, rel=1e-9)
-    assert cracks["outside"]["road_id"] is None and report.outside == 1 and report.located == len(CRACKS_A) - 1
+    assert (
+        cracks["outside"]["road_id"] is None and report.outside == 1 and report.located == len(CRACKS_A) - 1
+    )
     by_from = {r["from_m"]: r for r in sections}
     long_m = cracks["long"]["length_m"]  # 15-27 m: 5 m in [10, 20), 7 m in [20, 30)
     assert by_from[10.0]["longitudinal_m"] == pytest.approx(long_m * 5 / 12, rel=1e-3)
@@ -129,7 +152,8 @@ def test_section_lengths_add_up_to_the_total_inside_the_corridor(mapped):
     for level in ("rollup", "road"):  # rollups add the same sums up
         rows = [r for r in report.rows if r["level"] == level]
         assert sum(r["longitudinal_m"] + r["pattern_m"] for r in rows) == pytest.approx(
-            sum(r["longitudinal_m"] + r["pattern_m"] for r in sections), rel=1e-9)
+            sum(r["longitudinal_m"] + r["pattern_m"] for r in sections), rel=1e-9
+        )
     stored = store.read_layer("current_sections", {"survey_id": "survey-a", "level": "section"})
     assert len(stored) == 16 and stored[0]["coverage"] == pytest.approx(1.0, abs=1e-6)
     assert {r["condition_class"] for r in stored} <= {"Good", "Fair", "Poor"}
@@ -140,9 +164,15 @@ def test_chainages_and_offsets_are_right_within_a_centimetre(mapped):
     cracks = cracks_by_name(store, "survey-a", list(CRACKS_A))
     long, trans, diag = cracks["long"], cracks["trans"], cracks["diag"]
     assert (long["road_id"], long["chainage_from_m"], long["chainage_to_m"], long["offset_m"]) == (
-        "R1", pytest.approx(15.0, abs=0.01), pytest.approx(27.0, abs=0.01), pytest.approx(1.0, abs=0.01))
+        "R1",
+        pytest.approx(15.0, abs=0.01),
+        pytest.approx(27.0, abs=0.01),
+        pytest.approx(1.0, abs=0.01),
+    )
     assert trans["chainage_from_m"] == pytest.approx(35.0, abs=0.01)
-    assert trans["chainage_to_m"] == pytest.approx(35.0, abs=0.01) and trans["offset_m"] == pytest.approx(0, abs=0.01)
+    assert trans["chainage_to_m"] == pytest.approx(35.0, abs=0.01) and trans["offset_m"] == pytest.approx(
+        0, abs=0.01
+    )
     assert diag["chainage_from_m"] == pytest.approx(54.0, abs=0.01)
     assert diag["chainage_to_m"] == pytest.approx(56.0, abs=0.01)
     right = cracks_by_name(store, "survey-a", list(CRACKS_A))["grid0"]  # offsets -1.0 .. 0.5: middle -0.25
@@ -176,23 +206,30 @@ def test_survey_b_reports_the_extended_and_the_added_crack(mapped, tmp_path):
     status = {r["crack_id"]: r["status"] for r in changes}
     assert status[b["long"]["crack_id"]] == "grown" and status[b["added"]["crack_id"]] == "new"
     assert {status[b[n]["crack_id"]] for n in CRACKS_A if n != "long"} == {"unchanged"}
-    deltas = {(r["level"], r["from_m"]): r for r in store.read_layer("section_changes", {"from_survey": "survey-a"})}
+    deltas = {
+        (r["level"], r["from_m"]): r for r in store.read_layer("section_changes", {"from_survey": "survey-a"})
+    }
     assert deltas[("section", 20.0)]["longitudinal_m_delta"] == pytest.approx(3.0, rel=0.01)
     assert deltas[("section", 90.0)]["diagonal_m_delta"] == pytest.approx(2.5, rel=0.01)
     assert deltas[("section", 30.0)]["transverse_m_delta"] == pytest.approx(0.0, abs=0.01)
     # a later survey mapped with another model: compared, with a warning
-    store.publish(scene_result("s1", later), dataclasses.replace(RUN, survey_id="survey-c", model_version="2.0.0"))
+    store.publish(
+        scene_result("s1", later), dataclasses.replace(RUN, survey_id="survey-c", model_version="2.0.0")
+    )
     assert "different models" in run_change(store, "survey-a", "survey-c", network).warning
 
 
-def test_a_slab_joint_grid_is_typed_joint_and_left_out_of_totals_beside_a_kept_crack(store_url, tmp_path, darkness):
+def test_a_slab_joint_grid_is_typed_joint_and_left_out_of_totals_beside_a_kept_crack(
+    store_url, tmp_path, darkness
+):
     pixels = np.full((3, 600, 1000), 215, np.uint8)  # 10 m x 6 m at 1 cm: the road runs along x
     for col in (150, 450, 750):  # transverse joints every 3 m, across the whole width
         paint_crack(pixels, (0, col), (599, col), 3)
     paint_crack(pixels, (300, 0), (300, 999), 3)  # the longitudinal joint
     paint_crack(pixels, (60, 200), (230, 400), 4)  # a diagonal crack in a slab
-    path = write_scene(tmp_path / "slabs.tif", pixels,
-                       transform=Affine(0.01, 0, 500000.0, 0, -0.01, 5600000.0))
+    path = write_scene(
+        tmp_path / "slabs.tif", pixels, transform=Affine(0.01, 0, 500000.0, 0, -0.01, 5600000.0)
+    )
 
     class Model:
         spec, threshold = "test:1", 0.5
@@ -211,12 +248,17 @@ def test_a_slab_joint_grid_is_typed_joint_and_left_out_of_totals_beside_a_kept_c
     kept = [r["crack_type"] for batch in store.query() for r in batch]
     assert kept.count("joint") == len(joints)  # joints are kept, typed
     road = shapely.LineString([(500000.0, 5599997.0), (500010.0, 5599997.0)])
-    report = run_sections(store, write_network(tmp_path / "slab-road.geojson", (("S", road),)), "survey-a",
-                          SectionOptions(section_m=5.0, rollup_m=10.0))
+    report = run_sections(
+        store,
+        write_network(tmp_path / "slab-road.geojson", (("S", road),)),
+        "survey-a",
+        SectionOptions(section_m=5.0, rollup_m=10.0),
+    )
     sections = [r for r in report.rows if r["level"] == "section"]
     assert report.joints == len(joints)
     assert sum(r["diagonal_m"] + r["longitudinal_m"] + r["transverse_m"] for r in sections) == pytest.approx(
-        crack.length_m, rel=1e-9)
+        crack.length_m, rel=1e-9
+    )
     assert [r["crack_type"] for batch in store.query() for r in batch].count("joint") == len(joints)
     store.close()
 
@@ -225,12 +267,19 @@ def test_bad_networks_and_requests_are_refused_and_nothing_is_written(store_url,
     store = open_store(store_url)
     store.publish(scene_result("s1", CRACKS_A), RUN)
     cases = {
-        "no id field": (write_network(tmp_path / "a.gpkg", id_field="name"), "has no road id field 'road_id'"),
-        "zero length": (write_network(tmp_path / "b.gpkg", (("Z", shapely.LineString([at(5, 0), at(5, 0)])),)),
-                        "zero-length lines: Z"),
+        "no id field": (
+            write_network(tmp_path / "a.gpkg", id_field="name"),
+            "has no road id field 'road_id'",
+        ),
+        "zero length": (
+            write_network(tmp_path / "b.gpkg", (("Z", shapely.LineString([at(5, 0), at(5, 0)])),)),
+            "zero-length lines: Z",
+        ),
         "multi-part": (_multi(tmp_path / "c.gpkg"), "multi-part lines that do not join into one: M"),
-        "elsewhere": (write_network(tmp_path / "d.gpkg", (("F", shapely.LineString([(0, 0), (100, 0)])),)),
-                      "no road comes within 5.0 m"),
+        "elsewhere": (
+            write_network(tmp_path / "d.gpkg", (("F", shapely.LineString([(0, 0), (100, 0)])),)),
+            "no road comes within 5.0 m",
+        ),
         "alien CRS": (write_network(tmp_path / "e.gpkg", crs="IAU_2015:49900"), "cannot be transformed"),
         "not a file": (str(tmp_path / "missing.gpkg"), "cannot be read as a vector file"),
     }
@@ -263,8 +312,11 @@ def test_publishing_a_scene_again_drops_its_cracks_road_columns(mapped):
     assert {c["chainage_from_m"] for c in cracks.values()} == {None}
     run_sections(store, network, "survey-a")
     assert cracks_by_name(store, "survey-a", list(CRACKS_A))["long"]["road_id"] == "R1"
-    versions = [r for b in store.query(CrackQuery(model_name=RUN.model_name, model_version=RUN.model_version))
-                for r in b]  # every version of the cracks (all_cracks in PostGIS) shows them too
+    versions = [
+        r
+        for b in store.query(CrackQuery(model_name=RUN.model_name, model_version=RUN.model_version))
+        for r in b
+    ]  # every version of the cracks (all_cracks in PostGIS) shows them too
     assert sum(r["road_id"] == "R1" for r in versions) == len(CRACKS_A) - 1
 
 
@@ -275,32 +327,51 @@ def test_chainage_runs_with_the_traffic_on_one_way_roads(store_url, tmp_path):
     store.publish(scene_result("s1", CRACKS_A), RUN)
     backwards = (("R1", ROAD.reverse()),)
     length = ROAD.length
-    for direction, along_traffic in (("B", False), (None, False), ("TF", True), ("-1", True), ("backward", True),
-                                     ("FT", False)):
-        network = write_network(tmp_path / f"roads-{direction}.gpkg", backwards,
-                                direction=None if direction is None else [direction])
+    for direction, along_traffic in (
+        ("B", False),
+        (None, False),
+        ("TF", True),
+        ("-1", True),
+        ("backward", True),
+        ("FT", False),
+    ):
+        network = write_network(
+            tmp_path / f"roads-{direction}.gpkg",
+            backwards,
+            direction=None if direction is None else [direction],
+        )
         run_sections(store, network, "survey-a")
         long = cracks_by_name(store, "survey-a", list(CRACKS_A))["long"]  # chainage 15-27, offset +1 on ROAD
         expected = (15.0, 27.0, 1.0) if along_traffic else (length - 27.0, length - 15.0, -1.0)
         assert (long["chainage_from_m"], long["chainage_to_m"], long["offset_m"]) == tuple(
-            pytest.approx(v, abs=0.01) for v in expected), direction
+            pytest.approx(v, abs=0.01) for v in expected
+        ), direction
         sections = store.read_layer("current_sections", {"survey_id": "survey-a", "level": "section"})
         first = min(sections, key=lambda r: r["from_m"])  # section 0-10 m: where traffic enters
-        entry = projection.transform([shapely.Point(at(0, 0) if along_traffic else at(length, 0))], UTM,
-                                     "EPSG:4326")[0]
+        entry = projection.transform(
+            [shapely.Point(at(0, 0) if along_traffic else at(length, 0))], UTM, "EPSG:4326"
+        )[0]
         assert first["geometry"].distance(entry) < 1e-7, direction  # touches the road's entry end
     network = write_network(tmp_path / "north.gpkg", backwards, direction=["north"])
-    with pytest.raises(NetworkError, match="north.gpkg: its direction field holds 'north', which is not a "
-                                           "direction .*nothing was written"):
+    with pytest.raises(
+        NetworkError,
+        match="north.gpkg: its direction field holds 'north', which is not a direction .*nothing was written",
+    ):
         run_sections(store, network, "survey-a")
     store.close()
 
 
 def _multi(path):
     parts = shapely.MultiLineString([[at(0, 0), at(10, 0)], [at(20, 0), at(30, 0)]])
-    pyogrio.raw.write(str(path), shapely.to_wkb(np.array([parts], dtype=object)),
-                      field_data=[np.array(["M"], dtype=object)], fields=["road_id"], crs=UTM,
-                      geometry_type="MultiLineString", driver="GPKG")
+    pyogrio.raw.write(
+        str(path),
+        shapely.to_wkb(np.array([parts], dtype=object)),
+        field_data=[np.array(["M"], dtype=object)],
+        fields=["road_id"],
+        crs=UTM,
+        geometry_type="MultiLineString",
+        driver="GPKG",
+    )
     return str(path)
 
 
@@ -318,10 +389,13 @@ def test_the_sections_and_change_commands_print_their_tables(store_url, tmp_path
     assert len([line for line in out.output.splitlines() if line.startswith("R1")]) == 16
     out = runner.invoke(cli, ["sections", store_url, "--network", network])
     assert out.exit_code == 2 and "pick one with --survey" in out.output
-    out = runner.invoke(cli, ["sections", store_url, "--network", network, "--survey", "survey-a",
-                              "--section-m", "0"])
+    out = runner.invoke(
+        cli, ["sections", store_url, "--network", network, "--survey", "survey-a", "--section-m", "0"]
+    )
     assert out.exit_code == 2 and "too small" in out.output and "Traceback" not in out.output
-    out = runner.invoke(cli, ["change", store_url, "--from", "survey-a", "--to", "survey-b", "--network", network])
+    out = runner.invoke(
+        cli, ["change", store_url, "--from", "survey-a", "--to", "survey-b", "--network", network]
+    )
     assert out.exit_code == 0, out.output
     assert "1 new, 0 grown" in out.output and "Good -> " in out.output
     out = runner.invoke(cli, ["change", store_url, "--from", "survey-a", "--to", "survey-x"])
@@ -333,20 +407,38 @@ def test_the_geopackage_layers_open_with_gdal(tmp_path):
     store.publish(scene_result("s1", CRACKS_A), RUN)
     run_sections(store, write_network(tmp_path / "roads.gpkg"), "survey-a")
     store.close()
-    for layer, kind in (("sections", "Polygon"), ("current_sections", "Polygon"),
-                        ("pattern_areas", "MultiPolygon"), ("current_pattern_areas", "MultiPolygon")):
+    for layer, kind in (
+        ("sections", "Polygon"),
+        ("current_sections", "Polygon"),
+        ("pattern_areas", "MultiPolygon"),
+        ("current_pattern_areas", "MultiPolygon"),
+    ):
         info = pyogrio.read_info(tmp_path / "map.gpkg", layer=layer)
         assert info["crs"] == "EPSG:4326" and info["geometry_type"] == kind and info["features"] > 0, layer
     fields = pyogrio.read_info(tmp_path / "map.gpkg", layer="cracks")["fields"]
-    assert {"crack_type", "theta_deg", "chord_m", "tortuosity", "span_ratio", "road_id", "chainage_from_m",
-            "chainage_to_m", "offset_m", "pattern_no"} <= set(fields)
+    assert {
+        "crack_type",
+        "theta_deg",
+        "chord_m",
+        "tortuosity",
+        "span_ratio",
+        "road_id",
+        "chainage_from_m",
+        "chainage_to_m",
+        "offset_m",
+        "pattern_no",
+    } <= set(fields)
 
 
 def test_type_profiles_move_the_angle_limits():
     from pipeline.crack_types import linear_types, type_profile
 
     theta = np.array([15.0, 45.0, 72.0])
-    assert linear_types(theta, type_profile("aashto-r85")).tolist() == ["longitudinal", "diagonal", "transverse"]
+    assert linear_types(theta, type_profile("aashto-r85")).tolist() == [
+        "longitudinal",
+        "diagonal",
+        "transverse",
+    ]
     assert linear_types(theta, type_profile("strict-10")).tolist() == ["diagonal", "diagonal", "diagonal"]
     with pytest.raises(ValueError, match="choose one of aashto-r85"):
         type_profile("pci")
@@ -361,9 +453,12 @@ def test_section_shares_add_up_for_any_crack_on_any_section_length():
     road = np.array([ROAD])
 
     @settings(max_examples=60, deadline=None)
-    @given(st.lists(st.tuples(st.floats(0, 150), st.floats(-3, 3)), min_size=2, max_size=6).map(
-               lambda p: [(p[0][0] + (s - p[0][0]) / 10, o) for s, o in p]),  # within ~15 m of the first
-           st.sampled_from([1.0, 2.5, 10.0, 33.0]))
+    @given(
+        st.lists(st.tuples(st.floats(0, 150), st.floats(-3, 3)), min_size=2, max_size=6).map(
+            lambda p: [(p[0][0] + (s - p[0][0]) / 10, o) for s, o in p]
+        ),  # within ~15 m of the first
+        st.sampled_from([1.0, 2.5, 10.0, 33.0]),
+    )
     def check(points, section_m):
         line = shapely.LineString([at(s, o) for s, o in points])
         if line.length == 0:
@@ -376,7 +471,7 @@ def test_section_shares_add_up_for_any_crack_on_any_section_length():
         pieces = split_by_sections(located, sections, section_m)
         length = located.segment_length_m[pieces.segment] * pieces.share
         assert length.sum() == pytest.approx(line.length, rel=1e-9)
-        assert (np.bincount(pieces.segment, pieces.share) == pytest.approx(1.0, rel=1e-12))
+        assert np.bincount(pieces.segment, pieces.share) == pytest.approx(1.0, rel=1e-12)
         assert pieces.section.min() >= 0 and pieces.section.max() < len(sections.road)
 
     check()

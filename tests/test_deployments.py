@@ -20,14 +20,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import paint_crack, write_scene
 from test_frame_survey import frame_survey  # noqa: F401  (a fixture: four frames, camera, trajectory)
 
 pytest.importorskip("prefect")
 from prefect.client.orchestration import get_client  # noqa: E402
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter  # noqa: E402
-from prefect.client.schemas.filters import FlowRunFilterParentFlowRunId  # noqa: E402
+from prefect.client.schemas.filters import (  # noqa: E402
+    DeploymentFilter,
+    DeploymentFilterName,
+    FlowRunFilter,
+    FlowRunFilterParentFlowRunId,  # noqa: E402
+)
 from prefect.deployments import run_deployment  # noqa: E402
 from prefect.deployments.runner import EntrypointType  # noqa: E402
 from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings  # noqa: E402
@@ -76,20 +79,32 @@ def stack(tmp_path_factory, model_root):
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_UI_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING",
-               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
-               PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="5",
-               CRACKMAP_MODELS=str(model_root))
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_LOGGING_LEVEL="WARNING",
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_WORKER_PREFETCH_SECONDS="5",
+        CRACKMAP_MODELS=str(model_root),
+    )
     survey = tmp_path_factory.mktemp("incoming") / "road-9"
     survey.mkdir()
     store = survey.parent / "map.gpkg"
     processes = []
     try:
         with open(home / "server.log", "wb") as log:
-            processes.append(subprocess.Popen(
-                [str(PREFECT), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            processes.append(
+                subprocess.Popen(
+                    [str(PREFECT), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         deadline = time.monotonic() + 180
         while True:
             try:
@@ -99,26 +114,50 @@ def stack(tmp_path_factory, model_root):
                 if processes[0].poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
                 time.sleep(0.5)
-        subprocess.run([str(PREFECT), "work-pool", "create", POOL, "--type", "process"], env=env,
-                       check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [str(PREFECT), "work-pool", "create", POOL, "--type", "process"],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         with open(home / "worker.log", "wb") as log:
-            processes.append(subprocess.Popen(
-                [str(PREFECT), "worker", "start", "--pool", POOL, "--type", "process", "--limit", "4"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            processes.append(
+                subprocess.Popen(
+                    [str(PREFECT), "worker", "start", "--pool", POOL, "--type", "process", "--limit", "4"],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         from flows.deployments import register
         from flows.settings import Settings
 
-        subprocess.run([str(PREFECT), "work-pool", "create", UNSERVED_POOL, "--type", "process"], env=env,
-                       check=True, capture_output=True, timeout=120)
-        config = Settings(cpu_pool=POOL, gpu_pool=POOL, survey_sources=[str(survey)], store=str(store),
-                          schedule_cron="30 3 * * 1-5", schedule_timezone="Europe/Vienna",
-                          scene_concurrency=2, model=TRAINED)
+        subprocess.run(
+            [str(PREFECT), "work-pool", "create", UNSERVED_POOL, "--type", "process"],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        config = Settings(
+            cpu_pool=POOL,
+            gpu_pool=POOL,
+            survey_sources=[str(survey)],
+            store=str(store),
+            schedule_cron="30 3 * * 1-5",
+            schedule_timezone="Europe/Vienna",
+            scene_concurrency=2,
+            model=TRAINED,
+        )
         with temporary_settings({PREFECT_API_URL: url, PREFECT_LOGGING_TO_API_ENABLED: False}):
             register(config)
             from flows.scene import process_scene
 
-            process_scene.to_deployment("unserved", work_pool_name=UNSERVED_POOL,
-                                        entrypoint_type=EntrypointType.MODULE_PATH).apply()
+            process_scene.to_deployment(
+                "unserved", work_pool_name=UNSERVED_POOL, entrypoint_type=EntrypointType.MODULE_PATH
+            ).apply()
             yield Stack(url, env, survey, store)
     finally:
         for process in reversed(processes):
@@ -133,8 +172,10 @@ def api(stack):
 
 def scenes_table(store) -> dict:
     with sqlite3.connect(store, timeout=60) as con:
-        return {r[0]: r[1:] for r in con.execute(
-            "SELECT scene_id, status, crack_count, error FROM scenes ORDER BY scene_id")}
+        return {
+            r[0]: r[1:]
+            for r in con.execute("SELECT scene_id, status, crack_count, error FROM scenes ORDER BY scene_id")
+        }
 
 
 def table_artifact(flow_run_id, key: str) -> list[dict]:
@@ -143,8 +184,11 @@ def table_artifact(flow_run_id, key: str) -> list[dict]:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[key])))
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[key])
+            )
+        )
     return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
 
 
@@ -157,15 +201,22 @@ def crack_counts(store) -> dict:
 
 def children(parent_id) -> list:
     with get_client(sync_client=True) as client:
-        return client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))
+        return client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id]))
+        )
 
 
 def test_scheduled_deployment_has_its_cron_schedule(api):
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("process-survey/scheduled-survey-run")
-        names = {d.name for d in client.read_deployments(deployment_filter=DeploymentFilter(
-            name=DeploymentFilterName(any_=["process-scene", "reprocess", "scheduled-survey-run"])))}
+        names = {
+            d.name
+            for d in client.read_deployments(
+                deployment_filter=DeploymentFilter(
+                    name=DeploymentFilterName(any_=["process-scene", "reprocess", "scheduled-survey-run"])
+                )
+            )
+        }
     assert names == {"process-scene", "reprocess", "scheduled-survey-run"}
     schedule = deployment.schedules[0].schedule
     assert schedule.cron == "30 3 * * 1-5" and schedule.timezone == "Europe/Vienna"
@@ -177,15 +228,19 @@ def test_scheduled_deployment_has_its_cron_schedule(api):
 def test_a_worker_picks_up_process_scene_runs(api, tmp_path):
     path = scene(tmp_path / "solo.tif", 1)
     store = tmp_path / "solo.gpkg"
-    run = run_deployment("process-scene/process-scene", timeout=RUN_TIMEOUT_S, poll_interval=1,
-                         parameters={"uri": str(path), "scene_id": "solo", "store": str(store),
-                                     "survey_id": "solo-survey"})
+    run = run_deployment(
+        "process-scene/process-scene",
+        timeout=RUN_TIMEOUT_S,
+        poll_interval=1,
+        parameters={"uri": str(path), "scene_id": "solo", "store": str(store), "survey_id": "solo-survey"},
+    )
     assert run.state.is_completed(), run.state
     assert run.work_pool_name == POOL and run.state.message.startswith("done: solo")
     assert scenes_table(store)["solo"][0] == "done"
     with sqlite3.connect(store) as con:
         assert con.execute("SELECT DISTINCT survey_id, model_name FROM scenes").fetchall() == [
-            ("solo-survey", "test-b16")]
+            ("solo-survey", "test-b16")
+        ]
 
 
 def test_scheduled_run_fans_out_maps_new_scenes_only_and_isolates_failures(api):
@@ -210,7 +265,10 @@ def test_scheduled_run_fans_out_maps_new_scenes_only_and_isolates_failures(api):
     assert second.state.is_completed(), second.state
     assert second.state.message == "1 scenes mapped, 2 unchanged and skipped"
     assert sorted((r.name, r.state.message.split(":")[0]) for r in children(second.id)) == [
-        ("road-9/a", "skipped"), ("road-9/b", "skipped"), ("road-9/d", "done")]
+        ("road-9/a", "skipped"),
+        ("road-9/b", "skipped"),
+        ("road-9/d", "done"),
+    ]
     again = crack_counts(api.store)
     assert {k: again.get(k) for k in counts} == counts and scenes_table(api.store)["d"][0] == "done"
     rows = {r["scene_id"]: r for r in table_artifact(second.id, "survey-scenes")}
@@ -229,9 +287,23 @@ def test_a_killed_run_resumes_without_duplicates(api, tmp_path, test_models):
     os.mkfifo(survey / "c.tif")  # reading it blocks: the run hangs on c until it is killed
     store = tmp_path / "map.gpkg"
     env = dict(api.env, PREFECT_LOGGING_LEVEL="ERROR")
-    run = subprocess.Popen([sys.executable, "-c", "from flows.cli import main; main()", "run",
-                            str(survey), "--store", str(store), "--model", TRAINED], env=env,
-                           start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from flows.cli import main; main()",
+            "run",
+            str(survey),
+            "--store",
+            str(store),
+            "--model",
+            TRAINED,
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
         # the store appears whole (built aside, then linked): once it exists, its tables do too
@@ -248,7 +320,10 @@ def test_a_killed_run_resumes_without_duplicates(api, tmp_path, test_models):
     state = process_survey([str(survey)], str(store), model=TRAINED, return_state=True)
     assert state.is_completed(), state
     assert [(r.scene_id, r.status) for r in state.result()] == [
-        ("a", "skipped"), ("b", "skipped"), ("c", "done")]
+        ("a", "skipped"),
+        ("b", "skipped"),
+        ("c", "done"),
+    ]
     after = crack_counts(store)  # asserts no crack id twice
     assert {k: after.get(k) for k in before} == before
     assert sorted(scenes_table(store)) == ["a", "b", "c"]
@@ -260,41 +335,69 @@ def test_a_scene_run_no_worker_picks_up_times_out_with_a_clear_state(api, tmp_pa
     path = scene(tmp_path / "lonely.tif", 8)
     store = tmp_path / "unserved.gpkg"
     started = time.monotonic()
-    state = process_survey([str(path)], str(store), survey_id="unserved",
-                           scene_deployment="process-scene/unserved", scene_timeout_s=5, return_state=True)
+    state = process_survey(
+        [str(path)],
+        str(store),
+        survey_id="unserved",
+        scene_deployment="process-scene/unserved",
+        scene_timeout_s=5,
+        return_state=True,
+    )
     assert time.monotonic() - started < 120
     assert state.is_failed() and state.message == "1 of 1 scenes failed: lonely"
     (row,) = state.result(raise_on_failure=False)
     assert row.status == "failed"
-    assert "was still Scheduled after 5 s and was cancelled; is a worker serving crackmap-unserved?" in row.error
+    assert (
+        "was still Scheduled after 5 s and was cancelled; is a worker serving crackmap-unserved?" in row.error
+    )
     with get_client(sync_client=True) as client:
-        (child,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
+        (child,) = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
     assert child.state.is_cancelled()  # it will not run later, when a worker turns up
 
 
 def test_a_frame_survey_fans_out_to_process_scene_runs_and_merges_like_one_process(
-        api, tmp_path, test_models, frame_survey):  # noqa: F811
+    api,
+    tmp_path,
+    test_models,
+    frame_survey,  # noqa: F811  (the fixture imported above)
+):
     """Each frame is a process-scene run on the worker; the survey merges and publishes them."""
     from flows.survey import process_survey
 
     store = tmp_path / "frames.gpkg"
-    state = process_survey([str(frame_survey)], str(store), model=TRAINED,
-                           scene_deployment="process-scene/process-scene", return_state=True)
+    state = process_survey(
+        [str(frame_survey)],
+        str(store),
+        model=TRAINED,
+        scene_deployment="process-scene/process-scene",
+        return_state=True,
+    )
     assert state.is_completed(), state
     assert [(r.scene_id, r.status) for r in state.result()] == [(f"f00{k}", "done") for k in range(4)]
     runs = children(state.state_details.flow_run_id)
     assert sorted((r.name, r.state.message.split(":")[0]) for r in runs) == [
-        (f"road-9/f00{k}", "observed") for k in range(4)]
+        (f"road-9/f00{k}", "observed") for k in range(4)
+    ]
     assert all(r.work_pool_name == POOL for r in runs)
     here = tmp_path / "here.gpkg"  # the same survey mapped in this process
     assert process_survey([str(frame_survey)], str(here), model=TRAINED, return_state=True).is_completed()
-    sql = ("SELECT scene_id, round(length_m, 6), round(width_mean_mm, 4), source_frames, crack_type "
-           "FROM cracks ORDER BY scene_id, length_m")
+    sql = (
+        "SELECT scene_id, round(length_m, 6), round(width_mean_mm, 4), source_frames, crack_type "
+        "FROM cracks ORDER BY scene_id, length_m"
+    )
     with sqlite3.connect(store) as a, sqlite3.connect(here) as b:
         fanned, local = a.execute(sql).fetchall(), b.execute(sql).fetchall()
     assert fanned == local and len(fanned) >= 1  # the painted crack, one line through the frames
-    again = process_survey([str(frame_survey)], str(store), model=TRAINED,
-                           scene_deployment="process-scene/process-scene", return_state=True)
+    again = process_survey(
+        [str(frame_survey)],
+        str(store),
+        model=TRAINED,
+        scene_deployment="process-scene/process-scene",
+        return_state=True,
+    )
     assert again.is_completed() and again.message == "0 scenes mapped, 4 unchanged and skipped"
     assert children(again.state_details.flow_run_id) == []  # nothing mapped again

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import rasterio
 from click.testing import CliRunner
-
 from conftest import paint_crack, write_scene
 
 pytest.importorskip("prefect")
@@ -67,13 +66,13 @@ def test_flow_maps_a_survey_and_a_rerun_leaves_the_same_rows(survey, tmp_path, t
 
 def test_bad_scenes_fail_alone_with_clear_errors(survey, tmp_path, test_models):
     (survey / "c-notes.tif").write_text("not an image")
-    with rasterio.open(survey / "d-nocrs.tif", "w", driver="GTiff", width=50, height=50, count=3,
-                       dtype="uint8") as ds:
+    with rasterio.open(
+        survey / "d-nocrs.tif", "w", driver="GTiff", width=50, height=50, count=3, dtype="uint8"
+    ) as ds:
         ds.write(np.zeros((3, 50, 50), np.uint8))
     write_scene(survey / "e-empty.tif", np.zeros((3, 100, 100), np.uint8), nodata=0)
     store = str(tmp_path / "map.gpkg")
-    result = CliRunner().invoke(__import__("flows.cli").cli.cli,
-                                ["run", str(survey), "--store", store])
+    result = CliRunner().invoke(__import__("flows.cli").cli.cli, ["run", str(survey), "--store", store])
     assert result.exit_code == 1, result.output
     assert "2/5 scenes" in result.output
     table = {s[0]: s[1:] for s in scenes_table(store)}
@@ -87,8 +86,10 @@ def test_cli_run_succeeds_with_a_summary(survey, tmp_path, test_models):
     from flows.cli import cli
 
     store = tmp_path / "out" / "map.gpkg"
-    result = CliRunner().invoke(cli, ["run", str(survey / "a.tif"), "--store", str(store),
-                                      "--survey", "s1", "--model", "test-b16:1.0.0"])
+    result = CliRunner().invoke(
+        cli,
+        ["run", str(survey / "a.tif"), "--store", str(store), "--survey", "s1", "--model", "test-b16:1.0.0"],
+    )
     assert result.exit_code == 0, result.output
     assert "1/1 scenes" in result.output and store.exists()
     assert (tmp_path / "out" / "map-probability" / "s1" / "a.test-b16-1.0.0.tif").exists()
@@ -102,9 +103,9 @@ def prefect_records(flow_run_name_like: str | None = None) -> tuple[list, list, 
         return client.read_flow_runs(), client.read_logs(), client.read_artifacts()
 
 
-def test_a_store_password_is_masked_in_output_logs_and_never_reaches_prefect(survey, tmp_path, test_models,
-                                                                              postgis, pg_database,
-                                                                              monkeypatch):
+def test_a_store_password_is_masked_in_output_logs_and_never_reaches_prefect(
+    survey, tmp_path, test_models, postgis, pg_database, monkeypatch
+):
     import os
 
     from flows.cli import cli
@@ -113,14 +114,27 @@ def test_a_store_password_is_masked_in_output_logs_and_never_reaches_prefect(sur
     monkeypatch.delenv("PGPASSWORD")  # the URL is where the password comes from
     user, rest = pg_database.split("://", 1)[1].split("@", 1)
     url = f"postgresql://{user}:{password}@{rest}"
-    result = CliRunner().invoke(cli, ["run", str(survey / "a.tif"), "--store", url, "--survey", "pw-1",
-                                      "--output", str(tmp_path / "p")])
+    result = CliRunner().invoke(
+        cli,
+        ["run", str(survey / "a.tif"), "--store", url, "--survey", "pw-1", "--output", str(tmp_path / "p")],
+    )
     assert result.exit_code == 0, result.output
     assert f"-> postgresql://{user}@{rest}" in result.output and password not in result.output
     # a failing run (nothing listens on port 9) masks it too, in the summary and the error lines
     refused = f"postgresql://{user}:{password}@127.0.0.1:9/nowhere"
-    failed = CliRunner().invoke(cli, ["run", str(survey / "a.tif"), "--store", refused, "--survey", "pw-2",
-                                      "--output", str(tmp_path / "p")])
+    failed = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            str(survey / "a.tif"),
+            "--store",
+            refused,
+            "--survey",
+            "pw-2",
+            "--output",
+            str(tmp_path / "p"),
+        ],
+    )
     assert failed.exit_code == 1 and "127.0.0.1:9" in failed.output and password not in failed.output
     runs, logs, artifacts = prefect_records()
     mine = [r for r in runs if r.parameters.get("survey_id") in ("pw-1", "pw-2")]
@@ -136,8 +150,11 @@ def test_a_survey_id_that_escapes_the_output_is_refused_before_any_work(survey, 
     from pipeline.errors import IdError
 
     store = tmp_path / "out" / "map.gpkg"
-    for survey_id, problem in (("../elsewhere", "has the character '/'"), ("..", "'..' as a name"),
-                               ("x" * 10_000, "a name of 10000 bytes")):
+    for survey_id, problem in (
+        ("../elsewhere", "has the character '/'"),
+        ("..", "'..' as a name"),
+        ("x" * 10_000, "a name of 10000 bytes"),
+    ):
         result = CliRunner().invoke(cli, ["run", str(survey), "--store", str(store), "--survey", survey_id])
         assert result.exit_code == 2, result.output
         assert problem in result.output and "ids are 1-100 bytes of letters" in result.output
@@ -157,13 +174,17 @@ def test_a_transient_read_error_is_retried_by_the_flow(survey, tmp_path, test_mo
     def throttled_once(source, *args, **kwargs):
         attempts.append(source.scene_id)
         if attempts.count(source.scene_id) == 1 and source.scene_id == "a":  # as raster.read_error makes it
-            raise SceneReadError(source.uri, "storage temporarily unavailable (retried with backoff) (503)",
-                                 transient=True)
+            raise SceneReadError(
+                source.uri, "storage temporarily unavailable (retried with backoff) (503)", transient=True
+            )
         return real(source, *args, **kwargs)
 
     monkeypatch.setattr(flows.scene, "map_scene", throttled_once)
-    monkeypatch.setattr(flows.scene, "map_scene_task",
-                        flows.scene.map_scene_task.with_options(retry_delay_seconds=0, retry_jitter_factor=None))
+    monkeypatch.setattr(
+        flows.scene,
+        "map_scene_task",
+        flows.scene.map_scene_task.with_options(retry_delay_seconds=0, retry_jitter_factor=None),
+    )
     state = process_survey([str(survey)], str(tmp_path / "map.gpkg"), return_state=True)
     assert state.is_completed(), state
     assert attempts == ["a", "a", "b"]  # the policy said transient: the task ran again
@@ -176,8 +197,13 @@ def run_cli(*args: str, timeout: int = 600):
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    return subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-c", "from flows.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def test_an_unknown_model_ends_the_run_in_one_line_while_the_api_starts(survey, tmp_path, test_models):
@@ -195,7 +221,8 @@ def test_errors_are_one_line_each_without_tracebacks(survey, tmp_path, test_mode
     assert missing.returncode == 2, missing.stderr
     assert "Traceback" not in missing.stdout + missing.stderr
     assert missing.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'no-such-survey'}: no such file or folder, and no file matches it"]
+        f"error: {tmp_path / 'no-such-survey'}: no such file or folder, and no file matches it"
+    ]
     (survey / "c-notes.tif").write_text("not an image")
     bad = run_cli("run", str(survey), "--store", str(tmp_path / "m.gpkg"))
     assert bad.returncode == 1, bad.stderr
@@ -205,8 +232,9 @@ def test_errors_are_one_line_each_without_tracebacks(survey, tmp_path, test_mode
     assert "failed: " in bad.stderr and "2/3 scenes" in bad.stdout
 
 
-def test_a_configured_network_rates_the_survey_sections_after_mapping(survey, tmp_path, test_models,
-                                                                      monkeypatch):
+def test_a_configured_network_rates_the_survey_sections_after_mapping(
+    survey, tmp_path, test_models, monkeypatch
+):
     import pyogrio
     import shapely
 
@@ -215,9 +243,15 @@ def test_a_configured_network_rates_the_survey_sections_after_mapping(survey, tm
 
     network = tmp_path / "roads.geojson"
     road = shapely.LineString([(499999.0, 5599999.5), (500002.0, 5599999.5)])
-    pyogrio.raw.write(str(network), shapely.to_wkb(np.array([road], dtype=object)),
-                      field_data=[np.array(["R7"], dtype=object)], fields=["road_id"], crs="EPSG:32633",
-                      geometry_type="LineString", driver="GeoJSON")
+    pyogrio.raw.write(
+        str(network),
+        shapely.to_wkb(np.array([road], dtype=object)),
+        field_data=[np.array(["R7"], dtype=object)],
+        fields=["road_id"],
+        crs="EPSG:32633",
+        geometry_type="LineString",
+        driver="GeoJSON",
+    )
     monkeypatch.setenv("CRACKMAP_NETWORK", str(network))  # as a deployment configures it
     store = str(tmp_path / "map.gpkg")
     state = process_survey([str(survey)], store, return_state=True)
@@ -231,8 +265,9 @@ def test_a_configured_network_rates_the_survey_sections_after_mapping(survey, tm
     assert all(c["crack_type"] is not None for c in cracks)
 
 
-def test_mapping_options_reach_the_scenes_and_bad_ones_are_refused_before_any_work(survey, tmp_path,
-                                                                                   test_models):
+def test_mapping_options_reach_the_scenes_and_bad_ones_are_refused_before_any_work(
+    survey, tmp_path, test_models
+):
     from flows.cli import cli
     from flows.survey import process_survey
 
@@ -240,26 +275,33 @@ def test_mapping_options_reach_the_scenes_and_bad_ones_are_refused_before_any_wo
     assert process_survey([str(survey)], default, model=TRAINED, return_state=True).is_completed()
     strict = str(tmp_path / "strict.gpkg")
     options = {"threshold": 0.9, "severity_medium_mm": 1.0, "severity_high_mm": 2.0}
-    assert process_survey([str(survey)], strict, model=TRAINED, options=options,
-                          return_state=True).is_completed()
+    assert process_survey(
+        [str(survey)], strict, model=TRAINED, options=options, return_state=True
+    ).is_completed()
     with sqlite3.connect(default) as con:
-        loose = con.execute("SELECT count(*), sum(length_m), group_concat(DISTINCT severity) FROM cracks").fetchone()
+        loose = con.execute(
+            "SELECT count(*), sum(length_m), group_concat(DISTINCT severity) FROM cracks"
+        ).fetchone()
     with sqlite3.connect(strict) as con:
-        tight = con.execute("SELECT count(*), sum(length_m), group_concat(DISTINCT severity) FROM cracks").fetchone()
+        tight = con.execute(
+            "SELECT count(*), sum(length_m), group_concat(DISTINCT severity) FROM cracks"
+        ).fetchone()
     assert loose[0] >= 1 and (tight[0] or 0) <= loose[0] and (tight[1] or 0) < loose[1]  # a higher threshold
-    assert tight[0] == 0 or "low" not in tight[2]    # 6 px at 2 mm/px = 12 mm: high with these classes
+    assert tight[0] == 0 or "low" not in tight[2]  # 6 px at 2 mm/px = 12 mm: high with these classes
 
     bad = str(tmp_path / "bad.gpkg")
-    result = CliRunner().invoke(cli, ["run", str(survey), "--store", bad, "--model", TRAINED,
-                                      "--overlap-px", "5"])
+    result = CliRunner().invoke(
+        cli, ["run", str(survey), "--store", bad, "--model", TRAINED, "--overlap-px", "5"]
+    )
     assert result.exit_code != 0 and "overlap_px" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "bad.gpkg").exists()
     result = CliRunner().invoke(cli, ["run", str(survey), "--store", bad, "--min-length-m", "-1"])
     assert result.exit_code != 0 and "min_length_m must be a number of metres from 0 to 10" in result.output
 
 
-def test_the_crack_type_profile_reaches_scenes_and_sections_and_an_unknown_one_is_refused(tmp_path, test_models,
-                                                                                          monkeypatch):
+def test_the_crack_type_profile_reaches_scenes_and_sections_and_an_unknown_one_is_refused(
+    tmp_path, test_models, monkeypatch
+):
     """Two cracks 15 degrees off a road along x: longitudinal under aashto-r85 (within 20), diagonal under
     strict-10 (within 10).  One is inside the road's corridor (typed by the sections step), one outside
     (keeps the type the scene gave it)."""
@@ -282,14 +324,21 @@ def test_the_crack_type_profile_reaches_scenes_and_sections_and_an_unknown_one_i
     write_scene(folder / "a.tif", pixels)  # 1.4 m x 1.0 m, top edge at y = 5600000
     network = tmp_path / "roads.geojson"
     road = shapely.LineString([(499990.0, 5600004.4), (500010.0, 5600004.4)])
-    pyogrio.raw.write(str(network), shapely.to_wkb(np.array([road], dtype=object)),
-                      field_data=[np.array(["R9"], dtype=object)], fields=["road_id"], crs="EPSG:32633",
-                      geometry_type="LineString", driver="GeoJSON")
+    pyogrio.raw.write(
+        str(network),
+        shapely.to_wkb(np.array([road], dtype=object)),
+        field_data=[np.array(["R9"], dtype=object)],
+        fields=["road_id"],
+        crs="EPSG:32633",
+        geometry_type="LineString",
+        driver="GeoJSON",
+    )
 
     def types(options):
         store = str(tmp_path / f"{(options or {}).get('type_profile', 'default')}.gpkg")
-        state = process_survey([str(folder)], store, model=TRAINED, network=str(network), options=options,
-                               return_state=True)
+        state = process_survey(
+            [str(folder)], store, model=TRAINED, network=str(network), options=options, return_state=True
+        )
         assert state.is_completed(), state.message
         target = open_store(store)
         cracks = [c for batch in target.query(CrackQuery()) for c in batch if c["length_m"] > 0.5]
@@ -309,8 +358,10 @@ def test_the_crack_type_profile_reaches_scenes_and_sections_and_an_unknown_one_i
     assert result.exit_code != 0 and known in result.output and not bad.exists()
     monkeypatch.delenv("CRACKMAP_TYPE_PROFILE")
 
-    scheduled = {d.name: d for d in deployments(Settings(survey_sources=[str(folder)], store=str(bad),
-                                                         type_profile="strict-10"))}["scheduled-survey-run"]
+    scheduled = {
+        d.name: d
+        for d in deployments(Settings(survey_sources=[str(folder)], store=str(bad), type_profile="strict-10"))
+    }["scheduled-survey-run"]
     assert scheduled.parameters["options"] == {"type_profile": "strict-10"}
     with pytest.raises(OptionsError, match=known):
         deployments(Settings(survey_sources=[str(folder)], store=str(bad), type_profile="pci"))

@@ -29,12 +29,18 @@ def prefect_ephemeral():
 
 
 def camera_yaml(camera) -> dict:
-    return {"image": {"width": camera.width_px, "height": camera.height_px},
-            "intrinsics": {"fx": camera.fx, "fy": camera.fy, "cx": camera.cx, "cy": camera.cy},
-            "distortion": list(camera.distortion),
-            "mounting": {"lever_arm_m": list(camera.lever_arm_m), "roll_deg": camera.roll_deg,
-                         "pitch_deg": camera.pitch_deg, "yaw_deg": camera.yaw_deg,
-                         "height_m": camera.height_m}}
+    return {
+        "image": {"width": camera.width_px, "height": camera.height_px},
+        "intrinsics": {"fx": camera.fx, "fy": camera.fy, "cx": camera.cx, "cy": camera.cy},
+        "distortion": list(camera.distortion),
+        "mounting": {
+            "lever_arm_m": list(camera.lever_arm_m),
+            "roll_deg": camera.roll_deg,
+            "pitch_deg": camera.pitch_deg,
+            "yaw_deg": camera.yaw_deg,
+            "height_m": camera.height_m,
+        },
+    }
 
 
 def exif_time(seconds: float) -> Image.Exif:
@@ -63,7 +69,8 @@ def frame_survey(tmp_path):
         pose = drive_north(k, 0.5)
         image = render(DOWN, [enu_to_vehicle(pose, crack)])
         Image.fromarray(np.repeat(image[:, :, None], 3, axis=2)).save(
-            folder / f"f{k:03d}.jpg", quality=95, exif=exif_time(T0 + k * 0.5 / SPEED_M_S))
+            folder / f"f{k:03d}.jpg", quality=95, exif=exif_time(T0 + k * 0.5 / SPEED_M_S)
+        )
     return folder
 
 
@@ -93,6 +100,7 @@ def test_frame_mode_maps_frames_into_a_geopackage_and_a_rerun_skips_them(frame_s
     assert [s for s, row in scenes.items() if row[0] == "done"] == ["f000", "f001", "f002", "f003"]
     assert all(scenes[f][1] > 0 for f in ("f000", "f001"))
     from pipeline import gpkg
+
     footprint = gpkg.decode(scenes["f001"][2])  # the ground trapezoid, lon/lat, around the camera
     lat, lon, _ = pymap3d.enu2geodetic(0.0, 1.0, 0.0, *ORIGIN)
     assert footprint.contains(shapely.Point(lon, lat)) and 1.5 < footprint.area * 111e3 * 75e3 < 4.0
@@ -108,8 +116,9 @@ def test_frame_mode_maps_frames_into_a_geopackage_and_a_rerun_skips_them(frame_s
     assert "Traceback" not in refused.output
 
 
-def test_frame_mode_publishes_merged_cracks_to_postgis(frame_survey, tmp_path, pg_database, test_models,
-                                                       monkeypatch):
+def test_frame_mode_publishes_merged_cracks_to_postgis(
+    frame_survey, tmp_path, pg_database, test_models, monkeypatch
+):
     """The real flow into PostGIS; the darkness stand-in backend gives known cracks."""
     from models.registry import resolve
     from pipeline import survey
@@ -127,6 +136,7 @@ def test_frame_mode_publishes_merged_cracks_to_postgis(frame_survey, tmp_path, p
     crack = cracks[0]
     lon, lat = np.asarray(crack["geometry"].coords).T
     from pipeline.measure import GEOD
+
     assert GEOD.line_length(lon, lat) == pytest.approx(crack["length_m"])
     assert crack["length_m"] == pytest.approx(0.9618 + 0.9513, rel=0.01)
     assert len(json.loads(crack["source_frames"])) >= 3

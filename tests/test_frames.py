@@ -43,8 +43,21 @@ ORIGIN = (47.3769, 8.5417, 410.0)  # survey origin (lat, lon, ellipsoidal height
 DISTORTION = (-0.18, 0.04, 0.0008, -0.0006, 0.0)
 # A downward camera (pitch -90: constant GSD) and a forward-looking one (pitch -28).
 DOWN = Camera(960, 600, 900.0, 900.0, 478.5, 301.0, DISTORTION, (0.5, 0.0, -2.0), 0.0, -90.0, 0.0, 2.0)
-FORWARD = Camera(1280, 720, 1100.0, 1100.0, 641.0, 358.0, DISTORTION, (1.2, 0.1, -1.6), 0.4, -28.0, 1.5,
-                 1.8, max_range_m=8.0)
+FORWARD = Camera(
+    1280,
+    720,
+    1100.0,
+    1100.0,
+    641.0,
+    358.0,
+    DISTORTION,
+    (1.2, 0.1, -1.6),
+    0.4,
+    -28.0,
+    1.5,
+    1.8,
+    max_range_m=8.0,
+)
 PARAMS = VectorizeParams(threshold=0.5)
 
 
@@ -63,8 +76,15 @@ def render(camera: Camera, lines_vehicle: list[np.ndarray], thickness_px: int = 
         dense = np.concatenate([np.linspace(a, b, 400) for a, b in zip(line[:-1], line[1:])])
         to_camera = (dense - camera.lever_arm_m) @ camera.rotation
         uv = project(camera, dense[to_camera[:, 2] > 0.1])
-        cv2.polylines(image, [np.round(uv * 16).astype(np.int32)], False, 20, thickness=thickness_px,
-                      lineType=cv2.LINE_AA, shift=4)
+        cv2.polylines(
+            image,
+            [np.round(uv * 16).astype(np.int32)],
+            False,
+            20,
+            thickness=thickness_px,
+            lineType=cv2.LINE_AA,
+            shift=4,
+        )
     return image
 
 
@@ -79,16 +99,26 @@ def on_road(camera: Camera, xy: list[tuple[float, float]]) -> np.ndarray:
     return np.array([[x, y, camera.road_z_m] for x, y in xy])
 
 
-@pytest.mark.parametrize("camera, pattern", [
-    (DOWN, [[(0.3, -0.8), (0.9, 0.7)], [(-0.05, 0.2), (0.25, 0.5), (0.35, 0.9)]]),
-    (FORWARD, [[(3.0, -0.9), (5.2, 0.5)], [(3.1, 0.5), (3.6, 1.1), (3.9, 1.25)], [(4.4, -1.9), (4.9, -0.9)]]),
-], ids=["downward", "forward"])
+@pytest.mark.parametrize(
+    "camera, pattern",
+    [
+        (DOWN, [[(0.3, -0.8), (0.9, 0.7)], [(-0.05, 0.2), (0.25, 0.5), (0.35, 0.9)]]),
+        (
+            FORWARD,
+            [[(3.0, -0.9), (5.2, 0.5)], [(3.1, 0.5), (3.6, 1.1), (3.9, 1.25)], [(4.4, -1.9), (4.9, -0.9)]],
+        ),
+    ],
+    ids=["downward", "forward"],
+)
 def test_ground_polylines_come_back_within_1_cm_and_1_percent(camera, pattern):
     pose = Pose(0.0, 47.37695, 8.54175, 411.0, 1.5, -2.0, 33.0)
     lines = [on_road(camera, p) for p in pattern]
     truths = [shapely.LineString(vehicle_to_enu(pose, line, ORIGIN)[:, :2]) for line in lines]
-    found = [g for piece in vectorize(render(camera, lines, thickness_px=3))
-             if (g := ground_line(camera, pose, ORIGIN, "f", piece, PARAMS)) is not None]
+    found = [
+        g
+        for piece in vectorize(render(camera, lines, thickness_px=3))
+        if (g := ground_line(camera, pose, ORIGIN, "f", piece, PARAMS)) is not None
+    ]
     assert len(found) == len(truths)
     for truth in truths:
         line = min(found, key=lambda g: shapely.LineString(g.enu_m[:, :2]).distance(truth.centroid))
@@ -115,20 +145,29 @@ def test_footprint_is_a_trapezoid_in_front_of_a_forward_camera():
 
 
 def test_absurd_camera_values_are_one_line_naming_the_file(tmp_path):
-    good = {"image": {"width": 960, "height": 600},
-            "intrinsics": {"fx": 900, "fy": 900, "cx": 480, "cy": 300},
-            "distortion": list(DISTORTION),
-            "mounting": {"lever_arm_m": [0.5, 0, -2], "roll_deg": 0, "pitch_deg": -90, "yaw_deg": 0,
-                         "height_m": 2.0}}
+    good = {
+        "image": {"width": 960, "height": 600},
+        "intrinsics": {"fx": 900, "fy": 900, "cx": 480, "cy": 300},
+        "distortion": list(DISTORTION),
+        "mounting": {
+            "lever_arm_m": [0.5, 0, -2],
+            "roll_deg": 0,
+            "pitch_deg": -90,
+            "yaw_deg": 0,
+            "height_m": 2.0,
+        },
+    }
     path = tmp_path / "camera.json"
     path.write_text(json.dumps(good))
     assert read_camera(path).fx == 900
-    cases = {"fx": ("intrinsics", "fx", -900, "focal lengths"),
-             "below": ("mounting", "height_m", -0.5, "above the road"),
-             "sky": ("mounting", "pitch_deg", 30, "degenerate"),
-             # a list where a number belongs (only the lever arm is a list) was a traceback
-             "list width": ("image", "width", [960, 961], "image holds a value that is not a number"),
-             "list fx": ("intrinsics", "fx", [900], "intrinsics holds a value that is not a number")}
+    cases = {
+        "fx": ("intrinsics", "fx", -900, "focal lengths"),
+        "below": ("mounting", "height_m", -0.5, "above the road"),
+        "sky": ("mounting", "pitch_deg", 30, "degenerate"),
+        # a list where a number belongs (only the lever arm is a list) was a traceback
+        "list width": ("image", "width", [960, 961], "image holds a value that is not a number"),
+        "list fx": ("intrinsics", "fx", [900], "intrinsics holds a value that is not a number"),
+    }
     for section, key, value, words in cases.values():
         bad = json.loads(json.dumps(good))
         bad[section][key] = value
@@ -163,8 +202,9 @@ def circle(t: np.ndarray, radius_m: float = 200.0, speed_m_s: float = 20.0):
 
 def test_trajectory_interpolation_follows_an_analytic_path():
     epochs = np.arange(0.0, 20.0, 0.1)
-    trajectory = make_trajectory("traj.csv", epochs + 1.7e9, *circle(epochs),
-                                 pos_accuracy_m=np.full(len(epochs), 0.02))
+    trajectory = make_trajectory(
+        "traj.csv", epochs + 1.7e9, *circle(epochs), pos_accuracy_m=np.full(len(epochs), 0.02)
+    )
     for t in np.random.default_rng(1).uniform(0.0, 19.9, 50):
         pose = pose_at(trajectory, 1.7e9 + t, "f.jpg")
         lat, lon, h, roll, pitch, heading = (float(v) for v in circle(np.array(t)))
@@ -178,10 +218,14 @@ def test_trajectory_interpolation_follows_an_analytic_path():
 
 def test_trajectory_problems_name_the_file_or_frame(tmp_path):
     path = tmp_path / "traj.csv"
-    rows = ["time,lat,lon,height,roll,pitch,heading",
-            "100.0,47.0,8.0,400,0,0,10", "100.1,47.0000001,8.0,400,0,0,10",
-            "103.0,47.0000002,8.0,400,0,0,10", "103.1,47.01,8.0,400,0,0,10",
-            "103.2,47.0100001,8.0,400,0,0,10"]
+    rows = [
+        "time,lat,lon,height,roll,pitch,heading",
+        "100.0,47.0,8.0,400,0,0,10",
+        "100.1,47.0000001,8.0,400,0,0,10",
+        "103.0,47.0000002,8.0,400,0,0,10",
+        "103.1,47.01,8.0,400,0,0,10",
+        "103.2,47.0100001,8.0,400,0,0,10",
+    ]
     path.write_text("\n".join(rows))
     trajectory = read_trajectory(str(path), TrajectoryLimits(max_gap_s=1.0, max_speed_m_s=70.0))
     assert pose_at(trajectory, 100.05, "a.jpg").lat_deg == pytest.approx(47.00000005)
@@ -202,8 +246,16 @@ def test_trajectory_problems_name_the_file_or_frame(tmp_path):
 # ---------------------------------------------------------------- EXIF
 
 
-def write_exif_frame(path, when: str, subsec: str, lat: float, lon: float, height: float,
-                     accuracy: float | None = None, size=(64, 48)) -> None:
+def write_exif_frame(
+    path,
+    when: str,
+    subsec: str,
+    lat: float,
+    lon: float,
+    height: float,
+    accuracy: float | None = None,
+    size=(64, 48),
+) -> None:
     exif = Image.Exif()
     exif[ExifTags.Base.Make] = "crackmap-test"
     ifd = exif.get_ifd(ExifTags.IFD.Exif)
@@ -272,10 +324,23 @@ def test_a_crack_spanning_three_overlapping_frames_is_one_line_of_the_right_leng
         lines = [enu_to_vehicle(pose, c) for c in (crack_enu, other_enu)]
         path = tmp_path / f"f{k}.png"
         cv2.imwrite(str(path), np.repeat(render(DOWN, lines)[:, :, None], 3, axis=2))
-        observations.append(observe_frame(str(path), f"f{k}", DOWN, pose, ORIGIN, _Darkness(), None,
-                                          str(tmp_path / f"p{k}.tif"), SceneOptions(threshold=0.5), "sha"))
-    seen = sum(1 for o in observations for g in o.lines
-               if shapely.LineString(g.enu_m[:, :2]).distance(truth) < 0.02)
+        observations.append(
+            observe_frame(
+                str(path),
+                f"f{k}",
+                DOWN,
+                pose,
+                ORIGIN,
+                _Darkness(),
+                None,
+                str(tmp_path / f"p{k}.tif"),
+                SceneOptions(threshold=0.5),
+                "sha",
+            )
+        )
+    seen = sum(
+        1 for o in observations for g in o.lines if shapely.LineString(g.enu_m[:, :2]).distance(truth) < 0.02
+    )
     assert seen >= 3  # the crack really is in several frames
     results = frame_results(observations, ORIGIN, CRS.from_epsg(32632))
     cracks = [c for r in results for c in r.cracks]
@@ -312,10 +377,12 @@ def test_merging_keeps_each_part_from_the_frame_that_sees_it_closest():
         return GroundLine(frame, enu, np.full(len(ys), rng), np.full(len(ys), 0.002), 3.0, 4.0, 0.9)
 
     box = shapely.box(-1, -1, 1, 1)
-    a = FrameObservation("a", "a", "s", (0.0, -0.5, 2.0), box, None, (line("a", [-0.9, 0.9], 2.0),),
-                         1, 10, 10, "", 0.0)
-    b = FrameObservation("b", "b", "s", (0.0, 0.5, 2.0), box, None, (line("b", [-0.9, 0.9], 2.0),),
-                         1, 10, 10, "", 0.0)
+    a = FrameObservation(
+        "a", "a", "s", (0.0, -0.5, 2.0), box, None, (line("a", [-0.9, 0.9], 2.0),), 1, 10, 10, "", 0.0
+    )
+    b = FrameObservation(
+        "b", "b", "s", (0.0, 0.5, 2.0), box, None, (line("b", [-0.9, 0.9], 2.0),), 1, 10, 10, "", 0.0
+    )
     merged = merge_observations([a, b])
     assert len(merged) == 1 and merged[0].frames == ("a", "b")
     ys = merged[0].enu_m[:, 1]
@@ -338,10 +405,23 @@ def test_a_geopackage_from_before_the_frame_columns_gets_them(tmp_path):
     store = open_store(path)
     try:
         scene = Scene("f.jpg", "f", 10, 10, 3, "uint8", CRS.from_epsg(4326), Affine.identity())
-        crack = CrackLine(shapely.LineString([(8.0, 47.0), (8.00001, 47.0)]), 0.76, 3.0, 4.0, 90.0, 0.9, "low",
-                          gsd_mm=2.5, range_m=4.2, pos_accuracy_m=0.05, source_frames=("e", "f"))
-        store.publish(SceneResult(scene, (crack,), shapely.box(7.9, 46.9, 8.1, 47.1), 1, "", 0.0, "sha"),
-                      RunInfo("s", "r", "m", "1", "x"))
+        crack = CrackLine(
+            shapely.LineString([(8.0, 47.0), (8.00001, 47.0)]),
+            0.76,
+            3.0,
+            4.0,
+            90.0,
+            0.9,
+            "low",
+            gsd_mm=2.5,
+            range_m=4.2,
+            pos_accuracy_m=0.05,
+            source_frames=("e", "f"),
+        )
+        store.publish(
+            SceneResult(scene, (crack,), shapely.box(7.9, 46.9, 8.1, 47.1), 1, "", 0.0, "sha"),
+            RunInfo("s", "r", "m", "1", "x"),
+        )
         (row,) = [c for batch in store.query() for c in batch]
     finally:
         store.close()
@@ -361,18 +441,35 @@ def test_a_survey_without_trajectory_is_placed_by_exif_gps(tmp_path, test_models
     from pipeline.survey import RunSettings, SceneSource, map_frame_survey
 
     camera = tmp_path / "camera.yaml"
-    camera.write_text(yaml.safe_dump({
-        "image": {"width": DOWN.width_px, "height": DOWN.height_px},
-        "intrinsics": {"fx": DOWN.fx, "fy": DOWN.fy, "cx": DOWN.cx, "cy": DOWN.cy},
-        "distortion": list(DOWN.distortion),
-        "mounting": {"lever_arm_m": [0.0, 0.0, -2.0], "roll_deg": 0, "pitch_deg": -90, "yaw_deg": 0,
-                     "height_m": 2.0}}))
+    camera.write_text(
+        yaml.safe_dump(
+            {
+                "image": {"width": DOWN.width_px, "height": DOWN.height_px},
+                "intrinsics": {"fx": DOWN.fx, "fy": DOWN.fy, "cx": DOWN.cx, "cy": DOWN.cy},
+                "distortion": list(DOWN.distortion),
+                "mounting": {
+                    "lever_arm_m": [0.0, 0.0, -2.0],
+                    "roll_deg": 0,
+                    "pitch_deg": -90,
+                    "yaw_deg": 0,
+                    "height_m": 2.0,
+                },
+            }
+        )
+    )
     sources = []
     for k in range(3):
         lat, lon, h = pymap3d.enu2geodetic(3.0 * k, 0.0, 0.0, *ORIGIN)  # driving east, 3 m apart
         path = tmp_path / f"g{k}.jpg"
-        write_exif_frame(path, f"2026:05:04 10:20:3{k}", "0", float(lat), float(lon), float(h),
-                         size=(DOWN.width_px, DOWN.height_px))
+        write_exif_frame(
+            path,
+            f"2026:05:04 10:20:3{k}",
+            "0",
+            float(lat),
+            float(lon),
+            float(h),
+            size=(DOWN.width_px, DOWN.height_px),
+        )
         sources.append(SceneSource(str(path), f"g{k}"))
     lone = tmp_path / "nogps.jpg"
     Image.new("RGB", (DOWN.width_px, DOWN.height_px)).save(lone)
@@ -387,8 +484,10 @@ def test_a_survey_without_trajectory_is_placed_by_exif_gps(tmp_path, test_models
     assert [r.status for r in rows] == ["done", "done", "done", "failed"]
     assert "nogps.jpg: has no EXIF GPS position, and there is no trajectory" in rows[3].error
     with sqlite3.connect(store) as con:
-        footprints = {s: gpkg.decode(g) for s, g in con.execute("SELECT scene_id, geom FROM scenes "
-                                                                "WHERE status = 'done'")}
+        footprints = {
+            s: gpkg.decode(g)
+            for s, g in con.execute("SELECT scene_id, geom FROM scenes WHERE status = 'done'")
+        }
     x0, y0, x1, y1 = footprint(read_camera(camera)).bounds  # vehicle frame: x forward, y right
     for k in range(3):
         lat, lon, _ = pymap3d.enu2geodetic(3.0 * k, 0.0, 0.0, *ORIGIN)
@@ -404,11 +503,14 @@ def test_isolated_flecks_go_and_short_pieces_beside_a_crack_stay():
         enu = np.array([[x0, y0, 0.0], [x1, y1, 0.0]])
         return GroundLine("a", enu, np.full(2, 2.0), np.full(2, 0.001), 2.0, 3.0, 0.9)
 
-    lines = (line(0, 0, 0, 0.5),  # a crack
-             line(0.01, 0.2, 0.03, 0.2),  # 2 cm beside it: part of the cracking (24 px = 2.4 cm reach)
-             line(0.5, 0.5, 0.52, 0.5))  # 2 cm on its own: texture
-    obs = FrameObservation("a", "a", "s", (0.0, 0.0, 2.0), shapely.box(-1, -1, 1, 1), None, lines,
-                           1, 10, 10, "", 0.0)
+    lines = (
+        line(0, 0, 0, 0.5),  # a crack
+        line(0.01, 0.2, 0.03, 0.2),  # 2 cm beside it: part of the cracking (24 px = 2.4 cm reach)
+        line(0.5, 0.5, 0.52, 0.5),
+    )  # 2 cm on its own: texture
+    obs = FrameObservation(
+        "a", "a", "s", (0.0, 0.0, 2.0), shapely.box(-1, -1, 1, 1), None, lines, 1, 10, 10, "", 0.0
+    )
     (result,) = frame_results([obs], ORIGIN, CRS.from_epsg(32632))
     assert sorted(round(c.length_m, 2) for c in result.cracks) == [0.02, 0.5]
 
@@ -434,15 +536,38 @@ def test_chips_that_show_no_road_are_not_run_through_the_network(tmp_path):
     from pipeline.camera import road_pixels
     from pipeline.tiling import chip_windows
 
-    camera = Camera(1280, 1200, 1100.0, 1100.0, 639.5, 599.5, DISTORTION, (1.2, 0.0, -1.8), 0.0, -3.0, 0.0,
-                    1.8, max_range_m=30.0)  # nearly level: the top third of the image is sky or too far
+    camera = Camera(
+        1280,
+        1200,
+        1100.0,
+        1100.0,
+        639.5,
+        599.5,
+        DISTORTION,
+        (1.2, 0.0, -1.8),
+        0.0,
+        -3.0,
+        0.0,
+        1.8,
+        max_range_m=30.0,
+    )  # nearly level: the top third of the image is sky or too far
     path = tmp_path / "f.png"
     cv2.imwrite(str(path), np.full((1200, 1280, 3), 200, np.uint8))
-    obs = observe_frame(str(path), "f", camera, drive_north(0, 1.0), ORIGIN, _Darkness(), None,
-                        str(tmp_path / "p.tif"), SceneOptions(threshold=0.5), "sha")
+    obs = observe_frame(
+        str(path),
+        "f",
+        camera,
+        drive_north(0, 1.0),
+        ORIGIN,
+        _Darkness(),
+        None,
+        str(tmp_path / "p.tif"),
+        SceneOptions(threshold=0.5),
+        "sha",
+    )
     road = road_pixels(camera)
     windows = chip_windows(1280, 1200, 400, 64)
-    seeing_road = sum(road[w.row_off:w.row_off + 400, w.col_off:w.col_off + 400].any() for w in windows)
+    seeing_road = sum(road[w.row_off : w.row_off + 400, w.col_off : w.col_off + 400].any() for w in windows)
     assert obs.chip_count == seeing_road < len(windows)
 
 
@@ -464,6 +589,8 @@ def test_a_jpeg_frame_is_decoded_by_libjpeg_turbo_to_the_same_pixels(tmp_path, m
     assert np.abs(turbo.astype(int) - gdal).max() <= 2
     truncated = tmp_path / "cut.jpg"
     truncated.write_bytes(path.read_bytes()[:5000])
-    with pytest.raises(OSError, match="cut.jpg: truncated or corrupt"), \
-            raster.SceneReader(str(truncated), georeferenced=False) as reader:
+    with (
+        pytest.raises(OSError, match="cut.jpg: truncated or corrupt"),
+        raster.SceneReader(str(truncated), georeferenced=False) as reader,
+    ):
         reader.read_strip(0, 300)

@@ -18,8 +18,10 @@ def test_engine_cache_setting_reaches_every_process_scene_job(monkeypatch):
     monkeypatch.setenv("CRACKMAP_ENGINE_CACHE", "s3://models/engines/")
     monkeypatch.setenv("CRACKMAP_GPU_IMAGE", "registry.example/crackmap/worker-gpu:1.1")
     scene = next(d for d in deployments(Settings(), with_schedule=False) if d.name == "process-scene")
-    assert scene.job_variables == {"image": "registry.example/crackmap/worker-gpu:1.1",
-                                   "env": {"CRACKMAP_ENGINE_CACHE": "s3://models/engines/"}}
+    assert scene.job_variables == {
+        "image": "registry.example/crackmap/worker-gpu:1.1",
+        "env": {"CRACKMAP_ENGINE_CACHE": "s3://models/engines/"},
+    }
     others = [d for d in deployments(Settings(), with_schedule=False) if d.name != "process-scene"]
     assert all("env" not in (d.job_variables or {}) for d in others)
 

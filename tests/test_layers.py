@@ -3,9 +3,11 @@ import sys
 
 
 def test_pipeline_imports_without_prefect_or_torch():
-    code = ("import sys, pipeline.survey, pipeline.cli; "
-            "heavy = {'prefect', 'torch', 'tensorrt', 'flows'} & set(sys.modules); "
-            "assert not heavy, heavy")
+    code = (
+        "import sys, pipeline.survey, pipeline.cli; "
+        "heavy = {'prefect', 'torch', 'tensorrt', 'flows'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -14,14 +14,8 @@ def masks(rows: list[str]) -> np.ndarray:
 
 
 def test_counts_and_scores_on_a_hand_made_mask():
-    truth = masks(["..#.",
-                   "..#.",
-                   "..#.",
-                   "...."])
-    pred = masks(["..##",
-                  "..#.",
-                  "....",
-                  "...."])
+    truth = masks(["..#.", "..#.", "..#.", "...."])
+    pred = masks(["..##", "..#.", "....", "...."])
     counts = PixelCounts()
     counts.add(pred, truth)
     assert counts == PixelCounts(tp=2, fp=1, fn=1, tn=12)

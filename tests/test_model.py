@@ -7,6 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import levels  # noqa: E402
+
 from models import registry  # noqa: E402
 from models.hrsegnet import HrSegNet, create  # noqa: E402
 
@@ -69,7 +70,7 @@ def test_batch_size_does_not_change_a_chip_result(test_models):
     for name in ("onnxruntime", "torch"):
         backend = load_backend(entry, name)
         together = backend.predict(chips)
-        alone = np.concatenate([backend.predict(chips[i:i + 1]) for i in range(5)])
+        alone = np.concatenate([backend.predict(chips[i : i + 1]) for i in range(5)])
         assert together.shape == (5, 400, 400) and together.dtype == np.uint8
         assert levels(together, alone) <= 1
 
@@ -126,8 +127,8 @@ def test_shipped_default_model_loads_and_segments_a_fixture_image():
     entry = registry.resolve()  # the default of models/zoo
     card = json.loads((entry.folder / "card.json").read_text())
     assert "non-commercial" in card["license"]["text"].lower()
-    from pipeline.images import image_probability
     from pipeline.backends import load_backend
+    from pipeline.images import image_probability
 
     rgb = np.full((300, 500, 3), 200, np.uint8)
     rgb[148:153, 20:480] = 30  # a dark crack
@@ -157,8 +158,10 @@ def test_hrsegnet_b16_1_0_0_computes_exactly_what_it_always_did():
             logits = net(torch.from_numpy(reference["chips"]).float() / 255.0).numpy()
     finally:
         torch.set_num_threads(threads)
-    same_kernels = (str(reference["cpu"]) == torch.backends.cpu.get_cpu_capability()
-                    and str(reference["torch"]) == torch.__version__)
+    same_kernels = (
+        str(reference["cpu"]) == torch.backends.cpu.get_cpu_capability()
+        and str(reference["torch"]) == torch.__version__
+    )
     if same_kernels:
         np.testing.assert_array_equal(logits, reference["logits"])
     else:
@@ -167,7 +170,7 @@ def test_hrsegnet_b16_1_0_0_computes_exactly_what_it_always_did():
     exclusive.load_state_dict(net.state_dict())
     with torch.inference_mode():
         changed = exclusive.eval()(torch.from_numpy(reference["chips"]).float() / 255.0).numpy()
-    assert np.abs(changed - reference["logits"]).max() > 1e-3     # the pooling matters: the test can fail
+    assert np.abs(changed - reference["logits"]).max() > 1e-3  # the pooling matters: the test can fail
 
 
 def test_exclusive_pooling_matches_a_hand_computed_border_average():
@@ -177,7 +180,7 @@ def test_exclusive_pooling_matches_a_hand_computed_border_average():
     x = torch.arange(16, dtype=torch.float32).view(1, 1, 4, 4)
     out = pool(x)[0, 0]
     # 3x3 windows with stride 2 and padding 1: the corner window covers rows/cols -1..1.
-    assert out[0, 0].item() == pytest.approx((0 + 1 + 4 + 5) / 4)           # padding left out
+    assert out[0, 0].item() == pytest.approx((0 + 1 + 4 + 5) / 4)  # padding left out
     assert out[0, 1].item() == pytest.approx((1 + 2 + 3 + 5 + 6 + 7) / 6)
     assert out[1, 1].item() == pytest.approx(sum(range(16)[i] for i in (5, 6, 7, 9, 10, 11, 13, 14, 15)) / 9)
     inclusive = create("b16", exclusive_pool=False).blocks[1].l_conv[0][0](x)[0, 0]

@@ -43,8 +43,9 @@ def test_rewritten_inference_graph_equals_the_published_order(trained_like_net, 
 
     fast = export_onnx(trained_like_net, tmp_path / "fast.onnx", output="float")
     literal = export_onnx(trained_like_net, tmp_path / "literal.onnx", output="float", literal=True)
-    chips = np.concatenate([pavement_chips(2), np.random.default_rng(9).integers(0, 256, (2, 3, 400, 400),
-                                                                                  dtype=np.uint8)])
+    chips = np.concatenate(
+        [pavement_chips(2), np.random.default_rng(9).integers(0, 256, (2, 3, 400, 400), dtype=np.uint8)]
+    )
     a, b = run(fast, chips), run(literal, chips)
     assert a.dtype == b.dtype == np.float32 and a.shape == (4, 400, 400)
     assert np.abs(a - b).max() <= 1e-5
@@ -103,8 +104,16 @@ def quantizable(tmp_path, monkeypatch):
 
     torch.manual_seed(0)
     checkpoint = tmp_path / "net.pt"
-    torch.save({"state_dict": create("b16").state_dict(), "variant": "b16", "threshold": 0.5,
-                "val_metrics": {}, "data": {"datasets": ["roads"]}}, checkpoint)
+    torch.save(
+        {
+            "state_dict": create("b16").state_dict(),
+            "variant": "b16",
+            "threshold": 0.5,
+            "val_metrics": {},
+            "data": {"datasets": ["roads"]},
+        },
+        checkpoint,
+    )
     package(checkpoint, "q-b16", "1.0.0", tmp_path / "models")
     write_dataset(tmp_path / "data", "roads", 3, seed=4)
     monkeypatch.setenv("CRACKMAP_MODELS", str(tmp_path / "models"))
@@ -114,8 +123,16 @@ def quantizable(tmp_path, monkeypatch):
 def test_quantize_command_adds_a_verified_int8_graph_to_the_version(quantizable):
     from pipeline.cli import cli
 
-    args = ["models", "quantize", "--model", "q-b16:1.0.0", "--data-root", str(quantizable / "data"),
-            "--per-dataset", "2"]
+    args = [
+        "models",
+        "quantize",
+        "--model",
+        "q-b16:1.0.0",
+        "--data-root",
+        str(quantizable / "data"),
+        "--per-dataset",
+        "2",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "the gate" in result.output
@@ -136,8 +153,9 @@ def test_quantize_command_adds_a_verified_int8_graph_to_the_version(quantizable)
 def test_quantize_names_a_missing_dataset_folder(quantizable):
     from pipeline.cli import cli
 
-    result = CliRunner().invoke(cli, ["models", "quantize", "--model", "q-b16:1.0.0",
-                                      "--data-root", str(quantizable)])
+    result = CliRunner().invoke(
+        cli, ["models", "quantize", "--model", "q-b16:1.0.0", "--data-root", str(quantizable)]
+    )
     assert result.exit_code == 2
     assert "roads/val does not exist" in result.output and "--data-root" in result.output
 
@@ -165,9 +183,12 @@ def test_auto_keeps_the_float_graph_without_vnni_or_when_int8_failed_its_gate(tm
     monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma"})
     assert precision.cpu_graph(entry, "auto", tmp_path / "c.json")[1:] == (
-        "fp32", "this x86 CPU has no VNNI: INT8 kernels may saturate")
-    failed = dataclasses.replace(entry, card={**entry.card, "int8": {**entry.card["int8"],
-                                                                      "accepted": False, "f1_drop": 0.02}})
+        "fp32",
+        "this x86 CPU has no VNNI: INT8 kernels may saturate",
+    )
+    failed = dataclasses.replace(
+        entry, card={**entry.card, "int8": {**entry.card["int8"], "accepted": False, "f1_drop": 0.02}}
+    )
     _, chosen, why = precision.cpu_graph(failed, "auto", tmp_path / "c.json")
     assert chosen == "fp32" and "0.0200" in why
     assert precision.cpu_graph(entry, "fp32")[1] == "fp32"

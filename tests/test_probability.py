@@ -9,14 +9,22 @@ from pipeline.records import Scene
 
 
 def scene(width: int, height: int) -> Scene:
-    return Scene("/data/a.tif", "a", width, height, 3, "uint8", CRS.from_epsg(32633),
-                 from_origin(500000.0, 5600000.0, 0.002, 0.002))
+    return Scene(
+        "/data/a.tif",
+        "a",
+        width,
+        height,
+        3,
+        "uint8",
+        CRS.from_epsg(32633),
+        from_origin(500000.0, 5600000.0, 0.002, 0.002),
+    )
 
 
 def write(path, probability, valid, run_rows=336, **options):
     writer = ProbabilityWriter(path, scene(probability.shape[1], probability.shape[0]), **options)
     for row in range(0, len(probability), run_rows):  # as the stitcher hands rows on
-        writer(row, probability[row:row + run_rows], valid[row:row + run_rows])
+        writer(row, probability[row : row + run_rows], valid[row : row + run_rows])
     writer.finish()
     return path
 
@@ -34,8 +42,9 @@ def test_probability_is_a_cog_with_overviews_that_reads_back_exactly(tmp_path, m
         assert cog.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
         assert cog.profile["compress"] == "deflate" and cog.block_shapes == [(512, 512)]
         assert cog.overviews(1) == overview_factors(700, 1300) == [2, 4]
-        assert cog.mask_flag_enums[0] == ([rasterio.enums.MaskFlags.per_dataset] if masked
-                                          else [rasterio.enums.MaskFlags.all_valid])
+        assert cog.mask_flag_enums[0] == (
+            [rasterio.enums.MaskFlags.per_dataset] if masked else [rasterio.enums.MaskFlags.all_valid]
+        )
         if not masked:  # the first overview averages 2 x 2 pixels
             half = cog.read(1, out_shape=(650, 350))
             mean = probability.reshape(650, 2, 350, 2).mean(axis=(1, 3))

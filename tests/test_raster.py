@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import rasterio
 import rasterio.transform
+from conftest import write_scene
 from rasterio.windows import Window
 
-from conftest import write_scene
 from pipeline.errors import SceneContentError, SceneReadError
 from pipeline.raster import SceneReader
 from pipeline.tiling import chip_offsets, mirror_pad
@@ -28,7 +28,7 @@ def test_nodata_values_are_invalid_and_all_nodata_chips_are_skipped(tmp_path):
     pixels[:, :, 700:] = 0  # right part: nodata
     (batch,) = chips_of(write_scene(tmp_path / "a.tif", pixels, nodata=0))
     assert [int(w.col_off) for w in batch.windows] == [0, 336, 672]  # the chip at 800 is all nodata
-    assert not batch.valid[1][:, 700 - 336:].any() and batch.valid[1][:, :364].all()
+    assert not batch.valid[1][:, 700 - 336 :].any() and batch.valid[1][:, :364].all()
 
 
 def test_internal_mask_is_respected(tmp_path):
@@ -60,7 +60,7 @@ def test_a_narrow_scene_is_mirrored_at_its_right_edge_in_every_chip_row(tmp_path
     assert len(chips) == 3
     for chip, batch_window in zip(chips, [w for b in batches for w in b.windows]):
         row = int(batch_window.row_off)
-        assert (chip[:, :, 150:300] == pixels[:, row:row + 400, ::-1]).all()
+        assert (chip[:, :, 150:300] == pixels[:, row : row + 400, ::-1]).all()
 
 
 def test_not_a_raster(tmp_path):
@@ -92,9 +92,14 @@ def test_all_nodata_scene(tmp_path):
         SceneReader(str(path))
 
 
-@pytest.mark.parametrize("profile", [dict(tiled=True, blockxsize=256, blockysize=256),
-                                     dict(blockysize=7),  # striped, small strips
-                                     dict()])
+@pytest.mark.parametrize(
+    "profile",
+    [
+        dict(tiled=True, blockxsize=256, blockysize=256),
+        dict(blockysize=7),  # striped, small strips
+        dict(),
+    ],
+)
 def test_strips_equal_direct_window_reads_in_any_order(tmp_path, profile):
     """Rows are decoded in block-aligned runs and kept; any strip must still be exact."""
     rng = np.random.default_rng(5)
@@ -109,8 +114,10 @@ def test_strips_equal_direct_window_reads_in_any_order(tmp_path, profile):
             rgb, valid = reader.read_strip(row, 400)
             rows = min(400, 1100 - row)
             assert rgb.shape == (3, 400, 400) and valid.shape == (400, 400)
-            assert (valid[:rows, :300] == expected_valid[row:row + rows]).all(), row
-            assert (rgb[:, :rows, :300] == pixels[:, row:row + rows] * expected_valid[row:row + rows]).all(), row
+            assert (valid[:rows, :300] == expected_valid[row : row + rows]).all(), row
+            assert (
+                rgb[:, :rows, :300] == pixels[:, row : row + rows] * expected_valid[row : row + rows]
+            ).all(), row
             assert not valid[rows:].any() and not valid[:, 300:].any()
             assert (rgb == mirror_pad(rgb[:, :rows, :300], 400, 400)).all()  # beyond the scene: mirrored
 
@@ -121,17 +128,21 @@ def pavement(height: int, width: int, seed: int = 0) -> np.ndarray:
     rows, cols = np.mgrid[:height, :width]
     base = np.stack([110 + 30 * np.sin(cols / 97), 105 + 20 * np.cos(rows / 61), 100 + 0 * rows])
     pixels = (base + rng.normal(0, 12, (3, height, width))).clip(0, 255).astype(np.uint8)
-    pixels[:, :, width // 3:width // 3 + 4] = 30
+    pixels[:, :, width // 3 : width // 3 + 4] = 30
     return pixels
 
 
 @pytest.mark.parametrize("photometric", ["ycbcr", "rgb"])
-@pytest.mark.parametrize("profile", [dict(tiled=True, blockxsize=256, blockysize=256), dict(blockysize=16)],
-                         ids=["tiled", "striped"])
+@pytest.mark.parametrize(
+    "profile",
+    [dict(tiled=True, blockxsize=256, blockysize=256), dict(blockysize=16)],
+    ids=["tiled", "striped"],
+)
 @pytest.mark.parametrize("masked", [False, True])
 def test_jpeg_blocks_decoded_by_libjpeg_turbo_match_gdal(tmp_path, monkeypatch, photometric, profile, masked):
-    path = write_scene(tmp_path / "j.tif", pavement(1000, 700), compress="jpeg", photometric=photometric,
-                       **profile)
+    path = write_scene(
+        tmp_path / "j.tif", pavement(1000, 700), compress="jpeg", photometric=photometric, **profile
+    )
     if masked:
         with rasterio.open(path, "r+") as ds:
             ds.write_mask(np.arange(700)[None].repeat(1000, 0) >= 100)
@@ -161,8 +172,15 @@ def test_jpeg_with_a_nodata_value_is_decoded_by_gdal(tmp_path):
 
 
 def test_truncated_jpeg_geotiff_is_a_clear_error(tmp_path):
-    path = write_scene(tmp_path / "t.tif", pavement(1200, 800), compress="jpeg", photometric="ycbcr",
-                       tiled=True, blockxsize=256, blockysize=256)
+    path = write_scene(
+        tmp_path / "t.tif",
+        pavement(1200, 800),
+        compress="jpeg",
+        photometric="ycbcr",
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+    )
     data = path.read_bytes()
     path.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(SceneReadError, match="t.tif: truncated or corrupt"):
@@ -170,8 +188,15 @@ def test_truncated_jpeg_geotiff_is_a_clear_error(tmp_path):
 
 
 def test_jpeg_as_a_file_uri_is_decoded_by_libjpeg_turbo(tmp_path):
-    path = write_scene(tmp_path / "j.tif", pavement(500, 500), compress="jpeg", photometric="ycbcr",
-                       tiled=True, blockxsize=256, blockysize=256)
+    path = write_scene(
+        tmp_path / "j.tif",
+        pavement(500, 500),
+        compress="jpeg",
+        photometric="ycbcr",
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+    )
     with SceneReader(str(path)) as by_path, SceneReader(path.as_uri()) as by_uri:
         assert by_uri.decoder == by_path.decoder == "libjpeg-turbo"
         assert all((a == b).all() for a, b in zip(by_uri.read_strip(0, 400), by_path.read_strip(0, 400)))
@@ -179,8 +204,15 @@ def test_jpeg_as_a_file_uri_is_decoded_by_libjpeg_turbo(tmp_path):
 
 def test_three_grey_jpeg_bands_are_decoded_by_gdal(tmp_path):
     """Three MINISBLACK bands carry no colour-space marker: libjpeg would take them for YCbCr."""
-    path = write_scene(tmp_path / "g.tif", pavement(300, 300), compress="jpeg", photometric="minisblack",
-                       tiled=True, blockxsize=256, blockysize=256)
+    path = write_scene(
+        tmp_path / "g.tif",
+        pavement(300, 300),
+        compress="jpeg",
+        photometric="minisblack",
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+    )
     with SceneReader(str(path)) as reader:
         assert reader.decoder == "gdal"
 
@@ -190,21 +222,36 @@ def test_the_decoder_check_uses_a_block_that_is_in_the_file(tmp_path):
 
     pixels = np.random.default_rng(2).integers(0, 255, (3, 512, 512), dtype=np.uint8)  # colourful
     pixels[:, :256, :256] = 0  # a sparse file leaves this block out
-    path = write_scene(tmp_path / "s.tif", pixels, compress="jpeg", photometric="ycbcr", tiled=True,
-                       blockxsize=256, blockysize=256, sparse_ok=True)
+    path = write_scene(
+        tmp_path / "s.tif",
+        pixels,
+        compress="jpeg",
+        photometric="ycbcr",
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+        sparse_ok=True,
+    )
     with rasterio.open(path) as ds, open(path, "rb") as file:
         assert ds.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1) is None
         assert _JpegBlocks(ds, file)._difference_from_gdal() > 0  # decoded and compared, not zeros
 
 
 def test_a_jpeg_block_of_the_wrong_size_is_a_clear_error(tmp_path):
-    path = write_scene(tmp_path / "c.tif", pavement(600, 600), compress="jpeg", photometric="ycbcr",
-                       tiled=True, blockxsize=256, blockysize=256)
+    path = write_scene(
+        tmp_path / "c.tif",
+        pavement(600, 600),
+        compress="jpeg",
+        photometric="ycbcr",
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+    )
     with rasterio.open(path) as ds:
         offset = int(ds.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=1))
     data = bytearray(path.read_bytes())
     sof = data.index(b"\xff\xc0", offset)  # start of frame: marker, length, precision, height, width
-    data[sof + 7:sof + 9] = (128).to_bytes(2, "big")
+    data[sof + 7 : sof + 9] = (128).to_bytes(2, "big")
     path.write_bytes(bytes(data))
     with pytest.raises(SceneReadError, match=r"c.tif: truncated or corrupt \(JPEG block 1,1 is a 128 x 256"):
         chips_of(path)
@@ -246,11 +293,25 @@ class ReadSpy:
 def sparse_scene(path, size_px: int, tile_px: int, written: tuple[int, int]) -> None:
     """A tiled GeoTIFF of size_px x size_px in which only the tile at ``written`` (row, col) exists."""
     row, col = written
-    with rasterio.open(path, "w", driver="GTiff", width=size_px, height=size_px, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=rasterio.transform.from_origin(500000, 5600000, 0.002, 0.002),
-                       tiled=True, blockxsize=tile_px, blockysize=tile_px, sparse_ok=True) as ds:
-        ds.write(np.full((3, tile_px, tile_px), 120, np.uint8),
-                 window=Window(col * tile_px, row * tile_px, tile_px, tile_px))
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=size_px,
+        height=size_px,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=rasterio.transform.from_origin(500000, 5600000, 0.002, 0.002),
+        tiled=True,
+        blockxsize=tile_px,
+        blockysize=tile_px,
+        sparse_ok=True,
+    ) as ds:
+        ds.write(
+            np.full((3, tile_px, tile_px), 120, np.uint8),
+            window=Window(col * tile_px, row * tile_px, tile_px, tile_px),
+        )
 
 
 def test_absent_tiles_of_a_sparse_geotiff_are_nodata_and_never_become_chips(tmp_path):
@@ -263,8 +324,13 @@ def test_absent_tiles_of_a_sparse_geotiff_are_nodata_and_never_become_chips(tmp_
         decoded = reader._ds.rows_read
     windows = [w for b in batches for w in b.windows]
     tile = (20 * 512, 21 * 512, 30 * 512, 31 * 512)  # rows, then columns
-    assert windows and all(w.row_off < tile[1] and w.row_off + 400 > tile[0] and w.col_off < tile[3]
-                           and w.col_off + 400 > tile[2] for w in windows)
+    assert windows and all(
+        w.row_off < tile[1]
+        and w.row_off + 400 > tile[0]
+        and w.col_off < tile[3]
+        and w.col_off + 400 > tile[2]
+        for w in windows
+    )
     offsets = chip_offsets(20_000, 400, 64)
     rows = [r for r in offsets if r < tile[1] and r + 400 > tile[0]]
     cols = [c for c in offsets if c < tile[3] and c + 400 > tile[2]]

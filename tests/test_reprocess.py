@@ -7,7 +7,6 @@ import sqlite3
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import paint_crack, write_scene
 from test_frame_survey import frame_survey  # noqa: F401  (a fixture: four frames, camera, trajectory)
 from test_frames import _Darkness
@@ -32,8 +31,17 @@ def v2_root(tmp_path_factory, model_root):
     root = tmp_path_factory.mktemp("models-v2")
     torch.manual_seed(1)
     checkpoint = root / "untrained-2.pt"
-    torch.save({"state_dict": create("b16").state_dict(), "variant": "b16", "threshold": 0.5,
-                "val_metrics": {}, "data": {"datasets": []}, "recipe": {"untrained": True}}, checkpoint)
+    torch.save(
+        {
+            "state_dict": create("b16").state_dict(),
+            "variant": "b16",
+            "threshold": 0.5,
+            "val_metrics": {},
+            "data": {"datasets": []},
+            "recipe": {"untrained": True},
+        },
+        checkpoint,
+    )
     package(checkpoint, "test-b16", "2.0.0", root, summary="untrained, other seed, for tests")
     return root
 
@@ -70,19 +78,23 @@ def test_reprocess_keeps_both_versions_switches_current_and_reports_changes(mapp
     from pipeline.stores import open_store
 
     old_cracks = rows(mapped, "SELECT count(*) FROM cracks")[0][0]
-    state = reprocess(mapped, "test-b16:2.0.0", survey_id="road-5", from_model="test-b16:1.0.0",
-                      return_state=True)
+    state = reprocess(
+        mapped, "test-b16:2.0.0", survey_id="road-5", from_model="test-b16:1.0.0", return_state=True
+    )
     assert state.is_completed(), state
     report = state.result()
     assert [(r["survey_id"], r["scene_id"], r["status"], r["old_model"], r["new_model"]) for r in report] == [
         ("road-5", "a", "done", "test-b16:1.0.0", "test-b16:2.0.0"),
-        ("road-5", "b", "done", "test-b16:1.0.0", "test-b16:2.0.0")]
+        ("road-5", "b", "done", "test-b16:1.0.0", "test-b16:2.0.0"),
+    ]
     assert rows(mapped, "SELECT count(*) FROM cracks WHERE model_version = '1.0.0'")[0][0] == old_cracks
-    assert rows(mapped, "SELECT survey_id, scene_id, model_version FROM scenes WHERE is_current "
-                        "ORDER BY 1, 2") == [("road-5", "a", "2.0.0"), ("road-5", "b", "2.0.0"),
-                                             ("road-6", "c", "1.0.0")]
+    assert rows(
+        mapped, "SELECT survey_id, scene_id, model_version FROM scenes WHERE is_current ORDER BY 1, 2"
+    ) == [("road-5", "a", "2.0.0"), ("road-5", "b", "2.0.0"), ("road-6", "c", "1.0.0")]
     assert rows(mapped, "SELECT DISTINCT model_version FROM current_cracks WHERE survey_id = 'road-5'") in (
-        [("2.0.0",)], [])
+        [("2.0.0",)],
+        [],
+    )
     store = open_store(mapped)
     old = store.scene_summaries("road-5", "test-b16", "1.0.0")
     new = store.scene_summaries("road-5", "test-b16", "2.0.0")
@@ -104,15 +116,33 @@ def test_cli_reprocess_by_bbox_prints_the_changes(mapped, two_versions):
     store = open_store(mapped)
     c = store.scenes(SceneSelection(survey_id="road-6"))[0]
     store.close()
-    lon, lat = rows(mapped, "SELECT (minx + maxx) / 2, (miny + maxy) / 2 FROM rtree_scenes_geom r "
-                            "JOIN scenes s ON s.fid = r.id WHERE s.scene_id = 'c'")[0]
-    result = CliRunner().invoke(cli, ["reprocess", mapped, "--model", "test-b16:2.0.0",
-                                      "--bbox", str(lon - 1e-4), str(lat - 1e-4), str(lon + 1e-4), str(lat + 1e-4),
-                                      "--since", c["processed_at"]])
+    lon, lat = rows(
+        mapped,
+        "SELECT (minx + maxx) / 2, (miny + maxy) / 2 FROM rtree_scenes_geom r "
+        "JOIN scenes s ON s.fid = r.id WHERE s.scene_id = 'c'",
+    )[0]
+    result = CliRunner().invoke(
+        cli,
+        [
+            "reprocess",
+            mapped,
+            "--model",
+            "test-b16:2.0.0",
+            "--bbox",
+            str(lon - 1e-4),
+            str(lat - 1e-4),
+            str(lon + 1e-4),
+            str(lat + 1e-4),
+            "--since",
+            c["processed_at"],
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "road-6/c" in result.output and "road-5" not in result.output
     assert "1/1 scenes now show test-b16:2.0.0" in result.output
-    assert rows(mapped, "SELECT model_version FROM scenes WHERE scene_id = 'c' AND is_current") == [("2.0.0",)]
+    assert rows(mapped, "SELECT model_version FROM scenes WHERE scene_id = 'c' AND is_current") == [
+        ("2.0.0",)
+    ]
 
 
 def test_a_scene_whose_source_is_gone_fails_alone(mapped, two_versions, tmp_path):
@@ -121,12 +151,18 @@ def test_a_scene_whose_source_is_gone_fails_alone(mapped, two_versions, tmp_path
     (tmp_path / "road-5" / "a.tif").unlink()
     state = reprocess(mapped, "test-b16:2.0.0", survey_id="road-5", return_state=True)
     assert state.is_failed() and state.message == "1 of 2 scenes failed: road-5/a"
-    assert rows(mapped, "SELECT scene_id, model_version FROM scenes WHERE is_current AND survey_id = 'road-5' "
-                        "ORDER BY 1") == [("a", "1.0.0"), ("b", "2.0.0")]
+    assert rows(
+        mapped,
+        "SELECT scene_id, model_version FROM scenes WHERE is_current AND survey_id = 'road-5' ORDER BY 1",
+    ) == [("a", "1.0.0"), ("b", "2.0.0")]
 
 
 def test_a_frame_survey_is_reprocessed_whole_with_the_settings_it_was_mapped_with(
-        frame_survey, tmp_path, two_versions, monkeypatch):  # noqa: F811
+    frame_survey,  # noqa: F811  (the fixture imported above)
+    tmp_path,
+    two_versions,
+    monkeypatch,
+):
     """Frames are not rasters: reprocess maps them with their camera and trajectory, all together.
 
     The darkness stand-in gives one known crack through the four frames, whatever the version.
@@ -138,23 +174,37 @@ def test_a_frame_survey_is_reprocessed_whole_with_the_settings_it_was_mapped_wit
 
     monkeypatch.setattr(survey, "cached_backend", lambda spec, backend: (resolve(spec), _Darkness()))
     store = str(tmp_path / "frames.gpkg")
-    assert process_survey([str(frame_survey)], store, model="test-b16:1.0.0", return_state=True).is_completed()
-    lon, lat = rows(store, "SELECT (minx + maxx) / 2, (miny + maxy) / 2 FROM rtree_scenes_geom r "
-                           "JOIN scenes s ON s.fid = r.id WHERE s.scene_id = 'f003'")[0]
+    assert process_survey(
+        [str(frame_survey)], store, model="test-b16:1.0.0", return_state=True
+    ).is_completed()
+    lon, lat = rows(
+        store,
+        "SELECT (minx + maxx) / 2, (miny + maxy) / 2 FROM rtree_scenes_geom r "
+        "JOIN scenes s ON s.fid = r.id WHERE s.scene_id = 'f003'",
+    )[0]
     (frame_survey / "camera.yaml").rename(tmp_path / "camera.yaml")  # the stored path is what counts...
-    state = reprocess(store, "test-b16:2.0.0", bbox=[lon - 1e-7, lat - 1e-7, lon + 1e-7, lat + 1e-7],
-                      return_state=True)
+    state = reprocess(
+        store, "test-b16:2.0.0", bbox=[lon - 1e-7, lat - 1e-7, lon + 1e-7, lat + 1e-7], return_state=True
+    )
     assert state.is_failed() and "camera.yaml: cannot read the camera file" in state.message
     (tmp_path / "camera.yaml").rename(frame_survey / "camera.yaml")  # ...and it is back
-    state = reprocess(store, "test-b16:2.0.0", bbox=[lon - 1e-7, lat - 1e-7, lon + 1e-7, lat + 1e-7],
-                      return_state=True)
+    state = reprocess(
+        store, "test-b16:2.0.0", bbox=[lon - 1e-7, lat - 1e-7, lon + 1e-7, lat + 1e-7], return_state=True
+    )
     assert state.is_completed(), state
     # one frame selected, the survey reprocessed whole: its frames' views of a crack are merged
     assert [(r["scene_id"], r["status"], r["new_model"]) for r in state.result()] == [
-        (f"f00{k}", "done", "test-b16:2.0.0") for k in range(4)]
+        (f"f00{k}", "done", "test-b16:2.0.0") for k in range(4)
+    ]
     assert rows(store, "SELECT DISTINCT model_version FROM scenes WHERE is_current") == [("2.0.0",)]
-    new = rows(store, "SELECT scene_id, length_m, source_frames, crack_type FROM cracks WHERE model_version = '2.0.0'")
-    old = rows(store, "SELECT scene_id, length_m, source_frames, crack_type FROM cracks WHERE model_version = '1.0.0'")
+    new = rows(
+        store,
+        "SELECT scene_id, length_m, source_frames, crack_type FROM cracks WHERE model_version = '2.0.0'",
+    )
+    old = rows(
+        store,
+        "SELECT scene_id, length_m, source_frames, crack_type FROM cracks WHERE model_version = '1.0.0'",
+    )
     assert new == old and len(new) == 1  # one line through four frames, both versions kept
     assert new[0][1] == pytest.approx(0.9618 + 0.9513, rel=0.01) and new[0][3] == "longitudinal"
     assert rows(store, "SELECT count(*) FROM scenes WHERE status = 'failed'") == [(0,)]

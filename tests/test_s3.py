@@ -26,8 +26,8 @@ import pytest
 import rasterio
 import rasterio.shutil
 from click.testing import CliRunner
-
 from conftest import paint_crack, write_scene
+
 from pipeline.errors import SceneReadError, StorageError
 from pipeline.probability import read_rows
 from pipeline.scene import detect_cracks
@@ -55,9 +55,13 @@ def s3_server(tmp_path_factory):
     """
     port = free_port()
     env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3")
-    log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")  # noqa: SIM115  (the server writes it until teardown)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -66,14 +70,20 @@ def s3_server(tmp_path_factory):
             break
         except OSError:
             if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError(f"moto server did not start; see {log.name}")
+                raise RuntimeError(f"moto server did not start; see {log.name}") from None
             time.sleep(0.1)
-    iam = boto3.client("iam", endpoint_url=url, region_name=REGION, aws_access_key_id="setup",
-                       aws_secret_access_key="setup")
+    iam = boto3.client(
+        "iam", endpoint_url=url, region_name=REGION, aws_access_key_id="setup", aws_secret_access_key="setup"
+    )
     iam.create_user(UserName="crackmap")
     key = iam.create_access_key(UserName="crackmap")["AccessKey"]
-    iam.put_user_policy(UserName="crackmap", PolicyName="all", PolicyDocument=json.dumps(
-        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+    iam.put_user_policy(
+        UserName="crackmap",
+        PolicyName="all",
+        PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+        ),
+    )
     yield {"url": url, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
     server.terminate()
     server.wait(10)
@@ -124,8 +134,12 @@ def upload(bucket: str, key: str, path) -> str:
 
 def scenes_table(store):
     with sqlite3.connect(store) as con:
-        return {r[0]: r[1:] for r in con.execute(
-            "SELECT scene_id, status, error, source_uri, sha256 FROM scenes ORDER BY scene_id")}
+        return {
+            r[0]: r[1:]
+            for r in con.execute(
+                "SELECT scene_id, status, error, source_uri, sha256 FROM scenes ORDER BY scene_id"
+            )
+        }
 
 
 @pytest.fixture
@@ -146,14 +160,14 @@ def crackmap(*args):
     return CliRunner().invoke(cli, ["run", *args])
 
 
-def test_survey_prefix_maps_its_scenes_and_reports_other_objects(bucket, tmp_path, test_models,
-                                                                  storage_log, s3_server):
+def test_survey_prefix_maps_its_scenes_and_reports_other_objects(
+    bucket, tmp_path, test_models, storage_log, s3_server
+):
     for name, seed in (("a", 1), ("b", 2)):
         upload(bucket, f"road-7/{name}.tif", cog_scene(tmp_path / f"{name}.tif", seed))
     boto3.client("s3").put_object(Bucket=bucket, Key="road-7/notes.txt", Body=b"driver's notes")
     store = tmp_path / "map.gpkg"
-    result = crackmap(f"s3://{bucket}/road-7/", "--store", str(store),
-                      "--output", f"s3://{bucket}/maps/")
+    result = crackmap(f"s3://{bucket}/road-7/", "--store", str(store), "--output", f"s3://{bucket}/maps/")
     assert result.exit_code == 0, result.output
     assert "2/2 scenes" in result.output
     logged = "\n".join(r.getMessage() for r in storage_log)
@@ -170,8 +184,7 @@ def test_survey_prefix_maps_its_scenes_and_reports_other_objects(bucket, tmp_pat
 
 
 @pytest.mark.parametrize("method", ["fsspec", "gdal"])  # the default first, then GDAL's /vsis3/
-def test_s3_results_equal_results_from_disk(bucket, tmp_path, darkness, test_models, method,
-                                            monkeypatch):
+def test_s3_results_equal_results_from_disk(bucket, tmp_path, darkness, test_models, method, monkeypatch):
     from models.registry import resolve
 
     monkeypatch.setattr("pipeline.raster.READ_METHOD", method)
@@ -184,10 +197,13 @@ def test_s3_results_equal_results_from_disk(bucket, tmp_path, darkness, test_mod
     assert len(on_disk.cracks) >= 1
     assert [c.geometry.wkb for c in remote.cracks] == [c.geometry.wkb for c in on_disk.cracks]
     assert remote.chip_count == on_disk.chip_count and remote.footprint.equals(on_disk.footprint)
-    for (_, p_disk, v_disk), (_, p_s3, v_s3) in zip(list(read_rows(tmp_path / "p.tif")),
-                                                    list(read_rows(remote.probability_path)), strict=True):
+    for (_, p_disk, v_disk), (_, p_s3, v_s3) in zip(
+        list(read_rows(tmp_path / "p.tif")), list(read_rows(remote.probability_path)), strict=True
+    ):
         assert (p_disk == p_s3).all() and (v_disk == v_s3).all()
-    assert remote.sha256 == boto3.client("s3").head_object(Bucket=bucket, Key="road-7/a.tif")["ETag"].strip('"')
+    assert remote.sha256 == boto3.client("s3").head_object(Bucket=bucket, Key="road-7/a.tif")["ETag"].strip(
+        '"'
+    )
 
 
 def test_jpeg_scene_in_s3_decodes_as_on_disk(bucket, tmp_path):
@@ -286,9 +302,9 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.mark.parametrize("method", ["fsspec", "gdal"])
-def test_a_server_that_fails_some_requests_still_gives_the_full_result(bucket, tmp_path, darkness,
-                                                                        test_models, monkeypatch,
-                                                                        s3_server, method):
+def test_a_server_that_fails_some_requests_still_gives_the_full_result(
+    bucket, tmp_path, darkness, test_models, monkeypatch, s3_server, method
+):
     from models.registry import resolve
 
     monkeypatch.setattr("pipeline.raster.READ_METHOD", method)
@@ -301,15 +317,23 @@ def test_a_server_that_fails_some_requests_still_gives_the_full_result(bucket, t
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     try:
         (source,) = discover([f"s3://{bucket}/road-7/"])
-        result = detect_cracks(source.uri, darkness, model, f"s3://{bucket}/maps/a.tif", DEFAULT_CRS,
-                               scene_id=source.scene_id, source_sha256=source.identity)
+        result = detect_cracks(
+            source.uri,
+            darkness,
+            model,
+            f"s3://{bucket}/maps/a.tif",
+            DEFAULT_CRS,
+            scene_id=source.scene_id,
+            source_sha256=source.identity,
+        )
     finally:
         proxy.shutdown()
     assert proxy.failed >= 5, proxy.failed
     assert [c.geometry.wkb for c in result.cracks] == [c.geometry.wkb for c in expected.cracks]
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["url"])
-    assert [r[1].sum() for r in read_rows(result.probability_path)] == \
-        [r[1].sum() for r in read_rows(tmp_path / "p.tif")]
+    assert [r[1].sum() for r in read_rows(result.probability_path)] == [
+        r[1].sum() for r in read_rows(tmp_path / "p.tif")
+    ]
 
 
 def test_missing_bucket_and_missing_object_are_clear_errors(bucket, tmp_path, test_models):
@@ -331,8 +355,11 @@ def test_bad_objects_fail_alone(bucket, tmp_path, test_models):
     assert result.exit_code == 1 and "1/2 scenes" in result.output
     table = scenes_table(store)
     assert table["a"][0] == "done"
-    assert table["c-notes"][:2] == ("failed", f"s3://{bucket}/road-7/c-notes.tif: not a readable "
-                                    "raster" + table["c-notes"][1].split("raster", 1)[1])
+    assert table["c-notes"][:2] == (
+        "failed",
+        f"s3://{bucket}/road-7/c-notes.tif: not a readable "
+        "raster" + table["c-notes"][1].split("raster", 1)[1],
+    )
 
 
 def test_wrong_credentials_are_clear_errors(bucket, tmp_path, monkeypatch, s3_server):

@@ -2,15 +2,15 @@
 
 import threading
 import time
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
+from conftest import DarknessBackend, paint_crack, write_scene
 from rasterio.enums import MaskFlags
 
-from conftest import DarknessBackend, paint_crack, write_scene
 from pipeline import vectorize
 from pipeline.backends import predictions
 from pipeline.probability import read_rows
@@ -37,6 +37,7 @@ class PooledDarkness(DarknessBackend):
             if count == self.fail_at:
                 raise RuntimeError(f"network failed on batch {count}")
             return self.predict(chips)
+
         return self._pool.submit(run)
 
 
@@ -76,8 +77,9 @@ def test_a_pooled_backend_maps_the_same_cracks(scene, tmp_path, test_models):
     assert [c.geometry.wkb for c in pooled.cracks] == [c.geometry.wkb for c in plain.cracks]
 
 
-@pytest.mark.parametrize("backend", [FailingDarkness(fail_at=3), PooledDarkness(fail_at=3)],
-                         ids=["predict", "submit"])
+@pytest.mark.parametrize(
+    "backend", [FailingDarkness(fail_at=3), PooledDarkness(fail_at=3)], ids=["predict", "submit"]
+)
 def test_a_network_failure_is_raised_and_nothing_is_left(scene, tmp_path, test_models, backend):
     from models.registry import resolve
 
@@ -88,8 +90,7 @@ def test_a_network_failure_is_raised_and_nothing_is_left(scene, tmp_path, test_m
     assert threading.active_count() <= threads + 2  # the pooled backend's own threads at most
 
 
-def test_a_failure_after_the_network_is_raised_without_blocking_it(scene, tmp_path, test_models,
-                                                                     monkeypatch):
+def test_a_failure_after_the_network_is_raised_without_blocking_it(scene, tmp_path, test_models, monkeypatch):
     from models.registry import resolve
 
     def broken(*args, **kwargs):
@@ -137,11 +138,21 @@ def test_a_float_scene_with_nan_pixels_finds_its_crack(tmp_path, test_models):
 
     pixels = np.random.default_rng(2).normal(1000.0, 20.0, (3, 600, 700)).astype(np.float32)
     paint_crack(pixels, (20, 140), (580, 650), width_px=5, value=300)
-    plain = detect_cracks(str(write_scene(tmp_path / "plain.tif", pixels)), DarknessBackend(), resolve(None),
-                          tmp_path / "plain-p.tif", DEFAULT_CRS)
+    plain = detect_cracks(
+        str(write_scene(tmp_path / "plain.tif", pixels)),
+        DarknessBackend(),
+        resolve(None),
+        tmp_path / "plain-p.tif",
+        DEFAULT_CRS,
+    )
     pixels[:, :, :100] = np.nan  # beside the crack: nodata, not black
-    with_nan = detect_cracks(str(write_scene(tmp_path / "nan.tif", pixels)), DarknessBackend(), resolve(None),
-                             tmp_path / "nan-p.tif", DEFAULT_CRS)
+    with_nan = detect_cracks(
+        str(write_scene(tmp_path / "nan.tif", pixels)),
+        DarknessBackend(),
+        resolve(None),
+        tmp_path / "nan-p.tif",
+        DEFAULT_CRS,
+    )
     assert len(plain.cracks) == len(with_nan.cracks) == 1
     assert with_nan.cracks[0].length_m == pytest.approx(plain.cracks[0].length_m, rel=0.02)
 
@@ -160,8 +171,9 @@ def test_a_scene_smaller_than_a_chip_finds_the_cracks_the_full_scene_shows(tmp_p
     entry = resolve("hrsegnet-b16:1.0.0")
     path = tmp_path / "crop.tif"
     shutil.copyfile(Path(__file__).parent / "data" / "paveseg-crack-crop.tif", path)  # tests/data/README.md
-    result = detect_cracks(str(path), load_backend(entry, "onnxruntime"), entry, tmp_path / "crop-p.tif",
-                           DEFAULT_CRS)
+    result = detect_cracks(
+        str(path), load_backend(entry, "onnxruntime"), entry, tmp_path / "crop-p.tif", DEFAULT_CRS
+    )
     with rasterio.open(tmp_path / "crop-p.tif") as ds:
         probability = ds.read(1)
     assert probability.max() >= entry.threshold * 255 and len(result.cracks) >= 1

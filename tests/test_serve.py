@@ -11,14 +11,23 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
+from serve_fixtures import (
+    CRACK_COUNT,
+    SOUTH,
+    STEP_DEG,
+    WEST,
+    crack_line,
+    drop_role,
+    expected,
+    login_role,
+    publish_map,
+)
 
 from pipeline import gpkg
 from pipeline.cli import cli
 from pipeline.errors import StoreError
 from pipeline.serve.app import MAX_ITEMS, create_app
 from pipeline.stores import QUERY_FIELDS
-from serve_fixtures import (CRACK_COUNT, SOUTH, STEP_DEG, WEST, crack_line, drop_role, expected, login_role,
-                            publish_map)
 
 
 @pytest.fixture
@@ -48,8 +57,17 @@ def test_collections_are_the_store_layers_and_no_functions(client):
     response = client.get("/ogc/collections")
     assert response.status_code == 200
     ids = [c["id"] for c in response.json()["collections"]]
-    assert ids == ["current_cracks", "cracks", "scenes", "sections", "pattern_areas", "section_changes",
-                   "crack_changes", "current_sections", "current_pattern_areas"]
+    assert ids == [
+        "current_cracks",
+        "cracks",
+        "scenes",
+        "sections",
+        "pattern_areas",
+        "section_changes",
+        "crack_changes",
+        "current_sections",
+        "current_pattern_areas",
+    ]
     landing = client.get("/ogc/").json()
     assert {"conformance", "data"} <= {link["rel"].rsplit("/", 1)[-1] for link in landing["links"]}
     extent = client.get("/ogc/collections/current_cracks").json()["extent"]["spatial"]["bbox"][0]
@@ -65,8 +83,9 @@ def test_bbox_returns_the_cracks_inside_and_paging_walks_them(client):
     assert everything.json()["numberMatched"] == 4
     pages, offset = [], 0
     while True:
-        page = client.get("/ogc/collections/current_cracks/items",
-                          params={"bbox": bbox, "limit": 3, "offset": offset})
+        page = client.get(
+            "/ogc/collections/current_cracks/items", params={"bbox": bbox, "limit": 3, "offset": offset}
+        )
         pages += ids_of(page)
         nexts = [link for link in page.json()["links"] if link["rel"] == "next"]
         if not nexts:
@@ -76,8 +95,10 @@ def test_bbox_returns_the_cracks_inside_and_paging_walks_them(client):
 
 
 def test_an_item_has_every_attribute(client):
-    found = client.get("/ogc/collections/current_cracks/items",
-                       params={"bbox": f"{WEST - 1e-6},{SOUTH - 1e-6},{WEST + 1e-6},{SOUTH + 1e-6}"})
+    found = client.get(
+        "/ogc/collections/current_cracks/items",
+        params={"bbox": f"{WEST - 1e-6},{SOUTH - 1e-6},{WEST + 1e-6},{SOUTH + 1e-6}"},
+    )
     (crack_id,) = ids_of(found)
     item = client.get(f"/ogc/collections/current_cracks/items/{crack_id}")
     assert item.status_code == 200
@@ -94,12 +115,16 @@ def test_an_item_has_every_attribute(client):
 def test_property_filters_cql2_and_csv(client):
     high = client.get("/ogc/collections/current_cracks/items", params={"severity": "high", "limit": 100})
     assert len(ids_of(high)) == CRACK_COUNT // 3
-    long_high = client.get("/ogc/collections/current_cracks/items",
-                           params={"filter": "length_m > 15 AND severity = 'high'", "limit": 100})
-    wanted = [i for i in range(CRACK_COUNT)
-              if expected(i)["length_m"] > 15 and expected(i)["severity"] == "high"]
-    assert sorted(f["properties"]["length_m"] for f in long_high.json()["features"]) == \
-        [expected(i)["length_m"] for i in wanted]
+    long_high = client.get(
+        "/ogc/collections/current_cracks/items",
+        params={"filter": "length_m > 15 AND severity = 'high'", "limit": 100},
+    )
+    wanted = [
+        i for i in range(CRACK_COUNT) if expected(i)["length_m"] > 15 and expected(i)["severity"] == "high"
+    ]
+    assert sorted(f["properties"]["length_m"] for f in long_high.json()["features"]) == [
+        expected(i)["length_m"] for i in wanted
+    ]
     csv = client.get("/ogc/collections/current_cracks/items", params={"f": "csv", "limit": 100})
     assert csv.status_code == 200 and csv.text.count("\n") == CRACK_COUNT + 1
     assert "length_m" in csv.text.splitlines()[0]
@@ -112,13 +137,16 @@ def test_vector_tiles_hold_the_cracks_with_their_attributes(client):
     layers = mapbox_vector_tile.decode(response.content)
     features = layers["current_cracks"]["features"]
     assert len(features) == CRACK_COUNT
-    assert sorted(f["properties"]["length_m"] for f in features) == \
-        [expected(i)["length_m"] for i in range(CRACK_COUNT)]
+    assert sorted(f["properties"]["length_m"] for f in features) == [
+        expected(i)["length_m"] for i in range(CRACK_COUNT)
+    ]
     # geometries in tile pixels (4096 across, y up as decoded), where the tile grid puts them
     bounds = morecantile.tms.get("WebMercatorQuad").xy_bounds(tile)
     start = morecantile.tms.get("WebMercatorQuad").xy(*crack_line(0).coords[0])
-    expected_px = [(start.x - bounds.left) / (bounds.right - bounds.left) * 4096,
-                   (start.y - bounds.bottom) / (bounds.top - bounds.bottom) * 4096]
+    expected_px = [
+        (start.x - bounds.left) / (bounds.right - bounds.left) * 4096,
+        (start.y - bounds.bottom) / (bounds.top - bounds.bottom) * 4096,
+    ]
     first = next(f for f in features if f["properties"]["length_m"] == expected(0)["length_m"])
     assert first["geometry"]["type"] == "LineString"
     assert first["geometry"]["coordinates"][0] == pytest.approx(expected_px, abs=1)
@@ -161,12 +189,26 @@ def test_raster_tiles_of_a_scene_image_and_probability(client):
     assert client.get(f"/raster/image/{tile.z}/{tile.x}/{tile.y}.png").status_code == 400
 
 
-@pytest.mark.parametrize("params", [
-    {"bbox": "a,b,c,d"}, {"bbox": "1,2,3"}, {"bbox": "15,50,14,51"}, {"bbox": "15,50,200,51"},
-    {"limit": "-1"}, {"limit": str(MAX_ITEMS + 1)}, {"limit": "10000000"}, {"offset": "x"},
-    {"filter": "length_m >>> 3"}, {"filter": "nosuch_column = 1"}, {"datetime": "yesterday"},
-    {"length_m": "abc"}, {"sortby": "-nosuch"}, {"ids": "not-a-crack-id"},
-], ids=lambda p: "&".join(f"{k}={v}" for k, v in p.items()))
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"bbox": "a,b,c,d"},
+        {"bbox": "1,2,3"},
+        {"bbox": "15,50,14,51"},
+        {"bbox": "15,50,200,51"},
+        {"limit": "-1"},
+        {"limit": str(MAX_ITEMS + 1)},
+        {"limit": "10000000"},
+        {"offset": "x"},
+        {"filter": "length_m >>> 3"},
+        {"filter": "nosuch_column = 1"},
+        {"datetime": "yesterday"},
+        {"length_m": "abc"},
+        {"sortby": "-nosuch"},
+        {"ids": "not-a-crack-id"},
+    ],
+    ids=lambda p: "&".join(f"{k}={v}" for k, v in p.items()),
+)
 def test_a_malformed_request_gets_a_400_with_a_message(client, params):
     response = client.get("/ogc/collections/current_cracks/items", params=params)
     if "ids" in params and response.status_code == 200:  # text ids (GeoPackage): nothing matches
@@ -190,9 +232,17 @@ def test_an_unknown_collection_is_a_404_naming_the_ones_there_are(client):
 
 def test_no_credentials_in_any_page(served, client):
     _, _, hidden = served
-    pages = ["/", "/ogc/", "/ogc/collections", "/ogc/collections/current_cracks",
-             "/ogc/collections/current_cracks/items", "/ogc/collections/current_cracks/items?f=html",
-             "/ogc/api", "/healthz", "/ogc/collections/current_cracks/items?bbox=x"]
+    pages = [
+        "/",
+        "/ogc/",
+        "/ogc/collections",
+        "/ogc/collections/current_cracks",
+        "/ogc/collections/current_cracks/items",
+        "/ogc/collections/current_cracks/items?f=html",
+        "/ogc/api",
+        "/healthz",
+        "/ogc/collections/current_cracks/items?bbox=x",
+    ]
     for page in pages:
         response = client.get(page)
         assert response.status_code in (200, 400), page
@@ -246,8 +296,18 @@ def test_serve_refuses_a_writer_role_in_one_line_without_the_password(pg_databas
     assert password not in result.output and f"postgresql://{name}@" in result.output
 
 
-SECTION_COLUMNS = ("survey_id", "sections_run_id", "road_id", "level", "from_m", "to_m", "section_m",
-                   "computed_at", "condition_class", "is_current")
+SECTION_COLUMNS = (
+    "survey_id",
+    "sections_run_id",
+    "road_id",
+    "level",
+    "from_m",
+    "to_m",
+    "section_m",
+    "computed_at",
+    "condition_class",
+    "is_current",
+)
 
 
 def add_section(url: str) -> None:
@@ -257,12 +317,17 @@ def add_section(url: str) -> None:
     names = ", ".join(SECTION_COLUMNS)
     if url.startswith("postgresql://"):
         with psycopg.connect(url, autocommit=True) as con:
-            con.execute(f"INSERT INTO sections ({names}, geom) VALUES ({', '.join(['%s'] * len(values))}, "
-                        "ST_GeomFromText(%s, 4326))", (*values, box.wkt))
+            con.execute(
+                f"INSERT INTO sections ({names}, geom) VALUES ({', '.join(['%s'] * len(values))}, "
+                "ST_GeomFromText(%s, 4326))",
+                (*values, box.wkt),
+            )
         return
     con = gpkg.connect(url)
-    con.execute(f"INSERT INTO sections ({names}, geom) VALUES ({', '.join('?' * len(values))}, ?)",
-                (*values, gpkg.encode(box, 4326)))
+    con.execute(
+        f"INSERT INTO sections ({names}, geom) VALUES ({', '.join('?' * len(values))}, ?)",
+        (*values, gpkg.encode(box, 4326)),
+    )
     con.close()
 
 
@@ -285,8 +350,11 @@ def test_new_layers_are_served_when_the_store_has_them(store_url, tmp_path):
             queryables = client.get("/ogc/collections/sections/queryables?f=schemajson").json()
             assert "condition_class" in queryables["properties"]
             tile = morecantile.tms.get("WebMercatorQuad").tile(WEST, SOUTH + 0.0001, 17)
-            layers = mapbox_vector_tile.decode(client.get(
-                f"/ogc/collections/sections/tiles/WebMercatorQuad/{tile.z}/{tile.x}/{tile.y}").content)
+            layers = mapbox_vector_tile.decode(
+                client.get(
+                    f"/ogc/collections/sections/tiles/WebMercatorQuad/{tile.z}/{tile.x}/{tile.y}"
+                ).content
+            )
             assert [f["properties"]["condition_class"] for f in layers["sections"]["features"]] == ["Poor"]
     finally:
         if name:
@@ -308,8 +376,11 @@ def test_the_served_geopackage_is_not_written(tmp_path):
     publish_map(str(path), tmp_path)
     before = path.read_bytes()
     with TestClient(create_app(str(path))) as client:
-        for page in ("/ogc/collections", "/ogc/collections/cracks/items?limit=100",
-                     "/ogc/collections/current_cracks/tiles/WebMercatorQuad/14/8874/5520"):
+        for page in (
+            "/ogc/collections",
+            "/ogc/collections/cracks/items?limit=100",
+            "/ogc/collections/current_cracks/tiles/WebMercatorQuad/14/8874/5520",
+        ):
             assert client.get(page).status_code in (200, 204)
     assert path.read_bytes() == before
     with sqlite3.connect(path) as con:
@@ -324,16 +395,18 @@ def test_query_exports_geoparquet_and_flatgeobuf(store_url, tmp_path):
     runner = CliRunner()
     parquet, fgb = tmp_path / "cracks.parquet", tmp_path / "cracks.fgb"
     assert runner.invoke(cli, ["query", store_url, "--out", str(parquet)]).exit_code == 0
-    result = runner.invoke(cli, ["query", store_url, "--format", "flatgeobuf", "--out", str(fgb),
-                                 "--severity", "high"])
+    result = runner.invoke(
+        cli, ["query", store_url, "--format", "flatgeobuf", "--out", str(fgb), "--severity", "high"]
+    )
     assert result.exit_code == 0, result.output
     table = pq.read_table(parquet)
     assert table.num_rows == CRACK_COUNT and set(QUERY_FIELDS) <= set(table.column_names)
     geo = json.loads(table.schema.metadata[b"geo"])
     assert geo["primary_column"] == "geometry" and geo["columns"]["geometry"]["encoding"] == "WKB"
     assert geo["columns"]["geometry"]["crs"]["id"] == {"authority": "EPSG", "code": 4326}
-    assert sorted(table.column("length_m").to_pylist()) == \
-        [expected(i)["length_m"] for i in range(CRACK_COUNT)]
+    assert sorted(table.column("length_m").to_pylist()) == [
+        expected(i)["length_m"] for i in range(CRACK_COUNT)
+    ]
     info = pyogrio.read_info(fgb)
     assert info["features"] == CRACK_COUNT // 3 and info["crs"] == "EPSG:4326"
     assert info["geometry_type"] == "LineString"

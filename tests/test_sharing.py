@@ -73,12 +73,19 @@ def scenes(tmp_path, shapes):
 
 
 def outputs(results, folder):
-    return [(r.chip_count, [c.geometry.wkb for c in r.cracks],
-             rasterio.open(folder / f"{r.scene.scene_id}.tif").read(1)) for r in results]
+    return [
+        (
+            r.chip_count,
+            [c.geometry.wkb for c in r.cracks],
+            rasterio.open(folder / f"{r.scene.scene_id}.tif").read(1),
+        )
+        for r in results
+    ]
 
 
-@pytest.mark.parametrize("backend", [DarknessBackend(), FixedBackend(batch_size=3)],
-                         ids=["darkness", "fixed"])
+@pytest.mark.parametrize(
+    "backend", [DarknessBackend(), FixedBackend(batch_size=3)], ids=["darkness", "fixed"]
+)
 def test_output_is_identical_whatever_the_number_of_scenes_in_flight(tmp_path, backend):
     model = registry.resolve("hrsegnet-b16:1.0.0")
     uris = scenes(tmp_path, [(420, 900), (800, 500), (400, 400), (1100, 760)])
@@ -86,8 +93,14 @@ def test_output_is_identical_whatever_the_number_of_scenes_in_flight(tmp_path, b
     for in_flight in (1, 2, 4):
         out = tmp_path / f"out{in_flight}"
         out.mkdir()
-        results = map_scenes(uris, backend, model, lambda uri, out=out: out / f"{uri.split('/')[-1][:-4]}.tif",
-                             DEFAULT_CRS, in_flight=in_flight)
+        results = map_scenes(
+            uris,
+            backend,
+            model,
+            lambda uri, out=out: out / f"{uri.split('/')[-1][:-4]}.tif",
+            DEFAULT_CRS,
+            in_flight=in_flight,
+        )
         assert not [r for r in results if isinstance(r, Exception)], results
         runs[in_flight] = outputs(results, out)
     for in_flight in (2, 4):
@@ -104,8 +117,14 @@ def test_scenes_of_different_sizes_in_flight_never_mix_rows(tmp_path_factory, sh
     uris = []
     for i, (height, width) in enumerate(shapes):
         uris.append(str(write_scene(tmp / f"s{i}.tif", np.full((3, height, width), 40 + 60 * i, np.uint8))))
-    results = map_scenes(uris, DarknessBackend(), registry.resolve("hrsegnet-b16:1.0.0"),
-                         lambda uri: tmp / f"p-{uri.split('/')[-1]}", DEFAULT_CRS, in_flight=len(uris))
+    results = map_scenes(
+        uris,
+        DarknessBackend(),
+        registry.resolve("hrsegnet-b16:1.0.0"),
+        lambda uri: tmp / f"p-{uri.split('/')[-1]}",
+        DEFAULT_CRS,
+        in_flight=len(uris),
+    )
     for i, (uri, result) in enumerate(zip(uris, results)):
         assert not isinstance(result, Exception), result
         with rasterio.open(tmp / f"p-{uri.split('/')[-1]}") as ds:
@@ -117,6 +136,12 @@ def test_scenes_of_different_sizes_in_flight_never_mix_rows(tmp_path_factory, sh
 
 def test_one_failing_scene_does_not_stop_the_others(tmp_path):
     uris = scenes(tmp_path, [(420, 600)]) + [str(tmp_path / "missing.tif")]
-    results = map_scenes(uris, DarknessBackend(), registry.resolve("hrsegnet-b16:1.0.0"),
-                         lambda uri: tmp_path / f"p-{uri.split('/')[-1]}", DEFAULT_CRS, in_flight=2)
+    results = map_scenes(
+        uris,
+        DarknessBackend(),
+        registry.resolve("hrsegnet-b16:1.0.0"),
+        lambda uri: tmp_path / f"p-{uri.split('/')[-1]}",
+        DEFAULT_CRS,
+        in_flight=2,
+    )
     assert results[0].chip_count > 0 and isinstance(results[1], Exception)

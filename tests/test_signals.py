@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import paint_crack, write_scene
 
 pytest.importorskip("prefect")
@@ -59,9 +58,22 @@ def test_a_signal_ends_a_run_promptly_and_leaves_no_process(tmp_path, test_model
     store = tmp_path / "map.gpkg"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")  # its own embedded API database
-    run = subprocess.Popen([sys.executable, "-c", "from flows.cli import main; main()", "run", str(survey),
-                            "--store", str(store)], env=env, start_new_session=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from flows.cli import main; main()",
+            "run",
+            str(survey),
+            "--store",
+            str(store),
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while scenes_done(store) != ["a"]:
@@ -85,8 +97,10 @@ def test_a_signal_ends_a_run_promptly_and_leaves_no_process(tmp_path, test_model
         assert run.returncode == 130, err[-3000:]
         assert ended_s < END_TIMEOUT_S
         lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("interrupted")]
-        assert lines == ["interrupted: 1 scenes finished in this run (a); nothing half-written was kept. "
-                         "Run the same command again to resume (finished scenes are skipped)."]
+        assert lines == [
+            "interrupted: 1 scenes finished in this run (a); nothing half-written was kept. "
+            "Run the same command again to resume (finished scenes are skipped)."
+        ]
         assert "Traceback" not in err + out
     deadline = time.monotonic() + 10  # SIGKILL: the kernel tells the server its parent died
     while any(alive(pid) for pid in helpers) and time.monotonic() < deadline:

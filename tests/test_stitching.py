@@ -12,7 +12,7 @@ def stitch(width, height, chip_probability):
 
     def sink(row_off, p, valid):
         rows_seen.extend(range(row_off, row_off + len(p)))
-        out[row_off:row_off + len(p)] = p
+        out[row_off : row_off + len(p)] = p
 
     stitcher = StripStitcher(width, height, sink)
     for i, w in enumerate(chip_windows(width, height)):
@@ -28,9 +28,11 @@ def test_identical_chip_predictions_stitch_to_the_same_field():
 
     def chip(i, w):
         r, c = int(w.row_off), int(w.col_off)
-        return field[r:r + 400, c:c + 400]
+        return field[r : r + 400, c : c + 400]
 
-    assert np.abs(stitch(1200, 1000, chip) - field).max() <= 0.5 / 255 + 1e-5  # uint8 rounding of float32 sums
+    assert (
+        np.abs(stitch(1200, 1000, chip) - field).max() <= 0.5 / 255 + 1e-5
+    )  # uint8 rounding of float32 sums
 
 
 def test_no_seam_where_neighbouring_chips_disagree():
@@ -55,7 +57,7 @@ def test_nodata_pixels_are_invalid_and_zero_and_chips_without_data_can_be_left_o
     out_valid = np.zeros((height, width), bool)
 
     def sink(row_off, p, v):
-        out[row_off:row_off + len(p)], out_valid[row_off:row_off + len(p)] = p, v
+        out[row_off : row_off + len(p)], out_valid[row_off : row_off + len(p)] = p, v
 
     stitcher = StripStitcher(width, height, sink)
     for w in chip_windows(width, height):

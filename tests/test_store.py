@@ -10,9 +10,9 @@ import pyogrio
 import pytest
 import shapely
 from click.testing import CliRunner
+from conftest import paint_crack, write_scene
 from rasterio.crs import CRS
 
-from conftest import paint_crack, write_scene
 from pipeline.cli import cli
 from pipeline.errors import StoreError
 from pipeline.scene import SceneOptions, detect_cracks
@@ -51,16 +51,22 @@ def crack_rows(url):
 def scene_with(result, scene_id, cracks):
     """``result`` as scene ``scene_id`` with cracks given as (lon/lat coordinates, severity)."""
     base = result.cracks[0]
-    lines = tuple(dataclasses.replace(base, geometry=shapely.LineString(coords), severity=severity)
-                  for coords, severity in cracks)
-    return dataclasses.replace(result, scene=dataclasses.replace(result.scene, scene_id=scene_id),
-                               cracks=lines)
+    lines = tuple(
+        dataclasses.replace(base, geometry=shapely.LineString(coords), severity=severity)
+        for coords, severity in cracks
+    )
+    return dataclasses.replace(
+        result, scene=dataclasses.replace(result.scene, scene_id=scene_id), cracks=lines
+    )
 
 
 def found(store, **selection):
     """(survey, scene, model version, severity) of every crack a query returns, sorted."""
-    return sorted((r["survey_id"], r["scene_id"], r["model_version"], r["severity"])
-                  for batch in store.query(CrackQuery(**selection), batch_size=2) for r in batch)
+    return sorted(
+        (r["survey_id"], r["scene_id"], r["model_version"], r["severity"])
+        for batch in store.query(CrackQuery(**selection), batch_size=2)
+        for r in batch
+    )
 
 
 def test_gdal_reads_the_layers_with_crs_and_fields(tmp_path, result):
@@ -70,9 +76,21 @@ def test_gdal_reads_the_layers_with_crs_and_fields(tmp_path, result):
     info = pyogrio.read_info(tmp_path / "map.gpkg", layer="cracks")
     assert info["crs"] == "EPSG:4326" and info["geometry_type"] == "LineString"
     assert info["features"] == 2
-    for field in ("crack_id", "survey_id", "scene_id", "model_name", "model_version", "run_id",
-                  "length_m", "width_mean_mm", "width_max_mm", "orientation_deg", "confidence",
-                  "severity", "created_at"):
+    for field in (
+        "crack_id",
+        "survey_id",
+        "scene_id",
+        "model_name",
+        "model_version",
+        "run_id",
+        "length_m",
+        "width_mean_mm",
+        "width_max_mm",
+        "orientation_deg",
+        "confidence",
+        "severity",
+        "created_at",
+    ):
         assert field in info["fields"]
     _, _, geometry, fields = pyogrio.raw.read(tmp_path / "map.gpkg", layer="cracks")
     assert len(geometry) == 2
@@ -94,8 +112,10 @@ def test_a_geopackage_without_the_current_flag_gets_it(tmp_path, result):
     store.close()
     with sqlite3.connect(tmp_path / "map.gpkg") as con:  # as written before is_current existed
         for view in ("current_cracks", "current_pattern_areas"):  # (road-condition layers came later)
-            con.executescript(f"DROP VIEW {view}; DELETE FROM gpkg_contents WHERE table_name = '{view}'; "
-                              f"DELETE FROM gpkg_geometry_columns WHERE table_name = '{view}'")
+            con.executescript(
+                f"DROP VIEW {view}; DELETE FROM gpkg_contents WHERE table_name = '{view}'; "
+                f"DELETE FROM gpkg_geometry_columns WHERE table_name = '{view}'"
+            )
         con.executescript("DROP INDEX scenes_one_current; ALTER TABLE scenes DROP COLUMN is_current")
     store = open_store(tmp_path / "map.gpkg")
     assert {v for *_, v, _ in found(store)} == {"2.0.0"}  # the latest successful version
@@ -125,7 +145,9 @@ def test_a_failed_publish_leaves_the_previous_rows(store_url, result):
     store = open_store(store_url)
     store.publish(result, RUN)
     before = crack_rows(store_url)
-    bad = dataclasses.replace(result, cracks=(result.cracks[0], dataclasses.replace(result.cracks[1], severity="bogus")))
+    bad = dataclasses.replace(
+        result, cracks=(result.cracks[0], dataclasses.replace(result.cracks[1], severity="bogus"))
+    )
     with pytest.raises(StoreError, match="nothing was written"):
         store.publish(bad, RUN)  # fails on the second row, after the delete
     store.close()
@@ -187,8 +209,11 @@ def test_query_by_bbox_severity_survey_and_model_version(store_url, result):
     store.publish(scene_with(result, "e", [(east[0], "medium")]), RUN)
     store.publish(scene_with(result, "w", [(west[0], "high")]), V2, promote=False)
     store.publish(scene_with(result, "w", [(west[0], "low")]), dataclasses.replace(RUN, survey_id="survey-b"))
-    a1 = [("survey-a", "e", "1.0.0", "medium"), ("survey-a", "w", "1.0.0", "high"),
-          ("survey-a", "w", "1.0.0", "low")]
+    a1 = [
+        ("survey-a", "e", "1.0.0", "medium"),
+        ("survey-a", "w", "1.0.0", "high"),
+        ("survey-a", "w", "1.0.0", "low"),
+    ]
     assert found(store) == sorted(a1 + [("survey-b", "w", "1.0.0", "low")])
     assert found(store, survey_id="survey-a") == a1
     assert found(store, survey_id="survey-a", scene_id="e") == a1[:1]
@@ -214,12 +239,16 @@ def test_the_query_command_streams_geojson_csv_and_gpkg(store_url, result, tmp_p
     assert len(collection["features"]) == 2
     assert collection["features"][0]["geometry"]["type"] == "LineString"
     assert collection["features"][0]["properties"]["model_version"] == "1.0.0"
-    out = runner.invoke(cli, ["query", store_url, "--model", "test-b16:2.0.0", "--out", str(tmp_path / "q.csv")])
+    out = runner.invoke(
+        cli, ["query", store_url, "--model", "test-b16:2.0.0", "--out", str(tmp_path / "q.csv")]
+    )
     assert out.exit_code == 0, out.output
     lines = (tmp_path / "q.csv").read_text().splitlines()
     assert len(lines) == 2 and lines[0].endswith("wkt") and "LINESTRING" in lines[1]
-    out = runner.invoke(cli, ["query", store_url, "--severity", "medium", "--format", "gpkg", "--out",
-                              str(tmp_path / "q.gpkg")])
+    out = runner.invoke(
+        cli,
+        ["query", store_url, "--severity", "medium", "--format", "gpkg", "--out", str(tmp_path / "q.gpkg")],
+    )
     assert out.exit_code == 0, out.output
     info = pyogrio.read_info(tmp_path / "q.gpkg", layer="cracks")
     assert info["crs"] == "EPSG:4326"
@@ -247,21 +276,37 @@ def test_scenes_select_by_survey_time_bbox_and_model_version(store_url, result):
 
     west = [((15.00, 50.0), (15.01, 50.0))]
     store = open_store(store_url)
-    store.publish(scene_with(dataclasses.replace(result, footprint=shapely.box(14.9, 49.9, 15.1, 50.1)),
-                             "w", [(west[0], "low")]), RUN)
-    store.publish(scene_with(dataclasses.replace(result, footprint=shapely.box(15.9, 49.9, 16.1, 50.1)),
-                             "e", [(west[0], "low")]), RUN)
+    store.publish(
+        scene_with(
+            dataclasses.replace(result, footprint=shapely.box(14.9, 49.9, 15.1, 50.1)),
+            "w",
+            [(west[0], "low")],
+        ),
+        RUN,
+    )
+    store.publish(
+        scene_with(
+            dataclasses.replace(result, footprint=shapely.box(15.9, 49.9, 16.1, 50.1)),
+            "e",
+            [(west[0], "low")],
+        ),
+        RUN,
+    )
     store.publish(scene_with(result, "w", [(west[0], "high")]), V2, promote=False)
     store.publish(scene_with(result, "x", []), dataclasses.replace(RUN, survey_id="survey-b"))
 
     def ids(**selection):
-        return [(r["survey_id"], r["scene_id"], r["model_version"])
-                for r in store.scenes(SceneSelection(**selection))]
+        return [
+            (r["survey_id"], r["scene_id"], r["model_version"])
+            for r in store.scenes(SceneSelection(**selection))
+        ]
 
     assert ids() == [("survey-a", "e", "1.0.0"), ("survey-a", "w", "1.0.0"), ("survey-b", "x", "1.0.0")]
     assert ids(survey_id="survey-a", bbox=(14.95, 49.95, 15.05, 50.05)) == [("survey-a", "w", "1.0.0")]
     assert ids(model_name="test-b16", model_version="2.0.0") == []  # 2.0.0 is not current anywhere
-    assert ids(model_name="test-b16", model_version="2.0.0", current_only=False) == [("survey-a", "w", "2.0.0")]
+    assert ids(model_name="test-b16", model_version="2.0.0", current_only=False) == [
+        ("survey-a", "w", "2.0.0")
+    ]
     assert ids(since="2000-01-01", until="2000-12-31") == []
     assert len(ids(since="2000-01-01T00:00:00Z")) == 3
     row = store.scenes(SceneSelection(survey_id="survey-b"))[0]
@@ -271,8 +316,11 @@ def test_scenes_select_by_survey_time_bbox_and_model_version(store_url, result):
 
 
 def test_scene_summaries_count_cracks_and_length_by_severity(store_url, result):
-    lines = [(((15.00, 50.0), (15.01, 50.0)), "low"), (((15.00, 50.1), (15.01, 50.1)), "high"),
-             (((15.00, 50.2), (15.02, 50.2)), "high")]
+    lines = [
+        (((15.00, 50.0), (15.01, 50.0)), "low"),
+        (((15.00, 50.1), (15.01, 50.1)), "high"),
+        (((15.00, 50.2), (15.02, 50.2)), "high"),
+    ]
     store = open_store(store_url)
     store.publish(scene_with(result, "w", lines), RUN)
     store.publish(scene_with(result, "e", []), RUN)
@@ -295,11 +343,22 @@ def test_scene_summaries_count_cracks_and_length_by_severity(store_url, result):
 def test_a_foreign_geopackage_is_refused_and_left_byte_identical(tmp_path):
     path = tmp_path / "roads.gpkg"  # another application's GeoPackage, written by GDAL
     geometry = np.array([shapely.to_wkb(shapely.LineString([(16.3, 48.2), (16.4, 48.3)]))], dtype=object)
-    pyogrio.raw.write(path, geometry, [np.array(["A1"], dtype=object)], ["road"], driver="GPKG",
-                      layer="roads", geometry_type="LineString", crs="EPSG:4326")
+    pyogrio.raw.write(
+        path,
+        geometry,
+        [np.array(["A1"], dtype=object)],
+        ["road"],
+        driver="GPKG",
+        layer="roads",
+        geometry_type="LineString",
+        crs="EPSG:4326",
+    )
     before = path.read_bytes()
-    with pytest.raises(StoreError, match="roads.gpkg: cannot open as a crackmap GeoPackage: it holds another "
-                                         r"application's layers \(roads\); nothing was written"):
+    with pytest.raises(
+        StoreError,
+        match="roads.gpkg: cannot open as a crackmap GeoPackage: it holds another "
+        r"application's layers \(roads\); nothing was written",
+    ):
         open_store(path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["roads.gpkg"]  # no journal, no temporary file
@@ -347,8 +406,16 @@ def test_two_runs_of_one_survey_at_once_into_one_geopackage_both_succeed(tmp_pat
         write_scene(survey / f"{name}.tif", pixels)
     store = tmp_path / "out" / "map.gpkg"
     env = dict(os.environ, CRACKMAP_MODELS=str(test_models))
-    runs = [subprocess.Popen([sys.executable, "-c", MAP_SURVEY, f"run-{i}", str(survey), str(store)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (1, 2)]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", MAP_SURVEY, f"run-{i}", str(survey), str(store)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (1, 2)
+    ]
     outputs = [run.communicate(timeout=600) for run in runs]
     for run, (out, err) in zip(runs, outputs):
         assert run.returncode == 0, err[-3000:]
@@ -379,10 +446,22 @@ def test_writers_that_create_one_geopackage_at_once_all_succeed(tmp_path, result
     context = multiprocessing.get_context("fork")
     barrier = context.Manager().Barrier(4)
     with ProcessPoolExecutor(4, mp_context=context) as pool:
-        outcomes = list(pool.map(_open_and_publish, [tmp_path / "map.gpkg"] * 4, [result] * 4,
-                                 ["a", "b", "c", "d"], [barrier] * 4))
+        outcomes = list(
+            pool.map(
+                _open_and_publish,
+                [tmp_path / "map.gpkg"] * 4,
+                [result] * 4,
+                ["a", "b", "c", "d"],
+                [barrier] * 4,
+            )
+        )
     assert outcomes == ["ok"] * 4
-    assert sorted(r[0] for r in rows(tmp_path / "map.gpkg", "SELECT scene_id FROM scenes")) == ["a", "b", "c", "d"]
+    assert sorted(r[0] for r in rows(tmp_path / "map.gpkg", "SELECT scene_id FROM scenes")) == [
+        "a",
+        "b",
+        "c",
+        "d",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.gpkg", "p.tif", "scene.tif"]
 
 
@@ -395,4 +474,5 @@ def test_query_refuses_a_bbox_that_is_not_four_finite_numbers(tmp_path, result):
         assert refused.exit_code == 2, refused.output
         assert refused.output.strip().splitlines() == [
             f"error: bbox {' '.join(str(float(v)) for v in bbox)}: MINX MINY MAXX MAXY must be four finite "
-            "numbers in the store CRS"]
+            "numbers in the store CRS"
+        ]

@@ -12,16 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import levels
 
 from pipeline.backends import gpu_present
-from conftest import levels
 
 NO_GPU = not gpu_present()
 NO_TENSORRT = not all(importlib.util.find_spec(m) for m in ("tensorrt", "pycuda"))
 needs_tensorrt = pytest.mark.skipif(
     NO_GPU or NO_TENSORRT,
     reason="needs an NVIDIA GPU with tensorrt and pycuda (pip install 'crackmap[gpu]')"
-           + (": no GPU here" if NO_GPU else ": tensorrt/pycuda not installed here"))
+    + (": no GPU here" if NO_GPU else ": tensorrt/pycuda not installed here"),
+)
 
 
 def cuda_torch() -> bool:
@@ -57,14 +58,15 @@ def reference(entry):
 def test_fp32_engine_matches_onnxruntime_whatever_the_batch(entry, reference, tmp_path):
     from pipeline.backends.tensorrt import EngineCache, TensorRTBackend
 
-    backend = TensorRTBackend(entry, batch_size=70, micro_batch=32, precision="fp32",
-                              cache=EngineCache(tmp_path))
+    backend = TensorRTBackend(
+        entry, batch_size=70, micro_batch=32, precision="fp32", cache=EngineCache(tmp_path)
+    )
     chips = random_chips(70, seed=1)  # three micro-batches, the last one short, over both buffer sets
     got = backend.predict(chips)
     assert got.dtype == np.uint8 and got.shape == (70, 400, 400)
-    expected = np.concatenate([reference.predict(chips[i:i + 8]) for i in range(0, 70, 8)])
+    expected = np.concatenate([reference.predict(chips[i : i + 8]) for i in range(0, 70, 8)])
     assert levels(got, expected) <= 1
-    alone = np.concatenate([backend.predict(chips[i:i + 1]) for i in (0, 33, 69)])
+    alone = np.concatenate([backend.predict(chips[i : i + 1]) for i in (0, 33, 69)])
     assert levels(alone, got[[0, 33, 69]]) <= 1
 
 
@@ -116,8 +118,7 @@ def test_torch_cuda_graphs_pad_a_short_batch_and_match_the_cpu(entry, reference)
 
 
 @needs_tensorrt
-def test_tensorrt_from_other_threads_after_a_failed_call_and_closed_from_another(entry, reference,
-                                                                                 tmp_path):
+def test_tensorrt_from_other_threads_after_a_failed_call_and_closed_from_another(entry, reference, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     from pipeline.backends.tensorrt import EngineCache, TensorRTBackend
@@ -128,7 +129,7 @@ def test_tensorrt_from_other_threads_after_a_failed_call_and_closed_from_another
         with pytest.raises(ValueError):  # a bad call in between changes nothing
             pool.submit(backend.predict, chips[:, :, :200]).result()
         got = pool.submit(backend.predict, chips).result()
-        singles = np.concatenate([reference.predict(chips[i:i + 1]) for i in range(0, 130, 13)])
+        singles = np.concatenate([reference.predict(chips[i : i + 1]) for i in range(0, 130, 13)])
         assert levels(got[::13], singles) <= 1
         pool.submit(backend.close).result()  # freed from a thread that did not create it
     with pytest.raises(RuntimeError, match="closed"):

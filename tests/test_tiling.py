@@ -1,8 +1,7 @@
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import pytest
 
 from pipeline.tiling import blend_weights, chip_offsets
 
@@ -16,7 +15,7 @@ def test_chip_offsets_cover_every_pixel_without_sticking_out(length, size, overl
     starts = chip_offsets(length, size, overlap)
     covered = np.zeros(max(length, size), dtype=bool)
     for s in starts:
-        covered[s:s + size] = True
+        covered[s : s + size] = True
     assert covered[:length].all()
     assert starts == sorted(starts) and starts[0] == 0
     if length >= size:
@@ -25,10 +24,15 @@ def test_chip_offsets_cover_every_pixel_without_sticking_out(length, size, overl
 
 
 @settings(max_examples=100, deadline=None)
-@given(length=st.integers(1, 3000), size=st.integers(32, 512), overlap_frac=st.floats(0, 0.9),
-       border_frac=st.floats(0, 0.5))
-def test_blend_weights_sum_to_one_on_every_pixel_and_drop_covered_borders(length, size, overlap_frac,
-                                                                          border_frac):
+@given(
+    length=st.integers(1, 3000),
+    size=st.integers(32, 512),
+    overlap_frac=st.floats(0, 0.9),
+    border_frac=st.floats(0, 0.5),
+)
+def test_blend_weights_sum_to_one_on_every_pixel_and_drop_covered_borders(
+    length, size, overlap_frac, border_frac
+):
     overlap = int(size * overlap_frac)
     border = int(overlap * border_frac)
     weights = blend_weights(length, size, overlap, border)
@@ -36,7 +40,7 @@ def test_blend_weights_sum_to_one_on_every_pixel_and_drop_covered_borders(length
     total = np.zeros(max(length, size))
     for offset, w in weights.items():
         assert w.shape == (size,) and (w >= 0).all()
-        total[offset:offset + size] += w
+        total[offset : offset + size] += w
         if border and offset > 0:
             assert (w[:border] == 0).all()  # the border band another chip covers
         if border and offset + size < length:

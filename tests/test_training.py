@@ -43,13 +43,23 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def tiny_config(data_root: Path, out: Path, **changes) -> training.TrainConfig:
-    config = training.TrainConfig(out=out, data_root=data_root, datasets=("alpha", "beta"), iters=6,
-                                  batch_size=2, crop_px=48, val_every=3, checkpoint_every=100,
-                                  log_every=2, threads=1)
+    config = training.TrainConfig(
+        out=out,
+        data_root=data_root,
+        datasets=("alpha", "beta"),
+        iters=6,
+        batch_size=2,
+        crop_px=48,
+        val_every=3,
+        checkpoint_every=100,
+        log_every=2,
+        threads=1,
+    )
     return replace(config, **changes)
 
 
 # --------------------------------------------------------------------------- data checks
+
 
 def test_load_split_decodes_images_and_binary_masks(data_root):
     split = crackdata.load_split(data_root / "alpha" / "train")
@@ -98,13 +108,14 @@ def test_missing_dataset_names_the_folder(data_root, tmp_path):
 
 # --------------------------------------------------------------------------- sampling and augmentation
 
+
 def test_sampler_is_balanced_and_deterministic():
     sampler = crackdata.BalancedSampler(sizes=(3, 10), seed=5)
     draws = [sampler.draw(n) for n in range(60)]
     assert draws == [crackdata.BalancedSampler((3, 10), 5).draw(n) for n in range(60)]
     assert sum(d == 0 for d, _ in draws) == 30
     small = [i for d, i in draws if d == 0]
-    assert all(sorted(small[k:k + 3]) == [0, 1, 2] for k in range(0, 30, 3))  # each epoch a permutation
+    assert all(sorted(small[k : k + 3]) == [0, 1, 2] for k in range(0, 30, 3))  # each epoch a permutation
     assert draws != [crackdata.BalancedSampler((3, 10), 6).draw(n) for n in range(60)]
 
 
@@ -132,11 +143,12 @@ def test_scaled_crop_keeps_the_crack_where_it_was():
 
 # --------------------------------------------------------------------------- loss and training
 
+
 def test_ohem_keeps_at_least_min_kept_and_ignores_padding():
     logits = torch.zeros(1, 2, 4, 4)
-    logits[0, 1] = 4.0                             # confident crack everywhere
+    logits[0, 1] = 4.0  # confident crack everywhere
     target = torch.ones(1, 4, 4, dtype=torch.long)
-    target[0, 0] = 0                               # 4 hard pixels
+    target[0, 0] = 0  # 4 hard pixels
     target[0, 3] = crackdata.IGNORE_INDEX
     hard = torch.nn.functional.cross_entropy(logits[:, :, 0], target[:, 0]).item()
     assert training.ohem_cross_entropy(logits, target, 0.7, min_kept=2).item() == pytest.approx(hard)
@@ -210,8 +222,21 @@ def test_resume_with_a_changed_recipe_is_refused(data_root, tmp_path):
 def test_command_line_options_build_the_config(tmp_path):
     parser = argparse.ArgumentParser()
     training.add_arguments(parser)
-    args = parser.parse_args(["--out", str(tmp_path), "--iters", "80", "--crop-px", "320",
-                              "--datasets", "uav75", "--resume", "--max-minutes", "5"])
+    args = parser.parse_args(
+        [
+            "--out",
+            str(tmp_path),
+            "--iters",
+            "80",
+            "--crop-px",
+            "320",
+            "--datasets",
+            "uav75",
+            "--resume",
+            "--max-minutes",
+            "5",
+        ]
+    )
     config = training.config_from_args(args)
     assert config.iters == 80 and config.crop_px == 320 and config.datasets == ("uav75",)
     assert config.resume == tmp_path / "last.pt" and config.max_minutes == 5.0
@@ -219,6 +244,7 @@ def test_command_line_options_build_the_config(tmp_path):
 
 
 # --------------------------------------------------------------------------- survey-scale data and speed
+
 
 def write_multiclass(split_dir: Path, stem: str, classes: np.ndarray) -> None:
     (split_dir / "masks_multiclass").mkdir(parents=True, exist_ok=True)
@@ -230,9 +256,9 @@ def test_multiclass_masks_give_ignored_areas_and_hard_negatives(tmp_path):
     write_pair(split_dir, "000001", np.random.default_rng(3))
     mask = np.asarray(Image.open(split_dir / "masks" / "000001.png"))
     classes = np.where(mask == 255, 30, 0).astype(np.uint8)
-    classes[0:10, 0:10] = 150          # alligator area -> unlabelled
-    classes[50:52, :] = 210            # expansion joint -> hard negative
-    classes[mask == 255] = 30          # the crack stays a crack
+    classes[0:10, 0:10] = 150  # alligator area -> unlabelled
+    classes[50:52, :] = 210  # expansion joint -> hard negative
+    classes[mask == 255] = 30  # the crack stays a crack
     write_multiclass(split_dir, "000001", classes)
     sample = crackdata.load_split(split_dir).samples[0]
     ignored = (classes == 150) & (mask == 0)
@@ -264,16 +290,26 @@ def test_focused_window_holds_the_focus_pixel():
 
 def test_tile_datasets_become_mosaics_of_several_tiles():
     rng = np.random.default_rng(0)
-    samples = tuple(crackdata.Sample(f"t{i}", np.full((40, 40, 3), 10 * i + 5, np.uint8),
-                                     np.zeros((40, 40), np.uint8)) for i in range(20))
+    samples = tuple(
+        crackdata.Sample(f"t{i}", np.full((40, 40, 3), 10 * i + 5, np.uint8), np.zeros((40, 40), np.uint8))
+        for i in range(20)
+    )
     split = crackdata.CrackSplit("tiles", Path("."), samples)
-    augment = crackdata.Augment(crop_px=120, scale_min=1.0, scale_max=1.0, flip=False,
-                                brightness=0, contrast=0, saturation=0, mosaic_below_px=100)
+    augment = crackdata.Augment(
+        crop_px=120,
+        scale_min=1.0,
+        scale_max=1.0,
+        flip=False,
+        brightness=0,
+        contrast=0,
+        saturation=0,
+        mosaic_below_px=100,
+    )
     image, mask = crackdata.mosaic_crop(split, 3, rng, augment, crackdata.typical_long_side(split))
     assert image.shape == (120, 120, 3) and mask.shape == (120, 120)
-    assert image[0, 0, 0] == 35                                   # the first cell is the chosen tile
-    assert len(np.unique(image[::40, ::40, 0])) > 3               # 3x3 cells from other tiles
-    assert set(np.unique(mask)) == {0}                            # tiles fill the crop exactly
+    assert image[0, 0, 0] == 35  # the first cell is the chosen tile
+    assert len(np.unique(image[::40, ::40, 0])) > 3  # 3x3 cells from other tiles
+    assert set(np.unique(mask)) == {0}  # tiles fill the crop exactly
     sampler = crackdata.BalancedSampler((20,), seed=1)
     first, _ = crackdata.training_batch((split,), sampler, 0, 2, augment)
     again, _ = crackdata.training_batch((split,), sampler, 0, 2, augment)
@@ -285,7 +321,7 @@ def test_sampler_counts_weight_datasets_by_domain():
     draws = [sampler.draw(n) for n in range(600)]
     assert [sum(d == k for d, _ in draws) for k in range(3)] == [300, 100, 200]
     first = [i for d, i in draws if d == 0]
-    assert all(sorted(first[k:k + 5]) == list(range(5)) for k in range(0, 300, 5))
+    assert all(sorted(first[k : k + 5]) == list(range(5)) for k in range(0, 300, 5))
     assert draws == [crackdata.BalancedSampler((5, 100, 7), 2, (3, 1, 2)).draw(n) for n in range(600)]
 
 
@@ -300,10 +336,16 @@ def test_bf16_and_fp32_steps_agree():
         model = training.hrsegnet.create("b16").to(memory_format=torch.channels_last)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         optimizer = training.make_optimizer(model, config)
-        loss = training.train_step(model, optimizer, x.contiguous(memory_format=torch.channels_last), y,
-                                   0, config, precision)
-        update = torch.cat([(model.state_dict()[k] - before[k]).flatten().float()
-                            for k in before if before[k].is_floating_point()])
+        loss = training.train_step(
+            model, optimizer, x.contiguous(memory_format=torch.channels_last), y, 0, config, precision
+        )
+        update = torch.cat(
+            [
+                (model.state_dict()[k] - before[k]).flatten().float()
+                for k in before
+                if before[k].is_floating_point()
+            ]
+        )
         results[precision] = (loss, update)
     (loss32, update32), (loss16, update16) = results["fp32"], results["bf16"]
     assert loss16 == pytest.approx(loss32, rel=0.03)
@@ -330,20 +372,25 @@ def test_ohem_on_the_main_head_only_uses_plain_cross_entropy_elsewhere():
     target[0, 0] = crackdata.IGNORE_INDEX
     config = training.TrainConfig(out=Path("."))
     min_kept = int(target.numel() * config.ohem_min_kept_fraction)
-    expected = (training.ohem_cross_entropy(outputs[0], target, 0.7, min_kept)
-                + 0.5 * torch.nn.functional.cross_entropy(outputs[1], target, ignore_index=255)
-                + 0.5 * torch.nn.functional.cross_entropy(outputs[2], target, ignore_index=255))
+    expected = (
+        training.ohem_cross_entropy(outputs[0], target, 0.7, min_kept)
+        + 0.5 * torch.nn.functional.cross_entropy(outputs[1], target, ignore_index=255)
+        + 0.5 * torch.nn.functional.cross_entropy(outputs[2], target, ignore_index=255)
+    )
     assert training.total_loss(outputs, target, config).item() == pytest.approx(expected.item())
     all_heads = replace(config, ohem_heads="all")
-    expected_all = sum(w * training.ohem_cross_entropy(o, target, 0.7, min_kept)
-                       for w, o in zip((1.0, 0.5, 0.5), outputs))
+    expected_all = sum(
+        w * training.ohem_cross_entropy(o, target, 0.7, min_kept) for w, o in zip((1.0, 0.5, 0.5), outputs)
+    )
     assert training.total_loss(outputs, target, all_heads).item() == pytest.approx(expected_all.item())
 
 
 def test_resume_from_another_variant_or_pooling_is_refused(data_root, tmp_path):
     training.train(tiny_config(data_root, tmp_path / "run", stop_at=1, val_every=1))
-    for change, words in (({"variant": "b32"}, r"variant: 'b16' -> 'b32'"),
-                          ({"avg_pool": "inclusive"}, r"avg_pool: 'exclusive' -> 'inclusive'")):
+    for change, words in (
+        ({"variant": "b32"}, r"variant: 'b16' -> 'b32'"),
+        ({"avg_pool": "inclusive"}, r"avg_pool: 'exclusive' -> 'inclusive'"),
+    ):
         changed = tiny_config(data_root, tmp_path / "run", resume=tmp_path / "run" / "last.pt", **change)
         with pytest.raises(ValueError, match=words):
             training.train(changed)

@@ -1,18 +1,18 @@
 import numpy as np
 import pytest
+from affine import Affine
+from conftest import paint_crack, write_scene
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from affine import Affine
 from pyproj import Geod
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 from shapely.geometry import LineString
 
-from conftest import paint_crack, write_scene
+from pipeline import vectorize
 from pipeline.measure import pixel_to_map
 from pipeline.scene import SceneOptions, detect_cracks
 from pipeline.stores import DEFAULT_CRS
-from pipeline import vectorize
 from pipeline.vectorize import BandVectorizer, Piece, SeamJoiner, VectorizeParams, band_pieces, cut_to_rows
 
 PIXEL_M = 0.002
@@ -23,11 +23,13 @@ class Model:
     spec, threshold = "test:1", 0.5
 
 
-def run_scene(tmp_path, darkness, pixels, crs="EPSG:32633", transform=None, store_crs=DEFAULT_CRS,
-              **option_args):
+def run_scene(
+    tmp_path, darkness, pixels, crs="EPSG:32633", transform=None, store_crs=DEFAULT_CRS, **option_args
+):
     path = write_scene(tmp_path / "scene.tif", pixels, crs, transform)
-    return detect_cracks(str(path), darkness, Model(), tmp_path / "p.tif", store_crs,
-                         SceneOptions(**option_args))
+    return detect_cracks(
+        str(path), darkness, Model(), tmp_path / "p.tif", store_crs, SceneOptions(**option_args)
+    )
 
 
 def blank(height, width):
@@ -38,8 +40,9 @@ def test_crack_across_chip_and_band_seams_is_one_line_with_right_length_and_widt
     pixels = blank(1500, 1300)
     paint_crack(pixels, (100, 60), (1400, 1240), width_px=7)
     # chips seam every 336 px; bands of 300 rows add seams at 300, 600, 900, 1200
-    result = run_scene(tmp_path, darkness, pixels, store_crs=UTM,
-                       vectorize=VectorizeParams(band_rows=300, halo_rows=48))
+    result = run_scene(
+        tmp_path, darkness, pixels, store_crs=UTM, vectorize=VectorizeParams(band_rows=300, halo_rows=48)
+    )
     assert len(result.cracks) == 1
     crack = result.cracks[0]
     true_length = np.hypot(1300, 1180) * PIXEL_M
@@ -113,8 +116,11 @@ def test_seam_joiner_joins_chains_and_leaves_branches():
         return Piece(np.column_stack([rows, cols]).astype(float), seams, len(rows), len(rows), 1, 0)
 
     joiner = SeamJoiner()
-    for p in (piece([0, 9.5], [5, 5], (None, 10)), piece([9.5, 19.5], [5, 6], (10, 20)),
-              piece([29, 19.5], [6, 6], (None, 20))):  # the last one runs upwards
+    for p in (
+        piece([0, 9.5], [5, 5], (None, 10)),
+        piece([9.5, 19.5], [5, 6], (10, 20)),
+        piece([29, 19.5], [6, 6], (None, 20)),
+    ):  # the last one runs upwards
         assert joiner.add(p) is None
     (line,) = joiner.finish()
     assert line.seams == (None, None)
@@ -155,19 +161,37 @@ def test_a_crs_the_store_cannot_reach_fails_before_the_network_runs(tmp_path):
             raise AssertionError("the network must not run")
 
     # EPSG:2056 (Swiss LV95) has no transformation to a Martian CRS
-    path = write_scene(tmp_path / "swiss.tif", blank(50, 50), "EPSG:2056",
-                       from_origin(2600000, 1200000, 0.002, 0.002))
+    path = write_scene(
+        tmp_path / "swiss.tif", blank(50, 50), "EPSG:2056", from_origin(2600000, 1200000, 0.002, 0.002)
+    )
     with pytest.raises(SceneContentError, match="swiss.tif: its CRS EPSG:2056 cannot be transformed"):
-        detect_cracks(str(path), Exploding(), Model(), tmp_path / "p.tif", CRS.from_wkt(
-            'GEOGCRS["Mars 2000",DATUM["D_Mars_2000",ELLIPSOID["Mars_2000_IAU_IAG",3396190,169.894447223612]],'
-            'CS[ellipsoidal,2],AXIS["lat",north,ANGLEUNIT["degree",0.0174532925199433]],'
-            'AXIS["lon",east,ANGLEUNIT["degree",0.0174532925199433]]]'), SceneOptions())
+        detect_cracks(
+            str(path),
+            Exploding(),
+            Model(),
+            tmp_path / "p.tif",
+            CRS.from_wkt(
+                'GEOGCRS["Mars 2000",DATUM["D_Mars_2000",ELLIPSOID["Mars_2000_IAU_IAG",3396190,169.894447223612]],'
+                'CS[ellipsoidal,2],AXIS["lat",north,ANGLEUNIT["degree",0.0174532925199433]],'
+                'AXIS["lon",east,ANGLEUNIT["degree",0.0174532925199433]]]'
+            ),
+            SceneOptions(),
+        )
     assert not (tmp_path / "p.tif").exists()
 
 
 def pieces_key(pieces):
-    return sorted((p.rc.round(6).tolist(), p.seams, p.n_px, round(p.half_width_sum, 4), p.half_width_max,
-                   p.probability_sum) for p in pieces)
+    return sorted(
+        (
+            p.rc.round(6).tolist(),
+            p.seams,
+            p.n_px,
+            round(p.half_width_sum, 4),
+            p.half_width_max,
+            p.probability_sum,
+        )
+        for p in pieces
+    )
 
 
 @settings(max_examples=40, deadline=None)
@@ -179,11 +203,12 @@ def test_packed_crack_columns_give_the_pieces_the_whole_band_gives(seed, strokes
     for _ in range(strokes):  # cracks of any direction and width, some close to each other or the edges
         start, end = rng.integers(0, (160, 900), 2), rng.integers(0, (160, 900), 2)
         p = probability[None].copy()
-        paint_crack(p, tuple(start), tuple(end), width_px=float(rng.uniform(1, 6)),
-                    value=int(rng.integers(100, 256)))
+        paint_crack(
+            p, tuple(start), tuple(end), width_px=float(rng.uniform(1, 6)), value=int(rng.integers(100, 256))
+        )
         probability = p[0]
     valid = np.ones(probability.shape, bool)
-    valid[:, :int(rng.integers(0, 40))] = False
+    valid[:, : int(rng.integers(0, 40))] = False
     params = VectorizeParams(band_rows=100, halo_rows=30, min_area_px=10, spur_px=6)
     packed = band_pieces(probability, valid, 500, 530, 630, params)
     whole_band = vectorize.SPARSE_MAX_RUNS
@@ -219,10 +244,11 @@ def test_widths_on_non_square_pixels_use_the_spacing_across_the_crack(tmp_path, 
 
 # --------------------------------------------------------------------------- texture fragments and gaps
 
+
 def test_a_crack_with_a_faint_stretch_across_a_chip_seam_is_bridged_into_one_line(tmp_path, darkness):
     pixels = blank(500, 900)
-    pixels[:, 248:253, 50:850] = 20                 # 5 px wide, 800 px long
-    pixels[:, 248:253, 330:338] = 200               # a faint stretch of 8 px across the chip seam at 336
+    pixels[:, 248:253, 50:850] = 20  # 5 px wide, 800 px long
+    pixels[:, 248:253, 330:338] = 200  # a faint stretch of 8 px across the chip seam at 336
     broken = run_scene(tmp_path, darkness, pixels, vectorize=VectorizeParams(bridge_gap_px=0))
     assert len(broken.cracks) == 2
     bridged = run_scene(tmp_path, darkness, pixels, vectorize=VectorizeParams(bridge_gap_px=16))
@@ -234,8 +260,8 @@ def test_a_crack_with_a_faint_stretch_across_a_chip_seam_is_bridged_into_one_lin
 
 def test_lines_that_do_not_face_each_other_are_not_bridged(tmp_path, darkness):
     pixels = blank(500, 900)
-    pixels[:, 248:253, 50:400] = 20                 # horizontal, ends at column 400
-    pixels[:, 262:460, 408:413] = 20                # vertical, starts 10 px away, at right angles
+    pixels[:, 248:253, 50:400] = 20  # horizontal, ends at column 400
+    pixels[:, 262:460, 408:413] = 20  # vertical, starts 10 px away, at right angles
     result = run_scene(tmp_path, darkness, pixels, vectorize=VectorizeParams(bridge_gap_px=16))
     assert len(result.cracks) == 2
 
@@ -243,27 +269,33 @@ def test_lines_that_do_not_face_each_other_are_not_bridged(tmp_path, darkness):
 def test_bridging_never_closes_a_loop_or_uses_an_end_twice():
     def piece(rc):
         return Piece(np.asarray(rc, float), (None, None), len(rc), float(len(rc)), 1.0, 200.0 * len(rc))
+
     # Three collinear pieces: the middle one's ends are each bridged once.
     pieces = [piece([[0, 0], [0, 20]]), piece([[0, 24], [0, 40]]), piece([[0, 44], [0, 60]])]
     joined = vectorize.bridge_gaps(pieces, gap_px=6)
     assert len(joined) == 1 and joined[0].rc[0].tolist() == [0, 0] and joined[0].rc[-1].tolist() == [0, 60]
     assert joined[0].n_px == sum(p.n_px for p in pieces)
     # Four pieces around a square, ends facing each other at every corner: one open chain, not a loop.
-    square = [piece([[0, 2], [0, 18]]), piece([[2, 20], [18, 20]]), piece([[20, 18], [20, 2]]),
-              piece([[18, 0], [2, 0]])]
+    square = [
+        piece([[0, 2], [0, 18]]),
+        piece([[2, 20], [18, 20]]),
+        piece([[20, 18], [20, 2]]),
+        piece([[18, 0], [2, 0]]),
+    ]
     ring = vectorize.bridge_gaps(square, gap_px=4, max_angle_deg=60)
     assert len(ring) == 1 and len(ring[0].rc) == 8
 
 
 def test_fragments_shorter_than_min_length_are_dropped_and_longer_cracks_kept(tmp_path, darkness):
     pixels = blank(500, 900)
-    pixels[:, 248:253, 50:850] = 20                 # 1.6 m crack
-    for col in range(100, 800, 100):                # texture: 20 px (4 cm) dark flecks
-        pixels[:, 100:103, col:col + 20] = 20
-    pixels[:, 264:267, 400:420] = 20                # a short branch-like piece right beside the crack
+    pixels[:, 248:253, 50:850] = 20  # 1.6 m crack
+    for col in range(100, 800, 100):  # texture: 20 px (4 cm) dark flecks
+        pixels[:, 100:103, col : col + 20] = 20
+    pixels[:, 264:267, 400:420] = 20  # a short branch-like piece right beside the crack
     everything = run_scene(tmp_path, darkness, pixels, vectorize=VectorizeParams(min_area_px=10))
     assert len(everything.cracks) == 9
-    cleaned = run_scene(tmp_path, darkness, pixels,
-                        vectorize=VectorizeParams(min_area_px=10, min_length_m=0.05))
+    cleaned = run_scene(
+        tmp_path, darkness, pixels, vectorize=VectorizeParams(min_area_px=10, min_length_m=0.05)
+    )
     assert sorted(round(c.length_m, 2) for c in cleaned.cracks)[-1] > 1.5
-    assert len(cleaned.cracks) == 2                 # the crack and the piece beside it; no texture
+    assert len(cleaned.cracks) == 2  # the crack and the piece beside it; no texture

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import shapely
 from playwright.sync_api import sync_playwright
+from serve_fixtures import CRACK_COUNT, SOUTH, STEP_DEG, WEST, expected, publish_map
 
 from pipeline import gpkg
-from serve_fixtures import CRACK_COUNT, SOUTH, STEP_DEG, WEST, expected, publish_map
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "out" / "test-artifacts"
@@ -41,8 +41,9 @@ WAIT_IDLE = """new Promise(resolve => {
 @pytest.fixture(scope="module")
 def chromium() -> Path:
     if not CHROMIUM.exists():
-        reason = os.environ.get("CRACKMAP_CHROMIUM_UNAVAILABLE", f"{CHROMIUM} is not installed "
-                                "(infra/chromium.sh installs it)")
+        reason = os.environ.get(
+            "CRACKMAP_CHROMIUM_UNAVAILABLE", f"{CHROMIUM} is not installed (infra/chromium.sh installs it)"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(f"chromium is not available ({reason}); CI must run the browser test", pytrace=False)
         pytest.skip(f"chromium is not available ({reason})")
@@ -58,21 +59,32 @@ def free_port() -> int:
 def add_condition_layers(store: Path) -> None:
     """What `crackmap sections` adds: crack types, three sections (Good/Fair/Poor), a pattern area."""
     con = gpkg.connect(str(store))
-    con.execute("UPDATE cracks SET crack_type = CASE CAST(substr(crack_id, -2) AS INTEGER) % 3 "
-                "WHEN 0 THEN 'longitudinal' WHEN 1 THEN 'transverse' ELSE 'diagonal' END")
+    con.execute(
+        "UPDATE cracks SET crack_type = CASE CAST(substr(crack_id, -2) AS INTEGER) % 3 "
+        "WHEN 0 THEN 'longitudinal' WHEN 1 THEN 'transverse' ELSE 'diagonal' END"
+    )
     for i, condition in enumerate(("Good", "Fair", "Poor")):
-        box = shapely.box(WEST + 4 * i * STEP_DEG - STEP_DEG / 2, SOUTH - 0.00005,
-                          WEST + 4 * (i + 1) * STEP_DEG - STEP_DEG / 2, SOUTH + 0.00035)
-        con.execute("INSERT INTO sections (geom, survey_id, sections_run_id, road_id, level, from_m, to_m, "
-                    "section_m, computed_at, is_current, condition_class) "
-                    "VALUES (?, 'survey-a', 's1', 'r1', 'section', ?, ?, 10, '2026-11-29T00:00:00Z', 1, ?)",
-                    (gpkg.encode(box, 4326), 10 * i, 10 * i + 10, condition))
-    area = shapely.MultiPolygon([shapely.box(WEST + 8 * STEP_DEG, SOUTH + 0.0001, WEST + 10 * STEP_DEG,
-                                             SOUTH + 0.0002)])
-    con.execute("INSERT INTO pattern_areas (geom, survey_id, scene_id, model_name, model_version, "
-                "pattern_no, class, area_m2, crack_density_m_per_m2) "
-                "VALUES (?, 'survey-a', 'road-1', 'test-b16', '1.0.0', 1, 'alligator', 150, 4)",
-                (gpkg.encode(area, 4326),))
+        box = shapely.box(
+            WEST + 4 * i * STEP_DEG - STEP_DEG / 2,
+            SOUTH - 0.00005,
+            WEST + 4 * (i + 1) * STEP_DEG - STEP_DEG / 2,
+            SOUTH + 0.00035,
+        )
+        con.execute(
+            "INSERT INTO sections (geom, survey_id, sections_run_id, road_id, level, from_m, to_m, "
+            "section_m, computed_at, is_current, condition_class) "
+            "VALUES (?, 'survey-a', 's1', 'r1', 'section', ?, ?, 10, '2026-11-29T00:00:00Z', 1, ?)",
+            (gpkg.encode(box, 4326), 10 * i, 10 * i + 10, condition),
+        )
+    area = shapely.MultiPolygon(
+        [shapely.box(WEST + 8 * STEP_DEG, SOUTH + 0.0001, WEST + 10 * STEP_DEG, SOUTH + 0.0002)]
+    )
+    con.execute(
+        "INSERT INTO pattern_areas (geom, survey_id, scene_id, model_name, model_version, "
+        "pattern_no, class, area_m2, crack_density_m_per_m2) "
+        "VALUES (?, 'survey-a', 'road-1', 'test-b16', '1.0.0', 1, 'alligator', 150, 4)",
+        (gpkg.encode(area, 4326),),
+    )
     con.close()
 
 
@@ -85,11 +97,13 @@ def server(request, tmp_path):
         add_condition_layers(store)
     port = free_port()
     script = Path(sys.executable).parent / "crackmap"
-    command = ([str(script)] if script.exists()
-               else [sys.executable, "-c", "from flows.cli import main; main()"])
+    command = (
+        [str(script)] if script.exists() else [sys.executable, "-c", "from flows.cli import main; main()"]
+    )
     with open(tmp_path / "serve.log", "w") as log:
-        process = subprocess.Popen([*command, "serve", str(store), "--port", str(port)], stdout=log,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [*command, "serve", str(store), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT
+        )
         url = f"http://127.0.0.1:{port}/"
         try:
             deadline = time.monotonic() + 60
@@ -100,8 +114,9 @@ def server(request, tmp_path):
                             break
                 except OSError:
                     if process.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("crackmap serve did not start: "
-                                           f"{(tmp_path / 'serve.log').read_text()}") from None
+                        raise RuntimeError(
+                            f"crackmap serve did not start: {(tmp_path / 'serve.log').read_text()}"
+                        ) from None
                     time.sleep(0.3)
             yield url
         finally:
@@ -113,13 +128,19 @@ def test_the_map_renders_cracks_and_a_click_shows_length(request, chromium, serv
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=str(chromium),
-            args=["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--no-sandbox"])
+            args=["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--no-sandbox"],
+        )
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 700})
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
-            page.on("requestfailed", lambda request: request.failure != "net::ERR_ABORTED"  # a tile
-                    and errors.append(f"request failed: {request.url} ({request.failure})"))  # panned away
+            page.on(
+                "requestfailed",
+                lambda request: (
+                    request.failure != "net::ERR_ABORTED"  # a tile
+                    and errors.append(f"request failed: {request.url} ({request.failure})")
+                ),
+            )  # panned away
             # a console error would be, e.g., the content security policy blocking MapLibre's worker
             page.on("console", lambda message: message.type == "error" and errors.append(message.text))
             page.goto(server)
@@ -129,8 +150,10 @@ def test_the_map_renders_cracks_and_a_click_shows_length(request, chromium, serv
                 assert time.monotonic() < deadline, f"the map did not become idle: {errors}"
                 time.sleep(0.25)
             page.evaluate(WAIT_IDLE)
-            rendered = page.evaluate(f"window.crackmap.map.queryRenderedFeatures({{layers: {CRACK_LAYERS}}})"
-                                     ".map(f => f.properties.crack_id)")
+            rendered = page.evaluate(
+                f"window.crackmap.map.queryRenderedFeatures({{layers: {CRACK_LAYERS}}})"
+                ".map(f => f.properties.crack_id)"
+            )
             assert len(set(rendered)) == CRACK_COUNT
             # click the middle of crack 5 and read the popup
             x, y, crack_id = page.evaluate(f"""(() => {{
@@ -148,44 +171,72 @@ def test_the_map_renders_cracks_and_a_click_shows_length(request, chromium, serv
             layers = page.evaluate(CRACK_LAYERS)
             if "condition" in request.node.callspec.id:
                 # type as line style, sections by condition class, pattern areas: one layer each
-                assert layers == ["cracks-longitudinal", "cracks-transverse", "cracks-diagonal",
-                                  "cracks-joint", "cracks-pattern"]
-                by_type = page.evaluate(f"Object.fromEntries({CRACK_LAYERS}.map(id => [id, "
-                                        "window.crackmap.map.queryRenderedFeatures({layers: [id]}).length]))")
+                assert layers == [
+                    "cracks-longitudinal",
+                    "cracks-transverse",
+                    "cracks-diagonal",
+                    "cracks-joint",
+                    "cracks-pattern",
+                ]
+                by_type = page.evaluate(
+                    f"Object.fromEntries({CRACK_LAYERS}.map(id => [id, "
+                    "window.crackmap.map.queryRenderedFeatures({layers: [id]}).length]))"
+                )
                 assert all(by_type[f"cracks-{t}"] > 0 for t in ("longitudinal", "transverse", "diagonal"))
-                conditions = page.evaluate("window.crackmap.map.queryRenderedFeatures({layers: ['sections']})"
-                                           ".map(f => f.properties.condition_class)")
+                conditions = page.evaluate(
+                    "window.crackmap.map.queryRenderedFeatures({layers: ['sections']})"
+                    ".map(f => f.properties.condition_class)"
+                )
                 assert set(conditions) == {"Good", "Fair", "Poor"}
-                assert page.evaluate("window.crackmap.map.queryRenderedFeatures({layers: ['pattern_areas']})"
-                                     ".length") > 0
+                assert (
+                    page.evaluate(
+                        "window.crackmap.map.queryRenderedFeatures({layers: ['pattern_areas']}).length"
+                    )
+                    > 0
+                )
                 assert "Sections by condition" in page.inner_text("#legend")
                 assert page.is_visible("#f-type-label")
                 page.select_option("#f-type", "transverse")  # the type filter leaves only that type
                 time.sleep(0.5)
-                shown = page.evaluate(f"window.crackmap.map.queryRenderedFeatures({{layers: {CRACK_LAYERS}}})"
-                                      ".map(f => f.properties.crack_type)")
+                shown = page.evaluate(
+                    f"window.crackmap.map.queryRenderedFeatures({{layers: {CRACK_LAYERS}}})"
+                    ".map(f => f.properties.crack_type)"
+                )
                 assert shown and set(shown) == {"transverse"}
                 page.select_option("#f-type", "")
                 deadline = time.monotonic() + 30
-                rendered_ids = (f"window.crackmap.map.queryRenderedFeatures({{layers: {CRACK_LAYERS}}})"
-                                ".map(f => f.properties.crack_id)")
+                rendered_ids = (
+                    f"window.crackmap.map.queryRenderedFeatures({{layers: {CRACK_LAYERS}}})"
+                    ".map(f => f.properties.crack_id)"
+                )
                 while len(set(page.evaluate(rendered_ids))) < CRACK_COUNT:
                     assert time.monotonic() < deadline, "clearing the type filter left cracks hidden"
                     time.sleep(0.25)
                 page.evaluate(WAIT_IDLE)
             else:  # as `crackmap run` writes a store: every crack drawn, whatever its type column holds
-                assert layers in (["cracks"], ["cracks-longitudinal", "cracks-transverse", "cracks-diagonal",
-                                               "cracks-joint", "cracks-pattern"])
+                assert layers in (
+                    ["cracks"],
+                    [
+                        "cracks-longitudinal",
+                        "cracks-transverse",
+                        "cracks-diagonal",
+                        "cracks-joint",
+                        "cracks-pattern",
+                    ],
+                )
             if "condition" in request.node.callspec.id:  # the crack-probability raster under the cracks
                 page.select_option("#f-raster", "probability")
                 deadline = time.monotonic() + 30
-                while not page.evaluate("[...window.crackmap.state.rasters].length > 0 && "
-                                        "[...window.crackmap.state.rasters].every(id => "
-                                        "window.crackmap.map.isSourceLoaded(id))"):
+                while not page.evaluate(
+                    "[...window.crackmap.state.rasters].length > 0 && "
+                    "[...window.crackmap.state.rasters].every(id => "
+                    "window.crackmap.map.isSourceLoaded(id))"
+                ):
                     assert time.monotonic() < deadline, f"the probability raster did not load: {errors}"
                     time.sleep(0.25)
                 assert page.evaluate("[...window.crackmap.state.rasters]") == [
-                    "raster:probability:survey-a/road-1"]
+                    "raster:probability:survey-a/road-1"
+                ]
             page.screenshot(path=str(tmp_path / "web-map.png"))
             assert not errors, errors
         finally:

@@ -27,9 +27,23 @@ from pipeline.backends.fixed import FixedBackend, short_crack
 from pipeline.backends.onnx_runtime import OnnxRuntimeBackend
 from pipeline.errors import BackendUnavailableError
 
-__all__ = ["BACKENDS", "CPU_DEFAULT", "Backend", "FixedBackend", "OnnxRuntimeBackend", "as_uint8",
-           "auto_backend", "choose_backend", "gpu_present", "load_backend", "pad_batch", "predictions",
-           "select_backend", "short_crack", "split_batches"]
+__all__ = [
+    "BACKENDS",
+    "CPU_DEFAULT",
+    "Backend",
+    "FixedBackend",
+    "OnnxRuntimeBackend",
+    "as_uint8",
+    "auto_backend",
+    "choose_backend",
+    "gpu_present",
+    "load_backend",
+    "pad_batch",
+    "predictions",
+    "select_backend",
+    "short_crack",
+    "split_batches",
+]
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "tensorrt", "torch", "onnxruntime")
@@ -49,8 +63,10 @@ def auto_backend(gpu: bool, tensorrt: bool, torch_cuda: bool) -> tuple[str, str]
     if gpu and tensorrt:
         return "tensorrt", "an NVIDIA GPU with tensorrt and pycuda installed"
     if gpu and torch_cuda:
-        return "torch", ("an NVIDIA GPU with CUDA torch, but tensorrt/pycuda are not installed "
-                         "(pip install 'crackmap[gpu]' for TensorRT)")
+        return "torch", (
+            "an NVIDIA GPU with CUDA torch, but tensorrt/pycuda are not installed "
+            "(pip install 'crackmap[gpu]' for TensorRT)"
+        )
     if gpu:
         return CPU_DEFAULT, "an NVIDIA GPU, but neither tensorrt+pycuda nor CUDA torch: the CPU default"
     return CPU_DEFAULT, "no NVIDIA GPU: the CPU default"
@@ -88,8 +104,9 @@ def choose_backend(requested: str = "auto") -> str:
     return select_backend(requested)[0]
 
 
-def load_backend(entry: ModelEntry, requested: str = "auto", batch_size: int | None = None,
-                 cpu_precision: str = "auto") -> Backend:
+def load_backend(
+    entry: ModelEntry, requested: str = "auto", batch_size: int | None = None, cpu_precision: str = "auto"
+) -> Backend:
     """Load ``entry`` on a backend (see ``choose_backend``); logs which one was picked and why.
 
     ``batch_size`` (chips per ``predict``) defaults per backend: 8 on CPUs,

@@ -10,6 +10,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
+
 def split_batches(n: int, batch: int) -> list[slice]:
     """Slices of at most ``batch`` chips that cover ``n`` chips in order.
 
@@ -30,7 +31,7 @@ def pad_batch(chips: np.ndarray, batch: int) -> np.ndarray:
     if len(chips) == batch:
         return chips
     padded = np.zeros((batch, *chips.shape[1:]), dtype=chips.dtype)
-    padded[:len(chips)] = chips
+    padded[: len(chips)] = chips
     return padded
 
 
@@ -69,8 +70,9 @@ class SubmittingBackend(Backend, Protocol):
         """``predict(chips)`` started in the background."""
 
 
-def predictions(backend: Backend, items: Iterable[T], chips: Callable[[T], np.ndarray]
-                ) -> Iterator[tuple[T, np.ndarray]]:
+def predictions(
+    backend: Backend, items: Iterable[T], chips: Callable[[T], np.ndarray]
+) -> Iterator[tuple[T, np.ndarray]]:
     """``(item, backend.predict(chips(item)))`` for each item, in order.
 
     A backend with ``submit(chips) -> Future`` keeps up to ``backend.threads``

@@ -20,7 +20,7 @@ def short_crack(size_px: int = 400, length_px: int = 120, width_px: int = 5) -> 
     """
     p = np.zeros((size_px, size_px), np.uint8)
     top, left = (size_px - width_px) // 2, (size_px - length_px) // 2
-    p[top:top + width_px, left:left + length_px] = 255
+    p[top : top + width_px, left : left + length_px] = 255
     return p
 
 
@@ -42,6 +42,7 @@ class FixedBackend:
 
     def predict(self, chips: np.ndarray) -> np.ndarray:
         if chips.shape[2:] != self.probability.shape:
-            raise ValueError(f"chips of {chips.shape[2:]} px, but the fixed probability is "
-                             f"{self.probability.shape} px")
+            raise ValueError(
+                f"chips of {chips.shape[2:]} px, but the fixed probability is {self.probability.shape} px"
+            )
         return np.broadcast_to(self.probability, (len(chips), *self.probability.shape))

@@ -36,8 +36,7 @@ class OnnxRuntimeBackend:
         # Idle ORT threads must sleep, not spin: the reader and stitcher threads
         # need those cores between batches (spinning halved end-to-end throughput).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = ort.InferenceSession(str(onnx_path), options,
-                                             providers=["CPUExecutionProvider"])
+        self._session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         self.batch_size = batch_size
         self.threads = threads or os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="crackmap-onnx")

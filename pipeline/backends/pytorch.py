@@ -23,8 +23,13 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, entry: ModelEntry, batch_size: int | None = None, device: str | None = None,
-                 cuda_graphs: bool = True) -> None:
+    def __init__(
+        self,
+        entry: ModelEntry,
+        batch_size: int | None = None,
+        device: str | None = None,
+        cuda_graphs: bool = True,
+    ) -> None:
         import torch
 
         from models.onnx_export import ChipsToProbability, load_net
@@ -62,15 +67,16 @@ class TorchBackend:
                 part = chips[rows]
                 if not self.cuda_graphs:
                     x = torch.from_numpy(part).to(self.device, non_blocking=True)
-                    out[start:start + n] = self._forward(
-                        x.contiguous(memory_format=torch.channels_last)).cpu().numpy()
+                    out[start : start + n] = (
+                        self._forward(x.contiguous(memory_format=torch.channels_last)).cpu().numpy()
+                    )
                     continue
                 graph, static_in, static_out, pinned = self._graph((self.batch_size, *part.shape[1:]))
                 # a short last batch is padded: the graph has a fixed shape
                 pinned.copy_(torch.from_numpy(pad_batch(part, self.batch_size)))
                 static_in.copy_(pinned, non_blocking=True)
                 graph.replay()
-                out[start:start + n] = static_out[:n].cpu().numpy()
+                out[start : start + n] = static_out[:n].cpu().numpy()
         return out
 
     def _graph(self, shape: tuple[int, ...]) -> tuple:
@@ -79,7 +85,8 @@ class TorchBackend:
             return self._graphs[shape]
         torch = self._torch
         static_in = torch.zeros(shape, dtype=torch.uint8, device=self.device).contiguous(
-            memory_format=torch.channels_last)
+            memory_format=torch.channels_last
+        )
         pinned = torch.zeros(shape, dtype=torch.uint8).pin_memory()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))

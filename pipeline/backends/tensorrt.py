@@ -36,12 +36,19 @@ from typing import Any
 
 import numpy as np
 
-from models.tensorrt_build import (BUILD_VERSION, INPUT, OUTPUT, PRECISIONS, TENSORRT_INSTALL, Profile,
-                           strongly_typed)
 from models.registry import ModelEntry
+from models.tensorrt_build import (
+    BUILD_VERSION,
+    INPUT,
+    OUTPUT,
+    PRECISIONS,
+    TENSORRT_INSTALL,
+    Profile,
+    strongly_typed,
+)
 from pipeline import buckets
-from pipeline.errors import BackendUnavailableError
 from pipeline.backends.base import as_uint8, gpu_present, split_batches
+from pipeline.errors import BackendUnavailableError
 
 log = logging.getLogger(__name__)
 # Timing caches and FP16 graphs are local files; engines go to the cache (default_cache()).
@@ -82,9 +89,11 @@ class EngineKey:
         return hashlib.sha256(text.encode()).hexdigest()
 
     def describe(self) -> str:
-        return (f"TensorRT {self.tensorrt_version} on {self.gpu_name} (sm {self.compute_capability}), "
-                f"{self.precision}, batch {self.profile.min_batch}/{self.profile.opt_batch}/"
-                f"{self.profile.max_batch}, ONNX {self.onnx_sha256[:12]}")
+        return (
+            f"TensorRT {self.tensorrt_version} on {self.gpu_name} (sm {self.compute_capability}), "
+            f"{self.precision}, batch {self.profile.min_batch}/{self.profile.opt_batch}/"
+            f"{self.profile.max_batch}, ONNX {self.onnx_sha256[:12]}"
+        )
 
 
 def engine_name(entry: ModelEntry, key: EngineKey) -> str:
@@ -94,8 +103,10 @@ def engine_name(entry: ModelEntry, key: EngineKey) -> str:
     versions can share one cache without overwriting each other's engines.
     """
     p = key.profile
-    return (f"{entry.name}-{entry.version}-{key.precision}-b{p.min_batch}-{p.opt_batch}-"
-            f"{p.max_batch}-{key.digest()[:16]}")
+    return (
+        f"{entry.name}-{entry.version}-{key.precision}-b{p.min_batch}-{p.opt_batch}-"
+        f"{p.max_batch}-{key.digest()[:16]}"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +134,9 @@ def buffer_plan(profile: Profile, batch: int | None = None, output_itemsize: int
     """
     batch = profile.max_batch if batch is None else batch
     if not profile.min_batch <= batch <= profile.max_batch:
-        raise ValueError(f"batch {batch} is outside the engine's profile "
-                         f"({profile.min_batch}..{profile.max_batch} chips)")
+        raise ValueError(
+            f"batch {batch} is outside the engine's profile ({profile.min_batch}..{profile.max_batch} chips)"
+        )
     s = profile.size_px
     return BufferPlan((batch, 3, s, s), (batch, s, s), batch * 3 * s * s, batch * s * s * output_itemsize)
 
@@ -153,9 +165,11 @@ def check_engine_io(inputs: dict[str, str], outputs: dict[str, str]) -> type:
     """
     want_in = {INPUT: "UINT8"}
     if inputs != want_in or set(outputs) != {OUTPUT} or outputs[OUTPUT] not in OUTPUT_DTYPES:
-        raise ValueError(f"the engine has inputs {inputs} and outputs {outputs}; crackmap's graph has "
-                         f"{want_in} -> {{'{OUTPUT}': 'UINT8'}} (or 'FLOAT' before crackmap 1.1). "
-                         "Rebuild it with `crackmap models build-engine`.")
+        raise ValueError(
+            f"the engine has inputs {inputs} and outputs {outputs}; crackmap's graph has "
+            f"{want_in} -> {{'{OUTPUT}': 'UINT8'}} (or 'FLOAT' before crackmap 1.1). "
+            "Rebuild it with `crackmap models build-engine`."
+        )
     return OUTPUT_DTYPES[outputs[OUTPUT]]
 
 
@@ -205,13 +219,15 @@ class EngineCache:
         except (ValueError, TypeError, KeyError, AttributeError):  # corrupt, or an older key's fields
             stored, matches, old = {}, False, "an unreadable or older key"
         if not matches:
-            log.warning("cached engine %s was built for %s; this is %s: rebuilding it",
-                        name, old, key.describe())
+            log.warning(
+                "cached engine %s was built for %s; this is %s: rebuilding it", name, old, key.describe()
+            )
             return None
         engine = self._read(f"{name}.engine")
         if engine is None or hashlib.sha256(engine).hexdigest() != stored.get("engine_sha256"):
-            log.warning("cached engine %s.engine is missing or does not match its sha256: rebuilding it",
-                        name)
+            log.warning(
+                "cached engine %s.engine is missing or does not match its sha256: rebuilding it", name
+            )
             return None
         return engine
 
@@ -230,12 +246,15 @@ def require_tensorrt() -> None:
     """
     missing = [m for m in ("tensorrt", "pycuda") if importlib.util.find_spec(m) is None]
     if missing:
-        raise BackendUnavailableError(f"the tensorrt backend needs {' and '.join(missing)}, "
-                                      f"which {'is' if len(missing) == 1 else 'are'} not installed: "
-                                      f"{TENSORRT_INSTALL}")
+        raise BackendUnavailableError(
+            f"the tensorrt backend needs {' and '.join(missing)}, "
+            f"which {'is' if len(missing) == 1 else 'are'} not installed: "
+            f"{TENSORRT_INSTALL}"
+        )
     if not gpu_present():
-        raise BackendUnavailableError("TensorRT needs an NVIDIA GPU and its driver; this machine has "
-                                      "none (use --backend onnxruntime)")
+        raise BackendUnavailableError(
+            "TensorRT needs an NVIDIA GPU and its driver; this machine has none (use --backend onnxruntime)"
+        )
 
 
 def gpu_identity(device: int = 0) -> tuple[str, str]:
@@ -267,8 +286,13 @@ def engine_onnx(entry: ModelEntry, precision: str, tensorrt_version: str, cache:
     return path
 
 
-def engine_for(entry: ModelEntry, precision: str = "fp16", profile: Profile | None = None,
-               cache: EngineCache | None = None, device: int = 0) -> tuple[bytes, EngineKey, str]:
+def engine_for(
+    entry: ModelEntry,
+    precision: str = "fp16",
+    profile: Profile | None = None,
+    cache: EngineCache | None = None,
+    device: int = 0,
+) -> tuple[bytes, EngineKey, str]:
     """A serialized engine of ``entry`` for this GPU and TensorRT: from the cache, else built and cached.
 
     Returns:
@@ -282,8 +306,8 @@ def engine_for(entry: ModelEntry, precision: str = "fp16", profile: Profile | No
     require_tensorrt()
     import tensorrt as trt
 
-    from models.tensorrt_build import build_engine
     from models.registry import sha256_file
+    from models.tensorrt_build import build_engine
 
     profile = profile or Profile.for_max_batch(64, entry.size_px)
     cache = cache or EngineCache()
@@ -294,7 +318,8 @@ def engine_for(entry: ModelEntry, precision: str = "fp16", profile: Profile | No
     engine = cache.get(name, key)
     if engine is None:
         timing = (Path(cache.root) if not buckets.is_url(cache.root) else LOCAL_CACHE) / (
-            f"timing-{trt.__version__}-{gpu_name.replace(' ', '_')}-sm{capability}.cache")
+            f"timing-{trt.__version__}-{gpu_name.replace(' ', '_')}-sm{capability}.cache"
+        )
         engine = build_engine(onnx_path, precision, profile, timing)
         cache.put(name, key, engine)
         log.info("engine %s built and cached in %s", name, cache.root)
@@ -331,9 +356,16 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
-    def __init__(self, entry: ModelEntry, batch_size: int = 128, micro_batch: int = 32,
-                 precision: str = "fp16", max_batch: int = 64, cache: EngineCache | None = None,
-                 device: int = 0) -> None:
+    def __init__(
+        self,
+        entry: ModelEntry,
+        batch_size: int = 128,
+        micro_batch: int = 32,
+        precision: str = "fp16",
+        max_batch: int = 64,
+        cache: EngineCache | None = None,
+        device: int = 0,
+    ) -> None:
         require_tensorrt()
         import pycuda.driver as cuda
         import tensorrt as trt
@@ -346,19 +378,23 @@ class TensorRTBackend:
         self._context = cuda.Device(device).retain_primary_context()
         self._context.push()
         try:
-            engine_bytes, self.key, self.engine_path = engine_for(entry, precision, self.profile,
-                                                                  cache, device)
+            engine_bytes, self.key, self.engine_path = engine_for(
+                entry, precision, self.profile, cache, device
+            )
             self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
             self._engine = self._runtime.deserialize_cuda_engine(engine_bytes)
             if self._engine is None:
-                raise BackendUnavailableError(f"TensorRT {trt.__version__} cannot load the engine "
-                                              f"{self.engine_path}; delete it to rebuild it")
+                raise BackendUnavailableError(
+                    f"TensorRT {trt.__version__} cannot load the engine "
+                    f"{self.engine_path}; delete it to rebuild it"
+                )
             io = {self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)}
             modes = {n: self._engine.get_tensor_mode(n) for n in io}
             dtypes = {n: self._engine.get_tensor_dtype(n).name for n in io}
             output_dtype = check_engine_io(
                 {n: dtypes[n] for n in io if modes[n] == trt.TensorIOMode.INPUT},
-                {n: dtypes[n] for n in io if modes[n] == trt.TensorIOMode.OUTPUT})
+                {n: dtypes[n] for n in io if modes[n] == trt.TensorIOMode.OUTPUT},
+            )
             plan = buffer_plan(self.profile, output_itemsize=np.dtype(output_dtype).itemsize)
             self._slots = [_Slot(cuda, plan, output_dtype), _Slot(cuda, plan, output_dtype)]
             # One execution context per buffer set, its tensor addresses bound once: a
@@ -426,8 +462,7 @@ class TensorRTBackend:
             shape = (n, *chips.shape[1:])
             if slot.shape != shape:
                 if not slot.execution.set_input_shape(INPUT, shape):
-                    raise RuntimeError(f"TensorRT refused the input shape {shape} "
-                                       f"(profile {self.profile})")
+                    raise RuntimeError(f"TensorRT refused the input shape {shape} (profile {self.profile})")
                 slot.shape = shape
             if not slot.execution.execute_async_v3(self._compute.handle):
                 raise RuntimeError(f"TensorRT failed to run a batch of {n} chips")
@@ -442,4 +477,4 @@ class TensorRTBackend:
     @staticmethod
     def _collect(slot: _Slot, part: slice, out: np.ndarray) -> None:
         slot.copied_out.synchronize()
-        out[part] = as_uint8(slot.host_out[:part.stop - part.start])
+        out[part] = as_uint8(slot.host_out[: part.stop - part.start])

@@ -26,8 +26,12 @@ from typing import Annotated, Literal, cast
 MAX_ITEMS = 10_000
 DEFAULT_ITEMS = 10
 MAX_TILE_FEATURES = 10_000
-os.environ.update(TIPG_MAX_FEATURES_PER_QUERY=str(MAX_ITEMS), TIPG_DEFAULT_FEATURES_LIMIT=str(DEFAULT_ITEMS),
-                  TIPG_MAX_FEATURES_PER_TILE=str(MAX_TILE_FEATURES), TIPG_SET_MVT_LAYERNAME="true")
+os.environ.update(
+    TIPG_MAX_FEATURES_PER_QUERY=str(MAX_ITEMS),
+    TIPG_DEFAULT_FEATURES_LIMIT=str(DEFAULT_ITEMS),
+    TIPG_MAX_FEATURES_PER_TILE=str(MAX_TILE_FEATURES),
+    TIPG_SET_MVT_LAYERNAME="true",
+)
 
 import anyio  # noqa: E402
 import asyncpg  # noqa: E402
@@ -54,8 +58,15 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 OGC_PREFIX = "/ogc"
 # The layers served, in this order, where the store has them; each one's current_* view too.
-COLLECTIONS = ("current_cracks", "cracks", "scenes", "sections", "pattern_areas", "section_changes",
-               "crack_changes")
+COLLECTIONS = (
+    "current_cracks",
+    "cracks",
+    "scenes",
+    "sections",
+    "pattern_areas",
+    "section_changes",
+    "crack_changes",
+)
 # Keys of the views (tables have their primary key): OGC API items need one id column.
 VIEW_KEYS = {"current_cracks": "crack_id"}
 # GeoPackage layers: the same ids as on PostGIS where the layer has the column.
@@ -64,17 +75,31 @@ GPKG_KEYS = {"cracks": "crack_id", "current_cracks": "crack_id"}
 # Everything the pages load comes from this server: the web map's MapLibre is vendored, and
 # tipg's HTML pages (which link CDNs and OpenStreetMap tiles) render without them rather than
 # make browsers on an intranet reach out.  MapLibre needs blob: workers and data:/blob: images.
-CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-                           "img-src 'self' data: blob:; worker-src 'self' blob:; child-src blob:; "
-                           "connect-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'")
-SECURITY_HEADERS = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "X-Content-Type-Options": "nosniff",
-                    "Referrer-Policy": "no-referrer"}
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; worker-src 'self' blob:; child-src blob:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
-BAD_REQUEST = (tipg_errors.InvalidBBox, tipg_errors.InvalidDatetime, tipg_errors.InvalidLimit,
-               tipg_errors.InvalidPropertyName, tipg_errors.InvalidGeometryColumnName,
-               tipg_errors.InvalidDatetimeColumnName, tipg_errors.MissingDatetimeColumn, CqlNotSupported,
-               # a filter value PostgreSQL cannot read (a bad uuid, text for a number, ...)
-               asyncpg.DataError, asyncpg.UndefinedFunctionError, asyncpg.UndefinedColumnError)
+BAD_REQUEST = (
+    tipg_errors.InvalidBBox,
+    tipg_errors.InvalidDatetime,
+    tipg_errors.InvalidLimit,
+    tipg_errors.InvalidPropertyName,
+    tipg_errors.InvalidGeometryColumnName,
+    tipg_errors.InvalidDatetimeColumnName,
+    tipg_errors.MissingDatetimeColumn,
+    CqlNotSupported,
+    # a filter value PostgreSQL cannot read (a bad uuid, text for a number, ...)
+    asyncpg.DataError,
+    asyncpg.UndefinedFunctionError,
+    asyncpg.UndefinedColumnError,
+)
 
 
 def served(present: list[str]) -> list[str]:
@@ -105,9 +130,10 @@ def keys_of(tables: list[str], table_keys: dict[str, str]) -> dict[str, str]:
     return keys
 
 
-def collection_param(request: Request,
-                     collectionId: Annotated[str, PathParam(description="Collection identifier")],
-                     ) -> Collection:
+def collection_param(
+    request: Request,
+    collectionId: Annotated[str, PathParam(description="Collection identifier")],
+) -> Collection:
     """The collection a path names, or a 404 listing those there are.
 
     A collection without a single-column key (PostGIS ``scenes``: survey, scene, model
@@ -115,37 +141,49 @@ def collection_param(request: Request,
     """
     collections = request.app.state.collection_catalog["collections"]
     if collectionId not in collections:
-        raise HTTPException(status_code=404, detail=f"no collection {collectionId!r}; this store serves "
-                                                    f"{', '.join(collections) or 'none'}")
+        raise HTTPException(
+            status_code=404,
+            detail=f"no collection {collectionId!r}; this store serves {', '.join(collections) or 'none'}",
+        )
     found = collections[collectionId]
     if found.id_column is None and ("itemId" in request.path_params or "ids" in request.query_params):
-        raise HTTPException(status_code=404, detail=f"{collectionId} has no single-column key, so no "
-                                                    "item ids; filter its items by property instead")
+        raise HTTPException(
+            status_code=404,
+            detail=f"{collectionId} has no single-column key, so no "
+            "item ids; filter its items by property instead",
+        )
     return found
 
 
-def bbox_param(bbox: Annotated[str | None, Query(description="minx,miny,maxx,maxy in CRS84")] = None
-               ) -> list[float] | None:
+def bbox_param(
+    bbox: Annotated[str | None, Query(description="minx,miny,maxx,maxy in CRS84")] = None,
+) -> list[float] | None:
     """tipg's bbox parameter, with a 400 for text that is not four or six numbers."""
     if bbox is None or bbox == "":
         return None
     try:
         values = [float(v) for v in bbox.split(",")]
     except ValueError:
-        raise HTTPException(status_code=400, detail=f"bbox {bbox!r} is not comma-separated numbers "
-                                                    "minx,miny,maxx,maxy") from None
+        raise HTTPException(
+            status_code=400, detail=f"bbox {bbox!r} is not comma-separated numbers minx,miny,maxx,maxy"
+        ) from None
     checked = tipg_dependencies.bbox_query(",".join(map(repr, values)))
     if checked is None:  # tipg returns None only for no bbox, handled above
         return None
-    west, south, east, north = (checked[0], checked[1], checked[-3 if len(checked) == 6 else 2],
-                                checked[-2 if len(checked) == 6 else 3])
+    west, south, east, north = (
+        checked[0],
+        checked[1],
+        checked[-3 if len(checked) == 6 else 2],
+        checked[-2 if len(checked) == 6 else 3],
+    )
     if west > east or south > north:
         raise HTTPException(status_code=400, detail=f"bbox {bbox!r}: minx > maxx or miny > maxy")
     return checked
 
 
-def datetime_param(datetime: Annotated[str | None, Query(description="instant or interval, RFC 3339")] = None
-                   ) -> list[str] | None:
+def datetime_param(
+    datetime: Annotated[str | None, Query(description="instant or interval, RFC 3339")] = None,
+) -> list[str] | None:
     """tipg's datetime parameter, with a 400 for anything but an RFC 3339 instant or interval."""
     if not datetime:
         return None
@@ -157,16 +195,20 @@ def datetime_param(datetime: Annotated[str | None, Query(description="instant or
             if part not in ("..", ""):
                 parse_rfc3339(part)
     except ValueError as exc:
-        raise HTTPException(status_code=400, detail=f"datetime {datetime!r} is not an RFC 3339 instant "
-                                                    f"or START/END interval ({exc})") from None
+        raise HTTPException(
+            status_code=400,
+            detail=f"datetime {datetime!r} is not an RFC 3339 instant or START/END interval ({exc})",
+        ) from None
     return parts
 
 
 FilterLang = Literal["cql2-text", "cql2-json"] | None
 
 
-def filter_param(query: Annotated[str | None, Query(description="CQL2 filter", alias="filter")] = None,
-                 filter_lang: Annotated[str | None, Query(alias="filter-lang")] = None) -> Expr | None:
+def filter_param(
+    query: Annotated[str | None, Query(description="CQL2 filter", alias="filter")] = None,
+    filter_lang: Annotated[str | None, Query(alias="filter-lang")] = None,
+) -> Expr | None:
     """tipg's CQL2 filter parameter, with a 400 for a filter that does not parse."""
     if filter_lang not in (None, "cql2-text", "cql2-json"):
         raise HTTPException(status_code=400, detail="filter-lang is cql2-text or cql2-json")
@@ -187,8 +229,9 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 
 def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg')}"
-                         for e in exc.errors())
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg')}" for e in exc.errors()
+    )
     return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=400)
 
 
@@ -218,8 +261,11 @@ def create_app(store: str, *, allow_write_role: bool = False, title: str = "crac
 
         async def raster_uri(survey_id: str, scene_id: str, column: str) -> str | None:
             async with app.state.pool.acquire() as conn:
-                return await conn.fetchval(f"SELECT {column} FROM scenes WHERE survey_id = $1 "
-                                           "AND scene_id = $2 AND is_current", survey_id, scene_id)
+                return await conn.fetchval(
+                    f"SELECT {column} FROM scenes WHERE survey_id = $1 AND scene_id = $2 AND is_current",
+                    survey_id,
+                    scene_id,
+                )
 
         @asynccontextmanager
         async def lifespan(app: FastAPI):
@@ -237,6 +283,7 @@ def create_app(store: str, *, allow_write_role: bool = False, title: str = "crac
             con = gpkg.connect(text, read_only=True)
             try:
                 from pipeline.serve.geopackage import layers
+
                 present = [row[0] for row in layers(con)]
             finally:
                 con.close()
@@ -247,8 +294,10 @@ def create_app(store: str, *, allow_write_role: bool = False, title: str = "crac
         def gpkg_raster_uri(survey_id: str, scene_id: str, column: str) -> str | None:
             con = gpkg.connect(text, read_only=True)
             try:
-                row = con.execute(f"SELECT {column} FROM scenes WHERE survey_id = ? AND scene_id = ? "
-                                  "AND is_current", (survey_id, scene_id)).fetchone()
+                row = con.execute(
+                    f"SELECT {column} FROM scenes WHERE survey_id = ? AND scene_id = ? AND is_current",
+                    (survey_id, scene_id),
+                ).fetchone()
             finally:
                 con.close()
             return row[0] if row else None
@@ -262,10 +311,12 @@ def create_app(store: str, *, allow_write_role: bool = False, title: str = "crac
             app.state.collection_catalog = gpkg_catalog(path, tables, GPKG_KEYS)
             yield
 
-    app = FastAPI(title=title, openapi_url=f"{OGC_PREFIX}/api", docs_url=f"{OGC_PREFIX}/api.html",
-                  lifespan=lifespan)
-    endpoints = Endpoints(title=title, router_prefix=OGC_PREFIX, collection_dependency=collection_param,
-                          with_tiles_viewer=False)
+    app = FastAPI(
+        title=title, openapi_url=f"{OGC_PREFIX}/api", docs_url=f"{OGC_PREFIX}/api.html", lifespan=lifespan
+    )
+    endpoints = Endpoints(
+        title=title, router_prefix=OGC_PREFIX, collection_dependency=collection_param, with_tiles_viewer=False
+    )
     app.include_router(endpoints.router, prefix=OGC_PREFIX)
     app.dependency_overrides[tipg_dependencies.bbox_query] = bbox_param
     app.dependency_overrides[tipg_dependencies.filter_query] = filter_param
@@ -292,25 +343,37 @@ def create_app(store: str, *, allow_write_role: bool = False, title: str = "crac
     def web_map() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.get("/raster/{kind}/{z}/{x}/{y}.png", tags=["Rasters"],
-             summary="A scene's survey image or crack probability as a Web Mercator PNG tile")
-    async def raster_tile(kind: Literal["image", "probability"], z: Annotated[int, PathParam(ge=0, le=26)],
-                          x: Annotated[int, PathParam(ge=0)], y: Annotated[int, PathParam(ge=0)],
-                          survey: Annotated[str, Query(min_length=1, max_length=500)],
-                          scene: Annotated[str, Query(min_length=1, max_length=500)]) -> Response:
-        if x >= 2 ** z or y >= 2 ** z:
-            raise HTTPException(status_code=400,
-                                detail=f"tile {z}/{x}/{y} is not on the WebMercatorQuad grid")
+    @app.get(
+        "/raster/{kind}/{z}/{x}/{y}.png",
+        tags=["Rasters"],
+        summary="A scene's survey image or crack probability as a Web Mercator PNG tile",
+    )
+    async def raster_tile(
+        kind: Literal["image", "probability"],
+        z: Annotated[int, PathParam(ge=0, le=26)],
+        x: Annotated[int, PathParam(ge=0)],
+        y: Annotated[int, PathParam(ge=0)],
+        survey: Annotated[str, Query(min_length=1, max_length=500)],
+        scene: Annotated[str, Query(min_length=1, max_length=500)],
+    ) -> Response:
+        if x >= 2**z or y >= 2**z:
+            raise HTTPException(
+                status_code=400, detail=f"tile {z}/{x}/{y} is not on the WebMercatorQuad grid"
+            )
         uri = await raster_uri(survey, scene, KINDS[kind])
         if not uri:
-            raise HTTPException(status_code=404, detail=f"survey {survey!r} has no current scene {scene!r} "
-                                                        f"with a {kind} raster")
+            raise HTTPException(
+                status_code=404,
+                detail=f"survey {survey!r} has no current scene {scene!r} with a {kind} raster",
+            )
         try:
             png = await anyio.to_thread.run_sync(render_tile, uri, kind, x, y, z)
         except OSError as exc:
             log.warning("the %s raster of %s/%s cannot be read: %s", kind, survey, scene, exc)
-            raise HTTPException(status_code=404, detail=f"the {kind} raster of {survey}/{scene} cannot be "
-                                                        "read by the server (see its log)") from None
+            raise HTTPException(
+                status_code=404,
+                detail=f"the {kind} raster of {survey}/{scene} cannot be read by the server (see its log)",
+            ) from None
         return Response(png, media_type="image/png")
 
     @app.get("/healthz", include_in_schema=False)
@@ -327,11 +390,23 @@ def run_app(app: FastAPI, store: str, host: str = "127.0.0.1", port: int = 8080,
     from pipeline.stores.postgis import display_url
 
     shown = display_url(store) if str(store).startswith(("postgresql://", "postgres://")) else store
-    print(f"crackmap serve: {shown} at http://{host}:{port}{root_path}/ (OGC API at {OGC_PREFIX}/)",
-          flush=True)
+    print(
+        f"crackmap serve: {shown} at http://{host}:{port}{root_path}/ (OGC API at {OGC_PREFIX}/)", flush=True
+    )
     if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"crackmap serve: listening on {host}, beyond this machine, without TLS or authentication: "
-              "put a reverse proxy in front (infra/README.md)", file=sys.stderr, flush=True)
+        print(
+            f"crackmap serve: listening on {host}, beyond this machine, without TLS or authentication: "
+            "put a reverse proxy in front (infra/README.md)",
+            file=sys.stderr,
+            flush=True,
+        )
     # X-Forwarded-* headers are trusted from a proxy on this machine only
-    uvicorn.run(app, host=host, port=port, root_path=root_path, log_level="info", proxy_headers=True,
-                forwarded_allow_ips="127.0.0.1")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        root_path=root_path,
+        log_level="info",
+        proxy_headers=True,
+        forwarded_allow_ips="127.0.0.1",
+    )

@@ -30,18 +30,35 @@ from morecantile import Tile, TileMatrixSet
 from pyproj import CRS as ProjCRS
 from pyproj import Transformer
 from tipg.collections import Catalog, Collection, Column, Feature, ItemList
-from tipg.errors import (InvalidDatetime, InvalidDatetimeColumnName, InvalidGeometryColumnName,
-                         InvalidLimit, InvalidPropertyName, MissingDatetimeColumn)
+from tipg.errors import (
+    InvalidDatetime,
+    InvalidDatetimeColumnName,
+    InvalidGeometryColumnName,
+    InvalidLimit,
+    InvalidPropertyName,
+    MissingDatetimeColumn,
+)
 from tipg.settings import FeaturesSettings, MVTSettings
 
 from pipeline import gpkg
 from pipeline.stores.base import utc_text
 
 # SQLite declared types -> the PostgreSQL type names tipg's Column understands.
-_TYPES = {"TEXT": "text", "REAL": "double precision", "DOUBLE": "double precision",
-          "FLOAT": "double precision", "INTEGER": "bigint", "INT": "bigint", "MEDIUMINT": "integer",
-          "SMALLINT": "smallint", "TINYINT": "smallint", "BOOLEAN": "boolean",
-          "DATETIME": "timestamptz", "DATE": "date", "BLOB": "bytea"}
+_TYPES = {
+    "TEXT": "text",
+    "REAL": "double precision",
+    "DOUBLE": "double precision",
+    "FLOAT": "double precision",
+    "INTEGER": "bigint",
+    "INT": "bigint",
+    "MEDIUMINT": "integer",
+    "SMALLINT": "smallint",
+    "TINYINT": "smallint",
+    "BOOLEAN": "boolean",
+    "DATETIME": "timestamptz",
+    "DATE": "date",
+    "BLOB": "bytea",
+}
 _SORT = re.compile(r"^(?P<direction>[+-]?)(?P<column>\w+)$")
 
 
@@ -156,9 +173,20 @@ class GeoPackageCollection(Collection):
             terms.append(_quote(match["column"]) + (" DESC" if match["direction"] == "-" else ""))
         return "ORDER BY " + ", ".join(terms)
 
-    def _rows(self, reader: GeoPackageReader, *, where: list[str], params: list, bbox, cql,
-              sortby: str | None, properties: list[str] | None, limit: int, offset: int,
-              count: bool = True) -> tuple[list[tuple[Any, shapely.Geometry | None, dict]], int]:
+    def _rows(
+        self,
+        reader: GeoPackageReader,
+        *,
+        where: list[str],
+        params: list,
+        bbox,
+        cql,
+        sortby: str | None,
+        properties: list[str] | None,
+        limit: int,
+        offset: int,
+        count: bool = True,
+    ) -> tuple[list[tuple[Any, shapely.Geometry | None, dict]], int]:
         """The matching rows' (id, geometry in EPSG:4326, properties) for one page, and the match count.
 
         Without ``count`` (tiles) reading stops at the page's last row and the count is not exact.
@@ -168,24 +196,35 @@ class GeoPackageCollection(Collection):
         # cql2 needs every property it names, whichever are returned
         wanted = list(self.columns()) if cql is not None else names
         id_sql = _quote(self.id_column.name) if self.id_column else "fid"
-        select = [id_sql, _quote(geometry_column) if geometry_column else "NULL",
-                  *(_quote(n) for n in wanted)]
+        select = [
+            id_sql,
+            _quote(geometry_column) if geometry_column else "NULL",
+            *(_quote(n) for n in wanted),
+        ]
         clauses = list(where)
         args = list(params)
         if bbox is not None and self.rtree:
             minx, miny, maxx, maxy = self._store_bounds(bbox)
-            clauses.append(f"fid IN (SELECT id FROM {_quote(self.rtree)} WHERE maxx >= ? AND minx <= ? "
-                           "AND maxy >= ? AND miny <= ?)")
+            clauses.append(
+                f"fid IN (SELECT id FROM {_quote(self.rtree)} WHERE maxx >= ? AND minx <= ? "
+                "AND maxy >= ? AND miny <= ?)"
+            )
             args += [minx, maxx, miny, maxy]
-        sql = (f"SELECT {', '.join(select)} FROM {_quote(self.table)}"
-               + (f" WHERE {' AND '.join(clauses)}" if clauses else "") + " " + self._order(sortby))
+        sql = (
+            f"SELECT {', '.join(select)} FROM {_quote(self.table)}"
+            + (f" WHERE {' AND '.join(clauses)}" if clauses else "")
+            + " "
+            + self._order(sortby)
+        )
         exact = bbox is not None or cql is not None
         con = reader.connect()
         try:
             if not exact:
-                matched = con.execute(f"SELECT count(*) FROM {_quote(self.table)}"
-                                      + (f" WHERE {' AND '.join(clauses)}" if clauses else ""),
-                                      args).fetchone()[0]
+                matched = con.execute(
+                    f"SELECT count(*) FROM {_quote(self.table)}"
+                    + (f" WHERE {' AND '.join(clauses)}" if clauses else ""),
+                    args,
+                ).fetchone()[0]
                 rows = con.execute(f"{sql} LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
                 return [self._row(r, names, wanted) for r in rows], matched
             found, matched = [], 0
@@ -221,10 +260,26 @@ class GeoPackageCollection(Collection):
         transformer = Transformer.from_crs(4326, self.srs_id, always_xy=True)
         return transformer.transform_bounds(west, south, east, north)
 
-    async def features(self, reader: GeoPackageReader, *, ids_filter=None, bbox_filter=None,
-                       datetime_filter=None, properties_filter=None, cql_filter=None, sortby=None,
-                       properties=None, geom=None, dt=None, limit=None, offset=None, bbox_only=None,
-                       simplify=None, geom_as_wkt=False, function_parameters=None) -> ItemList:
+    async def features(
+        self,
+        reader: GeoPackageReader,
+        *,
+        ids_filter=None,
+        bbox_filter=None,
+        datetime_filter=None,
+        properties_filter=None,
+        cql_filter=None,
+        sortby=None,
+        properties=None,
+        geom=None,
+        dt=None,
+        limit=None,
+        offset=None,
+        bbox_only=None,
+        simplify=None,
+        geom_as_wkt=False,
+        function_parameters=None,
+    ) -> ItemList:
         """Items of the layer, filtered, sorted and paged as tipg does on PostGIS."""
         settings = FeaturesSettings()
         limit = settings.default_features_limit if limit is None else limit
@@ -234,9 +289,20 @@ class GeoPackageCollection(Collection):
         if geom and geom.lower() != "none" and not self.get_geometry_column(geom):
             raise InvalidGeometryColumnName(f"Invalid Geometry Column: {geom}.")
         where, params = self._where(ids_filter, properties_filter, datetime_filter, dt)
-        rows, matched = await anyio.to_thread.run_sync(functools.partial(
-            self._rows, reader, where=where, params=params, bbox=bbox_filter, cql=cql_filter,
-            sortby=sortby, properties=properties, limit=limit, offset=offset))
+        rows, matched = await anyio.to_thread.run_sync(
+            functools.partial(
+                self._rows,
+                reader,
+                where=where,
+                params=params,
+                bbox=bbox_filter,
+                cql=cql_filter,
+                sortby=sortby,
+                properties=properties,
+                limit=limit,
+                offset=offset,
+            )
+        )
         items = []
         for identifier, geometry, props in rows:
             if geometry is not None and bbox_only:
@@ -249,17 +315,41 @@ class GeoPackageCollection(Collection):
                 shape = shapely.to_wkt(geometry, rounding_precision=-1)
             else:
                 shape = json.loads(shapely.to_geojson(geometry))
-            items.append(Feature(type="Feature", id=identifier, geometry=shape,
-                                 properties={k: _jsonable(v) for k, v in props.items()}))
+            items.append(
+                Feature(
+                    type="Feature",
+                    id=identifier,
+                    geometry=shape,
+                    properties={k: _jsonable(v) for k, v in props.items()},
+                )
+            )
         returned = len(items)
-        return ItemList(items=items, matched=matched,
-                        next=offset + returned if matched - returned > offset else None,
-                        prev=max(offset - limit, 0) if offset else None)
+        return ItemList(
+            items=items,
+            matched=matched,
+            next=offset + returned if matched - returned > offset else None,
+            prev=max(offset - limit, 0) if offset else None,
+        )
 
-    async def get_tile(self, reader: GeoPackageReader, *, tms: TileMatrixSet, tile: Tile, ids_filter=None,
-                       bbox_filter=None, datetime_filter=None, properties_filter=None,
-                       function_parameters=None, cql_filter=None, sortby=None, properties=None, geom=None,
-                       dt=None, limit=None, simplify=None) -> bytes:
+    async def get_tile(
+        self,
+        reader: GeoPackageReader,
+        *,
+        tms: TileMatrixSet,
+        tile: Tile,
+        ids_filter=None,
+        bbox_filter=None,
+        datetime_filter=None,
+        properties_filter=None,
+        function_parameters=None,
+        cql_filter=None,
+        sortby=None,
+        properties=None,
+        geom=None,
+        dt=None,
+        limit=None,
+        simplify=None,
+    ) -> bytes:
         """One Mapbox Vector Tile of the layer (layer name: the table), clipped with tipg's buffer."""
         settings = MVTSettings()
         limit = limit or settings.max_features_per_tile
@@ -274,29 +364,52 @@ class GeoPackageCollection(Collection):
             if west > east or south > north:
                 return mapbox_vector_tile.encode([{"name": self.table, "features": []}])
         where, params = self._where(ids_filter, properties_filter, datetime_filter, dt)
-        rows, _ = await anyio.to_thread.run_sync(functools.partial(
-            self._rows, reader, where=where, params=params, bbox=[west, south, east, north],
-            cql=cql_filter, sortby=sortby, properties=properties, limit=limit, offset=0, count=False))
+        rows, _ = await anyio.to_thread.run_sync(
+            functools.partial(
+                self._rows,
+                reader,
+                where=where,
+                params=params,
+                bbox=[west, south, east, north],
+                cql=cql_filter,
+                sortby=sortby,
+                properties=properties,
+                limit=limit,
+                offset=0,
+                count=False,
+            )
+        )
         return await anyio.to_thread.run_sync(self._encode, rows, tms, tile, simplify, settings)
 
     def _encode(self, rows, tms: TileMatrixSet, tile: Tile, simplify, settings: MVTSettings) -> bytes:
         bounds = tms.xy_bounds(tile)
         margin = (bounds.right - bounds.left) * settings.tile_buffer / settings.tile_resolution
-        geometries = shapely.transform([g for _, g, _ in rows], _from_wgs84(tms.crs.to_wkt()),
-                                       interleaved=False)
+        geometries = shapely.transform(
+            [g for _, g, _ in rows], _from_wgs84(tms.crs.to_wkt()), interleaved=False
+        )
         if simplify:
             geometries = shapely.simplify(geometries, float(simplify), preserve_topology=True)
         if settings.tile_clip:
-            geometries = shapely.clip_by_rect(geometries, bounds.left - margin, bounds.bottom - margin,
-                                              bounds.right + margin, bounds.top + margin)
+            geometries = shapely.clip_by_rect(
+                geometries,
+                bounds.left - margin,
+                bounds.bottom - margin,
+                bounds.right + margin,
+                bounds.top + margin,
+            )
         # tile pixels (y up; the encoder flips it), rounded as ST_AsMVTGeom does
         origin = np.array([bounds.left, bounds.bottom])
         scale = settings.tile_resolution / np.array([bounds.right - bounds.left, bounds.top - bounds.bottom])
         geometries = shapely.transform(geometries, lambda xy: np.round((xy - origin) * scale))
-        features = [{"geometry": g, "properties": {k: _jsonable(v) for k, v in p.items() if v is not None}}
-                    for g, (_, _, p) in zip(geometries, rows) if not shapely.is_empty(g)]
-        return mapbox_vector_tile.encode([{"name": self.table, "features": features}],
-                                         default_options={"extents": settings.tile_resolution})
+        features = [
+            {"geometry": g, "properties": {k: _jsonable(v) for k, v in p.items() if v is not None}}
+            for g, (_, _, p) in zip(geometries, rows)
+            if not shapely.is_empty(g)
+        ]
+        return mapbox_vector_tile.encode(
+            [{"name": self.table, "features": features}],
+            default_options={"extents": settings.tile_resolution},
+        )
 
 
 def _bbox4(bbox: list[float]) -> tuple[float, float, float, float]:
@@ -317,7 +430,8 @@ def _matches(cql, properties: dict) -> bool:
         raise CqlNotSupported(
             f"the filter {cql.to_text()!r} cannot be evaluated on a GeoPackage store ({exc}); "
             "use property comparisons (=, <, >, LIKE, IN, AND, OR, NOT) with properties of this "
-            "collection, and bbox/datetime for space and time") from None
+            "collection, and bbox/datetime for space and time"
+        ) from None
 
 
 def _jsonable(value):
@@ -338,19 +452,35 @@ def _from_wgs84(target_wkt: str):
 
 def layers(con: sqlite3.Connection) -> Iterator[tuple[str, str, str, int]]:
     """(table, geometry column, geometry type, srs_id) of every feature layer of a GeoPackage."""
-    yield from con.execute("SELECT g.table_name, g.column_name, g.geometry_type_name, g.srs_id "
-                           "FROM gpkg_geometry_columns g JOIN gpkg_contents c USING (table_name) "
-                           "WHERE c.data_type = 'features' ORDER BY g.table_name")
+    yield from con.execute(
+        "SELECT g.table_name, g.column_name, g.geometry_type_name, g.srs_id "
+        "FROM gpkg_geometry_columns g JOIN gpkg_contents c USING (table_name) "
+        "WHERE c.data_type = 'features' ORDER BY g.table_name"
+    )
 
 
-def collection(con: sqlite3.Connection, path: Path, table: str, geometry_column: str, geometry_type: str,
-               srs_id: int, key: str | None) -> GeoPackageCollection:
+def collection(
+    con: sqlite3.Connection,
+    path: Path,
+    table: str,
+    geometry_column: str,
+    geometry_type: str,
+    srs_id: int,
+    key: str | None,
+) -> GeoPackageCollection:
     """Describe one layer for tipg: columns, key, geometry, datetime column and WGS84 extent."""
     columns = []
     for _, name, declared, *_ in con.execute(f"PRAGMA table_info({_quote(table)})"):
         if name == geometry_column:
-            columns.append(Column(name=name, type="geometry", geometry_type=geometry_type.upper(),
-                                  srid=srs_id, bounds=_layer_bounds(con, table, geometry_column, srs_id)))
+            columns.append(
+                Column(
+                    name=name,
+                    type="geometry",
+                    geometry_type=geometry_type.upper(),
+                    srid=srs_id,
+                    bounds=_layer_bounds(con, table, geometry_column, srs_id),
+                )
+            )
         else:
             columns.append(Column(name=name, type=_column_type(declared or "TEXT")))
     columns.sort(key=lambda c: c.name)  # as tipg lists PostGIS columns
@@ -360,21 +490,33 @@ def collection(con: sqlite3.Connection, path: Path, table: str, geometry_column:
     id_column = by_name.get(key) if key else by_name.get("fid")
     properties = [c for c in columns if c.name != "fid" or id_column is not None and id_column.name == "fid"]
     datetime_column = next((c for c in columns if c.is_datetime), None)
-    return GeoPackageCollection(type="Table" if has_rtree else "View", id=table, table=table,
-                                table_columns=columns, properties=properties, id_column=id_column,
-                                geometry_column=by_name[geometry_column], datetime_column=datetime_column,
-                                path=path, srs_id=srs_id, rtree=rtree if has_rtree else None)
+    return GeoPackageCollection(
+        type="Table" if has_rtree else "View",
+        id=table,
+        table=table,
+        table_columns=columns,
+        properties=properties,
+        id_column=id_column,
+        geometry_column=by_name[geometry_column],
+        datetime_column=datetime_column,
+        path=path,
+        srs_id=srs_id,
+        rtree=rtree if has_rtree else None,
+    )
 
 
 def _layer_bounds(con: sqlite3.Connection, table: str, geometry_column: str, srs_id: int) -> list[float]:
     rtree = f"rtree_{table}_{geometry_column}"
     if con.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (rtree,)).fetchone():
-        row = con.execute(f"SELECT min(minx), min(miny), max(maxx), max(maxy) FROM {_quote(rtree)}"
-                          ).fetchone()
+        row = con.execute(
+            f"SELECT min(minx), min(miny), max(maxx), max(maxy) FROM {_quote(rtree)}"
+        ).fetchone()
     else:  # a view: its envelope from the geometry headers (gpkg.connect registers ST_MinX...)
         g = _quote(geometry_column)
-        row = con.execute(f"SELECT min(ST_MinX({g})), min(ST_MinY({g})), max(ST_MaxX({g})), "
-                          f"max(ST_MaxY({g})) FROM {_quote(table)}").fetchone()
+        row = con.execute(
+            f"SELECT min(ST_MinX({g})), min(ST_MinY({g})), max(ST_MaxX({g})), "
+            f"max(ST_MaxY({g})) FROM {_quote(table)}"
+        ).fetchone()
     if row is None or row[0] is None:
         return [-180.0, -90.0, 180.0, 90.0]
     if srs_id != 4326:
@@ -387,8 +529,9 @@ def catalog(path: Path, tables: list[str], keys: dict[str, str]) -> Catalog:
     con = gpkg.connect(str(path), read_only=True)
     try:
         found = {row[0]: row for row in layers(con)}
-        collections: dict[str, Collection] = {name: collection(con, path, *found[name], key=keys.get(name))
-                                              for name in tables if name in found}
+        collections: dict[str, Collection] = {
+            name: collection(con, path, *found[name], key=keys.get(name)) for name in tables if name in found
+        }
     finally:
         con.close()
     return Catalog(collections=collections, last_updated=datetime.datetime.now())

@@ -23,12 +23,30 @@ from rasterio.crs import CRS
 
 from pipeline.errors import StoreError
 from pipeline.redact import mask_url
-from pipeline.stores.base import (DEFAULT_CRS, QUERY_FIELDS, SCENE_FIELDS, SEVERITIES, CrackQuery, CrackStore,
-                                  RunInfo, SceneSelection)
+from pipeline.stores.base import (
+    DEFAULT_CRS,
+    QUERY_FIELDS,
+    SCENE_FIELDS,
+    SEVERITIES,
+    CrackQuery,
+    CrackStore,
+    RunInfo,
+    SceneSelection,
+)
 from pipeline.stores.geopackage import GeoPackageStore
 
-__all__ = ["DEFAULT_CRS", "QUERY_FIELDS", "SCENE_FIELDS", "SEVERITIES", "CrackQuery", "CrackStore",
-           "GeoPackageStore", "RunInfo", "SceneSelection", "open_store"]
+__all__ = [
+    "DEFAULT_CRS",
+    "QUERY_FIELDS",
+    "SCENE_FIELDS",
+    "SEVERITIES",
+    "CrackQuery",
+    "CrackStore",
+    "GeoPackageStore",
+    "RunInfo",
+    "SceneSelection",
+    "open_store",
+]
 
 
 def open_store(url: str | Path, crs: CRS = DEFAULT_CRS) -> CrackStore:
@@ -48,5 +66,7 @@ def open_store(url: str | Path, crs: CRS = DEFAULT_CRS) -> CrackStore:
 
         return PostGISStore(text, crs)
     if not text.endswith(".gpkg"):
-        raise StoreError(f"{mask_url(text)}: a store is a GeoPackage path ending in .gpkg or a postgresql:// URL")
+        raise StoreError(
+            f"{mask_url(text)}: a store is a GeoPackage path ending in .gpkg or a postgresql:// URL"
+        )
     return GeoPackageStore(text, crs)

@@ -19,7 +19,7 @@ import json
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Protocol
 
 import numpy as np
@@ -44,24 +44,43 @@ NOT_JOINT_SQLITE = "crack_type IS NOT 'joint'"  # concrete joints are kept, type
 CRACK_NAMESPACE = uuid.UUID("6f1c8f4e-2b8a-4c1e-9a55-0c7a2c3d9e10")
 
 # What a crack of a frame survey records besides (migration 0004); NULL for orthophoto scenes but gsd_mm.
-FRAME_CRACK_COLUMNS = (("gsd_mm", "real"), ("range_m", "real"), ("pos_accuracy_m", "real"),
-                       ("source_frames", "text"))
+FRAME_CRACK_COLUMNS = (
+    ("gsd_mm", "real"),
+    ("range_m", "real"),
+    ("pos_accuracy_m", "real"),
+    ("source_frames", "text"),
+)
 # Every column of a crack row (its geometry aside), declared once: (name, kind).  The GeoPackage
 # table, query(), the exports and both stores' inserts follow it; the PostGIS migrations declare
 # the same columns (tests/test_postgis.py checks that they agree; the road columns live in
 # crack_positions there, and the views all_cracks / current_cracks show them all, in this order).
 # The first REQUIRED are NOT NULL.
-CRACK_FIELDS = (("crack_id", "text"), ("survey_id", "text"), ("scene_id", "text"), ("model_name", "text"),
-                ("model_version", "text"), ("model_sha256", "text"), ("run_id", "text"), ("length_m", "real"),
-                ("width_mean_mm", "real"), ("width_max_mm", "real"), ("orientation_deg", "real"),
-                ("confidence", "real"), ("severity", "text"), ("created_at", "datetime"),
-                *layers.CRACK_CONDITION_COLUMNS, *FRAME_CRACK_COLUMNS)
+CRACK_FIELDS = (
+    ("crack_id", "text"),
+    ("survey_id", "text"),
+    ("scene_id", "text"),
+    ("model_name", "text"),
+    ("model_version", "text"),
+    ("model_sha256", "text"),
+    ("run_id", "text"),
+    ("length_m", "real"),
+    ("width_mean_mm", "real"),
+    ("width_max_mm", "real"),
+    ("orientation_deg", "real"),
+    ("confidence", "real"),
+    ("severity", "text"),
+    ("created_at", "datetime"),
+    *layers.CRACK_CONDITION_COLUMNS,
+    *FRAME_CRACK_COLUMNS,
+)
 REQUIRED_CRACK_FIELDS = 14
 CRACK_COLUMNS = ", ".join(
-    f"{name} {layers.SQLITE_TYPES[kind]}" + (" NOT NULL" if i < REQUIRED_CRACK_FIELDS else "")
+    f"{name} {layers.SQLITE_TYPES[kind]}"
+    + (" NOT NULL" if i < REQUIRED_CRACK_FIELDS else "")
     + (" UNIQUE" if name == "crack_id" else "")
     + (" CHECK (severity IN ('low', 'medium', 'high'))" if name == "severity" else "")
-    for i, (name, kind) in enumerate(CRACK_FIELDS))
+    for i, (name, kind) in enumerate(CRACK_FIELDS)
+)
 SCENE_COLUMNS = """survey_id TEXT NOT NULL, scene_id TEXT NOT NULL, source_uri TEXT NOT NULL,
     sha256 TEXT, crs TEXT, width INTEGER, height INTEGER, chip_count INTEGER,
     crack_count INTEGER, total_length_m REAL, status TEXT NOT NULL, error TEXT,
@@ -112,16 +131,31 @@ class CrackQuery:
             raise ValueError("a model version needs a model name (NAME:VERSION)")
         if self.bbox is not None:
             if len(self.bbox) != 4 or not all(np.isfinite(v) for v in self.bbox):
-                raise ValueError(f"bbox {' '.join(map(str, self.bbox))}: MINX MINY MAXX MAXY must be "
-                                 "four finite numbers in the store CRS")
+                raise ValueError(
+                    f"bbox {' '.join(map(str, self.bbox))}: MINX MINY MAXX MAXY must be "
+                    "four finite numbers in the store CRS"
+                )
             minx, miny, maxx, maxy = self.bbox
             if not (minx <= maxx and miny <= maxy):
                 raise ValueError(f"bbox {self.bbox} is not MINX MINY MAXX MAXY")
 
 
 # What scenes() returns for each scene row (one per scene and model version), in both stores.
-SCENE_FIELDS = ("survey_id", "scene_id", "model_name", "model_version", "source_uri", "sha256", "status",
-                "error", "is_current", "processed_at", "chip_count", "crack_count", "total_length_m")
+SCENE_FIELDS = (
+    "survey_id",
+    "scene_id",
+    "model_name",
+    "model_version",
+    "source_uri",
+    "sha256",
+    "status",
+    "error",
+    "is_current",
+    "processed_at",
+    "chip_count",
+    "crack_count",
+    "total_length_m",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,11 +187,15 @@ class SceneSelection:
         >>> SceneSelection(survey_id="road-7", since="2026-03-01").comparisons()
         [('survey_id', '=', 'road-7'), ('processed_at', '>=', '2026-03-01T00:00:00.000Z')]
         """
-        found = [(column, "=", value) for column in ("survey_id", "model_name", "model_version")
-                 if (value := getattr(self, column)) is not None]
+        found = [
+            (column, "=", value)
+            for column in ("survey_id", "model_name", "model_version")
+            if (value := getattr(self, column)) is not None
+        ]
         since, until = self.bounds()
-        found += [("processed_at", op, value) for op, value in ((">=", since), ("<=", until))
-                  if value is not None]
+        found += [
+            ("processed_at", op, value) for op, value in ((">=", since), ("<=", until)) if value is not None
+        ]
         return found
 
     def bounds(self) -> tuple[str | None, str | None]:
@@ -175,14 +213,19 @@ def utc_text(value: datetime | str | None) -> str | None:
         return None
     when = datetime.fromisoformat(value.replace("Z", "+00:00")) if isinstance(value, str) else value
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def empty_summary() -> dict:
     """A scene version's crack totals before any crack is counted (see ``scene_summaries``)."""
-    return {"status": None, "chip_count": 0, "crack_count": 0, "total_length_m": 0.0,
-            "length_m_by_severity": dict.fromkeys(SEVERITIES, 0.0)}
+    return {
+        "status": None,
+        "chip_count": 0,
+        "crack_count": 0,
+        "total_length_m": 0.0,
+        "length_m_by_severity": dict.fromkeys(SEVERITIES, 0.0),
+    }
 
 
 def crack_uuid(run: RunInfo, scene_id: str, index: int) -> uuid.UUID:
@@ -206,7 +249,7 @@ def crack_uuid_bytes(run: RunInfo, scene_id: str, count: int) -> list[bytes]:
     True
     """
     head, tails = _crack_id_prefix(run, scene_id), _crack_id_tails(0, count)
-    return [head + tails[i:i + 8] for i in range(0, 8 * count, 8)]
+    return [head + tails[i : i + 8] for i in range(0, 8 * count, 8)]
 
 
 def _crack_id_prefix(run: RunInfo, scene_id: str) -> bytes:
@@ -232,11 +275,36 @@ def frames_text(frames: tuple[str, ...]) -> str | None:
 
 def crack_values(crack_id: str, run: RunInfo, scene_id: str, c: CrackLine, created: str) -> tuple:
     """A crack's row in ``QUERY_FIELDS`` order (the GeoPackage insert and every export)."""
-    return (crack_id, run.survey_id, scene_id, run.model_name, run.model_version, run.model_sha256, run.run_id,
-            c.length_m, c.width_mean_mm, c.width_max_mm, c.orientation_deg, c.confidence, c.severity, created,
-            c.crack_type, c.theta_deg, c.chord_m, c.tortuosity, c.span_ratio, c.pattern_no,
-            None, None, None, None,  # road_id, chainages and offset: set by road referencing (sections)
-            c.gsd_mm, c.range_m, c.pos_accuracy_m, frames_text(c.source_frames))
+    return (
+        crack_id,
+        run.survey_id,
+        scene_id,
+        run.model_name,
+        run.model_version,
+        run.model_sha256,
+        run.run_id,
+        c.length_m,
+        c.width_mean_mm,
+        c.width_max_mm,
+        c.orientation_deg,
+        c.confidence,
+        c.severity,
+        created,
+        c.crack_type,
+        c.theta_deg,
+        c.chord_m,
+        c.tortuosity,
+        c.span_ratio,
+        c.pattern_no,
+        None,
+        None,
+        None,
+        None,  # road_id, chainages and offset: set by road referencing (sections)
+        c.gsd_mm,
+        c.range_m,
+        c.pos_accuracy_m,
+        frames_text(c.source_frames),
+    )
 
 
 def check_crs(result: SceneResult, store_crs: CRS, store: str) -> CRS:
@@ -248,8 +316,10 @@ def check_crs(result: SceneResult, store_crs: CRS, store: str) -> CRS:
     """
     scene = result.scene
     if scene.crs is None:  # a survey frame's result is placed in the store's CRS before it is published
-        raise StoreError(f"{scene.uri} has no CRS; only map-placed results can be published to "
-                         f"{mask_url(store)}; nothing was written.")
+        raise StoreError(
+            f"{scene.uri} has no CRS; only map-placed results can be published to "
+            f"{mask_url(store)}; nothing was written."
+        )
     problem = None
     try:
         Transformer.from_crs(scene.crs, store_crs, always_xy=True)
@@ -260,9 +330,11 @@ def check_crs(result: SceneResult, store_crs: CRS, store: str) -> CRS:
         if not np.isfinite(shapely.get_coordinates(geometries)).all():
             problem = "its coordinates do not transform to finite values"
     if problem:
-        raise StoreError(f"{scene.uri} is in {scene.crs.to_string()}, which cannot be transformed to "
-                         f"{mask_url(store)}'s {store_crs.to_string()}: {problem}. Reproject the scene or "
-                         "publish to a store in a CRS it can reach; nothing was written.")
+        raise StoreError(
+            f"{scene.uri} is in {scene.crs.to_string()}, which cannot be transformed to "
+            f"{mask_url(store)}'s {store_crs.to_string()}: {problem}. Reproject the scene or "
+            "publish to a store in a CRS it can reach; nothing was written."
+        )
     return scene.crs
 
 
@@ -280,15 +352,17 @@ class CrackStore(Protocol):
     def mark_failed(self, uri: str, scene_id: str, run: RunInfo, error: str) -> None:
         """Record that a scene failed; its published cracks, if any, stay as they were."""
 
-    def published_sha256(self, survey_id: str, scene_id: str, model_name: str,
-                         model_version: str) -> str | None:
+    def published_sha256(
+        self, survey_id: str, scene_id: str, model_name: str, model_version: str
+    ) -> str | None:
         """The source sha256 (or ETag) a scene was last published from with this model version.
 
         None if it never was, or if its last attempt failed.
         """
 
-    def promote(self, survey_id: str, scene_ids: Sequence[str] | None, model_name: str,
-                model_version: str) -> int:
+    def promote(
+        self, survey_id: str, scene_ids: Sequence[str] | None, model_name: str, model_version: str
+    ) -> int:
         """Make a published model version current for these scenes (None: every scene that has it).
 
         Returns how many scenes were promoted.  Raises StoreError, changing nothing,
@@ -301,8 +375,9 @@ class CrackStore(Protocol):
     def scenes(self, selection: SceneSelection = SceneSelection()) -> list[dict]:
         """The matching scene rows as dicts of SCENE_FIELDS, ordered by survey, scene and version."""
 
-    def scene_summaries(self, survey_id: str, model_name: str, model_version: str,
-                        scene_ids: Sequence[str] | None = None) -> dict[str, dict]:
+    def scene_summaries(
+        self, survey_id: str, model_name: str, model_version: str, scene_ids: Sequence[str] | None = None
+    ) -> dict[str, dict]:
         """Per scene published with this version: status, chip_count, crack_count, total_length_m
         and length_m_by_severity (low/medium/high), counted from its cracks."""
 
@@ -318,9 +393,15 @@ class CrackStore(Protocol):
     def read_layer(self, layer: str, where: dict) -> list[dict]:
         """Rows of a road-condition layer or view (``layers.LAYERS``, ``current_*``) matching ``where``."""
 
-    def replace_layer(self, layer: str, rows: list[dict], where: dict, keep_previous: bool = False,
-                      positions: CrackPositions | None = None,
-                      also: Sequence[tuple[str, list[dict], dict]] = ()) -> None:
+    def replace_layer(
+        self,
+        layer: str,
+        rows: list[dict],
+        where: dict,
+        keep_previous: bool = False,
+        positions: CrackPositions | None = None,
+        also: Sequence[tuple[str, list[dict], dict]] = (),
+    ) -> None:
         """In one transaction: drop the rows matching ``where`` (``keep_previous``: mark them not
         current instead), insert ``rows`` (dicts of the layer's columns and ``geometry``), do the
         same for each (layer, rows, where) of ``also``, and replace the road columns of the
@@ -382,8 +463,11 @@ def database_transient(exc: BaseException) -> bool:
             if state is not None:
                 return state.startswith(TRANSIENT_SQLSTATES)
             # libpq's client-side failures carry no SQLSTATE: a missing password is not transient
-            return type(error).__name__ in ("OperationalError", "InterfaceError", "ConnectionTimeout") \
-                and "password" not in str(error)
+            return type(error).__name__ in (
+                "OperationalError",
+                "InterfaceError",
+                "ConnectionTimeout",
+            ) and "password" not in str(error)
         error = error.__cause__ or error.__context__
     return False
 
@@ -424,15 +508,23 @@ def check_column(layer: str, column: str, names: tuple[str, ...]) -> str:
     return column
 
 
-def missing_scenes(wanted: Sequence[str] | None, found: Sequence[str], survey_id: str,
-                   model: str) -> None:
+def missing_scenes(wanted: Sequence[str] | None, found: Sequence[str], survey_id: str, model: str) -> None:
     """Raise StoreError if a scene asked to be promoted has no successful publication."""
     if wanted is not None and (missing := sorted(set(wanted) - set(found))):
-        raise StoreError(f"cannot promote {model} in survey {survey_id!r}: "
-                         f"{', '.join(missing)} has no successful publication of it; nothing was changed")
+        raise StoreError(
+            f"cannot promote {model} in survey {survey_id!r}: "
+            f"{', '.join(missing)} has no successful publication of it; nothing was changed"
+        )
 
 
 def own_layers() -> tuple[str, ...]:
     """The tables and views crackmap writes into a GeoPackage (anything else is another application's)."""
-    return ("cracks", "scenes", "surveys", "current_cracks", *layers.LAYERS, "current_pattern_areas", "current_sections")
-
+    return (
+        "cracks",
+        "scenes",
+        "surveys",
+        "current_cracks",
+        *layers.LAYERS,
+        "current_pattern_areas",
+        "current_sections",
+    )

@@ -18,7 +18,7 @@ import re
 import struct
 import sys
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,25 +32,63 @@ from rasterio.crs import CRS
 from pipeline import layers
 from pipeline.errors import StoreError
 from pipeline.records import CrackPositions, SceneResult
-from pipeline.stores.base import (DEFAULT_CRS, QUERY_FIELDS, SCENE_FIELDS, CrackQuery, RunInfo, SceneSelection,
-                                   StoreBase, check_column, database_transient, store_failure, check_crs, check_fields,
-                                   check_layer, columns_of, crack_uuid_bytes, empty_summary, frames_text,
-                                   missing_scenes)
+from pipeline.stores.base import (
+    DEFAULT_CRS,
+    QUERY_FIELDS,
+    SCENE_FIELDS,
+    CrackQuery,
+    RunInfo,
+    SceneSelection,
+    StoreBase,
+    check_column,
+    check_crs,
+    check_fields,
+    check_layer,
+    columns_of,
+    crack_uuid_bytes,
+    database_transient,
+    empty_summary,
+    frames_text,
+    missing_scenes,
+    store_failure,
+)
 
 # Shipped inside the package (package data), so any install, editable or not, has them.
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 MIGRATION_LOCK = 0x6372_6B6D  # "crkm": pg_advisory_xact_lock key, one migrator at a time
 # The binary COPY of a crack row: the fixed-size fields, the scene's constant ones, then the
 # variable ones.  Geometry travels as EWKB, which is the geometry type's binary input.
-CRACK_COPY_COLUMNS = ("crack_id", "length_m", "width_mean_mm", "width_max_mm", "orientation_deg",
-                      "confidence", "survey_id", "scene_id", "model_name", "model_version",
-                      "model_sha256", "run_id", "created_at", "severity", "geom",
-                      "crack_type", "theta_deg", "chord_m", "tortuosity", "span_ratio", "pattern_no",
-                      "gsd_mm", "range_m", "pos_accuracy_m", "source_frames")
+CRACK_COPY_COLUMNS = (
+    "crack_id",
+    "length_m",
+    "width_mean_mm",
+    "width_max_mm",
+    "orientation_deg",
+    "confidence",
+    "survey_id",
+    "scene_id",
+    "model_name",
+    "model_version",
+    "model_sha256",
+    "run_id",
+    "created_at",
+    "severity",
+    "geom",
+    "crack_type",
+    "theta_deg",
+    "chord_m",
+    "tortuosity",
+    "span_ratio",
+    "pattern_no",
+    "gsd_mm",
+    "range_m",
+    "pos_accuracy_m",
+    "source_frames",
+)
 _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _COPY_TRAILER = struct.pack(">h", -1)
 _COPY_FIXED = struct.Struct(">hi16s" + "id" * 5)  # field count, uuid, five float8
-_PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 def _field(data: bytes) -> bytes:
@@ -63,11 +101,16 @@ _TYPES = {t: _field(t.encode()) for t in ("longitudinal", "transverse", "diagona
 
 def _typing(c) -> bytes:
     """The binary COPY fields of a crack's typing columns (NULL where not typed)."""
-    return b"".join((
-        _NULL if c.crack_type is None else (_TYPES.get(c.crack_type) or _field(c.crack_type.encode())),
-        *(_NULL if v is None else struct.pack(">id", 8, v)
-          for v in (c.theta_deg, c.chord_m, c.tortuosity, c.span_ratio)),
-        _NULL if c.pattern_no is None else struct.pack(">ii", 4, c.pattern_no)))
+    return b"".join(
+        (
+            _NULL if c.crack_type is None else (_TYPES.get(c.crack_type) or _field(c.crack_type.encode())),
+            *(
+                _NULL if v is None else struct.pack(">id", 8, v)
+                for v in (c.theta_deg, c.chord_m, c.tortuosity, c.span_ratio)
+            ),
+            _NULL if c.pattern_no is None else struct.pack(">ii", 4, c.pattern_no),
+        )
+    )
 
 
 def _optional(value: float | None) -> bytes:
@@ -132,8 +175,9 @@ def binary_copy(columns: Sequence[tuple[str, np.ndarray]]) -> bytes:
     return b"".join(chunks)
 
 
-def copy_payload(result: SceneResult, run: RunInfo, ewkb: np.ndarray, created: datetime,
-                 rows_per_chunk: int = 5000) -> Iterator[bytes]:
+def copy_payload(
+    result: SceneResult, run: RunInfo, ewkb: np.ndarray, created: datetime, rows_per_chunk: int = 5000
+) -> Iterator[bytes]:
     """The binary COPY stream of a scene's crack rows (columns CRACK_COPY_COLUMNS), in chunks.
 
     Built with ``struct`` rather than row by row through psycopg's dumpers: this
@@ -141,8 +185,10 @@ def copy_payload(result: SceneResult, run: RunInfo, ewkb: np.ndarray, created: d
     """
     scene_id = result.scene.scene_id
     micros = (created - _PG_EPOCH) // timedelta(microseconds=1)
-    constant = b"".join(_field(v.encode()) for v in (run.survey_id, scene_id, run.model_name,
-                                                     run.model_version, run.model_sha256, run.run_id))
+    constant = b"".join(
+        _field(v.encode())
+        for v in (run.survey_id, scene_id, run.model_name, run.model_version, run.model_sha256, run.run_id)
+    )
     constant += _field(struct.pack(">q", micros))
     severity = {s: _field(s.encode()) for s in ("low", "medium", "high")}
     ids = crack_uuid_bytes(run, scene_id, len(result.cracks))
@@ -151,14 +197,35 @@ def copy_payload(result: SceneResult, run: RunInfo, ewkb: np.ndarray, created: d
     yield _COPY_SIGNATURE
     for start in range(0, len(ids), rows_per_chunk):
         stop = start + rows_per_chunk
-        yield b"".join([
-            pack(n, 16, uid, 8, c.length_m, 8, c.width_mean_mm, 8, c.width_max_mm, 8,
-                 c.orientation_deg, 8, c.confidence) + constant
-            + (severity.get(c.severity) or _field(c.severity.encode()))  # the CHECK refuses others
-            + struct.pack(">i", len(g)) + g + _typing(c)
-            + _optional(c.gsd_mm) + _optional(c.range_m) + _optional(c.pos_accuracy_m)
-            + (_field(t.encode()) if (t := frames_text(c.source_frames)) else _NULL)
-            for uid, c, g in zip(ids[start:stop], result.cracks[start:stop], ewkb[start:stop])])
+        yield b"".join(
+            [
+                pack(
+                    n,
+                    16,
+                    uid,
+                    8,
+                    c.length_m,
+                    8,
+                    c.width_mean_mm,
+                    8,
+                    c.width_max_mm,
+                    8,
+                    c.orientation_deg,
+                    8,
+                    c.confidence,
+                )
+                + constant
+                + (severity.get(c.severity) or _field(c.severity.encode()))  # the CHECK refuses others
+                + struct.pack(">i", len(g))
+                + g
+                + _typing(c)
+                + _optional(c.gsd_mm)
+                + _optional(c.range_m)
+                + _optional(c.pos_accuracy_m)
+                + (_field(t.encode()) if (t := frames_text(c.source_frames)) else _NULL)
+                for uid, c, g in zip(ids[start:stop], result.cracks[start:stop], ewkb[start:stop])
+            ]
+        )
     yield _COPY_TRAILER
 
 
@@ -195,17 +262,21 @@ def connect(url: str) -> psycopg.Connection:
         password = conninfo_to_dict(url).get("password") if "://" in url else None
         if password:
             problem = problem.replace(str(password), "***")
-        raise StoreError(f"{display_url(url)}: cannot connect ({problem}); check the host, port, "
-                         "user and password (the URL, PG* variables or ~/.pgpass)",
-                         transient=database_transient(exc)) from None
+        raise StoreError(
+            f"{display_url(url)}: cannot connect ({problem}); check the host, port, "
+            "user and password (the URL, PG* variables or ~/.pgpass)",
+            transient=database_transient(exc),
+        ) from None
 
 
 def migrations(folder: Path = MIGRATIONS) -> list[tuple[str, Path]]:
     """The migrations in order: (version, file) for every ``NNNN_name.sql``."""
     found = sorted((p.name.split("_", 1)[0], p) for p in folder.glob("[0-9][0-9][0-9][0-9]_*.sql"))
     if not found:
-        raise StoreError(f"{folder} holds no migrations (NNNN_name.sql): this crackmap installation is "
-                         "incomplete; reinstall it (pip install crackmap)")
+        raise StoreError(
+            f"{folder} holds no migrations (NNNN_name.sql): this crackmap installation is "
+            "incomplete; reinstall it (pip install crackmap)"
+        )
     return found
 
 
@@ -231,13 +302,14 @@ def migrate(con: psycopg.Connection, srid: int = 4326, folder: Path = MIGRATIONS
     for version, path in migrations(folder):
         with con.transaction():
             con.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-            con.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version text PRIMARY KEY, "
-                        "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version text PRIMARY KEY, "
+                "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
             if con.execute("SELECT 1 FROM schema_migrations WHERE version = %s", (version,)).fetchone():
                 continue
             con.execute(migration_sql(path, srid).encode())
-            con.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
-                        (version, path.name))
+            con.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, path.name))
         applied.append(version)
     return applied
 
@@ -274,23 +346,28 @@ class PostGISStore(StoreBase):
             srid = scalar(self._con, "SELECT Find_SRID('public', 'cracks', 'geom')")
         except psycopg.Error as exc:
             self._con.close()
-            raise store_failure(f"{self.name}: cannot open as a crackmap store ({why(exc)}). Apply the "
-                             "migrations as the database owner: python -m pipeline.stores.postgis migrate URL",
-                                exc) from exc
+            raise store_failure(
+                f"{self.name}: cannot open as a crackmap store ({why(exc)}). Apply the "
+                "migrations as the database owner: python -m pipeline.stores.postgis migrate URL",
+                exc,
+            ) from exc
         self.srid = int(srid)
         self.crs = CRS.from_epsg(self.srid)
         if self.crs != crs:
             self._con.close()
-            raise StoreError(f"{self.name} stores EPSG:{self.srid}, not {crs.to_string()}; "
-                             "publish to a new database or use the store's CRS")
+            raise StoreError(
+                f"{self.name} stores EPSG:{self.srid}, not {crs.to_string()}; "
+                "publish to a new database or use the store's CRS"
+            )
 
     def _ensure_schema(self, crs: CRS) -> None:
         latest = migrations()[-1][0]
         if schema_version(self._con) != latest:
             epsg = crs.to_epsg()
             if epsg is None:
-                raise StoreError(f"{self.name}: the store CRS must have an EPSG code, "
-                                 f"got {crs.to_string()!r}")
+                raise StoreError(
+                    f"{self.name}: the store CRS must have an EPSG code, got {crs.to_string()!r}"
+                )
             migrate(self._con, epsg)
 
     def _connection(self) -> psycopg.Connection:
@@ -302,19 +379,19 @@ class PostGISStore(StoreBase):
     def publish(self, result: SceneResult, run: RunInfo, promote: bool = True) -> None:
         scene_crs = check_crs(result, self.crs, self.name)
         scene = result.scene
-        geometries = shapely.set_srid(np.array([c.geometry for c in result.cracks], dtype=object),
-                                      self.srid)
+        geometries = shapely.set_srid(np.array([c.geometry for c in result.cracks], dtype=object), self.srid)
         ewkb = shapely.to_wkb(geometries, include_srid=True, byte_order=1)
         footprint = shapely.to_wkb(shapely.set_srid(result.footprint, self.srid), include_srid=True)
-        created = datetime.now(timezone.utc)
+        created = datetime.now(UTC)
         key = (run.survey_id, scene.scene_id, run.model_name, run.model_version)
         con = self._connection()
         try:
             with con.transaction():
                 self._put_run(con, run)
                 if promote:
-                    self._uncurrent_others(con, run.survey_id, [scene.scene_id], run.model_name,
-                                           run.model_version)
+                    self._uncurrent_others(
+                        con, run.survey_id, [scene.scene_id], run.model_name, run.model_version
+                    )
                 con.execute(
                     "INSERT INTO scenes (survey_id, scene_id, model_name, model_version, model_sha256, "
                     "run_id, source_uri, sha256, crs, width, height, chip_count, crack_count, "
@@ -329,65 +406,119 @@ class PostGISStore(StoreBase):
                     "status = 'done', error = NULL, probability_uri = excluded.probability_uri, "
                     "processed_at = excluded.processed_at, footprint = excluded.footprint, "
                     "is_current = excluded.is_current OR scenes.is_current",
-                    (*key, run.model_sha256, run.run_id, scene.uri, result.sha256,
-                     scene_crs.to_string(), scene.width, scene.height, result.chip_count,
-                     len(result.counted), result.total_length_m, result.probability_path, created,
-                     promote, footprint))
-                con.execute("DELETE FROM cracks WHERE survey_id = %s AND scene_id = %s "
-                            "AND model_name = %s AND model_version = %s", key)
+                    (
+                        *key,
+                        run.model_sha256,
+                        run.run_id,
+                        scene.uri,
+                        result.sha256,
+                        scene_crs.to_string(),
+                        scene.width,
+                        scene.height,
+                        result.chip_count,
+                        len(result.counted),
+                        result.total_length_m,
+                        result.probability_path,
+                        created,
+                        promote,
+                        footprint,
+                    ),
+                )
+                con.execute(
+                    "DELETE FROM cracks WHERE survey_id = %s AND scene_id = %s "
+                    "AND model_name = %s AND model_version = %s",
+                    key,
+                )
                 self._copy_cracks(con, result, run, ewkb, created)
                 self._put_pattern_areas(con, result, run)
         except psycopg.OperationalError as exc:
-            raise store_failure(f"{self.name}: lost the connection while publishing {scene.uri} ({why(exc)}); "
-                             "the server rolled the scene back, nothing was written; publish it "
-                             "again", exc) from exc
+            raise store_failure(
+                f"{self.name}: lost the connection while publishing {scene.uri} ({why(exc)}); "
+                "the server rolled the scene back, nothing was written; publish it "
+                "again",
+                exc,
+            ) from exc
         except psycopg.Error as exc:
-            raise store_failure(f"{self.name}: publishing {scene.uri} failed; nothing was written "
-                             f"({why(exc)})", exc) from exc
+            raise store_failure(
+                f"{self.name}: publishing {scene.uri} failed; nothing was written ({why(exc)})", exc
+            ) from exc
 
-    def _copy_cracks(self, con: psycopg.Connection, result: SceneResult, run: RunInfo,
-                     ewkb: np.ndarray, created: datetime) -> None:
-        with con.cursor() as cur, cur.copy(
-                f"COPY cracks ({', '.join(CRACK_COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
+    def _copy_cracks(
+        self, con: psycopg.Connection, result: SceneResult, run: RunInfo, ewkb: np.ndarray, created: datetime
+    ) -> None:
+        with (
+            con.cursor() as cur,
+            cur.copy(f"COPY cracks ({', '.join(CRACK_COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy,
+        ):
             for chunk in copy_payload(result, run, ewkb, created):
                 copy.write(chunk)
 
     def _put_pattern_areas(self, con: psycopg.Connection, result: SceneResult, run: RunInfo) -> None:
         key = (run.survey_id, result.scene.scene_id, run.model_name, run.model_version)
-        con.execute("DELETE FROM pattern_areas WHERE survey_id = %s AND scene_id = %s AND model_name = %s "
-                    "AND model_version = %s", key)
+        con.execute(
+            "DELETE FROM pattern_areas WHERE survey_id = %s AND scene_id = %s AND model_name = %s "
+            "AND model_version = %s",
+            key,
+        )
         if result.pattern_areas:
-            geometries = shapely.to_wkb(shapely.set_srid(np.array([a.geometry for a in result.pattern_areas],
-                                                                  dtype=object), self.srid), include_srid=True)
+            geometries = shapely.to_wkb(
+                shapely.set_srid(
+                    np.array([a.geometry for a in result.pattern_areas], dtype=object), self.srid
+                ),
+                include_srid=True,
+            )
             with con.cursor() as cur:
                 cur.executemany(
                     f"INSERT INTO pattern_areas ({', '.join(layers.columns('pattern_areas'))}, geom) "
                     "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, ST_GeomFromEWKB(%s))",
-                    [(*key, no, a.pattern_class, a.area_m2, a.crack_density_m_per_m2, a.width_mean_mm,
-                      a.width_max_mm, a.severity, a.piece_m, g)
-                     for no, (a, g) in enumerate(zip(result.pattern_areas, geometries))])
+                    [
+                        (
+                            *key,
+                            no,
+                            a.pattern_class,
+                            a.area_m2,
+                            a.crack_density_m_per_m2,
+                            a.width_mean_mm,
+                            a.width_max_mm,
+                            a.severity,
+                            a.piece_m,
+                            g,
+                        )
+                        for no, (a, g) in enumerate(zip(result.pattern_areas, geometries))
+                    ],
+                )
 
     @staticmethod
     def _put_run(con: psycopg.Connection, run: RunInfo) -> None:
         con.execute("INSERT INTO surveys (survey_id) VALUES (%s) ON CONFLICT DO NOTHING", (run.survey_id,))
         sha256 = scalar(
-            con, "INSERT INTO models (model_name, model_version, model_sha256) VALUES (%s, %s, %s) "
+            con,
+            "INSERT INTO models (model_name, model_version, model_sha256) VALUES (%s, %s, %s) "
             "ON CONFLICT (model_name, model_version) DO UPDATE SET model_sha256 = models.model_sha256 "
-            "RETURNING model_sha256", (run.model_name, run.model_version, run.model_sha256))
+            "RETURNING model_sha256",
+            (run.model_name, run.model_version, run.model_sha256),
+        )
         if sha256 != run.model_sha256:
-            raise StoreError(f"model {run.model_name}:{run.model_version} was published with sha256 "
-                             f"{sha256}, now {run.model_sha256}; versions are immutable: publish the "
-                             "changed model as a new version")
-        con.execute("INSERT INTO runs (run_id, survey_id, model_name, model_version) "
-                    "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                    (run.run_id, run.survey_id, run.model_name, run.model_version))
+            raise StoreError(
+                f"model {run.model_name}:{run.model_version} was published with sha256 "
+                f"{sha256}, now {run.model_sha256}; versions are immutable: publish the "
+                "changed model as a new version"
+            )
+        con.execute(
+            "INSERT INTO runs (run_id, survey_id, model_name, model_version) "
+            "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (run.run_id, run.survey_id, run.model_name, run.model_version),
+        )
 
     @staticmethod
-    def _uncurrent_others(con: psycopg.Connection, survey_id: str, scene_ids: Sequence[str],
-                          model_name: str, model_version: str) -> None:
-        con.execute("UPDATE scenes SET is_current = false WHERE survey_id = %s AND scene_id = ANY(%s) "
-                    "AND is_current AND (model_name, model_version) <> (%s, %s)",
-                    (survey_id, list(scene_ids), model_name, model_version))
+    def _uncurrent_others(
+        con: psycopg.Connection, survey_id: str, scene_ids: Sequence[str], model_name: str, model_version: str
+    ) -> None:
+        con.execute(
+            "UPDATE scenes SET is_current = false WHERE survey_id = %s AND scene_id = ANY(%s) "
+            "AND is_current AND (model_name, model_version) <> (%s, %s)",
+            (survey_id, list(scene_ids), model_name, model_version),
+        )
 
     def mark_failed(self, uri: str, scene_id: str, run: RunInfo, error: str) -> None:
         con = self._connection()
@@ -402,39 +533,71 @@ class PostGISStore(StoreBase):
                     "model_sha256 = excluded.model_sha256, run_id = excluded.run_id, "
                     "source_uri = excluded.source_uri, status = 'failed', error = excluded.error, "
                     "processed_at = excluded.processed_at",
-                    (run.survey_id, scene_id, run.model_name, run.model_version, run.model_sha256,
-                     run.run_id, uri, error))
+                    (
+                        run.survey_id,
+                        scene_id,
+                        run.model_name,
+                        run.model_version,
+                        run.model_sha256,
+                        run.run_id,
+                        uri,
+                        error,
+                    ),
+                )
         except psycopg.Error as exc:
-            raise store_failure(f"{self.name}: recording {uri} as failed did not work ({why(exc)})", exc) from exc
+            raise store_failure(
+                f"{self.name}: recording {uri} as failed did not work ({why(exc)})", exc
+            ) from exc
 
-    def published_sha256(self, survey_id: str, scene_id: str, model_name: str,
-                         model_version: str) -> str | None:
-        row = self._connection().execute(
-            "SELECT sha256 FROM scenes WHERE survey_id = %s AND scene_id = %s AND model_name = %s "
-            "AND model_version = %s AND status = 'done'",
-            (survey_id, scene_id, model_name, model_version)).fetchone()
+    def published_sha256(
+        self, survey_id: str, scene_id: str, model_name: str, model_version: str
+    ) -> str | None:
+        row = (
+            self._connection()
+            .execute(
+                "SELECT sha256 FROM scenes WHERE survey_id = %s AND scene_id = %s AND model_name = %s "
+                "AND model_version = %s AND status = 'done'",
+                (survey_id, scene_id, model_name, model_version),
+            )
+            .fetchone()
+        )
         return row[0] if row else None
 
-    def promote(self, survey_id: str, scene_ids: Sequence[str] | None, model_name: str,
-                model_version: str) -> int:
+    def promote(
+        self, survey_id: str, scene_ids: Sequence[str] | None, model_name: str, model_version: str
+    ) -> int:
         model = f"{model_name}:{model_version}"
         con = self._connection()
         try:
             with con.transaction():
-                found = [r[0] for r in con.execute(
-                    "SELECT scene_id FROM scenes WHERE survey_id = %s AND model_name = %s "
-                    "AND model_version = %s AND status = 'done' AND (%s::text[] IS NULL "
-                    "OR scene_id = ANY(%s::text[])) FOR UPDATE",
-                    (survey_id, model_name, model_version, scene_ids and list(scene_ids),
-                     scene_ids and list(scene_ids)))]
+                found = [
+                    r[0]
+                    for r in con.execute(
+                        "SELECT scene_id FROM scenes WHERE survey_id = %s AND model_name = %s "
+                        "AND model_version = %s AND status = 'done' AND (%s::text[] IS NULL "
+                        "OR scene_id = ANY(%s::text[])) FOR UPDATE",
+                        (
+                            survey_id,
+                            model_name,
+                            model_version,
+                            scene_ids and list(scene_ids),
+                            scene_ids and list(scene_ids),
+                        ),
+                    )
+                ]
                 missing_scenes(scene_ids, found, survey_id, model)
                 self._uncurrent_others(con, survey_id, found, model_name, model_version)
-                con.execute("UPDATE scenes SET is_current = true WHERE survey_id = %s "
-                            "AND scene_id = ANY(%s) AND model_name = %s AND model_version = %s",
-                            (survey_id, found, model_name, model_version))
+                con.execute(
+                    "UPDATE scenes SET is_current = true WHERE survey_id = %s "
+                    "AND scene_id = ANY(%s) AND model_name = %s AND model_version = %s",
+                    (survey_id, found, model_name, model_version),
+                )
         except psycopg.Error as exc:
-            raise store_failure(f"{self.name}: promoting {model} in survey {survey_id!r} failed; nothing "
-                             f"was changed ({why(exc)})", exc) from exc
+            raise store_failure(
+                f"{self.name}: promoting {model} in survey {survey_id!r} failed; nothing "
+                f"was changed ({why(exc)})",
+                exc,
+            ) from exc
         return len(found)
 
     def query(self, query: CrackQuery = CrackQuery(), batch_size: int = 10_000) -> Iterator[list[dict]]:
@@ -448,13 +611,14 @@ class PostGISStore(StoreBase):
             params += [*query.bbox, self.srid]
         table = "all_cracks" if query.model_version is not None else "current_cracks"
         fields = [f for f in QUERY_FIELDS if f not in ("crack_id", "created_at")]
-        sql = (f"SELECT ST_AsBinary(geom), crack_id::text, {', '.join(fields)}, "
-               """to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') """
-               f"FROM {table}" + (f" WHERE {' AND '.join(where)}" if where else ""))
+        sql = (
+            f"SELECT ST_AsBinary(geom), crack_id::text, {', '.join(fields)}, "
+            """to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') """
+            f"FROM {table}" + (f" WHERE {' AND '.join(where)}" if where else "")
+        )
         names = ("crack_id", *fields, "created_at")
         # its own connection: a server-side cursor streams while the store goes on publishing
-        with connect(self.url) as con, con.transaction(), \
-                con.cursor(name="crackmap_query") as cur:
+        with connect(self.url) as con, con.transaction(), con.cursor(name="crackmap_query") as cur:
             cur.itersize = batch_size
             try:
                 cur.execute(sql, params)
@@ -466,8 +630,10 @@ class PostGISStore(StoreBase):
 
     def scenes(self, selection: SceneSelection = SceneSelection()) -> list[dict]:
         conditions = selection.comparisons()
-        where = [f"{column} {op} %s" + ("::timestamptz" if column == "processed_at" else "")
-                 for column, op, _ in conditions]
+        where = [
+            f"{column} {op} %s" + ("::timestamptz" if column == "processed_at" else "")
+            for column, op, _ in conditions
+        ]
         params: list = [value for _, _, value in conditions]
         if selection.current_only:
             where.append("is_current")
@@ -475,31 +641,39 @@ class PostGISStore(StoreBase):
             where.append("ST_Intersects(footprint, ST_MakeEnvelope(%s, %s, %s, %s, %s))")
             params += [*selection.bbox, self.srid]
         fields = [f for f in SCENE_FIELDS if f != "processed_at"]
-        sql = (f"SELECT {', '.join(fields)}, "
-               """to_char(processed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') """
-               "FROM scenes" + (f" WHERE {' AND '.join(where)}" if where else "")
-               + " ORDER BY survey_id, scene_id, model_name, model_version")
+        sql = (
+            f"SELECT {', '.join(fields)}, "
+            """to_char(processed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') """
+            "FROM scenes"
+            + (f" WHERE {' AND '.join(where)}" if where else "")
+            + " ORDER BY survey_id, scene_id, model_name, model_version"
+        )
         try:
             rows = self._connection().execute(sql, params).fetchall()
         except psycopg.Error as exc:
             raise store_failure(f"{self.name}: reading scenes failed ({why(exc)})", exc) from exc
         return [dict(zip((*fields, "processed_at"), r)) for r in rows]
 
-    def scene_summaries(self, survey_id: str, model_name: str, model_version: str,
-                        scene_ids: Sequence[str] | None = None) -> dict[str, dict]:
+    def scene_summaries(
+        self, survey_id: str, model_name: str, model_version: str, scene_ids: Sequence[str] | None = None
+    ) -> dict[str, dict]:
         key = (survey_id, model_name, model_version)
         con = self._connection()
         summaries: dict[str, dict] = {}
         try:
             for scene_id, status, chips in con.execute(
-                    "SELECT scene_id, status, chip_count FROM scenes WHERE survey_id = %s "
-                    "AND model_name = %s AND model_version = %s", key):
+                "SELECT scene_id, status, chip_count FROM scenes WHERE survey_id = %s "
+                "AND model_name = %s AND model_version = %s",
+                key,
+            ):
                 if scene_ids is None or scene_id in scene_ids:
                     summaries[scene_id] = dict(empty_summary(), status=status, chip_count=chips or 0)
             rows = con.execute(
                 "SELECT scene_id, severity, count(*), sum(length_m) FROM cracks WHERE survey_id = %s "
                 "AND model_name = %s AND model_version = %s AND crack_type IS DISTINCT FROM 'joint' "
-                "GROUP BY scene_id, severity", key).fetchall()
+                "GROUP BY scene_id, severity",
+                key,
+            ).fetchall()
         except psycopg.Error as exc:
             raise store_failure(f"{self.name}: reading scene summaries failed ({why(exc)})", exc) from exc
         for scene_id, severity, count, length in rows:
@@ -514,65 +688,105 @@ class PostGISStore(StoreBase):
         selected = ", ".join("crack_id::text" if n == "crack_id" else n for n in names)
         try:
             with self._connection().cursor(binary=True) as cur:
-                rows = cur.execute(f"SELECT ST_AsBinary(geom), {selected} FROM current_cracks "
-                                   "WHERE survey_id = %s ORDER BY crack_id", (survey_id,)).fetchall()
+                rows = cur.execute(
+                    f"SELECT ST_AsBinary(geom), {selected} FROM current_cracks "
+                    "WHERE survey_id = %s ORDER BY crack_id",
+                    (survey_id,),
+                ).fetchall()
         except psycopg.Error as exc:
-            raise store_failure(f"{self.name}: reading the cracks of {survey_id!r} failed ({why(exc)})", exc) from exc
+            raise store_failure(
+                f"{self.name}: reading the cracks of {survey_id!r} failed ({why(exc)})", exc
+            ) from exc
         return columns_of(rows, names, shapely.from_wkb)
 
     def footprints(self, survey_id: str) -> list[dict]:
         try:
-            rows = self._connection().execute(
-                "SELECT ST_AsBinary(footprint), scene_id, model_name, model_version FROM scenes "
-                "WHERE survey_id = %s AND is_current AND footprint IS NOT NULL ORDER BY scene_id",
-                (survey_id,)).fetchall()
+            rows = (
+                self._connection()
+                .execute(
+                    "SELECT ST_AsBinary(footprint), scene_id, model_name, model_version FROM scenes "
+                    "WHERE survey_id = %s AND is_current AND footprint IS NOT NULL ORDER BY scene_id",
+                    (survey_id,),
+                )
+                .fetchall()
+            )
         except psycopg.Error as exc:
             raise store_failure(f"{self.name}: reading scene footprints failed ({why(exc)})", exc) from exc
-        return [{"scene_id": r[1], "model_name": r[2], "model_version": r[3], "geometry": shapely.from_wkb(r[0])}
-                for r in rows]
+        return [
+            {"scene_id": r[1], "model_name": r[2], "model_version": r[3], "geometry": shapely.from_wkb(r[0])}
+            for r in rows
+        ]
 
     def survey_ids(self) -> list[str]:
         try:
-            return [r[0] for r in self._connection().execute(
-                "SELECT DISTINCT survey_id FROM scenes ORDER BY 1").fetchall()]
+            return [
+                r[0]
+                for r in self._connection()
+                .execute("SELECT DISTINCT survey_id FROM scenes ORDER BY 1")
+                .fetchall()
+            ]
         except psycopg.Error as exc:
             raise store_failure(f"{self.name}: reading surveys failed ({why(exc)})", exc) from exc
 
     def read_layer(self, layer: str, where: dict) -> list[dict]:
         _, names = check_layer(layer)
-        sql = (f'SELECT ST_AsBinary(geom), {", ".join(f"{chr(34)}{n}{chr(34)}" for n in names)} FROM {layer}'
-               + (" WHERE " + " AND ".join(f'"{check_column(layer, k, names)}" = %s' for k in where)
-                  if where else "") + " ORDER BY fid")
+        sql = (
+            f"SELECT ST_AsBinary(geom), {', '.join(f'{chr(34)}{n}{chr(34)}' for n in names)} FROM {layer}"
+            + (
+                " WHERE " + " AND ".join(f'"{check_column(layer, k, names)}" = %s' for k in where)
+                if where
+                else ""
+            )
+            + " ORDER BY fid"
+        )
         try:
             rows = self._connection().execute(sql, list(where.values())).fetchall()
         except psycopg.Error as exc:
             raise store_failure(f"{self.name}: reading {layer} failed ({why(exc)})", exc) from exc
-        return [dict(zip(names, values), geometry=shapely.from_wkb(geom) if geom else None)
-                for geom, *values in rows]
+        return [
+            dict(zip(names, values), geometry=shapely.from_wkb(geom) if geom else None)
+            for geom, *values in rows
+        ]
 
-    def replace_layer(self, layer: str, rows: list[dict], where: dict, keep_previous: bool = False,
-                      positions: CrackPositions | None = None,
-                      also: Sequence[tuple[str, list[dict], dict]] = ()) -> None:
+    def replace_layer(
+        self,
+        layer: str,
+        rows: list[dict],
+        where: dict,
+        keep_previous: bool = False,
+        positions: CrackPositions | None = None,
+        also: Sequence[tuple[str, list[dict], dict]] = (),
+    ) -> None:
         con = self._connection()
         try:
             with con.transaction(), con.cursor() as cur:
-                for target, target_rows, target_where, keep in ((layer, rows, where, keep_previous),
-                                                                  *((*a, False) for a in also)):
+                for target, target_rows, target_where, keep in (
+                    (layer, rows, where, keep_previous),
+                    *((*a, False) for a in also),
+                ):
                     self._replace_rows(cur, target, target_rows, target_where, keep)
                 if positions is not None:
                     self._put_positions(cur, positions)
         except psycopg.Error as exc:
-            raise store_failure(f"{self.name}: writing {layer} failed; nothing was written ({why(exc)})", exc) from exc
+            raise store_failure(
+                f"{self.name}: writing {layer} failed; nothing was written ({why(exc)})", exc
+            ) from exc
 
-    def _replace_rows(self, cur: psycopg.Cursor, layer: str, rows: list[dict], where: dict,
-                      keep_previous: bool) -> None:
+    def _replace_rows(
+        self, cur: psycopg.Cursor, layer: str, rows: list[dict], where: dict, keep_previous: bool
+    ) -> None:
         _, names = check_layer(layer)
         condition = " AND ".join(f'"{check_column(layer, k, names)}" = %s' for k in where) or "true"
-        geometries = shapely.to_wkb(shapely.set_srid(np.array([r.get("geometry") for r in rows], dtype=object),
-                                                     self.srid), include_srid=True, hex=True)
+        geometries = shapely.to_wkb(
+            shapely.set_srid(np.array([r.get("geometry") for r in rows], dtype=object), self.srid),
+            include_srid=True,
+            hex=True,
+        )
         if keep_previous:
-            cur.execute(f"UPDATE {layer} SET is_current = 0 WHERE {condition} AND is_current <> 0",
-                        list(where.values()))
+            cur.execute(
+                f"UPDATE {layer} SET is_current = 0 WHERE {condition} AND is_current <> 0",
+                list(where.values()),
+            )
         else:
             cur.execute(f"DELETE FROM {layer} WHERE {condition}", list(where.values()))
         quoted = ", ".join(f'"{n}"' for n in names)
@@ -587,37 +801,59 @@ class PostGISStore(StoreBase):
         Not an UPDATE of the crack rows: that writes a new version of every row and
         of its entries in every index of ``cracks`` (migration 0005).
         """
-        cur.execute("DELETE FROM crack_positions p USING cracks c WHERE c.survey_id = %s AND p.crack_id = c.crack_id",
-                    (positions.survey_id,))
+        cur.execute(
+            "DELETE FROM crack_positions p USING cracks c WHERE c.survey_id = %s AND p.crack_id = c.crack_id",
+            (positions.survey_id,),
+        )
         if not len(positions.crack_id):
             return
         p = positions
-        payload = binary_copy([
-            ("uuid", p.crack_id), ("text", np.full(len(p.crack_id), p.survey_id, dtype=object)),
-            ("text", p.road_id), ("float8", p.chainage_from_m), ("float8", p.chainage_to_m),
-            ("float8", p.offset_m), ("text", p.crack_type), ("float8", p.theta_deg), ("float8", p.span_ratio)])
-        with cur.copy("COPY crack_positions (crack_id, survey_id, road_id, chainage_from_m, chainage_to_m, "
-                      "offset_m, crack_type, theta_deg, span_ratio) FROM STDIN (FORMAT BINARY)") as copy:
+        payload = binary_copy(
+            [
+                ("uuid", p.crack_id),
+                ("text", np.full(len(p.crack_id), p.survey_id, dtype=object)),
+                ("text", p.road_id),
+                ("float8", p.chainage_from_m),
+                ("float8", p.chainage_to_m),
+                ("float8", p.offset_m),
+                ("text", p.crack_type),
+                ("float8", p.theta_deg),
+                ("float8", p.span_ratio),
+            ]
+        )
+        with cur.copy(
+            "COPY crack_positions (crack_id, survey_id, road_id, chainage_from_m, chainage_to_m, "
+            "offset_m, crack_type, theta_deg, span_ratio) FROM STDIN (FORMAT BINARY)"
+        ) as copy:
             for start in range(0, len(payload), 1 << 24):
-                copy.write(payload[start:start + (1 << 24)])
+                copy.write(payload[start : start + (1 << 24)])
 
     def set_frame_survey(self, survey_id: str, settings: dict | None) -> None:
         con = self._connection()
         try:
             with con.transaction():
-                con.execute("INSERT INTO surveys (survey_id, frame_survey, updated_at) VALUES (%s, %s, now()) "
-                            "ON CONFLICT (survey_id) DO UPDATE SET frame_survey = excluded.frame_survey, "
-                            "updated_at = excluded.updated_at",
-                            (survey_id, None if settings is None else Jsonb(settings)))
+                con.execute(
+                    "INSERT INTO surveys (survey_id, frame_survey, updated_at) VALUES (%s, %s, now()) "
+                    "ON CONFLICT (survey_id) DO UPDATE SET frame_survey = excluded.frame_survey, "
+                    "updated_at = excluded.updated_at",
+                    (survey_id, None if settings is None else Jsonb(settings)),
+                )
         except psycopg.Error as exc:
-            raise store_failure(f"{self.name}: recording survey {survey_id!r} failed ({why(exc)})", exc) from exc
+            raise store_failure(
+                f"{self.name}: recording survey {survey_id!r} failed ({why(exc)})", exc
+            ) from exc
 
     def frame_survey(self, survey_id: str) -> dict | None:
         try:
-            row = self._connection().execute("SELECT frame_survey FROM surveys WHERE survey_id = %s",
-                                             (survey_id,)).fetchone()
+            row = (
+                self._connection()
+                .execute("SELECT frame_survey FROM surveys WHERE survey_id = %s", (survey_id,))
+                .fetchone()
+            )
         except psycopg.Error as exc:
-            raise store_failure(f"{self.name}: reading survey {survey_id!r} failed ({why(exc)})", exc) from exc
+            raise store_failure(
+                f"{self.name}: reading survey {survey_id!r} failed ({why(exc)})", exc
+            ) from exc
         return row[0] if row and row[0] is not None else None
 
     def close(self) -> None:
