@@ -74,6 +74,12 @@ def sample_scene(folder: Path) -> str:
     return str(path)
 
 
+def crackmap_run(scene: str, store: Path) -> list[str]:
+    """``crackmap run`` of one scene, as a user types it (in whichever checkout PYTHONPATH names)."""
+    cli = "from flows.cli import main; main()"
+    return [sys.executable, "-c", cli, "run", scene, "--store", str(store), "--backend", "onnxruntime"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -88,40 +94,10 @@ def main() -> None:
         for i in range(args.rounds):
             pipeline_store, cli_store = Path(tmp) / f"p{i}.gpkg", Path(tmp) / f"c{i}.gpkg"
             times["pipeline"].append(timed([sys.executable, "-c", PIPELINE, scene, str(pipeline_store)], env))
-            times["cli"].append(
-                timed(
-                    [
-                        sys.executable,
-                        "-c",
-                        "from flows.cli import main; main()",
-                        "run",
-                        scene,
-                        "--store",
-                        str(cli_store),
-                        "--backend",
-                        "onnxruntime",
-                    ],
-                    env,
-                )
-            )
+            times["cli"].append(timed(crackmap_run(scene, cli_store), env))
             if args.baseline:
                 base_env = dict(env, PYTHONPATH=str(Path(args.baseline).resolve()))
-                times["baseline"].append(
-                    timed(
-                        [
-                            sys.executable,
-                            "-c",
-                            "from flows.cli import main; main()",
-                            "run",
-                            scene,
-                            "--store",
-                            str(Path(tmp) / f"b{i}.gpkg"),
-                            "--backend",
-                            "onnxruntime",
-                        ],
-                        base_env,
-                    )
-                )
+                times["baseline"].append(timed(crackmap_run(scene, Path(tmp) / f"b{i}.gpkg"), base_env))
             print(
                 f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items() if v),
                 flush=True,

@@ -1,15 +1,6 @@
-"""The contract every GIS store keeps, and what the stores share (columns, ids, checks).
-
-Every store publishes a scene atomically: the scene's previous rows for the
-same survey, model name and model version are replaced by the new ones in one
-transaction, so a rerun never duplicates and a failure never leaves half a
-scene.  Rows of other model versions are never touched.
-
-Each scene has at most one *current* model version (``scenes.is_current``):
-publishing makes the version current unless ``promote=False``; ``promote()``
-makes an already published version current later.  The view
-``current_cracks`` shows, per scene, the cracks of its current version, and
-``query()`` reads it unless a model version is asked for.
+"""The contract every GIS store keeps (``CrackStore``), and what the stores share: the crack
+columns (``CRACK_FIELDS``), crack ids, the checks before writing, and how a database error is
+classified (``database_transient``).  What publishing guarantees is in ``pipeline.stores``.
 """
 
 from __future__ import annotations
