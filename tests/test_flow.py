@@ -120,7 +120,15 @@ def test_a_store_password_is_masked_in_output_logs_and_never_reaches_prefect(
     )
     assert result.exit_code == 0, result.output
     assert f"-> postgresql://{user}@{rest}" in result.output and password not in result.output
-    # a failing run (nothing listens on port 9) masks it too, in the summary and the error lines
+    # a failing run (nothing listens on port 9) masks it too, in the summary and the error lines;
+    # a refused connection is transient, so the task retries it: without the backoff here
+    import flows.scene
+
+    monkeypatch.setattr(
+        flows.scene,
+        "map_scene_task",
+        flows.scene.map_scene_task.with_options(retry_delay_seconds=0, retry_jitter_factor=None),
+    )
     refused = f"postgresql://{user}:{password}@127.0.0.1:9/nowhere"
     failed = CliRunner().invoke(
         cli,
