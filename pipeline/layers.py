@@ -9,6 +9,7 @@ road columns of cracks live in ``crack_positions`` there, migration 0005, and th
 
 from __future__ import annotations
 
+from pipeline.change import DELTA_FIELDS
 from pipeline.sections import SUM_FIELDS
 
 # crack columns: typing at mapping time, road referencing (and typing against the road) by `crackmap sections`
@@ -74,21 +75,7 @@ LAYERS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
             ("level", "text"),
             ("from_m", "real"),
             ("to_m", "real"),
-            *(
-                (f"{f}_delta", "real")
-                for f in (
-                    "longitudinal_m",
-                    "transverse_m",
-                    "diagonal_m",
-                    "pattern_m",
-                    "alligator_m2",
-                    "block_m2",
-                    "transverse_count",
-                    "cracked_area_pct",
-                    "cracked_cells_pct",
-                    "crack_index",
-                )
-            ),
+            *((f"{f}_delta", "real") for f in DELTA_FIELDS),
             ("class_from", "text"),
             ("class_to", "text"),
             ("class_changed", "int"),
