@@ -74,9 +74,10 @@ def sample_scene(folder: Path) -> str:
     return str(path)
 
 
-def crackmap_run(scene: str, store: Path) -> list[str]:
-    """``crackmap run`` of one scene, as a user types it (in whichever checkout PYTHONPATH names)."""
-    cli = "from flows.cli import main; main()"
+def crackmap_run(scene: str, store: Path, tree: Path = ROOT) -> list[str]:
+    """``crackmap run`` of one scene, as a user types it: the entry point of ``tree`` (PYTHONPATH names it)."""
+    entry = "flows.launch" if (tree / "flows" / "launch.py").exists() else "flows.cli"
+    cli = f"from {entry} import main; main()"
     return [sys.executable, "-c", cli, "run", scene, "--store", str(store), "--backend", "onnxruntime"]
 
 
@@ -97,7 +98,8 @@ def main() -> None:
             times["cli"].append(timed(crackmap_run(scene, cli_store), env))
             if args.baseline:
                 base_env = dict(env, PYTHONPATH=str(Path(args.baseline).resolve()))
-                times["baseline"].append(timed(crackmap_run(scene, Path(tmp) / f"b{i}.gpkg"), base_env))
+                base_run = crackmap_run(scene, Path(tmp) / f"b{i}.gpkg", Path(args.baseline).resolve())
+                times["baseline"].append(timed(base_run, base_env))
             print(
                 f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items() if v),
                 flush=True,

@@ -35,10 +35,9 @@ def quiet_prefect() -> None:
     A failed scene is reported once, by the summary's ``failed:`` line; without this,
     Prefect logs it twice more, with a traceback.
     """
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose() else "CRITICAL")
-    # its background services (events, logs) report under prefect._internal, with their own level
-    os.environ.setdefault("PREFECT_INTERNAL_LOGGING_LEVEL", "INFO" if verbose() else "CRITICAL")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here
+    from flows.embedded import quiet_prefect_environment
+
+    quiet_prefect_environment(verbose())
     if not verbose():  # Prefect's background services log under their class names, outside "prefect"
         for name in ("EventsWorker", "APILogWorker"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -345,8 +344,9 @@ def run(
     """
     store = checked_inputs(store, survey_id, options, sources)
     quiet_prefect()
-    from flows.embedded import prefect_api
-    from flows.survey import process_survey
+    from flows.embedded import prefect_api, start_api_server
+
+    server = start_api_server()  # (already started by the entry point, flows.launch)
 
     started = time.perf_counter()
     bars: dict[str, tqdm] = {}
@@ -361,8 +361,14 @@ def run(
 
     run_started = datetime.now(UTC)
     try:
-        with interruptible(), orchestration_errors(), prefect_api(lambda: warm_up(model_spec, backend)):
+        with (
+            interruptible(),
+            orchestration_errors(),
+            prefect_api(lambda: warm_up(model_spec, backend), server),
+        ):
             try:
+                from flows.survey import process_survey  # after the warm-up began (prefect_api)
+
                 with progress.listening(show):
                     state = process_survey(
                         list(sources),
@@ -509,7 +515,9 @@ def reprocess(
     """
     store = checked_inputs(store, survey_id, options)
     quiet_prefect()
-    from flows.embedded import prefect_api
+    from flows.embedded import prefect_api, start_api_server
+
+    server = start_api_server()
     from flows.reprocess import reprocess as reprocess_flow
 
     bar = tqdm(unit="chip", desc="reprocess")
@@ -521,7 +529,12 @@ def reprocess(
         bar.update(done - bar.n)
 
     try:
-        with interruptible(), orchestration_errors(ValueError), prefect_api(), progress.listening(show):
+        with (
+            interruptible(),
+            orchestration_errors(ValueError),
+            prefect_api(server=server),
+            progress.listening(show),
+        ):
             state = reprocess_flow(
                 store,
                 model_spec,

@@ -1,12 +1,14 @@
 """The Prefect API of a ``crackmap run`` without a server: a child process the run owns.
 
-With ``PREFECT_API_URL`` unset, Prefect starts its "ephemeral" API as a child
-process (uvicorn) in the terminal's process group.  Ctrl-C killed that child
-too while the run went on calling it (70-80 s of connection errors, two
-tracebacks), and after SIGTERM or SIGKILL of the CLI it lived on as an orphan.
-``prefect_api()`` starts the same server (Prefect's ``SubprocessASGIServer``:
-its API application, SQLite under ``PREFECT_HOME``, no UI) with two changes:
+With ``PREFECT_API_URL`` unset, Prefect would start its "ephemeral" API as a child
+process (uvicorn) in the terminal's process group, and only once the flow is called.
+``ApiServer`` starts the same server (Prefect's API application, SQLite under
+``PREFECT_HOME``, no UI) with three changes:
 
+- as early as the command knows it needs one, before this process imports Prefect,
+  loads the model and compiles numba code: the server's start (a new interpreter
+  importing Prefect's server, ~5 s) runs on another core alongside that work instead
+  of after it, and this process never imports Prefect's server;
 - in a session of its own, so the terminal's Ctrl-C reaches only the run, which
   can still tell the API that it was interrupted;
 - with a parent-death signal (Linux ``PR_SET_PDEATHSIG``): when the CLI dies, even
@@ -17,18 +19,25 @@ The run itself stays an ordinary Prefect flow, as scheduled runs and deployments
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import ctypes.util
+import importlib.util
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 STARTUP_TIMEOUT_S = 180  # a first start migrates its database; a loaded machine needed over 20 s
+STOP_TIMEOUT_S = 5
+PORT_IN_USE = 3  # uvicorn's exit status when it cannot bind
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -39,68 +48,145 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def _server_class():
-    from prefect.server.api.server import SubprocessASGIServer
+def quiet_prefect_environment(verbose: bool) -> None:
+    """Prefect's own log lines (this process and the API server's) only with ``crackmap -v``;
+    no telemetry (nothing outside may be reachable).  Variables already set win."""
+    level = "INFO" if verbose else "CRITICAL"
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", level)
+    # its background services (events, logs) report under prefect._internal, with their own level
+    os.environ.setdefault("PREFECT_INTERNAL_LOGGING_LEVEL", level)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-    class OwnedServer(SubprocessASGIServer):
-        """Prefect's subprocess API server, in its own session and tied to this process's life."""
 
-        def _run_uvicorn_command(self) -> subprocess.Popen:
-            import prefect
-            from prefect.settings import get_current_settings
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-            env = {
-                **os.environ,
-                **get_current_settings().to_environment_variables(exclude_unset=True),
-                "PREFECT_UI_ENABLED": "0",
-                "PREFECT__SERVER_EPHEMERAL": "1",
-                "PREFECT__SERVER_FINAL": "1",
-            }
-            return subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "--app-dir",
-                    str(prefect.__module_path__.parent),
-                    "--factory",
-                    "prefect.server.api.server:create_app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--log-level",
-                    "error",
-                    "--lifespan",
-                    "on",
-                ],
-                env=env,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
 
-    return OwnedServer
+def api_url_configured() -> bool:
+    """Whether Prefect is pointed at an API (environment or profile), so none is started."""
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
+
+
+class ApiServer:
+    """Prefect's API application served by uvicorn on loopback, in a child process of this one.
+
+    Start it from the thread that lives as long as the run (the main thread): the
+    parent-death signal fires when the thread that started the child ends.
+    """
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.process: subprocess.Popen | None = self._spawn()
+        atexit.register(self.stop)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def _spawn(self) -> subprocess.Popen:
+        spec = importlib.util.find_spec("prefect")  # finds the package without importing it
+        assert spec is not None and spec.origin is not None, "Prefect is not installed"
+        env = {
+            **os.environ,
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+        }
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--app-dir",
+                str(Path(spec.origin).parents[1]),
+                "--factory",
+                "prefect.server.api.server:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "error",
+                "--lifespan",
+                "on",
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+    def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        """Return once the API answers its health check; RuntimeError if it exits or times out."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(timeout=5) as client:
+            while True:
+                assert self.process is not None, "the server was stopped"
+                status = self.process.poll()
+                if status == PORT_IN_USE:  # taken between our choice and its bind: another port
+                    self.port = _free_port()
+                    self.process = self._spawn()
+                    continue
+                if status is not None:
+                    raise RuntimeError(f"Prefect's API server exited with status {status} before it answered")
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get(f"{self.api_url}/health").status_code == 200:
+                        return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"Timed out after {timeout_s:.0f} s while attempting to connect to the "
+                        "ephemeral Prefect API server"
+                    )
+                time.sleep(0.05)  # a readiness probe: the child gives no other sign that it listens
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 5 s; waits until the child is gone.  Safe to call twice."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        atexit.unregister(self.stop)
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+_started: list[ApiServer] = []  # the one ``flows.launch`` started before the command was parsed
+
+
+def start_api_server() -> ApiServer | None:
+    """A server for this run, started now (or the one already started for this process), unless
+    ``PREFECT_API_URL`` is in the environment.
+
+    Call it before the slow imports: a Prefect profile's API URL is found only once
+    Prefect is imported, and ``prefect_api`` then stops the server unused.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    if not _started or _started[0].process is None:
+        _started[:] = [ApiServer()]
+    return _started[0]
 
 
 @contextlib.contextmanager
-def prefect_api(meanwhile: Callable[[], object] | None = None) -> Iterator[str | None]:
-    """The API for this block: ``PREFECT_API_URL`` if set (None), else a server this process owns (its URL).
+def prefect_api(
+    meanwhile: Callable[[], object] | None = None, server: ApiServer | None = None
+) -> Iterator[str | None]:
+    """The API for this block: ``PREFECT_API_URL`` if configured (None), else a server this process owns (its URL).
 
-    ``meanwhile`` runs in a thread while the server starts in its own process (loading
-    the model, compiling numba code): the run's fixed cost is then the longer of the
-    two, not their sum.  Its exceptions stop the server and propagate.
+    ``server`` is one ``start_api_server`` started earlier; without it one starts here.
+    ``meanwhile`` runs in a thread from the start, while Prefect is imported here and the
+    server starts (loading the model, compiling numba code): the run's fixed cost is then
+    the longest of the three, not their sum.  Its exceptions stop the server and propagate.
     """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    if PREFECT_API_URL.value():
-        if meanwhile is not None:
-            meanwhile()
-        yield None
-        return
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
-
-    server = _server_class()(port=None)
-    timeout = max(STARTUP_TIMEOUT_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
     failed: list[BaseException] = []
 
     def prepare() -> None:
@@ -109,24 +195,36 @@ def prefect_api(meanwhile: Callable[[], object] | None = None) -> Iterator[str |
         except BaseException as exc:  # re-raised in the caller's thread
             failed.append(exc)
 
-    # The server starts from this thread: its parent-death signal fires when the thread that
-    # started it ends, so that must be the thread that lives as long as the run.
     helper = threading.Thread(target=prepare, name="crackmap-warm-up", daemon=True) if meanwhile else None
     if helper is not None:
         helper.start()
-    try:
-        server.start(timeout=timeout)
+
+    def prepared() -> None:
         if helper is not None:
             helper.join()
         if failed:
             raise failed[0]
+
+    try:
+        if api_url_configured():  # imports Prefect
+            if server is not None:
+                server.stop()
+            prepared()
+            yield None
+            return
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        server = server or ApiServer()
+        server.wait_ready()
+        prepared()
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             try:
                 yield server.api_url
             finally:
                 _drain_to(server.api_url)
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
 
 
 DRAIN_TIMEOUT_S = 5

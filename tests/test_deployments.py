@@ -291,7 +291,7 @@ def test_a_killed_run_resumes_without_duplicates(api, tmp_path, test_models):
         [
             sys.executable,
             "-c",
-            "from flows.cli import main; main()",
+            "from flows.launch import main; main()",
             "run",
             str(survey),
             "--store",

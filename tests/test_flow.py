@@ -1,4 +1,5 @@
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,14 +200,15 @@ def test_a_transient_read_error_is_retried_by_the_flow(survey, tmp_path, test_mo
     assert [r.status for r in state.result()] == ["done", "done"]
 
 
-def run_cli(*args: str, timeout: int = 600):
+def run_cli(*args: str, timeout: int = 600, **extra_env: str):
+    """``crackmap ARGS`` through the console script's entry point (``flows.launch``)."""
     import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | extra_env
     return subprocess.run(
-        [sys.executable, "-c", "from flows.cli import main; main()", *args],
+        [sys.executable, "-c", "from flows.launch import main; main()", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -222,6 +224,35 @@ def test_an_unknown_model_ends_the_run_in_one_line_while_the_api_starts(survey, 
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: unknown model 'nope'")
     assert not (tmp_path / "m.gpkg").exists()
+
+
+def processes_with(marker: str) -> list[int]:
+    """Live processes whose environment holds ``CRACKMAP_TEST_MARK=marker`` (children inherit it)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"CRACKMAP_TEST_MARK={marker}".encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # gone meanwhile, or not ours
+            pass
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads processes from /proc (Linux)")
+def test_the_api_server_started_before_parsing_is_gone_when_the_input_is_refused(tmp_path):
+    """``flows.launch`` starts a run's API server before the command is parsed: a refused run
+    (a missing source) stops it, and exits with its one line."""
+    from flows.launch import command_of
+
+    assert command_of(["-v", "run", "x"]) == "run" and command_of(["query", "s.gpkg"]) == "query"
+    marker = tmp_path.name
+    missing = str(tmp_path / "nothing-here")
+    result = run_cli("run", missing, "--store", str(tmp_path / "m.gpkg"), CRACKMAP_TEST_MARK=marker)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {missing}: no such file or folder, and no file matches it"
+    ]
+    assert processes_with(marker) == []
 
 
 def test_errors_are_one_line_each_without_tracebacks(survey, tmp_path, test_models):

@@ -62,7 +62,7 @@ def test_a_signal_ends_a_run_promptly_and_leaves_no_process(tmp_path, test_model
         [
             sys.executable,
             "-c",
-            "from flows.cli import main; main()",
+            "from flows.launch import main; main()",
             "run",
             str(survey),
             "--store",

@@ -1,0 +1,37 @@
+"""The ``crackmap`` command: starts a run's Prefect API server before anything else loads.
+
+The embedded API server (``flows.embedded``) is a new interpreter importing Prefect's
+server: ~5 s.  Started here, before this process imports the pipeline and Prefect and
+loads the model, it starts on another core during that work instead of after it.  Only
+the commands that run flows start one, and ``flows.embedded.start_api_server`` hands
+it to the command; a command that then stops early (bad input) stops it unused.
+"""
+
+from __future__ import annotations
+
+import sys
+
+FLOW_COMMANDS = frozenset({"run", "reprocess"})
+
+
+def command_of(args: list[str]) -> str | None:
+    """The subcommand: the first argument that is not an option (the group takes only flags)."""
+    return next((a for a in args if not a.startswith("-")), None)
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    command = command_of(args)
+    if command in FLOW_COMMANDS and not {"--help", "-h"} & set(args):
+        from flows.embedded import quiet_prefect_environment, start_api_server
+
+        group_flags = set(args[: args.index(command)])  # crackmap -v run ...
+        quiet_prefect_environment(verbose=bool(group_flags & {"-v", "--verbose"}))
+        start_api_server()
+    from flows.cli import main as cli_main
+
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()
