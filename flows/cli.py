@@ -43,6 +43,16 @@ def quiet_prefect() -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
+in_flight_option = click.option(
+    "--in-flight",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Scenes mapped at once in this process, their batches run together through one network "
+    "(a GPU worker: 4-8); each holds a few rows of chips in memory.",
+)
+
+
 def hand_over_password(store: str) -> str:
     """The store URL without its password, which goes to ``PGPASSWORD`` in this process instead.
 
@@ -316,6 +326,7 @@ def mapping_options(command):
 )
 @model_option
 @backend_option
+@in_flight_option
 @mapping_options
 def run(
     sources: tuple[str, ...],
@@ -331,6 +342,7 @@ def run(
     network: str | None,
     model_spec: str | None,
     backend: str,
+    in_flight: int,
     options: dict | None = None,
 ) -> None:
     """Map the cracks of SOURCES into STORE.
@@ -385,6 +397,7 @@ def run(
                         frame_time=frame_time,
                         max_gap_s=max_gap_s,
                         options=options,
+                        in_flight=in_flight,
                         return_state=True,
                     )
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report while the API still answers
@@ -490,6 +503,7 @@ def changes_table(rows: list[dict]) -> str:
 )
 @click.option("--force", is_flag=True, help="Map scenes again even if already published with --model.")
 @backend_option
+@in_flight_option
 @mapping_options
 def reprocess(
     store: str,
@@ -505,6 +519,7 @@ def reprocess(
     scene_timeout_s: float,
     force: bool,
     backend: str,
+    in_flight: int,
     options: dict | None = None,
 ) -> None:
     """Map scenes already in STORE again with another model version and make it current.
@@ -550,6 +565,7 @@ def reprocess(
                 force,
                 scene_timeout_s,
                 options,
+                in_flight,
                 return_state=True,
             )
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: scenes published so far stay unpromoted

@@ -32,6 +32,7 @@ from flows.policy import RETRIES, RETRY_DELAYS_S, RETRY_JITTER, retry_transient
 from flows.scene import SCENE_TIMEOUT_S, run_scenes, run_settings
 from models.registry import resolve
 from pipeline import progress
+from pipeline.errors import OptionsError
 from pipeline.ids import check_survey_id
 from pipeline.scene import SceneOptions
 from pipeline.stores import SEVERITIES, SceneSelection, open_store
@@ -148,6 +149,7 @@ def reprocess(
     force: bool = False,
     scene_timeout_s: float = SCENE_TIMEOUT_S,
     options: dict | None = None,
+    in_flight: int = 1,
 ):
     """Map the selected scenes of ``store`` with ``model``, promote it, and report what changed.
 
@@ -166,11 +168,15 @@ def reprocess(
         scene_timeout_s: With a deployment, a scene run not finished after this long is cancelled
             and the scene fails, saying so.
         options: Mapping options (``pipeline.scene.MAPPING_OPTIONS``), checked before any work.
+        in_flight: Without a deployment, map this many scenes at once in this process, sharing
+            the network (``flows.survey.process_survey``).
 
     Returns the report rows (one per scene); the run fails, naming them, if any scene failed.
     """
     entry = resolve(model)
     SceneOptions.from_mapping(options)  # before any work
+    if in_flight < 1:
+        raise OptionsError(f"in_flight: {in_flight} scenes at once; give 1 or more")
     old_name, old_version = split_model(from_model) if from_model else (None, None)
     if survey_id is not None:
         check_survey_id(survey_id)
@@ -220,6 +226,7 @@ def reprocess(
                     max_concurrent,
                     on_finished=lambda row: bar.scene_finished(),
                     scene_timeout_s=scene_timeout_s,
+                    in_flight=in_flight,
                 )
             ok = [r.scene_id for r in rows if r.status != "failed"]
             if ok:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from prefect import flow, task
 from prefect.deployments import run_deployment
-from prefect.futures import as_completed
+from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.states import Completed
 
@@ -45,8 +45,8 @@ SCENE_TIMEOUT_S = 6 * 3600.0  # a process-scene run not finished by then (no wor
     retry_jitter_factor=RETRY_JITTER,
     retry_condition_fn=retry_transient,
 )
-def map_scene_task(source: SceneSource, settings: RunSettings) -> SceneRow:
-    return map_scene(source, settings)
+def map_scene_task(source: SceneSource, settings: RunSettings, shared: bool = False) -> SceneRow:
+    return map_scene(source, settings, shared)
 
 
 def run_settings(
@@ -233,15 +233,19 @@ def run_scenes(
     on_finished: Callable[[SceneRow], None] = lambda row: None,
     scene_timeout_s: float = SCENE_TIMEOUT_S,
     frames: dict[str, dict] | None = None,
+    in_flight: int = 1,
 ) -> list[SceneRow]:
     """Map ``scenes`` in-process or as ``process-scene`` runs; one row per scene, in their order.
 
     Called inside a parent flow.  A failed scene is a row with status ``failed``
     and its error; the others go on.  ``frames``: with a deployment, the ``frame``
     parameter of the survey frames among them, by scene id (``flows.frames``).
+    ``in_flight``: in-process, this many scenes are mapped at once (task runs in
+    threads), their batches merged into the network's calls (``map_scene(shared=True)``);
+    with a deployment, ``max_concurrent`` scene runs are.
     """
-    rows: dict[str, SceneRow] = {}
-    if scene_deployment is None:
+    if scene_deployment is None and in_flight == 1:
+        rows: dict[str, SceneRow] = {}
         for source in scenes:
             started = time.perf_counter()
             state = map_scene_task(source, settings, return_state=True)
@@ -253,24 +257,50 @@ def run_scenes(
                 )
             on_finished(rows[source.scene_id])
         return [rows[s.scene_id] for s in scenes]
-    if max_concurrent < 1:
-        raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
+    if scene_deployment is None:
+        return windowed(
+            scenes,
+            in_flight,
+            lambda source: map_scene_task.submit(source, settings, shared=True),
+            lambda source, exc: SceneRow.failed(source.scene_id, str(exc)),  # names its file already
+            on_finished,
+        )
+    return windowed(
+        scenes,
+        max_concurrent,
+        lambda source: run_scene_deployment.submit(
+            scene_deployment, source, settings, scene_timeout_s, (frames or {}).get(source.scene_id)
+        ),
+        lambda source, exc: SceneRow.failed(source.scene_id, f"{source.uri}: {exc}"),
+        on_finished,
+    )
+
+
+def windowed(
+    scenes: list[SceneSource],
+    window: int,
+    submit: Callable[[SceneSource], PrefectFuture],
+    failed: Callable[[SceneSource, Exception], SceneRow],
+    on_finished: Callable[[SceneRow], None],
+) -> list[SceneRow]:
+    """Scene task runs submitted with at most ``window`` unfinished at once; rows in the scenes' order."""
+    if window < 1:
+        raise ValueError(f"at most {window} scenes at once: give 1 or more")
+    rows: dict[str, SceneRow] = {}
     pending: dict = {}  # task run id -> (future, source)
 
     def collect(task_run_id) -> None:
         future, source = pending.pop(task_run_id)
         try:
             rows[source.scene_id] = future.result()
-        except Exception as exc:  # the task's own error (the store unreachable): this scene fails alone
-            rows[source.scene_id] = SceneRow.failed(source.scene_id, f"{source.uri}: {exc}")
+        except Exception as exc:  # the task's own error: this scene fails alone
+            rows[source.scene_id] = failed(source, exc)
         on_finished(rows[source.scene_id])
 
     for source in scenes:
-        if len(pending) >= max_concurrent:
+        if len(pending) >= window:
             collect(next(as_completed([f for f, _ in pending.values()])).task_run_id)
-        future = run_scene_deployment.submit(
-            scene_deployment, source, settings, scene_timeout_s, (frames or {}).get(source.scene_id)
-        )
+        future = submit(source)
         pending[future.task_run_id] = (future, source)
     for finished in as_completed([f for f, _ in pending.values()]):
         collect(finished.task_run_id)

@@ -19,6 +19,7 @@ from flows.scene import SCENE_TIMEOUT_S, map_scene_task, run_scenes, run_setting
 from pipeline import progress, redact
 from pipeline.condition import SectionOptions, run_sections
 from pipeline.crack_types import TypeProfile
+from pipeline.errors import OptionsError
 from pipeline.frames import FRAME_SUFFIXES, FrameSurvey, find_frame_survey, survey_frames
 from pipeline.stores import open_store
 from pipeline.survey import default_survey_id, discover
@@ -82,6 +83,7 @@ def process_survey(
     max_gap_s: float = 1.0,
     scene_timeout_s: float = SCENE_TIMEOUT_S,
     options: dict | None = None,
+    in_flight: int = 1,
 ):
     """Map every scene of a survey into ``store``; with a road network, rate its sections too.
 
@@ -113,9 +115,14 @@ def process_survey(
             min_length_m, bridge_gap_px; ``pipeline.scene.MAPPING_OPTIONS``) and ``type_profile`` (the
             crack-type profile of the scenes and the sections; default CRACKMAP_TYPE_PROFILE), checked
             before any work.
+        in_flight: Without a deployment, map this many scenes at once in this process, sharing
+            the network (their batches run together: what keeps a GPU busy); each scene in
+            flight holds its own few rows of chips in memory.  Frame surveys map one frame at a time.
     """
     from flows.settings import Settings
 
+    if in_flight < 1:
+        raise OptionsError(f"in_flight: {in_flight} scenes at once; give 1 or more")
     settings = run_settings(
         store, survey_id or default_survey_id(sources), None, model, backend, output_dir, options, force
     )  # checked before any work: a bad store or option fails once
@@ -146,6 +153,7 @@ def process_survey(
                 max_concurrent,
                 on_finished=lambda row: bar.scene_finished(),
                 scene_timeout_s=scene_timeout_s,
+                in_flight=in_flight,
             )
     if network and any(r.status != "failed" for r in rows):  # typed with the scenes' profile
         rate_sections(settings.store, network, settings.run.survey_id, settings.options.types)

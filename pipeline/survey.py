@@ -24,6 +24,7 @@ from pipeline.ids import check_scene_id, check_survey_id
 from pipeline.raster import scene_id_for
 from pipeline.redact import mask_url, redact, without_password
 from pipeline.scene import SceneOptions, detect_cracks
+from pipeline.sharing import SharedBackend
 from pipeline.stores import RunInfo, open_store
 
 if TYPE_CHECKING:
@@ -255,13 +256,22 @@ def cached_backend(spec: str, backend: str) -> tuple[ModelEntry, Backend]:
     return entry, load_backend(entry, backend)
 
 
-def map_scene(source: SceneSource, settings: RunSettings) -> SceneRow:
+@lru_cache(maxsize=4)
+def shared_backend(spec: str, backend: str) -> SharedBackend:
+    """The cached backend behind one ``SharedBackend`` per process: scenes mapped at once
+    (``map_scene(..., shared=True)`` from several threads) merge their batches into its calls."""
+    return SharedBackend(cached_backend(spec, backend)[1])
+
+
+def map_scene(source: SceneSource, settings: RunSettings, shared: bool = False) -> SceneRow:
     """Process one scene and publish it; on a bad scene, record it as failed and raise.
 
     A scene already published from the same content (ETag or sha256) with the
     same model version is skipped unless ``settings.force``.  The published version
     becomes the scene's current one unless ``settings.promote`` is False
     (reprocessing promotes later).  A skipped scene's row has its published counts.
+    ``shared``: other scenes are mapped at once in this process; the network runs
+    their batches together (``shared_backend``).
     """
     run = settings.run
     check_survey_id(run.survey_id), check_scene_id(source.scene_id)  # before anything is written
@@ -290,6 +300,8 @@ def map_scene(source: SceneSource, settings: RunSettings) -> SceneRow:
                 round(done["total_length_m"], 3),
             )
         entry, net = cached_backend(settings.model_spec, settings.backend)
+        if shared:
+            net = shared_backend(settings.model_spec, settings.backend)
         out = probability_path(settings.output_dir, run, source.scene_id)
         try:
             result = detect_cracks(

@@ -65,6 +65,42 @@ def test_flow_maps_a_survey_and_a_rerun_leaves_the_same_rows(survey, tmp_path, t
         assert cog.overviews(1) == overview_factors(700, 500) != []  # a COG: overviews included
 
 
+def test_scenes_in_flight_map_what_one_at_a_time_maps(survey, tmp_path, test_models):
+    """``in_flight=3``: three scenes of different sizes at once, their batches merged in one shared
+    network, give the rows, cracks and probability rasters of a one-at-a-time run."""
+    from flows.survey import process_survey
+    from pipeline.survey import shared_backend
+
+    pixels = np.random.default_rng(3).integers(150, 220, (3, 900, 420), dtype=np.uint8)
+    paint_crack(pixels, (30, 40), (870, 380), 5)
+    write_scene(survey / "c.tif", pixels)
+    maps = {}
+    for in_flight in (1, 3):
+        store = tmp_path / f"map{in_flight}.gpkg"
+        state = process_survey(
+            [str(survey)], str(store), model=TRAINED, in_flight=in_flight, return_state=True
+        )
+        assert state.is_completed(), state
+        rows = state.result()
+        with sqlite3.connect(store) as con:
+            cracks = con.execute(
+                "SELECT scene_id, geom, length_m, width_mean_mm, width_max_mm, confidence, severity "
+                "FROM cracks ORDER BY scene_id, geom"
+            ).fetchall()
+        rasters = [rasterio.open(r.probability).read(1) for r in rows]
+        maps[in_flight] = (
+            [(r.scene_id, r.status, r.chips, r.cracks, r.length_m) for r in rows],
+            cracks,
+            rasters,
+        )
+    (rows1, cracks1, rasters1), (rows3, cracks3, rasters3) = maps[1], maps[3]
+    assert [r[0] for r in rows3] == ["a", "b", "c"] and all(r[1] == "done" for r in rows3)
+    assert rows3 == rows1 and cracks3 == cracks1 and len(cracks1) >= 3
+    for one, merged in zip(rasters1, rasters3, strict=True):
+        np.testing.assert_array_equal(merged, one)
+    assert shared_backend(TRAINED, "auto").calls > 0  # the in-flight run went through the shared network
+
+
 def test_bad_scenes_fail_alone_with_clear_errors(survey, tmp_path, test_models):
     (survey / "c-notes.tif").write_text("not an image")
     with rasterio.open(
