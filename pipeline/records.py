@@ -85,6 +85,7 @@ class SceneResult:
     sha256: str
     stats: dict = field(default_factory=dict)
     pattern_areas: tuple[PatternAreaRecord, ...] = ()
+    inference: str = ""  # which network ran (pipeline.backends.inference_of): "onnxruntime int8"
 
     @property
     def counted(self) -> tuple[CrackLine, ...]:

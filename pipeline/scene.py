@@ -21,7 +21,7 @@ from rasterio.crs import CRS
 
 from models.registry import ModelEntry
 from pipeline import buckets, projection
-from pipeline.backends import Backend, predictions
+from pipeline.backends import Backend, inference_of, predictions
 from pipeline.crack_types import TypeProfile, classify, joint_lines, scene_frame, type_profile
 from pipeline.errors import OptionsError, SceneContentError
 from pipeline.measure import Georeferencer, Severity
@@ -295,6 +295,7 @@ def detect_cracks(
         sha256=source_sha256 or buckets.identity(uri),
         stats={"pixel_size_m": geo.pixel_size_m},
         pattern_areas=areas,
+        inference=inference_of(backend),
     )
 
 

@@ -84,6 +84,27 @@ def test_dynamic_batch_gives_the_same_per_chip_result_whatever_the_batch(test_mo
         assert levels(parts, whole) <= 1  # float noise may round a pixel to the next level
 
 
+def test_the_inference_recorded_names_the_graph_that_ran(test_models):
+    """What ``scenes.inference`` records: the backend and the precision of the graph it runs,
+    also through the shared backend of scenes in flight."""
+    from models import registry
+    from pipeline.sharing import SharedBackend
+
+    entry = registry.resolve()
+    fp32 = backends.load_backend(entry, "onnxruntime", cpu_precision="fp32")
+    assert backends.inference_of(fp32) == "onnxruntime fp32"
+    if "onnx_int8" in entry.card["files"]:  # the shipped 1.0.0 has an INT8 graph
+        assert backends.inference_of(backends.load_backend(entry, "onnxruntime", cpu_precision="int8")) == (
+            "onnxruntime int8"
+        )
+    shared = SharedBackend(fp32)
+    try:
+        assert backends.inference_of(shared) == "onnxruntime fp32"
+    finally:
+        shared.close()
+    assert backends.inference_of(backends.FixedBackend()) == "fixed"  # no precision to choose
+
+
 # --- batching helpers --------------------------------------------------------------------------
 
 

@@ -122,6 +122,32 @@ def test_a_geopackage_without_the_current_flag_gets_it(tmp_path, result):
     store.close()
 
 
+def test_each_scene_row_says_which_network_mapped_it(store_url, result):
+    """``scenes.inference``: one model version can run as an FP32 or an INT8 graph (their pixels
+    differ slightly), so each scene row says which ran; a failed scene's row says none."""
+    from pipeline.stores import SceneSelection
+
+    assert result.inference == "darkness"  # detect_cracks records the backend it was given
+    with open_store(store_url) as store:
+        store.publish(dataclasses.replace(result, inference="onnxruntime int8"), RUN)
+        assert [r["inference"] for r in store.scenes(SceneSelection())] == ["onnxruntime int8"]
+        store.mark_failed(result.scene.uri, result.scene.scene_id, RUN, "scene.tif: truncated")
+    assert rows(store_url, "SELECT status, inference FROM scenes") == [("failed", None)]
+
+
+def test_a_geopackage_without_the_inference_column_gets_it(tmp_path, result):
+    with open_store(tmp_path / "map.gpkg") as store:
+        store.publish(result, RUN)
+    with sqlite3.connect(tmp_path / "map.gpkg") as con:  # as written before the column existed
+        con.execute("ALTER TABLE scenes DROP COLUMN inference")
+    with open_store(tmp_path / "map.gpkg") as store:
+        store.publish(result, V2)
+    assert rows(tmp_path / "map.gpkg", "SELECT model_version, inference FROM scenes ORDER BY 1") == [
+        ("1.0.0", None),
+        ("2.0.0", "darkness"),
+    ]
+
+
 def test_the_same_scene_twice_leaves_the_same_rows(store_url, result):
     for _ in range(2):
         store = open_store(store_url)

@@ -22,7 +22,15 @@ import importlib.util
 import logging
 
 from models.registry import ModelEntry
-from pipeline.backends.base import Backend, as_uint8, gpu_present, pad_batch, predictions, split_batches
+from pipeline.backends.base import (
+    Backend,
+    as_uint8,
+    gpu_present,
+    inference_of,
+    pad_batch,
+    predictions,
+    split_batches,
+)
 from pipeline.backends.fixed import FixedBackend, short_crack
 from pipeline.backends.onnx_runtime import OnnxRuntimeBackend
 from pipeline.errors import BackendUnavailableError
@@ -37,6 +45,7 @@ __all__ = [
     "auto_backend",
     "choose_backend",
     "gpu_present",
+    "inference_of",
     "load_backend",
     "pad_batch",
     "predictions",

@@ -60,6 +60,14 @@ class Backend(Protocol):
         """uint8 (N, 3, H, W) RGB chips -> uint8 (N, H, W) crack probability x 255."""
 
 
+def inference_of(backend: Backend) -> str:
+    """Which network ran, as recorded with each scene: the backend and, where it chose one, its
+    precision ("onnxruntime int8", "onnxruntime fp32", "tensorrt fp16", "torch cuda fp16")."""
+    inner = getattr(backend, "backend", backend)  # a SharedBackend wraps the one that runs
+    precision = getattr(inner, "precision", None)
+    return f"{inner.name} {precision}" if precision else inner.name
+
+
 @runtime_checkable
 class SubmittingBackend(Backend, Protocol):
     """A backend that also runs batches asynchronously, up to ``threads`` at once."""

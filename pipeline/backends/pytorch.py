@@ -39,6 +39,7 @@ class TorchBackend:
         self._module = ChipsToProbability(load_net(entry.variant, entry.file("weights")))
         self._module.to(self.device).eval()
         self.batch_size = batch_size or (32 if self.device.type == "cuda" else 8)
+        self.precision = "cuda fp16" if self.device.type == "cuda" else "fp32"  # autocast on CUDA
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple[int, ...], tuple] = {}  # input shape -> (graph, input, output, pinned)
         if self.device.type == "cuda":

@@ -370,6 +370,7 @@ class TensorRTBackend:
         import pycuda.driver as cuda
         import tensorrt as trt
 
+        self.precision = precision
         self.profile = Profile.for_max_batch(max_batch, entry.size_px)
         self.micro_batch = min(micro_batch, self.profile.max_batch)
         self.batch_size = batch_size

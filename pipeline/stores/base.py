@@ -77,7 +77,7 @@ SCENE_COLUMNS = """survey_id TEXT NOT NULL, scene_id TEXT NOT NULL, source_uri T
     crack_count INTEGER, total_length_m REAL, status TEXT NOT NULL, error TEXT,
     model_name TEXT NOT NULL, model_version TEXT NOT NULL, model_sha256 TEXT NOT NULL,
     run_id TEXT NOT NULL, probability_uri TEXT, processed_at DATETIME NOT NULL,
-    is_current INTEGER NOT NULL DEFAULT 0,
+    is_current INTEGER NOT NULL DEFAULT 0, inference TEXT,
     UNIQUE (survey_id, scene_id, model_name, model_version)"""
 # One row per survey: what reprocessing needs to map it again (migration 0006); NULL for orthophotos.
 SURVEY_COLUMNS = "survey_id TEXT NOT NULL UNIQUE, frame_survey TEXT, updated_at DATETIME NOT NULL"
@@ -146,6 +146,7 @@ SCENE_FIELDS = (
     "chip_count",
     "crack_count",
     "total_length_m",
+    "inference",
 )
 
 

@@ -133,7 +133,7 @@ class GeoPackageStore(StoreBase):
         crack_columns = {r[1] for r in self._con.execute("PRAGMA table_info(cracks)")}
         return not (
             {*own_layers(), "scenes_one_current", "cracks_scene", "cracks_road"} <= names
-            and "is_current" in columns
+            and {"is_current", "inference"} <= columns
             and {name for name, _ in layers.CRACK_CONDITION_COLUMNS} <= crack_columns
             and {name for name, _ in FRAME_CRACK_COLUMNS} <= crack_columns
         )
@@ -177,6 +177,8 @@ class GeoPackageStore(StoreBase):
             "CREATE UNIQUE INDEX IF NOT EXISTS scenes_one_current "
             "ON scenes (survey_id, scene_id) WHERE is_current"
         )
+        if "inference" not in columns:  # files written before it (PostGIS: migration 0007)
+            self._con.execute("ALTER TABLE scenes ADD COLUMN inference TEXT")
 
     def _add_condition_layers(self) -> None:
         """Crack typing and road columns (added to older files), and the road-condition layers."""
@@ -259,6 +261,7 @@ class GeoPackageStore(StoreBase):
             status="done",
             error=None,
             probability_uri=result.probability_path,
+            inference=result.inference or None,
         )
         with self._transaction(scene.uri):
             self._con.execute(

@@ -395,9 +395,10 @@ class PostGISStore(StoreBase):
                 con.execute(
                     "INSERT INTO scenes (survey_id, scene_id, model_name, model_version, model_sha256, "
                     "run_id, source_uri, sha256, crs, width, height, chip_count, crack_count, "
-                    "total_length_m, status, error, probability_uri, processed_at, is_current, footprint) "
+                    "total_length_m, status, error, probability_uri, processed_at, is_current, footprint, "
+                    "inference) "
                     "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'done', NULL, %s, "
-                    "%s, %s, ST_GeomFromEWKB(%s)) "
+                    "%s, %s, ST_GeomFromEWKB(%s), %s) "
                     "ON CONFLICT (survey_id, scene_id, model_name, model_version) DO UPDATE SET "
                     "model_sha256 = excluded.model_sha256, run_id = excluded.run_id, "
                     "source_uri = excluded.source_uri, sha256 = excluded.sha256, crs = excluded.crs, "
@@ -405,7 +406,7 @@ class PostGISStore(StoreBase):
                     "crack_count = excluded.crack_count, total_length_m = excluded.total_length_m, "
                     "status = 'done', error = NULL, probability_uri = excluded.probability_uri, "
                     "processed_at = excluded.processed_at, footprint = excluded.footprint, "
-                    "is_current = excluded.is_current OR scenes.is_current",
+                    "inference = excluded.inference, is_current = excluded.is_current OR scenes.is_current",
                     (
                         *key,
                         run.model_sha256,
@@ -422,6 +423,7 @@ class PostGISStore(StoreBase):
                         created,
                         promote,
                         footprint,
+                        result.inference or None,
                     ),
                 )
                 con.execute(
@@ -532,7 +534,7 @@ class PostGISStore(StoreBase):
                     "ON CONFLICT (survey_id, scene_id, model_name, model_version) DO UPDATE SET "
                     "model_sha256 = excluded.model_sha256, run_id = excluded.run_id, "
                     "source_uri = excluded.source_uri, status = 'failed', error = excluded.error, "
-                    "processed_at = excluded.processed_at",
+                    "processed_at = excluded.processed_at, inference = NULL",
                     (
                         run.survey_id,
                         scene_id,
