@@ -38,10 +38,11 @@ print(row.status, row.chips, row.cracks)
 """
 
 
-def timed(command: list[str], env: dict) -> float:
+def timed(command: list[str], env: dict, cwd: Path = ROOT) -> float:
+    """Wall seconds of ``command`` run in ``cwd`` (``python -c`` imports from there first)."""
     started = time.perf_counter()
     subprocess.run(
-        command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command, check=True, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     return time.perf_counter() - started
 
@@ -97,9 +98,9 @@ def main() -> None:
             times["pipeline"].append(timed([sys.executable, "-c", PIPELINE, scene, str(pipeline_store)], env))
             times["cli"].append(timed(crackmap_run(scene, cli_store), env))
             if args.baseline:
-                base_env = dict(env, PYTHONPATH=str(Path(args.baseline).resolve()))
-                base_run = crackmap_run(scene, Path(tmp) / f"b{i}.gpkg", Path(args.baseline).resolve())
-                times["baseline"].append(timed(base_run, base_env))
+                tree = Path(args.baseline).resolve()
+                base_run = crackmap_run(scene, Path(tmp) / f"b{i}.gpkg", tree)
+                times["baseline"].append(timed(base_run, dict(env, PYTHONPATH=str(tree)), cwd=tree))
             print(
                 f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items() if v),
                 flush=True,
