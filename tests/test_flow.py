@@ -101,7 +101,8 @@ def test_scenes_in_flight_map_what_one_at_a_time_maps(survey, tmp_path, test_mod
     assert shared_backend(TRAINED, "auto").calls > 0  # the in-flight run went through the shared network
 
 
-def test_bad_scenes_fail_alone_with_clear_errors(survey, tmp_path, test_models):
+@pytest.mark.parametrize("in_flight", ["1", "3"])
+def test_bad_scenes_fail_alone_with_clear_errors(survey, tmp_path, test_models, in_flight):
     (survey / "c-notes.tif").write_text("not an image")
     with rasterio.open(
         survey / "d-nocrs.tif", "w", driver="GTiff", width=50, height=50, count=3, dtype="uint8"
@@ -109,7 +110,9 @@ def test_bad_scenes_fail_alone_with_clear_errors(survey, tmp_path, test_models):
         ds.write(np.zeros((3, 50, 50), np.uint8))
     write_scene(survey / "e-empty.tif", np.zeros((3, 100, 100), np.uint8), nodata=0)
     store = str(tmp_path / "map.gpkg")
-    result = CliRunner().invoke(__import__("flows.cli").cli.cli, ["run", str(survey), "--store", store])
+    result = CliRunner().invoke(
+        __import__("flows.cli").cli.cli, ["run", str(survey), "--store", store, "--in-flight", in_flight]
+    )
     assert result.exit_code == 1, result.output
     assert "2/5 scenes" in result.output
     table = {s[0]: s[1:] for s in scenes_table(store)}
