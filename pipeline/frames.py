@@ -225,6 +225,7 @@ class FrameObservation:
     probability_path: str
     seconds: float
     forward_enu: tuple[float, float] | None = None  # the vehicle's forward direction (unit, east/north)
+    inference: str = ""  # which network ran (pipeline.backends.inference_of)
 
 
 def observation_to_json(obs: FrameObservation) -> str:
@@ -255,6 +256,7 @@ def observation_to_json(obs: FrameObservation) -> str:
             probability_path=obs.probability_path,
             seconds=obs.seconds,
             forward_enu=list(obs.forward_enu) if obs.forward_enu else None,
+            inference=obs.inference,
         )
     )
 
@@ -287,6 +289,7 @@ def observation_from_json(text: str) -> FrameObservation:
         d["probability_path"],
         d["seconds"],
         tuple(d["forward_enu"]) if d["forward_enu"] else None,
+        d.get("inference", ""),
     )
 
 
@@ -658,6 +661,7 @@ def frame_results(
                 seconds=o.seconds,
                 sha256=o.sha256,
                 pattern_areas=areas,
+                inference=o.inference,
             )
         )
     return results
@@ -883,6 +887,7 @@ def observe_frame(
         SceneReadError: the frame is missing or not an image.
         FrameError: its size is not the camera's, or its footprint is degenerate.
     """
+    from pipeline.backends import inference_of
     from pipeline.probability import ProbabilityWriter
     from pipeline.raster import SceneReader
     from pipeline.scene import run_network
@@ -936,4 +941,5 @@ def observe_frame(
         str(probability_path),
         time.perf_counter() - started,
         forward_enu(camera, pose, origin),
+        inference_of(backend),
     )

@@ -94,10 +94,18 @@ def test_frame_mode_maps_frames_into_a_geopackage_and_a_rerun_skips_them(frame_s
     assert "notime.jpg: has no EXIF DateTimeOriginal" in result.output
     assert "Traceback" not in result.output
     with sqlite3.connect(store) as con:
-        scenes = {r[0]: r[1:] for r in con.execute("SELECT scene_id, status, chip_count, geom FROM scenes")}
+        scenes = {
+            r[0]: r[1:]
+            for r in con.execute("SELECT scene_id, status, chip_count, geom, inference FROM scenes")
+        }
         columns = {r[1] for r in con.execute("PRAGMA table_info(cracks)")}
     assert {"gsd_mm", "range_m", "pos_accuracy_m", "source_frames"} <= columns
     assert [s for s, row in scenes.items() if row[0] == "done"] == ["f000", "f001", "f002", "f003"]
+    # which network mapped each frame (the CPU's choice of graph: fp32 or int8)
+    assert {scenes[f][3] for f in ("f000", "f001", "f002", "f003")} <= {
+        "onnxruntime fp32",
+        "onnxruntime int8",
+    }
     assert all(scenes[f][1] > 0 for f in ("f000", "f001"))
     from pipeline import gpkg
 
