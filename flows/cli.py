@@ -46,10 +46,9 @@ def quiet_prefect() -> None:
 in_flight_option = click.option(
     "--in-flight",
     type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Scenes mapped at once in this process, their batches run together through one network "
-    "(a GPU worker: 4-8); each holds a few rows of chips in memory.",
+    default=None,
+    help="Scenes mapped at once in this process, their batches run together through one network; "
+    "each holds a few rows of chips in memory (default: 4 where the network runs on a GPU, 1 on CPUs).",
 )
 
 
@@ -342,7 +341,7 @@ def run(
     network: str | None,
     model_spec: str | None,
     backend: str,
-    in_flight: int,
+    in_flight: int | None,
     options: dict | None = None,
 ) -> None:
     """Map the cracks of SOURCES into STORE.
@@ -519,7 +518,7 @@ def reprocess(
     scene_timeout_s: float,
     force: bool,
     backend: str,
-    in_flight: int,
+    in_flight: int | None,
     options: dict | None = None,
 ) -> None:
     """Map scenes already in STORE again with another model version and make it current.

@@ -21,6 +21,7 @@ from pipeline.condition import SectionOptions, run_sections
 from pipeline.crack_types import TypeProfile
 from pipeline.errors import OptionsError
 from pipeline.frames import FRAME_SUFFIXES, FrameSurvey, find_frame_survey, survey_frames
+from pipeline.sharing import default_in_flight
 from pipeline.stores import open_store
 from pipeline.survey import default_survey_id, discover
 
@@ -83,7 +84,7 @@ def process_survey(
     max_gap_s: float = 1.0,
     scene_timeout_s: float = SCENE_TIMEOUT_S,
     options: dict | None = None,
-    in_flight: int = 1,
+    in_flight: int | None = None,
 ):
     """Map every scene of a survey into ``store``; with a road network, rate its sections too.
 
@@ -117,12 +118,15 @@ def process_survey(
             before any work.
         in_flight: Without a deployment, map this many scenes at once in this process, sharing
             the network (their batches run together: what keeps a GPU busy); each scene in
-            flight holds its own few rows of chips in memory.  Frame surveys map one frame at a time.
+            flight holds its own few rows of chips in memory.  Default: 4 where the network runs
+            on a GPU, 1 on CPUs (``pipeline.sharing.default_in_flight``).  Frame surveys map one
+            frame at a time.
     """
     from flows.settings import Settings
 
-    if in_flight < 1:
+    if in_flight is not None and in_flight < 1:
         raise OptionsError(f"in_flight: {in_flight} scenes at once; give 1 or more")
+    in_flight = in_flight or default_in_flight(backend)
     settings = run_settings(
         store, survey_id or default_survey_id(sources), None, model, backend, output_dir, options, force
     )  # checked before any work: a bad store or option fails once

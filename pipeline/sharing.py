@@ -24,6 +24,23 @@ from models.registry import ModelEntry
 from pipeline.backends import Backend
 
 _STOP = object()
+GPU_IN_FLIGHT = 4  # scenes in flight by default where the network runs on a GPU
+
+
+def default_in_flight(backend: str = "auto", gpu: bool | None = None) -> int:
+    """Scenes mapped at once in one process unless told: ``GPU_IN_FLIGHT`` where the network runs on
+    an NVIDIA GPU (one scene's reading and vectorizing cannot keep it busy), 1 on CPUs (there the
+    network is the limit already).  ``gpu``: whether one is present (default: look).
+
+    >>> default_in_flight("tensorrt", gpu=True), default_in_flight("onnxruntime", gpu=True)
+    (4, 1)
+    >>> default_in_flight("torch", gpu=False)
+    1
+    """
+    from pipeline.backends import choose_backend, gpu_present
+
+    gpu = gpu_present() if gpu is None else gpu
+    return GPU_IN_FLIGHT if gpu and choose_backend(backend) in ("tensorrt", "torch") else 1
 
 
 class SharedBackend:
