@@ -32,10 +32,9 @@ from flows.policy import RETRIES, RETRY_DELAYS_S, RETRY_JITTER, retry_transient
 from flows.scene import SCENE_TIMEOUT_S, run_scenes, run_settings
 from models.registry import resolve
 from pipeline import progress
-from pipeline.errors import OptionsError
 from pipeline.ids import check_survey_id
 from pipeline.scene import SceneOptions
-from pipeline.sharing import default_in_flight
+from pipeline.sharing import scenes_in_flight
 from pipeline.stores import SEVERITIES, SceneSelection, open_store
 from pipeline.survey import SceneSource
 
@@ -176,9 +175,7 @@ def reprocess(
     """
     entry = resolve(model)
     SceneOptions.from_mapping(options)  # before any work
-    if in_flight is not None and in_flight < 1:
-        raise OptionsError(f"in_flight: {in_flight} scenes at once; give 1 or more")
-    in_flight = in_flight or default_in_flight(backend)
+    in_flight = scenes_in_flight(in_flight, backend)  # checked before any work
     old_name, old_version = split_model(from_model) if from_model else (None, None)
     if survey_id is not None:
         check_survey_id(survey_id)

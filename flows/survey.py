@@ -19,9 +19,8 @@ from flows.scene import SCENE_TIMEOUT_S, map_scene_task, run_scenes, run_setting
 from pipeline import progress, redact
 from pipeline.condition import SectionOptions, run_sections
 from pipeline.crack_types import TypeProfile
-from pipeline.errors import OptionsError
 from pipeline.frames import FRAME_SUFFIXES, FrameSurvey, find_frame_survey, survey_frames
-from pipeline.sharing import default_in_flight
+from pipeline.sharing import scenes_in_flight
 from pipeline.stores import open_store
 from pipeline.survey import default_survey_id, discover
 
@@ -124,9 +123,7 @@ def process_survey(
     """
     from flows.settings import Settings
 
-    if in_flight is not None and in_flight < 1:
-        raise OptionsError(f"in_flight: {in_flight} scenes at once; give 1 or more")
-    in_flight = in_flight or default_in_flight(backend)
+    in_flight = scenes_in_flight(in_flight, backend)  # checked before any work
     settings = run_settings(
         store, survey_id or default_survey_id(sources), None, model, backend, output_dir, options, force
     )  # checked before any work: a bad store or option fails once

@@ -22,6 +22,7 @@ from rasterio.crs import CRS
 
 from models.registry import ModelEntry
 from pipeline.backends import Backend
+from pipeline.errors import OptionsError
 
 _STOP = object()
 GPU_IN_FLIGHT = 4  # scenes in flight by default where the network runs on a GPU
@@ -41,6 +42,19 @@ def default_in_flight(backend: str = "auto", gpu: bool | None = None) -> int:
 
     gpu = gpu_present() if gpu is None else gpu
     return GPU_IN_FLIGHT if gpu and choose_backend(backend) in ("tensorrt", "torch") else 1
+
+
+def scenes_in_flight(in_flight: int | None, backend: str = "auto") -> int:
+    """``in_flight`` as given (checked), or ``default_in_flight(backend)`` for None.
+
+    Raises:
+        OptionsError: fewer than one scene at once.
+    """
+    if in_flight is None:
+        return default_in_flight(backend)
+    if in_flight < 1:
+        raise OptionsError(f"in_flight: {in_flight} scenes at once; give 1 or more")
+    return in_flight
 
 
 class SharedBackend:

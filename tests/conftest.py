@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,10 @@ class DarknessBackend:
 
     def predict(self, chips: np.ndarray) -> np.ndarray:
         return (255.0 - chips.mean(axis=1, dtype=np.float32)) / 255.0
+
+
+# ``crackmap`` as a user runs it (the console script's entry point), in a fresh interpreter
+CRACKMAP = [sys.executable, "-c", "from flows.launch import main; main()"]
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import paint_crack, write_scene
+from conftest import CRACKMAP, paint_crack, write_scene
 from test_frame_survey import frame_survey  # noqa: F401  (a fixture: four frames, camera, trajectory)
 
 pytest.importorskip("prefect")
@@ -289,9 +289,7 @@ def test_a_killed_run_resumes_without_duplicates(api, tmp_path, test_models):
     env = dict(api.env, PREFECT_LOGGING_LEVEL="ERROR")
     run = subprocess.Popen(
         [
-            sys.executable,
-            "-c",
-            "from flows.launch import main; main()",
+            *CRACKMAP,
             "run",
             str(survey),
             "--store",

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import rasterio
 from click.testing import CliRunner
-from conftest import paint_crack, write_scene
+from conftest import CRACKMAP, paint_crack, write_scene
 
 pytest.importorskip("prefect")
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
@@ -243,11 +243,10 @@ def run_cli(*args: str, timeout: int = 600, **extra_env: str):
     """``crackmap ARGS`` through the console script's entry point (``flows.launch``)."""
     import os
     import subprocess
-    import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | extra_env
     return subprocess.run(
-        [sys.executable, "-c", "from flows.launch import main; main()", *args],
+        [*CRACKMAP, *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -11,13 +11,12 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import paint_crack, write_scene
+from conftest import CRACKMAP, paint_crack, write_scene
 
 pytest.importorskip("prefect")
 START_TIMEOUT_S = 420  # a loaded 2-core machine: the API, the model and a scene
@@ -60,9 +59,7 @@ def test_a_signal_ends_a_run_promptly_and_leaves_no_process(tmp_path, test_model
     env["PREFECT_HOME"] = str(tmp_path / "prefect")  # its own embedded API database
     run = subprocess.Popen(
         [
-            sys.executable,
-            "-c",
-            "from flows.launch import main; main()",
+            *CRACKMAP,
             "run",
             str(survey),
             "--store",

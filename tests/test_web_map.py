@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import shapely
+from conftest import CRACKMAP
 from playwright.sync_api import sync_playwright
 from serve_fixtures import CRACK_COUNT, SOUTH, STEP_DEG, WEST, expected, publish_map
 
@@ -97,9 +98,7 @@ def server(request, tmp_path):
         add_condition_layers(store)
     port = free_port()
     script = Path(sys.executable).parent / "crackmap"
-    command = (
-        [str(script)] if script.exists() else [sys.executable, "-c", "from flows.cli import main; main()"]
-    )
+    command = [str(script)] if script.exists() else CRACKMAP
     with open(tmp_path / "serve.log", "w") as log:
         process = subprocess.Popen(
             [*command, "serve", str(store), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT
