@@ -31,7 +31,10 @@ with ``pipeline.probability.read_rows``, as a rerun of the vectorizer would.
 Usage:
     python benchmarks/vector_accuracy.py [--data-root ../shared/data/cracks]
         [--model hrsegnet-b16:1.0.0 ...] [--min-length-m 0 0.05] [--bridge-gap-px 0 12]
-        [--out out/vector-accuracy] [--json results.json]
+        [--out out/vector-accuracy] [--json results.json] [--card]
+
+``--card`` adds each model's scores at the default vectorizing settings (which
+must be among those swept) to its model card.
 
 Needs the val splits (``$CRACKMAP_DATA`` or ``../shared/data/cracks``); reads only val.
 """
@@ -46,6 +49,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, replace
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +62,7 @@ from rasterio.transform import from_origin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.registry import resolve  # noqa: E402
+from models.registry import add_record, resolve  # noqa: E402
 from pipeline.accuracy import score_lines, truth_skeleton  # noqa: E402
 from pipeline.backends import load_backend  # noqa: E402
 from pipeline.measure import Georeferencer, Severity  # noqa: E402
@@ -194,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance-px", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=Path("out/vector-accuracy"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--card", action="store_true", help="Add the default setting's scores to each card.")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -268,6 +273,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key}: mean F1 {np.mean([row['f1'] for row in group]):.3f}; length ratios {ratios}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if args.card:
+        return add_to_cards(results, args.tolerance_px)
+    return 0
+
+
+def add_to_cards(results: list[dict], tolerance_px: float) -> int:
+    """Each model's scores at the default vectorizing settings, into its model card."""
+    defaults = VectorizeParams()
+    vectorizing = f"bridging {defaults.bridge_gap_px:g} px, isolated lines under {defaults.min_length_m * 1000:g} mm dropped"
+    for spec in dict.fromkeys(row["model"] for row in results):
+        rows = [
+            row
+            for row in results
+            if row["model"] == spec
+            and row["min_length_m"] == defaults.min_length_m
+            and row["bridge_gap_px"] == defaults.bridge_gap_px
+        ]
+        if not rows:
+            print("error: --card needs the default settings among those swept", file=sys.stderr)
+            return 2
+        record = {
+            "command": "benchmarks/vector_accuracy.py",
+            "date": date.today().isoformat(),
+            "tolerance_px": tolerance_px,
+            "vectorizing": vectorizing,
+            "scenes": [
+                {
+                    key: row[key]
+                    for key in ("scene", "f1", "precision", "recall", "length_ratio", "length_ratio_by_width")
+                }
+                for row in rows
+            ],
+        }
+        add_record(resolve(spec), "vector_accuracy", record)
+        print(f"{spec}: vector accuracy added to its card")
     return 0
 
 

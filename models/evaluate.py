@@ -9,7 +9,9 @@ Usage:
     python -m models.evaluate [--data-root DIR] [--datasets NAME ...] MODEL [MODEL ...]
 
 MODEL is NAME:VERSION from the registry. Prints a table and, with ``--json``, writes
-the scores. Reads only the val splits.
+the scores; with ``--card``, each model's card gets them (``registry.add_record``),
+the second model's with the release rule's verdict against the first. Reads only
+the val splits.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--card", action="store_true", help="Add the scores to each model's card.")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,12 +146,32 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         results[entry.spec] = evaluate_entry(entry, root, tuple(args.datasets))
     print(table(results))
+    release = None
     if len(results) == 2:
-        (new, new_scores), (old, old_scores) = list(results.items())[1], list(results.items())[0]
+        (old, old_scores), (new, new_scores) = results.items()
         ok, detail = beats(new_scores, old_scores)
-        print(f"\n{new} {'beats' if ok else 'does not beat'} {old}: {detail}")
+        release = {
+            "against": old,
+            "beats": ok,
+            "verdict": f"{'beats' if ok else 'does not beat'} it: {detail}",
+        }
+        print(f"\n{new} {release['verdict']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if args.card:
+        for k, (spec, scores) in enumerate(results.items()):
+            record = {
+                "command": "python -m models.evaluate",
+                "date": date.today().isoformat(),
+                "datasets": scores,
+                **({"release": release} if release and k == 1 else {}),
+            }
+            try:
+                registry.add_record(registry.resolve(spec), "evaluation", record)
+            except registry.ModelError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            print(f"{spec}: scores added to its card")
     return 0
 
 

@@ -190,14 +190,29 @@ def add_derived(entry: ModelEntry, role: str, source: Path, section: str, record
     """
     if role in entry.card["files"]:
         raise ModelError(f"{entry.spec} already has a {role} file; versions are immutable")
+    if section in entry.card:
+        raise ModelError(f"{entry.spec}'s card already has '{section}'; a card section is never replaced")
     target = entry.folder / Path(source).name
     shutil.copyfile(source, target)
-    card = dict(entry.card)
-    card["files"] = {
-        **card["files"],
+    files = {
+        **entry.card["files"],
         role: {"path": target.name, "sha256": sha256_file(target), "bytes": target.stat().st_size},
     }
-    card[section] = record
+    return _write_card(entry, dict(entry.card, files=files, **{section: record}))
+
+
+def add_record(entry: ModelEntry, section: str, record: dict) -> ModelEntry:
+    """Add a measurement of a version's files (val scores, vector accuracy) to its card.
+
+    Files never change; a card section, once written, is never replaced: measure
+    again into a new version instead.
+    """
+    if section in entry.card:
+        raise ModelError(f"{entry.spec}'s card already has '{section}'; a card section is never replaced")
+    return _write_card(entry, dict(entry.card, **{section: record}))
+
+
+def _write_card(entry: ModelEntry, card: dict) -> ModelEntry:
     (entry.folder / CARD).write_text(json.dumps(card, indent=2) + "\n")
     (entry.folder / "MODEL_CARD.md").write_text(render_card(card))
     return ModelEntry(entry.name, entry.version, entry.folder, card)
@@ -239,6 +254,10 @@ def render_card(card: dict) -> str:
             f"{m['precision']:.3f} | {m['recall']:.3f} |"
             for name, m in metrics.items()
         ]
+    if card.get("evaluation"):
+        lines += ["", "## Val scores, pixel-exact and at 2 px", "", render_evaluation(card["evaluation"])]
+    if card.get("vector_accuracy"):
+        lines += ["", "## Vector accuracy on val scenes", "", render_vector_accuracy(card["vector_accuracy"])]
     if card.get("int8"):
         lines += ["", "## INT8 graph (CPUs)", "", render_int8(card["int8"])]
     for title, key in (("Training data", "data"), ("Training recipe", "recipe")):
@@ -277,4 +296,50 @@ def render_int8(record: dict) -> str:
             f"Measured when quantized ({speed['machine']}): float {speed['fp32_chips_per_s']} "
             f"chips/s, INT8 {speed['int8_chips_per_s']} chips/s, one thread.",
         ]
+    return "\n".join(lines)
+
+
+def render_evaluation(record: dict) -> str:
+    """The card's val scores (``python -m models.evaluate --card``): F1 exact and with a tolerance."""
+    scores = record["datasets"]
+    tol = next(iter(scores.values()))["tolerance_px"]
+    lines = [
+        f"Whole val images at the card's threshold ({record['command']}; {record['date']}). Crack F1 "
+        f"pixel-exact and with a {tol:g} px tolerance, as papers report both kinds.",
+        "",
+        f"| dataset | images | F1 | F1 @{tol:g}px | precision | recall |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {s['images']} | {s['f1']:.3f} | {s['f1_tol']:.3f} | {s['precision']:.3f} | {s['recall']:.3f} |"
+        for name, s in scores.items()
+    ]
+    mean = sum(s["f1"] for s in scores.values()) / len(scores)
+    mean_tol = sum(s["f1_tol"] for s in scores.values()) / len(scores)
+    lines.append(f"| **mean** | | **{mean:.3f}** | **{mean_tol:.3f}** | | |")
+    if record.get("release"):
+        lines += ["", f"Release rule against {record['release']['against']}: {record['release']['verdict']}."]
+    return "\n".join(lines)
+
+
+def render_vector_accuracy(record: dict) -> str:
+    """The card's vector accuracy (``benchmarks/vector_accuracy.py --card``): crack lines against true skeletons."""
+    lines = [
+        f"Crack lines of the whole pipeline against the skeletons of the true masks, on georeferenced "
+        f"scenes tiled from val images ({record['command']}; {record['date']}; vectorizing: "
+        f"{record['vectorizing']}). Targets: F1 >= 0.75 and total length 0.8-1.25x of the truth "
+        "on every scene.",
+        "",
+        f"| scene | F1 @{record['tolerance_px']:g}px | precision | recall | length ratio | "
+        "thin / medium / wide |",
+        "|---|---|---|---|---|---|",
+    ]
+    for scene in record["scenes"]:
+        by_width = " / ".join(
+            "-" if r is None else f"{r:.2f}" for r in scene["length_ratio_by_width"].values()
+        )
+        lines.append(
+            f"| {scene['scene']} | {scene['f1']:.3f} | {scene['precision']:.3f} | {scene['recall']:.3f} | "
+            f"{scene['length_ratio']:.2f} | {by_width} |"
+        )
     return "\n".join(lines)

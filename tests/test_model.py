@@ -185,3 +185,32 @@ def test_exclusive_pooling_matches_a_hand_computed_border_average():
     assert out[1, 1].item() == pytest.approx(sum(range(16)[i] for i in (5, 6, 7, 9, 10, 11, 13, 14, 15)) / 9)
     inclusive = create("b16", exclusive_pool=False).blocks[1].l_conv[0][0](x)[0, 0]
     assert inclusive[0, 0].item() == pytest.approx((0 + 1 + 4 + 5) / 9)
+
+
+def test_vector_accuracy_is_added_to_the_card_and_rendered(test_models, tmp_path, monkeypatch):
+    import shutil
+
+    copy = tmp_path / "models"
+    shutil.copytree(test_models, copy)
+    monkeypatch.setenv("CRACKMAP_MODELS", str(copy))
+    scene = {
+        "scene": "gaps384-wgs84",
+        "f1": 0.8,
+        "precision": 0.9,
+        "recall": 0.72,
+        "length_ratio": 1.05,
+        "length_ratio_by_width": {"thin": 0.9, "medium": None, "wide": 1.1},
+    }
+    record = {
+        "command": "benchmarks/vector_accuracy.py",
+        "date": "2026-11-30",
+        "tolerance_px": 5.0,
+        "vectorizing": "bridging 12 px",
+        "scenes": [scene],
+    }
+    entry = registry.add_record(registry.resolve("test-b16:1.0.0"), "vector_accuracy", record)
+    assert registry.resolve("test-b16:1.0.0").card["vector_accuracy"] == record
+    text = (entry.folder / "MODEL_CARD.md").read_text()
+    assert "| gaps384-wgs84 | 0.800 | 0.900 | 0.720 | 1.05 | 0.90 / - / 1.10 |" in text
+    with pytest.raises(registry.ModelError, match="never replaced"):
+        registry.add_record(entry, "vector_accuracy", record)

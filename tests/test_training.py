@@ -394,3 +394,32 @@ def test_resume_from_another_variant_or_pooling_is_refused(data_root, tmp_path):
         changed = tiny_config(data_root, tmp_path / "run", resume=tmp_path / "run" / "last.pt", **change)
         with pytest.raises(ValueError, match=words):
             training.train(changed)
+
+
+def test_val_scores_go_into_the_card_once(data_root, test_models, tmp_path, monkeypatch, capsys):
+    """``models.evaluate --card``: exact and 2 px F1 per dataset in the card; a second measurement is refused."""
+    import json
+    import shutil
+
+    from models import evaluate, registry
+
+    copy = tmp_path / "models"
+    shutil.copytree(test_models, copy)
+    monkeypatch.setenv("CRACKMAP_MODELS", str(copy))
+    entry = registry.resolve("test-b16:1.0.0")
+    files = {p.name: p.read_bytes() for p in entry.folder.iterdir() if p.suffix in (".pt", ".onnx")}
+    argv = ["test-b16:1.0.0", "--data-root", str(data_root), "--datasets", "alpha", "beta", "--card"]
+
+    assert evaluate.main(argv) == 0
+    card = json.loads((entry.folder / "card.json").read_text())
+    scores = card["evaluation"]["datasets"]
+    assert list(scores) == ["alpha", "beta"] and all(s["images"] == 2 for s in scores.values())
+    assert all(0 <= s["f1"] <= s["f1_tol"] <= 1 for s in scores.values())  # a tolerance only adds matches
+    text = (entry.folder / "MODEL_CARD.md").read_text()
+    assert "F1 @2px" in text and f"| alpha | 2 | {scores['alpha']['f1']:.3f} |" in text
+    assert {p.name: p.read_bytes() for p in entry.folder.iterdir() if p.suffix in (".pt", ".onnx")} == files
+    registry.resolve("test-b16:1.0.0").file("onnx")  # still matches its card
+
+    capsys.readouterr()
+    assert evaluate.main(argv) == 2
+    assert "already has 'evaluation'" in capsys.readouterr().err
