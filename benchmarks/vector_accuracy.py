@@ -25,12 +25,14 @@ aiglern-lambert93  aiglern val tiles, 3 x 6              EPSG:2154, 1.0 mm
 =================  ===================================  ====================
 
 The probability raster of each scene is computed once per model; the
-vectorizing settings (``--min-length-m``, ``--bridge-gap-px``) are swept over it
+vectorizing settings (``--min-length-m``, ``--bridge-gap-px``, ``--low-ratio``
+and ``--threshold-scale``, a factor on the model's threshold) are swept over it
 with ``pipeline.probability.read_rows``, as a rerun of the vectorizer would.
 
 Usage:
     python benchmarks/vector_accuracy.py [--data-root ../shared/data/cracks]
         [--model hrsegnet-b16:1.0.0 ...] [--min-length-m 0 0.05] [--bridge-gap-px 0 12]
+        [--low-ratio 0.5 0.3] [--threshold-scale 1 0.8]
         [--out out/vector-accuracy] [--json results.json] [--card]
 
 ``--card`` adds each model's scores at the default vectorizing settings (which
@@ -195,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--min-length-m", nargs="+", type=float, default=[0.0])
     parser.add_argument("--bridge-gap-px", nargs="+", type=float, default=[0.0])
+    parser.add_argument("--low-ratio", nargs="+", type=float, default=[VectorizeParams().low_ratio])
+    parser.add_argument("--threshold-scale", nargs="+", type=float, default=[1.0])
     parser.add_argument("--tolerance-px", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=Path("out/vector-accuracy"))
     parser.add_argument("--json", type=Path, default=None)
@@ -223,8 +227,16 @@ def main(argv: list[str] | None = None) -> int:
                 SceneOptions(),
             )
             base = SceneOptions().vectorize_params(entry)
-            for min_length_m, gap_px in itertools.product(args.min_length_m, args.bridge_gap_px):
-                params = replace(base, min_length_m=min_length_m, bridge_gap_px=gap_px)
+            for min_length_m, gap_px, low_ratio, scale in itertools.product(
+                args.min_length_m, args.bridge_gap_px, args.low_ratio, args.threshold_scale
+            ):
+                params = replace(
+                    base,
+                    min_length_m=min_length_m,
+                    bridge_gap_px=gap_px,
+                    low_ratio=low_ratio,
+                    threshold=base.threshold * scale,
+                )
                 cracks = revectorize(result, params)
                 score = score_lines(
                     lines_in_pixels(cracks, result.scene.transform),
@@ -239,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                         "scene": spec.name,
                         "min_length_m": min_length_m,
                         "bridge_gap_px": gap_px,
+                        "low_ratio": low_ratio,
+                        "threshold_scale": scale,
                         "cracks": len(cracks),
                         **score.as_dict(),
                     }
@@ -253,8 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
         f"tolerance {args.tolerance_px:g} px\n"
     )
-    print("| model | scene | min length m | bridge px | F1 | P | R | length ratio | thin | medium | wide |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| model | scene | min length m | bridge px | low ratio | threshold x | F1 | P | R | length ratio "
+        "| thin | medium | wide |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
     def fmt(value):
         return "-" if value is None else f"{value:.2f}"
@@ -263,10 +280,17 @@ def main(argv: list[str] | None = None) -> int:
         widths = row["length_ratio_by_width"]
         print(
             f"| {row['model']} | {row['scene']} | {row['min_length_m']:g} | {row['bridge_gap_px']:g} | "
+            f"{row['low_ratio']:g} | {row['threshold_scale']:g} | "
             f"{row['f1']:.3f} | {row['precision']:.3f} | {row['recall']:.3f} | {row['length_ratio']:.2f} | "
             f"{fmt(widths['thin'])} | {fmt(widths['medium'])} | {fmt(widths['wide'])} |"
         )
-    setting = lambda row: (row["model"], row["min_length_m"], row["bridge_gap_px"])  # noqa: E731
+    setting = lambda row: (  # noqa: E731
+        row["model"],
+        row["min_length_m"],
+        row["bridge_gap_px"],
+        row["low_ratio"],
+        row["threshold_scale"],
+    )
     for key, group in itertools.groupby(sorted(results, key=setting), key=setting):
         group = list(group)
         ratios = ", ".join(format(row["length_ratio"], ".2f") for row in group)
@@ -281,7 +305,10 @@ def main(argv: list[str] | None = None) -> int:
 def add_to_cards(results: list[dict], tolerance_px: float) -> int:
     """Each model's scores at the default vectorizing settings, into its model card."""
     defaults = VectorizeParams()
-    vectorizing = f"bridging {defaults.bridge_gap_px:g} px, isolated lines under {defaults.min_length_m * 1000:g} mm dropped"
+    vectorizing = (
+        f"bridging {defaults.bridge_gap_px:g} px, isolated lines under {defaults.min_length_m * 1000:g} mm "
+        f"dropped, hysteresis down to {defaults.low_ratio:g} x the threshold"
+    )
     for spec in dict.fromkeys(row["model"] for row in results):
         rows = [
             row
@@ -289,6 +316,8 @@ def add_to_cards(results: list[dict], tolerance_px: float) -> int:
             if row["model"] == spec
             and row["min_length_m"] == defaults.min_length_m
             and row["bridge_gap_px"] == defaults.bridge_gap_px
+            and row["low_ratio"] == defaults.low_ratio
+            and row["threshold_scale"] == 1.0
         ]
         if not rows:
             print("error: --card needs the default settings among those swept", file=sys.stderr)
