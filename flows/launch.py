@@ -5,6 +5,7 @@ server: ~5 s.  Started here, before this process imports the pipeline and Prefec
 loads the model, it starts on another core during that work instead of after it.  Only
 the commands that run flows start one, and ``flows.embedded.start_api_server`` hands
 it to the command; a command that then stops early (bad input) stops it unused.
+A Ctrl-C while the command is still loading ends it with one line, not a traceback.
 Every command also exits without the interpreter's final garbage collection (``gc.freeze``).
 """
 
@@ -24,14 +25,17 @@ def command_of(args: list[str]) -> str | None:
 def main() -> None:
     args = sys.argv[1:]
     command = command_of(args)
-    if command in FLOW_COMMANDS and not {"--help", "-h"} & set(args):
-        from flows.embedded import quiet_prefect_environment, start_api_server
+    try:
+        if command in FLOW_COMMANDS and not {"--help", "-h"} & set(args):
+            from flows.embedded import quiet_prefect_environment, start_api_server
 
-        group_flags = set(args[: args.index(command)])  # crackmap -v run ...
-        quiet_prefect_environment(verbose=bool(group_flags & {"-v", "--verbose"}))
-        start_api_server()
-    from flows.cli import main as cli_main
-
+            group_flags = set(args[: args.index(command)])  # crackmap -v run ...
+            quiet_prefect_environment(verbose=bool(group_flags & {"-v", "--verbose"}))
+            start_api_server()
+        from flows.cli import main as cli_main
+    except KeyboardInterrupt:  # Ctrl-C while the command was still loading: an early server stops at exit
+        print("interrupted before the command started; nothing was written", file=sys.stderr)
+        sys.exit(130)
     try:
         cli_main()
     finally:

@@ -293,6 +293,47 @@ def test_the_api_server_started_before_parsing_is_gone_when_the_input_is_refused
     assert processes_with(marker) == []
 
 
+INTERRUPT_WHILE_LOADING = """
+import sys
+class Interrupt:  # Ctrl-C exactly while the CLI module is being imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "flows.cli":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["crackmap", *sys.argv[1:]]
+from flows.launch import main
+main()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads processes from /proc (Linux)")
+def test_ctrl_c_while_the_command_loads_ends_it_in_one_line(tmp_path):
+    """A Ctrl-C before the command has loaded (the API server already started): one line, exit
+    130, no traceback, no process left, nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    marker = tmp_path.name
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
+        "CRACKMAP_TEST_MARK": marker
+    }
+    store = tmp_path / "m.gpkg"
+    result = subprocess.run(
+        [sys.executable, "-c", INTERRUPT_WHILE_LOADING, "run", str(tmp_path), "--store", str(store)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "interrupted before the command started; nothing was written"
+    ]
+    assert processes_with(marker) == []
+    assert not store.exists()
+
+
 def test_errors_are_one_line_each_without_tracebacks(survey, tmp_path, test_models):
     missing = run_cli("run", str(tmp_path / "no-such-survey"), "--store", str(tmp_path / "m.gpkg"))
     assert missing.returncode == 2, missing.stderr
