@@ -179,17 +179,21 @@ def summary_table(rows: list[SceneRow]) -> str:
 
 
 def checked_inputs(store: str, survey_id: str | None, options: dict | None, sources: list[str] = ()) -> str:
-    """Refuse a bad survey id, mapping option or missing local source before any work (and before
-    Prefect starts); the store URL without its password.
+    """Refuse a bad survey id, mapping option, missing local source or unreachable store before
+    any work (and before Prefect starts); the store URL without its password.
 
     The password goes to PGPASSWORD of this process (``hand_over_password``), never to Prefect.
     """
+    from pipeline.stores import check_store
+
     try:
         if survey_id is not None:
             check_survey_id(survey_id)
         SceneOptions.from_mapping(options, os.environ.get("CRACKMAP_TYPE_PROFILE"))
         check_sources_exist(list(sources))
-        return hand_over_password(store)
+        store = hand_over_password(store)
+        check_store(store)  # a database that does not answer: one line now, not minutes of retries
+        return store
     except USER_ERRORS as exc:
         fail(str(exc))
         raise  # fail() exits; for type checkers

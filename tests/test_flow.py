@@ -160,16 +160,24 @@ def test_a_store_password_is_masked_in_output_logs_and_never_reaches_prefect(
     )
     assert result.exit_code == 0, result.output
     assert f"-> postgresql://{user}@{rest}" in result.output and password not in result.output
-    # a failing run (nothing listens on port 9) masks it too, in the summary and the error lines;
-    # a refused connection is transient, so the task retries it: without the backoff here
+    # a database that does not answer (nothing listens on port 9) is refused before any work, in
+    # one line that names it without the password
+    refused = f"postgresql://{user}:{password}@127.0.0.1:9/nowhere"
+    early = CliRunner().invoke(cli, ["run", str(survey / "a.tif"), "--store", refused, "--survey", "pw-0"])
+    assert early.exit_code == 2, early.output
+    assert early.output.startswith(f"error: postgresql://{user}@127.0.0.1:9/nowhere: cannot connect (")
+    assert password not in early.output and len(early.output.strip().splitlines()) == 1
+    # one that goes away after that check fails the run's scenes, masked too, in the summary and
+    # the error lines; a refused connection is transient, so the task retries it: no backoff here
     import flows.scene
+    import pipeline.stores
 
+    monkeypatch.setattr(pipeline.stores, "check_store", lambda url: None)
     monkeypatch.setattr(
         flows.scene,
         "map_scene_task",
         flows.scene.map_scene_task.with_options(retry_delay_seconds=0, retry_jitter_factor=None),
     )
-    refused = f"postgresql://{user}:{password}@127.0.0.1:9/nowhere"
     failed = CliRunner().invoke(
         cli,
         [
@@ -185,7 +193,7 @@ def test_a_store_password_is_masked_in_output_logs_and_never_reaches_prefect(
     )
     assert failed.exit_code == 1 and "127.0.0.1:9" in failed.output and password not in failed.output
     runs, logs, artifacts = prefect_records()
-    mine = [r for r in runs if r.parameters.get("survey_id") in ("pw-1", "pw-2")]
+    mine = [r for r in runs if r.parameters.get("survey_id") in ("pw-0", "pw-1", "pw-2")]
     assert len(mine) == 2 and all("***" not in str(r.parameters) for r in mine)
     assert password not in repr([r.parameters for r in runs] + [r.state for r in runs])
     assert password not in repr([log.message for log in logs])

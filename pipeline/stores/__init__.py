@@ -45,6 +45,7 @@ __all__ = [
     "GeoPackageStore",
     "RunInfo",
     "SceneSelection",
+    "check_store",
     "open_store",
 ]
 
@@ -70,3 +71,27 @@ def open_store(url: str | Path, crs: CRS = DEFAULT_CRS) -> CrackStore:
             f"{mask_url(text)}: a store is a GeoPackage path ending in .gpkg or a postgresql:// URL"
         )
     return GeoPackageStore(text, crs)
+
+
+def check_store(url: str | Path) -> None:
+    """Refuse, before any work, a store URL of no known kind or a PostGIS database that does not answer.
+
+    Nothing is created or changed.  An interactive run fails here in one line where a
+    scheduled run's tasks would retry a refused connection for minutes
+    (``flows.policy``).
+
+    >>> check_store("cracks.gpkg")
+    >>> check_store("cracks.shp")
+    Traceback (most recent call last):
+    ...
+    pipeline.errors.StoreError: cracks.shp: a store is a GeoPackage path ending in .gpkg or a postgresql:// URL
+    """
+    text = str(url)
+    if text.startswith(("postgresql://", "postgres://")):
+        from pipeline.stores.postgis import connect
+
+        connect(text).close()
+    elif not text.endswith(".gpkg"):
+        raise StoreError(
+            f"{mask_url(text)}: a store is a GeoPackage path ending in .gpkg or a postgresql:// URL"
+        )
