@@ -12,10 +12,16 @@ Settings (all with ONNX Runtime's CPU provider, graph optimizations on):
   2x1-b4 / 2x1-b16   the same with batches of 4 / 16
   1x2       one run of a batch of 8 with 2 intra-op threads
   2x1-spin  2x1 with idle threads spinning instead of sleeping
+With ``--openvino`` (where the ``openvino`` package is installed; crackmap does not depend on
+it), OpenVINO's CPU plugin runs the same graphs, two streams with two requests in flight:
+  ov-f32 / ov-bf16   the float graph at that inference precision (bf16 where the CPU has it)
+  ov                 the INT8 graph
+``--only`` keeps the cases whose name contains one of the words given.
 Every case runs ``--seconds`` per round; rounds are interleaved (a slow spell of a shared machine
 lands on all cases) and medians reported, with each case's ratio to ``old split`` (or ``float split``).
 
 Usage: python benchmarks/cpu_network.py [--model NAME[:VERSION]] [--rounds 3] [--seconds 2.5] [--json FILE]
+                                        [--openvino] [--only WORD ...]
 """
 
 from __future__ import annotations
@@ -82,6 +88,33 @@ class Case:
         return done / elapsed
 
 
+class OpenVinoCase(Case):
+    """A graph on OpenVINO's CPU plugin: 2 streams, 2 batches of 8 in flight (as ``2x1``)."""
+
+    def __init__(self, graph: str, path: Path, precision: str | None) -> None:
+        import openvino as ov
+
+        self.name = f"{graph} ov" + (f"-{precision}" if precision else "")
+        core = ov.Core()
+        config = {
+            "PERFORMANCE_HINT": "THROUGHPUT",
+            "NUM_STREAMS": 2,
+            "INFERENCE_NUM_THREADS": os.cpu_count() or 1,
+        }
+        if precision:
+            config["INFERENCE_PRECISION_HINT"] = precision
+        queue = ov.AsyncInferQueue(core.compile_model(core.read_model(str(path)), "CPU", config), 2)
+        chips = np.random.default_rng(1).integers(0, 256, (8, 3, 400, 400), dtype=np.uint8)
+
+        def step() -> None:
+            for _ in range(2):
+                queue.start_async({0: chips})
+            queue.wait_all()
+
+        self.step, self.chips_per_step = step, 16
+        self.step()  # warm-up
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -90,6 +123,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.5)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--openvino", action="store_true", help="Also run the graphs on OpenVINO.")
+    parser.add_argument("--only", nargs="+", default=None, metavar="WORD")
     args = parser.parse_args()
     entry = resolve(args.model)
     graphs: dict[str, Path] = {}
@@ -112,13 +147,27 @@ def main() -> None:
         if "onnx_int8" in entry.card["files"]:
             graphs["int8"] = entry.file("onnx_int8")
         plan = [(g, s) for g in graphs for s in (("split", "2x1") if g != "int8" else SETTINGS)]
-        cases = [Case(g, graphs[g], s) for g, s in plan]
+        if args.openvino:
+            plan += [
+                (g, p)
+                for g in graphs
+                if g != "old"
+                for p in (("ov-f32", "ov-bf16") if g == "float" else ("ov",))
+            ]
+        if args.only:
+            plan = [(g, s) for g, s in plan if any(word in f"{g} {s}" for word in args.only)]
+        cases = [
+            OpenVinoCase(g, graphs[g], s.removeprefix("ov").removeprefix("-") or None)
+            if s.startswith("ov")
+            else Case(g, graphs[g], s)
+            for g, s in plan
+        ]
         rates: dict[str, list[float]] = {c.name: [] for c in cases}
         for number in range(1, args.rounds + 1):
             for case in cases:
                 rates[case.name].append(case.measure(args.seconds))
             print(f"round {number}: " + ", ".join(f"{n} {r[-1]:.1f}" for n, r in rates.items()), flush=True)
-    base = "old split" if "old split" in rates else "float split"
+    base = next((b for b in ("old split", "float split", "int8 2x1") if b in rates), next(iter(rates)))
     medians = {name: statistics.median(r) for name, r in rates.items()}
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile"})
     report = {
