@@ -35,8 +35,11 @@ Usage:
         [--low-ratio 0.5 0.3] [--threshold-scale 1 0.8]
         [--out out/vector-accuracy] [--json results.json] [--card]
 
-``--card`` adds each model's scores at the default vectorizing settings (which
-must be among those swept) to its model card.
+``--choose NAME:VERSION`` picks that version's line threshold (a factor on its
+pixel threshold) and hysteresis from the sweep (``choose_line_settings``) and
+records them in its card (``vectorize``), which the pipeline then uses for it.
+``--card`` adds each model's scores at the settings the pipeline uses for it
+(which must be among those swept) to its model card.
 
 Needs the val splits (``$CRACKMAP_DATA`` or ``../shared/data/cracks``); reads only val.
 """
@@ -65,7 +68,7 @@ from rasterio.transform import from_origin
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.registry import add_record, resolve  # noqa: E402
-from pipeline.accuracy import score_lines, truth_skeleton  # noqa: E402
+from pipeline.accuracy import choose_line_settings, score_lines, truth_skeleton  # noqa: E402
 from pipeline.backends import load_backend  # noqa: E402
 from pipeline.measure import Georeferencer, Severity  # noqa: E402
 from pipeline.probability import read_rows  # noqa: E402
@@ -203,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("out/vector-accuracy"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--card", action="store_true", help="Add the default setting's scores to each card.")
+    parser.add_argument(
+        "--choose",
+        nargs="+",
+        metavar="NAME:VERSION",
+        help="Choose these versions' line threshold and hysteresis from the sweep (choose_line_settings) "
+        "and record them in their cards, which the pipeline then uses.",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -226,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 CRS.from_string(spec.crs),
                 SceneOptions(),
             )
-            base = SceneOptions().vectorize_params(entry)
+            base = replace(SceneOptions().vectorize, threshold=entry.threshold)  # the pixel threshold
             for min_length_m, gap_px, low_ratio, scale in itertools.product(
                 args.min_length_m, args.bridge_gap_px, args.low_ratio, args.threshold_scale
             ):
@@ -253,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                         "bridge_gap_px": gap_px,
                         "low_ratio": low_ratio,
                         "threshold_scale": scale,
+                        "threshold": params.threshold,
                         "cracks": len(cracks),
                         **score.as_dict(),
                     }
@@ -297,31 +308,56 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key}: mean F1 {np.mean([row['f1'] for row in group]):.3f}; length ratios {ratios}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    for spec in args.choose or []:
+        entry = resolve(spec)
+        rows = defaults_of([r for r in results if r["model"] == entry.spec])
+        if not rows:
+            raise SystemExit(f"--choose {spec}: the default fragment length and bridging were not swept")
+        low_ratio, scale, why = choose_line_settings(rows)
+        record = {
+            "threshold": round(entry.threshold * scale, 6),
+            "low_ratio": low_ratio,
+            "pixel_threshold_scale": scale,
+            "rule": why,
+            "swept": {"low_ratio": args.low_ratio, "threshold_scale": args.threshold_scale},
+            "command": "benchmarks/vector_accuracy.py --choose",
+            "date": date.today().isoformat(),
+        }
+        add_record(entry, "vectorize", record)
+        print(f"{entry.spec}: lines at {record['threshold']:.3f}, hysteresis {low_ratio:g} ({why})")
     if args.card:
         return add_to_cards(results, args.tolerance_px)
     return 0
 
 
-def add_to_cards(results: list[dict], tolerance_px: float) -> int:
-    """Each model's scores at the default vectorizing settings, into its model card."""
+def defaults_of(rows: list[dict]) -> list[dict]:
+    """The rows at the default fragment length and bridging."""
     defaults = VectorizeParams()
-    vectorizing = (
-        f"bridging {defaults.bridge_gap_px:g} px, isolated lines under {defaults.min_length_m * 1000:g} mm "
-        f"dropped, hysteresis down to {defaults.low_ratio:g} x the threshold"
-    )
+    return [
+        row
+        for row in rows
+        if row["min_length_m"] == defaults.min_length_m and row["bridge_gap_px"] == defaults.bridge_gap_px
+    ]
+
+
+def add_to_cards(results: list[dict], tolerance_px: float) -> int:
+    """Each model's scores at the settings the pipeline uses for it, into its model card."""
     for spec in dict.fromkeys(row["model"] for row in results):
+        used = SceneOptions().vectorize_params(resolve(spec))
         rows = [
             row
-            for row in results
+            for row in defaults_of(results)
             if row["model"] == spec
-            and row["min_length_m"] == defaults.min_length_m
-            and row["bridge_gap_px"] == defaults.bridge_gap_px
-            and row["low_ratio"] == defaults.low_ratio
-            and row["threshold_scale"] == 1.0
+            and row["low_ratio"] == used.low_ratio
+            and abs(row["threshold"] - used.threshold) < 1e-6
         ]
         if not rows:
-            print("error: --card needs the default settings among those swept", file=sys.stderr)
+            print(f"error: --card: {spec}'s own line settings were not among those swept", file=sys.stderr)
             return 2
+        vectorizing = (
+            f"threshold {used.threshold:.3f}, hysteresis down to {used.low_ratio:g} x it, bridging "
+            f"{used.bridge_gap_px:g} px, isolated lines under {used.min_length_m * 1000:g} mm dropped"
+        )
         record = {
             "command": "benchmarks/vector_accuracy.py",
             "date": date.today().isoformat(),

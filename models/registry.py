@@ -80,6 +80,14 @@ class ModelEntry:
         return float(self.card["threshold"])
 
     @property
+    def line_settings(self) -> dict:
+        """How this version's probabilities become crack lines, where they were chosen for it on
+        val scenes (``threshold``, ``low_ratio``; ``benchmarks/vector_accuracy.py --choose``);
+        empty where they were not (the pixel threshold and the vectorizer's defaults apply)."""
+        chosen = self.card.get("vectorize") or {}
+        return {key: float(chosen[key]) for key in ("threshold", "low_ratio") if key in chosen}
+
+    @property
     def size_px(self) -> int:
         return int(self.card["input"]["size_px"])
 
@@ -258,6 +266,16 @@ def render_card(card: dict) -> str:
         lines += ["", "## Val scores, pixel-exact and at 2 px", "", render_evaluation(card["evaluation"])]
     if card.get("vector_accuracy"):
         lines += ["", "## Vector accuracy on val scenes", "", render_vector_accuracy(card["vector_accuracy"])]
+    if card.get("vectorize"):
+        chosen = card["vectorize"]
+        lines += [
+            "",
+            "## Crack lines",
+            "",
+            f"Lines are traced at crack probability {chosen['threshold']:.3f}, and grow down to "
+            f"{chosen['low_ratio']:g} x that (hysteresis): chosen on the val scenes of the vector "
+            f"accuracy benchmark ({chosen['command']}; {chosen['date']}): {chosen['rule']}",
+        ]
     if card.get("int8"):
         lines += ["", "## INT8 graph (CPUs)", "", render_int8(card["int8"])]
     for title, key in (("Training data", "data"), ("Training recipe", "recipe")):

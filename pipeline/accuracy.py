@@ -199,3 +199,35 @@ def _length_ratio_by_width(
         truth_px = float(truth_weights[to_counted & (true_class == index)].sum())
         ratios[name] = float(weights[predicted_class == index].sum()) / truth_px if truth_px else None
     return ratios
+
+
+def choose_line_settings(rows: list[dict], f1_margin: float = 0.01) -> tuple[float, float, str]:
+    """(low_ratio, threshold_scale, why): the line settings of a model version, from its scores on
+    val scenes (``benchmarks/vector_accuracy.py``), one row per scene and setting with
+    ``low_ratio``, ``threshold_scale``, ``f1`` and ``length_ratio``.
+
+    The rule: the best mean line F1 over the scenes; among the settings within ``f1_margin``
+    of it, total lengths nearest the truth (the smallest mean |ln length ratio|).
+
+    >>> row = lambda lr, s, f1, ratio: dict(low_ratio=lr, threshold_scale=s, f1=f1, length_ratio=ratio)
+    >>> choose_line_settings([row(.5, 1, .60, .5), row(.3, 1, .605, .9), row(.3, .6, .5, 1.0)])[:2]
+    (0.3, 1)
+    >>> choose_line_settings([row(.5, 1, .60, .5), row(.3, 1, .70, .2)])[:2]  # F1 first
+    (0.3, 1)
+    """
+    groups: dict[tuple[float, float], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["low_ratio"], row["threshold_scale"]), []).append(row)
+    f1 = {key: float(np.mean([r["f1"] for r in rows])) for key, rows in groups.items()}
+    off = {
+        key: float(np.mean([abs(np.log(max(r["length_ratio"], 1e-3))) for r in rows]))
+        for key, rows in groups.items()
+    }
+    best = max(f1.values())
+    key = min((k for k in groups if f1[k] >= best - f1_margin), key=lambda k: off[k])
+    why = (
+        f"the best mean line F1 over {len(groups[key])} scenes ({best:.3f}); among settings within "
+        f"{f1_margin} of it, total lengths nearest the truth (this one: mean F1 {f1[key]:.3f}, "
+        f"mean |ln length ratio| {off[key]:.3f})"
+    )
+    return key[0], key[1], why

@@ -55,7 +55,15 @@ class SceneOptions:
         check_grid(self.size_px, self.overlap_px, self.border_px)
 
     def vectorize_params(self, model: ModelEntry) -> VectorizeParams:
-        return replace(self.vectorize, threshold=self.threshold or model.threshold)
+        """The vectorizer's settings for ``model``: a threshold asked for, else the line threshold and
+        hysteresis chosen for the model version on val scenes (``ModelEntry.line_settings``), else
+        its pixel threshold and the vectorizer's hysteresis."""
+        chosen = model.line_settings
+        return replace(
+            self.vectorize,
+            threshold=self.threshold or chosen.get("threshold") or model.threshold,
+            low_ratio=chosen.get("low_ratio", self.vectorize.low_ratio),
+        )
 
     @classmethod
     def from_mapping(cls, mapping: dict | None, type_profile_name: str | None = None) -> SceneOptions:

@@ -214,3 +214,34 @@ def test_vector_accuracy_is_added_to_the_card_and_rendered(test_models, tmp_path
     assert "| gaps384-wgs84 | 0.800 | 0.900 | 0.720 | 1.05 | 0.90 / - / 1.10 |" in text
     with pytest.raises(registry.ModelError, match="never replaced"):
         registry.add_record(entry, "vector_accuracy", record)
+
+
+def test_line_settings_chosen_for_a_version_drive_its_vectorizing(test_models, tmp_path, monkeypatch):
+    """A version's card may carry the line threshold and hysteresis chosen for it on val scenes
+    (``vector_accuracy.py --choose``): the pipeline uses them, a threshold asked for still wins,
+    and a version without them keeps its pixel threshold and the vectorizer's hysteresis."""
+    import shutil
+
+    from pipeline.scene import SceneOptions
+    from pipeline.vectorize import VectorizeParams
+
+    copy = tmp_path / "models"
+    shutil.copytree(test_models, copy)
+    monkeypatch.setenv("CRACKMAP_MODELS", str(copy))
+    plain = registry.resolve("test-b16:1.0.0")
+    params = SceneOptions().vectorize_params(plain)
+    assert (params.threshold, params.low_ratio) == (plain.threshold, VectorizeParams().low_ratio)
+
+    chosen = {
+        "threshold": 0.123,
+        "low_ratio": 0.3,
+        "rule": "the best mean line F1",
+        "command": "benchmarks/vector_accuracy.py --choose",
+        "date": "2026-11-30",
+    }
+    entry = registry.add_record(plain, "vectorize", chosen)
+    assert entry.line_settings == {"threshold": 0.123, "low_ratio": 0.3}
+    params = SceneOptions().vectorize_params(registry.resolve("test-b16:1.0.0"))
+    assert (params.threshold, params.low_ratio) == (0.123, 0.3)
+    assert SceneOptions(threshold=0.4).vectorize_params(entry).threshold == 0.4
+    assert "traced at crack probability 0.123" in (entry.folder / "MODEL_CARD.md").read_text()
