@@ -198,14 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model", nargs="+", default=[None], help="NAME[:VERSION] (default: the default model)"
     )
-    parser.add_argument("--min-length-m", nargs="+", type=float, default=[0.0])
-    parser.add_argument("--bridge-gap-px", nargs="+", type=float, default=[0.0])
+    parser.add_argument("--min-length-m", nargs="+", type=float, default=[VectorizeParams().min_length_m])
+    parser.add_argument("--bridge-gap-px", nargs="+", type=float, default=[VectorizeParams().bridge_gap_px])
     parser.add_argument("--low-ratio", nargs="+", type=float, default=[VectorizeParams().low_ratio])
     parser.add_argument("--threshold-scale", nargs="+", type=float, default=[1.0])
     parser.add_argument("--tolerance-px", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=Path("out/vector-accuracy"))
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--card", action="store_true", help="Add the default setting's scores to each card.")
+    parser.add_argument(
+        "--card", action="store_true", help="Add the scores at the settings the pipeline uses to each card."
+    )
     parser.add_argument(
         "--choose",
         nargs="+",
@@ -214,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         "and record them in their cards, which the pipeline then uses.",
     )
     args = parser.parse_args(argv)
+    if problem := card_problem(args):  # before the long run, not after it
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
 
     scenes = []
@@ -310,10 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     for spec in args.choose or []:
         entry = resolve(spec)
-        rows = defaults_of([r for r in results if r["model"] == entry.spec])
-        if not rows:
-            raise SystemExit(f"--choose {spec}: the default fragment length and bridging were not swept")
-        low_ratio, scale, why = choose_line_settings(rows)
+        low_ratio, scale, why = choose_line_settings(
+            defaults_of([r for r in results if r["model"] == entry.spec])
+        )
         record = {
             "threshold": round(entry.threshold * scale, 6),
             "low_ratio": low_ratio,
@@ -328,6 +332,44 @@ def main(argv: list[str] | None = None) -> int:
     if args.card:
         return add_to_cards(results, args.tolerance_px)
     return 0
+
+
+def card_problem(args: argparse.Namespace) -> str | None:
+    """Why ``--choose`` or ``--card`` could not be carried out after the sweep, if so."""
+    if not (args.choose or args.card):
+        return None
+    defaults = VectorizeParams()
+    if defaults.min_length_m not in args.min_length_m or defaults.bridge_gap_px not in args.bridge_gap_px:
+        return (
+            f"--choose and --card need the default fragment length ({defaults.min_length_m:g}) "
+            f"and bridging ({defaults.bridge_gap_px:g}) among those swept"
+        )
+    models = {resolve(spec).spec: resolve(spec) for spec in args.model}
+    for spec in args.choose or []:
+        entry = resolve(spec)
+        if entry.spec not in models:
+            return f"--choose {spec}: not among the --model versions swept"
+        if "vectorize" in entry.card:
+            return f"--choose {spec}: its card has line settings already; they are never replaced"
+    for entry in models.values():
+        if not args.card or entry.spec in [resolve(s).spec for s in args.choose or []]:
+            continue
+        chosen = entry.card.get("vectorize") or {}
+        low_ratio, scale = (
+            chosen.get("low_ratio", defaults.low_ratio),
+            chosen.get("pixel_threshold_scale", 1.0),
+        )
+        if low_ratio not in args.low_ratio or scale not in args.threshold_scale:
+            return (
+                f"--card: {entry.spec} maps with hysteresis {low_ratio:g} and threshold factor {scale:g}; "
+                "sweep them too"
+            )
+    return None
+
+
+def finite(value: float | None) -> float | None:
+    """JSON has no infinity: a ratio over a length of zero is None ("-" in the card)."""
+    return None if value is None or not np.isfinite(value) else value
 
 
 def defaults_of(rows: list[dict]) -> list[dict]:
@@ -365,13 +407,18 @@ def add_to_cards(results: list[dict], tolerance_px: float) -> int:
             "vectorizing": vectorizing,
             "scenes": [
                 {
-                    key: row[key]
-                    for key in ("scene", "f1", "precision", "recall", "length_ratio", "length_ratio_by_width")
+                    **{key: row[key] for key in ("scene", "f1", "precision", "recall")},
+                    "length_ratio": finite(row["length_ratio"]),
+                    "length_ratio_by_width": {k: finite(v) for k, v in row["length_ratio_by_width"].items()},
                 }
                 for row in rows
             ],
         }
-        add_record(resolve(spec), "vector_accuracy", record)
+        entry = resolve(spec)
+        if "vector_accuracy" in entry.card:
+            print(f"{spec}: its card has vector accuracy already; it is kept", file=sys.stderr)
+            continue
+        add_record(entry, "vector_accuracy", record)
         print(f"{spec}: vector accuracy added to its card")
     return 0
 

@@ -235,7 +235,8 @@ def mapping_options(command):
                 "--threshold",
                 type=float,
                 default=None,
-                help="Crack probability that seeds a crack (default: the model's calibrated threshold).",
+                help="Crack probability that seeds a crack (default: the line threshold chosen for the "
+                "model version, else its calibrated pixel threshold).",
             ),
             click.option(
                 "--overlap-px", type=int, default=None, help="Overlap of neighbouring chips (default 64)."

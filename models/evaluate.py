@@ -159,19 +159,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     if args.card:
-        for k, (spec, scores) in enumerate(results.items()):
-            record = {
-                "command": "python -m models.evaluate",
-                "date": date.today().isoformat(),
-                "datasets": scores,
-                **({"release": release} if release and k == 1 else {}),
-            }
-            try:
-                registry.add_record(registry.resolve(spec), "evaluation", record)
-            except registry.ModelError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 2
-            print(f"{spec}: scores added to its card")
+        return add_to_cards(results, release)
+    return 0
+
+
+def add_to_cards(results: dict[str, dict[str, dict]], release: dict | None) -> int:
+    """Each model's scores into its card (the second's with the release verdict); a card that has
+    scores already keeps them (a card section is never replaced), and says so."""
+    kept = []
+    for k, (spec, scores) in enumerate(results.items()):
+        entry = registry.resolve(spec)
+        if "evaluation" in entry.card:
+            kept.append(spec)
+            continue
+        record = {
+            "command": "python -m models.evaluate",
+            "date": date.today().isoformat(),
+            "datasets": scores,
+            **({"release": release} if release and k == 1 else {}),
+        }
+        registry.add_record(entry, "evaluation", record)
+        print(f"{spec}: scores added to its card")
+    for spec in kept:
+        print(f"{spec}: its card has scores already; they are kept", file=sys.stderr)
     return 0
 
 

@@ -221,8 +221,13 @@ def add_record(entry: ModelEntry, section: str, record: dict) -> ModelEntry:
 
 
 def _write_card(entry: ModelEntry, card: dict) -> ModelEntry:
-    (entry.folder / CARD).write_text(json.dumps(card, indent=2) + "\n")
-    (entry.folder / "MODEL_CARD.md").write_text(render_card(card))
+    """Both forms of the card, each replaced whole; rendered first, so a record that cannot be
+    shown is refused before anything is written."""
+    text, markdown = json.dumps(card, indent=2, allow_nan=False) + "\n", render_card(card)
+    for name, content in ((CARD, text), ("MODEL_CARD.md", markdown)):
+        staged = entry.folder / f".{name}.tmp"
+        staged.write_text(content)
+        os.replace(staged, entry.folder / name)
     return ModelEntry(entry.name, entry.version, entry.folder, card)
 
 
@@ -263,7 +268,13 @@ def render_card(card: dict) -> str:
             for name, m in metrics.items()
         ]
     if card.get("evaluation"):
-        lines += ["", "## Val scores, pixel-exact and at 2 px", "", render_evaluation(card["evaluation"])]
+        tolerance = next(iter(card["evaluation"]["datasets"].values()))["tolerance_px"]
+        lines += [
+            "",
+            f"## Val scores, pixel-exact and at {tolerance:g} px",
+            "",
+            render_evaluation(card["evaluation"]),
+        ]
     if card.get("vector_accuracy"):
         lines += ["", "## Vector accuracy on val scenes", "", render_vector_accuracy(card["vector_accuracy"])]
     if card.get("vectorize"):
@@ -356,8 +367,9 @@ def render_vector_accuracy(record: dict) -> str:
         by_width = " / ".join(
             "-" if r is None else f"{r:.2f}" for r in scene["length_ratio_by_width"].values()
         )
+        ratio = "-" if scene["length_ratio"] is None else f"{scene['length_ratio']:.2f}"
         lines.append(
             f"| {scene['scene']} | {scene['f1']:.3f} | {scene['precision']:.3f} | {scene['recall']:.3f} | "
-            f"{scene['length_ratio']:.2f} | {by_width} |"
+            f"{ratio} | {by_width} |"
         )
     return "\n".join(lines)

@@ -55,10 +55,10 @@ class SceneOptions:
         check_grid(self.size_px, self.overlap_px, self.border_px)
 
     def vectorize_params(self, model: ModelEntry) -> VectorizeParams:
-        """The vectorizer's settings for ``model``: a threshold asked for, else the line threshold and
-        hysteresis chosen for the model version on val scenes (``ModelEntry.line_settings``), else
-        its pixel threshold and the vectorizer's hysteresis."""
-        chosen = model.line_settings
+        """The vectorizer's settings for ``model``: a threshold asked for (with the vectorizer's
+        hysteresis), else the line threshold and hysteresis chosen for the model version on val
+        scenes (``ModelEntry.line_settings``), else its pixel threshold and the vectorizer's hysteresis."""
+        chosen = {} if self.threshold is not None else model.line_settings  # chosen together, or not at all
         return replace(
             self.vectorize,
             threshold=self.threshold or chosen.get("threshold") or model.threshold,

@@ -28,7 +28,7 @@ STEP_DEG = 0.0001  # about 7 m between cracks
 
 
 class Model:
-    spec, threshold = "test:1", 0.5
+    spec, threshold, line_settings = "test:1", 0.5, {}  # no line settings chosen for it
 
 
 def crack_line(i: int) -> shapely.LineString:

@@ -232,7 +232,7 @@ def test_a_slab_joint_grid_is_typed_joint_and_left_out_of_totals_beside_a_kept_c
     )
 
     class Model:
-        spec, threshold = "test:1", 0.5
+        spec, threshold, line_settings = "test:1", 0.5, {}
 
     result = detect_cracks(str(path), darkness, Model(), tmp_path / "p.tif", DEFAULT_CRS, SceneOptions())
     types = [c.crack_type for c in result.cracks]

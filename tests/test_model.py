@@ -243,5 +243,6 @@ def test_line_settings_chosen_for_a_version_drive_its_vectorizing(test_models, t
     assert entry.line_settings == {"threshold": 0.123, "low_ratio": 0.3}
     params = SceneOptions().vectorize_params(registry.resolve("test-b16:1.0.0"))
     assert (params.threshold, params.low_ratio) == (0.123, 0.3)
-    assert SceneOptions(threshold=0.4).vectorize_params(entry).threshold == 0.4
+    asked = SceneOptions(threshold=0.4).vectorize_params(entry)  # the chosen pair is left whole
+    assert (asked.threshold, asked.low_ratio) == (0.4, VectorizeParams().low_ratio)
     assert "traced at crack probability 0.123" in (entry.folder / "MODEL_CARD.md").read_text()

@@ -23,7 +23,7 @@ V2 = dataclasses.replace(RUN, model_version="2.0.0", run_id="run-2")
 
 
 class Model:
-    spec, threshold = "test:1", 0.5
+    spec, threshold, line_settings = "test:1", 0.5, {}  # no line settings chosen for it
 
 
 @pytest.fixture

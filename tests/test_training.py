@@ -421,5 +421,7 @@ def test_val_scores_go_into_the_card_once(data_root, test_models, tmp_path, monk
     registry.resolve("test-b16:1.0.0").file("onnx")  # still matches its card
 
     capsys.readouterr()
-    assert evaluate.main(argv) == 2
-    assert "already has 'evaluation'" in capsys.readouterr().err
+    before = (entry.folder / "card.json").read_bytes()
+    assert evaluate.main(argv) == 0  # measured again, printed, not written
+    assert "test-b16:1.0.0: its card has scores already; they are kept" in capsys.readouterr().err
+    assert (entry.folder / "card.json").read_bytes() == before

@@ -20,7 +20,7 @@ UTM = CRS.from_epsg(32633)
 
 
 class Model:
-    spec, threshold = "test:1", 0.5
+    spec, threshold, line_settings = "test:1", 0.5, {}  # no line settings chosen for it
 
 
 def run_scene(

@@ -90,7 +90,7 @@ def check_store(url: str | Path) -> None:
     if text.startswith(("postgresql://", "postgres://")):
         from pipeline.stores.postgis import connect
 
-        connect(text).close()
+        connect(text, timeout_s=10).close()
     elif not text.endswith(".gpkg"):
         raise StoreError(
             f"{mask_url(text)}: a store is a GeoPackage path ending in .gpkg or a postgresql:// URL"

@@ -14,6 +14,7 @@ owner): ``crackmap_writer`` publishes, ``crackmap_reader`` only reads.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import struct
 import sys
@@ -253,10 +254,17 @@ def why(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def connect(url: str) -> psycopg.Connection:
-    """An autocommit connection (transactions are explicit), or a StoreError without the password."""
+def connect(url: str, timeout_s: int | None = None) -> psycopg.Connection:
+    """An autocommit connection (transactions are explicit), or a StoreError without the password.
+
+    ``timeout_s`` bounds the wait for a host that drops packets, where PGCONNECT_TIMEOUT
+    does not already (libpq waits for the operating system's TCP timeout otherwise).
+    """
+    extra: dict[str, Any] = {}
+    if timeout_s is not None and not os.environ.get("PGCONNECT_TIMEOUT"):
+        extra["connect_timeout"] = timeout_s
     try:
-        return psycopg.connect(url, autocommit=True, application_name="crackmap")
+        return psycopg.connect(url, autocommit=True, application_name="crackmap", **extra)
     except psycopg.Error as exc:
         problem = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         password = conninfo_to_dict(url).get("password") if "://" in url else None
