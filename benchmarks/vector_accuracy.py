@@ -67,7 +67,7 @@ from rasterio.transform import from_origin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.registry import add_record, resolve  # noqa: E402
+from models.registry import ModelError, add_record, resolve  # noqa: E402
 from pipeline.accuracy import choose_line_settings, score_lines, truth_skeleton  # noqa: E402
 from pipeline.backends import load_backend  # noqa: E402
 from pipeline.measure import Georeferencer, Severity  # noqa: E402
@@ -216,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         "and record them in their cards, which the pipeline then uses.",
     )
     args = parser.parse_args(argv)
-    if problem := card_problem(args):  # before the long run, not after it
+    try:
+        problem = card_problem(args)  # before the long run, not after it
+    except ModelError as exc:
+        problem = str(exc)
+    if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
