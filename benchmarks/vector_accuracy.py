@@ -394,7 +394,7 @@ def add_to_cards(results: list[dict], tolerance_px: float) -> int:
             row
             for row in defaults_of(results)
             if row["model"] == spec
-            and row["low_ratio"] == used.low_ratio
+            and abs(row["low_ratio"] - used.low_ratio) < 1e-6
             and abs(row["threshold"] - used.threshold) < 1e-6
         ]
         if not rows:

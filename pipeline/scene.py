@@ -55,15 +55,21 @@ class SceneOptions:
         check_grid(self.size_px, self.overlap_px, self.border_px)
 
     def vectorize_params(self, model: ModelEntry) -> VectorizeParams:
-        """The vectorizer's settings for ``model``: a threshold asked for (with the vectorizer's
-        hysteresis), else the line threshold and hysteresis chosen for the model version on val
-        scenes (``ModelEntry.line_settings``), else its pixel threshold and the vectorizer's hysteresis."""
-        chosen = {} if self.threshold is not None else model.line_settings  # chosen together, or not at all
-        return replace(
-            self.vectorize,
-            threshold=self.threshold or chosen.get("threshold") or model.threshold,
-            low_ratio=chosen.get("low_ratio", self.vectorize.low_ratio),
-        )
+        """The vectorizer's settings for ``model``.
+
+        The seed threshold: one asked for, else the line threshold chosen for the model version
+        on val scenes (``ModelEntry.line_settings``), else its pixel threshold.  The hysteresis:
+        where settings were chosen, lines grow down to the chosen low level, whatever the seed
+        threshold (never above it): a network's background can sit at a fixed probability (the
+        bias of its last layer; 0.28 for hrsegnet-b16 1.1.0), and a low level below it would
+        join the whole background into one crack.  Else the vectorizer's ratio (0.5).
+        """
+        chosen = model.line_settings if model is not None else {}
+        threshold = self.threshold or chosen.get("threshold") or model.threshold
+        low_ratio = self.vectorize.low_ratio
+        if chosen:
+            low_ratio = min(1.0, chosen["threshold"] * chosen["low_ratio"] / threshold)
+        return replace(self.vectorize, threshold=threshold, low_ratio=low_ratio)
 
     @classmethod
     def from_mapping(cls, mapping: dict | None, type_profile_name: str | None = None) -> SceneOptions:
