@@ -348,15 +348,15 @@ def card_problem(args: argparse.Namespace) -> str | None:
             f"--choose and --card need the default fragment length ({defaults.min_length_m:g}) "
             f"and bridging ({defaults.bridge_gap_px:g}) among those swept"
         )
-    models = {resolve(spec).spec: resolve(spec) for spec in args.model}
-    for spec in args.choose or []:
-        entry = resolve(spec)
-        if entry.spec not in models:
+    models = {entry.spec: entry for entry in map(resolve, args.model)}
+    chosen = {entry.spec: entry for entry in map(resolve, args.choose or [])}
+    for spec, entry in chosen.items():
+        if spec not in models:
             return f"--choose {spec}: not among the --model versions swept"
         if "vectorize" in entry.card:
             return f"--choose {spec}: its card has line settings already; they are never replaced"
     for entry in models.values():
-        if not args.card or entry.spec in [resolve(s).spec for s in args.choose or []]:
+        if not args.card or entry.spec in chosen:
             continue
         chosen = entry.card.get("vectorize") or {}
         low_ratio, scale = (

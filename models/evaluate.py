@@ -166,11 +166,10 @@ def main(argv: list[str] | None = None) -> int:
 def add_to_cards(results: dict[str, dict[str, dict]], release: dict | None) -> int:
     """Each model's scores into its card (the second's with the release verdict); a card that has
     scores already keeps them (a card section is never replaced), and says so."""
-    kept = []
     for k, (spec, scores) in enumerate(results.items()):
         entry = registry.resolve(spec)
         if "evaluation" in entry.card:
-            kept.append(spec)
+            print(f"{spec}: its card has scores already; they are kept", file=sys.stderr)
             continue
         record = {
             "command": "python -m models.evaluate",
@@ -180,8 +179,6 @@ def add_to_cards(results: dict[str, dict[str, dict]], release: dict | None) -> i
         }
         registry.add_record(entry, "evaluation", record)
         print(f"{spec}: scores added to its card")
-    for spec in kept:
-        print(f"{spec}: its card has scores already; they are kept", file=sys.stderr)
     return 0
 
 

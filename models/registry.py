@@ -268,13 +268,7 @@ def render_card(card: dict) -> str:
             for name, m in metrics.items()
         ]
     if card.get("evaluation"):
-        tolerance = next(iter(card["evaluation"]["datasets"].values()))["tolerance_px"]
-        lines += [
-            "",
-            f"## Val scores, pixel-exact and at {tolerance:g} px",
-            "",
-            render_evaluation(card["evaluation"]),
-        ]
+        lines += ["", render_evaluation(card["evaluation"])]
     if card.get("vector_accuracy"):
         lines += ["", "## Vector accuracy on val scenes", "", render_vector_accuracy(card["vector_accuracy"])]
     if card.get("vectorize"):
@@ -329,10 +323,12 @@ def render_int8(record: dict) -> str:
 
 
 def render_evaluation(record: dict) -> str:
-    """The card's val scores (``python -m models.evaluate --card``): F1 exact and with a tolerance."""
+    """The card's val scores section (``python -m models.evaluate --card``): F1 exact and with a tolerance."""
     scores = record["datasets"]
     tol = next(iter(scores.values()))["tolerance_px"]
     lines = [
+        f"## Val scores, pixel-exact and at {tol:g} px",
+        "",
         f"Whole val images at the card's threshold ({record['command']}; {record['date']}). Crack F1 "
         f"pixel-exact and with a {tol:g} px tolerance, as papers report both kinds.",
         "",

@@ -218,10 +218,10 @@ def choose_line_settings(rows: list[dict], f1_margin: float = 0.01) -> tuple[flo
     groups: dict[tuple[float, float], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["low_ratio"], row["threshold_scale"]), []).append(row)
-    f1 = {key: float(np.mean([r["f1"] for r in rows])) for key, rows in groups.items()}
+    f1 = {key: float(np.mean([r["f1"] for r in scenes])) for key, scenes in groups.items()}
     off = {
-        key: float(np.mean([abs(np.log(max(r["length_ratio"], 1e-3))) for r in rows]))
-        for key, rows in groups.items()
+        key: float(np.mean([abs(np.log(max(r["length_ratio"], 1e-3))) for r in scenes]))
+        for key, scenes in groups.items()
     }
     best = max(f1.values())
     key = min((k for k in groups if f1[k] >= best - f1_margin), key=lambda k: off[k])
