@@ -97,3 +97,41 @@ def package(
             },
         }
         return registry.add(root, card, {"weights": weights, "onnx": onnx_path}, default=default)
+
+
+# Measured properties of a version's graphs: a rebuilt version measures its own.
+MEASURED_SECTIONS = ("files", "created", "int8", "evaluation", "vectorize", "vector_accuracy", "rebuilt_from")
+
+
+def rebuild(
+    source: registry.ModelEntry, version: str, root: Path = registry.ZOO, default: bool = False
+) -> registry.ModelEntry:
+    """A new version with ``source``'s weights and the graph the exporter writes now.
+
+    Versions are immutable, so a faster inference graph for trained weights is a new
+    version: the weights file is copied byte for byte, ``model.onnx`` is exported
+    again and verified against torch, and the card keeps what belongs to the weights
+    (training data, recipe, threshold, the trainer's val metrics).  What was measured of
+    the source's graphs (INT8 graph, evaluation, line settings, vector accuracy) is left
+    out: measure the new version's own (README, Models).
+    """
+    from models.onnx_export import load_net
+
+    if registry.version_key(version) <= registry.version_key(source.version):
+        raise registry.ModelError(f"a rebuild of {source.spec} needs a higher version than {source.version}")
+    weights = source.file("weights")
+    net = load_net(source.variant, weights)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_onnx(net, Path(tmp) / "model.onnx", source.size_px)
+        diff = verify_onnx(net, onnx_path, size_px=source.size_px)
+        if diff > MAX_ONNX_DIFF:
+            raise registry.ModelError(f"ONNX export of {source.spec} differs from torch by {diff:.2e}")
+        card = {key: value for key, value in source.card.items() if key not in MEASURED_SECTIONS}
+        card.update(
+            version=version,
+            summary=f"{source.card.get('summary', '')} The weights of {source.spec}, with the inference "
+            "graph of the current exporter.".strip(),
+            onnx=dict(source.card.get("onnx", {}), max_abs_diff_vs_torch=diff),
+            rebuilt_from={"spec": source.spec, "weights_sha256": source.card["files"]["weights"]["sha256"]},
+        )
+        return registry.add(root, card, {"weights": weights, "onnx": onnx_path}, default=default)

@@ -246,6 +246,13 @@ def render_card(card: dict) -> str:
         f"0-255, scaled to [0,1], normalized with mean {card['input']['mean']}, "
         f"std {card['input']['std']} |",
         f"| threshold | {card['threshold']:.3f} (crack probability; F1-optimal on validation) |",
+    ]
+    if card.get("rebuilt_from"):
+        lines.append(
+            f"| rebuilt from | {card['rebuilt_from']['spec']}: the same weights file, the current "
+            "exporter's inference graph |"
+        )
+    lines += [
         "",
         "## Files",
         "",

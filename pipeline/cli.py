@@ -213,6 +213,11 @@ def models_add(
         entry = package(checkpoint, name, version, root, default=make_default)
     except registry.ModelError as exc:
         fail(str(exc))
+    added(entry, int8_data_root)
+
+
+def added(entry: registry.ModelEntry, int8_data_root: Path | None) -> None:
+    """Say what was added; then add its INT8 graph where a data root was given."""
     click.echo(
         f"added {entry.spec} in {entry.folder} "
         f"(ONNX verified, max abs diff {entry.card['onnx']['max_abs_diff_vs_torch']:.1e})"
@@ -228,6 +233,37 @@ def models_add(
             f"INT8 graph: mean val F1 {record['mean_f1']:.4f} (float {record['fp32_mean_f1']:.4f}): "
             f"{'passes' if record['accepted'] else 'fails'} the gate"
         )
+
+
+@models.command("rebuild")
+@click.argument("spec")
+@click.option("--version", "version", required=True, help="The new version, higher than SPEC's.")
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=registry.ZOO,
+    show_default=True,
+    help="Registry folder to add the version to.",
+)
+@click.option("--default", "make_default", is_flag=True, help="Make it the root's default model.")
+@click.option(
+    "--int8-data-root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Also add the INT8 graph (as `crackmap models quantize`).",
+)
+def models_rebuild(
+    spec: str, version: str, root: Path, make_default: bool, int8_data_root: Path | None
+) -> None:
+    """Add SPEC's weights as a new version with the graph the exporter writes now (a faster graph
+    for the same weights: versions are immutable)."""
+    from models.package import rebuild
+
+    try:
+        entry = rebuild(registry.resolve(spec), version, root, default=make_default)
+    except registry.ModelError as exc:
+        fail(str(exc))
+    added(entry, int8_data_root)
 
 
 @models.command("export")

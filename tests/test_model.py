@@ -147,6 +147,30 @@ def test_shipped_default_model_loads_and_segments_a_fixture_image():
     assert mask[crack == 0].mean() < 0.02  # and little else
 
 
+@pytest.mark.parametrize("size", [(7, 9), (100, 100)])
+def test_subpixel_convolution_equals_the_transposed_convolution_and_its_batch_norm(size):
+    from models.hrsegnet import subpixel_conv
+
+    torch.manual_seed(3)
+    up = torch.nn.ConvTranspose2d(16, 16, 3, stride=2, padding=1, output_padding=1)
+    bn = torch.nn.BatchNorm2d(16).eval()
+    with torch.no_grad():  # non-trivial statistics and affine terms
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 1.5)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 16, *size)
+    with torch.no_grad():
+        expected = bn(up(x))
+        got = torch.nn.functional.pixel_shuffle(
+            subpixel_conv(up, bn)(torch.nn.functional.pad(x, (0, 1, 0, 1))), 2
+        )
+    assert got.shape == expected.shape == (2, 16, 2 * size[0], 2 * size[1])
+    assert (got - expected).abs().max() <= 1e-5 and expected.abs().max() > 1  # the borders included
+    with pytest.raises(TypeError, match="stride-2 transposed"):
+        subpixel_conv(torch.nn.ConvTranspose2d(16, 16, 3, stride=2, padding=1), bn)
+
+
 def test_hrsegnet_b16_1_0_0_computes_exactly_what_it_always_did():
     """Loaded from the zoo, 1.0.0 (trained with padding-inclusive pooling) is bit-identical.
 

@@ -64,6 +64,60 @@ def test_uint8_output_stays_within_one_level_of_the_float_probability(trained_li
     assert np.abs(got / 255.0 - float_p).max() <= 0.5 / 255 + 1e-5  # rounded, not truncated
 
 
+def test_int8_graph_reads_the_uint8_chips_as_they_are(trained_like_net, tmp_path, monkeypatch):
+    """The input's cast, padding and quantization become one uint8 pad: no change in any output."""
+    import onnx
+
+    from models import quantize
+    from models.onnx_export import export_onnx
+
+    graph = export_onnx(trained_like_net, tmp_path / "model.onnx")
+    # black and white chips: the plain input quantization then has scale 1 and zero point 0
+    # too, which the rewrite sets (lossless for integers 0-255), so the two must agree exactly
+    calibration = np.concatenate(
+        [
+            pavement_chips(4, seed=6),
+            np.full((2, 3, 400, 400), 255, np.uint8) * np.array([0, 1], np.uint8)[:, None, None, None],
+        ]
+    )
+    quantize.quantize_onnx(graph, tmp_path / "int8.onnx", calibration)
+    monkeypatch.setattr(quantize, "uint8_input", lambda model: False)
+    quantize.quantize_onnx(graph, tmp_path / "plain.onnx", calibration)
+    first = [n for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node if "chips" in n.input]
+    assert [n.op_type for n in first] == ["Pad"]
+    plain_first = [n for n in onnx.load(str(tmp_path / "plain.onnx")).graph.node if "chips" in n.input]
+    assert "Cast" in {n.op_type for n in plain_first}
+    chips = np.concatenate([pavement_chips(2, seed=7), np.zeros((1, 3, 400, 400), np.uint8) + 255])
+    got, plain = run(tmp_path / "int8.onnx", chips), run(tmp_path / "plain.onnx", chips)
+    np.testing.assert_array_equal(got, plain)
+    assert got.max() > 128  # cracks found: the comparison says something
+
+
+def test_rebuild_adds_the_same_weights_with_the_current_graph_as_a_new_version(quantizable):
+    from pipeline.cli import cli
+
+    source = registry.resolve("q-b16:1.0.0")
+    root = str(quantizable / "models")
+    result = CliRunner().invoke(
+        cli, ["models", "rebuild", "q-b16:1.0.0", "--version", "1.0.1", "--root", root]
+    )
+    assert result.exit_code == 0, result.output
+    entry = registry.resolve("q-b16:1.0.1")
+    assert entry.card["files"]["weights"]["sha256"] == source.card["files"]["weights"]["sha256"]
+    assert entry.card["rebuilt_from"] == {
+        "spec": "q-b16:1.0.0",
+        "weights_sha256": source.card["files"]["weights"]["sha256"],
+    }
+    assert entry.threshold == source.threshold and "int8" not in entry.card
+    assert "rebuilt from | q-b16:1.0.0" in (entry.folder / "MODEL_CARD.md").read_text()
+    out = run(entry.file("onnx"), pavement_chips(1, seed=8))
+    assert out.dtype == np.uint8 and out.shape == (1, 400, 400)
+    again = CliRunner().invoke(
+        cli, ["models", "rebuild", "q-b16:1.0.1", "--version", "1.0.1", "--root", root]
+    )
+    assert again.exit_code == 2 and "higher version" in again.output
+
+
 # INT8 masks agree with the float graph's on at least this share of pixels of the fixture chips,
 # and the INT8 crack mask covers at least this share of the float graph's (hrsegnet-b16 1.0.0;
 # on its val images the card records 99.976 % agreement and a mean F1 drop of 0.0001).
