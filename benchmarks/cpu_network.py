@@ -16,11 +16,13 @@ With ``--openvino`` (where the ``openvino`` package is installed; crackmap does 
 it), OpenVINO's CPU plugin runs the same graphs, two streams with two requests in flight:
   ov-f32 / ov-bf16   the float graph at that inference precision (bf16 where the CPU has it)
   ov                 the INT8 graph
-``--only`` keeps the cases whose name contains one of the words given.
+``--only`` keeps the cases whose name contains one of the words given.  With several
+``--model`` versions (``--model hrsegnet-b16:1.1.0 hrsegnet-b16:1.1.1``) each case name begins
+with its version, all run in the same interleaved rounds, and ratios are to the first case.
 Every case runs ``--seconds`` per round; rounds are interleaved (a slow spell of a shared machine
 lands on all cases) and medians reported, with each case's ratio to ``old split`` (or ``float split``).
 
-Usage: python benchmarks/cpu_network.py [--model NAME[:VERSION]] [--rounds 3] [--seconds 2.5] [--json FILE]
+Usage: python benchmarks/cpu_network.py [--model NAME[:VERSION] ...] [--rounds 3] [--seconds 2.5] [--json FILE]
                                         [--openvino] [--only WORD ...]
 """
 
@@ -115,44 +117,57 @@ class OpenVinoCase(Case):
         self.step()  # warm-up
 
 
+def version_graphs(entry, tmp: Path) -> dict[str, Path]:
+    """The graphs of one version: its ``old`` export (where it is one) and a ``float`` graph
+    exported now, else its own float graph; its ``int8`` graph where it has one."""
+    import onnx
+
+    graphs: dict[str, Path] = {}
+    output = onnx.load(str(entry.file("onnx"))).graph.output[0].type.tensor_type.elem_type
+    if output == onnx.TensorProto.FLOAT:
+        graphs["old"] = entry.file("onnx")
+        try:
+            from models.onnx_export import export_onnx, load_net
+
+            tmp.mkdir(parents=True, exist_ok=True)
+            graphs["float"] = export_onnx(
+                load_net(entry.variant, entry.file("weights")), tmp / "float.onnx", entry.size_px
+            )
+        except ImportError:
+            print("torch is not installed: no fresh float inference graph", file=sys.stderr)
+    else:
+        graphs["float"] = entry.file("onnx")
+    if "onnx_int8" in entry.card["files"]:
+        graphs["int8"] = entry.file("onnx_int8")
+    return graphs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--model", nargs="+", default=[None], metavar="NAME[:VERSION]")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.5)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--openvino", action="store_true", help="Also run the graphs on OpenVINO.")
     parser.add_argument("--only", nargs="+", default=None, metavar="WORD")
     args = parser.parse_args()
-    entry = resolve(args.model)
-    graphs: dict[str, Path] = {}
+    entries = [resolve(spec) for spec in args.model]
     with tempfile.TemporaryDirectory() as tmp:
-        import onnx
-
-        output = onnx.load(str(entry.file("onnx"))).graph.output[0].type.tensor_type.elem_type
-        if output == onnx.TensorProto.FLOAT:
-            graphs["old"] = entry.file("onnx")
-            try:
-                from models.onnx_export import export_onnx, load_net
-
-                graphs["float"] = export_onnx(
-                    load_net(entry.variant, entry.file("weights")), Path(tmp) / "float.onnx", entry.size_px
-                )
-            except ImportError:
-                print("torch is not installed: no fresh float inference graph", file=sys.stderr)
-        else:
-            graphs["float"] = entry.file("onnx")
-        if "onnx_int8" in entry.card["files"]:
-            graphs["int8"] = entry.file("onnx_int8")
-        plan = [(g, s) for g in graphs for s in (("split", "2x1") if g != "int8" else SETTINGS)]
+        plan: list[tuple[str, str]] = []
+        graphs: dict[str, Path] = {}
+        for entry in entries:
+            own = version_graphs(entry, Path(tmp) / entry.version)
+            prefix = f"{entry.version} " if len(entries) > 1 else ""
+            graphs.update({prefix + g: path for g, path in own.items()})
+            plan += [(prefix + g, s) for g in own for s in (("split", "2x1") if g != "int8" else SETTINGS)]
         if args.openvino:
             plan += [
                 (g, p)
                 for g in graphs
-                if g != "old"
-                for p in (("ov-f32", "ov-bf16") if g == "float" else ("ov",))
+                if not g.endswith("old")
+                for p in (("ov-f32", "ov-bf16") if g.endswith("float") else ("ov",))
             ]
         if args.only:
             plan = [(g, s) for g, s in plan if any(word in f"{g} {s}" for word in args.only)]
@@ -167,12 +182,14 @@ def main() -> None:
             for case in cases:
                 rates[case.name].append(case.measure(args.seconds))
             print(f"round {number}: " + ", ".join(f"{n} {r[-1]:.1f}" for n, r in rates.items()), flush=True)
-    base = next((b for b in ("old split", "float split", "int8 2x1") if b in rates), next(iter(rates)))
+    base = next(iter(rates))
+    if len(entries) == 1:
+        base = next((b for b in ("old split", "float split", "int8 2x1") if b in rates), base)
     medians = {name: statistics.median(r) for name, r in rates.items()}
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile"})
     report = {
         "machine": f"{cpu_name()}, {os.cpu_count()} cores, flags {' '.join(flags)}",
-        "model": entry.spec,
+        "model": ", ".join(entry.spec for entry in entries),
         "rounds": args.rounds,
         "seconds_per_case": args.seconds,
         "chips_per_s": {n: round(m, 1) for n, m in medians.items()},
