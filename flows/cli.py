@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 import click
 from tqdm import tqdm
 
+from models.registry import resolve
 from pipeline import progress
 from pipeline.cli import backend_option, cli, fail, model_option
 from pipeline.errors import USER_ERRORS
@@ -178,9 +179,12 @@ def summary_table(rows: list[SceneRow]) -> str:
     return "\n".join(lines)
 
 
-def checked_inputs(store: str, survey_id: str | None, options: dict | None, sources: list[str] = ()) -> str:
-    """Refuse a bad survey id, mapping option, missing local source or unreachable store before
-    any work (and before Prefect starts); the store URL without its password.
+def checked_inputs(
+    store: str, survey_id: str | None, options: dict | None, sources: list[str] = (), model: str | None = None
+) -> str:
+    """Refuse a bad survey id, mapping option (a threshold too low for ``model`` included),
+    unknown model, missing local source or unreachable store before any work (and before
+    Prefect starts); the store URL without its password.
 
     The password goes to PGPASSWORD of this process (``hand_over_password``), never to Prefect.
     """
@@ -189,7 +193,8 @@ def checked_inputs(store: str, survey_id: str | None, options: dict | None, sour
     try:
         if survey_id is not None:
             check_survey_id(survey_id)
-        SceneOptions.from_mapping(options, os.environ.get("CRACKMAP_TYPE_PROFILE"))
+        typed = SceneOptions.from_mapping(options, os.environ.get("CRACKMAP_TYPE_PROFILE"))
+        typed.check_threshold(resolve(model))
         check_sources_exist(list(sources))
         store = hand_over_password(store)
         check_store(store)  # a database that does not answer: one line now, not minutes of retries
@@ -358,7 +363,7 @@ def run(
     Runs the Prefect flow process-survey (ephemeral: no server needed) and
     exits non-zero if any scene failed.
     """
-    store = checked_inputs(store, survey_id, options, sources)
+    store = checked_inputs(store, survey_id, options, sources, model_spec)
     quiet_prefect()
     from flows.embedded import prefect_api, start_api_server
 
@@ -532,7 +537,7 @@ def reprocess(
     a table shows per scene what changed.  Runs the Prefect flow reprocess; exits
     non-zero if any scene failed (those keep showing their old version).
     """
-    store = checked_inputs(store, survey_id, options)
+    store = checked_inputs(store, survey_id, options, model=model_spec)
     quiet_prefect()
     from flows.embedded import prefect_api, start_api_server
 
@@ -617,7 +622,7 @@ def deploy(schedule: bool | None) -> None:
 
     try:
         ids = register(Settings(), schedule)
-    except ValueError as exc:
+    except (ValueError, *USER_ERRORS) as exc:  # an unknown model, a threshold too low for it
         fail(str(exc))
     for name, deployment_id in ids.items():
         click.echo(f"{name}  {deployment_id}")

@@ -24,6 +24,7 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron
 
 from flows.settings import Settings
+from models.registry import resolve
 from pipeline.ids import check_survey_id
 from pipeline.redact import mask_url, password_of
 from pipeline.scene import SceneOptions
@@ -97,7 +98,8 @@ def deployments(config: Settings, with_schedule: bool | None = None) -> list[Run
         options = dict(config.mapping_options)
         if "type_profile" in config.model_fields_set:  # CRACKMAP_TYPE_PROFILE: the runs' crack-type profile
             options["type_profile"] = config.type_profile
-        SceneOptions.from_mapping(options)  # refused now, not at 2 a.m.
+        # refused now, not at 2 a.m.
+        SceneOptions.from_mapping(options).check_threshold(resolve(config.model))
         parameters = {
             "sources": config.survey_sources,
             "store": config.store,

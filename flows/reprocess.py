@@ -174,7 +174,7 @@ def reprocess(
     Returns the report rows (one per scene); the run fails, naming them, if any scene failed.
     """
     entry = resolve(model)
-    SceneOptions.from_mapping(options)  # before any work
+    SceneOptions.from_mapping(options).check_threshold(entry)  # before any work
     in_flight = scenes_in_flight(in_flight, backend)  # checked before any work
     old_name, old_version = split_model(from_model) if from_model else (None, None)
     if survey_id is not None:

@@ -49,11 +49,14 @@ def evaluate_net(
     scores = {}
     for split in load_splits(data_root, datasets, "val", refine=False):
         exact, tolerant = PixelCounts(), ToleranceCounts(tolerance_px)
+        background = np.zeros(BACKGROUND_BINS, np.int64)  # histogram of the background's probabilities
         for sample in split.samples:
             truth = sample.mask.astype(bool)
-            pred = crack_probability(net, sample.image, torch.device("cpu")) >= threshold
+            probability = crack_probability(net, sample.image, torch.device("cpu"))
+            pred = probability >= threshold
             exact.add(pred, truth)
             tolerant.add(pred, truth)
+            background += np.histogram(probability[~truth], BACKGROUND_BINS, (0.0, 1.0))[0]
         e, t = exact.scores(), tolerant.scores()
         scores[split.name] = {
             "f1": e["f1"],
@@ -66,8 +69,24 @@ def evaluate_net(
             "recall_tol": t["recall"],
             "tolerance_px": tolerance_px,
             "images": len(split),
+            "background_median": median_of(background),
         }
     return scores
+
+
+BACKGROUND_BINS = 1024
+
+
+def median_of(histogram: np.ndarray) -> float:
+    """The median of values in [0, 1] binned in ``histogram`` (the upper edge of its bin).
+
+    >>> median_of(np.array([0, 3, 1, 0]))
+    0.5
+    """
+    cumulative = np.cumsum(histogram)
+    if cumulative[-1] == 0:
+        return float("nan")
+    return float((np.searchsorted(cumulative, cumulative[-1] / 2) + 1) / len(histogram))
 
 
 def evaluate_entry(
@@ -163,11 +182,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def add_background(entry: registry.ModelEntry, scores: dict[str, dict]) -> registry.ModelEntry:
+    """Record the crack probability the version gives plain road (``ModelEntry.background_probability``):
+    the median over each val split's background pixels, the lowest of the splits.  Lines that
+    grow down to it would take in at least half of every split's road, so the pipeline
+    refuses line thresholds that would."""
+    medians = {
+        name: s["background_median"] for name, s in scores.items() if np.isfinite(s["background_median"])
+    }
+    record = {
+        "probability": min(medians.values()),
+        "per_dataset": medians,
+        "what": "the median crack probability of the val splits' background pixels, the lowest of the splits",
+    }
+    print(f"{entry.spec}: background probability {record['probability']:.3f} added to its card")
+    return registry.add_record(entry, "background", record)
+
+
 def add_to_cards(results: dict[str, dict[str, dict]], release: dict | None) -> int:
-    """Each model's scores into its card (the second's with the release verdict); a card that has
-    scores already keeps them (a card section is never replaced), and says so."""
+    """Each model's scores into its card (the second's with the release verdict), and its background
+    level where the card has none; a card that has scores already keeps them (a card section is
+    never replaced), and says so."""
     for k, (spec, scores) in enumerate(results.items()):
         entry = registry.resolve(spec)
+        if "background" not in entry.card:
+            entry = add_background(entry, scores)
         if "evaluation" in entry.card:
             print(f"{spec}: its card has scores already; they are kept", file=sys.stderr)
             continue

@@ -88,6 +88,13 @@ class ModelEntry:
         return {key: float(chosen[key]) for key in ("threshold", "low_ratio") if key in chosen}
 
     @property
+    def background_probability(self) -> float | None:
+        """The crack probability this version gives plain road, where measured (the median over
+        val background pixels, ``python -m models.evaluate --card``); None where not."""
+        background = self.card.get("background") or {}
+        return float(background["probability"]) if "probability" in background else None
+
+    @property
     def size_px(self) -> int:
         return int(self.card["input"]["size_px"])
 
@@ -278,6 +285,15 @@ def render_card(card: dict) -> str:
         lines += ["", render_evaluation(card["evaluation"])]
     if card.get("vector_accuracy"):
         lines += ["", "## Vector accuracy on val scenes", "", render_vector_accuracy(card["vector_accuracy"])]
+    if card.get("background"):
+        lines += [
+            "",
+            "## Background",
+            "",
+            f"Plain road comes out near crack probability {card['background']['probability']:.3f} "
+            f"({card['background']['what']}); crackmap refuses a line threshold whose lines would "
+            "grow down to it.",
+        ]
     if card.get("vectorize"):
         chosen = card["vectorize"]
         lines += [

@@ -71,6 +71,25 @@ class SceneOptions:
             low_ratio = min(1.0, chosen["threshold"] * chosen["low_ratio"] / threshold)
         return replace(self.vectorize, threshold=threshold, low_ratio=low_ratio)
 
+    def check_threshold(self, model: ModelEntry) -> None:
+        """Refuse a threshold whose lines would grow down to the probability ``model`` gives plain
+        road (its card's ``background``): every pixel would join one crack, slowly.
+
+        Raises:
+            OptionsError: Naming the threshold, the background level and what would work.
+        """
+        floor = model.background_probability
+        if self.threshold is None or floor is None:
+            return
+        params = self.vectorize_params(model)
+        low = params.threshold * params.low_ratio
+        if low <= floor:
+            raise OptionsError(
+                f"threshold {self.threshold:g} is too low for {model.spec}: its lines would grow down to "
+                f"crack probability {low:.3f}, at or below the {floor:.3f} it gives plain road, and the "
+                f"whole background would become cracks; use a threshold above {floor / params.low_ratio:.3f}"
+            )
+
     @classmethod
     def from_mapping(cls, mapping: dict | None, type_profile_name: str | None = None) -> SceneOptions:
         """Options from the user-settable ``MAPPING_OPTIONS`` (CLI, flow and deployment parameters).

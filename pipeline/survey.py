@@ -125,6 +125,7 @@ class RunSettings:
         check_survey_id(survey_id)
         typed = SceneOptions.from_mapping(options, type_profile)
         entry = resolve(model)
+        typed.check_threshold(entry)
         run = RunInfo(survey_id, run_id, entry.name, entry.version, entry.sha256)
         return cls(
             without_password(store),

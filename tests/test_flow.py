@@ -425,6 +425,37 @@ def test_mapping_options_reach_the_scenes_and_bad_ones_are_refused_before_any_wo
     assert result.exit_code != 0 and "min_length_m must be a number of metres from 0 to 10" in result.output
 
 
+def test_a_threshold_whose_lines_would_take_in_the_road_is_refused_before_any_work(tmp_path):
+    """hrsegnet-b16 1.1.x gives plain road a crack probability of ~0.28 (its card's measured
+    background); a line threshold at or below it would make the whole scene one crack."""
+    from flows.cli import cli
+    from models import registry
+    from pipeline.errors import OptionsError
+    from pipeline.scene import SceneOptions
+
+    entry = registry.resolve("hrsegnet-b16:1.1.1")
+    floor = entry.background_probability
+    assert floor is not None and 0.25 < floor < 0.32
+    bad = tmp_path / "bad.gpkg"
+    for args in (
+        ["run", str(tmp_path), "--store", str(bad), "--model", entry.spec, "--threshold", "0.25"],
+        ["reprocess", str(bad), "--model", entry.spec, "--threshold", "0.25"],
+    ):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2, result.output
+        assert f"at or below the {floor:.3f} it gives plain road" in result.output
+        assert f"use a threshold above {floor:.3f}" in result.output and "Traceback" not in result.output
+    assert not bad.exists()
+    SceneOptions(threshold=floor + 0.01).check_threshold(entry)  # lines then stop above the road
+    SceneOptions().check_threshold(entry)  # the version's own settings
+    # 1.0.0 has no chosen line settings: its lines grow down to half the threshold
+    old = registry.resolve("hrsegnet-b16:1.0.0")
+    assert old.background_probability is not None and old.background_probability < 0.2
+    with pytest.raises(OptionsError, match=f"above {2 * old.background_probability:.3f}"):
+        SceneOptions(threshold=2 * old.background_probability - 0.01).check_threshold(old)
+    SceneOptions(threshold=2 * old.background_probability + 0.01).check_threshold(old)
+
+
 def test_the_crack_type_profile_reaches_scenes_and_sections_and_an_unknown_one_is_refused(
     tmp_path, test_models, monkeypatch
 ):

@@ -418,6 +418,11 @@ def test_val_scores_go_into_the_card_once(data_root, test_models, tmp_path, monk
     text = (entry.folder / "MODEL_CARD.md").read_text()
     assert "F1 @2px" in text and f"| alpha | 2 | {scores['alpha']['f1']:.3f} |" in text
     assert {p.name: p.read_bytes() for p in entry.folder.iterdir() if p.suffix in (".pt", ".onnx")} == files
+    background = card["background"]  # the median probability of each split's background pixels
+    assert background["probability"] == min(background["per_dataset"].values())
+    assert set(background["per_dataset"]) == {"alpha", "beta"}
+    assert 0 < background["probability"] < 1
+    assert "Plain road comes out near crack probability" in text
     registry.resolve("test-b16:1.0.0").file("onnx")  # still matches its card
 
     capsys.readouterr()
