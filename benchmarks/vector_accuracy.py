@@ -256,6 +256,16 @@ def main(argv: list[str] | None = None) -> int:
                     low_ratio=low_ratio,
                     threshold=base.threshold * scale,
                 )
+                floor = entry.background_probability
+                if floor is not None and params.threshold * low_ratio <= floor:
+                    # the road itself would join the lines: a flood, slow to trace and never chosen
+                    print(
+                        f"{entry.spec} {spec.name}: skipped low ratio {low_ratio:g}, scale {scale:g}: "
+                        f"lines would grow down to {params.threshold * low_ratio:.3f}, at or below "
+                        f"the background {floor:.3f}",
+                        flush=True,
+                    )
+                    continue
                 cracks = revectorize(result, params)
                 score = score_lines(
                     lines_in_pixels(cracks, result.scene.transform),
