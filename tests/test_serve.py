@@ -219,6 +219,23 @@ def test_a_malformed_request_gets_a_400_with_a_message(client, params):
     assert isinstance(detail, str) and detail and "Traceback" not in detail
 
 
+@pytest.mark.parametrize(
+    "path, params",
+    [
+        ("/ogc/collections/current_cracks/items/%00", None),  # PostGIS: asyncpg failed, a 500
+        ("/ogc/collections/current_cracks/items", {"scene_id": "road\x00"}),
+        ("/ogc/collections/current_cracks/items", {"filter": "scene_id = 'a\x00'"}),
+    ],
+    ids=["item-id", "property", "filter"],
+)
+def test_a_nul_character_is_a_400_not_a_server_error(client, path, params):
+    response = client.get(path, params=params)
+    assert response.status_code == 400, response.text
+    assert "NUL character" in response.json()["detail"]
+    assert response.headers["X-Content-Type-Options"] == "nosniff"  # still with the security headers
+    assert client.get("/ogc/collections/current_cracks/items/not-a-crack-id").status_code in (400, 404)
+
+
 def test_an_unknown_collection_is_a_404_naming_the_ones_there_are(client):
     response = client.get("/ogc/collections/surveys/items")
     assert response.status_code == 404 and "current_cracks" in response.json()["detail"]

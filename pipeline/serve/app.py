@@ -244,6 +244,13 @@ def _not_found(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=404)
 
 
+def has_nul(request: Request) -> bool:
+    """Whether the request's path or query holds a NUL character (decoded ``%00``)."""
+    if "\x00" in request.url.path:
+        return True
+    return any("\x00" in key or "\x00" in value for key, value in request.query_params.multi_items())
+
+
 def create_app(store: str, *, allow_write_role: bool = False, title: str = "crackmap") -> FastAPI:
     """The app for a store: a ``.gpkg`` path or a ``postgresql://`` URL (as a reader role).
 
@@ -334,7 +341,12 @@ def create_app(store: str, *, allow_write_role: bool = False, title: str = "crac
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
-        response = await call_next(request)
+        if has_nul(request):  # PostgreSQL text cannot hold one: asyncpg failed with a 500
+            response: Response = JSONResponse(
+                {"detail": "a NUL character (%00) is not allowed in a request"}, status_code=400
+            )
+        else:
+            response = await call_next(request)
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
         return response
