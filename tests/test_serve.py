@@ -267,6 +267,29 @@ def test_no_credentials_in_any_page(served, client):
             assert secret not in response.text, page
 
 
+def test_the_ogc_html_pages_are_styled_from_this_server_only(client):
+    """tipg's pages linked Bootstrap, jQuery and Leaflet from CDNs, which the CSP blocks: unstyled."""
+    import re
+
+    crack_id = client.get("/ogc/collections/current_cracks/items").json()["features"][0]["id"]
+    for page in (
+        "/ogc/?f=html",
+        "/ogc/conformance?f=html",
+        "/ogc/collections?f=html",
+        "/ogc/collections/current_cracks?f=html",
+        "/ogc/collections/current_cracks/items?f=html",
+        f"/ogc/collections/current_cracks/items/{crack_id}?f=html",
+        "/ogc/collections/current_cracks/queryables?f=html",
+    ):
+        response = client.get(page)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/html"), page
+        assert '<link rel="stylesheet" href="/static/ogc.css"' in response.text, page
+        loaded = re.findall(r'<(?:link|script)[^>]+(?:href|src)="([^"]+)"', response.text)
+        assert loaded and all(url.startswith("/") for url in loaded), (page, loaded)
+    css = client.get("/static/ogc.css")
+    assert css.status_code == 200 and "#map" in css.text
+
+
 def test_the_web_map_page_and_vendored_maplibre_are_served(client):
     page = client.get("/")
     assert page.status_code == 200 and "static/maplibre/maplibre-gl.js" in page.text

@@ -35,6 +35,7 @@ os.environ.update(
 
 import anyio  # noqa: E402
 import asyncpg  # noqa: E402
+import jinja2  # noqa: E402
 from ciso8601 import parse_rfc3339  # noqa: E402
 from cql2 import Expr  # noqa: E402
 from fastapi import FastAPI, HTTPException, Query, Request  # noqa: E402
@@ -43,6 +44,7 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import FileResponse, JSONResponse, Response  # noqa: E402
 from fastapi.staticfiles import StaticFiles  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
+from starlette.templating import Jinja2Templates  # noqa: E402
 from tipg import dependencies as tipg_dependencies  # noqa: E402
 from tipg import errors as tipg_errors  # noqa: E402
 from tipg.collections import Collection  # noqa: E402
@@ -56,6 +58,18 @@ from pipeline.serve.rasters import KINDS, render_tile  # noqa: E402
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
+# tipg's HTML pages with crackmap's page head (``templates/header.html``: no CDN, which the CSP blocks)
+TEMPLATES = Jinja2Templates(
+    env=jinja2.Environment(
+        loader=jinja2.ChoiceLoader(
+            [
+                jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+                jinja2.PackageLoader("tipg", "templates"),
+            ]
+        ),
+        autoescape=jinja2.select_autoescape(["html"]),
+    )
+)
 OGC_PREFIX = "/ogc"
 # The layers served, in this order, where the store has them; each one's current_* view too.
 COLLECTIONS = (
@@ -322,7 +336,11 @@ def create_app(store: str, *, allow_write_role: bool = False, title: str = "crac
         title=title, openapi_url=f"{OGC_PREFIX}/api", docs_url=f"{OGC_PREFIX}/api.html", lifespan=lifespan
     )
     endpoints = Endpoints(
-        title=title, router_prefix=OGC_PREFIX, collection_dependency=collection_param, with_tiles_viewer=False
+        title=title,
+        router_prefix=OGC_PREFIX,
+        collection_dependency=collection_param,
+        with_tiles_viewer=False,
+        templates=TEMPLATES,
     )
     app.include_router(endpoints.router, prefix=OGC_PREFIX)
     app.dependency_overrides[tipg_dependencies.bbox_query] = bbox_param
