@@ -35,6 +35,7 @@ and the iteration, so a resumed run continues exactly as an uninterrupted one.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -116,6 +117,7 @@ RECIPE_FIELDS = (
     "avg_pool",
     "precision",
     "seed",
+    "init",
 )
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -192,6 +194,9 @@ class TrainConfig:
     resume: Path | None = None
     stop_at: int | None = None  # stop after this iteration (schedule unchanged)
     device: str = "auto"
+    # start from these weights (a registry NAME:VERSION or a weights file), not at random: a new
+    # schedule from a trained network.  Recorded in the recipe with the weights' sha256.
+    init: str | None = None
 
     def validation_interval(self) -> int:
         """Iterations between validations."""
@@ -227,6 +232,7 @@ class TrainConfig:
         recipe.update(
             dataset_weights=list(self.weights()),
             precision=resolve_precision(self.precision, resolve_device(self.device).type),
+            init=init_weights(self.init)[1] if self.init else None,
         )
         heads = "main head" if self.ohem_heads == "main" else "main + 2 aux heads"
         recipe.update(
@@ -550,6 +556,53 @@ def load_checkpoint(path: Path) -> dict:
     return payload
 
 
+def init_weights(init: str) -> tuple[dict, dict]:
+    """The state dict a run starts from, and its record: ``{"from", "sha256", "variant", "avg_pool"}``.
+
+    ``init`` is a registry version (``NAME:VERSION``) or a file: a ``weights.pt`` or a
+    training checkpoint.
+
+    Raises:
+        ValueError: Naming ``init`` when it is neither, or holds no weights.
+    """
+    path = Path(init)
+    variant = avg_pool = None
+    if not path.is_file():
+        from models import registry
+
+        try:
+            entry = registry.resolve(init)
+        except registry.ModelError as exc:
+            raise ValueError(f"--init {init}: not a weights file, and {exc}") from None
+        path, variant, avg_pool = entry.file("weights"), entry.variant, entry.card.get("avg_pool")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"--init {init}: {path} holds no network weights")
+    record = {
+        "from": init,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "variant": variant or payload.get("variant"),
+        "avg_pool": avg_pool or payload.get("avg_pool") or "inclusive",  # files before the setting
+    }
+    return state, record
+
+
+def check_init(record: dict, config: TrainConfig) -> None:
+    """Refuse weights of another variant or pooling than the run's.
+
+    Raises:
+        ValueError: Naming what differs.
+    """
+    wrong = [
+        f"{key} {record[key]!r}, the run's {getattr(config, key)!r}"
+        for key in ("variant", "avg_pool")
+        if record[key] is not None and record[key] != getattr(config, key)
+    ]
+    if wrong:
+        raise ValueError(f"--init {record['from']} does not fit this run: {'; '.join(wrong)}")
+
+
 def check_resumable(payload: dict, config: TrainConfig, path: Path) -> None:
     """Refuse to resume with a different recipe (the run would not be reproducible).
 
@@ -636,6 +689,11 @@ class Trainer:
         self.data = data_summary(config, self.train_splits, self.val_splits)
         if config.resume is not None:
             self.restore(Path(config.resume))
+        elif config.init:
+            state, record = init_weights(config.init)
+            check_init(record, config)
+            self.model.load_state_dict(state)
+            log.info("starting from the weights of %s (sha256 %s)", record["from"], record["sha256"][:12])
 
     def restore(self, path: Path) -> None:
         """Continue from a checkpoint: weights, optimizer, iteration, RNG and bookkeeping."""
@@ -939,6 +997,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop cleanly (saving last.pt) before this wall-clock budget runs out",
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda")
+    parser.add_argument(
+        "--init",
+        default=None,
+        metavar="NAME:VERSION|WEIGHTS",
+        help="start from these weights (a registry version or a weights file) with a new schedule",
+    )
+    parser.add_argument(
+        "--dataset-weights",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="crops per sampling round of each of --datasets, in order (default: models.train.DATASET_WEIGHTS)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -967,6 +1039,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         precision=args.precision,
         ohem_heads=args.ohem_heads,
         avg_pool=args.avg_pool,
+        init=args.init,
+        dataset_weights=tuple(args.dataset_weights) if args.dataset_weights else None,
     )
     if args.data_root is not None:
         config = replace(config, data_root=args.data_root)

@@ -219,6 +219,46 @@ def test_resume_with_a_changed_recipe_is_refused(data_root, tmp_path):
         training.train(changed)
 
 
+def test_a_run_can_start_from_trained_weights_with_a_new_schedule(data_root, tmp_path, test_models):
+    from models import registry
+
+    source = registry.resolve("test-b16:1.0.0")
+    # the test registry's version was packaged from a checkpoint without a pooling entry: inclusive
+    assert source.card["avg_pool"] == "inclusive"
+    config = tiny_config(
+        data_root,
+        tmp_path / "ft",
+        init="test-b16:1.0.0",
+        dataset_weights=(2, 1),
+        avg_pool="inclusive",
+        seed=1,
+    )  # seed 1: the test version was made from seed 0, which a run would otherwise reproduce
+    trainer = training.Trainer(config)
+    expected = torch.load(source.file("weights"), map_location="cpu", weights_only=True)["state_dict"]
+    started = trainer.model.state_dict()
+    assert all(torch.equal(started[key], tensor) for key, tensor in expected.items())
+    assert not all(  # a run without --init starts elsewhere: the check can fail
+        torch.equal(
+            training.Trainer(replace(config, out=tmp_path / "fresh", init=None)).model.state_dict()[k], t
+        )
+        for k, t in expected.items()
+    )
+    recipe = config.recipe()
+    assert recipe["init"]["from"] == "test-b16:1.0.0"
+    assert recipe["init"]["sha256"] == source.card["files"]["weights"]["sha256"]
+    assert recipe["dataset_weights"] == [2, 1]
+
+    training.train(replace(config, stop_at=2))
+    with pytest.raises(ValueError, match=r"the recipe changed \(init: "):  # resumed from other weights
+        training.train(replace(config, init=None, resume=tmp_path / "ft" / "last.pt"))
+    with pytest.raises(ValueError, match="does not fit this run: variant 'b16', the run's 'b32'"):
+        training.Trainer(replace(config, out=tmp_path / "b32", variant="b32"))
+    with pytest.raises(ValueError, match="avg_pool 'inclusive', the run's 'exclusive'"):
+        training.Trainer(replace(config, out=tmp_path / "exclusive", avg_pool="exclusive"))
+    with pytest.raises(ValueError, match="--init nosuch:1.0.0: not a weights file"):
+        training.Trainer(tiny_config(data_root, tmp_path / "none", init="nosuch:1.0.0"))
+
+
 def test_command_line_options_build_the_config(tmp_path):
     parser = argparse.ArgumentParser()
     training.add_arguments(parser)
@@ -235,9 +275,14 @@ def test_command_line_options_build_the_config(tmp_path):
             "--resume",
             "--max-minutes",
             "5",
+            "--init",
+            "hrsegnet-b16:1.1.0",
+            "--dataset-weights",
+            "4",
         ]
     )
     config = training.config_from_args(args)
+    assert config.init == "hrsegnet-b16:1.1.0" and config.dataset_weights == (4,)
     assert config.iters == 80 and config.crop_px == 320 and config.datasets == ("uav75",)
     assert config.resume == tmp_path / "last.pt" and config.max_minutes == 5.0
     assert config.validation_interval() == 8
