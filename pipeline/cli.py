@@ -184,25 +184,32 @@ def train(ctx: click.Context) -> None:
     sys.exit(train_main(ctx.args))
 
 
+def new_version_options(command):
+    """The options of the commands that add a version: --root, --default, --int8-data-root."""
+    command = click.option(
+        "--int8-data-root",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        default=None,
+        help="Also add the INT8 graph, calibrated and scored on the val splits "
+        "under this folder (as `crackmap models quantize`).",
+    )(command)
+    command = click.option(
+        "--default", "make_default", is_flag=True, help="Make it the root's default model."
+    )(command)
+    return click.option(
+        "--root",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=registry.ZOO,
+        show_default=True,
+        help="Registry folder to add the version to.",
+    )(command)
+
+
 @models.command("add")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", required=True, help="Model name, e.g. hrsegnet-b16.")
 @click.option("--version", "version", required=True, help="Semantic version, e.g. 1.1.0.")
-@click.option(
-    "--root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=registry.ZOO,
-    show_default=True,
-    help="Registry folder to add the version to.",
-)
-@click.option("--default", "make_default", is_flag=True, help="Make it the root's default model.")
-@click.option(
-    "--int8-data-root",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="Also add the INT8 graph, calibrated and scored on the val splits "
-    "under this folder (as `crackmap models quantize`).",
-)
+@new_version_options
 def models_add(
     checkpoint: Path, name: str, version: str, root: Path, make_default: bool, int8_data_root: Path | None
 ) -> None:
@@ -238,20 +245,7 @@ def added(entry: registry.ModelEntry, int8_data_root: Path | None) -> None:
 @models.command("rebuild")
 @click.argument("spec")
 @click.option("--version", "version", required=True, help="The new version, higher than SPEC's.")
-@click.option(
-    "--root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=registry.ZOO,
-    show_default=True,
-    help="Registry folder to add the version to.",
-)
-@click.option("--default", "make_default", is_flag=True, help="Make it the root's default model.")
-@click.option(
-    "--int8-data-root",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="Also add the INT8 graph (as `crackmap models quantize`).",
-)
+@new_version_options
 def models_rebuild(
     spec: str, version: str, root: Path, make_default: bool, int8_data_root: Path | None
 ) -> None:
