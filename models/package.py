@@ -73,7 +73,13 @@ def package(
             "avg_pool": avg_pool_name(net),
             "summary": summary
             or f"HrSegNet-{state['variant'].upper()} crack segmentation, "
-            f"trained with crackmap ({state.get('iteration', '?')} iterations).",
+            f"trained with crackmap ({state.get('iteration', '?')} iterations"
+            + (
+                f" from the weights of {init['from']}"
+                if (init := (state.get("recipe") or {}).get("init"))
+                else ""
+            )
+            + ").",
             "input": {
                 "size_px": 400,
                 "channels": "RGB",
