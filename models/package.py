@@ -105,8 +105,18 @@ def package(
         return registry.add(root, card, {"weights": weights, "onnx": onnx_path}, default=default)
 
 
-# Measured properties of a version's graphs: a rebuilt version measures its own.
-MEASURED_SECTIONS = ("files", "created", "int8", "evaluation", "vectorize", "vector_accuracy", "rebuilt_from")
+# What was measured of a version (its graphs, or its weights by models.evaluate, which also
+# records the background): a rebuilt version measures its own.
+MEASURED_SECTIONS = (
+    "files",
+    "created",
+    "int8",
+    "evaluation",
+    "background",
+    "vectorize",
+    "vector_accuracy",
+    "rebuilt_from",
+)
 
 
 def rebuild(

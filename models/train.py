@@ -35,6 +35,7 @@ and the iteration, so a resumed run continues exactly as an uninterrupted one.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -232,7 +233,7 @@ class TrainConfig:
         recipe.update(
             dataset_weights=list(self.weights()),
             precision=resolve_precision(self.precision, resolve_device(self.device).type),
-            init=init_weights(self.init)[1] if self.init else None,
+            init=init_record(self.init) if self.init else None,
         )
         heads = "main head" if self.ohem_heads == "main" else "main + 2 aux heads"
         recipe.update(
@@ -586,6 +587,13 @@ def init_weights(init: str) -> tuple[dict, dict]:
         "avg_pool": avg_pool or payload.get("avg_pool") or "inclusive",  # files before the setting
     }
     return state, record
+
+
+@functools.lru_cache(maxsize=4)
+def init_record(init: str) -> dict:
+    """The recipe's record of ``init`` (``init_weights``), read once per process: the recipe is
+    written into every checkpoint."""
+    return init_weights(init)[1]
 
 
 def check_init(record: dict, config: TrainConfig) -> None:
