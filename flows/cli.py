@@ -158,8 +158,9 @@ def exit_now(status: int) -> None:
 
 
 def warm_up(model_spec: str | None, backend: str) -> None:
-    """What every mapping run needs first, done while Prefect's API starts: the model on its
-    backend (kept for the run's scenes, ``pipeline.survey.cached_backend``) and skan's numba code."""
+    """What every mapping run needs first, begun while Prefect's API starts (``prefect_api``): the
+    model on its backend (kept for the run's scenes, ``pipeline.survey.cached_backend``) and skan's
+    numba code.  A scene that needs either first waits for it (their locks)."""
     from models.registry import resolve
     from pipeline.survey import cached_backend
     from pipeline.vectorize import warm_up as compile_skeleton_code
@@ -385,10 +386,10 @@ def run(
         with (
             interruptible(),
             orchestration_errors(),
-            prefect_api(lambda: warm_up(model_spec, backend), server),
+            prefect_api(lambda: warm_up(model_spec, backend), server, imports=["flows.survey"]),
         ):
             try:
-                from flows.survey import process_survey  # after the warm-up began (prefect_api)
+                from flows.survey import process_survey  # imported while the server started (prefect_api)
 
                 with progress.listening(show):
                     state = process_survey(
@@ -542,7 +543,7 @@ def reprocess(
     from flows.embedded import prefect_api, start_api_server
 
     server = start_api_server()
-    from flows.reprocess import reprocess as reprocess_flow
+    from flows.reprocess import reprocess as reprocess_flow  # while the server starts
 
     bar = tqdm(unit="chip", desc="reprocess")
 

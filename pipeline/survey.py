@@ -10,6 +10,7 @@ import glob
 import json
 import logging
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
@@ -250,17 +251,30 @@ def default_output_dir(store: str) -> Path:
     return path.with_name(path.stem + "-probability")
 
 
-@lru_cache(maxsize=4)
+_loading = threading.RLock()  # threads that ask at once (scenes in flight, a CLI's warm-up) wait for one load
+
+
 def cached_backend(spec: str, backend: str) -> tuple[ModelEntry, Backend]:
     """Model and backend, loaded once per process (a worker keeps them across scenes)."""
+    with _loading:
+        return _loaded_backend(spec, backend)
+
+
+@lru_cache(maxsize=4)
+def _loaded_backend(spec: str, backend: str) -> tuple[ModelEntry, Backend]:
     entry = resolve(spec)
     return entry, load_backend(entry, backend)
 
 
-@lru_cache(maxsize=4)
 def shared_backend(spec: str, backend: str) -> SharedBackend:
     """The cached backend behind one ``SharedBackend`` per process: scenes mapped at once
     (``map_scene(..., shared=True)`` from several threads) merge their batches into its calls."""
+    with _loading:
+        return _shared_backend(spec, backend)
+
+
+@lru_cache(maxsize=4)
+def _shared_backend(spec: str, backend: str) -> SharedBackend:
     return SharedBackend(cached_backend(spec, backend)[1])
 
 

@@ -145,3 +145,39 @@ def test_one_failing_scene_does_not_stop_the_others(tmp_path):
         in_flight=2,
     )
     assert results[0].chip_count > 0 and isinstance(results[1], Exception)
+
+
+def test_threads_asking_for_the_backend_at_once_wait_for_one_load(monkeypatch):
+    """A CLI's warm-up and its first scene (or scenes in flight) ask for the model at once: one
+    load, which the later caller waits for.  The first load waits (bounded) for a second one to
+    begin: without the lock it does, and the test sees two."""
+    from pipeline import survey
+
+    second_load = threading.Event()
+    loads = []
+
+    def load_backend(entry, backend):
+        loads.append(backend)
+        if len(loads) == 1:
+            second_load.wait(timeout=2)  # never set while the lock holds the other caller back
+        else:
+            second_load.set()
+        return DarknessBackend()
+
+    monkeypatch.setattr(survey, "load_backend", load_backend)
+    monkeypatch.setattr(survey, "resolve", lambda spec: spec)
+    survey._loaded_backend.cache_clear(), survey._shared_backend.cache_clear()
+    try:
+        got = []
+        callers = [
+            threading.Thread(target=lambda: got.append(survey.cached_backend("m:lock-test", "x")))
+            for _ in range(2)
+        ]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join()
+        assert len(loads) == 1 and got[0] is got[1]
+        assert survey.shared_backend("m:lock-test", "x").backend is got[0][1]
+    finally:
+        survey._loaded_backend.cache_clear(), survey._shared_backend.cache_clear()
