@@ -3,7 +3,7 @@
 With ``PREFECT_API_URL`` unset, Prefect would start its "ephemeral" API as a child
 process (uvicorn) in the terminal's process group, and only once the flow is called.
 ``ApiServer`` starts the same server (Prefect's API application, SQLite under
-``PREFECT_HOME``, no UI) with three changes:
+``PREFECT_HOME``, no UI) with these changes:
 
 - as early as the command knows it needs one, before this process imports Prefect,
   loads the model and compiles numba code: the server's start (a new interpreter
@@ -12,8 +12,13 @@ process (uvicorn) in the terminal's process group, and only once the flow is cal
 - in a session of its own, so the terminal's Ctrl-C reaches only the run, which
   can still tell the API that it was interrupted;
 - with a parent-death signal (Linux ``PR_SET_PDEATHSIG``): when the CLI dies, even
-  by SIGKILL, the kernel sends the server SIGTERM.  ``stop()`` ends it otherwise.
+  by SIGKILL, the kernel sends the server SIGTERM.  ``stop()`` ends it otherwise;
+- without automations (nothing there to act on; ~0.6 CPU-s of its start), with fewer
+  garbage collections while it starts (``GC_THRESHOLD``), and its routes built before
+  the run's first call (``ApiServer.prime``).
 
+The run's flow starts once the API answers, beside the run's warm-up (``prefect_api``).
+docs/benchmarks.md ("crackmap run's fixed cost") has the measurements.
 The run itself stays an ordinary Prefect flow, as scheduled runs and deployments are.
 """
 
