@@ -22,7 +22,8 @@ from pipeline.errors import USER_ERRORS
 from pipeline.ids import check_survey_id
 from pipeline.redact import mask_url, password_of, redact, remember, without_password
 from pipeline.scene import SceneOptions
-from pipeline.survey import SceneRow, check_sources_exist, default_survey_id
+from pipeline.survey import SceneRow, cached_backend, check_sources_exist, default_survey_id
+from pipeline.vectorize import warm_up as compile_skeleton_code
 
 
 def verbose() -> bool:
@@ -77,7 +78,7 @@ def orchestration_errors(*also: type[BaseException]):
         yield
     except (*USER_ERRORS, *also) as exc:
         fail(str(exc))
-    except (KeyboardInterrupt, SystemExit, Interrupted):
+    except (KeyboardInterrupt, SystemExit):  # Interrupted too
         raise
     except Exception as exc:
         if verbose():
@@ -144,8 +145,9 @@ def interrupted(store: str, survey_id: str, model_spec: str | None, since: datet
     raise Interrupted()
 
 
-class Interrupted(Exception):
-    """Raised once an interrupted run has been reported; ``run`` exits 130 after its API has stopped."""
+class Interrupted(KeyboardInterrupt):
+    """Raised once an interrupted run has been reported; ``run`` exits 130 after its API has stopped.
+    A KeyboardInterrupt still: nothing on its way out waits for background work (``prefect_api``)."""
 
 
 def exit_now(status: int) -> None:
@@ -157,16 +159,11 @@ def exit_now(status: int) -> None:
     os._exit(status)
 
 
-def warm_up(model_spec: str | None, backend: str) -> None:
-    """What every mapping run needs first, begun while Prefect's API starts (``prefect_api``): the
-    model on its backend (kept for the run's scenes, ``pipeline.survey.cached_backend``) and skan's
-    numba code.  A scene that needs either first waits for it (their locks)."""
-    from models.registry import resolve
-    from pipeline.survey import cached_backend
-    from pipeline.vectorize import warm_up as compile_skeleton_code
-
+def load_model(model_spec: str | None, backend: str) -> None:
+    """The model on its backend, before the flow starts (kept for the run's scenes,
+    ``pipeline.survey.cached_backend``): a model or backend that cannot load ends the run in one
+    line, before any scene.  A run's warm-up compiles skan's numba code meanwhile (``prefect_api``)."""
     cached_backend(resolve(model_spec).spec, backend)
-    compile_skeleton_code()
 
 
 def summary_table(rows: list[SceneRow]) -> str:
@@ -386,10 +383,11 @@ def run(
         with (
             interruptible(),
             orchestration_errors(),
-            prefect_api(lambda: warm_up(model_spec, backend), server, imports=["flows.survey"]),
+            prefect_api(compile_skeleton_code, server, imports=["flows.survey"]),
         ):
             try:
-                from flows.survey import process_survey  # imported while the server started (prefect_api)
+                load_model(model_spec, backend)  # while the warm-up compiles skan's numba code
+                from flows.survey import process_survey
 
                 with progress.listening(show):
                     state = process_survey(

@@ -13,8 +13,8 @@ process (uvicorn) in the terminal's process group, and only once the flow is cal
   can still tell the API that it was interrupted;
 - with a parent-death signal (Linux ``PR_SET_PDEATHSIG``): when the CLI dies, even
   by SIGKILL, the kernel sends the server SIGTERM.  ``stop()`` ends it otherwise;
-- without automations (nothing there to act on; ~0.6 CPU-s of its start), with fewer
-  garbage collections while it starts (``GC_THRESHOLD``), and its routes built before
+- without automations (nothing there to act on; ~0.6 CPU-s of its start), with rarer
+  garbage collections (``GC_THRESHOLD``), and its routes built before
   the run's first call (``ApiServer.prime``).
 
 The run's flow starts once the API answers, beside the run's warm-up (``prefect_api``).
@@ -39,10 +39,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-# Startup builds a few hundred thousand objects that live as long as the process (modules, Prefect's
-# pydantic models and routes, numba's compiler); with CPython's default threshold (700) the cycle
-# collector walks them ~900 times while a run starts: ~0.4 s in the run's process and as much in
-# its API server.  Collections stay on, 70 times rarer; a run's scenes hold their data in arrays.
+# A run's start builds a few hundred thousand objects that live as long as the process (modules,
+# Prefect's pydantic models and routes, numba's compiler); with CPython's default threshold (700)
+# the cycle collector walks them ~900 times while a run starts: ~0.4 s in the run's process and as
+# much in its API server.  Both keep this threshold for their life: collections stay on, 70 times
+# rarer (after 50,000 new container objects; a scene's pixels are arrays, which do not count).
 GC_THRESHOLD = (50_000, 10, 10)
 # The API server's interpreter: uvicorn, as ``python -m uvicorn`` runs it, with that threshold.
 SERVE = f"import gc, sys; gc.set_threshold{GC_THRESHOLD}; from uvicorn.main import main; sys.exit(main())"
@@ -219,14 +220,13 @@ def prefect_api(
 
     ``server`` is one ``start_api_server`` started earlier; without it one starts here.
 
-    ``warm_up`` is work the block would otherwise start with (loading the model, compiling
-    numba code), run in a thread from the start, while Prefect is imported here and the
-    server starts.  The block does not wait for it: it starts once the API answers, and
-    its flow run's first API calls overlap the warm-up.  What the block needs of the
-    warm-up waits on that work's own locks (the backend cache, numba's compiler lock); if
-    the warm-up fails, the block meets the same failure where it needs that work and
-    reports it there, so the warm-up's own exceptions are dropped.  A block that ends
-    normally waits for the warm-up, so that it never outlives the block.
+    ``warm_up`` is work the block's scenes need first (compiling numba code), run in a thread
+    from the start, while Prefect is imported here and the server starts.  The block does not
+    wait for it: it starts once the API answers, and its flow run's first API calls overlap
+    the warm-up.  A scene that needs the work first waits for it on that work's own lock
+    (numba's compiler lock).  If the warm-up fails, the scene meets the same failure and
+    reports it, so the warm-up's own exceptions are dropped.  The block's end waits for the
+    warm-up (unless Ctrl-C ended it), so that the thread never runs into the interpreter's exit.
 
     Once the server answers, the server builds its routing (``ApiServer.prime``) and this
     thread imports what a flow run's start needs and ``imports`` (the block's flow modules).
@@ -267,6 +267,13 @@ def prefect_api(
                     yield server.api_url
                 finally:
                     _drain_to(server.api_url)
+    except KeyboardInterrupt:  # Ctrl-C: the command ends at once (os._exit), not after the warm-up
+        raise
+    except BaseException:
+        if helper is not None:
+            helper.join()
+        raise
+    else:
         if helper is not None:
             helper.join()
     finally:

@@ -6,8 +6,8 @@ loads the model, it starts on another core during that work instead of after it.
 the commands that run flows start one, and ``flows.embedded.start_api_server`` hands
 it to the command; a command that then stops early (bad input) stops it unused.
 A Ctrl-C while the command is still loading ends it with one line, not a traceback.
-Every command runs with fewer garbage collections while it starts (``flows.embedded.GC_THRESHOLD``)
-and exits without the interpreter's final one (``gc.freeze``).
+The commands that run flows also run with rarer garbage collections (``flows.embedded.GC_THRESHOLD``),
+and every command exits without the interpreter's final one (``gc.freeze``).
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ def command_of(args: list[str]) -> str | None:
 
 
 def main() -> None:
-    gc.set_threshold(*GC_THRESHOLD)
     args = sys.argv[1:]
     command = command_of(args)
     try:
         if command in FLOW_COMMANDS and not {"--help", "-h"} & set(args):
+            gc.set_threshold(*GC_THRESHOLD)
             group_flags = set(args[: args.index(command)])  # crackmap -v run ...
             quiet_prefect_environment(verbose=bool(group_flags & {"-v", "--verbose"}))
             start_api_server()

@@ -45,13 +45,33 @@ def test_a_runs_own_api_starts_the_block_while_the_warm_up_runs_and_sends_no_hea
     assert warm_up_saw_the_block == [True]  # and the block waited for it at its end
 
 
-def test_a_failing_warm_up_is_left_to_the_block():
-    """A warm-up's failure does not end the block: the block meets it where it needs that work
-    (a scene loading the model) and reports it there, once."""
+CONFIGURED = {PREFECT_API_URL: "http://127.0.0.1:9/api"}  # used as it is (not contacted here): no server
+
+
+def test_a_failing_warm_up_is_left_to_the_block(monkeypatch):
+    """A warm-up's failure does not end the block, nor reach the thread's excepthook: the scene
+    that needs that work meets the same failure and reports it as its own."""
+    unhandled = []
+    monkeypatch.setattr(threading, "excepthook", unhandled.append)
 
     def warm_up() -> None:
-        raise RuntimeError("the model file is corrupt")
+        raise RuntimeError("numba could not compile")
 
-    # an API that is configured is used as it is (not contacted here): no server starts
-    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}), prefect_api(warm_up) as url:
+    with temporary_settings(CONFIGURED), prefect_api(warm_up) as url:
         assert url is None
+    assert unhandled == []
+
+
+@pytest.mark.parametrize("ending", [RuntimeError, KeyboardInterrupt])
+def test_a_block_that_fails_waits_for_the_warm_up_but_ctrl_c_does_not(ending):
+    """An error in the block waits for the warm-up (so that it never runs into the interpreter's
+    exit); Ctrl-C ends the command at once.  The warm-up here waits 2 s for nothing."""
+    finished = []
+
+    def warm_up() -> None:
+        threading.Event().wait(timeout=2)
+        finished.append(True)
+
+    with pytest.raises(ending), temporary_settings(CONFIGURED), prefect_api(warm_up):
+        raise ending("the block failed")
+    assert finished == ([True] if ending is RuntimeError else [])

@@ -1,3 +1,4 @@
+import importlib.util
 import sqlite3
 from pathlib import Path
 
@@ -262,13 +263,25 @@ def run_cli(*args: str, timeout: int = 600, **extra_env: str):
     )
 
 
-def test_an_unknown_model_ends_the_run_in_one_line_while_the_api_starts(survey, tmp_path, test_models):
-    """The model is loaded while Prefect's API server starts (``prefect_api(meanwhile)``): its
-    error still comes as one line, and nothing is written."""
-    result = run_cli("run", str(survey), "--store", str(tmp_path / "m.gpkg"), "--model", "nope:1.0.0")
+@pytest.mark.parametrize(
+    ("option", "value", "error"),
+    [
+        ("--model", "nope:1.0.0", "error: unknown model 'nope'"),  # refused before the API starts
+        ("--backend", "tensorrt", "error: the tensorrt backend needs tensorrt"),  # at the model's load
+    ],
+)
+def test_a_model_that_cannot_load_ends_the_run_in_one_line(
+    survey, tmp_path, test_models, option, value, error
+):
+    """An unknown model is refused with the inputs; a backend that cannot load the model fails
+    when the run loads it, once the API answers and before the flow starts (``flows.cli.load_model``,
+    while the warm-up compiles numba code): one line either way, and nothing is written."""
+    if value == "tensorrt" and importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here: the backend loads")
+    result = run_cli("run", str(survey), "--store", str(tmp_path / "m.gpkg"), option, value)
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: unknown model 'nope'")
+    assert line.startswith(error)
     assert not (tmp_path / "m.gpkg").exists()
 
 
