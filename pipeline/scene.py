@@ -64,7 +64,7 @@ class SceneOptions:
         bias of its last layer; 0.28 for hrsegnet-b16 1.1.0), and a low level below it would
         join the whole background into one crack.  Else the vectorizer's ratio (0.5).
         """
-        chosen = model.line_settings
+        chosen = model.line_settings if model is not None else {}  # frame tests call with no model
         threshold = self.threshold or chosen.get("threshold") or model.threshold
         low_ratio = self.vectorize.low_ratio
         if chosen:
