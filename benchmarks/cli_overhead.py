@@ -33,7 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = """
 import gc, sys
-gc.set_threshold(50_000, 10, 10)  # as crackmap runs (flows.embedded.GC_THRESHOLD): the difference is Prefect's
+from flows.embedded import GC_THRESHOLD  # stdlib only: no Prefect
+gc.set_threshold(*GC_THRESHOLD)  # as crackmap runs: the difference is Prefect's
 from pipeline.survey import RunSettings, SceneSource, map_scene
 settings = RunSettings.resolve(sys.argv[2], "bench", "bench-run", None, "onnxruntime")
 row = map_scene(SceneSource(sys.argv[1], "scene"), settings)
